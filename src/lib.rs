@@ -1,0 +1,16 @@
+//! callvault: SIP registrar + B2BUA with anchored media, in-call network storage and shared data.
+//!
+//! Layout follows the architecture (see `docs/ARCHITECTURE.md`): `sip` is the sans-IO protocol
+//! core, `transport` and `media` own sockets, `b2bua` ties calls together, `storage` holds
+//! accounts and stores, `http` serves the API and metrics.
+
+pub mod b2bua;
+pub mod config;
+pub mod http;
+pub mod media;
+pub mod metrics;
+pub mod sdp;
+pub mod server;
+pub mod sip;
+pub mod storage;
+pub mod transport;

@@ -1,0 +1,8 @@
+//! SIP itself, free of I/O: messages, URIs, transactions, dialogs, digest auth, registrar.
+
+pub mod auth;
+pub mod dialog;
+pub mod message;
+pub mod registrar;
+pub mod transaction;
+pub mod uri;

@@ -1,0 +1,509 @@
+//! SIP URIs (RFC 3261 §19.1), name-addr values (§20.10/§25) and Via (§20.42).
+//!
+//! Parsing keeps the text as received (user part still %-escaped) so re-serialising a URI
+//! changes nothing; comparisons that the RFC defines on unescaped values use the helpers.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum UriError {
+    #[error("URI has no scheme")]
+    NoScheme,
+    #[error("URI has an empty host")]
+    EmptyHost,
+    #[error("URI port is not a number")]
+    BadPort,
+    #[error("unterminated quoted string")]
+    UnterminatedQuote,
+    #[error("unterminated <...>")]
+    UnterminatedAngle,
+    #[error("bad %-escape in URI")]
+    BadEscape,
+    #[error("malformed Via")]
+    BadVia,
+}
+
+/// `;name[=value]` parameters, in order, value as received.
+pub type Params = Vec<(String, Option<String>)>;
+
+fn find_param<'a>(params: &'a Params, name: &str) -> Option<Option<&'a str>> {
+    params
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_deref())
+}
+
+fn set_param(params: &mut Params, name: &str, value: Option<&str>) {
+    let value = value.map(str::to_string);
+    match params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        Some(slot) => slot.1 = value,
+        None => params.push((name.to_string(), value)),
+    }
+}
+
+fn write_params(f: &mut fmt::Formatter<'_>, params: &Params) -> fmt::Result {
+    for (name, value) in params {
+        match value {
+            Some(v) => write!(f, ";{name}={v}")?,
+            None => write!(f, ";{name}")?,
+        }
+    }
+    Ok(())
+}
+
+/// Parses `;a=b;c` (leading `;` optional). Quoted values keep their quotes.
+fn parse_params(s: &str) -> Result<Params, UriError> {
+    let mut out = Params::new();
+    for part in split_outside_quotes(s, b';')? {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        match part.split_once('=') {
+            Some((n, v)) => out.push((n.trim().to_string(), Some(v.trim().to_string()))),
+            None => out.push((part.to_string(), None)),
+        }
+    }
+    Ok(out)
+}
+
+/// Splits on `sep` where it is not inside a quoted string or `<...>`.
+pub fn split_outside_quotes(s: &str, sep: u8) -> Result<Vec<&str>, UriError> {
+    let bytes = s.as_bytes();
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut in_quote = false;
+    let mut angle = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_quote {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_quote = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_quote = true,
+                b'<' => angle = true,
+                b'>' => angle = false,
+                _ if b == sep && !angle => {
+                    parts.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    if in_quote {
+        return Err(UriError::UnterminatedQuote);
+    }
+    if angle {
+        return Err(UriError::UnterminatedAngle);
+    }
+    parts.push(&s[start..]);
+    Ok(parts)
+}
+
+/// `%XX` unescaping (RFC 3261 §19.1.4 compares users unescaped).
+pub fn unescape(s: &str) -> Result<String, UriError> {
+    if !s.contains('%') {
+        return Ok(s.to_string());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(UriError::BadEscape)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| UriError::BadEscape)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| UriError::BadEscape)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| UriError::BadEscape)
+}
+
+/// A `sip:`/`sips:` URI (other schemes such as `tel:` keep everything after the colon in `host`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uri {
+    pub scheme: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+    pub params: Params,
+    pub headers: Option<String>,
+}
+
+impl Uri {
+    pub fn sip(user: Option<&str>, host: &str, port: Option<u16>) -> Uri {
+        Uri {
+            scheme: "sip".into(),
+            user: user.map(str::to_string),
+            password: None,
+            host: host.to_string(),
+            port,
+            params: Params::new(),
+            headers: None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Uri, UriError> {
+        let s = s.trim();
+        let (scheme, rest) = s.split_once(':').ok_or(UriError::NoScheme)?;
+        if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
+            return Err(UriError::NoScheme);
+        }
+        let is_sip = scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips");
+        if !is_sip {
+            return Ok(Uri {
+                scheme: scheme.to_string(),
+                user: None,
+                password: None,
+                host: rest.to_string(),
+                port: None,
+                params: Params::new(),
+                headers: None,
+            });
+        }
+        let (rest, headers) = match rest.split_once('?') {
+            Some((r, h)) => (r, Some(h.to_string())),
+            None => (rest, None),
+        };
+        // userinfo ends at the last '@' before any ';' params of the host part.
+        let (userinfo, hostpart) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        let (user, password) = match userinfo {
+            Some(ui) => match ui.split_once(':') {
+                Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+                None => (Some(ui.to_string()), None),
+            },
+            None => (None, None),
+        };
+        if let Some(u) = &user {
+            unescape(u)?;
+        }
+        let (hostport, params) = match hostpart.find(';') {
+            Some(i) => (&hostpart[..i], parse_params(&hostpart[i + 1..])?),
+            None => (hostpart, Params::new()),
+        };
+        let (host, port) = split_host_port(hostport)?;
+        Ok(Uri {
+            scheme: scheme.to_ascii_lowercase(),
+            user,
+            password,
+            host,
+            port,
+            params,
+            headers,
+        })
+    }
+
+    /// The user part with %-escapes resolved.
+    pub fn user_unescaped(&self) -> Option<String> {
+        self.user.as_deref().map(|u| unescape(u).unwrap_or_else(|_| u.to_string()))
+    }
+
+    pub fn param(&self, name: &str) -> Option<Option<&str>> {
+        find_param(&self.params, name)
+    }
+
+    pub fn set_param(&mut self, name: &str, value: Option<&str>) {
+        set_param(&mut self.params, name, value)
+    }
+
+    pub fn remove_param(&mut self, name: &str) {
+        self.params.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+
+    /// `transport=` parameter, lowercased.
+    pub fn transport(&self) -> Option<String> {
+        self.param("transport").flatten().map(|t| t.to_ascii_lowercase())
+    }
+
+    pub fn host_ip(&self) -> Option<IpAddr> {
+        self.host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    }
+
+    /// `user@host` with the user unescaped: the address-of-record key.
+    pub fn aor(&self) -> String {
+        match self.user_unescaped() {
+            Some(u) => format!("{}@{}", u, self.host.to_ascii_lowercase()),
+            None => self.host.to_ascii_lowercase(),
+        }
+    }
+}
+
+/// Splits `host[:port]` including `[v6]:port`.
+pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), UriError> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']').ok_or(UriError::EmptyHost)?;
+        let host = format!("[{}]", &rest[..end]);
+        let after = &rest[end + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.trim().parse().map_err(|_| UriError::BadPort)?),
+            None if after.trim().is_empty() => None,
+            None => return Err(UriError::BadPort),
+        };
+        return Ok((host, port));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p.trim().parse().map_err(|_| UriError::BadPort)?)),
+        None => (s, None),
+    };
+    if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(UriError::EmptyHost);
+    }
+    Ok((host.to_string(), port))
+}
+
+impl fmt::Display for Uri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.scheme)?;
+        if let Some(u) = &self.user {
+            f.write_str(u)?;
+            if let Some(p) = &self.password {
+                write!(f, ":{p}")?;
+            }
+            f.write_str("@")?;
+        }
+        f.write_str(&self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        write_params(f, &self.params)?;
+        if let Some(h) = &self.headers {
+            write!(f, "?{h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `["Display"] <uri>;params` as in From, To, Contact, Route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameAddr {
+    pub display: Option<String>,
+    pub uri: Uri,
+    pub params: Params,
+}
+
+impl NameAddr {
+    pub fn new(uri: Uri) -> NameAddr {
+        NameAddr {
+            display: None,
+            uri,
+            params: Params::new(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<NameAddr, UriError> {
+        let s = s.trim();
+        if let Some(lt) = find_unquoted(s, b'<') {
+            let display = s[..lt].trim();
+            let gt = s[lt..].find('>').ok_or(UriError::UnterminatedAngle)? + lt;
+            let uri = Uri::parse(&s[lt + 1..gt])?;
+            let params = parse_params(&s[gt + 1..])?;
+            let display = if display.is_empty() {
+                None
+            } else {
+                Some(display.to_string())
+            };
+            Ok(NameAddr { display, uri, params })
+        } else {
+            // addr-spec without brackets: everything after the first ';' is a header param.
+            let (uri, params) = match s.find(';') {
+                Some(i) => (&s[..i], parse_params(&s[i + 1..])?),
+                None => (s, Params::new()),
+            };
+            Ok(NameAddr {
+                display: None,
+                uri: Uri::parse(uri)?,
+                params,
+            })
+        }
+    }
+
+    pub fn param(&self, name: &str) -> Option<Option<&str>> {
+        find_param(&self.params, name)
+    }
+
+    pub fn set_param(&mut self, name: &str, value: Option<&str>) {
+        set_param(&mut self.params, name, value)
+    }
+
+    pub fn tag(&self) -> Option<&str> {
+        self.param("tag").flatten()
+    }
+
+    pub fn set_tag(&mut self, tag: &str) {
+        self.set_param("tag", Some(tag))
+    }
+}
+
+fn find_unquoted(s: &str, needle: u8) -> Option<usize> {
+    let mut in_quote = false;
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if in_quote => i += 1,
+            b'"' => in_quote = !in_quote,
+            b if b == needle && !in_quote => return Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+impl fmt::Display for NameAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(d) = &self.display {
+            write!(f, "{d} ")?;
+        }
+        write!(f, "<{}>", self.uri)?;
+        write_params(f, &self.params)
+    }
+}
+
+/// One Via value: `SIP/2.0/UDP host:port;branch=...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Via {
+    pub transport: String,
+    pub host: String,
+    pub port: Option<u16>,
+    pub params: Params,
+}
+
+impl Via {
+    pub fn parse(s: &str) -> Result<Via, UriError> {
+        let s = s.trim();
+        let (proto, rest) = s
+            .split_once(|c: char| c.is_ascii_whitespace())
+            .ok_or(UriError::BadVia)?;
+        let mut parts = proto.split('/').map(str::trim);
+        let (name, version, transport) = (parts.next(), parts.next(), parts.next());
+        match (name, version, transport, parts.next()) {
+            (Some(n), Some(v), Some(t), None)
+                if n.eq_ignore_ascii_case("SIP") && v == "2.0" && !t.is_empty() => {}
+            _ => return Err(UriError::BadVia),
+        }
+        let transport = transport.unwrap_or_default().to_ascii_uppercase();
+        let rest = rest.trim();
+        let (hostport, params) = match rest.find(';') {
+            Some(i) => (&rest[..i], parse_params(&rest[i + 1..])?),
+            None => (rest, Params::new()),
+        };
+        let (host, port) = split_host_port(hostport)?;
+        Ok(Via {
+            transport,
+            host,
+            port,
+            params,
+        })
+    }
+
+    pub fn branch(&self) -> Option<&str> {
+        self.param("branch").flatten()
+    }
+
+    pub fn param(&self, name: &str) -> Option<Option<&str>> {
+        find_param(&self.params, name)
+    }
+
+    pub fn set_param(&mut self, name: &str, value: Option<&str>) {
+        set_param(&mut self.params, name, value)
+    }
+
+    /// `rport` present (RFC 3581), with its value if filled in.
+    pub fn rport(&self) -> Option<Option<u16>> {
+        self.param("rport").map(|v| v.and_then(|p| p.parse().ok()))
+    }
+
+    pub fn received(&self) -> Option<&str> {
+        self.param("received").flatten()
+    }
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SIP/2.0/{} {}", self.transport, self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        write_params(f, &self.params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sip_uri_round_trip() {
+        let s = "sip:alice%20b:secret@[2001:db8::1]:5070;transport=tcp;lr?subject=x";
+        let u = Uri::parse(s).unwrap();
+        assert_eq!(u.user.as_deref(), Some("alice%20b"));
+        assert_eq!(u.user_unescaped().as_deref(), Some("alice b"));
+        assert_eq!(u.password.as_deref(), Some("secret"));
+        assert_eq!(u.host, "[2001:db8::1]");
+        assert_eq!(u.port, Some(5070));
+        assert_eq!(u.transport().as_deref(), Some("tcp"));
+        assert_eq!(u.param("lr"), Some(None));
+        assert_eq!(u.to_string(), s);
+    }
+
+    #[test]
+    fn bad_uris() {
+        assert_eq!(Uri::parse("nocolon"), Err(UriError::NoScheme));
+        assert_eq!(Uri::parse("sip:a@h:xx"), Err(UriError::BadPort));
+        assert_eq!(Uri::parse("sip:a%zz@h"), Err(UriError::BadEscape));
+        assert_eq!(Uri::parse("sip:@"), Err(UriError::EmptyHost));
+    }
+
+    #[test]
+    fn name_addr_forms() {
+        let n = NameAddr::parse("\"Bob <the builder>\" <sip:bob@b.example>;tag=abc").unwrap();
+        assert_eq!(n.display.as_deref(), Some("\"Bob <the builder>\""));
+        assert_eq!(n.uri.user.as_deref(), Some("bob"));
+        assert_eq!(n.tag(), Some("abc"));
+        let n = NameAddr::parse("sip:carol@c.example;tag=9").unwrap();
+        assert_eq!(n.tag(), Some("9"));
+        assert!(n.uri.params.is_empty());
+        let n = NameAddr::parse("Anon <sip:x@y;lr>").unwrap();
+        assert_eq!(n.uri.param("lr"), Some(None));
+        assert!(NameAddr::parse("<sip:x@y").is_err());
+        assert!(NameAddr::parse("\"open <sip:x@y>").is_err());
+    }
+
+    #[test]
+    fn via_parse() {
+        let v = Via::parse("SIP/2.0/udp 10.0.0.1:5060 ;branch=z9hG4bK1;rport").unwrap();
+        assert_eq!(v.transport, "UDP");
+        assert_eq!(v.host, "10.0.0.1");
+        assert_eq!(v.port, Some(5060));
+        assert_eq!(v.branch(), Some("z9hG4bK1"));
+        assert_eq!(v.rport(), Some(None));
+        assert!(Via::parse("SIP/2.0 host").is_err());
+        assert!(Via::parse("SIP/3.0/UDP host").is_err());
+    }
+
+    #[test]
+    fn split_respects_quotes_and_angles() {
+        let parts = split_outside_quotes("\"a,b\" <sip:x@y;a=1,2>, <sip:z@w>", b',').unwrap();
+        assert_eq!(parts.len(), 2);
+        assert!(split_outside_quotes("\"open", b',').is_err());
+    }
+}
