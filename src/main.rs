@@ -1,1 +1,205 @@
-fn main() {}
+//! The `callvault` command line (PROTOCOL.md section 4).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use callvault::config::{parse_bytes, Config, PromptFormat};
+use callvault::storage::{AccountError, Accounts, Db};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "callvault",
+    version,
+    about = "SIP B2BUA with anchored media and in-call network storage"
+)]
+struct Cli {
+    /// Config file [default: config/callvault.toml, defaults when missing].
+    #[arg(long, global = true, value_name = "FILE", env = "CALLVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the registrar, B2BUA, storage platform and HTTP API.
+    Serve,
+    /// Manage subscriber accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCmd {
+    /// Create an account.
+    Add {
+        user: String,
+        /// SIP password (digest and HTTP).
+        #[arg(long)]
+        password: String,
+        /// Storage PIN (digits).
+        #[arg(long)]
+        pin: String,
+        /// Storage quota, e.g. 50MiB, 1GiB, 52428800.
+        #[arg(long, value_parser = quantity)]
+        quota: u64,
+        #[arg(long, value_parser = prompt_format)]
+        prompt_format: Option<PromptFormat>,
+    },
+    /// One line per account.
+    List,
+    /// The account as JSON.
+    Show { user: String },
+    /// Change an account.
+    Set(SetArgs),
+    /// Delete an account.
+    Remove { user: String },
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    user: String,
+    /// New storage PIN (digits).
+    #[arg(long)]
+    pin: Option<String>,
+    /// New quota, e.g. 50MiB; may be below what is used (free space is then 0).
+    #[arg(long, value_parser = quantity)]
+    quota: Option<u64>,
+    /// New SIP password (recomputes the digest secrets for the current sip.domain).
+    #[arg(long)]
+    password: Option<String>,
+    /// text or json; `default` goes back to the server's store.prompt_format.
+    #[arg(long, value_parser = prompt_format_or_default)]
+    prompt_format: Option<FormatChoice>,
+}
+
+fn quantity(s: &str) -> Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn prompt_format(s: &str) -> Result<PromptFormat, String> {
+    s.parse()
+}
+
+/// `--prompt-format` of `set`: a format, or None for the server default. A newtype because
+/// clap reads `Option<Option<T>>` as "flag with an optional value".
+#[derive(Debug, Clone, Copy)]
+struct FormatChoice(Option<PromptFormat>);
+
+fn prompt_format_or_default(s: &str) -> Result<FormatChoice, String> {
+    if s == "default" {
+        Ok(FormatChoice(None))
+    } else {
+        s.parse().map(|f| FormatChoice(Some(f)))
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    // One line, whatever the error text contains.
+    let text = msg.to_string().replace('\n', " ");
+    eprintln!("callvault: {text}");
+    ExitCode::from(code)
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| fail(e, 2))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let config = match load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Command::Serve => match callvault::server::run(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e, 1),
+        },
+        Command::Account(cmd) => match account(&config, cmd).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{e:#}"), 1),
+        },
+    }
+}
+
+async fn account(config: &Config, cmd: AccountCmd) -> anyhow::Result<()> {
+    let db = Db::open(&config.storage.metadata).await?;
+    let accounts = Accounts::new(db.clone(), config.sip.domain.clone());
+    let result = account_cmd(&accounts, cmd).await;
+    db.close().await;
+    result
+}
+
+async fn account_cmd(accounts: &Accounts, cmd: AccountCmd) -> anyhow::Result<()> {
+    match cmd {
+        AccountCmd::Add {
+            user,
+            password,
+            pin,
+            quota,
+            prompt_format,
+        } => {
+            accounts.add(&user, &password, &pin, quota).await?;
+            if prompt_format.is_some() {
+                accounts.set_prompt_format(&user, prompt_format).await?;
+            }
+            tracing::info!(user, quota, "account added");
+        }
+        AccountCmd::List => {
+            for a in accounts.list().await? {
+                let v = a.view();
+                println!(
+                    "{} quota_bytes={} used_bytes={} reserved_bytes={} free_bytes={}",
+                    v.user, v.quota_bytes, v.used_bytes, v.reserved_bytes, v.free_bytes
+                );
+            }
+        }
+        AccountCmd::Show { user } => {
+            let a = accounts.require(&user).await?;
+            println!("{}", serde_json::to_string(&a.view())?);
+        }
+        AccountCmd::Set(args) => {
+            // Check everything first so a bad value changes nothing.
+            accounts.require(&args.user).await?;
+            if let Some(pin) = &args.pin {
+                callvault::storage::accounts::validate_pin(pin)?;
+            }
+            if args.password.as_deref() == Some("") {
+                return Err(AccountError::InvalidPassword.into());
+            }
+            if let Some(pin) = &args.pin {
+                accounts.set_pin(&args.user, pin).await?;
+            }
+            if let Some(q) = args.quota {
+                accounts.set_quota(&args.user, q).await?;
+            }
+            if let Some(pw) = &args.password {
+                accounts.set_password(&args.user, pw).await?;
+            }
+            if let Some(FormatChoice(f)) = args.prompt_format {
+                accounts.set_prompt_format(&args.user, f).await?;
+            }
+        }
+        AccountCmd::Remove { user } => {
+            accounts.remove(&user).await?;
+            tracing::info!(user, "account removed");
+        }
+    }
+    Ok(())
+}

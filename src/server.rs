@@ -1,1 +1,256 @@
-// placeholder: being written
+//! `callvault serve`: binds everything, then runs the core task that feeds the sans-IO
+//! engine with transport events, relay events and timers, and sends what it returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig};
+use crate::b2bua::errors::set_warn_agent;
+use crate::b2bua::media::{MediaBackend, MediaEvent, RelayMedia};
+use crate::config::{Config, Transport};
+use crate::media::ports::PortAllocator;
+use crate::media::relay::{RelayCounters, RelayEvent};
+use crate::metrics::METRICS;
+use crate::sip::auth::{Algorithm, Credentials, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
+use crate::sip::message::{Request, SipMessage};
+use crate::sip::transaction::TimerConfig;
+use crate::storage::accounts::Accounts;
+use crate::storage::db::Db;
+use crate::transport::{TransportEvent, Transports};
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("cannot bind HTTP {addr}: {source}")]
+    HttpBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metadata database: {0}")]
+    Db(String),
+    #[error("RTP ports: {0}")]
+    Ports(String),
+    #[error("route {0}: cannot resolve target")]
+    Route(String),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// How long an account's digest data is trusted before it is read again from the database
+/// (so `callvault account set --password` takes effect on a running server).
+const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(5);
+
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.storage.data_dir).map_err(|e| ServerError::Db(e.to_string()))?;
+    let db = Db::open(&config.storage.metadata)
+        .await
+        .map_err(|e| ServerError::Db(e.to_string()))?;
+    let accounts = Accounts::new(db.clone(), config.sip.domain.clone());
+
+    let (sip_tx, sip_rx) = mpsc::channel(8192);
+    let transports = Transports::bind(
+        &config.sip.listen,
+        sip_tx,
+        Duration::from_secs(config.sip.tcp_idle_secs),
+    )
+    .await?;
+
+    let http = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| ServerError::HttpBind {
+            addr: config.http.listen,
+            source,
+        })?;
+    let http_addr = http.local_addr().map_err(|source| ServerError::HttpBind {
+        addr: config.http.listen,
+        source,
+    })?;
+
+    let [lo, hi] = config.media.rtp_ports;
+    let ports = PortAllocator::new(lo, hi).map_err(|e| ServerError::Ports(e.to_string()))?;
+    let counters = Arc::new(RelayCounters::default());
+    let (media, relay_rx) = RelayMedia::new(
+        config.sip.public_address,
+        ports,
+        Duration::from_secs(config.media.rtp_timeout_secs),
+        counters.clone(),
+    );
+
+    let mut routes = Vec::new();
+    for r in &config.route {
+        let t = resolve_route(&r.prefix, &r.target.host, r.target.port, r.transport)
+            .ok_or_else(|| ServerError::Route(format!("{}:{}", r.target.host, r.target.port)))?;
+        routes.push(t);
+    }
+    set_warn_agent(&config.sip.public_address.to_string());
+    let engine_cfg = EngineConfig {
+        domain: config.sip.domain.clone(),
+        public_ip: config.sip.public_address,
+        udp_port: transports.local_addr(Transport::Udp).map(|a| a.port()),
+        tcp_port: transports.local_addr(Transport::Tcp).map(|a| a.port()),
+        digest_algorithms: config.sip.digest_algorithms.clone(),
+        trusted: config.trusted_peer.iter().map(|t| t.cidr).collect(),
+        routes,
+        timers: TimerConfig::default(),
+        registration_min_expires: config.sip.registration_min_expires,
+        registration_max_expires: config.sip.registration_max_expires,
+    };
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let engine = Engine::new(
+        engine_cfg,
+        media,
+        Verifier::new(NonceKey::random(), DEFAULT_NONCE_TTL_SECS),
+        (Instant::now(), unix),
+        rand::random(),
+    );
+
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, crate::http::router()).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    let listen: Vec<String> = transports
+        .bound()
+        .iter()
+        .map(|(t, a)| format!("{t}:{a}"))
+        .collect();
+    tracing::info!("ready sip={} http={}", listen.join(","), http_addr);
+
+    let core = Core {
+        engine,
+        transports,
+        accounts,
+        account_seen: HashMap::new(),
+        counters,
+    };
+    let result = core.run(sip_rx, relay_rx).await;
+    db.close().await;
+    result
+}
+
+struct Core {
+    engine: Engine<RelayMedia>,
+    transports: Transports,
+    accounts: Accounts,
+    account_seen: HashMap<String, Instant>,
+    counters: Arc<RelayCounters>,
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        mut sip_rx: mpsc::Receiver<TransportEvent>,
+        mut relay_rx: mpsc::Receiver<RelayEvent>,
+    ) -> Result<(), ServerError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+        loop {
+            let deadline = self
+                .engine
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                ev = sip_rx.recv() => match ev {
+                    Some(TransportEvent::Message { msg, peer, .. }) => {
+                        self.load_accounts(&msg).await;
+                        self.engine.handle_message(msg, peer, Instant::now());
+                    }
+                    Some(TransportEvent::Unreachable(peer)) => {
+                        self.engine.handle_unreachable(peer, Instant::now());
+                    }
+                    None => break,
+                },
+                Some(ev) = relay_rx.recv() => {
+                    if let Some(MediaEvent::Timeout(call)) = self.engine.media_mut().on_relay_event(ev) {
+                        self.engine.handle_media_timeout(call, Instant::now());
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.engine.handle_timeout(Instant::now());
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+            self.flush();
+        }
+        tracing::info!("shutting down");
+        self.engine.shutdown(Instant::now());
+        self.flush();
+        // Let the BYEs leave (TCP writer tasks) before the runtime goes away.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        while let Some(t) = self.engine.poll_transmit() {
+            self.transports.send(t);
+        }
+        while self.engine.poll_event().is_some() {}
+        let stats = self.engine.tx_stats();
+        METRICS
+            .registrations_active
+            .set(self.engine.registrations() as i64);
+        METRICS
+            .rtp_ports_in_use
+            .set(self.engine.media().ports_in_use() as i64);
+        METRICS.sip_transactions_total.set(stats.client_created + stats.server_created);
+        METRICS.sip_retransmissions_total.set(stats.retransmissions);
+        METRICS.rtp_packets_relayed_total.set(self.counters.rtp_packets_total());
+    }
+
+    /// Makes sure the engine has fresh digest data for the user a request authenticates as.
+    async fn load_accounts(&mut self, msg: &SipMessage) {
+        let SipMessage::Request(req) = msg else {
+            return;
+        };
+        for user in credential_users(req) {
+            let fresh = self
+                .account_seen
+                .get(&user)
+                .is_some_and(|t| t.elapsed() < ACCOUNT_CACHE_TTL);
+            if fresh {
+                continue;
+            }
+            let auth = match self.accounts.get(&user).await {
+                Ok(Some(a)) => {
+                    let realm = self.accounts.realm().to_string();
+                    match (a.ha1_for(&realm, Algorithm::Md5), a.ha1_for(&realm, Algorithm::Sha256)) {
+                        (Some(m), Some(s)) => Some(AccountAuth {
+                            ha1_md5: m.to_string(),
+                            ha1_sha256: s.to_string(),
+                        }),
+                        _ => None,
+                    }
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "account lookup failed");
+                    continue;
+                }
+            };
+            self.engine.set_account(&user, auth);
+            self.account_seen.insert(user, Instant::now());
+        }
+    }
+}
+
+fn credential_users(req: &Request) -> Vec<String> {
+    req.headers
+        .get_all("Authorization")
+        .chain(req.headers.get_all("Proxy-Authorization"))
+        .filter_map(|v| Credentials::parse(v).ok())
+        .map(|c| c.username)
+        .collect()
+}

@@ -47,6 +47,8 @@ pub enum ParseError {
     CSeqMismatch,
     #[error("Bad Request-URI")]
     BadRequestUri,
+    #[error("Duplicate {0} header")]
+    Duplicate(&'static str),
 }
 
 impl From<(&'static str, UriError)> for ParseError {
@@ -288,8 +290,12 @@ pub struct CSeq {
 impl CSeq {
     pub fn parse(s: &str) -> Option<CSeq> {
         let mut it = s.split_ascii_whitespace();
-        let seq = it.next()?.parse::<u32>().ok()?;
-        let method = Method::parse(it.next()?);
+        let seq = parse_digits::<u32>(it.next()?)?;
+        let method = it.next()?;
+        if !method.bytes().all(is_token_char) {
+            return None;
+        }
+        let method = Method::parse(method);
         if it.next().is_some() || seq > 0x7fff_ffff {
             return None;
         }
@@ -582,10 +588,16 @@ fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// Leading CR/LF before a start line is ignored (§7.5).
+fn leading_crlf(buf: &[u8]) -> usize {
+    buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count()
+}
+
 /// Frames one message on a stream transport (§18.3): the header section, then exactly
-/// Content-Length body bytes (absent Content-Length counts as 0).
+/// Content-Length body bytes (absent Content-Length counts as 0). An error means the stream
+/// cannot be re-synchronised (bad or conflicting Content-Length, oversized header section).
 pub fn frame_stream(buf: &[u8]) -> Result<Frame, ParseError> {
-    let ws = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+    let ws = leading_crlf(buf);
     if ws > 0 {
         return Ok(Frame::KeepAlive(ws));
     }
@@ -599,9 +611,6 @@ pub fn frame_stream(buf: &[u8]) -> Result<Frame, ParseError> {
         return Err(ParseError::TooLarge);
     }
     let len = content_length_raw(&buf[..hdr_end])?.unwrap_or(0);
-    if len > MAX_BODY_BYTES {
-        return Err(ParseError::BadContentLength);
-    }
     let total = body_start + len;
     if buf.len() < total {
         return Ok(Frame::Incomplete);
@@ -609,31 +618,103 @@ pub fn frame_stream(buf: &[u8]) -> Result<Frame, ParseError> {
     Ok(Frame::Message(total))
 }
 
-/// Finds Content-Length in a raw header section without full parsing (framing needs it first).
-fn content_length_raw(head: &[u8]) -> Result<Option<usize>, ParseError> {
-    let mut found = None;
-    for line in head.split(|b| *b == b'\n').skip(1) {
+/// One header line of a raw header section, folding already joined. Lenient: used where a full
+/// parse has failed or not yet happened (framing, building a 400).
+struct RawHeader {
+    name: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Header lines after the start line, continuation lines joined with one space; lines without
+/// a colon are skipped.
+fn raw_headers(head: &[u8]) -> Vec<RawHeader> {
+    let mut out: Vec<RawHeader> = Vec::new();
+    let mut last_valid = false;
+    for line in split_lines(head).skip(1) {
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            if let (Some(last), true) = (out.last_mut(), last_valid) {
+                let cont = trim_lws(line);
+                if !cont.is_empty() {
+                    if !last.value.is_empty() {
+                        last.value.push(b' ');
+                    }
+                    last.value.extend_from_slice(cont);
+                }
+            }
+            continue;
+        }
         let Some(colon) = line.iter().position(|b| *b == b':') else {
+            last_valid = false;
             continue;
         };
-        let name = String::from_utf8_lossy(&line[..colon]);
-        if same_header(name.trim(), "Content-Length") {
-            let v = String::from_utf8_lossy(&line[colon + 1..]);
-            let n: usize = v.trim().parse().map_err(|_| ParseError::BadContentLength)?;
-            if found.is_some_and(|f| f != n) {
-                return Err(ParseError::BadContentLength);
-            }
-            found = Some(n);
+        last_valid = true;
+        out.push(RawHeader {
+            name: trim_lws(&line[..colon]).to_vec(),
+            value: trim_lws(&line[colon + 1..]).to_vec(),
+        });
+    }
+    out
+}
+
+fn trim_lws(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+fn raw_name_is(h: &RawHeader, name: &str) -> bool {
+    std::str::from_utf8(&h.name).is_ok_and(|n| same_header(n, name))
+}
+
+/// `1*DIGIT` as a number; `None` for signs, spaces, empty or overflow.
+fn parse_digits<T: std::str::FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Content-Length from a raw header section without full parsing (framing needs it first).
+/// Every instance must be a number and all must agree (RFC 4475 mcl01); over
+/// [`MAX_BODY_BYTES`] is refused before anything is buffered.
+fn content_length_raw(head: &[u8]) -> Result<Option<usize>, ParseError> {
+    let mut found = None;
+    for h in raw_headers(head) {
+        if !raw_name_is(&h, "Content-Length") {
+            continue;
         }
+        let v = std::str::from_utf8(&h.value).map_err(|_| ParseError::BadContentLength)?;
+        let n: usize = parse_digits(v).ok_or(ParseError::BadContentLength)?;
+        if n > MAX_BODY_BYTES || found.is_some_and(|f| f != n) {
+            return Err(ParseError::BadContentLength);
+        }
+        found = Some(n);
     }
     Ok(found)
 }
 
 /// Parses one datagram or one framed stream message.
+///
+/// Outcomes for tricky input are pinned by the table in `tests/parser_table.rs`; the rules are:
+/// the start line is strict (single spaces, `SIP/2.0`), header names are tokens matched
+/// case-insensitively with compact forms, folding is joined with one space, values are kept as
+/// received (outer SP/HTAB trimmed), the headers a transaction needs are checked for syntax and
+/// uniqueness, and Content-Length frames the body (a longer datagram body is cut, a shorter one
+/// is an error).
 pub fn parse(buf: &[u8]) -> Result<SipMessage, ParseError> {
+    let buf = &buf[leading_crlf(buf)..];
+    if buf.is_empty() {
+        return Err(ParseError::Empty);
+    }
     let (hdr_end, body_start) = find_header_end(buf).ok_or_else(|| {
         if buf.iter().all(|b| b.is_ascii_whitespace()) {
             ParseError::Empty
+        } else if buf.len() > MAX_HEADER_BYTES {
+            ParseError::TooLarge
         } else {
             ParseError::Unterminated
         }
@@ -644,53 +725,74 @@ pub fn parse(buf: &[u8]) -> Result<SipMessage, ParseError> {
     let head = &buf[..hdr_end];
     let mut lines = split_lines(head);
     let start = lines.next().ok_or(ParseError::Empty)?;
-    let start = std::str::from_utf8(start).map_err(|_| ParseError::BadStartLine)?;
+    let start = parse_start_line(start)?;
     let headers = parse_headers(lines)?;
+    let body = frame_body(&headers, &buf[body_start..])?;
 
-    let rest = &buf[body_start..];
-    let body = match headers.get("Content-Length") {
-        Some(v) => {
-            let n: usize = v.trim().parse().map_err(|_| ParseError::BadContentLength)?;
-            if headers.get_all("Content-Length").any(|o| o.trim() != v.trim()) {
-                return Err(ParseError::BadContentLength);
-            }
-            if rest.len() < n {
-                return Err(ParseError::TruncatedBody);
-            }
-            &rest[..n]
+    match start {
+        StartLine::Response { status, reason } => {
+            let resp = Response {
+                status,
+                reason,
+                headers,
+                body,
+            };
+            check_common(&resp.headers)?;
+            Ok(SipMessage::Response(resp))
         }
-        None => rest,
-    };
-    if body.len() > MAX_BODY_BYTES {
-        return Err(ParseError::BadContentLength);
+        StartLine::Request { method, uri } => {
+            let req = Request {
+                method,
+                uri,
+                headers,
+                body,
+            };
+            let cseq = check_common(&req.headers)?;
+            if cseq.method != req.method {
+                return Err(ParseError::CSeqMismatch);
+            }
+            if let Some(v) = single(&req.headers, "Max-Forwards")? {
+                // §20.22 gives 1*DIGIT; RFC 4475 scalar02 treats > 255 as malformed.
+                match parse_digits::<u32>(v) {
+                    Some(n) if n <= 255 => {}
+                    _ => return Err(ParseError::BadHeader("Max-Forwards")),
+                }
+            }
+            Ok(SipMessage::Request(req))
+        }
     }
-    let body = Bytes::copy_from_slice(body);
+}
 
-    if let Some(rest) = start.strip_prefix("SIP/") {
-        let mut it = rest.splitn(3, ' ');
-        if it.next() != Some("2.0") {
+enum StartLine {
+    Request { method: Method, uri: String },
+    Response { status: u16, reason: String },
+}
+
+fn parse_start_line(line: &[u8]) -> Result<StartLine, ParseError> {
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::BadStartLine)?;
+    // HTAB is allowed in a reason phrase only; CR and other controls nowhere.
+    if line.bytes().any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f) {
+        return Err(ParseError::BadStartLine);
+    }
+    if line.len() >= 4 && line[..4].eq_ignore_ascii_case("SIP/") {
+        let mut it = line.splitn(3, ' ');
+        if !it.next().is_some_and(|v| v.eq_ignore_ascii_case("SIP/2.0")) {
             return Err(ParseError::BadVersion);
         }
         let code = it.next().ok_or(ParseError::BadStatus)?;
         if code.len() != 3 {
             return Err(ParseError::BadStatus);
         }
-        let status: u16 = code.parse().map_err(|_| ParseError::BadStatus)?;
+        let status: u16 = parse_digits(code).ok_or(ParseError::BadStatus)?;
         if !(100..=699).contains(&status) {
             return Err(ParseError::BadStatus);
         }
+        // A missing reason (no SP after the code) is tolerated as an empty one.
         let reason = it.next().unwrap_or("").to_string();
-        let resp = Response {
-            status,
-            reason,
-            headers,
-            body,
-        };
-        check_common(&resp.headers)?;
-        return Ok(SipMessage::Response(resp));
+        return Ok(StartLine::Response { status, reason });
     }
-
-    let mut it = start.split(' ');
+    // Exactly one SP between the three parts (RFC 4475 lwsstart, trws, lwsruri).
+    let mut it = line.split(' ');
     let (Some(method), Some(uri), Some(version), None) = (it.next(), it.next(), it.next(), it.next())
     else {
         return Err(ParseError::BadStartLine);
@@ -698,51 +800,110 @@ pub fn parse(buf: &[u8]) -> Result<SipMessage, ParseError> {
     if method.is_empty() || !method.bytes().all(is_token_char) {
         return Err(ParseError::BadStartLine);
     }
-    if version != "SIP/2.0" {
-        return Err(if version.starts_with("SIP/") {
+    if !version.eq_ignore_ascii_case("SIP/2.0") {
+        return Err(if version.len() >= 4 && version[..4].eq_ignore_ascii_case("SIP/") {
             ParseError::BadVersion
         } else {
             ParseError::BadStartLine
         });
     }
-    if Uri::parse(uri).is_err() {
+    if uri.bytes().any(|b| b.is_ascii_whitespace()) {
         return Err(ParseError::BadRequestUri);
     }
-    let req = Request {
+    let parsed = Uri::parse(uri).map_err(|_| ParseError::BadRequestUri)?;
+    // Escaped headers are not allowed in a Request-URI (§19.1.5, RFC 4475 escruri).
+    if parsed.is_sip() && parsed.headers.is_some() {
+        return Err(ParseError::BadRequestUri);
+    }
+    Ok(StartLine::Request {
         method: Method::parse(method),
         uri: uri.to_string(),
-        headers,
-        body,
-    };
-    let cseq = check_common(&req.headers)?;
-    if cseq.method != req.method {
-        return Err(ParseError::CSeqMismatch);
-    }
-    if req.headers.has("Max-Forwards") && req.max_forwards().is_none() {
-        return Err(ParseError::BadHeader("Max-Forwards"));
-    }
-    Ok(SipMessage::Request(req))
+    })
 }
 
-/// The headers every message needs (§8.1.1), checked for syntax.
+/// The body per Content-Length (§18.3 for datagrams: longer is cut, shorter is an error).
+fn frame_body(headers: &Headers, rest: &[u8]) -> Result<Bytes, ParseError> {
+    let mut len: Option<usize> = None;
+    for v in headers.get_all("Content-Length") {
+        let n: usize = parse_digits(v).ok_or(ParseError::BadContentLength)?;
+        if n > MAX_BODY_BYTES || len.is_some_and(|l| l != n) {
+            return Err(ParseError::BadContentLength);
+        }
+        len = Some(n);
+    }
+    let body = match len {
+        Some(n) if rest.len() < n => return Err(ParseError::TruncatedBody),
+        Some(n) => &rest[..n],
+        None if rest.len() > MAX_BODY_BYTES => return Err(ParseError::BadContentLength),
+        None => rest,
+    };
+    Ok(Bytes::copy_from_slice(body))
+}
+
+/// The value of a header that may appear at most once (RFC 4475 multi01).
+fn single<'a>(h: &'a Headers, name: &'static str) -> Result<Option<&'a str>, ParseError> {
+    let mut all = h.get_all(name);
+    let first = all.next();
+    if all.next().is_some() {
+        return Err(ParseError::Duplicate(name));
+    }
+    Ok(first)
+}
+
+/// Every element of a list header that holds name-addrs must parse (or be `*` for Contact).
+fn check_name_addr_list(h: &Headers, name: &'static str, star_ok: bool) -> Result<(), ParseError> {
+    for line in h.get_all(name) {
+        for part in split_outside_quotes(line, b',').map_err(|e| ParseError::from((name, e)))? {
+            let part = part.trim_matches([' ', '\t']);
+            if part.is_empty() {
+                return Err(ParseError::BadHeader(name));
+            }
+            if star_ok && part == "*" {
+                continue;
+            }
+            NameAddr::parse(part).map_err(|e| ParseError::from((name, e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// The headers every message needs (§8.1.1) and the ones we act on, checked for syntax and,
+/// where the grammar allows one instance only, for duplicates.
 fn check_common(h: &Headers) -> Result<CSeq, ParseError> {
-    let vias = h.list("Via").map_err(|e| ParseError::from(("Via", e)))?;
-    if vias.is_empty() {
+    let mut vias = 0;
+    for line in h.get_all("Via") {
+        for part in split_outside_quotes(line, b',').map_err(|e| ParseError::from(("Via", e)))? {
+            let part = part.trim_matches([' ', '\t']);
+            // An empty element (`a,,b` or a bare `Via:`) is malformed (RFC 4475 badinv01).
+            if part.is_empty() {
+                return Err(ParseError::BadHeader("Via"));
+            }
+            Via::parse(part).map_err(|e| ParseError::from(("Via", e)))?;
+            vias += 1;
+        }
+    }
+    if vias == 0 {
         return Err(ParseError::Missing("Via"));
     }
-    for v in vias {
-        Via::parse(v).map_err(|e| ParseError::from(("Via", e)))?;
-    }
-    let from = h.get("From").ok_or(ParseError::Missing("From"))?;
+    let from = single(h, "From")?.ok_or(ParseError::Missing("From"))?;
     NameAddr::parse(from).map_err(|e| ParseError::from(("From", e)))?;
-    let to = h.get("To").ok_or(ParseError::Missing("To"))?;
+    let to = single(h, "To")?.ok_or(ParseError::Missing("To"))?;
     NameAddr::parse(to).map_err(|e| ParseError::from(("To", e)))?;
-    let call_id = h.get("Call-ID").ok_or(ParseError::Missing("Call-ID"))?;
-    if call_id.is_empty() || call_id.bytes().any(|b| b.is_ascii_whitespace()) {
+    let call_id = single(h, "Call-ID")?.ok_or(ParseError::Missing("Call-ID"))?;
+    if call_id.is_empty() || call_id.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
         return Err(ParseError::BadHeader("Call-ID"));
     }
-    let cseq = h.get("CSeq").ok_or(ParseError::Missing("CSeq"))?;
-    CSeq::parse(cseq).ok_or(ParseError::BadHeader("CSeq"))
+    let cseq = single(h, "CSeq")?.ok_or(ParseError::Missing("CSeq"))?;
+    let cseq = CSeq::parse(cseq).ok_or(ParseError::BadHeader("CSeq"))?;
+    check_name_addr_list(h, "Contact", true)?;
+    check_name_addr_list(h, "Route", false)?;
+    check_name_addr_list(h, "Record-Route", false)?;
+    if let Some(v) = single(h, "Expires")? {
+        // delta-seconds within 2^32-1 (§20.19); larger is malformed (RFC 4475 scalar02).
+        parse_digits::<u32>(v).ok_or(ParseError::BadHeader("Expires"))?;
+    }
+    single(h, "Content-Type")?;
+    Ok(cseq)
 }
 
 fn is_token_char(b: u8) -> bool {
@@ -762,10 +923,16 @@ fn parse_headers<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Result<Headers, P
             // Folded continuation (§7.3.1): joined with a single space.
             let last = headers.last_mut().ok_or(ParseError::BadHeaderLine(lineno))?;
             let cont = std::str::from_utf8(line).map_err(|_| ParseError::NotUtf8(last.name.clone()))?;
-            last.value.push(' ');
-            last.value.push_str(cont.trim());
-            let trimmed = last.value.trim_end().len();
-            last.value.truncate(trimmed);
+            if cont.contains('\r') {
+                return Err(ParseError::BadHeaderLine(lineno));
+            }
+            let cont = cont.trim_matches([' ', '\t']);
+            if !cont.is_empty() {
+                if !last.value.is_empty() {
+                    last.value.push(' ');
+                }
+                last.value.push_str(cont);
+            }
             continue;
         }
         let colon = line
@@ -773,46 +940,63 @@ fn parse_headers<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Result<Headers, P
             .position(|b| *b == b':')
             .ok_or(ParseError::BadHeaderLine(lineno))?;
         let name = std::str::from_utf8(&line[..colon]).map_err(|_| ParseError::BadHeaderLine(lineno))?;
+        // HCOLON allows SP/HTAB before the colon (`TO :`), nothing inside the name.
         let name = name.trim_end_matches([' ', '\t']);
         if name.is_empty() || !name.bytes().all(is_token_char) {
             return Err(ParseError::BadHeaderLine(lineno));
         }
         let value = std::str::from_utf8(&line[colon + 1..]).map_err(|_| ParseError::NotUtf8(name.to_string()))?;
+        // A bare CR is never part of a value; it would also change meaning when re-serialised.
+        if value.contains('\r') {
+            return Err(ParseError::BadHeaderLine(lineno));
+        }
         headers.push(Header {
             name: name.to_string(),
-            value: value.trim().to_string(),
+            value: value.trim_matches([' ', '\t']).to_string(),
         });
     }
     Ok(Headers(headers))
 }
 
 /// Best-effort extraction of the headers a `400` needs from a message that failed to parse,
-/// so the sender learns why (§21.4.1). `None` when no response can be built.
+/// so the sender learns why (§21.4.1). `None` when no response can be built: the input is a
+/// response or an ACK, has no recognisable request line, or carries no Via to answer along.
+/// From, To, Call-ID and CSeq are copied when present (first instance only), every Via as
+/// received; `505` for an unsupported SIP version.
 pub fn error_response_for(buf: &[u8], err: &ParseError) -> Option<Response> {
+    let buf = &buf[leading_crlf(buf)..];
     let (hdr_end, _) = find_header_end(buf).unwrap_or((buf.len(), buf.len()));
-    let head = &buf[..hdr_end];
-    let mut lines = split_lines(head);
-    let start = std::str::from_utf8(lines.next()?).ok()?;
-    if start.starts_with("SIP/") {
+    let head = &buf[..hdr_end.min(MAX_HEADER_BYTES)];
+    let start = split_lines(head).next()?;
+    let start = std::str::from_utf8(start).ok()?;
+    if start.len() >= 4 && start[..4].eq_ignore_ascii_case("SIP/") {
         return None; // never answer a response
     }
     let method = start.split(' ').next()?;
-    if method == "ACK" {
+    if method.is_empty() || !method.bytes().all(is_token_char) || method == "ACK" {
         return None;
     }
     let mut headers = Headers::new();
-    for line in lines {
-        let Ok(line) = std::str::from_utf8(line) else { continue };
-        let Some((name, value)) = line.split_once(':') else { continue };
-        let name = name.trim();
-        if ["Via", "From", "To", "Call-ID", "CSeq"].iter().any(|n| same_header(name, n)) {
-            headers.push(name.to_string(), value.trim().to_string());
+    for h in raw_headers(head) {
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(&h.name), std::str::from_utf8(&h.value)) else {
+            continue;
+        };
+        if value.contains('\r') || !name.bytes().all(is_token_char) {
+            continue;
+        }
+        let copy = if same_header(name, "Via") {
+            true
+        } else {
+            ["From", "To", "Call-ID", "CSeq"]
+                .iter()
+                .any(|n| same_header(name, n) && !headers.has(n))
+        };
+        if copy {
+            headers.push(name.to_string(), value.to_string());
         }
     }
-    for needed in ["Via", "From", "To", "Call-ID", "CSeq"] {
-        if !headers.has(needed) {
-            return None;
-        }
+    if !headers.has("Via") {
+        return None;
     }
     let status = if *err == ParseError::BadVersion { 505 } else { 400 };
     Some(Response {

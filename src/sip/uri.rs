@@ -24,6 +24,23 @@ pub enum UriError {
     BadEscape,
     #[error("malformed Via")]
     BadVia,
+    #[error("bad host")]
+    BadHost,
+    #[error("malformed parameter")]
+    BadParam,
+    #[error("bad display name")]
+    BadDisplayName,
+    #[error("URI with `,`, `;` or `?` must be enclosed in <>")]
+    NeedsAngleBrackets,
+    #[error("whitespace or forbidden character in URI")]
+    BadChar,
+}
+
+const LWS: [char; 2] = [' ', '\t'];
+
+/// token (§25.1).
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
 }
 
 /// `;name[=value]` parameters, in order, value as received.
@@ -54,20 +71,47 @@ fn write_params(f: &mut fmt::Formatter<'_>, params: &Params) -> fmt::Result {
     Ok(())
 }
 
-/// Parses `;a=b;c` (leading `;` optional). Quoted values keep their quotes.
+/// Parses `a=b;c` (the text after the first `;`). Quoted values keep their quotes. LWS around
+/// `;` and `=` is allowed (§25.1 SEMI, EQUAL); an empty parameter (`;;`, trailing `;`), LWS
+/// inside a name or unquoted value, or `,` `<` `>` outside quotes is malformed: that is how a
+/// comma-joined list handed in as one value shows up (RFC 4475 badinv01).
 fn parse_params(s: &str) -> Result<Params, UriError> {
     let mut out = Params::new();
     for part in split_outside_quotes(s, b';')? {
-        let part = part.trim();
-        if part.is_empty() {
-            continue;
+        let part = part.trim_matches(LWS);
+        let (name, value) = match part.split_once('=') {
+            Some((n, v)) => (n.trim_matches(LWS), Some(v.trim_matches(LWS))),
+            None => (part, None),
+        };
+        if name.is_empty() || !name.bytes().all(|b| is_token_char(b) || b"[]/:&+$()".contains(&b)) {
+            return Err(UriError::BadParam);
         }
-        match part.split_once('=') {
-            Some((n, v)) => out.push((n.trim().to_string(), Some(v.trim().to_string()))),
-            None => out.push((part.to_string(), None)),
+        if let Some(v) = value {
+            let quoted = v.len() >= 2 && v.starts_with('"') && quoted_string_len(v) == Some(v.len());
+            if !quoted && v.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b",<>\"\\".contains(&b)) {
+                return Err(UriError::BadParam);
+            }
         }
+        out.push((name.to_string(), value.map(str::to_string)));
     }
     Ok(out)
+}
+
+/// Length of the quoted-string at the start of `s` (quotes included), `None` if unterminated.
+fn quoted_string_len(s: &str) -> Option<usize> {
+    let bytes = s.as_bytes();
+    if bytes.first() != Some(&b'"') {
+        return None;
+    }
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// Splits on `sep` where it is not inside a quoted string or `<...>`.
@@ -121,6 +165,9 @@ pub fn unescape(s: &str) -> Result<String, UriError> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3).ok_or(UriError::BadEscape)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(UriError::BadEscape);
+            }
             let hex = std::str::from_utf8(hex).map_err(|_| UriError::BadEscape)?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| UriError::BadEscape)?);
             i += 3;
@@ -160,8 +207,19 @@ impl Uri {
     pub fn parse(s: &str) -> Result<Uri, UriError> {
         let s = s.trim();
         let (scheme, rest) = s.split_once(':').ok_or(UriError::NoScheme)?;
-        if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
+        if scheme.is_empty()
+            || !scheme.as_bytes()[0].is_ascii_alphabetic()
+            || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        {
             return Err(UriError::NoScheme);
+        }
+        // No URI form has LWS, controls, quotes or angle brackets unescaped (§19.1, RFC 3986);
+        // seeing one means the caller split a header wrongly or the sender broke it.
+        if rest
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b"<>\"".contains(&b))
+        {
+            return Err(UriError::BadChar);
         }
         let is_sip = scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips");
         if !is_sip {
@@ -175,14 +233,15 @@ impl Uri {
                 headers: None,
             });
         }
-        let (rest, headers) = match rest.split_once('?') {
-            Some((r, h)) => (r, Some(h.to_string())),
-            None => (rest, None),
-        };
-        // userinfo ends at the last '@' before any ';' params of the host part.
-        let (userinfo, hostpart) = match rest.rfind('@') {
+        // userinfo ends at the first '@': user and password cannot hold one unescaped, while
+        // the user may hold '?', ';' and ',' (RFC 4475 intmeth, semiuri), so '@' goes first.
+        let (userinfo, hostpart) = match rest.find('@') {
             Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
             None => (None, rest),
+        };
+        let (hostpart, headers) = match hostpart.split_once('?') {
+            Some((r, h)) => (r, Some(h.to_string())),
+            None => (hostpart, None),
         };
         let (user, password) = match userinfo {
             Some(ui) => match ui.split_once(':') {
@@ -208,6 +267,11 @@ impl Uri {
             params,
             headers,
         })
+    }
+
+    /// `sip:` or `sips:` (the schemes whose structure is parsed).
+    pub fn is_sip(&self) -> bool {
+        self.scheme == "sip" || self.scheme == "sips"
     }
 
     /// The user part with %-escapes resolved.
@@ -245,26 +309,41 @@ impl Uri {
     }
 }
 
-/// Splits `host[:port]` including `[v6]:port`.
+fn parse_port(p: &str) -> Result<u16, UriError> {
+    let p = p.trim_matches(LWS);
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(UriError::BadPort);
+    }
+    p.parse().map_err(|_| UriError::BadPort)
+}
+
+/// Splits `host[:port]` including `[v6]:port`. The host is a hostname (letters, digits, `-`,
+/// `.`, and `_` seen in the wild), an IPv4 address or a bracketed IPv6 reference.
 pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), UriError> {
-    let s = s.trim();
+    let s = s.trim_matches(LWS);
     if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']').ok_or(UriError::EmptyHost)?;
+        if rest[..end].parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(UriError::BadHost);
+        }
         let host = format!("[{}]", &rest[..end]);
-        let after = &rest[end + 1..];
+        let after = rest[end + 1..].trim_start_matches(LWS);
         let port = match after.strip_prefix(':') {
-            Some(p) => Some(p.trim().parse().map_err(|_| UriError::BadPort)?),
-            None if after.trim().is_empty() => None,
+            Some(p) => Some(parse_port(p)?),
+            None if after.is_empty() => None,
             None => return Err(UriError::BadPort),
         };
         return Ok((host, port));
     }
     let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p.trim().parse().map_err(|_| UriError::BadPort)?)),
+        Some((h, p)) => (h.trim_end_matches(LWS), Some(parse_port(p)?)),
         None => (s, None),
     };
-    if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace()) {
+    if host.is_empty() {
         return Err(UriError::EmptyHost);
+    }
+    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+        return Err(UriError::BadHost);
     }
     Ok((host.to_string(), port))
 }
@@ -308,13 +387,22 @@ impl NameAddr {
         }
     }
 
+    /// `name-addr` or `addr-spec`, then `;params` (§20.10). The display name is kept as
+    /// received (quotes included). Rejected: an unbalanced quote (RFC 4475 quotbal), a display
+    /// name that is neither a quoted string nor tokens (baddn), LWS inside `<>` (badaspec), an
+    /// addr-spec whose URI holds `?` or `,` (regbadct), anything but params after `>`.
     pub fn parse(s: &str) -> Result<NameAddr, UriError> {
-        let s = s.trim();
+        let s = s.trim_matches(LWS);
         if let Some(lt) = find_unquoted(s, b'<') {
-            let display = s[..lt].trim();
+            let display = s[..lt].trim_matches(LWS);
+            check_display(display)?;
             let gt = s[lt..].find('>').ok_or(UriError::UnterminatedAngle)? + lt;
-            let uri = Uri::parse(&s[lt + 1..gt])?;
-            let params = parse_params(&s[gt + 1..])?;
+            let inner = &s[lt + 1..gt];
+            if inner.trim_matches(LWS).len() != inner.len() {
+                return Err(UriError::BadChar);
+            }
+            let uri = Uri::parse(inner)?;
+            let params = parse_trailing_params(&s[gt + 1..])?;
             let display = if display.is_empty() {
                 None
             } else {
@@ -322,11 +410,23 @@ impl NameAddr {
             };
             Ok(NameAddr { display, uri, params })
         } else {
+            if s.contains('"') {
+                // A quoted display name needs the URI in <>; an unbalanced one is quotbal.
+                return Err(if quotes_balanced(s) {
+                    UriError::BadDisplayName
+                } else {
+                    UriError::UnterminatedQuote
+                });
+            }
             // addr-spec without brackets: everything after the first ';' is a header param.
             let (uri, params) = match s.find(';') {
                 Some(i) => (&s[..i], parse_params(&s[i + 1..])?),
                 None => (s, Params::new()),
             };
+            let uri = uri.trim_end_matches(LWS);
+            if uri.contains(['?', ',']) {
+                return Err(UriError::NeedsAngleBrackets);
+            }
             Ok(NameAddr {
                 display: None,
                 uri: Uri::parse(uri)?,
@@ -349,6 +449,55 @@ impl NameAddr {
 
     pub fn set_tag(&mut self, tag: &str) {
         self.set_param("tag", Some(tag))
+    }
+}
+
+/// After `>`: nothing, or `;params`.
+fn parse_trailing_params(s: &str) -> Result<Params, UriError> {
+    let s = s.trim_start_matches(LWS);
+    if s.is_empty() {
+        return Ok(Params::new());
+    }
+    match s.strip_prefix(';') {
+        Some(p) => parse_params(p),
+        None => Err(UriError::BadParam),
+    }
+}
+
+fn quotes_balanced(s: &str) -> bool {
+    let mut in_quote = false;
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if in_quote => i += 1,
+            b'"' => in_quote = !in_quote,
+            _ => {}
+        }
+        i += 1;
+    }
+    !in_quote
+}
+
+/// display-name = *(token LWS) / quoted-string (§25.1). Non-ASCII in an unquoted name is
+/// tolerated: UAs send UTF-8 names unquoted and nothing is ambiguous about it.
+fn check_display(d: &str) -> Result<(), UriError> {
+    if d.starts_with('"') {
+        return match quoted_string_len(d) {
+            Some(n) if n == d.len() => Ok(()),
+            Some(_) => Err(UriError::BadDisplayName),
+            None => Err(UriError::UnterminatedQuote),
+        };
+    }
+    if d
+        .bytes()
+        .all(|b| is_token_char(b) || b == b' ' || b == b'\t' || b >= 0x80)
+    {
+        Ok(())
+    } else if d.contains('"') && !quotes_balanced(d) {
+        Err(UriError::UnterminatedQuote)
+    } else {
+        Err(UriError::BadDisplayName)
     }
 }
 
@@ -388,20 +537,25 @@ pub struct Via {
 }
 
 impl Via {
+    /// One via-parm. `sent-protocol` may have LWS around its slashes (RFC 4475 wsinv); an
+    /// unquoted `,` means a whole comma-joined header was passed in and is an error rather
+    /// than a branch of `z9hG4bKaaa, SIP/2.0/TCP ...`.
     pub fn parse(s: &str) -> Result<Via, UriError> {
-        let s = s.trim();
-        let (proto, rest) = s
-            .split_once(|c: char| c.is_ascii_whitespace())
-            .ok_or(UriError::BadVia)?;
-        let mut parts = proto.split('/').map(str::trim);
-        let (name, version, transport) = (parts.next(), parts.next(), parts.next());
-        match (name, version, transport, parts.next()) {
-            (Some(n), Some(v), Some(t), None)
-                if n.eq_ignore_ascii_case("SIP") && v == "2.0" && !t.is_empty() => {}
-            _ => return Err(UriError::BadVia),
+        let s = s.trim_matches(LWS);
+        let (name, rest) = take_token(s)?;
+        let (version, rest) = take_token(expect_slash(rest)?)?;
+        let (transport, rest) = take_token(expect_slash(rest)?)?;
+        if !name.eq_ignore_ascii_case("SIP") || version != "2.0" {
+            return Err(UriError::BadVia);
         }
-        let transport = transport.unwrap_or_default().to_ascii_uppercase();
-        let rest = rest.trim();
+        if !rest.starts_with(LWS) {
+            return Err(UriError::BadVia);
+        }
+        let transport = transport.to_ascii_uppercase();
+        let rest = rest.trim_matches(LWS);
+        if split_outside_quotes(rest, b',')?.len() > 1 {
+            return Err(UriError::BadVia);
+        }
         let (hostport, params) = match rest.find(';') {
             Some(i) => (&rest[..i], parse_params(&rest[i + 1..])?),
             None => (rest, Params::new()),
@@ -435,6 +589,21 @@ impl Via {
     pub fn received(&self) -> Option<&str> {
         self.param("received").flatten()
     }
+}
+
+/// A token at the start of `s` (after LWS) and what follows it.
+fn take_token(s: &str) -> Result<(&str, &str), UriError> {
+    let s = s.trim_start_matches(LWS);
+    let end = s.bytes().position(|b| !is_token_char(b)).unwrap_or(s.len());
+    if end == 0 {
+        return Err(UriError::BadVia);
+    }
+    Ok((&s[..end], &s[end..]))
+}
+
+/// SLASH = SWS "/" SWS.
+fn expect_slash(s: &str) -> Result<&str, UriError> {
+    s.trim_start_matches(LWS).strip_prefix('/').ok_or(UriError::BadVia)
 }
 
 impl fmt::Display for Via {

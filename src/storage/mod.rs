@@ -1,1 +1,7 @@
-// placeholder: being written
+//! Persistent state: the metadata database and the accounts in it (stores and objects follow).
+
+pub mod accounts;
+pub mod db;
+
+pub use accounts::{Account, AccountError, AccountView, Accounts};
+pub use db::{Db, DbError};

@@ -1,1 +1,311 @@
-// placeholder: being written
+//! SIP transports (RFC 3261 §18): UDP sockets and TCP connections on every `listen` address.
+//!
+//! The only SIP code that touches tokio. Inbound bytes are framed and parsed here (so parsing
+//! spreads over the runtime's threads) and handed to the core as [`TransportEvent`]s; a
+//! message that cannot be parsed is answered `400` with the fault in the reason phrase right
+//! here when a response can be built (§21.4.1), else dropped. Outbound [`Transmit`]s go out of
+//! the UDP socket of the matching family, or the TCP connection to that peer (reused when the
+//! peer connected to us, RFC 5923-style; opened on demand otherwise).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use crate::config::{ListenAddr, Transport};
+use crate::metrics::METRICS;
+use crate::sip::message::{self, error_response_for, Frame, SipMessage};
+use crate::sip::transaction::{Peer, Transmit};
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("cannot bind {transport}:{addr}: {source}")]
+    Bind {
+        transport: Transport,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// What the transports tell the core.
+#[derive(Debug)]
+pub enum TransportEvent {
+    Message {
+        msg: SipMessage,
+        peer: Peer,
+        received_at: Instant,
+    },
+    /// A connection to `peer` could not be opened or broke while we had something to send.
+    Unreachable(Peer),
+}
+
+type ConnMap = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
+
+/// Every bound SIP socket, cheap to clone.
+#[derive(Clone)]
+pub struct Transports {
+    udp: Arc<Vec<(SocketAddr, Arc<UdpSocket>)>>,
+    tcp_local: Arc<Vec<SocketAddr>>,
+    conns: ConnMap,
+    events: mpsc::Sender<TransportEvent>,
+    idle: Duration,
+}
+
+impl Transports {
+    /// Binds every listen address and starts the receive tasks.
+    pub async fn bind(
+        listens: &[ListenAddr],
+        events: mpsc::Sender<TransportEvent>,
+        tcp_idle: Duration,
+    ) -> Result<Transports, TransportError> {
+        let mut udp = Vec::new();
+        let mut tcp_listeners = Vec::new();
+        for l in listens {
+            let bind_err = |source| TransportError::Bind {
+                transport: l.transport,
+                addr: l.addr,
+                source,
+            };
+            match l.transport {
+                Transport::Udp => {
+                    let sock = UdpSocket::bind(l.addr).await.map_err(bind_err)?;
+                    let local = sock.local_addr().map_err(bind_err)?;
+                    udp.push((local, Arc::new(sock)));
+                }
+                Transport::Tcp => {
+                    let lis = TcpListener::bind(l.addr).await.map_err(bind_err)?;
+                    tcp_listeners.push(lis);
+                }
+            }
+        }
+        let tcp_local = tcp_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let t = Transports {
+            udp: Arc::new(udp),
+            tcp_local: Arc::new(tcp_local),
+            conns: Arc::new(Mutex::new(HashMap::new())),
+            events,
+            idle: tcp_idle,
+        };
+        for (_, sock) in t.udp.iter() {
+            tokio::spawn(udp_loop(sock.clone(), t.clone()));
+        }
+        for lis in tcp_listeners {
+            tokio::spawn(accept_loop(lis, t.clone()));
+        }
+        Ok(t)
+    }
+
+    /// The locally bound address for a transport (first match), for Via/Contact ports.
+    pub fn local_addr(&self, transport: Transport) -> Option<SocketAddr> {
+        match transport {
+            Transport::Udp => self.udp.first().map(|(a, _)| *a),
+            Transport::Tcp => self.tcp_local.first().copied(),
+        }
+    }
+
+    /// Every bound address with its transport, for the `ready` line.
+    pub fn bound(&self) -> Vec<(Transport, SocketAddr)> {
+        let mut v: Vec<_> = self.udp.iter().map(|(a, _)| (Transport::Udp, *a)).collect();
+        v.extend(self.tcp_local.iter().map(|a| (Transport::Tcp, *a)));
+        v
+    }
+
+    /// Sends without waiting: UDP is best effort (the transaction layer retransmits), TCP
+    /// goes through the connection's writer task.
+    pub fn send(&self, t: Transmit) {
+        match t.peer.transport {
+            Transport::Udp => {
+                let sock = self
+                    .udp
+                    .iter()
+                    .find(|(a, _)| a.is_ipv4() == t.peer.addr.is_ipv4())
+                    .or_else(|| self.udp.first());
+                if let Some((_, sock)) = sock {
+                    if let Err(e) = sock.try_send_to(&t.data, t.peer.addr) {
+                        tracing::debug!(peer = %t.peer.addr, error = %e, "udp send failed");
+                    }
+                }
+            }
+            Transport::Tcp => self.send_tcp(t),
+        }
+    }
+
+    fn send_tcp(&self, t: Transmit) {
+        let existing = lock(&self.conns).get(&t.peer.addr).cloned();
+        if let Some(tx) = existing {
+            if tx.send(t.data.clone()).is_ok() {
+                return;
+            }
+            lock(&self.conns).remove(&t.peer.addr);
+        }
+        // No connection: open one; queue the message on it.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(t.data);
+        lock(&self.conns).insert(t.peer.addr, tx);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let peer = t.peer;
+            match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer.addr)).await {
+                Ok(Ok(stream)) => this.run_connection(stream, peer.addr, rx).await,
+                _ => {
+                    lock(&this.conns).remove(&peer.addr);
+                    let _ = this.events.send(TransportEvent::Unreachable(peer)).await;
+                }
+            }
+        });
+    }
+
+    async fn run_connection(
+        &self,
+        stream: TcpStream,
+        remote: SocketAddr,
+        mut outbound: mpsc::UnboundedReceiver<Bytes>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            while let Some(data) = outbound.recv().await {
+                if wr.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let peer = Peer {
+            transport: Transport::Tcp,
+            addr: remote,
+        };
+        let mut buf = BytesMut::with_capacity(8192);
+        'conn: loop {
+            let read = tokio::time::timeout(self.idle, rd.read_buf(&mut buf)).await;
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+            }
+            loop {
+                match message::frame_stream(&buf) {
+                    Ok(Frame::Incomplete) => break,
+                    Ok(Frame::KeepAlive(n)) => {
+                        let _ = buf.split_to(n);
+                    }
+                    Ok(Frame::Message(n)) => {
+                        let frame = buf.split_to(n);
+                        if !self.deliver(&frame, peer).await {
+                            break 'conn;
+                        }
+                    }
+                    Err(e) => {
+                        // The stream cannot be re-synchronised: answer if possible, then close.
+                        self.reject(&buf, &e, peer);
+                        break 'conn;
+                    }
+                }
+            }
+        }
+        lock(&self.conns).remove(&remote);
+        writer.abort();
+    }
+
+    /// Parses one message and hands it to the core. False when the core is gone.
+    async fn deliver(&self, data: &[u8], peer: Peer) -> bool {
+        match message::parse(data) {
+            Ok(msg) => {
+                let ev = TransportEvent::Message {
+                    msg,
+                    peer,
+                    received_at: Instant::now(),
+                };
+                match self.events.try_send(ev) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(TransportEvent::Message { msg, .. })) => {
+                        self.overloaded(&msg, peer);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Err(e) => {
+                self.reject(data, &e, peer);
+                true
+            }
+        }
+    }
+
+    fn reject(&self, data: &[u8], err: &message::ParseError, peer: Peer) {
+        METRICS.sip_malformed_total.inc();
+        tracing::debug!(peer = %peer.addr, error = %err, "malformed SIP message");
+        if let Some(resp) = error_response_for(data, err) {
+            let resp = crate::b2bua::errors::with_error_body(resp, "malformed-message", &err.to_string());
+            self.send(Transmit {
+                peer,
+                data: Bytes::from(resp.to_bytes()),
+            });
+        }
+    }
+
+    /// The core's queue is full: shed the request with 503 + Retry-After (PROTOCOL.md §5).
+    fn overloaded(&self, msg: &SipMessage, peer: Peer) {
+        METRICS.sip_overload_dropped_total.inc();
+        if let SipMessage::Request(req) = msg {
+            if req.method != message::Method::Ack {
+                let mut resp = req.response(503, None);
+                resp.headers.push("Retry-After", "2");
+                let resp = crate::b2bua::errors::with_error_body(resp, "overloaded", "server busy, retry later");
+                self.send(Transmit {
+                    peer,
+                    data: Bytes::from(resp.to_bytes()),
+                });
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned map only means a task panicked mid-insert; the map itself is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn udp_loop(sock: Arc<UdpSocket>, t: Transports) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            // ICMP port unreachable surfaces as an error on some platforms: keep serving.
+            Err(_) => continue,
+        };
+        let data = &buf[..n];
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            continue; // keep-alive
+        }
+        let peer = Peer {
+            transport: Transport::Udp,
+            addr: from,
+        };
+        if !t.deliver(data, peer).await {
+            return;
+        }
+    }
+}
+
+async fn accept_loop(lis: TcpListener, t: Transports) {
+    loop {
+        let (stream, remote) = match lis.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&t.conns).insert(remote, tx);
+        let t2 = t.clone();
+        tokio::spawn(async move { t2.run_connection(stream, remote, rx).await });
+    }
+}

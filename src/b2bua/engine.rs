@@ -1,0 +1,1293 @@
+//! The B2BUA engine, sans-IO: SIP messages, transport events and `now` go in; transmits and
+//! media commands come out. One instance owns every transaction, dialog, registration and
+//! call; the server's core task feeds it (see `server.rs`).
+//!
+//! A call is two dialogs: leg A (the caller and us, we are UAS) and leg B (us and the callee,
+//! we are UAC), each with its own Call-ID, tags and CSeq space. Requests in one leg's dialog
+//! are re-originated in the other leg's dialog and their responses relayed back; SDP is
+//! rewritten so both ends send RTP to our relay ports (PROTOCOL.md §1).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::distributions::Alphanumeric;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::errors::with_error_body;
+use super::media::{CallKey, MediaBackend, MediaError, Side, StreamPorts};
+use crate::config::{Cidr, Transport};
+use crate::metrics::{CallOutcome, METRICS};
+use crate::sdp::SessionDescription;
+use crate::sip::auth::{Algorithm, Credentials, Verdict, Verifier};
+use crate::sip::dialog::Dialog;
+use crate::sip::message::{same_header, HeaderAccess, Method, Request, Response, SipMessage};
+use crate::sip::registrar::{Registrar, Source};
+use crate::sip::transaction::{
+    ClientInput, ClientTxId, Peer, ServerInput, ServerTxId, TimerConfig, TransactionLayer, Transmit, TxEvent,
+};
+use crate::sip::uri::{NameAddr, Uri, Via};
+
+/// Methods we answer or relay (Allow header).
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, NOTIFY, REGISTER";
+
+/// More media sections than this in one offer are refused (port 0) rather than anchored.
+const MAX_STREAMS: usize = 4;
+
+/// Headers that belong to one hop or one dialog and are never copied between legs.
+const HOP_HEADERS: &[&str] = &[
+    "Via",
+    "From",
+    "To",
+    "Call-ID",
+    "CSeq",
+    "Contact",
+    "Route",
+    "Record-Route",
+    "Max-Forwards",
+    "Content-Length",
+    "Authorization",
+    "Proxy-Authorization",
+    "WWW-Authenticate",
+    "Proxy-Authenticate",
+    "Proxy-Require",
+    "Require",
+    "RSeq",
+    "RAck",
+    "Recv-Info",
+    "Supported",
+];
+
+/// A `[[route]]` with its target resolved to an address.
+#[derive(Debug, Clone)]
+pub struct RouteTarget {
+    pub prefix: String,
+    pub peer: Peer,
+    /// `host:port` as configured, for the Request-URI.
+    pub host_port: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub domain: String,
+    pub public_ip: IpAddr,
+    /// Our listening port per transport (Via and Contact).
+    pub udp_port: Option<u16>,
+    pub tcp_port: Option<u16>,
+    pub digest_algorithms: Vec<Algorithm>,
+    pub trusted: Vec<Cidr>,
+    pub routes: Vec<RouteTarget>,
+    pub timers: TimerConfig,
+    pub registration_min_expires: u32,
+    pub registration_max_expires: u32,
+}
+
+/// What digest needs to know about an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountAuth {
+    pub ha1_md5: String,
+    pub ha1_sha256: String,
+}
+
+impl AccountAuth {
+    fn ha1(&self, alg: Algorithm) -> &str {
+        match alg {
+            Algorithm::Md5 => &self.ha1_md5,
+            Algorithm::Sha256 => &self.ha1_sha256,
+        }
+    }
+}
+
+/// One leg of a call.
+#[derive(Debug)]
+struct Leg {
+    call_id: String,
+    local_tag: String,
+    /// Where this leg's requests go (the source of the caller's INVITE, NAT-friendly; the
+    /// callee's binding or route).
+    peer: Peer,
+    dialog: Option<Dialog>,
+    /// The ACK we sent last on this leg, re-sent on a retransmitted 2xx.
+    last_ack: Option<Request>,
+    /// This leg sent a 2xx-answered INVITE we still need its ACK for: the CSeq of the INVITE
+    /// on the *other* leg whose 2xx we will then ACK.
+    awaiting_ack: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    /// INVITE sent to B, no final yet.
+    Early,
+    /// 2xx relayed to A.
+    Up,
+    /// A cancelled or was answered with an error; waiting for B's INVITE transaction to end.
+    Ending,
+}
+
+#[derive(Debug)]
+struct Call {
+    a: Leg,
+    b: Leg,
+    state: CallState,
+    /// The caller's INVITE and its server transaction while unanswered.
+    a_invite: Request,
+    a_invite_tx: Option<ServerTxId>,
+    b_invite_tx: Option<ClientTxId>,
+    streams: Vec<StreamPorts>,
+    /// The caller's authenticated (or trusted) identity, `user@domain`.
+    caller: String,
+}
+
+impl Call {
+    fn leg(&self, side: Side) -> &Leg {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+    fn leg_mut(&mut self, side: Side) -> &mut Leg {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+}
+
+/// What a client transaction we started is for.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// The INVITE on leg B.
+    BInvite(CallKey),
+    /// A request relayed from `origin`'s server transaction onto the other leg.
+    Relay {
+        call: CallKey,
+        origin: Side,
+        server_tx: ServerTxId,
+        method: Method,
+        cseq: u32,
+    },
+    /// A request callvault itself originated in a call (BYE on teardown, feature requests).
+    Own { call: CallKey, side: Side },
+}
+
+/// Things the engine reports to the layers above it (features, metrics, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    CallAnswered(CallKey),
+    CallEnded(CallKey, CallOutcome),
+    /// Final response to a request callvault originated in a call (`send_in_dialog`).
+    OwnRequestDone {
+        call: CallKey,
+        side: Side,
+        tx: ClientTxId,
+        status: u16,
+    },
+}
+
+pub struct Engine<M: MediaBackend> {
+    cfg: EngineConfig,
+    tx: TransactionLayer,
+    registrar: Registrar,
+    verifier: Verifier,
+    accounts: HashMap<String, AccountAuth>,
+    media: M,
+    calls: HashMap<CallKey, Call>,
+    /// (Call-ID, our tag) -> call and leg.
+    dialogs: HashMap<(String, String), (CallKey, Side)>,
+    /// Call-IDs we generated for B legs: an INVITE carrying one came back to us (loop).
+    own_call_ids: HashMap<String, CallKey>,
+    a_invites: HashMap<ServerTxId, CallKey>,
+    pending: HashMap<ClientTxId, (Pending, Peer)>,
+    events: VecDeque<EngineEvent>,
+    next_call: CallKey,
+    rng: StdRng,
+    epoch: (Instant, u64),
+    next_sweep: Option<Instant>,
+}
+
+impl<M: MediaBackend> Engine<M> {
+    /// `epoch` ties the monotonic clock to Unix seconds (digest nonces carry Unix time).
+    pub fn new(cfg: EngineConfig, media: M, verifier: Verifier, epoch: (Instant, u64), seed: u64) -> Self {
+        let registrar = Registrar::new(
+            cfg.registration_min_expires,
+            cfg.registration_max_expires,
+            3600.min(cfg.registration_max_expires).max(cfg.registration_min_expires),
+        );
+        Engine {
+            tx: TransactionLayer::new(cfg.timers),
+            cfg,
+            registrar,
+            verifier,
+            accounts: HashMap::new(),
+            media,
+            calls: HashMap::new(),
+            dialogs: HashMap::new(),
+            own_call_ids: HashMap::new(),
+            a_invites: HashMap::new(),
+            pending: HashMap::new(),
+            events: VecDeque::new(),
+            next_call: 1,
+            rng: StdRng::seed_from_u64(seed),
+            epoch,
+            next_sweep: None,
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Driving
+
+    pub fn handle_message(&mut self, msg: SipMessage, peer: Peer, now: Instant) {
+        match msg {
+            SipMessage::Request(req) => match self.tx.on_request(req, peer, now) {
+                ServerInput::New(id, req) => self.on_new_request(id, req, peer, now),
+                ServerInput::Ack(req) => self.on_ack(req),
+                ServerInput::Cancelled { invite, .. } => self.on_cancel(invite, now),
+                ServerInput::Absorbed | ServerInput::Answered | ServerInput::Dropped => {}
+            },
+            SipMessage::Response(resp) => match self.tx.on_response(resp, peer, now) {
+                ClientInput::Response(id, resp) => self.on_response(id, resp, now),
+                ClientInput::Retransmission2xx(id, _) => self.resend_ack(id),
+                ClientInput::Absorbed | ClientInput::Unmatched(_) => {}
+            },
+        }
+        self.after(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.tx.handle_timeout(now);
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.registrar.expire(now);
+            self.next_sweep = None;
+        }
+        self.after(now);
+    }
+
+    /// A connection to `peer` failed: requests waiting on it fail now instead of at Timer B/F.
+    pub fn handle_unreachable(&mut self, peer: Peer, now: Instant) {
+        let failed: Vec<ClientTxId> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, p))| *p == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            self.fail_client(id, 480, now);
+        }
+        self.after(now);
+    }
+
+    /// RTP was silent on both sides of the call for `rtp_timeout`.
+    pub fn handle_media_timeout(&mut self, call: CallKey, now: Instant) {
+        tracing::info!(call, "RTP timeout, ending call");
+        self.hang_up(call, "rtp-timeout", CallOutcome::Timeout, now);
+        self.after(now);
+    }
+
+    /// Ends every call (SIGTERM): BYE on established legs, 503 to unanswered callers.
+    pub fn shutdown(&mut self, now: Instant) {
+        let keys: Vec<CallKey> = self.calls.keys().copied().collect();
+        for k in keys {
+            self.hang_up(k, "shutdown", CallOutcome::Failed, now);
+        }
+        self.after(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.tx.poll_transmit()
+    }
+
+    pub fn poll_event(&mut self) -> Option<EngineEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.tx.poll_timeout(), self.next_sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Installs (or removes, with `None`) what digest needs for `user`.
+    pub fn set_account(&mut self, user: &str, auth: Option<AccountAuth>) {
+        match auth {
+            Some(a) => {
+                self.accounts.insert(user.to_string(), a);
+            }
+            None => {
+                self.accounts.remove(user);
+            }
+        }
+    }
+
+    pub fn media(&self) -> &M {
+        &self.media
+    }
+
+    pub fn media_mut(&mut self) -> &mut M {
+        &mut self.media
+    }
+
+    pub fn active_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn registrations(&self) -> usize {
+        self.registrar.count()
+    }
+
+    pub fn tx_stats(&self) -> crate::sip::transaction::TxStats {
+        self.tx.stats()
+    }
+
+    fn after(&mut self, now: Instant) {
+        while let Some(ev) = self.tx.poll_event() {
+            match ev {
+                TxEvent::Timeout(id) => self.fail_client(id, 408, now),
+                TxEvent::AckTimeout(id) => self.on_ack_timeout(id, now),
+                TxEvent::ClientTerminated(id) => {
+                    self.pending.remove(&id);
+                }
+                TxEvent::ServerTerminated(id) => {
+                    self.a_invites.remove(&id);
+                }
+            }
+        }
+        if self.next_sweep.is_none() && self.registrar.count() > 0 {
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Helpers
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.epoch.1 + now.saturating_duration_since(self.epoch.0).as_secs()
+    }
+
+    fn token(&mut self, n: usize) -> String {
+        (0..n).map(|_| self.rng.sample(Alphanumeric) as char).collect()
+    }
+
+    fn local_port(&self, t: Transport) -> u16 {
+        match t {
+            Transport::Udp => self.cfg.udp_port.or(self.cfg.tcp_port),
+            Transport::Tcp => self.cfg.tcp_port.or(self.cfg.udp_port),
+        }
+        .unwrap_or(5060)
+    }
+
+    fn host(&self) -> String {
+        match self.cfg.public_ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        }
+    }
+
+    fn new_via(&mut self, t: Transport) -> Via {
+        let branch = format!("z9hG4bK{}", self.token(16));
+        Via {
+            transport: t.as_str().to_ascii_uppercase(),
+            host: self.host(),
+            port: Some(self.local_port(t)),
+            params: vec![("branch".into(), Some(branch)), ("rport".into(), None)],
+        }
+    }
+
+    fn contact(&self, t: Transport) -> NameAddr {
+        let mut uri = Uri::sip(Some("callvault"), &self.host(), Some(self.local_port(t)));
+        if t == Transport::Tcp {
+            uri.set_param("transport", Some("tcp"));
+        }
+        NameAddr::new(uri)
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.cfg.trusted.iter().any(|c| c.contains(ip))
+    }
+
+    fn respond(&mut self, tx: ServerTxId, resp: Response, now: Instant) {
+        if let Err(e) = self.tx.respond(tx, resp, now) {
+            tracing::debug!(error = %e, "response not sent");
+        }
+    }
+
+    /// Answers with a status of our own, JSON error body and Warning (PROTOCOL.md §5).
+    fn reject(&mut self, tx: ServerTxId, req: &Request, status: u16, code: &str, detail: &str, now: Instant) {
+        let mut resp = req.response(status, None);
+        resp.ensure_to_tag(&self.token(10));
+        let resp = with_error_body(resp, code, detail);
+        self.respond(tx, resp, now);
+    }
+
+    /// Answers with a plain protocol status (no body).
+    fn reply(&mut self, tx: ServerTxId, req: &Request, status: u16, now: Instant) {
+        let mut resp = req.response(status, None);
+        if status > 100 {
+            resp.ensure_to_tag(&self.token(10));
+        }
+        self.respond(tx, resp, now);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Requests
+
+    fn on_new_request(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
+        if req.to_tag().is_some() {
+            return self.on_in_dialog(tx, req, now);
+        }
+        match req.method {
+            Method::Register => self.on_register(tx, req, peer, now),
+            Method::Options => {
+                let mut resp = req.response(200, None);
+                resp.ensure_to_tag(&self.token(10));
+                resp.headers.push("Allow", ALLOW);
+                resp.headers.push("Accept", "application/sdp");
+                resp.headers.push("Recv-Info", "callvault");
+                self.respond(tx, resp, now);
+            }
+            Method::Invite => self.on_invite(tx, req, peer, now),
+            Method::Bye | Method::Cancel | Method::Info | Method::Update | Method::Prack | Method::Notify => {
+                self.reply(tx, &req, 481, now)
+            }
+            Method::Other(_) => self.reply(tx, &req, 501, now),
+            _ => {
+                let mut resp = req.response(405, None);
+                resp.ensure_to_tag(&self.token(10));
+                resp.headers.push("Allow", ALLOW);
+                self.respond(tx, resp, now);
+            }
+        }
+    }
+
+    /// Digest authentication (RFC 7616/8760); `Some(user)` when the request may proceed.
+    /// Trusted peers are not challenged; their identity is the From URI user.
+    fn authenticate(&mut self, tx: ServerTxId, req: &Request, peer: Peer, now: Instant) -> Option<String> {
+        if self.is_trusted(peer.addr.ip()) {
+            return req.from_hdr().and_then(|f| f.uri.user_unescaped());
+        }
+        let register = req.method == Method::Register;
+        let (cred_hdr, chal_hdr, status) = if register {
+            ("Authorization", "WWW-Authenticate", 401)
+        } else {
+            ("Proxy-Authorization", "Proxy-Authenticate", 407)
+        };
+        let unix = self.unix(now);
+        let mut stale = false;
+        let creds: Vec<Credentials> = req
+            .headers
+            .get_all(cred_hdr)
+            .filter_map(|v| Credentials::parse(v).ok())
+            .filter(|c| c.realm == self.cfg.domain)
+            .collect();
+        for c in creds {
+            if !self.cfg.digest_algorithms.contains(&c.algorithm) {
+                continue;
+            }
+            let ha1 = self.accounts.get(&c.username).map(|a| a.ha1(c.algorithm).to_string());
+            match self
+                .verifier
+                .verify(&c, &self.cfg.domain, ha1.as_deref(), req.method.as_str(), unix)
+            {
+                Verdict::Ok => return Some(c.username),
+                Verdict::Stale => stale = true,
+                v => tracing::debug!(user = %c.username, verdict = ?v, "digest rejected"),
+            }
+        }
+        let mut resp = req.response(status, None);
+        resp.ensure_to_tag(&self.token(10));
+        for ch in self
+            .verifier
+            .challenges(&self.cfg.domain, &self.cfg.digest_algorithms, stale, unix)
+        {
+            resp.headers.push(chal_hdr, ch.to_header_value());
+        }
+        self.respond(tx, resp, now);
+        None
+    }
+
+    fn on_register(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
+        let Some(user) = self.authenticate(tx, &req, peer, now) else {
+            return;
+        };
+        let Some(to) = req.to_hdr() else {
+            return self.reply(tx, &req, 400, now);
+        };
+        let to_user = to.uri.user_unescaped().unwrap_or_default();
+        if to_user != user && !self.is_trusted(peer.addr.ip()) {
+            return self.reject(tx, &req, 403, "forbidden", "To user differs from the authenticated user", now);
+        }
+        let aor = format!("{}@{}", to_user, self.cfg.domain);
+        let source = Source {
+            transport: peer.transport,
+            addr: peer.addr,
+        };
+        match self.registrar.register(&aor, &req, source, now) {
+            Ok(outcome) => {
+                let mut resp = req.response(200, None);
+                resp.ensure_to_tag(&self.token(10));
+                for c in outcome.contacts() {
+                    resp.headers.push("Contact", c);
+                }
+                self.respond(tx, resp, now);
+            }
+            Err(e) => {
+                let mut resp = req.response(e.status(), None);
+                resp.ensure_to_tag(&self.token(10));
+                if e.status() == 423 {
+                    resp.headers.push("Min-Expires", self.cfg.registration_min_expires.to_string());
+                }
+                self.respond(tx, resp, now);
+            }
+        }
+    }
+
+    fn on_invite(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
+        let mf = req.max_forwards().unwrap_or(70);
+        if mf == 0 {
+            return self.reply(tx, &req, 483, now);
+        }
+        if req.call_id().is_some_and(|c| self.own_call_ids.contains_key(c)) {
+            return self.reject(tx, &req, 482, "loop-detected", "the INVITE came back to callvault", now);
+        }
+        if let Some(req_ext) = req.headers.get("Require") {
+            let mut resp = req.response(420, None);
+            resp.ensure_to_tag(&self.token(10));
+            resp.headers.push("Unsupported", req_ext.to_string());
+            return self.respond(tx, resp, now);
+        }
+        let Ok(ruri) = req.parsed_uri() else {
+            return self.reply(tx, &req, 416, now);
+        };
+        if ruri.scheme != "sip" && ruri.scheme != "sips" {
+            return self.reply(tx, &req, 416, now);
+        }
+        let Some(caller) = self.authenticate(tx, &req, peer, now) else {
+            return;
+        };
+        let callee = ruri.user_unescaped().unwrap_or_default();
+        let Some((target_uri, b_peer)) = self.resolve_target(&callee, now) else {
+            return self.reject(tx, &req, 404, "not-found", &format!("no registration or route for {callee}"), now);
+        };
+
+        let key = self.next_call;
+        self.next_call += 1;
+        let a_tag = self.token(10);
+        let b_call_id = format!("cv{}", self.token(22));
+        let b_tag = self.token(10);
+        let call = Call {
+            a: Leg {
+                call_id: req.call_id().unwrap_or_default().to_string(),
+                local_tag: a_tag,
+                peer,
+                dialog: None,
+                last_ack: None,
+                awaiting_ack: None,
+            },
+            b: Leg {
+                call_id: b_call_id.clone(),
+                local_tag: b_tag.clone(),
+                peer: b_peer,
+                dialog: None,
+                last_ack: None,
+                awaiting_ack: None,
+            },
+            state: CallState::Early,
+            a_invite: req.clone(),
+            a_invite_tx: Some(tx),
+            b_invite_tx: None,
+            streams: Vec::new(),
+            caller: format!("{caller}@{}", self.cfg.domain),
+        };
+
+        // Leg B's INVITE.
+        let mut inv = Request::new(Method::Invite, target_uri);
+        let via = self.new_via(b_peer.transport);
+        inv.headers.push("Via", via.to_string());
+        inv.headers.push("Max-Forwards", (mf - 1).to_string());
+        let mut from = req.from_hdr().unwrap_or_else(|| NameAddr::new(Uri::sip(Some(&caller), &self.cfg.domain, None)));
+        from.set_tag(&b_tag);
+        inv.headers.push("From", from.to_string());
+        let mut to = req.to_hdr().unwrap_or_else(|| NameAddr::new(ruri.clone()));
+        to.params.retain(|(n, _)| !n.eq_ignore_ascii_case("tag"));
+        inv.headers.push("To", to.to_string());
+        inv.headers.push("Call-ID", b_call_id.clone());
+        inv.headers.push("CSeq", "1 INVITE");
+        inv.headers.push("Contact", self.contact(b_peer.transport).to_string());
+        inv.headers.push("Recv-Info", "callvault");
+        copy_headers(&req.headers, &mut inv.headers);
+        if !req.headers.has("Allow") {
+            inv.headers.push("Allow", ALLOW);
+        }
+        inv.body = req.body.clone();
+
+        self.calls.insert(key, call);
+        if is_sdp(&req) {
+            match self.anchor_sdp(key, &req.body, Side::A) {
+                Ok(body) => inv.body = body,
+                Err(AnchorError::Sdp(e)) => {
+                    self.drop_call(key);
+                    return self.reject(tx, &req, 400, "malformed-message", &format!("bad SDP: {e}"), now);
+                }
+                Err(AnchorError::Media(e)) => {
+                    self.drop_call(key);
+                    let mut resp = req.response(503, None);
+                    resp.ensure_to_tag(&self.token(10));
+                    resp.headers.push("Retry-After", "5");
+                    let resp = with_error_body(resp, "overloaded", &e.to_string());
+                    return self.respond(tx, resp, now);
+                }
+            }
+        }
+        let b_tx = self.tx.send_request(inv, b_peer, now);
+        self.pending.insert(b_tx, (Pending::BInvite(key), b_peer));
+        self.a_invites.insert(tx, key);
+        self.own_call_ids.insert(b_call_id, key);
+        if let Some(c) = self.calls.get_mut(&key) {
+            c.b_invite_tx = Some(b_tx);
+        }
+        METRICS.calls_active.inc();
+        tracing::info!(call = key, caller = %call_caller(&self.calls, key), callee = %callee, "call started");
+    }
+
+    /// The callee's newest registered contact, else the first matching `[[route]]`.
+    fn resolve_target(&self, user: &str, now: Instant) -> Option<(String, Peer)> {
+        let aor = format!("{}@{}", user, self.cfg.domain);
+        if let Some(b) = self.registrar.lookup(&aor, now).into_iter().next() {
+            let peer = Peer {
+                transport: b.source.transport,
+                addr: b.source.addr,
+            };
+            return Some((b.contact.uri.to_string(), peer));
+        }
+        let route = self.cfg.routes.iter().find(|r| user.starts_with(&r.prefix))?;
+        let mut uri = format!("sip:{}@{}", user, route.host_port);
+        if route.peer.transport == Transport::Tcp {
+            uri.push_str(";transport=tcp");
+        }
+        Some((uri, route.peer))
+    }
+
+    fn on_in_dialog(&mut self, tx: ServerTxId, req: Request, now: Instant) {
+        let key = (
+            req.call_id().unwrap_or_default().to_string(),
+            req.to_tag().unwrap_or_default(),
+        );
+        let Some(&(call_key, side)) = self.dialogs.get(&key) else {
+            return self.reply(tx, &req, 481, now);
+        };
+        let ok = match self.calls.get_mut(&call_key).and_then(|c| c.leg_mut(side).dialog.as_mut()) {
+            Some(d) => d.on_request(&req).is_ok(),
+            None => false,
+        };
+        if !ok {
+            return self.reply(tx, &req, 500, now);
+        }
+        match req.method {
+            Method::Bye => {
+                let resp = req.response(200, None);
+                self.respond(tx, resp, now);
+                self.bye_leg(call_key, side.other(), None, now);
+                self.end_call(call_key, CallOutcome::Answered);
+            }
+            _ => self.relay_in_dialog(call_key, side, tx, req, now),
+        }
+    }
+
+    fn on_ack(&mut self, ack: Request) {
+        let key = (
+            ack.call_id().unwrap_or_default().to_string(),
+            ack.to_tag().unwrap_or_default(),
+        );
+        let Some(&(call_key, side)) = self.dialogs.get(&key) else {
+            return;
+        };
+        let other = side.other();
+        let Some(call) = self.calls.get_mut(&call_key) else {
+            return;
+        };
+        let Some(cseq) = call.leg_mut(side).awaiting_ack.take() else {
+            return;
+        };
+        let peer = call.leg(other).peer;
+        let via = self.new_via(peer.transport);
+        let Some(call) = self.calls.get_mut(&call_key) else {
+            return;
+        };
+        let Some(dialog) = call.leg(other).dialog.as_ref() else {
+            return;
+        };
+        let mut out = dialog.ack_for(cseq, via);
+        if is_sdp(&ack) {
+            // Late offer: the ACK carries the answer.
+            match self.anchor_sdp(call_key, &ack.body, side) {
+                Ok(body) => {
+                    out.headers.set("Content-Type", "application/sdp");
+                    out.body = body;
+                }
+                Err(e) => tracing::debug!(error = ?e, "bad SDP in ACK"),
+            }
+        }
+        self.tx.send_ack(&out, peer);
+        if let Some(call) = self.calls.get_mut(&call_key) {
+            call.leg_mut(other).last_ack = Some(out);
+        }
+    }
+
+    fn on_cancel(&mut self, invite_tx: ServerTxId, now: Instant) {
+        let Some(&key) = self.a_invites.get(&invite_tx) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        if call.state != CallState::Early {
+            return;
+        }
+        call.state = CallState::Ending;
+        call.a_invite_tx = None;
+        let a_invite = call.a_invite.clone();
+        let a_tag = call.a.local_tag.clone();
+        let b_tx = call.b_invite_tx;
+        let mut resp = a_invite.response(487, None);
+        resp.ensure_to_tag(&a_tag);
+        self.respond(invite_tx, resp, now);
+        if let Some(b_tx) = b_tx {
+            let _ = self.tx.cancel(b_tx, now);
+        }
+        self.media.release(key);
+        METRICS.calls_active.dec();
+        METRICS.call_ended(CallOutcome::Cancelled);
+        self.events.push_back(EngineEvent::CallEnded(key, CallOutcome::Cancelled));
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Responses
+
+    fn on_response(&mut self, id: ClientTxId, resp: Response, now: Instant) {
+        let Some((pending, _)) = self.pending.get(&id).cloned() else {
+            return;
+        };
+        match pending {
+            Pending::BInvite(key) => self.on_b_invite_response(key, id, resp, now),
+            Pending::Relay {
+                call,
+                origin,
+                server_tx,
+                method,
+                cseq,
+            } => self.on_relay_response(call, origin, server_tx, method, cseq, resp, now),
+            Pending::Own { call, side, .. } => {
+                if resp.status >= 200 {
+                    self.pending.remove(&id);
+                    self.events.push_back(EngineEvent::OwnRequestDone {
+                        call,
+                        side,
+                        tx: id,
+                        status: resp.status,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_b_invite_response(&mut self, key: CallKey, id: ClientTxId, resp: Response, now: Instant) {
+        if resp.status == 100 {
+            return;
+        }
+        let Some(state) = self.calls.get(&key).map(|c| c.state) else {
+            return;
+        };
+        let invite_b = self.tx.client_request(id).cloned();
+        if state == CallState::Ending {
+            // The caller is gone: a late 2xx still has to be ACKed and hung up.
+            if (200..300).contains(&resp.status) {
+                if let Some(d) = invite_b.and_then(|inv| Dialog::uac(&inv, &resp).ok()) {
+                    let peer = self.calls.get(&key).map(|c| c.b.peer);
+                    if let Some(peer) = peer {
+                        let via = self.new_via(peer.transport);
+                        let ack = d.ack_for(1, via);
+                        self.tx.send_ack(&ack, peer);
+                        if let Some(call) = self.calls.get_mut(&key) {
+                            call.b.dialog = Some(d);
+                        }
+                        self.bye_leg(key, Side::B, Some("cancelled"), now);
+                    }
+                }
+            }
+            if resp.status >= 200 {
+                self.drop_call(key);
+            }
+            return;
+        }
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        // Early or confirmed dialog with B.
+        if resp.to_tag().is_some() && resp.status < 300 {
+            if let Some(inv) = &invite_b {
+                match call.b.dialog.as_mut() {
+                    Some(d) if resp.status >= 200 => {
+                        let _ = d.on_refresh_response(&resp);
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Ok(d) = Dialog::uac(inv, &resp) {
+                            let k = (call.b.call_id.clone(), call.b.local_tag.clone());
+                            call.b.dialog = Some(d);
+                            self.dialogs.insert(k, (key, Side::B));
+                        }
+                    }
+                }
+            }
+        }
+        let Some(call) = self.calls.get(&key) else {
+            return;
+        };
+        let Some(a_tx) = call.a_invite_tx else {
+            return;
+        };
+        let a_invite = call.a_invite.clone();
+        let a_tag = call.a.local_tag.clone();
+        let a_transport = call.a.peer.transport;
+        let mut out = a_invite.response(resp.status, Some(&resp.reason));
+        out.ensure_to_tag(&a_tag);
+        copy_headers(&resp.headers, &mut out.headers);
+        if resp.status < 300 {
+            out.headers.push("Contact", self.contact(a_transport).to_string());
+            if resp.status >= 200 {
+                out.headers.push("Recv-Info", "callvault");
+            }
+        } else if (300..400).contains(&resp.status) {
+            for c in resp.headers.get_all("Contact") {
+                out.headers.push("Contact", c);
+            }
+        }
+        out.body = resp.body.clone();
+        if is_sdp(&resp) && resp.status < 300 {
+            match self.anchor_sdp(key, &resp.body, Side::B) {
+                Ok(body) => out.body = body,
+                Err(e) => tracing::debug!(error = ?e, "bad SDP from callee"),
+            }
+        }
+
+        if (200..300).contains(&resp.status) {
+            let contact = self.contact(a_transport);
+            let Some(call) = self.calls.get_mut(&key) else {
+                return;
+            };
+            call.state = CallState::Up;
+            call.a_invite_tx = None;
+            call.a.awaiting_ack = Some(1);
+            if let Ok(d) = Dialog::uas(&a_invite, &a_tag, &contact) {
+                call.a.dialog = Some(d);
+                self.dialogs
+                    .insert((call.a.call_id.clone(), a_tag.clone()), (key, Side::A));
+            }
+            self.respond(a_tx, out, now);
+            self.events.push_back(EngineEvent::CallAnswered(key));
+            tracing::info!(call = key, "call answered");
+        } else if resp.status >= 300 {
+            let out = map_b_failure(out);
+            self.respond(a_tx, out, now);
+            self.end_call(key, CallOutcome::Failed);
+        } else {
+            self.respond(a_tx, out, now);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_relay_response(
+        &mut self,
+        key: CallKey,
+        origin: Side,
+        server_tx: ServerTxId,
+        method: Method,
+        cseq: u32,
+        resp: Response,
+        now: Instant,
+    ) {
+        if resp.status == 100 {
+            return;
+        }
+        let Some(orig) = self.tx.server_request(server_tx).cloned() else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let other = origin.other();
+        let target_refresh = matches!(method, Method::Invite | Method::Update);
+        if (200..300).contains(&resp.status) && target_refresh {
+            if let Some(d) = call.leg_mut(other).dialog.as_mut() {
+                let _ = d.on_refresh_response(&resp);
+            }
+        }
+        if (200..300).contains(&resp.status) && method == Method::Invite {
+            call.leg_mut(origin).awaiting_ack = Some(cseq);
+        }
+        let origin_transport = call.leg(origin).peer.transport;
+        let mut out = orig.response(resp.status, Some(&resp.reason));
+        copy_headers(&resp.headers, &mut out.headers);
+        if target_refresh && resp.status < 300 {
+            out.headers.push("Contact", self.contact(origin_transport).to_string());
+        }
+        out.body = resp.body.clone();
+        if is_sdp(&resp) && target_refresh {
+            match self.anchor_sdp(key, &resp.body, other) {
+                Ok(body) => out.body = body,
+                Err(e) => tracing::debug!(error = ?e, "bad SDP in relayed response"),
+            }
+        }
+        self.respond(server_tx, out, now);
+    }
+
+    fn resend_ack(&mut self, id: ClientTxId) {
+        let Some((pending, peer)) = self.pending.get(&id).cloned() else {
+            return;
+        };
+        let (call, side) = match pending {
+            Pending::BInvite(c) => (c, Side::B),
+            Pending::Relay { call, origin, .. } => (call, origin.other()),
+            Pending::Own { call, side, .. } => (call, side),
+        };
+        if let Some(ack) = self.calls.get(&call).and_then(|c| c.leg(side).last_ack.clone()) {
+            self.tx.send_ack(&ack, peer);
+        }
+    }
+
+    /// A client transaction failed without a response (Timer B/F, 408) or its peer could not
+    /// be reached (480).
+    fn fail_client(&mut self, id: ClientTxId, status: u16, now: Instant) {
+        let Some((pending, _)) = self.pending.remove(&id) else {
+            return;
+        };
+        match pending {
+            Pending::BInvite(key) => {
+                let Some(call) = self.calls.get(&key) else {
+                    return;
+                };
+                match (call.state, call.a_invite_tx) {
+                    (CallState::Early, Some(a_tx)) => {
+                        let a_invite = call.a_invite.clone();
+                        let detail = if status == 408 {
+                            "the callee did not answer in time"
+                        } else {
+                            "the callee could not be reached"
+                        };
+                        let code = if status == 408 { "timeout" } else { "unreachable" };
+                        self.reject(a_tx, &a_invite, status, code, detail, now);
+                        self.end_call(key, CallOutcome::Failed);
+                    }
+                    (CallState::Ending, _) => self.drop_call(key),
+                    _ => {}
+                }
+            }
+            Pending::Relay { server_tx, .. } => {
+                if let Some(orig) = self.tx.server_request(server_tx).cloned() {
+                    self.reply(server_tx, &orig, status, now);
+                }
+            }
+            Pending::Own { call, side, .. } => self.events.push_back(EngineEvent::OwnRequestDone {
+                call,
+                side,
+                tx: id,
+                status,
+            }),
+        }
+    }
+
+    fn on_ack_timeout(&mut self, id: ServerTxId, now: Instant) {
+        // The caller never ACKed our 2xx (§13.3.1.4): end the call on both legs.
+        let Some(&key) = self.a_invites.get(&id) else {
+            return;
+        };
+        tracing::info!(call = key, "no ACK for 2xx, ending call");
+        self.hang_up(key, "no-ack", CallOutcome::Timeout, now);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Relaying and originating in-dialog requests
+
+    fn relay_in_dialog(&mut self, key: CallKey, origin: Side, server_tx: ServerTxId, req: Request, now: Instant) {
+        let other = origin.other();
+        let Some(call) = self.calls.get(&key) else {
+            return;
+        };
+        let peer = call.leg(other).peer;
+        if call.leg(other).dialog.is_none() {
+            return self.reply(server_tx, &req, 481, now);
+        }
+        let via = self.new_via(peer.transport);
+        let contact = self.contact(peer.transport);
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let Some(dialog) = call.leg_mut(other).dialog.as_mut() else {
+            return;
+        };
+        let mut out = dialog.new_request(req.method.clone(), &contact, via);
+        copy_headers(&req.headers, &mut out.headers);
+        if matches!(req.method, Method::Invite | Method::Update) {
+            out.headers.set("Contact", contact.to_string());
+        }
+        out.body = req.body.clone();
+        if is_sdp(&req) && matches!(req.method, Method::Invite | Method::Update) {
+            match self.anchor_sdp(key, &req.body, origin) {
+                Ok(body) => out.body = body,
+                Err(e) => {
+                    return self.reject(server_tx, &req, 488, "malformed-message", &format!("{e:?}"), now);
+                }
+            }
+        }
+        let cseq = out.cseq().map(|c| c.seq).unwrap_or(0);
+        let method = req.method.clone();
+        let id = self.tx.send_request(out, peer, now);
+        self.pending.insert(
+            id,
+            (
+                Pending::Relay {
+                    call: key,
+                    origin,
+                    server_tx,
+                    method,
+                    cseq,
+                },
+                peer,
+            ),
+        );
+    }
+
+    /// Sends a request of callvault's own in the call's dialog on `side` (the storage feature
+    /// injects MESSAGE/INFO this way). The final answer comes back as
+    /// [`EngineEvent::OwnRequestDone`].
+    pub fn send_in_dialog(
+        &mut self,
+        key: CallKey,
+        side: Side,
+        method: Method,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        now: Instant,
+    ) -> Option<ClientTxId> {
+        let call = self.calls.get(&key)?;
+        let peer = call.leg(side).peer;
+        let via = self.new_via(peer.transport);
+        let contact = self.contact(peer.transport);
+        let dialog = self.calls.get_mut(&key)?.leg_mut(side).dialog.as_mut()?;
+        let mut out = dialog.new_request(method.clone(), &contact, via);
+        for (n, v) in headers {
+            out.headers.push(n.to_string(), v.to_string());
+        }
+        out.body = body;
+        let id = self.tx.send_request(out, peer, now);
+        self.pending.insert(id, (Pending::Own { call: key, side }, peer));
+        let r = Some(id);
+        self.after(now);
+        r
+    }
+
+    fn bye_leg(&mut self, key: CallKey, side: Side, reason: Option<&str>, now: Instant) {
+        let Some(call) = self.calls.get(&key) else {
+            return;
+        };
+        let peer = call.leg(side).peer;
+        let via = self.new_via(peer.transport);
+        let contact = self.contact(peer.transport);
+        let Some(dialog) = self.calls.get_mut(&key).and_then(|c| c.leg_mut(side).dialog.as_mut()) else {
+            return;
+        };
+        let mut bye = dialog.new_request(Method::Bye, &contact, via);
+        if let Some(r) = reason {
+            bye.headers.push("Reason", format!("SIP;cause=200;text=\"{r}\""));
+        }
+        let id = self.tx.send_request(bye, peer, now);
+        self.pending.insert(
+            id,
+            (
+                Pending::Own { call: key, side },
+                peer,
+            ),
+        );
+    }
+
+    /// Tears a call down from our side, whatever state it is in.
+    fn hang_up(&mut self, key: CallKey, reason: &str, outcome: CallOutcome, now: Instant) {
+        let Some(call) = self.calls.get(&key) else {
+            return;
+        };
+        match call.state {
+            CallState::Up => {
+                // A 2xx that is not ACKed yet still must be ACKed before BYE (§15).
+                self.bye_leg(key, Side::A, Some(reason), now);
+                self.bye_leg(key, Side::B, Some(reason), now);
+                self.end_call(key, outcome);
+            }
+            CallState::Early => {
+                let a_invite = call.a_invite.clone();
+                let a_tx = call.a_invite_tx;
+                let b_tx = call.b_invite_tx;
+                if let Some(a_tx) = a_tx {
+                    let mut resp = a_invite.response(503, None);
+                    resp.ensure_to_tag(&call.a.local_tag.clone());
+                    resp.headers.push("Retry-After", "5");
+                    let resp = with_error_body(resp, "overloaded", reason);
+                    self.respond(a_tx, resp, now);
+                }
+                if let Some(b_tx) = b_tx {
+                    let _ = self.tx.cancel(b_tx, now);
+                }
+                self.end_call(key, outcome);
+            }
+            CallState::Ending => self.drop_call(key),
+        }
+    }
+
+    /// Ends a call that was counted active: metrics, media, dialogs.
+    fn end_call(&mut self, key: CallKey, outcome: CallOutcome) {
+        if self.calls.contains_key(&key) {
+            METRICS.calls_active.dec();
+            METRICS.call_ended(outcome);
+            self.events.push_back(EngineEvent::CallEnded(key, outcome));
+            tracing::info!(call = key, ?outcome, "call ended");
+        }
+        self.drop_call(key);
+    }
+
+    /// Forgets a call (no metrics): media released, dialog keys removed.
+    fn drop_call(&mut self, key: CallKey) {
+        if let Some(call) = self.calls.remove(&key) {
+            self.dialogs.remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
+            self.dialogs.remove(&(call.b.call_id.clone(), call.b.local_tag.clone()));
+            self.own_call_ids.remove(&call.b.call_id);
+            if let Some(tx) = call.a_invite_tx {
+                self.a_invites.remove(&tx);
+            }
+        }
+        self.media.release(key);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Media anchoring
+
+    /// Rewrites an SDP body coming from `from` for the other side: every media section points
+    /// at our relay port facing the other side; `from`'s announced address becomes its remote.
+    fn anchor_sdp(&mut self, key: CallKey, body: &[u8], from: Side) -> Result<Bytes, AnchorError> {
+        let text = std::str::from_utf8(body).map_err(|_| AnchorError::Sdp("SDP is not UTF-8".into()))?;
+        let mut sdp = SessionDescription::parse(text).map_err(|e| AnchorError::Sdp(e.to_string()))?;
+        let ip = self.cfg.public_ip;
+        for idx in 0..sdp.media_count() {
+            if idx >= MAX_STREAMS {
+                let _ = sdp.disable_media(idx);
+                continue;
+            }
+            let have = self.calls.get(&key).map(|c| c.streams.len()).unwrap_or(0);
+            if idx >= have {
+                let ports = self.media.add_stream(key).map_err(AnchorError::Media)?;
+                if let Some(c) = self.calls.get_mut(&key) {
+                    c.streams.push(ports);
+                }
+            }
+            let Some(ports) = self.calls.get(&key).and_then(|c| c.streams.get(idx).copied()) else {
+                continue;
+            };
+            self.media.set_remote(key, idx, from, sdp.connection_for(idx));
+            if sdp.media(idx).is_some_and(|m| m.port == 0) {
+                continue;
+            }
+            sdp.rewrite_for_anchor(idx, ip, ports.facing(from.other()))
+                .map_err(|e| AnchorError::Sdp(e.to_string()))?;
+        }
+        Ok(Bytes::from(sdp.to_string()))
+    }
+}
+
+#[derive(Debug)]
+enum AnchorError {
+    Sdp(String),
+    Media(MediaError),
+}
+
+fn call_caller(calls: &HashMap<CallKey, Call>, key: CallKey) -> String {
+    calls.get(&key).map(|c| c.caller.clone()).unwrap_or_default()
+}
+
+fn is_sdp<T: HeaderAccess>(m: &T) -> bool
+where
+    T: HasBody,
+{
+    !m.body().is_empty() && m.content_type().as_deref() == Some("application/sdp")
+}
+
+trait HasBody {
+    fn body(&self) -> &[u8];
+}
+
+impl HasBody for Request {
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl HasBody for Response {
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// Copies end-to-end headers (everything but [`HOP_HEADERS`]); `Supported` is passed on
+/// without `100rel`, which we do not relay.
+fn copy_headers(from: &crate::sip::message::Headers, to: &mut crate::sip::message::Headers) {
+    for h in from.iter() {
+        if same_header(&h.name, "Supported") {
+            let kept: Vec<&str> = h
+                .value
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.eq_ignore_ascii_case("100rel") && !t.is_empty())
+                .collect();
+            if !kept.is_empty() {
+                to.push(h.name.clone(), kept.join(", "));
+            }
+            continue;
+        }
+        if HOP_HEADERS.iter().any(|n| same_header(&h.name, n)) {
+            continue;
+        }
+        if same_header(&h.name, "Content-Type") && to.has("Content-Type") {
+            continue;
+        }
+        to.push(h.name.clone(), h.value.clone());
+    }
+}
+
+/// A failure from leg B as the caller should see it: auth challenges of the far end mean
+/// nothing to the caller (403), everything else keeps its status.
+fn map_b_failure(mut out: Response) -> Response {
+    if out.status == 401 || out.status == 407 {
+        out.status = 403;
+        out.reason = "Forbidden".into();
+    }
+    out
+}
+
+/// Resolves a configured route target (`host:port`) once at start-up.
+pub fn resolve_route(prefix: &str, host: &str, port: u16, transport: Transport) -> Option<RouteTarget> {
+    use std::net::ToSocketAddrs;
+    let addr: SocketAddr = (host, port).to_socket_addrs().ok()?.next()?;
+    let host_port = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Some(RouteTarget {
+        prefix: prefix.to_string(),
+        peer: Peer { transport, addr },
+        host_port,
+    })
+}

@@ -1,0 +1,209 @@
+//! The engine's view of anchored media: one relay per SDP media section of a call.
+//!
+//! The engine is sans-IO, so it reaches sockets through [`MediaBackend`]: the real
+//! [`RelayMedia`] binds port pairs and runs `media::relay` tasks; tests use a fake.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::media::ports::{PortAllocator, PortsError};
+use crate::media::relay::{Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle, RelayId};
+pub use crate::media::relay::Side;
+
+/// Engine-wide call key.
+pub type CallKey = u64;
+
+#[derive(Debug, Error)]
+pub enum MediaError {
+    #[error("RTP port range exhausted")]
+    Exhausted,
+    #[error("cannot bind RTP ports: {0}")]
+    Bind(String),
+}
+
+/// Local RTP ports of one media section: the one leg A sends to and the one leg B sends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPorts {
+    pub a: u16,
+    pub b: u16,
+}
+
+impl StreamPorts {
+    pub fn facing(&self, side: Side) -> u16 {
+        match side {
+            Side::A => self.a,
+            Side::B => self.b,
+        }
+    }
+}
+
+pub trait MediaBackend: Send {
+    /// Binds one more relay for `call` (media section `stream`, in SDP order).
+    fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError>;
+    /// The SDP-announced RTP address of one side of a stream (`None`: unknown or on hold).
+    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>);
+    /// Stops every relay of the call and frees its ports.
+    fn release(&mut self, call: CallKey);
+    /// `callvault_rtp_ports_in_use`.
+    fn ports_in_use(&self) -> usize;
+}
+
+/// Reported to the core when a relay stops by itself.
+#[derive(Debug, Clone, Copy)]
+pub enum MediaEvent {
+    /// No RTP from either side for `rtp_timeout`.
+    Timeout(CallKey),
+}
+
+/// Real relays on real sockets.
+pub struct RelayMedia {
+    ip: IpAddr,
+    ports: PortAllocator,
+    config: RelayConfig,
+    counters: Arc<RelayCounters>,
+    relay_events: mpsc::Sender<RelayEvent>,
+    calls: HashMap<CallKey, Vec<RelayHandle>>,
+    owners: HashMap<RelayId, CallKey>,
+}
+
+impl RelayMedia {
+    /// Also returns the receiver the core must drain through [`RelayMedia::on_relay_event`].
+    pub fn new(
+        ip: IpAddr,
+        ports: PortAllocator,
+        rtp_timeout: Duration,
+        counters: Arc<RelayCounters>,
+    ) -> (RelayMedia, mpsc::Receiver<RelayEvent>) {
+        let (tx, rx) = mpsc::channel(1024);
+        (
+            RelayMedia {
+                ip,
+                ports,
+                config: RelayConfig::new(rtp_timeout),
+                counters,
+                relay_events: tx,
+                calls: HashMap::new(),
+                owners: HashMap::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Maps a relay's own event to the call it belongs to. A call whose relay timed out is
+    /// reported once, however many streams it had.
+    pub fn on_relay_event(&mut self, ev: RelayEvent) -> Option<MediaEvent> {
+        match ev {
+            RelayEvent::Timeout { relay } => {
+                let call = self.owners.remove(&relay)?;
+                self.calls.contains_key(&call).then_some(MediaEvent::Timeout(call))
+            }
+        }
+    }
+}
+
+impl MediaBackend for RelayMedia {
+    fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError> {
+        let map = |e: PortsError| match e {
+            PortsError::PortsExhausted => MediaError::Exhausted,
+            other => MediaError::Bind(other.to_string()),
+        };
+        let a = self.ports.allocate(self.ip).map_err(map)?;
+        let b = self.ports.allocate(self.ip).map_err(map)?;
+        let handle = Relay::start(
+            a,
+            b,
+            self.config.clone(),
+            self.counters.clone(),
+            self.relay_events.clone(),
+        );
+        let ports = StreamPorts {
+            a: handle.local_rtp_port(Side::A),
+            b: handle.local_rtp_port(Side::B),
+        };
+        self.owners.insert(handle.id(), call);
+        self.calls.entry(call).or_default().push(handle);
+        Ok(ports)
+    }
+
+    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>) {
+        if let Some(h) = self.calls.get(&call).and_then(|v| v.get(stream)) {
+            h.set_remote(side, addr);
+        }
+    }
+
+    fn release(&mut self, call: CallKey) {
+        for h in self.calls.remove(&call).unwrap_or_default() {
+            self.owners.remove(&h.id());
+            // Stopping waits for the task to flush counters and free ports; do it off the core.
+            tokio::spawn(h.stop());
+        }
+    }
+
+    fn ports_in_use(&self) -> usize {
+        self.ports.ports_in_use()
+    }
+}
+
+/// In-memory stand-in for engine tests: hands out fake port numbers, records remotes.
+#[derive(Debug, Default)]
+pub struct FakeMedia {
+    next_port: u16,
+    pub capacity: usize,
+    pub streams: HashMap<CallKey, Vec<(StreamPorts, [Option<SocketAddr>; 2])>>,
+}
+
+impl FakeMedia {
+    pub fn new(capacity: usize) -> FakeMedia {
+        FakeMedia {
+            next_port: 40000,
+            capacity,
+            streams: HashMap::new(),
+        }
+    }
+
+    pub fn remote(&self, call: CallKey, stream: usize, side: Side) -> Option<SocketAddr> {
+        let s = self.streams.get(&call)?.get(stream)?;
+        s.1[match side {
+            Side::A => 0,
+            Side::B => 1,
+        }]
+    }
+}
+
+impl MediaBackend for FakeMedia {
+    fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError> {
+        let used: usize = self.streams.values().map(Vec::len).sum();
+        if used >= self.capacity {
+            return Err(MediaError::Exhausted);
+        }
+        let ports = StreamPorts {
+            a: self.next_port,
+            b: self.next_port + 2,
+        };
+        self.next_port += 4;
+        self.streams.entry(call).or_default().push((ports, [None, None]));
+        Ok(ports)
+    }
+
+    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>) {
+        if let Some(s) = self.streams.get_mut(&call).and_then(|v| v.get_mut(stream)) {
+            s.1[match side {
+                Side::A => 0,
+                Side::B => 1,
+            }] = addr;
+        }
+    }
+
+    fn release(&mut self, call: CallKey) {
+        self.streams.remove(&call);
+    }
+
+    fn ports_in_use(&self) -> usize {
+        self.streams.values().map(Vec::len).sum::<usize>() * 4
+    }
+}

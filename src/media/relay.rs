@@ -1,0 +1,851 @@
+//! The anchored RTP/RTCP relay of one call: one tokio task selecting over the four sockets of
+//! the two legs and forwarding each packet to the other leg's remote party.
+//!
+//! Symmetric RTP: each side's target starts as its SDP address ([`RelayHandle::set_remote`])
+//! and latches onto the source its packets actually come from (first packet, again after an SDP
+//! update, or when the latched source has gone silent for `relatch_after`, e.g. a NAT rebinding).
+//! While a source is latched and alive, packets from other sources are dropped, so a stray or
+//! hostile sender cannot hijack the stream.
+//!
+//! Packet path: one buffer per socket allocated at start, `try_send_to` (a full socket buffer
+//! drops the packet rather than stalling both directions), counters kept locally and flushed to
+//! the shared atomics every [`FLUSH_PACKETS`] packets or [`FLUSH_INTERVAL`], no locks, no logs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::ports::PortPair;
+
+/// Largest datagram relayed whole; real RTP/RTCP stays under the 1500-byte MTU.
+const BUF_LEN: usize = 2048;
+/// Local counters are published after this many packets...
+pub const FLUSH_PACKETS: u32 = 64;
+/// ...or this long after the previous flush, whichever comes first.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One party of the call: leg A (the caller's side) or leg B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+
+    fn idx(self) -> usize {
+        match self {
+            Side::A => 0,
+            Side::B => 1,
+        }
+    }
+}
+
+/// What a packet inspector decides for one RTP packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Drop,
+}
+
+/// Optional per-packet hook on RTP (not RTCP), called with the side the packet came from and
+/// its bytes, before forwarding (e.g. RFC 4733 feature-code detection). Absent by default, in
+/// which case the packet path pays one predictable branch.
+pub type Inspector = Box<dyn FnMut(Side, &[u8]) -> Verdict + Send>;
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// No packet from either side for this long ends the relay with [`RelayEvent::Timeout`].
+    pub rtp_timeout: Duration,
+    /// A latched source silent for this long may be replaced by a new source without an SDP
+    /// update (NAT rebinding, a phone that changed its port).
+    pub relatch_after: Duration,
+}
+
+impl RelayConfig {
+    pub fn new(rtp_timeout: Duration) -> Self {
+        RelayConfig {
+            rtp_timeout,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            rtp_timeout: Duration::from_secs(10),
+            relatch_after: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Packets and bytes relayed in one direction.
+#[derive(Debug, Default)]
+pub struct DirectionCounters {
+    pub rtp_packets: AtomicU64,
+    pub rtp_bytes: AtomicU64,
+    pub rtcp_packets: AtomicU64,
+    pub rtcp_bytes: AtomicU64,
+}
+
+/// Counters of one relay or, shared through the `Arc`, of many (the metrics module reads them).
+/// Updated with `Relaxed` ordering in batches; see the module doc.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    pub a_to_b: DirectionCounters,
+    pub b_to_a: DirectionCounters,
+    /// Packets not forwarded: unknown target, foreign source, inspector drop, send failure.
+    pub dropped: AtomicU64,
+}
+
+impl RelayCounters {
+    /// Counters of packets coming from `side`.
+    pub fn from_side(&self, side: Side) -> &DirectionCounters {
+        match side {
+            Side::A => &self.a_to_b,
+            Side::B => &self.b_to_a,
+        }
+    }
+
+    /// RTP packets relayed in both directions (`callvault_rtp_packets_relayed_total`).
+    pub fn rtp_packets_total(&self) -> u64 {
+        self.a_to_b.rtp_packets.load(Ordering::Relaxed)
+            + self.b_to_a.rtp_packets.load(Ordering::Relaxed)
+    }
+}
+
+/// Identifies a relay in [`RelayEvent`]s when several share one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayId(pub u64);
+
+/// Reported by the relay task on the channel given at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEvent {
+    /// Nothing was received from either side for `rtp_timeout`; the relay has stopped and its
+    /// ports are freed.
+    Timeout { relay: RelayId },
+}
+
+enum Control {
+    SetRemote(Side, Option<SocketAddr>),
+    SetInspector(Option<Inspector>),
+    Stop,
+}
+
+/// Controls a running relay. Dropping it stops the relay too.
+#[derive(Debug)]
+pub struct RelayHandle {
+    id: RelayId,
+    ctrl: mpsc::UnboundedSender<Control>,
+    task: JoinHandle<()>,
+    rtp_ports: [u16; 2],
+}
+
+impl RelayHandle {
+    pub fn id(&self) -> RelayId {
+        self.id
+    }
+
+    /// The relay's own RTP port facing `side` (what goes into that side's SDP).
+    pub fn local_rtp_port(&self, side: Side) -> u16 {
+        self.rtp_ports[side.idx()]
+    }
+
+    /// Sets the SDP-announced RTP address of `side` (`None`: unknown or on hold). A changed
+    /// address becomes the target at once; in any case the next packet from `side` latches.
+    pub fn set_remote(&self, side: Side, addr: Option<SocketAddr>) {
+        // A send error only means the task already ended; nothing left to update.
+        let _ = self.ctrl.send(Control::SetRemote(side, addr));
+    }
+
+    /// Installs or removes the per-packet inspector.
+    pub fn set_inspector(&self, inspector: Option<Inspector>) {
+        let _ = self.ctrl.send(Control::SetInspector(inspector));
+    }
+
+    /// True once the task has ended (stopped or timed out).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops the relay and waits until its task has ended: counters are flushed and the ports
+    /// are back in the allocator when this returns.
+    pub async fn stop(self) {
+        let _ = self.ctrl.send(Control::Stop);
+        // A JoinError means the task panicked or was aborted; either way it is gone.
+        let _ = self.task.await;
+    }
+}
+
+/// Entry point; see the module doc.
+pub struct Relay;
+
+impl Relay {
+    /// Spawns the relay task for one call (must run inside a tokio runtime). Remote addresses
+    /// start unknown: call [`RelayHandle::set_remote`] with each side's SDP address.
+    pub fn start(
+        leg_a: PortPair,
+        leg_b: PortPair,
+        config: RelayConfig,
+        counters: Arc<RelayCounters>,
+        events: mpsc::Sender<RelayEvent>,
+    ) -> RelayHandle {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = RelayId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
+        let rtp_ports = [leg_a.rtp_port, leg_b.rtp_port];
+        let task = tokio::spawn(run(id, [leg_a, leg_b], config, counters, events, ctrl_rx));
+        RelayHandle {
+            id,
+            ctrl,
+            task,
+            rtp_ports,
+        }
+    }
+}
+
+/// What the relay knows about where one side's media goes.
+#[derive(Debug)]
+struct Peer {
+    /// Last SDP address given.
+    announced: Option<SocketAddr>,
+    /// Where RTP for this side is sent.
+    rtp: Option<SocketAddr>,
+    /// `rtp` was learned from traffic and is not open to a new source.
+    latched: bool,
+    last_seen: Instant,
+    /// RTCP source seen from this side, if any (else RTP port + 1).
+    rtcp: Option<SocketAddr>,
+}
+
+impl Peer {
+    fn new(now: Instant) -> Self {
+        Peer {
+            announced: None,
+            rtp: None,
+            latched: false,
+            last_seen: now,
+            rtcp: None,
+        }
+    }
+
+    /// Accepts (and maybe latches) an RTP source; false means drop the packet.
+    #[inline]
+    fn accept_rtp(&mut self, src: SocketAddr, now: Instant, relatch_after: Duration) -> bool {
+        if self.latched && self.rtp == Some(src) {
+            self.last_seen = now;
+            return true;
+        }
+        if self.latched && now.duration_since(self.last_seen) < relatch_after {
+            return false;
+        }
+        if self.rtp != Some(src) {
+            tracing::debug!(%src, previous = ?self.rtp, "rtp source latched");
+            // RTCP follows the new RTP source unless seen again from elsewhere.
+            if self.rtp.map(|a| a.ip()) != Some(src.ip()) {
+                self.rtcp = None;
+            }
+        }
+        self.rtp = Some(src);
+        self.latched = true;
+        self.last_seen = now;
+        true
+    }
+
+    /// RTCP is accepted from the RTP host (any port), or from anyone before RTP is known.
+    #[inline]
+    fn accept_rtcp(&mut self, src: SocketAddr) -> bool {
+        match self.rtp {
+            Some(rtp) if self.latched && rtp.ip() != src.ip() => false,
+            _ => {
+                self.rtcp = Some(src);
+                true
+            }
+        }
+    }
+
+    fn rtcp_target(&self) -> Option<SocketAddr> {
+        self.rtcp.or_else(|| {
+            let rtp = self.rtp?;
+            Some(SocketAddr::new(rtp.ip(), rtp.port().checked_add(1)?))
+        })
+    }
+
+    fn set_announced(&mut self, addr: Option<SocketAddr>) {
+        if addr != self.announced {
+            self.announced = addr;
+            self.rtp = addr;
+            self.rtcp = None;
+        }
+        // Re-open latching: the next packet from this side is taken as its source.
+        self.latched = false;
+    }
+}
+
+/// Counts kept on the task's stack between flushes.
+#[derive(Default)]
+struct LocalCounts {
+    rtp_packets: [u64; 2],
+    rtp_bytes: [u64; 2],
+    rtcp_packets: [u64; 2],
+    rtcp_bytes: [u64; 2],
+    dropped: u64,
+    pending: u32,
+}
+
+impl LocalCounts {
+    fn flush(&mut self, c: &RelayCounters) {
+        if self.pending == 0 {
+            return;
+        }
+        for side in [Side::A, Side::B] {
+            let i = side.idx();
+            let d = c.from_side(side);
+            d.rtp_packets
+                .fetch_add(self.rtp_packets[i], Ordering::Relaxed);
+            d.rtp_bytes.fetch_add(self.rtp_bytes[i], Ordering::Relaxed);
+            d.rtcp_packets
+                .fetch_add(self.rtcp_packets[i], Ordering::Relaxed);
+            d.rtcp_bytes
+                .fetch_add(self.rtcp_bytes[i], Ordering::Relaxed);
+        }
+        c.dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        *self = LocalCounts::default();
+    }
+}
+
+struct State {
+    peers: [Peer; 2],
+    local_addrs: Vec<SocketAddr>,
+    inspector: Option<Inspector>,
+    counts: LocalCounts,
+    counters: Arc<RelayCounters>,
+    last_flush: Instant,
+    last_activity: Instant,
+    relatch_after: Duration,
+}
+
+impl State {
+    /// Forwards one RTP packet received from `from` out of `out` (the other leg's RTP socket).
+    #[inline]
+    fn on_rtp(&mut self, from: Side, pkt: &[u8], src: SocketAddr, out: &UdpSocket, now: Instant) {
+        self.last_activity = now;
+        let ok = self.peers[from.idx()].accept_rtp(src, now, self.relatch_after)
+            && match self.inspector.as_mut() {
+                None => true,
+                Some(inspect) => inspect(from, pkt) == Verdict::Forward,
+            };
+        let sent = ok && send(out, pkt, self.peers[from.other().idx()].rtp);
+        if sent {
+            self.counts.rtp_packets[from.idx()] += 1;
+            self.counts.rtp_bytes[from.idx()] += pkt.len() as u64;
+        } else {
+            self.counts.dropped += 1;
+        }
+        self.after_packet(now);
+    }
+
+    #[inline]
+    fn on_rtcp(&mut self, from: Side, pkt: &[u8], src: SocketAddr, out: &UdpSocket, now: Instant) {
+        self.last_activity = now;
+        let sent = self.peers[from.idx()].accept_rtcp(src)
+            && send(out, pkt, self.peers[from.other().idx()].rtcp_target());
+        if sent {
+            self.counts.rtcp_packets[from.idx()] += 1;
+            self.counts.rtcp_bytes[from.idx()] += pkt.len() as u64;
+        } else {
+            self.counts.dropped += 1;
+        }
+        self.after_packet(now);
+    }
+
+    fn recv_error(&mut self) {
+        self.counts.dropped += 1;
+        self.counts.pending += 1;
+    }
+
+    #[inline]
+    fn after_packet(&mut self, now: Instant) {
+        self.counts.pending += 1;
+        if self.counts.pending >= FLUSH_PACKETS
+            || now.duration_since(self.last_flush) >= FLUSH_INTERVAL
+        {
+            self.flush(now);
+        }
+    }
+
+    fn flush(&mut self, now: Instant) {
+        self.counts.flush(&self.counters);
+        self.last_flush = now;
+    }
+
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::SetRemote(side, addr) => {
+                // Pointing a side at our own sockets would loop packets forever.
+                let addr = addr.filter(|a| !self.local_addrs.contains(a));
+                self.peers[side.idx()].set_announced(addr);
+            }
+            Control::SetInspector(i) => self.inspector = i,
+            Control::Stop => {}
+        }
+    }
+}
+
+#[inline]
+fn send(out: &UdpSocket, pkt: &[u8], to: Option<SocketAddr>) -> bool {
+    match to {
+        Some(to) => out.try_send_to(pkt, to).is_ok(),
+        None => false,
+    }
+}
+
+async fn run(
+    id: RelayId,
+    legs: [PortPair; 2],
+    config: RelayConfig,
+    counters: Arc<RelayCounters>,
+    events: mpsc::Sender<RelayEvent>,
+    mut ctrl: mpsc::UnboundedReceiver<Control>,
+) {
+    let now = Instant::now();
+    let local_addrs = legs
+        .iter()
+        .flat_map(|l| [l.rtp.local_addr(), l.rtcp.local_addr()])
+        .filter_map(Result::ok)
+        .collect();
+    let mut st = State {
+        peers: [Peer::new(now), Peer::new(now)],
+        local_addrs,
+        inspector: None,
+        counts: LocalCounts::default(),
+        counters,
+        last_flush: now,
+        last_activity: now,
+        relatch_after: config.relatch_after,
+    };
+    let [a, b] = &legs;
+    // The only allocation of the packet path: one buffer per socket, for the whole call.
+    let mut bufs = vec![0u8; 4 * BUF_LEN].into_boxed_slice();
+    let (buf_a_rtp, rest) = bufs.split_at_mut(BUF_LEN);
+    let (buf_a_rtcp, rest) = rest.split_at_mut(BUF_LEN);
+    let (buf_b_rtp, buf_b_rtcp) = rest.split_at_mut(BUF_LEN);
+
+    let sleep = tokio::time::sleep_until(now + config.rtp_timeout);
+    tokio::pin!(sleep);
+
+    loop {
+        tokio::select! {
+            r = a.rtp.recv_from(buf_a_rtp) => match r {
+                Ok((n, src)) => st.on_rtp(Side::A, &buf_a_rtp[..n], src, &b.rtp, Instant::now()),
+                // e.g. ICMP errors surfacing on the socket; the next packet may be fine.
+                Err(_) => st.recv_error(),
+            },
+            r = b.rtp.recv_from(buf_b_rtp) => match r {
+                Ok((n, src)) => st.on_rtp(Side::B, &buf_b_rtp[..n], src, &a.rtp, Instant::now()),
+                Err(_) => st.recv_error(),
+            },
+            r = a.rtcp.recv_from(buf_a_rtcp) => match r {
+                Ok((n, src)) => st.on_rtcp(Side::A, &buf_a_rtcp[..n], src, &b.rtcp, Instant::now()),
+                Err(_) => st.recv_error(),
+            },
+            r = b.rtcp.recv_from(buf_b_rtcp) => match r {
+                Ok((n, src)) => st.on_rtcp(Side::B, &buf_b_rtcp[..n], src, &a.rtcp, Instant::now()),
+                Err(_) => st.recv_error(),
+            },
+            c = ctrl.recv() => match c {
+                // Stop, or the handle was dropped.
+                Some(Control::Stop) | None => break,
+                Some(c) => st.control(c),
+            },
+            () = &mut sleep => {
+                // Re-armed once per timeout period, not per packet.
+                let now = Instant::now();
+                let idle_until = st.last_activity + config.rtp_timeout;
+                // Also publishes what piled up since traffic stopped, so a reader of the
+                // Timeout event sees final counts.
+                st.flush(now);
+                if idle_until <= now {
+                    tracing::info!(relay = id.0, "rtp timeout, relay stopped");
+                    // The receiver may be gone (call already torn down); nothing to do then.
+                    let _ = events.send(RelayEvent::Timeout { relay: id }).await;
+                    break;
+                }
+                sleep.as_mut().reset(idle_until);
+            }
+        }
+    }
+    st.flush(Instant::now());
+    // `legs` drops here: sockets close, ports return to the allocator.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::ports::PortAllocator;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Mutex;
+
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// An allocator over a range free right now; `base` keeps parallel tests apart.
+    fn allocator(base: u16, pairs: u16) -> PortAllocator {
+        'outer: for start in (base..base + 4000).step_by(usize::from(pairs) * 2 + 2) {
+            let start = start & !1;
+            for p in start..start + pairs * 2 {
+                if std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, p)).is_err() {
+                    continue 'outer;
+                }
+            }
+            return PortAllocator::new(start, start + pairs * 2 - 1).unwrap();
+        }
+        panic!("no free range near {base}");
+    }
+
+    struct Rig {
+        ports: PortAllocator,
+        relay: RelayHandle,
+        counters: Arc<RelayCounters>,
+        events: mpsc::Receiver<RelayEvent>,
+        /// Relay-side addresses: [A rtp, A rtcp, B rtp, B rtcp].
+        relay_addrs: [SocketAddr; 4],
+    }
+
+    fn rig(base: u16, config: RelayConfig) -> Rig {
+        let ports = allocator(base, 2);
+        let a = ports.allocate(LO).unwrap();
+        let b = ports.allocate(LO).unwrap();
+        let relay_addrs = [
+            SocketAddr::new(LO, a.rtp_port),
+            SocketAddr::new(LO, a.rtp_port + 1),
+            SocketAddr::new(LO, b.rtp_port),
+            SocketAddr::new(LO, b.rtp_port + 1),
+        ];
+        let counters = Arc::new(RelayCounters::default());
+        let (tx, events) = mpsc::channel(4);
+        let relay = Relay::start(a, b, config, counters.clone(), tx);
+        Rig {
+            ports,
+            relay,
+            counters,
+            events,
+            relay_addrs,
+        }
+    }
+
+    /// A phone: RTP and RTCP sockets on consecutive ports.
+    fn phone(alloc: &PortAllocator) -> PortPair {
+        alloc.allocate(LO).unwrap()
+    }
+
+    fn addr(p: &PortPair) -> SocketAddr {
+        SocketAddr::new(LO, p.rtp_port)
+    }
+
+    fn rtp_packet(seq: u16, len: usize) -> Vec<u8> {
+        let mut v = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        v[2..4].copy_from_slice(&seq.to_be_bytes());
+        v.extend((0..len).map(|i| (i as u8).wrapping_mul(seq as u8)));
+        v
+    }
+
+    async fn recv(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .expect("nothing received")
+            .unwrap();
+        (buf[..n].to_vec(), from)
+    }
+
+    async fn nothing(sock: &UdpSocket) {
+        let mut buf = [0u8; 2048];
+        let r = tokio::time::timeout(Duration::from_millis(150), sock.recv_from(&mut buf)).await;
+        assert!(r.is_err(), "unexpected packet");
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_byte_for_byte_and_counts() {
+        let mut rig = rig(42000, RelayConfig::new(Duration::from_secs(5)));
+        let phones = allocator(42500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::A, Some(addr(&pa)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        let [a_rtp, a_rtcp, b_rtp, b_rtcp] = rig.relay_addrs;
+        assert_eq!(rig.relay.local_rtp_port(Side::A), a_rtp.port());
+        assert_eq!(rig.relay.local_rtp_port(Side::B), b_rtp.port());
+
+        let mut bytes_ab = 0;
+        for seq in 0..50u16 {
+            let p = rtp_packet(seq, 160);
+            bytes_ab += p.len() as u64;
+            pa.rtp.send_to(&p, a_rtp).await.unwrap();
+            let (got, from) = recv(&pb.rtp).await;
+            assert_eq!(got, p);
+            // B sees the packets coming from the relay's B-side port (anchoring)
+            assert_eq!(from, b_rtp);
+        }
+        for seq in 0..30u16 {
+            let p = rtp_packet(1000 + seq, 80 + usize::from(seq));
+            pb.rtp.send_to(&p, b_rtp).await.unwrap();
+            let (got, from) = recv(&pa.rtp).await;
+            assert_eq!(got, p);
+            assert_eq!(from, a_rtp);
+        }
+        // RTCP goes to the RTP port + 1 of each side, from the relay's RTCP ports
+        let rr = [0x81u8, 201, 0, 7, 0, 0, 0, 1, 9, 9, 9, 9];
+        pa.rtcp.send_to(&rr, a_rtcp).await.unwrap();
+        assert_eq!(recv(&pb.rtcp).await, (rr.to_vec(), b_rtcp));
+        pb.rtcp.send_to(&rr[..8], b_rtcp).await.unwrap();
+        assert_eq!(recv(&pa.rtcp).await, (rr[..8].to_vec(), a_rtcp));
+
+        rig.relay.stop().await;
+        let c = &rig.counters;
+        assert_eq!(c.a_to_b.rtp_packets.load(Ordering::Relaxed), 50);
+        assert_eq!(c.a_to_b.rtp_bytes.load(Ordering::Relaxed), bytes_ab);
+        assert_eq!(c.b_to_a.rtp_packets.load(Ordering::Relaxed), 30);
+        assert_eq!(c.a_to_b.rtcp_packets.load(Ordering::Relaxed), 1);
+        assert_eq!(c.b_to_a.rtcp_bytes.load(Ordering::Relaxed), 8);
+        assert_eq!(c.rtp_packets_total(), 80);
+        assert_eq!(c.dropped.load(Ordering::Relaxed), 0);
+        assert!(rig.events.try_recv().is_err(), "no timeout event on stop");
+    }
+
+    #[tokio::test]
+    async fn latches_onto_real_source_and_relatches_after_sdp_update() {
+        let rig = rig(43000, RelayConfig::new(Duration::from_secs(5)));
+        let phones = allocator(43500, 4);
+        let (pa, pb, pa_moved, announced_only) = (
+            phone(&phones),
+            phone(&phones),
+            phone(&phones),
+            phone(&phones),
+        );
+        let [a_rtp, _, b_rtp, b_rtcp] = rig.relay_addrs;
+        // SDP says A is at `announced_only`, but A really sends from `pa` (NAT).
+        rig.relay.set_remote(Side::A, Some(addr(&announced_only)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+
+        pa.rtp.send_to(&rtp_packet(1, 20), a_rtp).await.unwrap();
+        recv(&pb.rtp).await;
+        pb.rtp.send_to(&rtp_packet(2, 20), b_rtp).await.unwrap();
+        assert_eq!(recv(&pa.rtp).await.0, rtp_packet(2, 20));
+        nothing(&announced_only.rtp).await;
+
+        // A stray source while A is alive is dropped, and A's target does not move.
+        pa_moved
+            .rtp
+            .send_to(&rtp_packet(3, 20), a_rtp)
+            .await
+            .unwrap();
+        nothing(&pb.rtp).await;
+        pb.rtp.send_to(&rtp_packet(4, 20), b_rtp).await.unwrap();
+        assert_eq!(recv(&pa.rtp).await.0, rtp_packet(4, 20));
+
+        // After an SDP update (re-INVITE), the new source is taken at its first packet.
+        rig.relay.set_remote(Side::A, Some(addr(&pa_moved)));
+        pa_moved
+            .rtp
+            .send_to(&rtp_packet(5, 20), a_rtp)
+            .await
+            .unwrap();
+        assert_eq!(recv(&pb.rtp).await.0, rtp_packet(5, 20));
+        pb.rtp.send_to(&rtp_packet(6, 20), b_rtp).await.unwrap();
+        assert_eq!(recv(&pa_moved.rtp).await.0, rtp_packet(6, 20));
+        nothing(&pa.rtp).await;
+        // RTCP towards A now follows the new source's port + 1
+        let sr = [0x80u8, 200, 0, 1, 0, 0, 0, 0];
+        pb.rtcp.send_to(&sr, b_rtcp).await.unwrap();
+        assert_eq!(recv(&pa_moved.rtcp).await.0, sr.to_vec());
+
+        rig.relay.stop().await;
+        assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn relatches_when_latched_source_goes_silent_and_rtcp_latches_separately() {
+        let config = RelayConfig {
+            rtp_timeout: Duration::from_secs(5),
+            relatch_after: Duration::from_millis(100),
+        };
+        let rig = rig(44000, config);
+        let phones = allocator(44500, 3);
+        let (pa, pb, pa2) = (phone(&phones), phone(&phones), phone(&phones));
+        let [a_rtp, a_rtcp, b_rtp, b_rtcp] = rig.relay_addrs;
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        // A's SDP address is unknown (e.g. 0.0.0.0): B's packets are dropped until A sends.
+        pb.rtp.send_to(&rtp_packet(1, 10), b_rtp).await.unwrap();
+        nothing(&pa.rtp).await;
+
+        pa.rtp.send_to(&rtp_packet(2, 10), a_rtp).await.unwrap();
+        recv(&pb.rtp).await;
+        // NAT rebinding: A's port changes without any SDP; after 100 ms of silence it is taken.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        pa2.rtp.send_to(&rtp_packet(3, 10), a_rtp).await.unwrap();
+        assert_eq!(recv(&pb.rtp).await.0, rtp_packet(3, 10));
+        pb.rtp.send_to(&rtp_packet(4, 10), b_rtp).await.unwrap();
+        assert_eq!(recv(&pa2.rtp).await.0, rtp_packet(4, 10));
+
+        // A sends RTCP from a port that is not RTP + 1: B's RTCP for A goes there.
+        let rr = [0x81u8, 201, 0, 1, 0, 0, 0, 2];
+        pa2.rtp.send_to(&rr, a_rtcp).await.unwrap();
+        assert_eq!(recv(&pb.rtcp).await.0, rr.to_vec());
+        pb.rtcp.send_to(&rr, b_rtcp).await.unwrap();
+        assert_eq!(recv(&pa2.rtp).await.0, rr.to_vec());
+        rig.relay.stop().await;
+    }
+
+    #[tokio::test]
+    async fn timeout_fires_and_frees_ports() {
+        let mut rig = rig(45000, RelayConfig::new(Duration::from_millis(200)));
+        let phones = allocator(45500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        assert_eq!(rig.ports.pairs_in_use(), 2);
+        // Traffic keeps it alive past one timeout period...
+        let start = Instant::now();
+        for i in 0..6u16 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+            pa.rtp
+                .send_to(&rtp_packet(i, 10), rig.relay_addrs[0])
+                .await
+                .unwrap();
+            recv(&pb.rtp).await;
+        }
+        let last = Instant::now();
+        assert!(last - start >= Duration::from_millis(400));
+        assert!(!rig.relay.is_finished());
+        // ...then silence ends it.
+        let ev = tokio::time::timeout(Duration::from_secs(2), rig.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ev,
+            RelayEvent::Timeout {
+                relay: rig.relay.id()
+            }
+        );
+        let waited = Instant::now() - last;
+        assert!(waited >= Duration::from_millis(190), "{waited:?}");
+        assert!(waited < Duration::from_millis(1000), "{waited:?}");
+        // counters were flushed before the event
+        assert_eq!(rig.counters.a_to_b.rtp_packets.load(Ordering::Relaxed), 6);
+        rig.relay.stop().await;
+        assert_eq!(rig.ports.pairs_in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn timeout_with_no_traffic_at_all() {
+        let mut rig = rig(46000, RelayConfig::new(Duration::from_millis(200)));
+        let ev = tokio::time::timeout(Duration::from_secs(2), rig.events.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ev, Some(RelayEvent::Timeout { .. })));
+        // the task is over and the ports are back without calling stop
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(rig.relay.is_finished());
+        assert_eq!(rig.ports.pairs_in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn stop_and_drop_release_ports() {
+        let r1 = rig(47000, RelayConfig::default());
+        assert_eq!(r1.ports.ports_in_use(), 4);
+        r1.relay.stop().await;
+        assert_eq!(r1.ports.ports_in_use(), 0);
+        // the same ports can be bound again at once
+        let again = r1.ports.allocate(LO).unwrap();
+        assert!(r1.relay_addrs.iter().any(|a| a.port() == again.rtp_port));
+        drop(again);
+
+        let rig2 = rig(47000, RelayConfig::default());
+        assert_eq!(rig2.ports.pairs_in_use(), 2);
+        let ports = rig2.ports.clone();
+        drop(rig2.relay);
+        for _ in 0..100 {
+            if ports.pairs_in_use() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(ports.pairs_in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn inspector_sees_rtp_and_can_drop() {
+        let rig = rig(48000, RelayConfig::new(Duration::from_secs(5)));
+        let phones = allocator(48500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::A, Some(addr(&pa)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        let [a_rtp, a_rtcp, b_rtp, _] = rig.relay_addrs;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        // Swallow telephone-events (PT 101) from A, as the feature-code hook will.
+        rig.relay
+            .set_inspector(Some(Box::new(move |side, pkt: &[u8]| {
+                log.lock().unwrap().push((side, pkt[1] & 0x7f));
+                if side == Side::A && pkt[1] & 0x7f == 101 {
+                    Verdict::Drop
+                } else {
+                    Verdict::Forward
+                }
+            })));
+        let mut dtmf = rtp_packet(1, 4);
+        dtmf[1] = 101;
+        pa.rtp.send_to(&dtmf, a_rtp).await.unwrap();
+        pa.rtp.send_to(&rtp_packet(2, 10), a_rtp).await.unwrap();
+        assert_eq!(recv(&pb.rtp).await.0, rtp_packet(2, 10));
+        // B's telephone-events are forwarded
+        pb.rtp.send_to(&dtmf, b_rtp).await.unwrap();
+        assert_eq!(recv(&pa.rtp).await.0, dtmf);
+        // RTCP is not inspected
+        pa.rtcp
+            .send_to(&[0x80, 200, 0, 1, 0, 0, 0, 0], a_rtcp)
+            .await
+            .unwrap();
+        recv(&pb.rtcp).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(Side::A, 101), (Side::A, 0), (Side::B, 101)]
+        );
+        // removing it forwards everything again
+        rig.relay.set_inspector(None);
+        pa.rtp.send_to(&dtmf, a_rtp).await.unwrap();
+        assert_eq!(recv(&pb.rtp).await.0, dtmf);
+        rig.relay.stop().await;
+        assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn remote_pointing_at_the_relay_itself_is_ignored() {
+        let rig = rig(49000, RelayConfig::new(Duration::from_secs(5)));
+        let a_rtp = rig.relay_addrs[0];
+        // B "announced" the relay's own A port: that would loop, so B stays unknown.
+        rig.relay.set_remote(Side::B, Some(a_rtp));
+        let phones = allocator(49500, 1);
+        let pa = phone(&phones);
+        pa.rtp.send_to(&rtp_packet(1, 10), a_rtp).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rig.relay.stop().await;
+        assert_eq!(rig.counters.a_to_b.rtp_packets.load(Ordering::Relaxed), 0);
+        assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 1);
+    }
+}
