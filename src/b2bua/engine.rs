@@ -890,6 +890,7 @@ impl<M: MediaBackend> Engine<M> {
                     .insert((call.a.call_id.clone(), a_tag.clone()), (key, Side::A));
             }
             self.respond(a_tx, out, now);
+            self.media.arm_timeout(key);
             self.events.push_back(EngineEvent::CallAnswered(key));
             tracing::info!(call = key, "call answered");
         } else if resp.status >= 300 {

@@ -47,6 +47,8 @@ pub trait MediaBackend: Send {
     fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError>;
     /// The SDP-announced RTP address of one side of a stream (`None`: unknown or on hold).
     fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>);
+    /// The call is answered: from now on RTP silence ends it.
+    fn arm_timeout(&mut self, call: CallKey);
     /// Stops every relay of the call and frees its ports.
     fn release(&mut self, call: CallKey);
     /// `callvault_rtp_ports_in_use`.
@@ -84,7 +86,10 @@ impl RelayMedia {
             RelayMedia {
                 ip,
                 ports,
-                config: RelayConfig::new(rtp_timeout),
+                config: RelayConfig {
+                    timeout_armed_at_start: false,
+                    ..RelayConfig::new(rtp_timeout)
+                },
                 counters,
                 relay_events: tx,
                 calls: HashMap::new(),
@@ -136,6 +141,12 @@ impl MediaBackend for RelayMedia {
         }
     }
 
+    fn arm_timeout(&mut self, call: CallKey) {
+        for h in self.calls.get(&call).into_iter().flatten() {
+            h.arm_timeout();
+        }
+    }
+
     fn release(&mut self, call: CallKey) {
         for h in self.calls.remove(&call).unwrap_or_default() {
             self.owners.remove(&h.id());
@@ -155,6 +166,7 @@ pub struct FakeMedia {
     next_port: u16,
     pub capacity: usize,
     pub streams: HashMap<CallKey, Vec<(StreamPorts, [Option<SocketAddr>; 2])>>,
+    pub armed: Vec<CallKey>,
 }
 
 impl FakeMedia {
@@ -163,6 +175,7 @@ impl FakeMedia {
             next_port: 40000,
             capacity,
             streams: HashMap::new(),
+            armed: Vec::new(),
         }
     }
 
@@ -197,6 +210,10 @@ impl MediaBackend for FakeMedia {
                 Side::B => 1,
             }] = addr;
         }
+    }
+
+    fn arm_timeout(&mut self, call: CallKey) {
+        self.armed.push(call);
     }
 
     fn release(&mut self, call: CallKey) {

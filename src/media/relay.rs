@@ -72,6 +72,8 @@ pub struct RelayConfig {
     /// A latched source silent for this long may be replaced by a new source without an SDP
     /// update (NAT rebinding, a phone that changed its port).
     pub relatch_after: Duration,
+    /// Whether the RTP timeout runs from the start or only after [`RelayHandle::arm_timeout`].
+    pub timeout_armed_at_start: bool,
 }
 
 impl RelayConfig {
@@ -88,6 +90,7 @@ impl Default for RelayConfig {
         RelayConfig {
             rtp_timeout: Duration::from_secs(10),
             relatch_after: Duration::from_secs(2),
+            timeout_armed_at_start: true,
         }
     }
 }
@@ -113,7 +116,7 @@ pub struct RelayCounters {
 
 impl RelayCounters {
     /// Counters of packets coming from `side`.
-    pub fn from_side(&self, side: Side) -> &DirectionCounters {
+    pub fn direction_from(&self, side: Side) -> &DirectionCounters {
         match side {
             Side::A => &self.a_to_b,
             Side::B => &self.b_to_a,
@@ -141,6 +144,7 @@ pub enum RelayEvent {
 
 enum Control {
     SetRemote(Side, Option<SocketAddr>),
+    ArmTimeout,
     SetInspector(Option<Inspector>),
     Stop,
 }
@@ -169,6 +173,12 @@ impl RelayHandle {
     pub fn set_remote(&self, side: Side, addr: Option<SocketAddr>) {
         // A send error only means the task already ended; nothing left to update.
         let _ = self.ctrl.send(Control::SetRemote(side, addr));
+    }
+
+    /// Starts the RTP timeout. Until then silence is normal (a call still ringing without
+    /// early media must not be ended by it); the engine arms it when the call is answered.
+    pub fn arm_timeout(&self) {
+        let _ = self.ctrl.send(Control::ArmTimeout);
     }
 
     /// Installs or removes the per-packet inspector.
@@ -313,7 +323,7 @@ impl LocalCounts {
         }
         for side in [Side::A, Side::B] {
             let i = side.idx();
-            let d = c.from_side(side);
+            let d = c.direction_from(side);
             d.rtp_packets
                 .fetch_add(self.rtp_packets[i], Ordering::Relaxed);
             d.rtp_bytes.fetch_add(self.rtp_bytes[i], Ordering::Relaxed);
@@ -336,6 +346,8 @@ struct State {
     last_flush: Instant,
     last_activity: Instant,
     relatch_after: Duration,
+    /// The RTP timeout applies only once armed (see [`RelayHandle::arm_timeout`]).
+    timeout_armed: bool,
 }
 
 impl State {
@@ -399,6 +411,12 @@ impl State {
                 let addr = addr.filter(|a| !self.local_addrs.contains(a));
                 self.peers[side.idx()].set_announced(addr);
             }
+            Control::ArmTimeout => {
+                if !self.timeout_armed {
+                    self.timeout_armed = true;
+                    self.last_activity = Instant::now();
+                }
+            }
             Control::SetInspector(i) => self.inspector = i,
             Control::Stop => {}
         }
@@ -435,6 +453,7 @@ async fn run(
         counters,
         last_flush: now,
         last_activity: now,
+        timeout_armed: config.timeout_armed_at_start,
         relatch_after: config.relatch_after,
     };
     let [a, b] = &legs;
@@ -478,13 +497,13 @@ async fn run(
                 // Also publishes what piled up since traffic stopped, so a reader of the
                 // Timeout event sees final counts.
                 st.flush(now);
-                if idle_until <= now {
+                if st.timeout_armed && idle_until <= now {
                     tracing::info!(relay = id.0, "rtp timeout, relay stopped");
                     // The receiver may be gone (call already torn down); nothing to do then.
                     let _ = events.send(RelayEvent::Timeout { relay: id }).await;
                     break;
                 }
-                sleep.as_mut().reset(idle_until);
+                sleep.as_mut().reset(if st.timeout_armed { idle_until } else { now + config.rtp_timeout });
             }
         }
     }
@@ -680,6 +699,7 @@ mod tests {
         let config = RelayConfig {
             rtp_timeout: Duration::from_secs(5),
             relatch_after: Duration::from_millis(100),
+            ..RelayConfig::default()
         };
         let rig = rig(44000, config);
         let phones = allocator(44500, 3);
@@ -748,6 +768,23 @@ mod tests {
         assert_eq!(rig.counters.a_to_b.rtp_packets.load(Ordering::Relaxed), 6);
         rig.relay.stop().await;
         assert_eq!(rig.ports.pairs_in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn unarmed_timeout_waits_for_arm() {
+        // A ringing call has no RTP yet: silence must not end it until the call is answered.
+        let config = RelayConfig {
+            timeout_armed_at_start: false,
+            ..RelayConfig::new(Duration::from_millis(100))
+        };
+        let mut rig = rig(46100, config);
+        let early = tokio::time::timeout(Duration::from_millis(400), rig.events.recv()).await;
+        assert!(early.is_err(), "no timeout before arming");
+        rig.relay.arm_timeout();
+        let ev = tokio::time::timeout(Duration::from_secs(2), rig.events.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ev, Some(RelayEvent::Timeout { .. })));
     }
 
     #[tokio::test]

@@ -106,7 +106,10 @@ pub struct Dialog {
 }
 
 fn record_routes(h: &impl HeaderAccess) -> Result<Vec<NameAddr>, DialogError> {
-    let list = h.headers().list("Record-Route").map_err(|_| DialogError::Missing("Record-Route"))?;
+    let list = h
+        .headers()
+        .list("Record-Route")
+        .map_err(|_| DialogError::Missing("Record-Route"))?;
     list.into_iter()
         .map(|v| NameAddr::parse(v).map_err(|_| DialogError::Missing("Record-Route")))
         .collect()
@@ -124,15 +127,23 @@ impl Dialog {
         }
         let local_uri = invite_sent.from_hdr().ok_or(DialogError::Missing("From"))?;
         let remote_uri = resp.to_hdr().ok_or(DialogError::Missing("To"))?;
-        let remote_tag = remote_uri.tag().ok_or(DialogError::Missing("To tag"))?.to_string();
-        let call_id = invite_sent.call_id().ok_or(DialogError::Missing("Call-ID"))?.to_string();
+        let remote_tag = remote_uri
+            .tag()
+            .ok_or(DialogError::Missing("To tag"))?
+            .to_string();
+        let call_id = invite_sent
+            .call_id()
+            .ok_or(DialogError::Missing("Call-ID"))?
+            .to_string();
         let cseq = invite_sent.cseq().ok_or(DialogError::Missing("CSeq"))?;
         let confirmed = resp.status >= 200;
         let remote_target = match first_contact(resp) {
             Some(u) => u,
             // A 2xx must carry Contact (§13.3.1.4); an early dialog can wait for it.
             None if confirmed => return Err(DialogError::Missing("Contact")),
-            None => invite_sent.parsed_uri().map_err(|_| DialogError::Missing("Request-URI"))?,
+            None => invite_sent
+                .parsed_uri()
+                .map_err(|_| DialogError::Missing("Request-URI"))?,
         };
         let mut route_set = record_routes(resp)?;
         route_set.reverse();
@@ -143,7 +154,11 @@ impl Dialog {
                 remote_tag,
             },
             role: Role::Uac,
-            state: if confirmed { DialogState::Confirmed } else { DialogState::Early },
+            state: if confirmed {
+                DialogState::Confirmed
+            } else {
+                DialogState::Early
+            },
             local_seq: cseq.seq,
             remote_seq: None,
             local_uri,
@@ -157,16 +172,26 @@ impl Dialog {
     /// The UAS side, from a received INVITE and the tag we put in our To (§12.1.1). Starts
     /// Early; call [`Dialog::confirm`] when the 2xx goes out. `local_contact` is what our
     /// responses carry as Contact (kept as `local_target`).
-    pub fn uas(invite_received: &Request, local_tag: &str, local_contact: &NameAddr) -> Result<Dialog, DialogError> {
+    pub fn uas(
+        invite_received: &Request,
+        local_tag: &str,
+        local_contact: &NameAddr,
+    ) -> Result<Dialog, DialogError> {
         if local_tag.is_empty() {
             return Err(DialogError::Missing("local tag"));
         }
         let mut local_uri = invite_received.to_hdr().ok_or(DialogError::Missing("To"))?;
         local_uri.set_tag(local_tag);
-        let remote_uri = invite_received.from_hdr().ok_or(DialogError::Missing("From"))?;
-        let call_id = invite_received.call_id().ok_or(DialogError::Missing("Call-ID"))?.to_string();
+        let remote_uri = invite_received
+            .from_hdr()
+            .ok_or(DialogError::Missing("From"))?;
+        let call_id = invite_received
+            .call_id()
+            .ok_or(DialogError::Missing("Call-ID"))?
+            .to_string();
         let cseq = invite_received.cseq().ok_or(DialogError::Missing("CSeq"))?;
-        let remote_target = first_contact(invite_received).ok_or(DialogError::Missing("Contact"))?;
+        let remote_target =
+            first_contact(invite_received).ok_or(DialogError::Missing("Contact"))?;
         Ok(Dialog {
             id: DialogId {
                 call_id,
@@ -221,16 +246,23 @@ impl Dialog {
         // Loose routing when the route set is empty or its first entry has `lr`; otherwise
         // the first route is a strict router: it becomes the Request-URI and the remote target
         // goes last in Route (§12.2.1.1).
-        let strict = self.route_set.first().is_some_and(|r| r.uri.param("lr").is_none());
+        let strict = self
+            .route_set
+            .first()
+            .is_some_and(|r| r.uri.param("lr").is_none());
         let (uri, routes): (Uri, Vec<String>) = if strict {
             let mut first = self.route_set[0].uri.clone();
             first.headers = None; // not allowed in a Request-URI
             first.remove_param("method");
-            let mut routes: Vec<String> = self.route_set[1..].iter().map(|r| r.to_string()).collect();
+            let mut routes: Vec<String> =
+                self.route_set[1..].iter().map(|r| r.to_string()).collect();
             routes.push(format!("<{}>", self.remote_target));
             (first, routes)
         } else {
-            (self.remote_target.clone(), self.route_set.iter().map(|r| r.to_string()).collect())
+            (
+                self.remote_target.clone(),
+                self.route_set.iter().map(|r| r.to_string()).collect(),
+            )
         };
         let mut req = Request::new(method.clone(), uri.to_string());
         req.headers.push("Via", via.to_string());
@@ -260,7 +292,10 @@ impl Dialog {
         }
         if let Some(last) = self.remote_seq {
             if cseq.seq < last {
-                return Err(DialogError::CSeqOutOfOrder { got: cseq.seq, last });
+                return Err(DialogError::CSeqOutOfOrder {
+                    got: cseq.seq,
+                    last,
+                });
             }
         }
         self.remote_seq = Some(cseq.seq);
@@ -337,7 +372,10 @@ Content-Length: 0\r\n\r\n";
         let mut r = inv.response(status, None);
         r.ensure_to_tag("btag");
         r.headers.push("Contact", "<sip:bob@10.0.0.2:5062>");
-        r.headers.push("Record-Route", "<sip:p1.example.com;lr>, <sip:p2.example.com;lr>");
+        r.headers.push(
+            "Record-Route",
+            "<sip:p1.example.com;lr>, <sip:p2.example.com;lr>",
+        );
         r
     }
 
@@ -365,7 +403,10 @@ Content-Length: 0\r\n\r\n";
         // Reversed for the UAC.
         let hosts: Vec<&str> = d.route_set.iter().map(|r| r.uri.host.as_str()).collect();
         assert_eq!(hosts, ["p2.example.com", "p1.example.com"]);
-        assert_eq!(DialogId::for_response(&answer(200, &inv)), Some(d.id.clone()));
+        assert_eq!(
+            DialogId::for_response(&answer(200, &inv)),
+            Some(d.id.clone())
+        );
     }
 
     #[test]
@@ -389,13 +430,25 @@ Content-Length: 0\r\n\r\n";
     #[test]
     fn uac_rejects_non_dialog_responses() {
         let inv = invite();
-        assert_eq!(Dialog::uac(&inv, &answer(100, &inv)), Err(DialogError::NotDialogCreating(100)));
-        assert_eq!(Dialog::uac(&inv, &answer(486, &inv)), Err(DialogError::NotDialogCreating(486)));
+        assert_eq!(
+            Dialog::uac(&inv, &answer(100, &inv)),
+            Err(DialogError::NotDialogCreating(100))
+        );
+        assert_eq!(
+            Dialog::uac(&inv, &answer(486, &inv)),
+            Err(DialogError::NotDialogCreating(486))
+        );
         let no_tag = inv.response(180, None);
-        assert_eq!(Dialog::uac(&inv, &no_tag), Err(DialogError::Missing("To tag")));
+        assert_eq!(
+            Dialog::uac(&inv, &no_tag),
+            Err(DialogError::Missing("To tag"))
+        );
         let mut no_contact = inv.response(200, None);
         no_contact.ensure_to_tag("b");
-        assert_eq!(Dialog::uac(&inv, &no_contact), Err(DialogError::Missing("Contact")));
+        assert_eq!(
+            Dialog::uac(&inv, &no_contact),
+            Err(DialogError::Missing("Contact"))
+        );
     }
 
     #[test]
@@ -421,11 +474,17 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(bye.uri, "sip:alice@10.0.0.1:5060");
         assert_eq!(bye.from_tag().as_deref(), Some("ltag"));
         assert_eq!(bye.to_tag().as_deref(), Some("atag"));
-        assert_eq!(routes(&bye), ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"]);
+        assert_eq!(
+            routes(&bye),
+            ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"]
+        );
         assert!(bye.headers.get("Contact").is_none());
         let mut no_contact = inv.clone();
         no_contact.headers.remove("Contact");
-        assert_eq!(Dialog::uas(&no_contact, "t", &me), Err(DialogError::Missing("Contact")));
+        assert_eq!(
+            Dialog::uas(&no_contact, "t", &me),
+            Err(DialogError::Missing("Contact"))
+        );
     }
 
     #[test]
@@ -442,8 +501,14 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(reinv.from_tag().as_deref(), Some("atag"));
         assert_eq!(reinv.to_tag().as_deref(), Some("btag"));
         assert_eq!(reinv.top_via().unwrap().branch(), Some("z9hG4bKre"));
-        assert_eq!(reinv.headers.get("Contact"), Some("<sip:b2bua@192.0.2.10:5060>"));
-        assert_eq!(routes(&reinv), ["<sip:p2.example.com;lr>", "<sip:p1.example.com;lr>"]);
+        assert_eq!(
+            reinv.headers.get("Contact"),
+            Some("<sip:b2bua@192.0.2.10:5060>")
+        );
+        assert_eq!(
+            routes(&reinv),
+            ["<sip:p2.example.com;lr>", "<sip:p1.example.com;lr>"]
+        );
         let info = d.new_request(Method::Info, &me, via("z9hG4bKi"));
         assert_eq!(info.cseq().unwrap().seq, 12);
         // ACK and CANCEL do not advance the sequence.
@@ -467,11 +532,21 @@ Content-Length: 0\r\n\r\n";
         ok.ensure_to_tag("btag");
         ok.headers.push("Contact", "<sip:bob@10.0.0.2:5062>");
         // Reversed by the UAC: the strict router p1 ends up first.
-        ok.headers.push("Record-Route", "<sip:p2.example.com;lr>, <sip:p1.example.com>");
+        ok.headers.push(
+            "Record-Route",
+            "<sip:p2.example.com;lr>, <sip:p1.example.com>",
+        );
         let mut d = Dialog::uac(&inv, &ok).unwrap();
-        let bye = d.new_request(Method::Bye, &contact("<sip:me@192.0.2.10>"), via("z9hG4bKb"));
+        let bye = d.new_request(
+            Method::Bye,
+            &contact("<sip:me@192.0.2.10>"),
+            via("z9hG4bKb"),
+        );
         assert_eq!(bye.uri, "sip:p1.example.com");
-        assert_eq!(routes(&bye), ["<sip:p2.example.com;lr>", "<sip:bob@10.0.0.2:5062>"]);
+        assert_eq!(
+            routes(&bye),
+            ["<sip:p2.example.com;lr>", "<sip:bob@10.0.0.2:5062>"]
+        );
     }
 
     #[test]
@@ -496,7 +571,10 @@ Content-Length: 0\r\n\r\n";
                 _ => panic!(),
             }
         };
-        assert_eq!(DialogId::for_incoming(&in_dialog("INFO", 11, None)), Some(d.id.clone()));
+        assert_eq!(
+            DialogId::for_incoming(&in_dialog("INFO", 11, None)),
+            Some(d.id.clone())
+        );
         d.on_request(&in_dialog("INFO", 11, None)).unwrap();
         assert_eq!(d.remote_seq, Some(11));
         let err = d.on_request(&in_dialog("INFO", 9, None)).unwrap_err();
@@ -505,11 +583,14 @@ Content-Length: 0\r\n\r\n";
         // ACK trailing with an older CSeq is fine.
         d.on_request(&in_dialog("ACK", 10, None)).unwrap();
         // Non-refresh requests leave the target alone; re-INVITE / UPDATE move it.
-        d.on_request(&in_dialog("MESSAGE", 12, Some("<sip:alice@10.9.9.9>"))).unwrap();
+        d.on_request(&in_dialog("MESSAGE", 12, Some("<sip:alice@10.9.9.9>")))
+            .unwrap();
         assert_eq!(d.remote_target.to_string(), "sip:alice@10.0.0.1:5060");
-        d.on_request(&in_dialog("INVITE", 13, Some("<sip:alice@10.0.0.7:5080>"))).unwrap();
+        d.on_request(&in_dialog("INVITE", 13, Some("<sip:alice@10.0.0.7:5080>")))
+            .unwrap();
         assert_eq!(d.remote_target.to_string(), "sip:alice@10.0.0.7:5080");
-        d.on_request(&in_dialog("UPDATE", 14, Some("<sip:alice@10.0.0.8>"))).unwrap();
+        d.on_request(&in_dialog("UPDATE", 14, Some("<sip:alice@10.0.0.8>")))
+            .unwrap();
         assert_eq!(d.remote_target.host, "10.0.0.8");
         // Another dialog's request.
         let mut other = in_dialog("INFO", 20, None);
@@ -528,7 +609,11 @@ Content-Length: 0\r\n\r\n";
         let mut prov = reinv.response(180, None);
         prov.headers.push("Contact", "<sip:bob@10.1.1.1>");
         d.on_refresh_response(&prov).unwrap();
-        assert_eq!(d.remote_target.to_string(), "sip:bob@10.0.0.2:5062", "1xx in a confirmed dialog");
+        assert_eq!(
+            d.remote_target.to_string(),
+            "sip:bob@10.0.0.2:5062",
+            "1xx in a confirmed dialog"
+        );
         let mut fail = reinv.response(488, None);
         fail.headers.push("Contact", "<sip:bob@10.1.1.1>");
         d.on_refresh_response(&fail).unwrap();
@@ -537,7 +622,10 @@ Content-Length: 0\r\n\r\n";
         let mut info_ok = info.response(200, None);
         info_ok.headers.push("Contact", "<sip:bob@10.1.1.1>");
         d.on_refresh_response(&info_ok).unwrap();
-        assert_eq!(d.remote_target.host, "10.0.0.2", "INFO is not a target refresh");
+        assert_eq!(
+            d.remote_target.host, "10.0.0.2",
+            "INFO is not a target refresh"
+        );
         let mut ok = reinv.response(200, None);
         ok.headers.push("Contact", "<sip:bob@10.1.1.1:5090>");
         d.on_refresh_response(&ok).unwrap();
@@ -546,6 +634,9 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(d.route_set.len(), 2);
         let mut foreign = ok.clone();
         foreign.headers.set("To", "<sip:bob@example.com>;tag=else");
-        assert_eq!(d.on_refresh_response(&foreign), Err(DialogError::WrongDialog));
+        assert_eq!(
+            d.on_refresh_response(&foreign),
+            Err(DialogError::WrongDialog)
+        );
     }
 }

@@ -768,13 +768,18 @@ enum StartLine {
     Response { status: u16, reason: String },
 }
 
+/// `SIP/` in any case, on bytes: slicing the str could split a multi-byte character.
+fn starts_with_sip(s: &str) -> bool {
+    s.as_bytes().get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
+}
+
 fn parse_start_line(line: &[u8]) -> Result<StartLine, ParseError> {
     let line = std::str::from_utf8(line).map_err(|_| ParseError::BadStartLine)?;
     // HTAB is allowed in a reason phrase only; CR and other controls nowhere.
     if line.bytes().any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f) {
         return Err(ParseError::BadStartLine);
     }
-    if line.len() >= 4 && line[..4].eq_ignore_ascii_case("SIP/") {
+    if starts_with_sip(line) {
         let mut it = line.splitn(3, ' ');
         if !it.next().is_some_and(|v| v.eq_ignore_ascii_case("SIP/2.0")) {
             return Err(ParseError::BadVersion);
@@ -801,7 +806,7 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine, ParseError> {
         return Err(ParseError::BadStartLine);
     }
     if !version.eq_ignore_ascii_case("SIP/2.0") {
-        return Err(if version.len() >= 4 && version[..4].eq_ignore_ascii_case("SIP/") {
+        return Err(if starts_with_sip(version) {
             ParseError::BadVersion
         } else {
             ParseError::BadStartLine
@@ -969,7 +974,7 @@ pub fn error_response_for(buf: &[u8], err: &ParseError) -> Option<Response> {
     let head = &buf[..hdr_end.min(MAX_HEADER_BYTES)];
     let start = split_lines(head).next()?;
     let start = std::str::from_utf8(start).ok()?;
-    if start.len() >= 4 && start[..4].eq_ignore_ascii_case("SIP/") {
+    if starts_with_sip(start) {
         return None; // never answer a response
     }
     let method = start.split(' ').next()?;

@@ -433,7 +433,11 @@ impl TransactionLayer {
 
         if req.to_tag().is_none() {
             if let Some(mk) = merge_key(&req) {
-                if self.merge_index.get(&mk).is_some_and(|id| self.servers.contains_key(id)) {
+                if self
+                    .merge_index
+                    .get(&mk)
+                    .is_some_and(|id| self.servers.contains_key(id))
+                {
                     let resp = req.response(482, None);
                     let id = self.new_server_tx(req, key, None, from, true);
                     let _ = self.respond_inner(id, resp, now);
@@ -442,7 +446,11 @@ impl TransactionLayer {
             }
         }
 
-        let mk = if req.to_tag().is_none() { merge_key(&req) } else { None };
+        let mk = if req.to_tag().is_none() {
+            merge_key(&req)
+        } else {
+            None
+        };
         let id = self.new_server_tx(req.clone(), key, mk, from, false);
         if req.method == Method::Invite {
             // §17.2.1: the B2BUA always wants 100 Trying at once (it will not answer in 200 ms).
@@ -474,7 +482,11 @@ impl TransactionLayer {
             id,
             ServerTx {
                 invite,
-                state: if invite { ServerState::Proceeding } else { ServerState::Trying },
+                state: if invite {
+                    ServerState::Proceeding
+                } else {
+                    ServerState::Trying
+                },
                 peer,
                 key,
                 merge_key,
@@ -507,7 +519,8 @@ impl TransactionLayer {
                             self.terminate(TxRef::Server(id));
                         } else {
                             let at = now + self.cfg.t4;
-                            self.timers.arm(&mut tx.timers, TxRef::Server(id), Slot::Lifetime, at);
+                            self.timers
+                                .arm(&mut tx.timers, TxRef::Server(id), Slot::Lifetime, at);
                         }
                         return ServerInput::Absorbed;
                     }
@@ -523,7 +536,9 @@ impl TransactionLayer {
                 }
             }
         }
-        if let (Some(call_id), Some(from_tag), Some(cseq)) = (req.call_id(), req.from_tag(), req.cseq()) {
+        if let (Some(call_id), Some(from_tag), Some(cseq)) =
+            (req.call_id(), req.from_tag(), req.cseq())
+        {
             let ak = (call_id.to_string(), from_tag, cseq.seq);
             if let Some(id) = self.ack_index.get(&ak).copied() {
                 if let Some(tx) = self.servers.get_mut(&id) {
@@ -538,7 +553,13 @@ impl TransactionLayer {
         ServerInput::Ack(req)
     }
 
-    fn on_cancel(&mut self, req: Request, key: &ServerKey, from: Peer, now: Instant) -> ServerInput {
+    fn on_cancel(
+        &mut self,
+        req: Request,
+        key: &ServerKey,
+        from: Peer,
+        now: Instant,
+    ) -> ServerInput {
         let target = self
             .server_index
             .get(&key.with_method(Method::Invite))
@@ -567,7 +588,10 @@ impl TransactionLayer {
             return Err(TxError::BadStatus(resp.status));
         }
         let cfg = self.cfg;
-        let tx = self.servers.get_mut(&id).ok_or(TxError::UnknownTransaction)?;
+        let tx = self
+            .servers
+            .get_mut(&id)
+            .ok_or(TxError::UnknownTransaction)?;
         let status = resp.status;
         let me = TxRef::Server(id);
         let provisional = status < 200;
@@ -585,19 +609,25 @@ impl TransactionLayer {
                     tx.state = ServerState::Accepted;
                     tx.ok_to_tag = resp.to_tag();
                     let req = &tx.request;
-                    if let (Some(cid), Some(ft), Some(cs)) = (req.call_id(), req.from_tag(), req.cseq()) {
+                    if let (Some(cid), Some(ft), Some(cs)) =
+                        (req.call_id(), req.from_tag(), req.cseq())
+                    {
                         let ak = (cid.to_string(), ft, cs.seq);
                         self.ack_index.insert(ak.clone(), id);
                         tx.ack_key = Some(ak);
                     }
-                    self.timers.arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
-                    self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
+                    self.timers
+                        .arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
+                    self.timers
+                        .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
                 } else {
                     tx.state = ServerState::Completed;
                     if !tx.peer.is_reliable() {
-                        self.timers.arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
+                        self.timers
+                            .arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
                     }
-                    self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
+                    self.timers
+                        .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
                 }
                 Ok(())
             }
@@ -621,7 +651,8 @@ impl TransactionLayer {
                 if tx.peer.is_reliable() {
                     self.terminate(me);
                 } else {
-                    self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
+                    self.timers
+                        .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
                 }
                 Ok(())
             }
@@ -656,14 +687,21 @@ impl TransactionLayer {
         if req.method == Method::Ack {
             return ClientTxId(id);
         }
-        let branch = req.top_via().and_then(|v| v.branch().map(str::to_string)).unwrap_or_default();
+        let branch = req
+            .top_via()
+            .and_then(|v| v.branch().map(str::to_string))
+            .unwrap_or_default();
         let key = (branch, req.method.clone());
         let invite = req.method == Method::Invite;
         let me = TxRef::Client(id);
         let cfg = self.cfg;
         let mut tx = ClientTx {
             invite,
-            state: if invite { ClientState::Calling } else { ClientState::Trying },
+            state: if invite {
+                ClientState::Calling
+            } else {
+                ClientState::Trying
+            },
             peer: to,
             key: key.clone(),
             request_bytes: data,
@@ -676,10 +714,12 @@ impl TransactionLayer {
             cancelled_at: None,
         };
         if !to.is_reliable() {
-            self.timers.arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
+            self.timers
+                .arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
         }
         // Timer B (INVITE) / Timer F (non-INVITE).
-        self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
+        self.timers
+            .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
         if req.method == Method::Cancel {
             self.note_cancel_sent(&key.0, now);
         }
@@ -698,21 +738,30 @@ impl TransactionLayer {
         let Some(&id) = self.client_index.get(&(branch.to_string(), Method::Invite)) else {
             return;
         };
-        let Some(tx) = self.clients.get_mut(&id) else { return };
+        let Some(tx) = self.clients.get_mut(&id) else {
+            return;
+        };
         tx.cancel = CancelState::Sent;
         tx.cancelled_at = Some(now);
         if tx.state == ClientState::Proceeding {
             let at = now + self.cfg.t1x64();
-            self.timers.arm(&mut tx.timers, TxRef::Client(id), Slot::Lifetime, at);
+            self.timers
+                .arm(&mut tx.timers, TxRef::Client(id), Slot::Lifetime, at);
         }
     }
 
     /// Cancels a client INVITE (§9.1). Sent at once in Proceeding, or with the first
-    /// provisional response while Calling. Idempotent.
+    /// provisional response while Calling. Idempotent until a final response arrives.
     pub fn cancel(&mut self, tx: ClientTxId, now: Instant) -> Result<(), TxError> {
-        let t = self.clients.get_mut(&tx.0).ok_or(TxError::UnknownTransaction)?;
+        let t = self
+            .clients
+            .get_mut(&tx.0)
+            .ok_or(TxError::UnknownTransaction)?;
         if !t.invite {
             return Err(TxError::NotInvite);
+        }
+        if !matches!(t.state, ClientState::Calling | ClientState::Proceeding) {
+            return Err(TxError::NotCancellable);
         }
         if t.cancel != CancelState::None {
             return Ok(());
@@ -731,8 +780,12 @@ impl TransactionLayer {
     }
 
     fn send_cancel(&mut self, id: u64, now: Instant) {
-        let Some(tx) = self.clients.get(&id) else { return };
-        let Some(invite) = tx.request.as_deref() else { return };
+        let Some(tx) = self.clients.get(&id) else {
+            return;
+        };
+        let Some(invite) = tx.request.as_deref() else {
+            return;
+        };
         let cancel = build_cancel(invite);
         let peer = tx.peer;
         self.start_client(cancel, peer, now, true);
@@ -773,7 +826,8 @@ impl TransactionLayer {
                         // §17.1.1.2: no more retransmissions; Timer B only runs in Calling.
                         self.timers.disarm_all(&mut tx.timers);
                         if let Some(at) = tx.cancelled_at {
-                            self.timers.arm(&mut tx.timers, me, Slot::Lifetime, at + cfg.t1x64());
+                            self.timers
+                                .arm(&mut tx.timers, me, Slot::Lifetime, at + cfg.t1x64());
                         }
                         if tx.cancel == CancelState::Pending {
                             self.send_cancel(id, now);
@@ -784,7 +838,8 @@ impl TransactionLayer {
                 ClientState::Calling | ClientState::Proceeding if status < 300 => {
                     tx.state = ClientState::Accepted;
                     self.timers.disarm_all(&mut tx.timers);
-                    self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
+                    self.timers
+                        .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
                     ClientInput::Response(ClientTxId(id), resp)
                 }
                 ClientState::Calling | ClientState::Proceeding => {
@@ -798,7 +853,8 @@ impl TransactionLayer {
                     if tx.peer.is_reliable() {
                         self.terminate(me);
                     } else {
-                        self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + TIMER_D_UDP);
+                        self.timers
+                            .arm(&mut tx.timers, me, Slot::Lifetime, now + TIMER_D_UDP);
                     }
                     ClientInput::Response(ClientTxId(id), resp)
                 }
@@ -827,7 +883,8 @@ impl TransactionLayer {
                     if tx.peer.is_reliable() {
                         self.terminate(me);
                     } else {
-                        self.timers.arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t4);
+                        self.timers
+                            .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t4);
                     }
                     deliver(internal, resp)
                 }
@@ -870,7 +927,9 @@ impl TransactionLayer {
     /// stretch the schedule.
     fn fire_client(&mut self, id: u64, slot: Slot, deadline: Instant) {
         let cfg = self.cfg;
-        let Some(tx) = self.clients.get_mut(&id) else { return };
+        let Some(tx) = self.clients.get_mut(&id) else {
+            return;
+        };
         tx.timers[slot as usize] = None;
         let me = TxRef::Client(id);
         match (slot, tx.state) {
@@ -878,7 +937,8 @@ impl TransactionLayer {
                 // Timer A doubles without a cap (§17.1.1.2).
                 self.out.resend(tx.peer, tx.request_bytes.clone());
                 tx.interval *= 2;
-                self.timers.arm(&mut tx.timers, me, Slot::Retransmit, deadline + tx.interval);
+                self.timers
+                    .arm(&mut tx.timers, me, Slot::Retransmit, deadline + tx.interval);
             }
             (Slot::Retransmit, ClientState::Trying | ClientState::Proceeding) if !tx.invite => {
                 // Timer E: doubling to T2 in Trying, T2 in Proceeding (§17.1.2.2).
@@ -888,9 +948,13 @@ impl TransactionLayer {
                 } else {
                     (tx.interval * 2).min(cfg.t2)
                 };
-                self.timers.arm(&mut tx.timers, me, Slot::Retransmit, deadline + tx.interval);
+                self.timers
+                    .arm(&mut tx.timers, me, Slot::Retransmit, deadline + tx.interval);
             }
-            (Slot::Lifetime, ClientState::Calling | ClientState::Trying | ClientState::Proceeding) => {
+            (
+                Slot::Lifetime,
+                ClientState::Calling | ClientState::Trying | ClientState::Proceeding,
+            ) => {
                 // Timer B / F, or no final within 64*T1 of our CANCEL.
                 if !tx.internal {
                     self.out.events.push_back(TxEvent::Timeout(ClientTxId(id)));
@@ -906,7 +970,9 @@ impl TransactionLayer {
 
     fn fire_server(&mut self, id: u64, slot: Slot, deadline: Instant) {
         let cfg = self.cfg;
-        let Some(tx) = self.servers.get_mut(&id) else { return };
+        let Some(tx) = self.servers.get_mut(&id) else {
+            return;
+        };
         tx.timers[slot as usize] = None;
         let me = TxRef::Server(id);
         match (slot, tx.state) {
@@ -916,12 +982,15 @@ impl TransactionLayer {
                     self.out.resend(tx.peer, data);
                 }
                 tx.interval = (tx.interval * 2).min(cfg.t2);
-                self.timers.arm(&mut tx.timers, me, Slot::Retransmit, deadline + tx.interval);
+                self.timers
+                    .arm(&mut tx.timers, me, Slot::Retransmit, deadline + tx.interval);
             }
             (Slot::Lifetime, ServerState::Accepted) => {
                 // Timer L.
                 if !tx.acked {
-                    self.out.events.push_back(TxEvent::AckTimeout(ServerTxId(id)));
+                    self.out
+                        .events
+                        .push_back(TxEvent::AckTimeout(ServerTxId(id)));
                     self.out.stats.ack_timeouts += 1;
                     tracing::debug!(tx = id, "2xx never acknowledged");
                 }
@@ -936,17 +1005,23 @@ impl TransactionLayer {
     fn terminate(&mut self, tx: TxRef) {
         match tx {
             TxRef::Client(id) => {
-                let Some(mut t) = self.clients.remove(&id) else { return };
+                let Some(mut t) = self.clients.remove(&id) else {
+                    return;
+                };
                 self.timers.disarm_all(&mut t.timers);
                 if self.client_index.get(&t.key) == Some(&id) {
                     self.client_index.remove(&t.key);
                 }
                 if !t.internal {
-                    self.out.events.push_back(TxEvent::ClientTerminated(ClientTxId(id)));
+                    self.out
+                        .events
+                        .push_back(TxEvent::ClientTerminated(ClientTxId(id)));
                 }
             }
             TxRef::Server(id) => {
-                let Some(mut t) = self.servers.remove(&id) else { return };
+                let Some(mut t) = self.servers.remove(&id) else {
+                    return;
+                };
                 self.timers.disarm_all(&mut t.timers);
                 if self.server_index.get(&t.key) == Some(&id) {
                     self.server_index.remove(&t.key);
@@ -962,7 +1037,9 @@ impl TransactionLayer {
                     }
                 }
                 if !t.internal {
-                    self.out.events.push_back(TxEvent::ServerTerminated(ServerTxId(id)));
+                    self.out
+                        .events
+                        .push_back(TxEvent::ServerTerminated(ServerTxId(id)));
                 }
             }
         }
@@ -1026,14 +1103,24 @@ fn server_key(req: &Request) -> Option<ServerKey> {
 
 fn merge_key(req: &Request) -> Option<MergeKey> {
     let cseq = req.cseq()?;
-    Some((req.from_tag()?, req.call_id()?.to_string(), cseq.seq, cseq.method))
+    Some((
+        req.from_tag()?,
+        req.call_id()?.to_string(),
+        cseq.seq,
+        cseq.method,
+    ))
 }
 
 /// §18.2.1 / RFC 3581: records the source address in the top Via so responses carry it.
 fn stamp_via(req: &mut Request, from: &Peer) {
     let Some(mut via) = req.top_via() else { return };
     let ip = from.addr.ip();
-    let host_ip: Option<IpAddr> = via.host.trim_start_matches('[').trim_end_matches(']').parse().ok();
+    let host_ip: Option<IpAddr> = via
+        .host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok();
     let rport = via.rport();
     let mut changed = false;
     let ip_s = ip.to_string();
@@ -1069,7 +1156,12 @@ pub fn build_cancel(invite: &Request) -> Request {
 
 fn build_like(invite: &Request, method: Method, to: Option<&str>) -> Request {
     let mut r = Request::new(method.clone(), invite.uri.clone());
-    if let Some(top) = invite.headers.list("Via").ok().and_then(|l| l.first().map(|s| s.to_string())) {
+    if let Some(top) = invite
+        .headers
+        .list("Via")
+        .ok()
+        .and_then(|l| l.first().map(|s| s.to_string()))
+    {
         r.headers.push("Via", top);
     }
     r.headers.push("Max-Forwards", "70");
@@ -1202,11 +1294,17 @@ mod tests {
         assert_eq!(first[0].peer, udp());
         assert_eq!(l.poll_timeout(), Some(t0 + ms(500)));
         let sent = run_until(&mut l, t0, Duration::from_secs(31));
-        let expect: Vec<Duration> = [500, 1500, 3500, 7500, 15500].iter().map(|&m| ms(m)).collect();
+        let expect: Vec<Duration> = [500, 1500, 3500, 7500, 15500]
+            .iter()
+            .map(|&m| ms(m))
+            .collect();
         assert_eq!(sent, expect);
         let sent = run_until(&mut l, t0, Duration::from_secs(40));
         assert_eq!(sent, vec![ms(31500)]);
-        assert_eq!(events(&mut l), vec![TxEvent::Timeout(id), TxEvent::ClientTerminated(id)]);
+        assert_eq!(
+            events(&mut l),
+            vec![TxEvent::Timeout(id), TxEvent::ClientTerminated(id)]
+        );
         assert_eq!(l.counts(), (0, 0));
         assert_eq!(l.poll_timeout(), None);
         assert_eq!(l.stats().retransmissions, 6);
@@ -1233,15 +1331,23 @@ mod tests {
         let id = l.send_request(invite.clone(), udp(), t0);
         drain(&mut l);
         let ringing = resp_to(&invite, 180, Some("tt"));
-        assert_eq!(l.on_response(ringing.clone(), udp(), t0 + ms(100)), ClientInput::Response(id, ringing));
+        assert_eq!(
+            l.on_response(ringing.clone(), udp(), t0 + ms(100)),
+            ClientInput::Response(id, ringing)
+        );
         // Proceeding: no Timer A, no Timer B.
         assert_eq!(l.poll_timeout(), None);
         let busy = resp_to(&invite, 486, Some("tt"));
         let t1 = t0 + Duration::from_secs(60);
-        assert_eq!(l.on_response(busy.clone(), udp(), t1), ClientInput::Response(id, busy.clone()));
+        assert_eq!(
+            l.on_response(busy.clone(), udp(), t1),
+            ClientInput::Response(id, busy.clone())
+        );
         let out = drain(&mut l);
         assert_eq!(out.len(), 1);
-        let SipMessage::Request(ack) = decode(&out[0]) else { panic!() };
+        let SipMessage::Request(ack) = decode(&out[0]) else {
+            panic!()
+        };
         assert_eq!(ack.method, Method::Ack);
         assert_eq!(ack.uri, invite.uri);
         assert_eq!(ack.cseq().unwrap().to_string(), "1 ACK");
@@ -1249,7 +1355,10 @@ mod tests {
         assert_eq!(ack.top_via().unwrap().branch(), Some("z9hG4bKa"));
         assert_eq!(ack.headers.get("Route"), Some("<sip:proxy.example.com;lr>"));
         // Completed: retransmitted final absorbed, ACK re-sent.
-        assert_eq!(l.on_response(busy.clone(), udp(), t1 + ms(10)), ClientInput::Absorbed);
+        assert_eq!(
+            l.on_response(busy.clone(), udp(), t1 + ms(10)),
+            ClientInput::Absorbed
+        );
         let again = drain(&mut l);
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].data, out[0].data);
@@ -1257,7 +1366,10 @@ mod tests {
         assert_eq!(l.poll_timeout(), Some(t1 + Duration::from_secs(32)));
         l.handle_timeout(t1 + Duration::from_secs(32));
         assert_eq!(l.counts(), (0, 0));
-        assert_eq!(l.on_response(busy.clone(), udp(), t1 + Duration::from_secs(33)), ClientInput::Unmatched(busy));
+        assert_eq!(
+            l.on_response(busy.clone(), udp(), t1 + Duration::from_secs(33)),
+            ClientInput::Unmatched(busy)
+        );
     }
 
     #[test]
@@ -1268,7 +1380,10 @@ mod tests {
         let id = l.send_request(invite.clone(), tcp(), t0);
         drain(&mut l);
         let busy = resp_to(&invite, 486, Some("tt"));
-        assert_eq!(l.on_response(busy, tcp(), t0), ClientInput::Response(id, resp_to(&invite, 486, Some("tt"))));
+        assert_eq!(
+            l.on_response(busy, tcp(), t0),
+            ClientInput::Response(id, resp_to(&invite, 486, Some("tt")))
+        );
         assert_eq!(method_of(&drain(&mut l)[0]), Method::Ack);
         assert_eq!(l.counts(), (0, 0));
     }
@@ -1281,7 +1396,10 @@ mod tests {
         let id = l.send_request(invite.clone(), udp(), t0);
         drain(&mut l);
         let ok = resp_to(&invite, 200, Some("tt"));
-        assert_eq!(l.on_response(ok.clone(), udp(), t0 + ms(200)), ClientInput::Response(id, ok.clone()));
+        assert_eq!(
+            l.on_response(ok.clone(), udp(), t0 + ms(200)),
+            ClientInput::Response(id, ok.clone())
+        );
         assert!(drain(&mut l).is_empty(), "the layer never ACKs a 2xx");
         assert_eq!(
             l.on_response(ok.clone(), udp(), t0 + ms(700)),
@@ -1293,10 +1411,16 @@ mod tests {
             l.on_response(forked.clone(), udp(), t0 + ms(800)),
             ClientInput::Retransmission2xx(id, forked)
         );
-        assert_eq!(l.poll_timeout(), Some(t0 + ms(200) + Duration::from_secs(32)));
+        assert_eq!(
+            l.poll_timeout(),
+            Some(t0 + ms(200) + Duration::from_secs(32))
+        );
         l.handle_timeout(t0 + Duration::from_secs(33));
         assert_eq!(events(&mut l), vec![TxEvent::ClientTerminated(id)]);
-        assert_eq!(l.on_response(ok.clone(), udp(), t0 + Duration::from_secs(34)), ClientInput::Unmatched(ok));
+        assert_eq!(
+            l.on_response(ok.clone(), udp(), t0 + Duration::from_secs(34)),
+            ClientInput::Unmatched(ok)
+        );
     }
 
     #[test]
@@ -1307,19 +1431,27 @@ mod tests {
         let id = l.send_request(invite.clone(), udp(), t0);
         drain(&mut l);
         l.cancel(id, t0 + ms(100)).unwrap();
-        assert!(drain(&mut l).is_empty(), "§9.1: no CANCEL before a provisional");
+        assert!(
+            drain(&mut l).is_empty(),
+            "§9.1: no CANCEL before a provisional"
+        );
         let trying = resp_to(&invite, 100, None);
         l.on_response(trying, udp(), t0 + ms(200));
         let out = drain(&mut l);
         assert_eq!(out.len(), 1);
-        let SipMessage::Request(cancel) = decode(&out[0]) else { panic!() };
+        let SipMessage::Request(cancel) = decode(&out[0]) else {
+            panic!()
+        };
         assert_eq!(cancel.method, Method::Cancel);
         assert_eq!(cancel.cseq().unwrap().to_string(), "1 CANCEL");
         assert_eq!(cancel.top_via().unwrap().branch(), Some("z9hG4bKa"));
         assert_eq!(cancel.uri, invite.uri);
         assert_eq!(l.counts(), (2, 0));
         let cancel_ok = cancel.response(200, None);
-        assert_eq!(l.on_response(cancel_ok, udp(), t0 + ms(300)), ClientInput::Absorbed);
+        assert_eq!(
+            l.on_response(cancel_ok, udp(), t0 + ms(300)),
+            ClientInput::Absorbed
+        );
         let terminated = resp_to(&invite, 487, Some("tt"));
         assert_eq!(
             l.on_response(terminated.clone(), udp(), t0 + ms(400)),
@@ -1342,7 +1474,10 @@ mod tests {
         l.handle_timeout(t1 + Duration::from_secs(31));
         assert!(events(&mut l).is_empty());
         l.handle_timeout(t1 + Duration::from_secs(32));
-        assert_eq!(events(&mut l), vec![TxEvent::Timeout(id), TxEvent::ClientTerminated(id)]);
+        assert_eq!(
+            events(&mut l),
+            vec![TxEvent::Timeout(id), TxEvent::ClientTerminated(id)]
+        );
     }
 
     // ---------------- client non-INVITE ----------------
@@ -1360,7 +1495,10 @@ mod tests {
             .collect();
         assert_eq!(sent, expect);
         run_until(&mut l, t0, Duration::from_secs(32));
-        assert_eq!(events(&mut l), vec![TxEvent::Timeout(id), TxEvent::ClientTerminated(id)]);
+        assert_eq!(
+            events(&mut l),
+            vec![TxEvent::Timeout(id), TxEvent::ClientTerminated(id)]
+        );
     }
 
     #[test]
@@ -1372,13 +1510,25 @@ mod tests {
         drain(&mut l);
         assert_eq!(run_until(&mut l, t0, ms(600)), vec![ms(500)]);
         let prov = resp_to(&r, 180, None);
-        assert_eq!(l.on_response(prov.clone(), udp(), t0 + ms(700)), ClientInput::Response(id, prov));
+        assert_eq!(
+            l.on_response(prov.clone(), udp(), t0 + ms(700)),
+            ClientInput::Response(id, prov)
+        );
         // E was armed for 1.5 s (interval 1 s); after it fires in Proceeding it stays at T2.
-        assert_eq!(run_until(&mut l, t0, ms(10_000)), vec![ms(1500), ms(5500), ms(9500)]);
+        assert_eq!(
+            run_until(&mut l, t0, ms(10_000)),
+            vec![ms(1500), ms(5500), ms(9500)]
+        );
         let ok = resp_to(&r, 200, Some("x"));
         let t1 = t0 + ms(10_000);
-        assert_eq!(l.on_response(ok.clone(), udp(), t1), ClientInput::Response(id, ok.clone()));
-        assert_eq!(l.on_response(ok.clone(), udp(), t1 + ms(1)), ClientInput::Absorbed);
+        assert_eq!(
+            l.on_response(ok.clone(), udp(), t1),
+            ClientInput::Response(id, ok.clone())
+        );
+        assert_eq!(
+            l.on_response(ok.clone(), udp(), t1 + ms(1)),
+            ClientInput::Absorbed
+        );
         // Timer K = T4.
         assert_eq!(l.poll_timeout(), Some(t1 + Duration::from_secs(5)));
         l.handle_timeout(t1 + Duration::from_secs(5));
@@ -1395,7 +1545,10 @@ mod tests {
         drain(&mut l);
         assert_eq!(l.poll_timeout(), Some(t0 + Duration::from_secs(32)));
         let ok = resp_to(&r, 200, Some("x"));
-        assert_eq!(l.on_response(ok.clone(), tcp(), t0 + ms(5)), ClientInput::Response(id, ok));
+        assert_eq!(
+            l.on_response(ok.clone(), tcp(), t0 + ms(5)),
+            ClientInput::Response(id, ok)
+        );
         assert_eq!(l.counts(), (0, 0));
         assert_eq!(l.poll_timeout(), None);
     }
@@ -1409,10 +1562,18 @@ mod tests {
         // Same branch, CSeq method CANCEL: not the INVITE's response.
         let mut other = resp_to(&invite, 200, Some("x"));
         other.headers.set("CSeq", "1 CANCEL");
-        assert!(matches!(l.on_response(other, udp(), t0), ClientInput::Unmatched(_)));
+        assert!(matches!(
+            l.on_response(other, udp(), t0),
+            ClientInput::Unmatched(_)
+        ));
         let mut wrong_branch = resp_to(&invite, 180, None);
-        wrong_branch.headers.set("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKzz");
-        assert!(matches!(l.on_response(wrong_branch, udp(), t0), ClientInput::Unmatched(_)));
+        wrong_branch
+            .headers
+            .set("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKzz");
+        assert!(matches!(
+            l.on_response(wrong_branch, udp(), t0),
+            ClientInput::Unmatched(_)
+        ));
     }
 
     // ---------------- server INVITE ----------------
@@ -1422,24 +1583,36 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, got) = l.on_request(invite.clone(), udp(), t0) else { panic!() };
+        let ServerInput::New(id, got) = l.on_request(invite.clone(), udp(), t0) else {
+            panic!()
+        };
         assert_eq!(got.method, Method::Invite);
         let out = drain(&mut l);
         assert_eq!(out.len(), 1);
         assert_eq!(status_of(&out[0]), 100);
         assert_eq!(out[0].peer, udp());
         // Retransmitted INVITE: the 100 again.
-        assert_eq!(l.on_request(invite.clone(), udp(), t0 + ms(500)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(invite.clone(), udp(), t0 + ms(500)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 100);
-        l.respond(id, resp_to(&invite, 180, Some("s")), t0 + ms(600)).unwrap();
+        l.respond(id, resp_to(&invite, 180, Some("s")), t0 + ms(600))
+            .unwrap();
         assert_eq!(status_of(&drain(&mut l)[0]), 180);
-        assert_eq!(l.on_request(invite.clone(), udp(), t0 + ms(1500)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(invite.clone(), udp(), t0 + ms(1500)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 180);
         // Final non-2xx: Timer G.
         let t1 = t0 + Duration::from_secs(2);
         l.respond(id, resp_to(&invite, 486, Some("s")), t1).unwrap();
         assert_eq!(status_of(&drain(&mut l)[0]), 486);
-        assert_eq!(l.respond(id, resp_to(&invite, 500, Some("s")), t1), Err(TxError::FinalAlreadySent));
+        assert_eq!(
+            l.respond(id, resp_to(&invite, 500, Some("s")), t1),
+            Err(TxError::FinalAlreadySent)
+        );
         let mut sent = Vec::new();
         while let Some(at) = l.poll_timeout() {
             if at > t1 + ms(12_000) {
@@ -1451,18 +1624,28 @@ mod tests {
                 sent.push(at - t1);
             }
         }
-        let expect: Vec<Duration> = [500, 1500, 3500, 7500, 11500].iter().map(|&m| ms(m)).collect();
+        let expect: Vec<Duration> = [500, 1500, 3500, 7500, 11500]
+            .iter()
+            .map(|&m| ms(m))
+            .collect();
         assert_eq!(sent, expect);
         // Retransmitted INVITE in Completed: the final again.
-        assert_eq!(l.on_request(invite.clone(), udp(), t1 + ms(12_000)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(invite.clone(), udp(), t1 + ms(12_000)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 486);
         // ACK: Confirmed, no more G; Timer I = T4.
         let mut ack = build_ack(&invite, &resp_to(&invite, 486, Some("s")));
-        ack.headers.set("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKs");
+        ack.headers
+            .set("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKs");
         let t2 = t1 + ms(12_100);
         assert_eq!(l.on_request(ack.clone(), udp(), t2), ServerInput::Absorbed);
         assert_eq!(l.poll_timeout(), Some(t2 + Duration::from_secs(5)));
-        assert_eq!(l.on_request(ack, udp(), t2 + ms(100)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(ack, udp(), t2 + ms(100)),
+            ServerInput::Absorbed
+        );
         l.handle_timeout(t2 + Duration::from_secs(5));
         assert!(drain(&mut l).is_empty());
         assert_eq!(events(&mut l), vec![TxEvent::ServerTerminated(id)]);
@@ -1474,7 +1657,9 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else {
+            panic!()
+        };
         l.respond(id, resp_to(&invite, 404, Some("s")), t0).unwrap();
         drain(&mut l);
         l.handle_timeout(t0 + Duration::from_secs(32) - ms(1));
@@ -1492,11 +1677,14 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), tcp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), tcp(), t0) else {
+            panic!()
+        };
         l.respond(id, resp_to(&invite, 603, Some("s")), t0).unwrap();
         assert_eq!(l.poll_timeout(), Some(t0 + Duration::from_secs(32)));
         let mut ack = build_ack(&invite, &resp_to(&invite, 603, Some("s")));
-        ack.headers.set("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKs");
+        ack.headers
+            .set("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKs");
         assert_eq!(l.on_request(ack, tcp(), t0 + ms(50)), ServerInput::Absorbed);
         assert_eq!(l.counts(), (0, 0));
         assert_eq!(l.poll_timeout(), None);
@@ -1504,7 +1692,8 @@ mod tests {
 
     fn ack_2xx(invite: &Request, tag: &str, branch: &str) -> Request {
         let mut ack = build_ack(invite, &resp_to(invite, 200, Some(tag)));
-        ack.headers.set("Via", format!("SIP/2.0/UDP 127.0.0.1:5070;branch={branch}"));
+        ack.headers
+            .set("Via", format!("SIP/2.0/UDP 127.0.0.1:5070;branch={branch}"));
         ack
     }
 
@@ -1513,14 +1702,19 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else {
+            panic!()
+        };
         drain(&mut l);
         l.respond(id, resp_to(&invite, 200, Some("s")), t0).unwrap();
         assert_eq!(status_of(&drain(&mut l)[0]), 200);
         let sent = run_until(&mut l, t0, ms(8000));
         assert_eq!(sent, vec![ms(500), ms(1500), ms(3500), ms(7500)]);
         // INVITE retransmission in Accepted: absorbed, not passed up (RFC 6026).
-        assert_eq!(l.on_request(invite.clone(), udp(), t0 + ms(8000)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(invite.clone(), udp(), t0 + ms(8000)),
+            ServerInput::Absorbed
+        );
         assert!(drain(&mut l).is_empty());
         // ACK for the 2xx: new branch, To tag of the 2xx.
         let ack = ack_2xx(&invite, "s", "z9hG4bKack");
@@ -1528,7 +1722,11 @@ mod tests {
         assert_eq!(l.on_request(ack.clone(), udp(), t1), ServerInput::Ack(ack));
         assert!(run_until(&mut l, t0, Duration::from_secs(31)).is_empty());
         l.handle_timeout(t0 + Duration::from_secs(32));
-        assert_eq!(events(&mut l), vec![TxEvent::ServerTerminated(id)], "no AckTimeout");
+        assert_eq!(
+            events(&mut l),
+            vec![TxEvent::ServerTerminated(id)],
+            "no AckTimeout"
+        );
         assert_eq!(l.counts(), (0, 0));
     }
 
@@ -1537,15 +1735,23 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), tcp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), tcp(), t0) else {
+            panic!()
+        };
         l.respond(id, resp_to(&invite, 200, Some("s")), t0).unwrap();
         drain(&mut l);
         // An ACK with the wrong To tag does not stop the retransmissions.
         let stray = ack_2xx(&invite, "other", "z9hG4bKack");
-        assert!(matches!(l.on_request(stray, tcp(), t0 + ms(100)), ServerInput::Ack(_)));
+        assert!(matches!(
+            l.on_request(stray, tcp(), t0 + ms(100)),
+            ServerInput::Ack(_)
+        ));
         let sent = run_until(&mut l, t0, Duration::from_secs(32));
         assert_eq!(sent.len(), 10, "0.5 1.5 3.5 7.5 11.5 .. 31.5 even over TCP");
-        assert_eq!(events(&mut l), vec![TxEvent::AckTimeout(id), TxEvent::ServerTerminated(id)]);
+        assert_eq!(
+            events(&mut l),
+            vec![TxEvent::AckTimeout(id), TxEvent::ServerTerminated(id)]
+        );
         assert_eq!(l.stats().ack_timeouts, 1);
     }
 
@@ -1554,26 +1760,40 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else {
+            panic!()
+        };
         drain(&mut l);
         let cancel = build_cancel(&invite);
-        let ServerInput::Cancelled { invite: which, cancel: c } = l.on_request(cancel.clone(), udp(), t0 + ms(10))
+        let ServerInput::Cancelled {
+            invite: which,
+            cancel: c,
+        } = l.on_request(cancel.clone(), udp(), t0 + ms(10))
         else {
             panic!()
         };
         assert_eq!(which, id);
         assert_eq!(c.method, Method::Cancel);
         let out = drain(&mut l);
-        let SipMessage::Response(ok) = decode(&out[0]) else { panic!() };
+        let SipMessage::Response(ok) = decode(&out[0]) else {
+            panic!()
+        };
         assert_eq!(ok.status, 200);
         assert_eq!(ok.cseq().unwrap().method, Method::Cancel);
         // CANCEL retransmission: the 200 again, nothing for the TU.
-        assert_eq!(l.on_request(cancel.clone(), udp(), t0 + ms(20)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(cancel.clone(), udp(), t0 + ms(20)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 200);
-        l.respond(id, resp_to(&invite, 487, Some("s")), t0 + ms(30)).unwrap();
+        l.respond(id, resp_to(&invite, 487, Some("s")), t0 + ms(30))
+            .unwrap();
         assert_eq!(status_of(&drain(&mut l)[0]), 487);
         // The CANCEL retransmitted after the final: still absorbed by the CANCEL transaction.
-        assert_eq!(l.on_request(cancel, udp(), t0 + ms(40)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(cancel, udp(), t0 + ms(40)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 200);
     }
 
@@ -1582,19 +1802,30 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "z9hG4bKs");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else {
+            panic!()
+        };
         l.respond(id, resp_to(&invite, 200, Some("s")), t0).unwrap();
         drain(&mut l);
-        assert_eq!(l.on_request(build_cancel(&invite), udp(), t0 + ms(1)), ServerInput::Answered);
+        assert_eq!(
+            l.on_request(build_cancel(&invite), udp(), t0 + ms(1)),
+            ServerInput::Answered
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 200);
         let stray = req("CANCEL", "z9hG4bKnothing");
-        assert_eq!(l.on_request(stray, udp(), t0 + ms(2)), ServerInput::Answered);
+        assert_eq!(
+            l.on_request(stray, udp(), t0 + ms(2)),
+            ServerInput::Answered
+        );
         let out = drain(&mut l);
         assert_eq!(status_of(&out[0]), 481);
         assert_eq!(out[0].peer, udp());
         // The layer's own transactions raise no events.
         l.handle_timeout(t0 + Duration::from_secs(40));
-        assert_eq!(events(&mut l), vec![TxEvent::AckTimeout(id), TxEvent::ServerTerminated(id)]);
+        assert_eq!(
+            events(&mut l),
+            vec![TxEvent::AckTimeout(id), TxEvent::ServerTerminated(id)]
+        );
     }
 
     #[test]
@@ -1602,10 +1833,16 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let first = req("INVITE", "z9hG4bKpath1");
-        assert!(matches!(l.on_request(first, udp(), t0), ServerInput::New(..)));
+        assert!(matches!(
+            l.on_request(first, udp(), t0),
+            ServerInput::New(..)
+        ));
         drain(&mut l);
         let second = req("INVITE", "z9hG4bKpath2");
-        assert_eq!(l.on_request(second, udp(), t0 + ms(5)), ServerInput::Answered);
+        assert_eq!(
+            l.on_request(second, udp(), t0 + ms(5)),
+            ServerInput::Answered
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 482);
         // In-dialog (To tag) requests are never treated as merged.
         let a = req_full("INFO", "z9hG4bKi1", 5, Some("x"));
@@ -1618,7 +1855,10 @@ mod tests {
     fn ack_matching_nothing_goes_to_dialog_layer() {
         let mut l = layer();
         let ack = req_full("ACK", "z9hG4bKlone", 1, Some("x"));
-        assert!(matches!(l.on_request(ack, udp(), Instant::now()), ServerInput::Ack(_)));
+        assert!(matches!(
+            l.on_request(ack, udp(), Instant::now()),
+            ServerInput::Ack(_)
+        ));
         assert_eq!(l.counts(), (0, 0));
     }
 
@@ -1629,27 +1869,51 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let r = req("OPTIONS", "z9hG4bKo");
-        let ServerInput::New(id, _) = l.on_request(r.clone(), udp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(r.clone(), udp(), t0) else {
+            panic!()
+        };
         assert!(drain(&mut l).is_empty(), "no 100 for non-INVITE");
         assert_eq!(l.server_request(id).unwrap().method, Method::Options);
         // Trying: retransmission absorbed silently.
-        assert_eq!(l.on_request(r.clone(), udp(), t0 + ms(500)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(r.clone(), udp(), t0 + ms(500)),
+            ServerInput::Absorbed
+        );
         assert!(drain(&mut l).is_empty());
         l.respond(id, resp_to(&r, 183, None), t0 + ms(600)).unwrap();
         assert_eq!(status_of(&drain(&mut l)[0]), 183);
-        assert_eq!(l.on_request(r.clone(), udp(), t0 + ms(700)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(r.clone(), udp(), t0 + ms(700)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 183);
-        l.respond(id, resp_to(&r, 200, Some("s")), t0 + ms(800)).unwrap();
+        l.respond(id, resp_to(&r, 200, Some("s")), t0 + ms(800))
+            .unwrap();
         assert_eq!(status_of(&drain(&mut l)[0]), 200);
-        assert_eq!(l.on_request(r.clone(), udp(), t0 + ms(900)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(r.clone(), udp(), t0 + ms(900)),
+            ServerInput::Absorbed
+        );
         assert_eq!(status_of(&drain(&mut l)[0]), 200);
-        assert_eq!(l.respond(id, resp_to(&r, 200, Some("s")), t0), Err(TxError::FinalAlreadySent));
-        assert_eq!(l.poll_timeout(), Some(t0 + ms(800) + Duration::from_secs(32)));
+        assert_eq!(
+            l.respond(id, resp_to(&r, 200, Some("s")), t0),
+            Err(TxError::FinalAlreadySent)
+        );
+        assert_eq!(
+            l.poll_timeout(),
+            Some(t0 + ms(800) + Duration::from_secs(32))
+        );
         l.handle_timeout(t0 + ms(800) + Duration::from_secs(32));
         assert_eq!(l.counts(), (0, 0));
-        assert_eq!(l.respond(id, resp_to(&r, 200, None), t0), Err(TxError::UnknownTransaction));
+        assert_eq!(
+            l.respond(id, resp_to(&r, 200, None), t0),
+            Err(TxError::UnknownTransaction)
+        );
         // After Timer J the same request is new again.
-        assert!(matches!(l.on_request(r, udp(), t0 + Duration::from_secs(40)), ServerInput::New(..)));
+        assert!(matches!(
+            l.on_request(r, udp(), t0 + Duration::from_secs(40)),
+            ServerInput::New(..)
+        ));
     }
 
     #[test]
@@ -1657,21 +1921,31 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let r = req("REGISTER", "z9hG4bKr");
-        let ServerInput::New(id, _) = l.on_request(r.clone(), tcp(), t0) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(r.clone(), tcp(), t0) else {
+            panic!()
+        };
         l.respond(id, resp_to(&r, 200, Some("s")), t0).unwrap();
         assert_eq!(drain(&mut l)[0].peer, tcp());
         assert_eq!(l.counts(), (0, 0));
-        assert_eq!(l.respond(id, resp_to(&r, 100, None), t0), Err(TxError::UnknownTransaction));
+        assert_eq!(
+            l.respond(id, resp_to(&r, 100, None), t0),
+            Err(TxError::UnknownTransaction)
+        );
     }
 
     #[test]
     fn bad_status_rejected() {
         let mut l = layer();
         let r = req("OPTIONS", "z9hG4bKo");
-        let ServerInput::New(id, _) = l.on_request(r.clone(), udp(), Instant::now()) else { panic!() };
+        let ServerInput::New(id, _) = l.on_request(r.clone(), udp(), Instant::now()) else {
+            panic!()
+        };
         let mut bad = resp_to(&r, 200, None);
         bad.status = 99;
-        assert_eq!(l.respond(id, bad, Instant::now()), Err(TxError::BadStatus(99)));
+        assert_eq!(
+            l.respond(id, bad, Instant::now()),
+            Err(TxError::BadStatus(99))
+        );
     }
 
     // ---------------- matching details ----------------
@@ -1682,7 +1956,8 @@ mod tests {
         let t0 = Instant::now();
         let a = req("OPTIONS", "z9hG4bKsame");
         let mut b = a.clone();
-        b.headers.set("Via", "SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKsame");
+        b.headers
+            .set("Via", "SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKsame");
         b.headers.set("From", "<sip:carol@example.com>;tag=other");
         assert!(matches!(l.on_request(a, udp(), t0), ServerInput::New(..)));
         assert!(matches!(l.on_request(b, udp(), t0), ServerInput::New(..)));
@@ -1694,12 +1969,20 @@ mod tests {
         let mut l = layer();
         let t0 = Instant::now();
         let invite = req("INVITE", "oldstyle1");
-        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else { panic!() };
-        assert_eq!(l.on_request(invite.clone(), udp(), t0 + ms(500)), ServerInput::Absorbed);
+        let ServerInput::New(id, _) = l.on_request(invite.clone(), udp(), t0) else {
+            panic!()
+        };
+        assert_eq!(
+            l.on_request(invite.clone(), udp(), t0 + ms(500)),
+            ServerInput::Absorbed
+        );
         l.respond(id, resp_to(&invite, 486, Some("s")), t0).unwrap();
         drain(&mut l);
         let ack = build_ack(&invite, &resp_to(&invite, 486, Some("s")));
-        assert_eq!(l.on_request(ack, udp(), t0 + ms(600)), ServerInput::Absorbed);
+        assert_eq!(
+            l.on_request(ack, udp(), t0 + ms(600)),
+            ServerInput::Absorbed
+        );
         l.handle_timeout(t0 + ms(600) + Duration::from_secs(5));
         assert_eq!(l.counts(), (0, 0));
     }
@@ -1711,7 +1994,9 @@ mod tests {
         let mut r = req("OPTIONS", "z9hG4bKv");
         r.headers.set("Via", "SIP/2.0/UDP 10.0.0.5:5060;rport;branch=z9hG4bKv, SIP/2.0/UDP p.example;branch=z9hG4bKp");
         let natted = Peer::new(Transport::Udp, "127.0.0.2:40000".parse().unwrap());
-        let ServerInput::New(id, got) = l.on_request(r, natted, t0) else { panic!() };
+        let ServerInput::New(id, got) = l.on_request(r, natted, t0) else {
+            panic!()
+        };
         let vias = got.vias();
         assert_eq!(vias.len(), 2);
         assert_eq!(vias[0].received(), Some("127.0.0.2"));
@@ -1722,7 +2007,9 @@ mod tests {
         l.respond(id, resp, t0).unwrap();
         let out = drain(&mut l);
         assert_eq!(out[0].peer, natted);
-        let SipMessage::Response(sent) = decode(&out[0]) else { panic!() };
+        let SipMessage::Response(sent) = decode(&out[0]) else {
+            panic!()
+        };
         assert_eq!(sent.top_via().unwrap().rport(), Some(Some(40000)));
     }
 
@@ -1740,7 +2027,10 @@ mod tests {
         l.handle_timeout(t0 + Duration::from_secs(40));
         assert_eq!(l.counts(), (0, 0));
         assert_eq!(l.poll_timeout(), None);
-        let timeouts = events(&mut l).iter().filter(|e| matches!(e, TxEvent::Timeout(_))).count();
+        let timeouts = events(&mut l)
+            .iter()
+            .filter(|e| matches!(e, TxEvent::Timeout(_)))
+            .count();
         assert_eq!(timeouts, 10_000);
     }
 }
