@@ -141,7 +141,9 @@ fi
 cap_pid=""
 if [ "$capture" = 1 ]; then
     command -v tcpdump >/dev/null || { echo "run.sh: --capture needs tcpdump" >&2; exit 2; }
-    tcpdump -i lo -n -U -w "$out/rtp.pcap" "udp and (dst port $uac_mp or dst port $uas_mp)" \
+    # --immediate-mode: without it libpcap hands packets over in blocks on a 1 s timeout and
+    # the last ones are lost when tcpdump is stopped soon after the call.
+    tcpdump -i lo -n -U --immediate-mode -w "$out/rtp.pcap" "udp and (dst port $uac_mp or dst port $uas_mp)" \
         2>"$out/tcpdump.log" &
     cap_pid=$!
     pids+=("$cap_pid")

@@ -6,8 +6,8 @@
 //! Every `Ok` case is also serialised and re-parsed, and must come back the same.
 
 use callvault::sip::message::{
-    error_response_for, frame_stream, parse, Frame, HeaderAccess, Method, ParseError, Request, Response,
-    SipMessage, MAX_BODY_BYTES, MAX_HEADER_BYTES,
+    error_response_for, frame_stream, parse, Frame, HeaderAccess, Method, ParseError, Request,
+    Response, SipMessage, MAX_BODY_BYTES, MAX_HEADER_BYTES,
 };
 
 /// What `error_response_for` must return for a rejected message.
@@ -140,7 +140,9 @@ Via: SIP/2.0/TCP sip33.example.com;branch={branch}
         rr = "reallyreally".repeat(40),
     );
     for i in 0..40 {
-        text.push_str(&format!("v: SIP/2.0/UDP sip{i}.example.com;branch=z9hG4bK{i}\n"));
+        text.push_str(&format!(
+            "v: SIP/2.0/UDP sip{i}.example.com;branch=z9hG4bK{i}\n"
+        ));
     }
     text.push_str(&format!(
         "Max-Forwards: 70\nContact: <sip:{caller}@host5.example.net>\nContent-Type: application/sdp\nl: #LEN#\n\n{SDP}"
@@ -150,7 +152,10 @@ Via: SIP/2.0/TCP sip33.example.com;branch={branch}
 
 fn mpart01() -> Vec<u8> {
     let mut body = b"--7a9cbec02ceef655\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: binary\r\n\r\nHello\r\n--7a9cbec02ceef655\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n".to_vec();
-    body.extend_from_slice(&[0x30, 0x82, 0x01, 0x52, 0x06, 0x09, 0x00, 0xff, 0xfe, b'\r', b'\n', b'\r', b'\n', 0x80, 0x0d]);
+    body.extend_from_slice(&[
+        0x30, 0x82, 0x01, 0x52, 0x06, 0x09, 0x00, 0xff, 0xfe, b'\r', b'\n', b'\r', b'\n', 0x80,
+        0x0d,
+    ]);
     body.extend_from_slice(b"\r\n--7a9cbec02ceef655--\r\n");
     let head = "MESSAGE sip:kumiko@example.org SIP/2.0
 Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-d87543-4dade06d0bdb11ee-1--d87543-;rport
@@ -1115,7 +1120,11 @@ fn decision_table() {
                     (Reply::Drop, None) => {}
                     (Reply::Status(code, reason), Some(r)) => {
                         assert_eq!(r.status, *code);
-                        assert!(r.reason.contains(reason), "reason {:?} lacks {reason:?}", r.reason);
+                        assert!(
+                            r.reason.contains(reason),
+                            "reason {:?} lacks {reason:?}",
+                            r.reason
+                        );
                         // The 400 must itself be a well-formed message we would accept.
                         let bytes = r.to_bytes();
                         assert!(!bytes.is_empty());
@@ -1136,20 +1145,31 @@ fn decision_table() {
             failures.push(format!("{}: {msg}", case.name));
         }
     }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn error_responses_copy_the_transaction_headers() {
     // insuf: only Via and CSeq exist; the 400 carries exactly those.
-    let insuf = table().into_iter().find(|c| c.name.starts_with("insuf")).unwrap();
+    let insuf = table()
+        .into_iter()
+        .find(|c| c.name.starts_with("insuf"))
+        .unwrap();
     let e = parse(&insuf.msg).unwrap_err();
     let r = error_response_for(&insuf.msg, &e).unwrap();
     assert_eq!(r.top_via().unwrap().branch(), Some("z9hG4bKkdj.insuf"));
     assert_eq!(r.headers.get("CSeq"), Some("193942 INVITE"));
     assert!(!r.headers.has("Call-ID"));
     // multi01: first From only, every Via.
-    let multi = table().into_iter().find(|c| c.name.starts_with("multi01")).unwrap();
+    let multi = table()
+        .into_iter()
+        .find(|c| c.name.starts_with("multi01"))
+        .unwrap();
     let e = parse(&multi.msg).unwrap_err();
     let r = error_response_for(&multi.msg, &e).unwrap();
     assert_eq!(r.headers.get_all("From").count(), 1);
@@ -1159,15 +1179,22 @@ fn error_responses_copy_the_transaction_headers() {
     let r = error_response_for(&m, &parse(&m).unwrap_err()).unwrap();
     assert_eq!(r.call_id(), Some("utf8.1@10.0.0.1"));
     // A folded Via is copied joined.
-    let m = base_with("Via: SIP/2.0/UDP host.example.com;", "Via: SIP/2.0/UDP\n host.example.com;");
-    let m = String::from_utf8(m).unwrap().replace("Max-Forwards: 70", "Max Forwards: 70");
+    let m = base_with(
+        "Via: SIP/2.0/UDP host.example.com;",
+        "Via: SIP/2.0/UDP\n host.example.com;",
+    );
+    let m = String::from_utf8(m)
+        .unwrap()
+        .replace("Max-Forwards: 70", "Max Forwards: 70");
     let r = error_response_for(m.as_bytes(), &parse(m.as_bytes()).unwrap_err()).unwrap();
     assert_eq!(r.top_via().unwrap().branch(), Some("z9hG4bKbase"));
 }
 
 /// BASE with its Content-Length line replaced by `cl` (any header lines) and `body` appended.
 fn framed(cl: &str, body: &str) -> Vec<u8> {
-    let head = BASE.replace("Content-Length: 0\n\n", cl).replace('\n', "\r\n");
+    let head = BASE
+        .replace("Content-Length: 0\n\n", cl)
+        .replace('\n', "\r\n");
     format!("{head}\r\n\r\n{body}").into_bytes()
 }
 
@@ -1178,33 +1205,85 @@ fn stream_framing_table() {
     let n = one.len();
     let cases: Vec<(&str, Vec<u8>, Result<Frame, ParseError>)> = vec![
         ("exact message", one.clone(), Ok(Frame::Message(n))),
-        ("body not all here", one[..n - 1].to_vec(), Ok(Frame::Incomplete)),
-        ("headers not all here", one[..40].to_vec(), Ok(Frame::Incomplete)),
-        ("two messages back to back", [one.clone(), one.clone()].concat(), Ok(Frame::Message(n))),
-        ("CRLF keep-alive", b"\r\n\r\nOPTIONS".to_vec(), Ok(Frame::KeepAlive(4))),
-        ("no Content-Length counts as 0", framed("X-A: b", "hello"), Ok(Frame::Message(framed("X-A: b", "").len()))),
-        ("folded Content-Length", framed("Content-Length:\n 5", "hello"), Ok(Frame::Message(framed("Content-Length:\n 5", "hello").len()))),
-        ("compact l: agreeing", framed("Content-Length: 5\nl: 5", "hello"), Ok(Frame::Message(framed("Content-Length: 5\nl: 5", "hello").len()))),
-        ("disagreeing Content-Length", framed("Content-Length: 5\nl: 6", "hello!"), Err(ParseError::BadContentLength)),
-        ("negative Content-Length", framed("Content-Length: -5", ""), Err(ParseError::BadContentLength)),
-        ("Content-Length over the body limit", framed("Content-Length: 99999999999", ""), Err(ParseError::BadContentLength)),
+        (
+            "body not all here",
+            one[..n - 1].to_vec(),
+            Ok(Frame::Incomplete),
+        ),
+        (
+            "headers not all here",
+            one[..40].to_vec(),
+            Ok(Frame::Incomplete),
+        ),
+        (
+            "two messages back to back",
+            [one.clone(), one.clone()].concat(),
+            Ok(Frame::Message(n)),
+        ),
+        (
+            "CRLF keep-alive",
+            b"\r\n\r\nOPTIONS".to_vec(),
+            Ok(Frame::KeepAlive(4)),
+        ),
+        (
+            "no Content-Length counts as 0",
+            framed("X-A: b", "hello"),
+            Ok(Frame::Message(framed("X-A: b", "").len())),
+        ),
+        (
+            "folded Content-Length",
+            framed("Content-Length:\n 5", "hello"),
+            Ok(Frame::Message(framed("Content-Length:\n 5", "hello").len())),
+        ),
+        (
+            "compact l: agreeing",
+            framed("Content-Length: 5\nl: 5", "hello"),
+            Ok(Frame::Message(
+                framed("Content-Length: 5\nl: 5", "hello").len(),
+            )),
+        ),
+        (
+            "disagreeing Content-Length",
+            framed("Content-Length: 5\nl: 6", "hello!"),
+            Err(ParseError::BadContentLength),
+        ),
+        (
+            "negative Content-Length",
+            framed("Content-Length: -5", ""),
+            Err(ParseError::BadContentLength),
+        ),
+        (
+            "Content-Length over the body limit",
+            framed("Content-Length: 99999999999", ""),
+            Err(ParseError::BadContentLength),
+        ),
         (
             "continuation that looks like Content-Length is not one",
             framed("Subject: x\n Content-Length: 5", "hello"),
-            Ok(Frame::Message(framed("Subject: x\n Content-Length: 5", "").len())),
+            Ok(Frame::Message(
+                framed("Subject: x\n Content-Length: 5", "").len(),
+            )),
         ),
-        ("endless header section", vec![b'a'; MAX_HEADER_BYTES + 1], Err(ParseError::TooLarge)),
+        (
+            "endless header section",
+            vec![b'a'; MAX_HEADER_BYTES + 1],
+            Err(ParseError::TooLarge),
+        ),
     ];
     for (name, buf, want) in cases {
         let got = frame_stream(&buf);
         assert_eq!(got, want, "{name}");
         if let Ok(Frame::Message(len)) = got {
-            let m = parse(&buf[..len]).unwrap_or_else(|e| panic!("{name}: framed message fails: {e}"));
+            let m =
+                parse(&buf[..len]).unwrap_or_else(|e| panic!("{name}: framed message fails: {e}"));
             let body = match &m {
                 SipMessage::Request(r) => r.body.len(),
                 SipMessage::Response(r) => r.body.len(),
             };
-            let cl = m.headers().get("Content-Length").map_or(0, |v| v.trim().parse().unwrap());
+            let cl = m
+                .headers()
+                .get("Content-Length")
+                .map_or(0, |v| v.trim().parse().unwrap());
             assert_eq!(body, cl, "{name}");
         }
     }

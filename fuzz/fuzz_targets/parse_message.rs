@@ -2,7 +2,9 @@
 //! parse() must never panic; whatever it accepts must survive serialise + re-parse with the
 //! same method/status, Call-ID, CSeq and body. A rejected request must get a buildable reply.
 
-use callvault_parser::sip::message::{error_response_for, parse, same_header, HeaderAccess, SipMessage};
+use callvault_parser::sip::message::{
+    error_response_for, parse, same_header, HeaderAccess, SipMessage,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn key(m: &SipMessage) -> (String, Option<String>, Option<String>, Vec<u8>) {
@@ -10,7 +12,12 @@ fn key(m: &SipMessage) -> (String, Option<String>, Option<String>, Vec<u8>) {
         SipMessage::Request(r) => (r.method.to_string(), r.cseq(), r.call_id(), &r.body),
         SipMessage::Response(r) => (r.status.to_string(), r.cseq(), r.call_id(), &r.body),
     };
-    (first, call_id.map(str::to_string), cseq.map(|c| c.to_string()), body.to_vec())
+    (
+        first,
+        call_id.map(str::to_string),
+        cseq.map(|c| c.to_string()),
+        body.to_vec(),
+    )
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -209,7 +209,12 @@ pub struct Engine<M: MediaBackend> {
 
 impl<M: MediaBackend> Engine<M> {
     /// `epoch` ties the monotonic clock to Unix seconds (digest nonces carry Unix time).
-    pub fn new(cfg: EngineConfig, media: M, verifier: Verifier, epoch: (Instant, u64), seed: u64) -> Self {
+    pub fn new(mut cfg: EngineConfig, media: M, verifier: Verifier, epoch: (Instant, u64), seed: u64) -> Self {
+        // Challenges go out strongest first (RFC 8760 §2.4), whatever order the config lists.
+        cfg.digest_algorithms.sort_by_key(|a| match a {
+            Algorithm::Sha256 => 0,
+            Algorithm::Md5 => 1,
+        });
         let registrar = Registrar::new(
             cfg.registration_min_expires,
             cfg.registration_max_expires,
@@ -681,12 +686,13 @@ impl<M: MediaBackend> Engine<M> {
         let Some(&(call_key, side)) = self.dialogs.get(&key) else {
             return self.reply(tx, &req, 481, now);
         };
-        let ok = match self.calls.get_mut(&call_key).and_then(|c| c.leg_mut(side).dialog.as_mut()) {
-            Some(d) => d.on_request(&req).is_ok(),
-            None => false,
+        // A wrong From tag is another dialog (481); a CSeq out of order is 500 (§12.2.2).
+        let checked = match self.calls.get_mut(&call_key).and_then(|c| c.leg_mut(side).dialog.as_mut()) {
+            Some(d) => d.on_request(&req).map_err(|e| e.status()),
+            None => Err(481),
         };
-        if !ok {
-            return self.reply(tx, &req, 500, now);
+        if let Err(status) = checked {
+            return self.reply(tx, &req, status, now);
         }
         match req.method {
             Method::Bye => {
@@ -1117,6 +1123,27 @@ impl<M: MediaBackend> Engine<M> {
         );
     }
 
+    /// `side` owes us an ACK for a 2xx we relayed to it: ACK, on the other leg, the 2xx that
+    /// answered the INVITE we sent there, since no ACK from `side` will come now.
+    fn ack_pending_2xx(&mut self, key: CallKey, side: Side) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
+        let Some(cseq) = call.leg_mut(side).awaiting_ack.take() else {
+            return;
+        };
+        let peer = call.leg(side.other()).peer;
+        let via = self.new_via(peer.transport);
+        let Some(leg) = self.calls.get_mut(&key).map(|c| c.leg_mut(side.other())) else {
+            return;
+        };
+        let Some(ack) = leg.dialog.as_ref().map(|d| d.ack_for(cseq, via)) else {
+            return;
+        };
+        self.tx.send_ack(&ack, peer);
+        leg.last_ack = Some(ack);
+    }
+
     /// Tears a call down from our side, whatever state it is in.
     fn hang_up(&mut self, key: CallKey, reason: &str, outcome: CallOutcome, now: Instant) {
         let Some(call) = self.calls.get(&key) else {
@@ -1125,6 +1152,9 @@ impl<M: MediaBackend> Engine<M> {
         match call.state {
             CallState::Up => {
                 // A 2xx that is not ACKed yet still must be ACKed before BYE (§15).
+                for side in [Side::A, Side::B] {
+                    self.ack_pending_2xx(key, side);
+                }
                 self.bye_leg(key, Side::A, Some(reason), now);
                 self.bye_leg(key, Side::B, Some(reason), now);
                 self.end_call(key, outcome);

@@ -3,4 +3,9 @@
 
 pub mod engine;
 pub mod errors;
+pub mod feature_code;
 pub mod media;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;

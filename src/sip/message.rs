@@ -182,7 +182,10 @@ impl Headers {
 
     /// First value of the header (compact-form aware, case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|h| same_header(&h.name, name)).map(|h| h.value.as_str())
+        self.0
+            .iter()
+            .find(|h| same_header(&h.name, name))
+            .map(|h| h.value.as_str())
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -333,6 +336,8 @@ pub enum SipMessage {
 }
 
 /// Header accessors shared by requests and responses.
+// `from_hdr`/`from_tag` name the From header, not a conversion; callers use these names.
+#[allow(clippy::wrong_self_convention)]
 pub trait HeaderAccess {
     fn headers(&self) -> &Headers;
     fn headers_mut(&mut self) -> &mut Headers;
@@ -344,10 +349,14 @@ pub trait HeaderAccess {
         self.headers().get("CSeq").and_then(CSeq::parse)
     }
     fn from_hdr(&self) -> Option<NameAddr> {
-        self.headers().get("From").and_then(|v| NameAddr::parse(v).ok())
+        self.headers()
+            .get("From")
+            .and_then(|v| NameAddr::parse(v).ok())
     }
     fn to_hdr(&self) -> Option<NameAddr> {
-        self.headers().get("To").and_then(|v| NameAddr::parse(v).ok())
+        self.headers()
+            .get("To")
+            .and_then(|v| NameAddr::parse(v).ok())
     }
     fn from_tag(&self) -> Option<String> {
         self.from_hdr().and_then(|n| n.tag().map(str::to_string))
@@ -368,7 +377,11 @@ pub trait HeaderAccess {
     fn contacts(&self) -> Vec<NameAddr> {
         self.headers()
             .list("Contact")
-            .map(|l| l.into_iter().filter_map(|v| NameAddr::parse(v).ok()).collect())
+            .map(|l| {
+                l.into_iter()
+                    .filter_map(|v| NameAddr::parse(v).ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
     fn content_type(&self) -> Option<String> {
@@ -381,7 +394,9 @@ pub trait HeaderAccess {
         })
     }
     fn expires(&self) -> Option<u32> {
-        self.headers().get("Expires").and_then(|v| v.trim().parse().ok())
+        self.headers()
+            .get("Expires")
+            .and_then(|v| v.trim().parse().ok())
     }
 }
 
@@ -590,7 +605,9 @@ fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
 
 /// Leading CR/LF before a start line is ignored (§7.5).
 fn leading_crlf(buf: &[u8]) -> usize {
-    buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count()
+    buf.iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count()
 }
 
 /// Frames one message on a stream transport (§18.3): the header section, then exactly
@@ -770,13 +787,18 @@ enum StartLine {
 
 /// `SIP/` in any case, on bytes: slicing the str could split a multi-byte character.
 fn starts_with_sip(s: &str) -> bool {
-    s.as_bytes().get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
+    s.as_bytes()
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
 }
 
 fn parse_start_line(line: &[u8]) -> Result<StartLine, ParseError> {
     let line = std::str::from_utf8(line).map_err(|_| ParseError::BadStartLine)?;
     // HTAB is allowed in a reason phrase only; CR and other controls nowhere.
-    if line.bytes().any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f) {
+    if line
+        .bytes()
+        .any(|b| (b.is_ascii_control() && b != b'\t') || b == 0x7f)
+    {
         return Err(ParseError::BadStartLine);
     }
     if starts_with_sip(line) {
@@ -798,7 +820,8 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine, ParseError> {
     }
     // Exactly one SP between the three parts (RFC 4475 lwsstart, trws, lwsruri).
     let mut it = line.split(' ');
-    let (Some(method), Some(uri), Some(version), None) = (it.next(), it.next(), it.next(), it.next())
+    let (Some(method), Some(uri), Some(version), None) =
+        (it.next(), it.next(), it.next(), it.next())
     else {
         return Err(ParseError::BadStartLine);
     };
@@ -895,7 +918,11 @@ fn check_common(h: &Headers) -> Result<CSeq, ParseError> {
     let to = single(h, "To")?.ok_or(ParseError::Missing("To"))?;
     NameAddr::parse(to).map_err(|e| ParseError::from(("To", e)))?;
     let call_id = single(h, "Call-ID")?.ok_or(ParseError::Missing("Call-ID"))?;
-    if call_id.is_empty() || call_id.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if call_id.is_empty()
+        || call_id
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(ParseError::BadHeader("Call-ID"));
     }
     let cseq = single(h, "CSeq")?.ok_or(ParseError::Missing("CSeq"))?;
@@ -926,8 +953,11 @@ fn parse_headers<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Result<Headers, P
         let lineno = idx + 2;
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
             // Folded continuation (§7.3.1): joined with a single space.
-            let last = headers.last_mut().ok_or(ParseError::BadHeaderLine(lineno))?;
-            let cont = std::str::from_utf8(line).map_err(|_| ParseError::NotUtf8(last.name.clone()))?;
+            let last = headers
+                .last_mut()
+                .ok_or(ParseError::BadHeaderLine(lineno))?;
+            let cont =
+                std::str::from_utf8(line).map_err(|_| ParseError::NotUtf8(last.name.clone()))?;
             if cont.contains('\r') {
                 return Err(ParseError::BadHeaderLine(lineno));
             }
@@ -944,13 +974,15 @@ fn parse_headers<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Result<Headers, P
             .iter()
             .position(|b| *b == b':')
             .ok_or(ParseError::BadHeaderLine(lineno))?;
-        let name = std::str::from_utf8(&line[..colon]).map_err(|_| ParseError::BadHeaderLine(lineno))?;
+        let name =
+            std::str::from_utf8(&line[..colon]).map_err(|_| ParseError::BadHeaderLine(lineno))?;
         // HCOLON allows SP/HTAB before the colon (`TO :`), nothing inside the name.
         let name = name.trim_end_matches([' ', '\t']);
         if name.is_empty() || !name.bytes().all(is_token_char) {
             return Err(ParseError::BadHeaderLine(lineno));
         }
-        let value = std::str::from_utf8(&line[colon + 1..]).map_err(|_| ParseError::NotUtf8(name.to_string()))?;
+        let value = std::str::from_utf8(&line[colon + 1..])
+            .map_err(|_| ParseError::NotUtf8(name.to_string()))?;
         // A bare CR is never part of a value; it would also change meaning when re-serialised.
         if value.contains('\r') {
             return Err(ParseError::BadHeaderLine(lineno));
@@ -983,7 +1015,8 @@ pub fn error_response_for(buf: &[u8], err: &ParseError) -> Option<Response> {
     }
     let mut headers = Headers::new();
     for h in raw_headers(head) {
-        let (Ok(name), Ok(value)) = (std::str::from_utf8(&h.name), std::str::from_utf8(&h.value)) else {
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(&h.name), std::str::from_utf8(&h.value))
+        else {
             continue;
         };
         if value.contains('\r') || !name.bytes().all(is_token_char) {
@@ -1003,7 +1036,11 @@ pub fn error_response_for(buf: &[u8], err: &ParseError) -> Option<Response> {
     if !headers.has("Via") {
         return None;
     }
-    let status = if *err == ParseError::BadVersion { 505 } else { 400 };
+    let status = if *err == ParseError::BadVersion {
+        505
+    } else {
+        400
+    };
     Some(Response {
         status,
         reason: if status == 505 {
@@ -1114,15 +1151,27 @@ l: 4\r\n\r\nv=0\r\n";
         assert_eq!(parsed.status, 180);
         assert_eq!(parsed.reason, "Ringing");
         assert_eq!(parsed.to_tag().as_deref(), Some("xyz"));
-        assert_eq!(parsed.cseq(), Some(CSeq { seq: 314159, method: Method::Invite }));
+        assert_eq!(
+            parsed.cseq(),
+            Some(CSeq {
+                seq: 314159,
+                method: Method::Invite
+            })
+        );
     }
 
     #[test]
     fn rejects() {
         assert_eq!(parse(b""), Err(ParseError::Empty));
-        assert_eq!(parse(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h"), Err(ParseError::Unterminated));
+        assert_eq!(
+            parse(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h"),
+            Err(ParseError::Unterminated)
+        );
         let no_cid = INVITE.replace("i: a84b4c76e66710\r\n", "");
-        assert_eq!(parse(no_cid.as_bytes()), Err(ParseError::Missing("Call-ID")));
+        assert_eq!(
+            parse(no_cid.as_bytes()),
+            Err(ParseError::Missing("Call-ID"))
+        );
         let mism = INVITE.replace("314159 INVITE", "314159 BYE");
         assert_eq!(parse(mism.as_bytes()), Err(ParseError::CSeqMismatch));
         let v3 = INVITE.replace("sip:bob@example.com SIP/2.0", "sip:bob@example.com SIP/3.0");

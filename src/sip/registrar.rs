@@ -74,9 +74,19 @@ pub struct RegisterOutcome {
     pub added: usize,
     pub refreshed: usize,
     pub removed: usize,
+    /// When the REGISTER was applied (the `expires` echoed are counted from here).
+    at: Instant,
 }
 
 impl RegisterOutcome {
+    /// The Contact values for the 200, one per binding, each with `;expires=N`.
+    pub fn contacts(&self) -> Vec<String> {
+        self.bindings
+            .iter()
+            .map(|b| b.contact_value(self.at))
+            .collect()
+    }
+
     /// `200 OK` carrying one Contact per current binding with its remaining `expires`.
     /// The engine adds the To tag (and anything else it owns).
     pub fn response(&self, req: &Request, now: Instant) -> Response {
@@ -192,7 +202,10 @@ impl Registrar {
         if req.method != Method::Register {
             return Err(RegisterError::NotRegister);
         }
-        let call_id = req.call_id().ok_or(RegisterError::BadHeader("Call-ID"))?.to_string();
+        let call_id = req
+            .call_id()
+            .ok_or(RegisterError::BadHeader("Call-ID"))?
+            .to_string();
         let cseq = req.cseq().ok_or(RegisterError::BadHeader("CSeq"))?.seq;
         let header_expires = match req.headers.get("Expires") {
             Some(v) => Some(parse_delta(v).ok_or(RegisterError::BadHeader("Expires"))?),
@@ -223,19 +236,27 @@ impl Registrar {
         // Ordering is checked against the bindings as they were, so listing one contact
         // twice in a request is not mistaken for a replay.
         for u in &updates {
-            if let Some(b) = existing.iter().find(|b| b.is_live(now) && uri_matches(&b.contact.uri, &u.contact.uri)) {
+            if let Some(b) = existing
+                .iter()
+                .find(|b| b.is_live(now) && uri_matches(&b.contact.uri, &u.contact.uri))
+            {
                 if b.call_id == call_id && cseq <= b.cseq {
                     return Err(RegisterError::OutOfOrder);
                 }
             }
         }
 
-        let list = self.aors.entry(aor.to_string()).or_default();
-        list.retain(|b| b.is_live(now));
+        let live: Vec<Binding> = existing
+            .iter()
+            .filter(|b| b.is_live(now))
+            .cloned()
+            .collect();
         let (mut added, mut refreshed, mut removed) = (0, 0, 0);
-        let mut next = list.clone();
+        let mut next = live.clone();
         for u in updates {
-            let pos = next.iter().position(|b| uri_matches(&b.contact.uri, &u.contact.uri));
+            let pos = next
+                .iter()
+                .position(|b| uri_matches(&b.contact.uri, &u.contact.uri));
             match (pos, u.expires) {
                 (Some(i), 0) => {
                     next.remove(i);
@@ -247,25 +268,29 @@ impl Registrar {
                     refreshed += 1;
                 }
                 (None, secs) => {
-                    next.push(new_binding(u.contact, u.q, secs, &call_id, cseq, source, now));
+                    next.push(new_binding(
+                        u.contact, u.q, secs, &call_id, cseq, source, now,
+                    ));
                     added += 1;
                 }
             }
         }
-        if next.len() > MAX_BINDINGS_PER_AOR && next.len() > list.len() {
+        if next.len() > MAX_BINDINGS_PER_AOR && next.len() > live.len() {
             return Err(RegisterError::TooManyBindings {
                 max: MAX_BINDINGS_PER_AOR,
             });
         }
-        *list = next;
-        if list.is_empty() {
+        if next.is_empty() {
             self.aors.remove(aor);
+        } else {
+            self.aors.insert(aor.to_string(), next);
         }
         Ok(RegisterOutcome {
             bindings: self.lookup(aor, now),
             added,
             refreshed,
             removed,
+            at: now,
         })
     }
 
@@ -292,16 +317,23 @@ impl Registrar {
             added: 0,
             refreshed: 0,
             removed,
+            at: now,
         })
     }
 
     fn validate(&self, value: &str, header_expires: Option<u32>) -> Result<Update, RegisterError> {
-        let mut contact = NameAddr::parse(value).map_err(|e| RegisterError::BadContact(e.to_string()))?;
+        let mut contact =
+            NameAddr::parse(value).map_err(|e| RegisterError::BadContact(e.to_string()))?;
         if !contact.uri.is_sip() {
-            return Err(RegisterError::BadContact(format!("{} URI", contact.uri.scheme)));
+            return Err(RegisterError::BadContact(format!(
+                "{} URI",
+                contact.uri.scheme
+            )));
         }
         let param_expires = match contact.param("expires") {
-            Some(Some(v)) => Some(parse_delta(v).ok_or_else(|| RegisterError::BadContact("expires".into()))?),
+            Some(Some(v)) => {
+                Some(parse_delta(v).ok_or_else(|| RegisterError::BadContact("expires".into()))?)
+            }
             Some(None) => return Err(RegisterError::BadContact("expires".into())),
             None => None,
         };
@@ -311,7 +343,9 @@ impl Registrar {
             None => 1000,
         };
         // The contact's own expires wins over the Expires header (§10.2.1.1).
-        let asked = param_expires.or(header_expires).unwrap_or(self.default_expires);
+        let asked = param_expires
+            .or(header_expires)
+            .unwrap_or(self.default_expires);
         let expires = match asked {
             0 => 0,
             n if n < self.min_expires => {
@@ -321,8 +355,14 @@ impl Registrar {
             }
             n => n.min(self.max_expires),
         };
-        contact.params.retain(|(n, _)| !n.eq_ignore_ascii_case("expires"));
-        Ok(Update { contact, expires, q })
+        contact
+            .params
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("expires"));
+        Ok(Update {
+            contact,
+            expires,
+            q,
+        })
     }
 
     /// Live bindings of `aor`, highest q first, then most recently refreshed first.
@@ -407,7 +447,10 @@ fn parse_q(v: &str) -> Option<u16> {
 /// `transport`, `user`, `ttl`, `method` and `maddr` parameters must agree when either side
 /// has them; other parameters only when both have them.
 pub fn uri_matches(a: &Uri, b: &Uri) -> bool {
-    let unesc = |u: &Option<String>| u.as_deref().map(|s| unescape(s).unwrap_or_else(|_| s.to_string()));
+    let unesc = |u: &Option<String>| {
+        u.as_deref()
+            .map(|s| unescape(s).unwrap_or_else(|_| s.to_string()))
+    };
     if !a.scheme.eq_ignore_ascii_case(&b.scheme)
         || unesc(&a.user) != unesc(&b.user)
         || a.password != b.password
@@ -484,7 +527,20 @@ mod tests {
         let resp = out.response(&req, t0 + Duration::from_secs(10));
         assert_eq!(resp.status, 200);
         let contacts: Vec<&str> = resp.headers.get_all("Contact").collect();
-        assert_eq!(contacts, ["<sip:1001@10.0.0.5:5070>;expires=1790", "<sip:1001@10.0.0.5:5060>;q=0.5;expires=110"]);
+        assert_eq!(
+            contacts,
+            [
+                "<sip:1001@10.0.0.5:5070>;expires=1790",
+                "<sip:1001@10.0.0.5:5060>;q=0.5;expires=110"
+            ]
+        );
+        assert_eq!(
+            out.contacts(),
+            [
+                "<sip:1001@10.0.0.5:5070>;expires=1800",
+                "<sip:1001@10.0.0.5:5060>;q=0.5;expires=120"
+            ]
+        );
         assert_eq!(r.count(), 2);
     }
 
@@ -493,11 +549,21 @@ mod tests {
         let mut r = reg();
         let t0 = Instant::now();
         let out = r
-            .register(AOR, &register("c1", 1, "Contact: <sip:a@10.0.0.5>\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c1", 1, "Contact: <sip:a@10.0.0.5>\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!(out.bindings[0].expires_in(t0), 3600);
         let out = r
-            .register(AOR, &register("c1", 2, "Contact: <sip:a@10.0.0.5>;expires=99999\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c1", 2, "Contact: <sip:a@10.0.0.5>;expires=99999\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!(out.bindings[0].expires_in(t0), 7200);
         assert_eq!(out.refreshed, 1);
@@ -510,13 +576,25 @@ mod tests {
     fn too_brief_is_423_with_min_expires_and_changes_nothing() {
         let mut r = reg();
         let t0 = Instant::now();
-        r.register(AOR, &register("c1", 1, "Contact: <sip:a@10.0.0.5>\r\n"), src(1), t0)
-            .unwrap();
-        let req = register("c1", 2, "Contact: <sip:a@10.0.0.5>, <sip:b@10.0.0.5>;expires=30\r\n");
+        r.register(
+            AOR,
+            &register("c1", 1, "Contact: <sip:a@10.0.0.5>\r\n"),
+            src(1),
+            t0,
+        )
+        .unwrap();
+        let req = register(
+            "c1",
+            2,
+            "Contact: <sip:a@10.0.0.5>, <sip:b@10.0.0.5>;expires=30\r\n",
+        );
         let err = r.register(AOR, &req, src(1), t0).unwrap_err();
         assert_eq!(err, RegisterError::IntervalTooBrief { min: 60 });
         let resp = err.response(&req);
-        assert_eq!((resp.status, resp.headers.get("Min-Expires")), (423, Some("60")));
+        assert_eq!(
+            (resp.status, resp.headers.get("Min-Expires")),
+            (423, Some("60"))
+        );
         let left = r.lookup(AOR, t0);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].cseq, 1);
@@ -526,24 +604,53 @@ mod tests {
     fn expires_zero_removes_one_and_star_removes_all() {
         let mut r = reg();
         let t0 = Instant::now();
-        r.register(AOR, &register("c1", 1, "Contact: <sip:a@10.0.0.5>, <sip:b@10.0.0.5>\r\n"), src(1), t0)
-            .unwrap();
+        r.register(
+            AOR,
+            &register("c1", 1, "Contact: <sip:a@10.0.0.5>, <sip:b@10.0.0.5>\r\n"),
+            src(1),
+            t0,
+        )
+        .unwrap();
         // The contact's expires=0 wins over Expires: 3600.
         let out = r
-            .register(AOR, &register("c1", 2, "Contact: <sip:a@10.0.0.5>;expires=0\r\nExpires: 3600\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register(
+                    "c1",
+                    2,
+                    "Contact: <sip:a@10.0.0.5>;expires=0\r\nExpires: 3600\r\n",
+                ),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!(out.removed, 1);
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].uri().user.as_deref(), Some("b"));
         // Expires: 0 header for a contact without its own expires.
-        r.register(AOR, &register("c1", 3, "Contact: <sip:c@10.0.0.5>\r\n"), src(1), t0)
-            .unwrap();
+        r.register(
+            AOR,
+            &register("c1", 3, "Contact: <sip:c@10.0.0.5>\r\n"),
+            src(1),
+            t0,
+        )
+        .unwrap();
         let out = r
-            .register(AOR, &register("c1", 4, "Contact: <sip:c@10.0.0.5>\r\nExpires: 0\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c1", 4, "Contact: <sip:c@10.0.0.5>\r\nExpires: 0\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!(out.bindings.len(), 1);
         let out = r
-            .register(AOR, &register("other", 1, "Contact: *\r\nExpires: 0\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("other", 1, "Contact: *\r\nExpires: 0\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!((out.removed, out.bindings.len(), r.count()), (1, 0, 0));
     }
@@ -552,23 +659,44 @@ mod tests {
     fn star_rules() {
         let mut r = reg();
         let t0 = Instant::now();
-        let e = r.register(AOR, &register("c", 1, "Contact: *\r\n"), src(1), t0).unwrap_err();
-        assert_eq!((e.clone(), e.status()), (RegisterError::StarWithoutZeroExpires, 400));
         let e = r
-            .register(AOR, &register("c", 1, "Contact: *\r\nExpires: 5\r\n"), src(1), t0)
+            .register(AOR, &register("c", 1, "Contact: *\r\n"), src(1), t0)
+            .unwrap_err();
+        assert_eq!(
+            (e.clone(), e.status()),
+            (RegisterError::StarWithoutZeroExpires, 400)
+        );
+        let e = r
+            .register(
+                AOR,
+                &register("c", 1, "Contact: *\r\nExpires: 5\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap_err();
         assert_eq!(e, RegisterError::StarWithoutZeroExpires);
         let e = r
-            .register(AOR, &register("c", 1, "Contact: *, <sip:a@h>\r\nExpires: 0\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c", 1, "Contact: *, <sip:a@h>\r\nExpires: 0\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap_err();
         assert_eq!(e, RegisterError::StarWithOthers);
         let resp = e.response(&register("c", 1, ""));
         assert_eq!(resp.status, 400);
         assert!(resp.reason.contains("only Contact"), "{}", resp.reason);
         // Same Call-ID, CSeq not higher: the whole removal fails.
-        r.register(AOR, &register("c", 5, "Contact: <sip:a@h>\r\n"), src(1), t0).unwrap();
+        r.register(AOR, &register("c", 5, "Contact: <sip:a@h>\r\n"), src(1), t0)
+            .unwrap();
         let e = r
-            .register(AOR, &register("c", 5, "Contact: *\r\nExpires: 0\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c", 5, "Contact: *\r\nExpires: 0\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap_err();
         assert_eq!((e.clone(), e.status()), (RegisterError::OutOfOrder, 500));
         assert_eq!(r.count(), 1);
@@ -578,22 +706,43 @@ mod tests {
     fn call_id_cseq_ordering() {
         let mut r = reg();
         let t0 = Instant::now();
-        r.register(AOR, &register("c1", 10, "Contact: <sip:a@h>\r\n"), src(1), t0).unwrap();
+        r.register(
+            AOR,
+            &register("c1", 10, "Contact: <sip:a@h>\r\n"),
+            src(1),
+            t0,
+        )
+        .unwrap();
         for stale in [9, 10] {
             let e = r
-                .register(AOR, &register("c1", stale, "Contact: <sip:a@h>;expires=300\r\n"), src(1), t0)
+                .register(
+                    AOR,
+                    &register("c1", stale, "Contact: <sip:a@h>;expires=300\r\n"),
+                    src(1),
+                    t0,
+                )
                 .unwrap_err();
             assert_eq!(e, RegisterError::OutOfOrder);
         }
         assert_eq!(r.lookup(AOR, t0)[0].expires_in(t0), 3600);
         // A new Call-ID (the UA restarted) may start with a lower CSeq.
         let out = r
-            .register(AOR, &register("c2", 1, "Contact: <sip:a@h>;expires=300\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c2", 1, "Contact: <sip:a@h>;expires=300\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!((out.refreshed, out.bindings[0].call_id.as_str()), (1, "c2"));
         // The same contact twice in one request is not a replay of itself.
         let out = r
-            .register(AOR, &register("c2", 2, "Contact: <sip:a@h>, <sip:a@h>;expires=400\r\n"), src(1), t0)
+            .register(
+                AOR,
+                &register("c2", 2, "Contact: <sip:a@h>, <sip:a@h>;expires=400\r\n"),
+                src(1),
+                t0,
+            )
             .unwrap();
         assert_eq!(out.bindings.len(), 1);
         assert_eq!(out.bindings[0].expires_in(t0), 400);
@@ -603,8 +752,17 @@ mod tests {
     fn expiry_with_simulated_time() {
         let mut r = reg();
         let t0 = Instant::now();
-        r.register(AOR, &register("c1", 1, "Contact: <sip:a@h>;expires=60, <sip:b@h>;expires=120\r\n"), src(1), t0)
-            .unwrap();
+        r.register(
+            AOR,
+            &register(
+                "c1",
+                1,
+                "Contact: <sip:a@h>;expires=60, <sip:b@h>;expires=120\r\n",
+            ),
+            src(1),
+            t0,
+        )
+        .unwrap();
         assert_eq!(r.next_expiry(), Some(t0 + Duration::from_secs(60)));
         let t1 = t0 + Duration::from_secs(60);
         assert_eq!(r.lookup(AOR, t1).len(), 1, "expired at exactly expires_at");
@@ -615,21 +773,41 @@ mod tests {
         assert_eq!((r.count(), r.next_expiry()), (0, None));
         assert!(r.lookup(AOR, t1).is_empty());
         // An expired binding with the same Call-ID does not block a lower CSeq.
-        r.register(AOR, &register("c1", 1, "Contact: <sip:a@h>\r\n"), src(1), t1).unwrap();
+        r.register(
+            AOR,
+            &register("c1", 1, "Contact: <sip:a@h>\r\n"),
+            src(1),
+            t1,
+        )
+        .unwrap();
     }
 
     #[test]
     fn query_source_and_refresh_moves_source() {
         let mut r = reg();
         let t0 = Instant::now();
-        r.register(AOR, &register("c1", 1, "Contact: <sip:a@10.0.0.5>\r\n"), src(40000), t0)
-            .unwrap();
+        r.register(
+            AOR,
+            &register("c1", 1, "Contact: <sip:a@10.0.0.5>\r\n"),
+            src(40000),
+            t0,
+        )
+        .unwrap();
         let out = r.register(AOR, &register("c1", 2, ""), src(1), t0).unwrap();
         assert_eq!((out.bindings.len(), out.added, out.refreshed), (1, 0, 0));
-        assert_eq!(out.bindings[0].source, src(40000), "a query changes nothing");
+        assert_eq!(
+            out.bindings[0].source,
+            src(40000),
+            "a query changes nothing"
+        );
         let t1 = t0 + Duration::from_secs(5);
-        r.register(AOR, &register("c1", 3, "Contact: <sip:a@10.0.0.5>\r\n"), src(40001), t1)
-            .unwrap();
+        r.register(
+            AOR,
+            &register("c1", 3, "Contact: <sip:a@10.0.0.5>\r\n"),
+            src(40001),
+            t1,
+        )
+        .unwrap();
         let b = &r.lookup(AOR, t1)[0];
         assert_eq!((b.source, b.cseq, b.updated_at), (src(40001), 3, t1));
     }
@@ -638,21 +816,46 @@ mod tests {
     fn newest_first_among_equal_q() {
         let mut r = reg();
         let t0 = Instant::now();
-        r.register(AOR, &register("x", 1, "Contact: <sip:old@h>\r\n"), src(1), t0).unwrap();
+        r.register(
+            AOR,
+            &register("x", 1, "Contact: <sip:old@h>\r\n"),
+            src(1),
+            t0,
+        )
+        .unwrap();
         let t1 = t0 + Duration::from_secs(1);
-        r.register(AOR, &register("y", 1, "Contact: <sip:new@h>\r\n"), src(2), t1).unwrap();
-        let users: Vec<_> = r.lookup(AOR, t1).iter().map(|b| b.uri().user.clone().unwrap()).collect();
+        r.register(
+            AOR,
+            &register("y", 1, "Contact: <sip:new@h>\r\n"),
+            src(2),
+            t1,
+        )
+        .unwrap();
+        let users: Vec<_> = r
+            .lookup(AOR, t1)
+            .iter()
+            .map(|b| b.uri().user.clone().unwrap())
+            .collect();
         assert_eq!(users, ["new", "old"]);
     }
 
     #[test]
     fn uri_comparison_rules() {
         let u = |s: &str| Uri::parse(s).unwrap();
-        assert!(uri_matches(&u("sip:%61lice@Example.COM"), &u("sip:alice@example.com")));
-        assert!(!uri_matches(&u("sip:Alice@example.com"), &u("sip:alice@example.com")));
+        assert!(uri_matches(
+            &u("sip:%61lice@Example.COM"),
+            &u("sip:alice@example.com")
+        ));
+        assert!(!uri_matches(
+            &u("sip:Alice@example.com"),
+            &u("sip:alice@example.com")
+        ));
         assert!(!uri_matches(&u("sip:a@h:5060"), &u("sip:a@h")));
         assert!(!uri_matches(&u("sip:a@h;transport=tcp"), &u("sip:a@h")));
-        assert!(uri_matches(&u("sip:a@h;transport=TCP;ob"), &u("sip:a@h;transport=tcp")));
+        assert!(uri_matches(
+            &u("sip:a@h;transport=TCP;ob"),
+            &u("sip:a@h;transport=tcp")
+        ));
         assert!(!uri_matches(&u("sip:a@h;x=1"), &u("sip:a@h;x=2")));
     }
 
@@ -667,18 +870,27 @@ mod tests {
             "Contact: <sip:a@h>;q=2\r\n",
             "Contact: <sip:a@h>;q\r\n",
         ] {
-            let e = r.register(AOR, &register("c", 1, extra), src(1), t0).unwrap_err();
+            let e = r
+                .register(AOR, &register("c", 1, extra), src(1), t0)
+                .unwrap_err();
             assert!(matches!(e, RegisterError::BadContact(_)), "{extra}: {e:?}");
             assert_eq!(e.status(), 400);
         }
-        let many: Vec<String> = (0..=MAX_BINDINGS_PER_AOR).map(|i| format!("<sip:u{i}@h>")).collect();
+        let many: Vec<String> = (0..=MAX_BINDINGS_PER_AOR)
+            .map(|i| format!("<sip:u{i}@h>"))
+            .collect();
         let extra = format!("Contact: {}\r\n", many.join(", "));
-        let e = r.register(AOR, &register("c", 1, &extra), src(1), t0).unwrap_err();
+        let e = r
+            .register(AOR, &register("c", 1, &extra), src(1), t0)
+            .unwrap_err();
         assert_eq!(e.status(), 403);
         assert_eq!(r.count(), 0);
         let mut not_reg = register("c", 1, "");
         not_reg.method = Method::Options;
-        assert_eq!(r.register(AOR, &not_reg, src(1), t0), Err(RegisterError::NotRegister));
+        assert_eq!(
+            r.register(AOR, &not_reg, src(1), t0),
+            Err(RegisterError::NotRegister)
+        );
     }
 
     #[test]

@@ -55,7 +55,10 @@ fn find_param<'a>(params: &'a Params, name: &str) -> Option<Option<&'a str>> {
 
 fn set_param(params: &mut Params, name: &str, value: Option<&str>) {
     let value = value.map(str::to_string);
-    match params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+    match params
+        .iter_mut()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+    {
         Some(slot) => slot.1 = value,
         None => params.push((name.to_string(), value)),
     }
@@ -83,12 +86,21 @@ fn parse_params(s: &str) -> Result<Params, UriError> {
             Some((n, v)) => (n.trim_matches(LWS), Some(v.trim_matches(LWS))),
             None => (part, None),
         };
-        if name.is_empty() || !name.bytes().all(|b| is_token_char(b) || b"[]/:&+$()".contains(&b)) {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| is_token_char(b) || b"[]/:&+$()".contains(&b))
+        {
             return Err(UriError::BadParam);
         }
         if let Some(v) = value {
-            let quoted = v.len() >= 2 && v.starts_with('"') && quoted_string_len(v) == Some(v.len());
-            if !quoted && v.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b",<>\"\\".contains(&b)) {
+            let quoted =
+                v.len() >= 2 && v.starts_with('"') && quoted_string_len(v) == Some(v.len());
+            if !quoted
+                && v.bytes().any(|b| {
+                    b.is_ascii_whitespace() || b.is_ascii_control() || b",<>\"\\".contains(&b)
+                })
+            {
                 return Err(UriError::BadParam);
             }
         }
@@ -209,7 +221,9 @@ impl Uri {
         let (scheme, rest) = s.split_once(':').ok_or(UriError::NoScheme)?;
         if scheme.is_empty()
             || !scheme.as_bytes()[0].is_ascii_alphabetic()
-            || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            || !scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
         {
             return Err(UriError::NoScheme);
         }
@@ -276,7 +290,9 @@ impl Uri {
 
     /// The user part with %-escapes resolved.
     pub fn user_unescaped(&self) -> Option<String> {
-        self.user.as_deref().map(|u| unescape(u).unwrap_or_else(|_| u.to_string()))
+        self.user
+            .as_deref()
+            .map(|u| unescape(u).unwrap_or_else(|_| u.to_string()))
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
@@ -293,11 +309,17 @@ impl Uri {
 
     /// `transport=` parameter, lowercased.
     pub fn transport(&self) -> Option<String> {
-        self.param("transport").flatten().map(|t| t.to_ascii_lowercase())
+        self.param("transport")
+            .flatten()
+            .map(|t| t.to_ascii_lowercase())
     }
 
     pub fn host_ip(&self) -> Option<IpAddr> {
-        self.host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+        self.host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
     }
 
     /// `user@host` with the user unescaped: the address-of-record key.
@@ -342,7 +364,10 @@ pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), UriError> {
     if host.is_empty() {
         return Err(UriError::EmptyHost);
     }
-    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    {
         return Err(UriError::BadHost);
     }
     Ok((host.to_string(), port))
@@ -408,7 +433,11 @@ impl NameAddr {
             } else {
                 Some(display.to_string())
             };
-            Ok(NameAddr { display, uri, params })
+            Ok(NameAddr {
+                display,
+                uri,
+                params,
+            })
         } else {
             if s.contains('"') {
                 // A quoted display name needs the URI in <>; an unbalanced one is quotbal.
@@ -489,8 +518,7 @@ fn check_display(d: &str) -> Result<(), UriError> {
             None => Err(UriError::UnterminatedQuote),
         };
     }
-    if d
-        .bytes()
+    if d.bytes()
         .all(|b| is_token_char(b) || b == b' ' || b == b'\t' || b >= 0x80)
     {
         Ok(())
@@ -603,7 +631,9 @@ fn take_token(s: &str) -> Result<(&str, &str), UriError> {
 
 /// SLASH = SWS "/" SWS.
 fn expect_slash(s: &str) -> Result<&str, UriError> {
-    s.trim_start_matches(LWS).strip_prefix('/').ok_or(UriError::BadVia)
+    s.trim_start_matches(LWS)
+        .strip_prefix('/')
+        .ok_or(UriError::BadVia)
 }
 
 impl fmt::Display for Via {

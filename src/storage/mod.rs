@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod db;
+pub mod threshold;
 
 pub use accounts::{Account, AccountError, AccountView, Accounts};
 pub use db::{Db, DbError};

@@ -1,0 +1,1264 @@
+//! Shared integration-test harness (`mod common;` in each test file).
+//!
+//! - [`PortBlock`]: consecutive loopback ports free for UDP and TCP, held by lock files so
+//!   tests running in parallel (threads or nextest processes) never get the same ones.
+//! - [`Server`]: writes a config into a temp dir, spawns `callvault serve --config`, waits for
+//!   its `ready` line, kills it on drop (SIGTERM, then SIGKILL).
+//! - [`Sipp`]: runs a scenario from `sip-scenarios/` and parses its final statistics
+//!   (`-trace_stat` CSV) into a [`SippResult`].
+//! - [`fetch_metrics`] / [`metric_value`]: `/metrics` over plain HTTP/1.1 on a TcpStream.
+//! - [`RtpCapture`]: counts the RTP each SIPp end receives. SIPp never reads incoming RTP, so
+//!   the count comes from a `tcpdump -i lo --immediate-mode` capture of the destination media
+//!   ports, started before the calls and parsed here (pcap is simple; no tshark needed). The
+//!   capture counts only RTP version 2 packets, per destination port. Capturing needs root or
+//!   CAP_NET_RAW: without it [`RtpCapture::start`] returns `None` and the test skips, unless
+//!   `CALLVAULT_REQUIRE_TOOLS=1` (set by `scripts/test`, so CI never skips silently).
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The SIPp scenarios, their audio and run.sh.
+pub fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("sip-scenarios")
+}
+
+/// Tests call this for every external tool they need: `false` means "skip this test" (the
+/// caller returns early after the message), unless `CALLVAULT_REQUIRE_TOOLS=1`, which turns a
+/// missing tool into a failure.
+pub fn tool_available(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        skip_or_fail(&format!("{tool} is not installed"));
+    }
+    found
+}
+
+fn tools_required() -> bool {
+    std::env::var("CALLVAULT_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+fn skip_or_fail(why: &str) {
+    if tools_required() {
+        panic!("{why} (CALLVAULT_REQUIRE_TOOLS=1)");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports
+
+/// Where blocks are searched. Below callvault's default RTP range (20000-29999) and the
+/// kernel's ephemeral range (32768+), so neither a default callvault nor outgoing sockets
+/// collide with us.
+const PORT_SEARCH: std::ops::Range<u16> = 10000..19900;
+
+fn port_lock_dir() -> PathBuf {
+    std::env::temp_dir().join("callvault-test-ports")
+}
+
+/// `count` consecutive ports on 127.0.0.1, each bindable for UDP and TCP when reserved.
+/// Lock files (one per port) keep other tests off them until the block is dropped.
+pub struct PortBlock {
+    pub base: u16,
+    pub count: u16,
+    locks: Vec<PathBuf>,
+}
+
+impl PortBlock {
+    pub fn reserve(count: u16) -> PortBlock {
+        assert!(count > 0 && count < 1000);
+        let dir = port_lock_dir();
+        fs::create_dir_all(&dir).unwrap();
+        let span = u64::from(PORT_SEARCH.end - PORT_SEARCH.start - count);
+        // Start somewhere different in each process so parallel test processes rarely race;
+        // even bases, since RTP ranges want even starts.
+        let start = (u64::from(std::process::id()) ^ now_nanos()) % span;
+        let step = u64::from(count + (count & 1));
+        for i in 0..span / step {
+            let base = PORT_SEARCH.start + ((start + i * step) % span) as u16 & !1;
+            if let Some(block) = Self::try_take(&dir, base, count) {
+                return block;
+            }
+        }
+        panic!("no {count} consecutive free ports in {PORT_SEARCH:?}");
+    }
+
+    fn try_take(dir: &Path, base: u16, count: u16) -> Option<PortBlock> {
+        let mut block = PortBlock {
+            base,
+            count,
+            locks: Vec::new(),
+        };
+        for port in base..base + count {
+            let lock = dir.join(port.to_string());
+            if !take_lock(&lock) {
+                return None; // drop releases what we took
+            }
+            block.locks.push(lock);
+            if !port_is_free(port) {
+                return None;
+            }
+        }
+        Some(block)
+    }
+
+    pub fn port(&self, i: u16) -> u16 {
+        assert!(i < self.count, "port {i} outside a block of {}", self.count);
+        self.base + i
+    }
+}
+
+impl Drop for PortBlock {
+    fn drop(&mut self) {
+        for l in &self.locks {
+            let _ = fs::remove_file(l);
+        }
+    }
+}
+
+fn take_lock(path: &Path) -> bool {
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A lock left by a killed test run: reclaim after an hour.
+            let stale = fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            stale
+                && fs::remove_file(path).is_ok()
+                && OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// True when nothing is bound to 127.0.0.1:port, for UDP nor TCP.
+pub fn port_is_free(port: u16) -> bool {
+    UdpSocket::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// One free port (UDP and TCP) for the life of the returned block.
+pub fn free_port() -> PortBlock {
+    PortBlock::reserve(1)
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Waits until something is bound to 127.0.0.1:port for the transport (our own bind fails).
+pub fn wait_bound(port: u16, transport: Transport, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let bound = match transport {
+            Transport::Udp => UdpSocket::bind(("127.0.0.1", port)).is_err(),
+            Transport::Tcp => TcpListener::bind(("127.0.0.1", port)).is_err(),
+        };
+        if bound {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// SIGTERM, up to `grace` for the process to exit, then SIGKILL. std only has SIGKILL, so the
+/// TERM goes through kill(1).
+fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(st)) = child.try_wait() {
+        return Some(st);
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// callvault
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+    fn sipp_flag(self) -> &'static str {
+        match self {
+            Transport::Udp => "u1",
+            Transport::Tcp => "t1",
+        }
+    }
+}
+
+/// What goes into the test config. `ServerConfig::new()` gives fresh ports, loopback trusted
+/// and no route; set `route_to` to send calls to a UAS.
+pub struct ServerConfig {
+    pub domain: String,
+    pub trust_loopback: bool,
+    pub route_to: Option<(u16, Transport)>,
+    /// Extra TOML appended verbatim (more sections, `[[route]]`s, ...).
+    pub extra: String,
+    /// SIP (index 0) and HTTP (index 1) ports.
+    pub ports: PortBlock,
+    /// callvault's RTP range (even start, 200 ports = 100 calls' worth of legs).
+    pub rtp: PortBlock,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerConfig {
+    pub fn new() -> ServerConfig {
+        ServerConfig {
+            domain: "example.com".into(),
+            trust_loopback: true,
+            route_to: None,
+            extra: String::new(),
+            ports: PortBlock::reserve(2),
+            rtp: PortBlock::reserve(200),
+        }
+    }
+
+    pub fn sip_port(&self) -> u16 {
+        self.ports.port(0)
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.ports.port(1)
+    }
+
+    /// The TOML text; storage paths under `dir`.
+    pub fn to_toml(&self, dir: &Path) -> String {
+        let sip = self.sip_port();
+        let data = dir.join("data");
+        let mut t = String::new();
+        writeln!(t, "[sip]").unwrap();
+        writeln!(
+            t,
+            "listen = [\"udp:127.0.0.1:{sip}\", \"tcp:127.0.0.1:{sip}\"]"
+        )
+        .unwrap();
+        writeln!(t, "domain = {:?}", self.domain).unwrap();
+        writeln!(t, "public_address = \"127.0.0.1\"").unwrap();
+        writeln!(t, "\n[media]").unwrap();
+        writeln!(
+            t,
+            "rtp_ports = [{}, {}]",
+            self.rtp.base,
+            self.rtp.base + self.rtp.count - 1
+        )
+        .unwrap();
+        writeln!(t, "\n[http]\nlisten = \"127.0.0.1:{}\"", self.http_port()).unwrap();
+        writeln!(t, "\n[storage]").unwrap();
+        writeln!(t, "data_dir = {:?}", data.display().to_string()).unwrap();
+        writeln!(
+            t,
+            "metadata = {:?}",
+            format!("sqlite://{}", data.join("callvault.db").display())
+        )
+        .unwrap();
+        if self.trust_loopback {
+            writeln!(t, "\n[[trusted_peer]]\ncidr = \"127.0.0.0/8\"").unwrap();
+        }
+        if let Some((port, transport)) = self.route_to {
+            writeln!(
+                t,
+                "\n[[route]]\nprefix = \"\"\ntarget = \"127.0.0.1:{port}\"\ntransport = \"{}\"",
+                transport.as_str()
+            )
+            .unwrap();
+        }
+        if !self.extra.is_empty() {
+            writeln!(t, "\n{}", self.extra).unwrap();
+        }
+        t
+    }
+}
+
+/// A running `callvault serve`. Dropping it stops the process (SIGTERM, then SIGKILL after 5 s).
+pub struct Server {
+    pub config: ServerConfig,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn callvault_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_callvault")
+}
+
+impl Server {
+    /// Writes the config without starting anything (for `account add` before `start`).
+    pub fn prepare(config: ServerConfig) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("callvault.toml");
+        fs::create_dir_all(dir.path().join("data")).unwrap();
+        fs::write(&config_path, config.to_toml(dir.path())).unwrap();
+        Server {
+            config,
+            dir,
+            config_path,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
+    /// `prepare` + `start`.
+    pub fn spawn(config: ServerConfig) -> Server {
+        let mut s = Server::prepare(config);
+        s.start();
+        s
+    }
+
+    /// Spawns `callvault serve --config FILE` and waits up to 20 s for the line announcing
+    /// `ready` on stderr or stdout. Panics with the captured log when it exits or times out.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "server already started");
+        let mut child = Command::new(callvault_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("CALLVAULT_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn callvault");
+        let (tx, rx) = mpsc::channel::<()>();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = Arc::clone(&self.log);
+            let tx = tx.clone();
+            // Keep draining after `ready` so the server never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let ready = is_ready_line(&line);
+                    if let Ok(mut l) = log.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                    if ready {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        std::thread::sleep(Duration::from_millis(100)); // let readers finish
+                        panic!("callvault exited ({st}) before ready:\n{}", self.log());
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = terminate(&mut child, Duration::from_secs(2));
+                        panic!("callvault not ready within {READY_TIMEOUT:?}:\n{}", self.log());
+                    }
+                }
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn sip_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.config.sip_port()))
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.config.http_port()))
+    }
+
+    /// Everything the server printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// `callvault account add USER --password P --pin N --quota Q --config FILE`.
+    pub fn account_add(&self, user: &str, password: &str, pin: &str, quota: &str) {
+        account_add(&self.config_path, user, password, pin, quota);
+    }
+
+    /// Stops the server (SIGTERM, 5 s grace, SIGKILL) and returns its exit status.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| terminate(c, Duration::from_secs(5)))
+    }
+
+    pub fn metrics(&self) -> String {
+        fetch_metrics(self.http_addr()).unwrap_or_else(|e| panic!("GET /metrics: {e}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The server's "ready" line (PROTOCOL.md 4): the word `ready`, e.g.
+/// `INFO callvault::server: ready sip=udp:127.0.0.1:5060 http=127.0.0.1:8080`.
+pub fn is_ready_line(line: &str) -> bool {
+    line.split(|c: char| c.is_whitespace() || c == ':')
+        .any(|w| w == "ready")
+}
+
+pub fn account_add(config: &Path, user: &str, password: &str, pin: &str, quota: &str) {
+    let out = Command::new(callvault_bin())
+        .args(["account", "add", user, "--password", password, "--pin", pin])
+        .args(["--quota", quota])
+        .arg("--config")
+        .arg(config)
+        .env_remove("CALLVAULT_CONFIG")
+        .output()
+        .expect("run callvault account add");
+    assert!(
+        out.status.success(),
+        "callvault account add {user} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP /metrics
+
+/// `GET /metrics` with HTTP/1.1 on a plain TcpStream (`Connection: close`); the body, with
+/// chunked transfer coding undone.
+pub fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    if status != 200 {
+        return Err(format!("status {status}: {body}"));
+    }
+    Ok(body)
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    parse_http_response(&raw)
+}
+
+pub fn parse_http_response(raw: &[u8]) -> Result<(u16, String), String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut body = raw[split + 4..].to_vec();
+    let status: u16 = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size")?;
+        let size_text = String::from_utf8_lossy(&b[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {size_text:?}: {e}"))?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if b.len() < size + 2 {
+            return Err("truncated chunk".into());
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// The value of one sample in Prometheus text format: `name` with exactly these labels (any
+/// order), or, with `labels` empty, the sample without labels. None when absent.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    parse_samples(text)
+        .into_iter()
+        .find(|s| s.name == name && s.labels == want)
+        .map(|s| s.value)
+}
+
+/// Sum of every sample of `name` whatever its labels (e.g. all outcomes of a counter).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    parse_samples(text)
+        .into_iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .sum()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    /// Sorted by label name.
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+pub fn parse_samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, labels, rest) = match line.find('{') {
+            Some(open) => {
+                let Some(close) = line.rfind('}') else {
+                    continue;
+                };
+                (&line[..open], parse_labels(&line[open + 1..close]), &line[close + 1..])
+            }
+            None => match line.split_once(char::is_whitespace) {
+                Some((n, r)) => (n, Vec::new(), r),
+                None => continue,
+            },
+        };
+        let Some(v) = rest.split_whitespace().next() else {
+            continue;
+        };
+        let value = match v {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => match v.parse() {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+        };
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
+        let after = &rest[eq + 1..];
+        let Some(after) = after.strip_prefix('"') else {
+            break;
+        };
+        let mut val = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        val.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => val.push(c),
+            }
+        }
+        out.push((key, val));
+        rest = &after[end..];
+    }
+    out.sort();
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIPp
+
+/// One SIPp instance. `Sipp::uac("basic", target)` / `Sipp::uas("basic")` pick
+/// `sip-scenarios/basic_uac.xml` / `basic_uas.xml`; SIPp runs with the scenarios directory as
+/// its working directory (the scenarios name their audio relative to it) and writes its
+/// statistics, screen, errors and message trace into a temp dir.
+pub struct Sipp {
+    scenario: PathBuf,
+    role: &'static str,
+    target: Option<SocketAddr>,
+    port: u16,
+    media_port: u16,
+    calls: u32,
+    rate: f64,
+    limit: Option<u32>,
+    transport: Transport,
+    service: String,
+    auth: (String, String),
+    domain: String,
+    timeout: Duration,
+    trace_msg: bool,
+    extra: Vec<String>,
+}
+
+impl Sipp {
+    /// The caller of scenario `name` (`NAME_uac.xml`), sending to `target`.
+    pub fn uac(name: &str, target: SocketAddr) -> Sipp {
+        let mut s = Sipp::new(scenarios_dir().join(format!("{name}_uac.xml")), "uac");
+        s.target = Some(target);
+        s.service = if name == "register" { "1001" } else { "1002" }.into();
+        s
+    }
+
+    /// The callee of scenario `name` (`NAME_uas.xml`).
+    pub fn uas(name: &str) -> Sipp {
+        Sipp::new(scenarios_dir().join(format!("{name}_uas.xml")), "uas")
+    }
+
+    /// Any scenario file; `role` only names the output files.
+    pub fn new(scenario: PathBuf, role: &'static str) -> Sipp {
+        Sipp {
+            scenario,
+            role,
+            target: None,
+            port: 0,
+            media_port: 0,
+            calls: 1,
+            rate: 10.0,
+            limit: None,
+            transport: Transport::Udp,
+            service: "1002".into(),
+            auth: ("1001".into(), "secret".into()),
+            domain: "example.com".into(),
+            timeout: Duration::from_secs(60),
+            trace_msg: true,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn port(mut self, p: u16) -> Self {
+        self.port = p;
+        self
+    }
+    /// SIPp's `-mp`: the pcap is sent from here and the SDP names it. SIPp also binds P+2.
+    pub fn media_port(mut self, p: u16) -> Self {
+        self.media_port = p;
+        self
+    }
+    pub fn calls(mut self, n: u32) -> Self {
+        self.calls = n;
+        self
+    }
+    pub fn rate(mut self, r: f64) -> Self {
+        self.rate = r;
+        self
+    }
+    pub fn limit(mut self, l: u32) -> Self {
+        self.limit = Some(l);
+        self
+    }
+    pub fn transport(mut self, t: Transport) -> Self {
+        self.transport = t;
+        self
+    }
+    /// `-s`: the user dialled (the AOR user for register).
+    pub fn service(mut self, s: &str) -> Self {
+        self.service = s.into();
+        self
+    }
+    /// `-au/-ap` for the UAC; the same pair is given to the register stand-in as keys.
+    pub fn auth(mut self, user: &str, password: &str) -> Self {
+        self.auth = (user.into(), password.into());
+        self
+    }
+    pub fn domain(mut self, d: &str) -> Self {
+        self.domain = d.into();
+        self
+    }
+    /// SIPp's global `-timeout` (with `-timeout_error`); `wait` allows 10 s more.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    /// Keep the full message trace (on by default; off for big runs).
+    pub fn trace_messages(mut self, on: bool) -> Self {
+        self.trace_msg = on;
+        self
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+
+    /// The command line (without the program name) for output files in `out`.
+    pub fn args(&self, out: &Path) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        if let Some(t) = self.target {
+            a.push(t.to_string());
+        }
+        let f = |n: &str| out.join(format!("{}_{n}", self.role)).display().to_string();
+        a.extend(
+            [
+                "-sf",
+                &self.scenario.display().to_string(),
+                "-i",
+                "127.0.0.1",
+                "-mi",
+                "127.0.0.1",
+                "-t",
+                self.transport.sipp_flag(),
+                "-m",
+                &self.calls.to_string(),
+                "-r",
+                &self.rate.to_string(),
+                "-s",
+                &self.service,
+                "-au",
+                &self.auth.0,
+                "-ap",
+                &self.auth.1,
+                "-key",
+                "auth_user",
+                &self.auth.0,
+                "-key",
+                "auth_pass",
+                &self.auth.1,
+                "-key",
+                "domain",
+                &self.domain,
+                "-nostdin",
+                "-timeout",
+                &format!("{}s", self.timeout.as_secs().max(1)),
+                "-timeout_error",
+                "-trace_stat",
+                "-stf",
+                &f("stat.csv"),
+                "-fd",
+                "1",
+                "-trace_screen",
+                "-screen_file",
+                &f("screen.log"),
+                "-trace_err",
+                "-error_file",
+                &f("errors.log"),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        if self.trace_msg {
+            a.extend(["-trace_msg".into(), "-message_file".into(), f("messages.log")]);
+        }
+        if self.port != 0 {
+            a.extend(["-p".into(), self.port.to_string()]);
+        }
+        if self.media_port != 0 {
+            a.extend(["-mp".into(), self.media_port.to_string()]);
+        }
+        if let Some(l) = self.limit {
+            a.extend(["-l".into(), l.to_string()]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+
+    /// Starts SIPp. A UAS with a fixed port is waited for until its SIP socket is bound, so a
+    /// UAC started right after cannot lose its first request.
+    pub fn spawn(self) -> SippRun {
+        let out = tempfile::Builder::new()
+            .prefix(&format!("sipp-{}-", self.role))
+            .tempdir()
+            .unwrap();
+        let args = self.args(out.path());
+        let stdout = File::create(out.path().join(format!("{}_stdout.log", self.role))).unwrap();
+        let stderr = stdout.try_clone().unwrap();
+        let child = Command::new("sipp")
+            .args(&args)
+            .current_dir(scenarios_dir())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn sipp (apt-get install sip-tester)");
+        let run = SippRun {
+            child,
+            out,
+            role: self.role,
+            args,
+            timeout: self.timeout + Duration::from_secs(10),
+        };
+        if self.target.is_none() && self.port != 0 {
+            let bound = wait_bound(self.port, self.transport, Duration::from_secs(10));
+            if !bound {
+                let r = run.wait();
+                panic!("SIPp {} never bound port {}: {r}", self.role, self.port);
+            }
+        }
+        run
+    }
+
+    /// spawn + wait.
+    pub fn run(self) -> SippResult {
+        self.spawn().wait()
+    }
+}
+
+/// A running SIPp; killed on drop if still running.
+pub struct SippRun {
+    child: Child,
+    out: tempfile::TempDir,
+    role: &'static str,
+    args: Vec<String>,
+    timeout: Duration,
+}
+
+impl SippRun {
+    /// Waits for SIPp to exit (its own `-timeout` + 10 s, then SIGTERM/SIGKILL) and parses
+    /// its final statistics.
+    pub fn wait(mut self) -> SippResult {
+        let status = match wait_timeout(&mut self.child, self.timeout) {
+            Some(st) => Some(st),
+            None => {
+                terminate(&mut self.child, Duration::from_secs(2));
+                None
+            }
+        };
+        self.result(status)
+    }
+
+    /// Where SIPp writes its logs (kept until the run is dropped).
+    pub fn out_dir(&self) -> &Path {
+        self.out.path()
+    }
+
+    fn result(&self, status: Option<ExitStatus>) -> SippResult {
+        let read = |n: &str| {
+            fs::read_to_string(self.out.path().join(format!("{}_{n}", self.role)))
+                .unwrap_or_default()
+        };
+        let stats = parse_stat_csv(&read("stat.csv"));
+        SippResult::from_stats(
+            self.role,
+            status.and_then(|s| s.code()),
+            stats,
+            read("screen.log"),
+            read("errors.log"),
+            read("stdout.log"),
+            read("messages.log"),
+            self.args.join(" "),
+        )
+    }
+}
+
+impl Drop for SippRun {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            terminate(&mut self.child, Duration::from_secs(1));
+        }
+    }
+}
+
+/// SIPp's outcome: exit code plus the cumulative counters of the last `-trace_stat` row.
+/// Exit codes (SIPp 3.6): 0 all calls successful, 1 at least one failed, 97 stopped by an
+/// internal command, 99 normal exit without calls processed, 255 fatal error.
+#[derive(Debug, Clone, Default)]
+pub struct SippResult {
+    pub role: String,
+    /// None when SIPp had to be killed (or died from a signal).
+    pub exit_code: Option<i32>,
+    pub created: u64,
+    pub successful: u64,
+    pub failed: u64,
+    pub unexpected: u64,
+    pub timeouts: u64,
+    pub regexp_failed: u64,
+    pub max_udp_retrans: u64,
+    pub tcp_closed: u64,
+    pub retransmissions: u64,
+    pub out_of_call: u64,
+    pub dead_call: u64,
+    /// Every `(C)` (cumulative) column of the last row, by name without the suffix.
+    pub stats: BTreeMap<String, String>,
+    pub screen: String,
+    pub errors: String,
+    pub stdout: String,
+    pub messages: String,
+    pub command: String,
+}
+
+/// Header and last row of a `-trace_stat` CSV (`;`-separated), as name -> value.
+pub fn parse_stat_csv(text: &str) -> BTreeMap<String, String> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let Some(header) = lines.next() else {
+        return BTreeMap::new();
+    };
+    let Some(last) = lines.last() else {
+        return BTreeMap::new();
+    };
+    header
+        .split(';')
+        .zip(last.split(';'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+impl SippResult {
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_stats(
+        role: &str,
+        exit_code: Option<i32>,
+        raw: BTreeMap<String, String>,
+        screen: String,
+        errors: String,
+        stdout: String,
+        messages: String,
+        command: String,
+    ) -> SippResult {
+        let c = |k: &str| {
+            raw.get(&format!("{k}(C)"))
+                .or_else(|| raw.get(k))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let stats = raw
+            .iter()
+            .filter_map(|(k, v)| k.strip_suffix("(C)").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        SippResult {
+            role: role.into(),
+            exit_code,
+            created: c("TotalCallCreated"),
+            successful: c("SuccessfulCall"),
+            failed: c("FailedCall"),
+            unexpected: c("FailedUnexpectedMessage"),
+            timeouts: c("FailedTimeoutOnRecv") + c("FailedTimeoutOnSend"),
+            regexp_failed: c("FailedRegexpDoesntMatch") + c("FailedRegexpHdrNotFound"),
+            max_udp_retrans: c("FailedMaxUDPRetrans"),
+            tcp_closed: c("FailedTcpClosed"),
+            retransmissions: c("Retransmissions"),
+            out_of_call: c("OutOfCallMsgs"),
+            dead_call: c("DeadCallMsgs"),
+            stats,
+            screen,
+            errors,
+            stdout,
+            messages,
+            command,
+        }
+    }
+
+    /// Exit code 0 and exactly `calls` successful calls, none failed.
+    pub fn all_successful(&self, calls: u64) -> bool {
+        self.exit_code == Some(0) && self.successful == calls && self.failed == 0
+    }
+
+    /// Panics with the screen, errors and the tail of the message trace unless
+    /// [`all_successful`](Self::all_successful).
+    pub fn assert_successful(&self, calls: u64) {
+        assert!(self.all_successful(calls), "{self}");
+    }
+}
+
+impl std::fmt::Display for SippResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "SIPp {}: exit={:?} created={} successful={} failed={} unexpected={} timeouts={} \
+             regexp_failed={} max_udp_retrans={} tcp_closed={} retransmissions={}",
+            self.role,
+            self.exit_code,
+            self.created,
+            self.successful,
+            self.failed,
+            self.unexpected,
+            self.timeouts,
+            self.regexp_failed,
+            self.max_udp_retrans,
+            self.tcp_closed,
+            self.retransmissions
+        )?;
+        writeln!(f, "command: sipp {}", self.command)?;
+        writeln!(f, "--- screen ---\n{}", self.screen)?;
+        writeln!(f, "--- errors ---\n{}", self.errors)?;
+        writeln!(f, "--- stdout ---\n{}", tail(&self.stdout, 40))?;
+        write!(f, "--- messages (tail) ---\n{}", tail(&self.messages, 120))
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// RTP counting
+
+/// A `tcpdump` capture on `lo` of UDP to the given destination ports.
+pub struct RtpCapture {
+    child: Child,
+    file: PathBuf,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+/// RTP packets (version 2) received per destination port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RtpCounts {
+    pub by_port: BTreeMap<u16, u64>,
+    /// Packets by (destination port, payload type).
+    pub by_port_pt: BTreeMap<(u16, u8), u64>,
+}
+
+impl RtpCounts {
+    pub fn to_port(&self, port: u16) -> u64 {
+        self.by_port.get(&port).copied().unwrap_or(0)
+    }
+}
+
+impl RtpCapture {
+    /// Starts capturing UDP to `ports` on lo and waits until tcpdump reports it is listening.
+    /// `None` (after a SKIPPED message) when tcpdump is missing or may not capture; panics
+    /// instead with `CALLVAULT_REQUIRE_TOOLS=1`.
+    pub fn start(ports: &[u16]) -> Option<RtpCapture> {
+        assert!(!ports.is_empty());
+        if !tool_available("tcpdump") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rtp.pcap");
+        let errlog = dir.path().join("tcpdump.log");
+        let filter = format!(
+            "udp and ({})",
+            ports
+                .iter()
+                .map(|p| format!("dst port {p}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        );
+        // --immediate-mode: otherwise libpcap delivers in blocks on a 1 s timeout and the last
+        // packets of a call are lost when the capture is stopped soon after it.
+        let mut child = Command::new("tcpdump")
+            .args(["-i", "lo", "-n", "-U", "--immediate-mode", "-s", "256", "-w"])
+            .arg(&file)
+            .arg(&filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&errlog).unwrap())
+            .spawn()
+            .expect("spawn tcpdump");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = fs::read_to_string(&errlog).unwrap_or_default();
+            if log.contains("listening on") {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                skip_or_fail(&format!("tcpdump cannot capture on lo ({st}): {}", log.trim()));
+                return None;
+            }
+            if Instant::now() >= deadline {
+                terminate(&mut child, Duration::from_secs(1));
+                skip_or_fail(&format!("tcpdump did not start: {}", log.trim()));
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(RtpCapture {
+            child,
+            file,
+            ports: ports.to_vec(),
+            _dir: dir,
+        })
+    }
+
+    /// Stops the capture (SIGINT lets tcpdump flush) and counts.
+    pub fn stop(mut self) -> RtpCounts {
+        std::thread::sleep(Duration::from_millis(200)); // packets still in flight on lo
+        signal(&self.child, "INT");
+        if wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
+            terminate(&mut self.child, Duration::from_secs(1));
+        }
+        let data = fs::read(&self.file).unwrap_or_default();
+        count_rtp(&data).unwrap_or_else(|e| panic!("reading capture: {e}"))
+    }
+}
+
+impl Drop for RtpCapture {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            terminate(&mut self.child, Duration::from_secs(1));
+        }
+    }
+}
+
+/// Counts RTP v2 packets per UDP destination port in a classic pcap file (microsecond or
+/// nanosecond, either byte order; link types Ethernet, raw IP, Linux cooked v1/v2).
+pub fn count_rtp(pcap: &[u8]) -> Result<RtpCounts, String> {
+    let mut counts = RtpCounts::default();
+    if pcap.is_empty() {
+        return Ok(counts);
+    }
+    if pcap.len() < 24 {
+        return Err("pcap shorter than its header".into());
+    }
+    let magic = u32::from_le_bytes([pcap[0], pcap[1], pcap[2], pcap[3]]);
+    let le = match magic {
+        0xa1b2c3d4 | 0xa1b23c4d => true,
+        0xd4c3b2a1 | 0x4d3cb2a1 => false,
+        m => return Err(format!("not a pcap file (magic {m:#x})")),
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    let linktype = u32_at(pcap, 20);
+    let l2_len = match linktype {
+        1 => 14,   // Ethernet (what Linux lo gives)
+        101 => 0,  // raw IP
+        113 => 16, // Linux cooked v1
+        276 => 20, // Linux cooked v2
+        other => return Err(format!("unsupported link type {other}")),
+    };
+    let mut off = 24;
+    while off + 16 <= pcap.len() {
+        let incl = u32_at(pcap, off + 8) as usize;
+        let start = off + 16;
+        let end = start + incl;
+        if end > pcap.len() {
+            break; // a capture cut off mid-record
+        }
+        let frame = &pcap[start..end];
+        off = end;
+        if let Some((port, pt)) = rtp_in_frame(frame, l2_len) {
+            *counts.by_port.entry(port).or_default() += 1;
+            *counts.by_port_pt.entry((port, pt)).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// (UDP destination port, RTP payload type) when the frame is IPv4/UDP carrying RTP v2.
+fn rtp_in_frame(frame: &[u8], l2_len: usize) -> Option<(u16, u8)> {
+    let ip = frame.get(l2_len..)?;
+    if ip.first()? >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    if *ip.get(9)? != 17 {
+        return None;
+    }
+    let udp = ip.get(ihl..)?;
+    let dport = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+    let rtp = udp.get(8..)?;
+    if rtp.len() < 12 || rtp[0] >> 6 != 2 {
+        return None;
+    }
+    // RTCP shares version 2; its packet types 200-204 land in PT 72-76 with the marker set.
+    let pt = rtp[1] & 0x7f;
+    if (72..=76).contains(&pt) {
+        return None;
+    }
+    Some((dport, pt))
+}
