@@ -253,7 +253,7 @@ impl<M: MediaBackend> Engine<M> {
             },
             SipMessage::Response(resp) => match self.tx.on_response(resp, peer, now) {
                 ClientInput::Response(id, resp) => self.on_response(id, resp, now),
-                ClientInput::Retransmission2xx(id, _) => self.resend_ack(id),
+                ClientInput::Retransmission2xx(id, resp) => self.resend_ack(id, &resp),
                 ClientInput::Absorbed | ClientInput::Unmatched(_) => {}
             },
         }
@@ -698,6 +698,10 @@ impl<M: MediaBackend> Engine<M> {
             Method::Bye => {
                 let resp = req.response(200, None);
                 self.respond(tx, resp, now);
+                // A 2xx whose ACK never came (lost, or BYE sent at once) is ACKed before BYE.
+                for s in [Side::A, Side::B] {
+                    self.ack_pending_2xx(call_key, s);
+                }
                 self.bye_leg(call_key, side.other(), None, now);
                 self.end_call(call_key, CallOutcome::Answered);
             }
@@ -954,7 +958,7 @@ impl<M: MediaBackend> Engine<M> {
         self.respond(server_tx, out, now);
     }
 
-    fn resend_ack(&mut self, id: ClientTxId) {
+    fn resend_ack(&mut self, id: ClientTxId, resp: &Response) {
         let Some((pending, peer)) = self.pending.get(&id).cloned() else {
             return;
         };
@@ -963,8 +967,13 @@ impl<M: MediaBackend> Engine<M> {
             Pending::Relay { call, origin, .. } => (call, origin.other()),
             Pending::Own { call, side, .. } => (call, side),
         };
+        // Only the ACK of this very INVITE: the 2xx of a re-INVITE whose ACK has not come
+        // from the other side yet must not be answered with the previous INVITE's ACK.
+        let seq = resp.cseq().map(|c| c.seq);
         if let Some(ack) = self.calls.get(&call).and_then(|c| c.leg(side).last_ack.clone()) {
-            self.tx.send_ack(&ack, peer);
+            if ack.cseq().map(|c| c.seq) == seq {
+                self.tx.send_ack(&ack, peer);
+            }
         }
     }
 
@@ -1212,7 +1221,10 @@ impl<M: MediaBackend> Engine<M> {
         let text = std::str::from_utf8(body).map_err(|_| AnchorError::Sdp("SDP is not UTF-8".into()))?;
         let mut sdp = SessionDescription::parse(text).map_err(|e| AnchorError::Sdp(e.to_string()))?;
         let ip = self.cfg.public_ip;
-        for idx in 0..sdp.media_count() {
+        // Read every section's address first: rewriting one section rewrites the session-level
+        // `c=` the later sections may inherit.
+        let remotes: Vec<Option<SocketAddr>> = (0..sdp.media_count()).map(|i| sdp.connection_for(i)).collect();
+        for (idx, remote) in remotes.into_iter().enumerate() {
             if idx >= MAX_STREAMS {
                 let _ = sdp.disable_media(idx);
                 continue;
@@ -1227,7 +1239,7 @@ impl<M: MediaBackend> Engine<M> {
             let Some(ports) = self.calls.get(&key).and_then(|c| c.streams.get(idx).copied()) else {
                 continue;
             };
-            self.media.set_remote(key, idx, from, sdp.connection_for(idx));
+            self.media.set_remote(key, idx, from, remote);
             if sdp.media(idx).is_some_and(|m| m.port == 0) {
                 continue;
             }
@@ -1248,10 +1260,7 @@ fn call_caller(calls: &HashMap<CallKey, Call>, key: CallKey) -> String {
     calls.get(&key).map(|c| c.caller.clone()).unwrap_or_default()
 }
 
-fn is_sdp<T: HeaderAccess>(m: &T) -> bool
-where
-    T: HasBody,
-{
+fn is_sdp<T: HeaderAccess + HasBody>(m: &T) -> bool {
     !m.body().is_empty() && m.content_type().as_deref() == Some("application/sdp")
 }
 

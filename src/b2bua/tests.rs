@@ -1299,3 +1299,157 @@ fn b_retransmitted_200_gets_the_ack_again() {
     assert!(out.responses(a()).is_empty(), "nothing new for A");
     assert_eq!(net.eng.active_calls(), 1);
 }
+
+#[test]
+fn b_200_to_reinvite_retransmitted_before_a_acks_gets_no_stale_ack() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "call-stale@a");
+    let mut reinv = from_a(&mut up, Method::Invite);
+    reinv.body = with_sdp(&mut reinv, &sdp(A_MEDIA, "sendonly", 2));
+    let b_reinv = net.req(a(), &reinv).request(b(), Method::Invite);
+    let ok = answer(
+        &b_reinv,
+        200,
+        &[("Content-Type", "application/sdp")],
+        sdp(B_MEDIA, "recvonly", 2).as_bytes(),
+    );
+    net.resp(b(), &ok).response(a(), 200);
+
+    // A has not ACKed yet: the ACK of the first INVITE (CSeq 1) must not answer this 200.
+    let out = net.resp(b(), &ok);
+    assert!(out.requests(b()).is_empty(), "{:?}", out.requests(b()));
+
+    let b_ack = net
+        .req(a(), &up.a_dialog.ack_for(A_CSEQ + 1, via(A)))
+        .request(b(), Method::Ack);
+    assert_eq!(cseq(&b_ack), "2 ACK");
+    // Once ACKed, a retransmitted 200 gets that same ACK again.
+    assert_eq!(net.resp(b(), &ok).request(b(), Method::Ack), b_ack);
+}
+
+#[test]
+fn bye_before_ack_acks_leg_b_first() {
+    let mut net = Net::new();
+    let inv = a_invite(
+        "call-byefirst@a",
+        "1002",
+        Some(&sdp(A_MEDIA, "sendrecv", 1)),
+    );
+    let b_inv = net.req(a(), &inv).request(b(), Method::Invite);
+    let ok = net
+        .resp(
+            b(),
+            &b_answer(&b_inv, 200, Some(&sdp(B_MEDIA, "sendrecv", 1))),
+        )
+        .response(a(), 200);
+    let mut a_dialog = Dialog::uac(&inv, &ok).unwrap();
+    // A's ACK got lost; A hangs up at once.
+    let out = net.req(
+        a(),
+        &a_dialog.new_request(Method::Bye, &a_contact(), via(A)),
+    );
+    out.response(a(), 200);
+    assert_eq!(out.methods(b()), vec!["ACK", "BYE"]);
+    assert_eq!(cseq(&out.request(b(), Method::Ack)), "1 ACK");
+    assert_eq!(net.eng.active_calls(), 0);
+}
+
+#[test]
+fn late_offer_answer_in_ack_is_anchored() {
+    let mut net = Net::new();
+    let inv = a_invite("call-lateoffer@a", "1002", None);
+    let b_inv = net.req(a(), &inv).request(b(), Method::Invite);
+    assert!(b_inv.body.is_empty());
+    let offer = sdp(B_MEDIA, "sendrecv", 1);
+    let ok = net
+        .resp(b(), &b_answer(&b_inv, 200, Some(&offer)))
+        .response(a(), 200);
+    assert_anchored(&ok.body, &offer, PORT_A);
+
+    let a_dialog = Dialog::uac(&inv, &ok).unwrap();
+    let mut ack = a_dialog.ack_for(A_CSEQ, via(A));
+    let ans = sdp(A_MEDIA, "sendrecv", 1);
+    ack.body = with_sdp(&mut ack, &ans);
+    let b_ack = net.req(a(), &ack).request(b(), Method::Ack);
+    assert_eq!(b_ack.content_type().as_deref(), Some("application/sdp"));
+    assert_anchored(&b_ack.body, &ans, PORT_B);
+    assert_eq!(
+        net.media().remote(1, 0, Side::A),
+        Some(sa(A_MEDIA.0, A_MEDIA.1))
+    );
+    assert_eq!(
+        net.media().remote(1, 0, Side::B),
+        Some(sa(B_MEDIA.0, B_MEDIA.1))
+    );
+}
+
+#[test]
+fn each_media_section_gets_its_own_relay() {
+    let mut net = Net::new();
+    let offer = format!(
+        "{}m=video 6002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n",
+        sdp(A_MEDIA, "sendrecv", 1)
+    );
+    let b_inv = net
+        .req(a(), &a_invite("call-video@a", "1002", Some(&offer)))
+        .request(b(), Method::Invite);
+    let s = SessionDescription::parse(std::str::from_utf8(&b_inv.body).unwrap()).unwrap();
+    assert_eq!(s.media_count(), 2);
+    assert_eq!(s.connection_for(0), Some(sa("127.0.0.1", PORT_B)));
+    assert_eq!(s.connection_for(1), Some(sa("127.0.0.1", PORT_B + 4)));
+    assert_eq!(s.codecs(1)[0].format_name(), "H264/90000");
+    assert_eq!(net.media().remote(1, 1, Side::A), Some(sa(A_MEDIA.0, 6002)));
+}
+
+#[test]
+fn in_dialog_cseq_going_backwards_gets_500() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "call-cseq@a");
+    let mut info = from_a(&mut up, Method::Info);
+    info.headers.set("CSeq", format!("{} INFO", A_CSEQ - 1));
+    let out = net.req(a(), &info);
+    assert_eq!(out.statuses(a()), vec![500]);
+    assert!(out.requests(b()).is_empty());
+}
+
+#[test]
+fn relayed_request_unanswered_by_the_other_side_gets_408() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "call-info408@a");
+    let info = custom(from_a(&mut up, Method::Info), "text/plain", b"x");
+    net.req(a(), &info).request(b(), Method::Info);
+    let out = net.run_for(Duration::from_secs(33));
+    assert_eq!(out.statuses(a()), vec![408]);
+    assert_eq!(
+        net.eng.active_calls(),
+        1,
+        "a lost INFO does not end the call"
+    );
+}
+
+#[test]
+fn reinvite_from_b_is_relayed_to_a() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "call-reinv-b@a");
+    let offer = sdp(("127.0.0.3", 7020), "sendonly", 2);
+    let mut reinv = from_b(&mut up, Method::Invite);
+    reinv.body = with_sdp(&mut reinv, &offer);
+    let a_reinv = net.req(b(), &reinv).request(a(), Method::Invite);
+    up.a_dialog.on_request(&a_reinv).unwrap();
+    assert_eq!(cseq(&a_reinv), "1 INVITE");
+    assert_anchored(&a_reinv.body, &offer, PORT_A);
+
+    let ans = sdp(A_MEDIA, "recvonly", 2);
+    let ok = answer(
+        &a_reinv,
+        200,
+        &[("Content-Type", "application/sdp")],
+        ans.as_bytes(),
+    );
+    let b_ok = net.resp(a(), &ok).response(b(), 200);
+    assert_anchored(&b_ok.body, &ans, PORT_B);
+    let b_ack = up.b_dialog.ack_for(1, via(B));
+    let a_ack = net.req(b(), &b_ack).request(a(), Method::Ack);
+    assert_eq!(cseq(&a_ack), "1 ACK");
+    assert_eq!(a_ack.to_tag(), ok.to_tag());
+}

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod db;
+pub mod segments;
 pub mod threshold;
 
 pub use accounts::{Account, AccountError, AccountView, Accounts};
