@@ -7,8 +7,9 @@
 #           (files SCENARIO_uac.xml / SCENARIO_uas.xml in this directory).
 # TARGET:   host:port the UAC sends to; default 127.0.0.1:5060 (callvault's default listen).
 #
-# For the call scenarios the UAS is started on 127.0.0.1:--uas-port (default 5070, where the
-# default config routes calls), so `run.sh basic` tests a call through a running callvault.
+# For the call scenarios the UAS is started on --local-ip:--uas-port (default 5070, where
+# config/examples/sipp-local.toml routes every call), so with callvault serving that config
+# `run.sh basic` is a call through callvault.
 # register and malformed are answered by callvault itself; their UAS files are stand-ins that
 # only run with --direct. --direct runs the UAC straight at the local UAS (no callvault): the
 # self-check of the scenarios.
@@ -29,6 +30,8 @@
 #                     (defaults 6000 / 6100; SIPp may also use P+2 for video)
 #   --capture         count RTP received at each end with tcpdump on lo (needs root or
 #                     CAP_NET_RAW); prints "RTP received: uac=N uas=M"
+#   --local-ip IP     address SIPp binds for SIP and media (default 127.0.0.1; in the docker
+#                     lab, the container's address)
 #   --timeout S       give up after S seconds (default 120)
 #   --out DIR         keep logs, stat CSVs and message traces in DIR (default: a temp dir)
 #   -q                print only the summary lines, not SIPp's screens
@@ -47,7 +50,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit "
 
 calls=1 rate=10 limit="" transport=u1 service="" auth_user=1001 auth_pass=secret
 domain=example.com direct=0 start_uas=1 uas_port=5070 uac_port=5061
-uac_mp=6000 uas_mp=6100 capture=0 timeout=120 out="" quiet=0 extra=()
+uac_mp=6000 uas_mp=6100 capture=0 timeout=120 out="" quiet=0 extra=() local_ip=127.0.0.1
 scenario="" target=127.0.0.1:5060
 
 while [ $# -gt 0 ]; do
@@ -67,6 +70,7 @@ while [ $# -gt 0 ]; do
         --uac-media-port) uac_mp=$2; shift 2 ;;
         --uas-media-port) uas_mp=$2; shift 2 ;;
         --capture) capture=1; shift ;;
+        --local-ip) local_ip=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         -q) quiet=1; shift ;;
@@ -98,7 +102,7 @@ fi
 case "$scenario" in register|malformed) [ "$direct" = 1 ] || start_uas=0 ;; esac
 if [ "$direct" = 1 ]; then
     start_uas=1
-    target="127.0.0.1:$uas_port"
+    target="$local_ip:$uas_port"
 fi
 
 if [ -z "$out" ]; then out=$(mktemp -d "${TMPDIR:-/tmp}/callvault-sipp.XXXXXX"); fi
@@ -111,7 +115,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-common=(-i 127.0.0.1 -t "$transport" -nostdin -timeout "${timeout}s" -timeout_error
+common=(-i "$local_ip" -t "$transport" -nostdin -timeout "${timeout}s" -timeout_error
         -trace_stat -fd 1 -trace_screen -trace_err)
 # Full message traces only for small runs: they grow by kilobytes per call.
 if [ "$calls" -le 20 ]; then common+=(-trace_msg); fi
@@ -119,7 +123,7 @@ if [ "$calls" -le 20 ]; then common+=(-trace_msg); fi
 uas_pid=""
 if [ "$start_uas" = 1 ]; then
     [ -f "$uas_xml" ] || { echo "run.sh: no scenario $uas_xml" >&2; exit 2; }
-    sipp -sf "$uas_xml" -p "$uas_port" -mi 127.0.0.1 -mp "$uas_mp" -m "$calls" \
+    sipp -sf "$uas_xml" -p "$uas_port" -mi "$local_ip" -mp "$uas_mp" -m "$calls" \
         -key auth_user "$auth_user" -key auth_pass "$auth_pass" "${common[@]}" \
         -stf "$out/uas_stat.csv" -screen_file "$out/uas_screen.log" \
         -error_file "$out/uas_errors.log" -message_file "$out/uas_messages.log" \
@@ -143,7 +147,9 @@ if [ "$capture" = 1 ]; then
     command -v tcpdump >/dev/null || { echo "run.sh: --capture needs tcpdump" >&2; exit 2; }
     # --immediate-mode: without it libpcap hands packets over in blocks on a 1 s timeout and
     # the last ones are lost when tcpdump is stopped soon after the call.
-    tcpdump -i lo -n -U --immediate-mode -w "$out/rtp.pcap" "udp and (dst port $uac_mp or dst port $uas_mp)" \
+    iface=lo
+    [ "$local_ip" = 127.0.0.1 ] || iface=any
+    tcpdump -i "$iface" -n -U --immediate-mode -w "$out/rtp.pcap" "udp and (dst port $uac_mp or dst port $uas_mp)" \
         2>"$out/tcpdump.log" &
     cap_pid=$!
     pids+=("$cap_pid")
@@ -151,7 +157,7 @@ if [ "$capture" = 1 ]; then
     for _ in $(seq 50); do grep -q "listening on" "$out/tcpdump.log" 2>/dev/null && break; sleep 0.1; done
 fi
 
-uac_args=("$target" -sf "$uac_xml" -mi 127.0.0.1 -mp "$uac_mp" -m "$calls" -r "$rate"
+uac_args=("$target" -sf "$uac_xml" -mi "$local_ip" -mp "$uac_mp" -m "$calls" -r "$rate"
           -s "$service" -au "$auth_user" -ap "$auth_pass" -key domain "$domain" "${common[@]}"
           -stf "$out/uac_stat.csv" -screen_file "$out/uac_screen.log"
           -error_file "$out/uac_errors.log" -message_file "$out/uac_messages.log")
@@ -201,7 +207,7 @@ EOF
 if [ "$quiet" = 0 ]; then
     for side in uac uas; do
         [ -f "$out/${side}_screen.log" ] || continue
-        echo "===== $side ($([ $side = uac ] && echo "$uac_xml -> $target" || echo "$uas_xml on 127.0.0.1:$uas_port")) ====="
+        echo "===== $side ($([ $side = uac ] && echo "$uac_xml -> $target" || echo "$uas_xml on $local_ip:$uas_port")) ====="
         # The screen file holds the last scenario, statistics and repartition screens.
         cat "$out/${side}_screen.log"
         if [ -s "$out/${side}_errors.log" ]; then

@@ -115,8 +115,8 @@ fn run_sh_drives_a_pair_and_prints_results() {
         .arg("cancel")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains("RESULT side=uac exit=0 successful=1 failed=0"),
@@ -144,7 +144,11 @@ fn every_scenario_pair_exists_and_is_documented() {
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(text.contains("<scenario"), "{}", path.display());
-            assert!(text.contains("Asserts"), "{}: no assertion notes", path.display());
+            assert!(
+                text.contains("Asserts"),
+                "{}: no assertion notes",
+                path.display()
+            );
         }
     }
 }
@@ -214,7 +218,9 @@ fn parses_plain_and_chunked_http() {
     );
     assert!(parse_http_response(b"HTTP/1.1 200 OK\r\n").is_err());
     assert_eq!(
-        parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap().0,
+        parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n")
+            .unwrap()
+            .0,
         404
     );
 }
@@ -236,7 +242,13 @@ fn parses_sipp_statistics_csv() {
         String::new(),
     );
     assert_eq!(
-        (r.created, r.successful, r.failed, r.unexpected, r.retransmissions),
+        (
+            r.created,
+            r.successful,
+            r.failed,
+            r.unexpected,
+            r.retransmissions
+        ),
         (3, 2, 1, 1, 4)
     );
     assert!(!r.all_successful(3));
@@ -277,4 +289,39 @@ fn port_blocks_do_not_overlap_and_are_free() {
     for port in b.base..b.base + b.count {
         assert!(port_is_free(port));
     }
+}
+
+// --- the committed config files -------------------------------------------------------------
+
+fn config_file(rel: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn default_config_file_states_the_built_in_defaults() {
+    let text = config_file("config/callvault.toml");
+    let parsed = callvault::config::Config::from_toml_str(&text, |_| None)
+        .unwrap_or_else(|e| panic!("config/callvault.toml: {e}"));
+    assert_eq!(parsed, callvault::config::Config::default());
+}
+
+#[test]
+fn example_configs_load() {
+    for rel in [
+        "config/examples/sipp-local.toml",
+        "config/examples/asterisk-trunk.toml",
+        "config/examples/docker.toml",
+    ] {
+        let parsed = callvault::config::Config::from_toml_str(&config_file(rel), |_| None)
+            .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert!(!parsed.sip.listen.is_empty(), "{rel}");
+    }
+    let lab = callvault::config::Config::from_toml_str(
+        &config_file("config/examples/asterisk-trunk.toml"),
+        |_| None,
+    )
+    .unwrap();
+    assert_eq!(lab.route.len(), 2);
+    assert_eq!(lab.trusted_peer.len(), 2);
 }

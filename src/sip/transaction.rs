@@ -409,6 +409,7 @@ impl TransactionLayer {
             return ServerInput::Dropped;
         };
         stamp_via(&mut req, &from);
+        let from = response_peer(&req, from);
 
         if req.method == Method::Ack {
             return self.on_ack(req, key, now);
@@ -1109,6 +1110,22 @@ fn merge_key(req: &Request) -> Option<MergeKey> {
         cseq.seq,
         cseq.method,
     ))
+}
+
+/// Where responses to a request go (§18.2.2): over TCP the connection it came on; over UDP
+/// the source address when the top Via asks for `rport` (RFC 3581), else the `received`
+/// address (the source IP) with the Via's sent-by port (5060 when absent).
+fn response_peer(req: &Request, from: Peer) -> Peer {
+    if from.is_reliable() {
+        return from;
+    }
+    match req.top_via() {
+        Some(via) if via.rport().is_none() => Peer {
+            transport: from.transport,
+            addr: SocketAddr::new(from.addr.ip(), via.port.unwrap_or(5060)),
+        },
+        _ => from,
+    }
 }
 
 /// §18.2.1 / RFC 3581: records the source address in the top Via so responses carry it.
@@ -1985,6 +2002,29 @@ mod tests {
         );
         l.handle_timeout(t0 + ms(600) + Duration::from_secs(5));
         assert_eq!(l.counts(), (0, 0));
+    }
+
+    #[test]
+    fn responses_follow_via_port_without_rport() {
+        let mut l = layer();
+        let t0 = Instant::now();
+        let from = Peer::new(Transport::Udp, "127.0.0.2:40000".parse().unwrap());
+        let mut r = req("OPTIONS", "z9hG4bKnorport");
+        r.headers.set("Via", "SIP/2.0/UDP 127.0.0.2:5099;branch=z9hG4bKnorport");
+        let ServerInput::New(id, r) = l.on_request(r, from, t0) else {
+            panic!("not new")
+        };
+        l.respond(id, r.response(200, None), t0).unwrap();
+        let sent = l.poll_transmit().unwrap();
+        assert_eq!(sent.peer.addr, "127.0.0.2:5099".parse().unwrap());
+        // With rport: the source port.
+        let mut r = req_full("OPTIONS", "z9hG4bKrport", 2, None);
+        r.headers.set("Via", "SIP/2.0/UDP 127.0.0.2:5099;rport;branch=z9hG4bKrport");
+        let ServerInput::New(id, r) = l.on_request(r, from, t0) else {
+            panic!("not new")
+        };
+        l.respond(id, r.response(200, None), t0).unwrap();
+        assert_eq!(l.poll_transmit().unwrap().peer.addr, from.addr);
     }
 
     #[test]

@@ -700,6 +700,69 @@ mod tests {
     }
 
     #[test]
+    fn via_lws_and_comma_joined() {
+        let v =
+            Via::parse("SIP  /   2.0 /udp   h.example.com : 5062 ;  branch = z9hG4bKx").unwrap();
+        assert_eq!(
+            (v.transport.as_str(), v.host.as_str(), v.port),
+            ("UDP", "h.example.com", Some(5062))
+        );
+        assert_eq!(v.branch(), Some("z9hG4bKx"));
+        // A whole comma-joined header is an error, not a branch of "aaa, SIP/2.0/TCP ...".
+        assert_eq!(
+            Via::parse("SIP/2.0/UDP a;branch=z9hG4bKaaa, SIP/2.0/TCP b.example:5070"),
+            Err(UriError::BadVia)
+        );
+        assert!(Via::parse("SIP/2.0/UDP").is_err());
+        assert!(Via::parse("SIP/2.0/UDPhost").is_err());
+        assert_eq!(
+            Via::parse("SIP/2.0/UDP h;;branch=x"),
+            Err(UriError::BadParam)
+        );
+        assert_eq!(
+            Via::parse("SIP/2.0/UDP [::1]:5060;received=::1")
+                .unwrap()
+                .host,
+            "[::1]"
+        );
+        assert_eq!(Via::parse("SIP/2.0/UDP [zz::1]"), Err(UriError::BadHost));
+    }
+
+    #[test]
+    fn uri_user_before_host_and_strict_chars() {
+        let u = Uri::parse("sip:a?b;c@h.example?subject=x").unwrap();
+        assert_eq!(
+            (u.user.as_deref(), u.host.as_str()),
+            (Some("a?b;c"), "h.example")
+        );
+        assert_eq!(u.headers.as_deref(), Some("subject=x"));
+        let u = Uri::parse("sip:bob@b.example?Referred-By=sip:a@c").unwrap();
+        assert_eq!(u.user.as_deref(), Some("bob"));
+        assert_eq!(Uri::parse("sip:a b@h"), Err(UriError::BadChar));
+        assert_eq!(Uri::parse("sip:a@h(x)"), Err(UriError::BadHost));
+        assert_eq!(Uri::parse("sip:a@h:+5"), Err(UriError::BadPort));
+        assert_eq!(Uri::parse("sip:a%+1@h"), Err(UriError::BadEscape));
+        assert_eq!(Uri::parse("sip:a@h;"), Err(UriError::BadParam));
+        assert_eq!(Uri::parse("1sip:a@h"), Err(UriError::NoScheme));
+    }
+
+    #[test]
+    fn name_addr_strictness() {
+        let err = |s: &str| NameAddr::parse(s).map(|_| ()).unwrap_err();
+        assert_eq!(err("Bell, Alexander <sip:a@h>"), UriError::BadDisplayName);
+        assert_eq!(err("< sip:a@h >"), UriError::BadChar);
+        assert_eq!(err("sip:a@h?Route=x"), UriError::NeedsAngleBrackets);
+        assert_eq!(err("<sip:a@h> junk"), UriError::BadParam);
+        assert_eq!(err(r#""a" b <sip:a@h>"#), UriError::BadDisplayName);
+        assert_eq!(err(r#""a <sip:a@h>"#), UriError::UnterminatedQuote);
+        let n = NameAddr::parse(r#"Jörg Müller <sip:a@h>;tag="q;x""#).unwrap();
+        assert_eq!(n.display.as_deref(), Some("Jörg Müller"));
+        assert_eq!(n.tag(), Some(r#""q;x""#));
+        let n = NameAddr::parse(r#""x \"y\"" <sip:a@h>"#).unwrap();
+        assert_eq!(n.display.as_deref(), Some(r#""x \"y\"""#));
+    }
+
+    #[test]
     fn split_respects_quotes_and_angles() {
         let parts = split_outside_quotes("\"a,b\" <sip:x@y;a=1,2>, <sip:z@w>", b',').unwrap();
         assert_eq!(parts.len(), 2);

@@ -13,11 +13,18 @@ use sqlx::AnyPool;
 
 /// Migrations compiled into the binary, `(version, description, sql)`. Add new files under
 /// `migrations/` and list them here; applied versions must never be edited.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "accounts",
-    include_str!("../../migrations/0001_accounts.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "accounts",
+        include_str!("../../migrations/0001_accounts.sql"),
+    ),
+    (
+        2,
+        "stores",
+        include_str!("../../migrations/0002_stores.sql"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod db;
 pub mod segments;
+pub mod stores;
 pub mod threshold;
 
 pub use accounts::{Account, AccountError, AccountView, Accounts};

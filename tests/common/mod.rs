@@ -11,8 +11,12 @@
 //!   the count comes from a `tcpdump -i lo --immediate-mode` capture of the destination media
 //!   ports, started before the calls and parsed here (pcap is simple; no tshark needed). The
 //!   capture counts only RTP version 2 packets, per destination port. Capturing needs root or
-//!   CAP_NET_RAW: without it [`RtpCapture::start`] returns `None` and the test skips, unless
-//!   `CALLVAULT_REQUIRE_TOOLS=1` (set by `scripts/test`, so CI never skips silently).
+//!   CAP_NET_RAW: without it [`RtpCapture::start`] returns `None` and the RTP checks skip,
+//!   unless `CALLVAULT_REQUIRE_CAPTURE=1` (scripts/test sets it as root, so CI never skips
+//!   silently).
+//!
+//! Missing tools (sipp, tcpdump) skip a test with a SKIPPED line, unless
+//! `CALLVAULT_REQUIRE_TOOLS=1` (scripts/test), which makes them failures.
 #![allow(dead_code)] // each test file uses a different subset
 
 use std::collections::BTreeMap;
@@ -58,6 +62,15 @@ fn skip_or_fail(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
+/// Capturing needs root or CAP_NET_RAW: a refused capture skips the RTP checks unless
+/// `CALLVAULT_REQUIRE_CAPTURE=1` (scripts/test sets it when run as root).
+fn capture_refused(why: &str) {
+    if std::env::var("CALLVAULT_REQUIRE_CAPTURE").is_ok_and(|v| v == "1") {
+        panic!("{why} (CALLVAULT_REQUIRE_CAPTURE=1)");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ports
 
@@ -89,7 +102,7 @@ impl PortBlock {
         let start = (u64::from(std::process::id()) ^ now_nanos()) % span;
         let step = u64::from(count + (count & 1));
         for i in 0..span / step {
-            let base = PORT_SEARCH.start + ((start + i * step) % span) as u16 & !1;
+            let base = (PORT_SEARCH.start + ((start + i * step) % span) as u16) & !1;
             if let Some(block) = Self::try_take(&dir, base, count) {
                 return block;
             }
@@ -390,7 +403,10 @@ impl Server {
             .arg("--config")
             .arg(&self.config_path)
             .current_dir(self.dir.path())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("CALLVAULT_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -423,14 +439,18 @@ impl Server {
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(()) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(mpsc::RecvTimeoutError::Timeout)
+                | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     if let Ok(Some(st)) = child.try_wait() {
                         std::thread::sleep(Duration::from_millis(100)); // let readers finish
                         panic!("callvault exited ({st}) before ready:\n{}", self.log());
                     }
                     if Instant::now() >= deadline {
                         let _ = terminate(&mut child, Duration::from_secs(2));
-                        panic!("callvault not ready within {READY_TIMEOUT:?}:\n{}", self.log());
+                        panic!(
+                            "callvault not ready within {READY_TIMEOUT:?}:\n{}",
+                            self.log()
+                        );
                     }
                 }
             }
@@ -514,7 +534,8 @@ pub fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     write!(
@@ -615,7 +636,11 @@ pub fn parse_samples(text: &str) -> Vec<Sample> {
                 let Some(close) = line.rfind('}') else {
                     continue;
                 };
-                (&line[..open], parse_labels(&line[open + 1..close]), &line[close + 1..])
+                (
+                    &line[..open],
+                    parse_labels(&line[open + 1..close]),
+                    &line[close + 1..],
+                )
             }
             None => match line.split_once(char::is_whitespace) {
                 Some((n, r)) => (n, Vec::new(), r),
@@ -845,7 +870,11 @@ impl Sipp {
             .map(|s| s.to_string()),
         );
         if self.trace_msg {
-            a.extend(["-trace_msg".into(), "-message_file".into(), f("messages.log")]);
+            a.extend([
+                "-trace_msg".into(),
+                "-message_file".into(),
+                f("messages.log"),
+            ]);
         }
         if self.port != 0 {
             a.extend(["-p".into(), self.port.to_string()]);
@@ -990,7 +1019,7 @@ pub fn parse_stat_csv(text: &str) -> BTreeMap<String, String> {
     let Some(header) = lines.next() else {
         return BTreeMap::new();
     };
-    let Some(last) = lines.last() else {
+    let Some(last) = lines.next_back() else {
         return BTreeMap::new();
     };
     header
@@ -1115,8 +1144,9 @@ impl RtpCounts {
 
 impl RtpCapture {
     /// Starts capturing UDP to `ports` on lo and waits until tcpdump reports it is listening.
-    /// `None` (after a SKIPPED message) when tcpdump is missing or may not capture; panics
-    /// instead with `CALLVAULT_REQUIRE_TOOLS=1`.
+    /// `None` (after a SKIPPED message) when tcpdump is missing (panics instead with
+    /// `CALLVAULT_REQUIRE_TOOLS=1`) or may not capture (panics with
+    /// `CALLVAULT_REQUIRE_CAPTURE=1`).
     pub fn start(ports: &[u16]) -> Option<RtpCapture> {
         assert!(!ports.is_empty());
         if !tool_available("tcpdump") {
@@ -1136,7 +1166,16 @@ impl RtpCapture {
         // --immediate-mode: otherwise libpcap delivers in blocks on a 1 s timeout and the last
         // packets of a call are lost when the capture is stopped soon after it.
         let mut child = Command::new("tcpdump")
-            .args(["-i", "lo", "-n", "-U", "--immediate-mode", "-s", "256", "-w"])
+            .args([
+                "-i",
+                "lo",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "256",
+                "-w",
+            ])
             .arg(&file)
             .arg(&filter)
             .stdin(Stdio::null())
@@ -1151,12 +1190,15 @@ impl RtpCapture {
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                skip_or_fail(&format!("tcpdump cannot capture on lo ({st}): {}", log.trim()));
+                capture_refused(&format!(
+                    "tcpdump cannot capture on lo ({st}): {}",
+                    log.trim()
+                ));
                 return None;
             }
             if Instant::now() >= deadline {
                 terminate(&mut child, Duration::from_secs(1));
-                skip_or_fail(&format!("tcpdump did not start: {}", log.trim()));
+                capture_refused(&format!("tcpdump did not start: {}", log.trim()));
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
