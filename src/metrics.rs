@@ -97,7 +97,12 @@ pub struct Metrics {
 
 pub static METRICS: Metrics = Metrics {
     calls_active: Gauge::new(),
-    calls_total: [Counter::new(), Counter::new(), Counter::new(), Counter::new()],
+    calls_total: [
+        Counter::new(),
+        Counter::new(),
+        Counter::new(),
+        Counter::new(),
+    ],
     sip_transactions_total: Counter::new(),
     sip_retransmissions_total: Counter::new(),
     sip_malformed_total: Counter::new(),
@@ -125,7 +130,10 @@ pub fn render() -> String {
     let m = &METRICS;
     let mut out = String::with_capacity(2048);
     let mut one = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
     one(
         "callvault_calls_active",

@@ -47,7 +47,8 @@ const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.storage.data_dir).map_err(|e| ServerError::Db(e.to_string()))?;
+    std::fs::create_dir_all(&config.storage.data_dir)
+        .map_err(|e| ServerError::Db(e.to_string()))?;
     let db = Db::open(&config.storage.metadata)
         .await
         .map_err(|e| ServerError::Db(e.to_string()))?;
@@ -205,9 +206,13 @@ impl Core {
         METRICS
             .rtp_ports_in_use
             .set(self.engine.media().ports_in_use() as i64);
-        METRICS.sip_transactions_total.set(stats.client_created + stats.server_created);
+        METRICS
+            .sip_transactions_total
+            .set(stats.client_created + stats.server_created);
         METRICS.sip_retransmissions_total.set(stats.retransmissions);
-        METRICS.rtp_packets_relayed_total.set(self.counters.rtp_packets_total());
+        METRICS
+            .rtp_packets_relayed_total
+            .set(self.counters.rtp_packets_total());
     }
 
     /// Makes sure the engine has fresh digest data for the user a request authenticates as.
@@ -226,7 +231,10 @@ impl Core {
             let auth = match self.accounts.get(&user).await {
                 Ok(Some(a)) => {
                     let realm = self.accounts.realm().to_string();
-                    match (a.ha1_for(&realm, Algorithm::Md5), a.ha1_for(&realm, Algorithm::Sha256)) {
+                    match (
+                        a.ha1_for(&realm, Algorithm::Md5),
+                        a.ha1_for(&realm, Algorithm::Sha256),
+                    ) {
                         (Some(m), Some(s)) => Some(AccountAuth {
                             ha1_md5: m.to_string(),
                             ha1_sha256: s.to_string(),

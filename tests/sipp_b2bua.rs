@@ -118,7 +118,11 @@ fn load_run(transport: Transport, calls: u32, rate: f64) {
         );
     }
     let relayed = metric_value(&text, "callvault_rtp_packets_relayed_total", &[]).unwrap_or(0.0);
-    assert!(relayed as u64 * 100 >= 2 * sent * 99, "relayed {relayed} of {}", 2 * sent);
+    assert!(
+        relayed as u64 * 100 >= 2 * sent * 99,
+        "relayed {relayed} of {}",
+        2 * sent
+    );
 }
 
 #[test]
@@ -231,7 +235,11 @@ fn register_with_digest() {
         .run();
     reg.assert_successful(1);
     assert!(reg.messages.contains("SIP/2.0 401"), "{}", reg.messages);
-    assert!(reg.messages.contains("WWW-Authenticate: Digest"), "{}", reg.messages);
+    assert!(
+        reg.messages.contains("WWW-Authenticate: Digest"),
+        "{}",
+        reg.messages
+    );
     assert!(reg.messages.contains("qop=\"auth\""), "{}", reg.messages);
 
     let wrong = Sipp::uac("register", server.sip_addr())
@@ -264,7 +272,11 @@ fn call_to_registered_user() {
         .run();
     reg.assert_successful(1);
     let text = server.metrics();
-    assert_eq!(metric_value(&text, "callvault_registrations_active", &[]), Some(1.0), "{text}");
+    assert_eq!(
+        metric_value(&text, "callvault_registrations_active", &[]),
+        Some(1.0),
+        "{text}"
+    );
 
     let uas = Sipp::uas("basic")
         .port(ports.port(0))
@@ -293,5 +305,9 @@ fn unknown_callee_gets_404() {
         .timeout(Duration::from_secs(10))
         .run();
     r.assert_successful(1);
-    assert!(r.messages.contains("application/vnd.callvault.error+json"), "{}", r.messages);
+    assert!(
+        r.messages.contains("application/vnd.callvault.error+json"),
+        "{}",
+        r.messages
+    );
 }

@@ -44,10 +44,17 @@ fn tcp_framing_reuse_and_idle_close() {
 
     let mut s = TcpStream::connect(server.sip_addr()).unwrap();
     // Two messages in one segment, then one split in the middle of a header.
-    let two = format!("{}{}", options("a1", 1, false, "TCP"), options("a2", 1, false, "TCP"));
+    let two = format!(
+        "{}{}",
+        options("a1", 1, false, "TCP"),
+        options("a2", 1, false, "TCP")
+    );
     s.write_all(two.as_bytes()).unwrap();
     let got = read_responses(&mut s, 2);
-    assert!(got.contains("Call-ID: a1@probe") && got.contains("Call-ID: a2@probe"), "{got}");
+    assert!(
+        got.contains("Call-ID: a1@probe") && got.contains("Call-ID: a2@probe"),
+        "{got}"
+    );
     let third = options("a3", 1, false, "TCP");
     let (x, y) = third.split_at(60);
     s.write_all(x.as_bytes()).unwrap();
@@ -76,7 +83,10 @@ fn udp_responses_follow_rport_or_via_port() {
 
     // No rport: the response goes to the Via's sent-by port, not the source port.
     sender
-        .send_to(options("u1", via_port, false, "UDP").as_bytes(), server.sip_addr())
+        .send_to(
+            options("u1", via_port, false, "UDP").as_bytes(),
+            server.sip_addr(),
+        )
         .unwrap();
     let n = listener.recv(&mut buf).unwrap();
     let text = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -85,7 +95,10 @@ fn udp_responses_follow_rport_or_via_port() {
 
     // rport: back to the source, with received/rport filled in.
     sender
-        .send_to(options("u2", via_port, true, "UDP").as_bytes(), server.sip_addr())
+        .send_to(
+            options("u2", via_port, true, "UDP").as_bytes(),
+            server.sip_addr(),
+        )
         .unwrap();
     let n = sender.recv(&mut buf).unwrap();
     let text = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -109,8 +122,11 @@ fn garbage_on_udp_is_survived() {
     for j in junk {
         s.send_to(j, server.sip_addr()).unwrap();
     }
-    s.send_to(options("g1", port, true, "UDP").as_bytes(), server.sip_addr())
-        .unwrap();
+    s.send_to(
+        options("g1", port, true, "UDP").as_bytes(),
+        server.sip_addr(),
+    )
+    .unwrap();
     // Junk that still names a Via may be answered 400 first; the OPTIONS must get its 200.
     let mut buf = [0u8; 4096];
     let mut got = Vec::new();
@@ -125,5 +141,8 @@ fn garbage_on_udp_is_survived() {
         assert!(got.len() < 5, "{got:?}");
     }
     let text = server.metrics();
-    assert!(metric_value(&text, "callvault_sip_malformed_total", &[]).unwrap_or(0.0) >= 3.0, "{text}");
+    assert!(
+        metric_value(&text, "callvault_sip_malformed_total", &[]).unwrap_or(0.0) >= 3.0,
+        "{text}"
+    );
 }

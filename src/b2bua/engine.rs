@@ -26,12 +26,14 @@ use crate::sip::dialog::Dialog;
 use crate::sip::message::{same_header, HeaderAccess, Method, Request, Response, SipMessage};
 use crate::sip::registrar::{Registrar, Source};
 use crate::sip::transaction::{
-    ClientInput, ClientTxId, Peer, ServerInput, ServerTxId, TimerConfig, TransactionLayer, Transmit, TxEvent,
+    ClientInput, ClientTxId, Peer, ServerInput, ServerTxId, TimerConfig, TransactionLayer,
+    Transmit, TxEvent,
 };
 use crate::sip::uri::{NameAddr, Uri, Via};
 
 /// Methods we answer or relay (Allow header).
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, NOTIFY, REGISTER";
+pub const ALLOW: &str =
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, NOTIFY, REGISTER";
 
 /// More media sections than this in one offer are refused (port 0) rather than anchored.
 const MAX_STREAMS: usize = 4;
@@ -209,7 +211,13 @@ pub struct Engine<M: MediaBackend> {
 
 impl<M: MediaBackend> Engine<M> {
     /// `epoch` ties the monotonic clock to Unix seconds (digest nonces carry Unix time).
-    pub fn new(mut cfg: EngineConfig, media: M, verifier: Verifier, epoch: (Instant, u64), seed: u64) -> Self {
+    pub fn new(
+        mut cfg: EngineConfig,
+        media: M,
+        verifier: Verifier,
+        epoch: (Instant, u64),
+        seed: u64,
+    ) -> Self {
         // Challenges go out strongest first (RFC 8760 §2.4), whatever order the config lists.
         cfg.digest_algorithms.sort_by_key(|a| match a {
             Algorithm::Sha256 => 0,
@@ -218,7 +226,8 @@ impl<M: MediaBackend> Engine<M> {
         let registrar = Registrar::new(
             cfg.registration_min_expires,
             cfg.registration_max_expires,
-            3600.min(cfg.registration_max_expires).max(cfg.registration_min_expires),
+            3600.min(cfg.registration_max_expires)
+                .max(cfg.registration_min_expires),
         );
         Engine {
             tx: TransactionLayer::new(cfg.timers),
@@ -372,7 +381,9 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     fn token(&mut self, n: usize) -> String {
-        (0..n).map(|_| self.rng.sample(Alphanumeric) as char).collect()
+        (0..n)
+            .map(|_| self.rng.sample(Alphanumeric) as char)
+            .collect()
     }
 
     fn local_port(&self, t: Transport) -> u16 {
@@ -423,7 +434,15 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// Answers with a status of our own, JSON error body and Warning (PROTOCOL.md §5).
-    fn reject(&mut self, tx: ServerTxId, req: &Request, status: u16, code: &str, detail: &str, now: Instant) {
+    fn reject(
+        &mut self,
+        tx: ServerTxId,
+        req: &Request,
+        status: u16,
+        code: &str,
+        detail: &str,
+        now: Instant,
+    ) {
         let mut resp = req.response(status, None);
         resp.ensure_to_tag(&self.token(10));
         let resp = with_error_body(resp, code, detail);
@@ -457,9 +476,12 @@ impl<M: MediaBackend> Engine<M> {
                 self.respond(tx, resp, now);
             }
             Method::Invite => self.on_invite(tx, req, peer, now),
-            Method::Bye | Method::Cancel | Method::Info | Method::Update | Method::Prack | Method::Notify => {
-                self.reply(tx, &req, 481, now)
-            }
+            Method::Bye
+            | Method::Cancel
+            | Method::Info
+            | Method::Update
+            | Method::Prack
+            | Method::Notify => self.reply(tx, &req, 481, now),
             Method::Other(_) => self.reply(tx, &req, 501, now),
             _ => {
                 let mut resp = req.response(405, None);
@@ -472,7 +494,13 @@ impl<M: MediaBackend> Engine<M> {
 
     /// Digest authentication (RFC 7616/8760); `Some(user)` when the request may proceed.
     /// Trusted peers are not challenged; their identity is the From URI user.
-    fn authenticate(&mut self, tx: ServerTxId, req: &Request, peer: Peer, now: Instant) -> Option<String> {
+    fn authenticate(
+        &mut self,
+        tx: ServerTxId,
+        req: &Request,
+        peer: Peer,
+        now: Instant,
+    ) -> Option<String> {
         if self.is_trusted(peer.addr.ip()) {
             return req.from_hdr().and_then(|f| f.uri.user_unescaped());
         }
@@ -494,11 +522,17 @@ impl<M: MediaBackend> Engine<M> {
             if !self.cfg.digest_algorithms.contains(&c.algorithm) {
                 continue;
             }
-            let ha1 = self.accounts.get(&c.username).map(|a| a.ha1(c.algorithm).to_string());
-            match self
-                .verifier
-                .verify(&c, &self.cfg.domain, ha1.as_deref(), req.method.as_str(), unix)
-            {
+            let ha1 = self
+                .accounts
+                .get(&c.username)
+                .map(|a| a.ha1(c.algorithm).to_string());
+            match self.verifier.verify(
+                &c,
+                &self.cfg.domain,
+                ha1.as_deref(),
+                req.method.as_str(),
+                unix,
+            ) {
                 Verdict::Ok => return Some(c.username),
                 Verdict::Stale => stale = true,
                 v => tracing::debug!(user = %c.username, verdict = ?v, "digest rejected"),
@@ -506,9 +540,9 @@ impl<M: MediaBackend> Engine<M> {
         }
         let mut resp = req.response(status, None);
         resp.ensure_to_tag(&self.token(10));
-        for ch in self
-            .verifier
-            .challenges(&self.cfg.domain, &self.cfg.digest_algorithms, stale, unix)
+        for ch in
+            self.verifier
+                .challenges(&self.cfg.domain, &self.cfg.digest_algorithms, stale, unix)
         {
             resp.headers.push(chal_hdr, ch.to_header_value());
         }
@@ -525,7 +559,14 @@ impl<M: MediaBackend> Engine<M> {
         };
         let to_user = to.uri.user_unescaped().unwrap_or_default();
         if to_user != user && !self.is_trusted(peer.addr.ip()) {
-            return self.reject(tx, &req, 403, "forbidden", "To user differs from the authenticated user", now);
+            return self.reject(
+                tx,
+                &req,
+                403,
+                "forbidden",
+                "To user differs from the authenticated user",
+                now,
+            );
         }
         let aor = format!("{}@{}", to_user, self.cfg.domain);
         let source = Source {
@@ -545,7 +586,8 @@ impl<M: MediaBackend> Engine<M> {
                 let mut resp = req.response(e.status(), None);
                 resp.ensure_to_tag(&self.token(10));
                 if e.status() == 423 {
-                    resp.headers.push("Min-Expires", self.cfg.registration_min_expires.to_string());
+                    resp.headers
+                        .push("Min-Expires", self.cfg.registration_min_expires.to_string());
                 }
                 self.respond(tx, resp, now);
             }
@@ -557,8 +599,18 @@ impl<M: MediaBackend> Engine<M> {
         if mf == 0 {
             return self.reply(tx, &req, 483, now);
         }
-        if req.call_id().is_some_and(|c| self.own_call_ids.contains_key(c)) {
-            return self.reject(tx, &req, 482, "loop-detected", "the INVITE came back to callvault", now);
+        if req
+            .call_id()
+            .is_some_and(|c| self.own_call_ids.contains_key(c))
+        {
+            return self.reject(
+                tx,
+                &req,
+                482,
+                "loop-detected",
+                "the INVITE came back to callvault",
+                now,
+            );
         }
         if let Some(req_ext) = req.headers.get("Require") {
             let mut resp = req.response(420, None);
@@ -577,7 +629,14 @@ impl<M: MediaBackend> Engine<M> {
         };
         let callee = ruri.user_unescaped().unwrap_or_default();
         let Some((target_uri, b_peer)) = self.resolve_target(&callee, now) else {
-            return self.reject(tx, &req, 404, "not-found", &format!("no registration or route for {callee}"), now);
+            return self.reject(
+                tx,
+                &req,
+                404,
+                "not-found",
+                &format!("no registration or route for {callee}"),
+                now,
+            );
         };
 
         let key = self.next_call;
@@ -615,7 +674,9 @@ impl<M: MediaBackend> Engine<M> {
         let via = self.new_via(b_peer.transport);
         inv.headers.push("Via", via.to_string());
         inv.headers.push("Max-Forwards", (mf - 1).to_string());
-        let mut from = req.from_hdr().unwrap_or_else(|| NameAddr::new(Uri::sip(Some(&caller), &self.cfg.domain, None)));
+        let mut from = req
+            .from_hdr()
+            .unwrap_or_else(|| NameAddr::new(Uri::sip(Some(&caller), &self.cfg.domain, None)));
         from.set_tag(&b_tag);
         inv.headers.push("From", from.to_string());
         let mut to = req.to_hdr().unwrap_or_else(|| NameAddr::new(ruri.clone()));
@@ -623,7 +684,8 @@ impl<M: MediaBackend> Engine<M> {
         inv.headers.push("To", to.to_string());
         inv.headers.push("Call-ID", b_call_id.clone());
         inv.headers.push("CSeq", "1 INVITE");
-        inv.headers.push("Contact", self.contact(b_peer.transport).to_string());
+        inv.headers
+            .push("Contact", self.contact(b_peer.transport).to_string());
         inv.headers.push("Recv-Info", "callvault");
         copy_headers(&req.headers, &mut inv.headers);
         if !req.headers.has("Allow") {
@@ -637,7 +699,14 @@ impl<M: MediaBackend> Engine<M> {
                 Ok(body) => inv.body = body,
                 Err(AnchorError::Sdp(e)) => {
                     self.drop_call(key);
-                    return self.reject(tx, &req, 400, "malformed-message", &format!("bad SDP: {e}"), now);
+                    return self.reject(
+                        tx,
+                        &req,
+                        400,
+                        "malformed-message",
+                        &format!("bad SDP: {e}"),
+                        now,
+                    );
                 }
                 Err(AnchorError::Media(e)) => {
                     self.drop_call(key);
@@ -670,7 +739,11 @@ impl<M: MediaBackend> Engine<M> {
             };
             return Some((b.contact.uri.to_string(), peer));
         }
-        let route = self.cfg.routes.iter().find(|r| user.starts_with(&r.prefix))?;
+        let route = self
+            .cfg
+            .routes
+            .iter()
+            .find(|r| user.starts_with(&r.prefix))?;
         let mut uri = format!("sip:{}@{}", user, route.host_port);
         if route.peer.transport == Transport::Tcp {
             uri.push_str(";transport=tcp");
@@ -687,7 +760,11 @@ impl<M: MediaBackend> Engine<M> {
             return self.reply(tx, &req, 481, now);
         };
         // A wrong From tag is another dialog (481); a CSeq out of order is 500 (§12.2.2).
-        let checked = match self.calls.get_mut(&call_key).and_then(|c| c.leg_mut(side).dialog.as_mut()) {
+        let checked = match self
+            .calls
+            .get_mut(&call_key)
+            .and_then(|c| c.leg_mut(side).dialog.as_mut())
+        {
             Some(d) => d.on_request(&req).map_err(|e| e.status()),
             None => Err(481),
         };
@@ -773,7 +850,8 @@ impl<M: MediaBackend> Engine<M> {
         self.media.release(key);
         METRICS.calls_active.dec();
         METRICS.call_ended(CallOutcome::Cancelled);
-        self.events.push_back(EngineEvent::CallEnded(key, CallOutcome::Cancelled));
+        self.events
+            .push_back(EngineEvent::CallEnded(key, CallOutcome::Cancelled));
     }
 
     // ---------------------------------------------------------------------------------------
@@ -869,7 +947,8 @@ impl<M: MediaBackend> Engine<M> {
         out.ensure_to_tag(&a_tag);
         copy_headers(&resp.headers, &mut out.headers);
         if resp.status < 300 {
-            out.headers.push("Contact", self.contact(a_transport).to_string());
+            out.headers
+                .push("Contact", self.contact(a_transport).to_string());
             if resp.status >= 200 {
                 out.headers.push("Recv-Info", "callvault");
             }
@@ -946,7 +1025,8 @@ impl<M: MediaBackend> Engine<M> {
         let mut out = orig.response(resp.status, Some(&resp.reason));
         copy_headers(&resp.headers, &mut out.headers);
         if target_refresh && resp.status < 300 {
-            out.headers.push("Contact", self.contact(origin_transport).to_string());
+            out.headers
+                .push("Contact", self.contact(origin_transport).to_string());
         }
         out.body = resp.body.clone();
         if is_sdp(&resp) && target_refresh {
@@ -970,7 +1050,11 @@ impl<M: MediaBackend> Engine<M> {
         // Only the ACK of this very INVITE: the 2xx of a re-INVITE whose ACK has not come
         // from the other side yet must not be answered with the previous INVITE's ACK.
         let seq = resp.cseq().map(|c| c.seq);
-        if let Some(ack) = self.calls.get(&call).and_then(|c| c.leg(side).last_ack.clone()) {
+        if let Some(ack) = self
+            .calls
+            .get(&call)
+            .and_then(|c| c.leg(side).last_ack.clone())
+        {
             if ack.cseq().map(|c| c.seq) == seq {
                 self.tx.send_ack(&ack, peer);
             }
@@ -996,7 +1080,11 @@ impl<M: MediaBackend> Engine<M> {
                         } else {
                             "the callee could not be reached"
                         };
-                        let code = if status == 408 { "timeout" } else { "unreachable" };
+                        let code = if status == 408 {
+                            "timeout"
+                        } else {
+                            "unreachable"
+                        };
                         self.reject(a_tx, &a_invite, status, code, detail, now);
                         self.end_call(key, CallOutcome::Failed);
                     }
@@ -1030,7 +1118,14 @@ impl<M: MediaBackend> Engine<M> {
     // ---------------------------------------------------------------------------------------
     // Relaying and originating in-dialog requests
 
-    fn relay_in_dialog(&mut self, key: CallKey, origin: Side, server_tx: ServerTxId, req: Request, now: Instant) {
+    fn relay_in_dialog(
+        &mut self,
+        key: CallKey,
+        origin: Side,
+        server_tx: ServerTxId,
+        req: Request,
+        now: Instant,
+    ) {
         let other = origin.other();
         let Some(call) = self.calls.get(&key) else {
             return;
@@ -1057,7 +1152,14 @@ impl<M: MediaBackend> Engine<M> {
             match self.anchor_sdp(key, &req.body, origin) {
                 Ok(body) => out.body = body,
                 Err(e) => {
-                    return self.reject(server_tx, &req, 488, "malformed-message", &format!("{e:?}"), now);
+                    return self.reject(
+                        server_tx,
+                        &req,
+                        488,
+                        "malformed-message",
+                        &format!("{e:?}"),
+                        now,
+                    );
                 }
             }
         }
@@ -1102,7 +1204,8 @@ impl<M: MediaBackend> Engine<M> {
         }
         out.body = body;
         let id = self.tx.send_request(out, peer, now);
-        self.pending.insert(id, (Pending::Own { call: key, side }, peer));
+        self.pending
+            .insert(id, (Pending::Own { call: key, side }, peer));
         let r = Some(id);
         self.after(now);
         r
@@ -1115,21 +1218,21 @@ impl<M: MediaBackend> Engine<M> {
         let peer = call.leg(side).peer;
         let via = self.new_via(peer.transport);
         let contact = self.contact(peer.transport);
-        let Some(dialog) = self.calls.get_mut(&key).and_then(|c| c.leg_mut(side).dialog.as_mut()) else {
+        let Some(dialog) = self
+            .calls
+            .get_mut(&key)
+            .and_then(|c| c.leg_mut(side).dialog.as_mut())
+        else {
             return;
         };
         let mut bye = dialog.new_request(Method::Bye, &contact, via);
         if let Some(r) = reason {
-            bye.headers.push("Reason", format!("SIP;cause=200;text=\"{r}\""));
+            bye.headers
+                .push("Reason", format!("SIP;cause=200;text=\"{r}\""));
         }
         let id = self.tx.send_request(bye, peer, now);
-        self.pending.insert(
-            id,
-            (
-                Pending::Own { call: key, side },
-                peer,
-            ),
-        );
+        self.pending
+            .insert(id, (Pending::Own { call: key, side }, peer));
     }
 
     /// `side` owes us an ACK for a 2xx we relayed to it: ACK, on the other leg, the 2xx that
@@ -1202,8 +1305,10 @@ impl<M: MediaBackend> Engine<M> {
     /// Forgets a call (no metrics): media released, dialog keys removed.
     fn drop_call(&mut self, key: CallKey) {
         if let Some(call) = self.calls.remove(&key) {
-            self.dialogs.remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
-            self.dialogs.remove(&(call.b.call_id.clone(), call.b.local_tag.clone()));
+            self.dialogs
+                .remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
+            self.dialogs
+                .remove(&(call.b.call_id.clone(), call.b.local_tag.clone()));
             self.own_call_ids.remove(&call.b.call_id);
             if let Some(tx) = call.a_invite_tx {
                 self.a_invites.remove(&tx);
@@ -1218,12 +1323,16 @@ impl<M: MediaBackend> Engine<M> {
     /// Rewrites an SDP body coming from `from` for the other side: every media section points
     /// at our relay port facing the other side; `from`'s announced address becomes its remote.
     fn anchor_sdp(&mut self, key: CallKey, body: &[u8], from: Side) -> Result<Bytes, AnchorError> {
-        let text = std::str::from_utf8(body).map_err(|_| AnchorError::Sdp("SDP is not UTF-8".into()))?;
-        let mut sdp = SessionDescription::parse(text).map_err(|e| AnchorError::Sdp(e.to_string()))?;
+        let text =
+            std::str::from_utf8(body).map_err(|_| AnchorError::Sdp("SDP is not UTF-8".into()))?;
+        let mut sdp =
+            SessionDescription::parse(text).map_err(|e| AnchorError::Sdp(e.to_string()))?;
         let ip = self.cfg.public_ip;
         // Read every section's address first: rewriting one section rewrites the session-level
         // `c=` the later sections may inherit.
-        let remotes: Vec<Option<SocketAddr>> = (0..sdp.media_count()).map(|i| sdp.connection_for(i)).collect();
+        let remotes: Vec<Option<SocketAddr>> = (0..sdp.media_count())
+            .map(|i| sdp.connection_for(i))
+            .collect();
         for (idx, remote) in remotes.into_iter().enumerate() {
             if idx >= MAX_STREAMS {
                 let _ = sdp.disable_media(idx);
@@ -1236,7 +1345,11 @@ impl<M: MediaBackend> Engine<M> {
                     c.streams.push(ports);
                 }
             }
-            let Some(ports) = self.calls.get(&key).and_then(|c| c.streams.get(idx).copied()) else {
+            let Some(ports) = self
+                .calls
+                .get(&key)
+                .and_then(|c| c.streams.get(idx).copied())
+            else {
                 continue;
             };
             self.media.set_remote(key, idx, from, remote);
@@ -1257,7 +1370,10 @@ enum AnchorError {
 }
 
 fn call_caller(calls: &HashMap<CallKey, Call>, key: CallKey) -> String {
-    calls.get(&key).map(|c| c.caller.clone()).unwrap_or_default()
+    calls
+        .get(&key)
+        .map(|c| c.caller.clone())
+        .unwrap_or_default()
 }
 
 fn is_sdp<T: HeaderAccess + HasBody>(m: &T) -> bool {
@@ -1317,7 +1433,12 @@ fn map_b_failure(mut out: Response) -> Response {
 }
 
 /// Resolves a configured route target (`host:port`) once at start-up.
-pub fn resolve_route(prefix: &str, host: &str, port: u16, transport: Transport) -> Option<RouteTarget> {
+pub fn resolve_route(
+    prefix: &str,
+    host: &str,
+    port: u16,
+    transport: Transport,
+) -> Option<RouteTarget> {
     use std::net::ToSocketAddrs;
     let addr: SocketAddr = (host, port).to_socket_addrs().ok()?.next()?;
     let host_port = if host.contains(':') {

@@ -26,7 +26,8 @@ pub fn error_json(code: &str, detail: &str) -> String {
 
 /// Adds the error body and the Warning header to a response callvault itself decided.
 pub fn with_error_body(mut resp: Response, code: &str, detail: &str) -> Response {
-    resp.headers.push("Warning", format!("399 {} \"{}\"", warn_agent(), code));
+    resp.headers
+        .push("Warning", format!("399 {} \"{}\"", warn_agent(), code));
     resp.headers.set("Content-Type", ERROR_CONTENT_TYPE);
     resp.body = Bytes::from(error_json(code, detail));
     resp

@@ -132,10 +132,16 @@ mod tests {
         assert_eq!(fc.on_digit('*', now), Decision::Hold);
         assert_eq!(fc.on_digit('7', now), Decision::Hold);
         assert_eq!(fc.on_digit('1', now), Decision::Hold);
-        assert_eq!(fc.on_digit('A', now), Decision::Release(vec!['*', '7', '1', 'A']));
+        assert_eq!(
+            fc.on_digit('A', now),
+            Decision::Release(vec!['*', '7', '1', 'A'])
+        );
         // '#' right after the code (empty PIN) is not a code either.
         feed(&mut fc, "*7", now);
-        assert_eq!(fc.on_digit('#', now), Decision::Release(vec!['*', '7', '#']));
+        assert_eq!(
+            fc.on_digit('#', now),
+            Decision::Release(vec!['*', '7', '#'])
+        );
     }
 
     #[test]
@@ -151,7 +157,10 @@ mod tests {
         fc.on_digit('*', t0);
         fc.on_digit('7', t0 + Duration::from_secs(2));
         assert_eq!(fc.handle_timeout(t0 + Duration::from_secs(4)), None);
-        assert_eq!(fc.handle_timeout(t0 + Duration::from_secs(5)), Some(vec!['*', '7']));
+        assert_eq!(
+            fc.handle_timeout(t0 + Duration::from_secs(5)),
+            Some(vec!['*', '7'])
+        );
     }
 
     #[test]

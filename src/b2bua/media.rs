@@ -12,8 +12,8 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 use crate::media::ports::{PortAllocator, PortsError};
-use crate::media::relay::{Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle, RelayId};
 pub use crate::media::relay::Side;
+use crate::media::relay::{Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle, RelayId};
 
 /// Engine-wide call key.
 pub type CallKey = u64;
@@ -105,7 +105,9 @@ impl RelayMedia {
         match ev {
             RelayEvent::Timeout { relay } => {
                 let call = self.owners.remove(&relay)?;
-                self.calls.contains_key(&call).then_some(MediaEvent::Timeout(call))
+                self.calls
+                    .contains_key(&call)
+                    .then_some(MediaEvent::Timeout(call))
             }
         }
     }
@@ -160,12 +162,15 @@ impl MediaBackend for RelayMedia {
     }
 }
 
+/// A fake stream: its ports and the remote announced by each side (A, B).
+pub type FakeStream = (StreamPorts, [Option<SocketAddr>; 2]);
+
 /// In-memory stand-in for engine tests: hands out fake port numbers, records remotes.
 #[derive(Debug, Default)]
 pub struct FakeMedia {
     next_port: u16,
     pub capacity: usize,
-    pub streams: HashMap<CallKey, Vec<(StreamPorts, [Option<SocketAddr>; 2])>>,
+    pub streams: HashMap<CallKey, Vec<FakeStream>>,
     pub armed: Vec<CallKey>,
 }
 
@@ -199,7 +204,10 @@ impl MediaBackend for FakeMedia {
             b: self.next_port + 2,
         };
         self.next_port += 4;
-        self.streams.entry(call).or_default().push((ports, [None, None]));
+        self.streams
+            .entry(call)
+            .or_default()
+            .push((ports, [None, None]));
         Ok(ports)
     }
 

@@ -57,8 +57,10 @@ impl StoreRequest {
     /// Parses and checks a store-request body; the error text becomes the `detail` of a
     /// `malformed-request` answer.
     pub fn parse(body: &[u8]) -> Result<StoreRequest, String> {
-        let req: StoreRequest = serde_json::from_slice(body).map_err(|e| format!("invalid store request: {e}"))?;
-        if req.pin.is_empty() || req.pin.len() > 32 || !req.pin.bytes().all(|b| b.is_ascii_digit()) {
+        let req: StoreRequest =
+            serde_json::from_slice(body).map_err(|e| format!("invalid store request: {e}"))?;
+        if req.pin.is_empty() || req.pin.len() > 32 || !req.pin.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err("pin must be 1 to 32 digits".into());
         }
         if let Some(t) = req.threshold {
@@ -177,7 +179,11 @@ mod tests {
             br#"{"pin":"1","threshold":{}}"#,
             br#"{"pin":"1","extra":true}"#,
         ] {
-            assert!(StoreRequest::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                StoreRequest::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -207,6 +213,9 @@ mod tests {
             declared_bytes: None,
             format: "PCMU/8000".into(),
         };
-        assert_eq!(r.to_text(), "callvault: ready - call sip:play-st_x@192.0.2.10:5060 to listen");
+        assert_eq!(
+            r.to_text(),
+            "callvault: ready - call sip:play-st_x@192.0.2.10:5060 to listen"
+        );
     }
 }

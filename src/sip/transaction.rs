@@ -2010,7 +2010,8 @@ mod tests {
         let t0 = Instant::now();
         let from = Peer::new(Transport::Udp, "127.0.0.2:40000".parse().unwrap());
         let mut r = req("OPTIONS", "z9hG4bKnorport");
-        r.headers.set("Via", "SIP/2.0/UDP 127.0.0.2:5099;branch=z9hG4bKnorport");
+        r.headers
+            .set("Via", "SIP/2.0/UDP 127.0.0.2:5099;branch=z9hG4bKnorport");
         let ServerInput::New(id, r) = l.on_request(r, from, t0) else {
             panic!("not new")
         };
@@ -2019,7 +2020,10 @@ mod tests {
         assert_eq!(sent.peer.addr, "127.0.0.2:5099".parse().unwrap());
         // With rport: the source port.
         let mut r = req_full("OPTIONS", "z9hG4bKrport", 2, None);
-        r.headers.set("Via", "SIP/2.0/UDP 127.0.0.2:5099;rport;branch=z9hG4bKrport");
+        r.headers.set(
+            "Via",
+            "SIP/2.0/UDP 127.0.0.2:5099;rport;branch=z9hG4bKrport",
+        );
         let ServerInput::New(id, r) = l.on_request(r, from, t0) else {
             panic!("not new")
         };

@@ -383,7 +383,14 @@ impl SegmentWriter {
         if !list_segments(dir)?.is_empty() {
             return Err(SegmentError::NotEmpty(dir.to_path_buf()));
         }
-        Ok(SegmentWriter::at(dir, opts, None, 0, 0, TailState::default()))
+        Ok(SegmentWriter::at(
+            dir,
+            opts,
+            None,
+            0,
+            0,
+            TailState::default(),
+        ))
     }
 
     /// Recovers `dir` and continues appending after its last good record.
@@ -509,7 +516,8 @@ impl SegmentWriter {
             while end < self.buf.len() {
                 let rec = HEADER_LEN + le_u32(&self.buf, end) as usize;
                 let fits = ((end - pos + rec) as u64) <= room;
-                if !fits && !(end == pos && self.seg_len == 0) {
+                let first_in_empty = end == pos && self.seg_len == 0;
+                if !fits && !first_in_empty {
                     break;
                 }
                 end += rec;
@@ -1069,7 +1077,12 @@ mod tests {
         // Recovery of a clean store changes nothing.
         let rec = recover(&store).unwrap();
         assert_eq!(
-            (rec.bytes, rec.records, rec.payload_bytes, rec.truncated_bytes),
+            (
+                rec.bytes,
+                rec.records,
+                rec.payload_bytes,
+                rec.truncated_bytes
+            ),
             (st.bytes, 200, payload_total, 0)
         );
     }
@@ -1294,7 +1307,13 @@ mod tests {
     async fn pipeline_end_to_end() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("s");
-        let w = SegmentWriter::create(&store, SegmentOptions { segment_bytes: 4096 }).unwrap();
+        let w = SegmentWriter::create(
+            &store,
+            SegmentOptions {
+                segment_bytes: 4096,
+            },
+        )
+        .unwrap();
         let opts = PipelineOptions {
             batch_bytes: 1024,
             commit_interval: Duration::from_millis(60),

@@ -474,9 +474,10 @@ impl Stores {
             state: StoreState::Pending,
             // Whole milliseconds, as stored, so the returned value equals a later `get`.
             created_at: from_ms(to_ms(now)),
-            expires_at: from_ms(to_ms(now).saturating_add(
-                i64::try_from(new.ttl.as_millis()).unwrap_or(i64::MAX / 2),
-            )),
+            expires_at: from_ms(
+                to_ms(now)
+                    .saturating_add(i64::try_from(new.ttl.as_millis()).unwrap_or(i64::MAX / 2)),
+            ),
             started_at: None,
             threshold_at: None,
             finished_at: None,
@@ -536,7 +537,10 @@ impl Stores {
         }
         let mut q = sqlx::query(&sql);
         if let Some(p) = &filter.party {
-            q = q.bind(p.aor.clone()).bind(p.aor.clone()).bind(p.user.clone());
+            q = q
+                .bind(p.aor.clone())
+                .bind(p.aor.clone())
+                .bind(p.user.clone());
         }
         if let Some(st) = filter.state {
             q = q.bind(st.as_str());
@@ -926,7 +930,11 @@ mod tests {
         rec.threshold = Threshold::Adaptive;
         let s2 = stores.create(rec, t(10)).await.unwrap();
         assert_eq!(stores.get(&s1.id).await.unwrap().unwrap(), s1);
-        assert!(stores.get("st_nonexistent00000000").await.unwrap().is_none());
+        assert!(stores
+            .get("st_nonexistent00000000")
+            .await
+            .unwrap()
+            .is_none());
         assert!(stores.get("garbage").await.unwrap().is_none());
         assert!(s1.token_matches(&s1.token.clone()));
         assert!(!s1.token_matches("x"));
@@ -982,7 +990,10 @@ mod tests {
             ..ListFilter::default()
         };
         assert!(stores.list(&receiving).await.unwrap().is_empty());
-        stores.start_session(&s1.id, &start(1000), t(20)).await.unwrap();
+        stores
+            .start_session(&s1.id, &start(1000), t(20))
+            .await
+            .unwrap();
         assert_eq!(stores.list(&receiving).await.unwrap().len(), 1);
         let limited = ListFilter {
             party: party("1002"),
@@ -1018,7 +1029,10 @@ mod tests {
             StoreState::Pending
         );
 
-        let st = stores.start_session(&s.id, &start(4000), t(2)).await.unwrap();
+        let st = stores
+            .start_session(&s.id, &start(4000), t(2))
+            .await
+            .unwrap();
         assert_eq!(st.state, StoreState::Receiving);
         assert_eq!(st.format.as_deref(), Some("PCMU/8000"));
         assert_eq!(st.payload_type, Some(0));
@@ -1172,14 +1186,15 @@ mod tests {
         };
         assert_eq!(grow(ok.clone(), 50).await, 0);
         // Half finish short (900 of 1000) concurrently, freeing 500 bytes...
-        let (short, rest): (Vec<_>, Vec<_>) = ok.iter().cloned().partition(|id| ok[..5].contains(id));
+        let (short, rest): (Vec<_>, Vec<_>) =
+            ok.iter().cloned().partition(|id| ok[..5].contains(id));
         let tasks: Vec<_> = short
             .into_iter()
             .map(|id| {
                 let stores = stores.clone();
-                tokio::spawn(async move {
-                    stores.finish(&id, StoreState::Complete, 900, t(2)).await
-                })
+                tokio::spawn(
+                    async move { stores.finish(&id, StoreState::Complete, 900, t(2)).await },
+                )
             })
             .collect();
         for task in tasks {
@@ -1241,7 +1256,10 @@ mod tests {
         // A pending store that expired meanwhile, and one whose data directory is missing.
         let p = stores.create(new_in_call("1002"), t(0)).await.unwrap();
         let m = stores.create(new_in_call("1002"), t(0)).await.unwrap();
-        stores.start_session(&m.id, &start(1000), t(1)).await.unwrap();
+        stores
+            .start_session(&m.id, &start(1000), t(1))
+            .await
+            .unwrap();
         assert_eq!(usage(&accounts, "1002").await, (0, 17_000));
 
         let out = stores.recover_on_startup(&data, t(1000)).await.unwrap();

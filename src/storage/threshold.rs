@@ -773,7 +773,10 @@ mod tests {
                 if rho > 1.0 {
                     // Margin only, or what arrives while the rate is first measured (~200 ms).
                     let warm_up = 300_000 / in_us * p;
-                    assert!(buffered <= warm_up.max(2000) + 2 * p, "margin only: {buffered}");
+                    assert!(
+                        buffered <= warm_up.max(2000) + 2 * p,
+                        "margin only: {buffered}"
+                    );
                 }
             }
         }
@@ -831,7 +834,10 @@ mod tests {
         }
         // It fires as soon as the rate is measured (two 100 ms samples), not later.
         let r = hit.unwrap();
-        assert!(r.received_bytes >= 1000 && r.received_bytes <= 11 * 320, "{r:?}");
+        assert!(
+            r.received_bytes >= 1000 && r.received_bytes <= 11 * 320,
+            "{r:?}"
+        );
         let rate = t.ingest_rate().unwrap();
         assert!((rate - 16_000.0).abs() < 1.0, "{rate}");
     }

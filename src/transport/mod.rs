@@ -85,7 +85,10 @@ impl Transports {
                 }
             }
         }
-        let tcp_local = tcp_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let tcp_local = tcp_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         let t = Transports {
             udp: Arc::new(udp),
             tcp_local: Arc::new(tcp_local),
@@ -152,7 +155,8 @@ impl Transports {
         let this = self.clone();
         tokio::spawn(async move {
             let peer = t.peer;
-            match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer.addr)).await {
+            match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer.addr)).await
+            {
                 Ok(Ok(stream)) => this.run_connection(stream, peer.addr, rx).await,
                 _ => {
                     lock(&this.conns).remove(&peer.addr);
@@ -223,7 +227,9 @@ impl Transports {
                 };
                 match self.events.try_send(ev) {
                     Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Full(TransportEvent::Message { msg, .. })) => {
+                    Err(mpsc::error::TrySendError::Full(TransportEvent::Message {
+                        msg, ..
+                    })) => {
                         self.overloaded(&msg, peer);
                         true
                     }
@@ -241,7 +247,8 @@ impl Transports {
         METRICS.sip_malformed_total.inc();
         tracing::debug!(peer = %peer.addr, error = %err, "malformed SIP message");
         if let Some(resp) = error_response_for(data, err) {
-            let resp = crate::b2bua::errors::with_error_body(resp, "malformed-message", &err.to_string());
+            let resp =
+                crate::b2bua::errors::with_error_body(resp, "malformed-message", &err.to_string());
             self.send(Transmit {
                 peer,
                 data: Bytes::from(resp.to_bytes()),
@@ -256,7 +263,11 @@ impl Transports {
             if req.method != message::Method::Ack {
                 let mut resp = req.response(503, None);
                 resp.headers.push("Retry-After", "2");
-                let resp = crate::b2bua::errors::with_error_body(resp, "overloaded", "server busy, retry later");
+                let resp = crate::b2bua::errors::with_error_body(
+                    resp,
+                    "overloaded",
+                    "server busy, retry later",
+                );
                 self.send(Transmit {
                     peer,
                     data: Bytes::from(resp.to_bytes()),
