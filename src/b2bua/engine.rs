@@ -170,6 +170,8 @@ enum Pending {
         method: Method,
         cseq: u32,
     },
+    /// An out-of-dialog request relayed from a server transaction (MESSAGE).
+    Standalone { server_tx: ServerTxId },
     /// A request callvault itself originated in a call (BYE on teardown, feature requests).
     Own { call: CallKey, side: Side },
 }
@@ -476,6 +478,7 @@ impl<M: MediaBackend> Engine<M> {
                 self.respond(tx, resp, now);
             }
             Method::Invite => self.on_invite(tx, req, peer, now),
+            Method::Message => self.on_message(tx, req, peer, now),
             Method::Bye
             | Method::Cancel
             | Method::Info
@@ -583,15 +586,58 @@ impl<M: MediaBackend> Engine<M> {
                 self.respond(tx, resp, now);
             }
             Err(e) => {
-                let mut resp = req.response(e.status(), None);
+                // The registrar's answer names the fault and carries Min-Expires for 423.
+                let mut resp = e.response(&req);
                 resp.ensure_to_tag(&self.token(10));
-                if e.status() == 423 {
-                    resp.headers
-                        .push("Min-Expires", self.cfg.registration_min_expires.to_string());
-                }
                 self.respond(tx, resp, now);
             }
         }
+    }
+
+    /// Out-of-dialog MESSAGE (RFC 3428) to a subscriber or a routed user: re-originated
+    /// towards the target like an INVITE's leg B, the answer relayed back.
+    fn on_message(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
+        let mf = req.max_forwards().unwrap_or(70);
+        if mf == 0 {
+            return self.reply(tx, &req, 483, now);
+        }
+        if self.authenticate(tx, &req, peer, now).is_none() {
+            return;
+        }
+        let user = req
+            .parsed_uri()
+            .ok()
+            .and_then(|u| u.user_unescaped())
+            .unwrap_or_default();
+        let Some((target_uri, to_peer)) = self.resolve_target(&user, now) else {
+            return self.reject(
+                tx,
+                &req,
+                404,
+                "not-found",
+                &format!("no registration or route for {user}"),
+                now,
+            );
+        };
+        let mut out = Request::new(Method::Message, target_uri);
+        let via = self.new_via(to_peer.transport);
+        out.headers.push("Via", via.to_string());
+        out.headers.push("Max-Forwards", (mf - 1).to_string());
+        if let Some(mut from) = req.from_hdr() {
+            let tag = self.token(10);
+            from.set_tag(&tag);
+            out.headers.push("From", from.to_string());
+        }
+        if let Some(to) = req.headers.get("To") {
+            out.headers.push("To", to.to_string());
+        }
+        out.headers.push("Call-ID", format!("cv{}", self.token(22)));
+        out.headers.push("CSeq", "1 MESSAGE");
+        copy_headers(&req.headers, &mut out.headers);
+        out.body = req.body.clone();
+        let id = self.tx.send_request(out, to_peer, now);
+        self.pending
+            .insert(id, (Pending::Standalone { server_tx: tx }, to_peer));
     }
 
     fn on_invite(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
@@ -870,6 +916,21 @@ impl<M: MediaBackend> Engine<M> {
                 method,
                 cseq,
             } => self.on_relay_response(call, origin, server_tx, method, cseq, resp, now),
+            Pending::Standalone { server_tx } => {
+                if resp.status == 100 {
+                    return;
+                }
+                let Some(orig) = self.tx.server_request(server_tx).cloned() else {
+                    return;
+                };
+                let mut out = orig.response(resp.status, Some(&resp.reason));
+                let tag = self.token(10);
+                out.ensure_to_tag(&tag);
+                copy_headers(&resp.headers, &mut out.headers);
+                let mut out = map_b_failure(out);
+                out.body = resp.body.clone();
+                self.respond(server_tx, out, now);
+            }
             Pending::Own { call, side, .. } => {
                 if resp.status >= 200 {
                     self.pending.remove(&id);
@@ -1046,6 +1107,7 @@ impl<M: MediaBackend> Engine<M> {
             Pending::BInvite(c) => (c, Side::B),
             Pending::Relay { call, origin, .. } => (call, origin.other()),
             Pending::Own { call, side, .. } => (call, side),
+            Pending::Standalone { .. } => return,
         };
         // Only the ACK of this very INVITE: the 2xx of a re-INVITE whose ACK has not come
         // from the other side yet must not be answered with the previous INVITE's ACK.
@@ -1092,7 +1154,7 @@ impl<M: MediaBackend> Engine<M> {
                     _ => {}
                 }
             }
-            Pending::Relay { server_tx, .. } => {
+            Pending::Relay { server_tx, .. } | Pending::Standalone { server_tx } => {
                 if let Some(orig) = self.tx.server_request(server_tx).cloned() {
                     self.reply(server_tx, &orig, status, now);
                 }

@@ -1453,3 +1453,58 @@ fn reinvite_from_b_is_relayed_to_a() {
     assert_eq!(cseq(&a_ack), "1 ACK");
     assert_eq!(a_ack.to_tag(), ok.to_tag());
 }
+
+// ------------------------------------------------------------------------------------------
+// Out-of-dialog MESSAGE (RFC 3428)
+
+fn ood_message(call_id: &str) -> Request {
+    let mut r = Request::new(Method::Message, "sip:1002@example.com");
+    r.headers.push("Via", via(A).to_string());
+    r.headers.push("From", "<sip:1001@example.com>;tag=m1");
+    r.headers.push("To", "<sip:1002@example.com>");
+    r.headers.push("Call-ID", call_id);
+    r.headers.push("CSeq", "7 MESSAGE");
+    r.headers.push("X-Keep", "exactly  this");
+    r.headers.push("Content-Type", "text/plain");
+    r.body = bytes::Bytes::from_static(b"hello \xc3\xa9");
+    r
+}
+
+#[test]
+fn out_of_dialog_message_relayed_and_answered() {
+    let mut net = Net::new();
+    let out = net.req(a(), &ood_message("msg-1@a"));
+    let m = out.request(b(), Method::Message);
+    assert_ne!(
+        m.call_id(),
+        Some("msg-1@a"),
+        "own Call-ID towards the target"
+    );
+    assert_eq!(m.cseq().map(|c| c.seq), Some(1));
+    assert_eq!(m.headers.get("X-Keep"), Some("exactly  this"));
+    assert_eq!(&m.body[..], b"hello \xc3\xa9");
+    let mut ok = m.response(202, None);
+    ok.ensure_to_tag("bt");
+    let back = net.resp(b(), &ok);
+    let r = back.response(a(), 202);
+    assert_eq!(r.call_id(), Some("msg-1@a"));
+    assert_eq!(r.cseq().map(|c| c.seq), Some(7));
+}
+
+#[test]
+fn out_of_dialog_message_to_nobody_gets_404_and_timeout_408() {
+    let mut cfg = config();
+    cfg.routes.clear();
+    let mut net = Net::with(cfg, FakeMedia::new(4));
+    let out = net.req(a(), &ood_message("msg-2@a"));
+    assert_eq!(out.statuses(a()), vec![404]);
+
+    let mut net = Net::new();
+    net.req(a(), &ood_message("msg-3@a"));
+    let later = net.run_for(Duration::from_secs(33));
+    assert!(
+        later.statuses(a()).contains(&408),
+        "{:?}",
+        later.statuses(a())
+    );
+}
