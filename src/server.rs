@@ -101,6 +101,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         timers: TimerConfig::default(),
         registration_min_expires: config.sip.registration_min_expires,
         registration_max_expires: config.sip.registration_max_expires,
+        feature_code: config.store.feature_code.clone(),
     };
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)

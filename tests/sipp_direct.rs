@@ -263,6 +263,7 @@ fn recognises_the_ready_line() {
     assert!(is_ready_line("ready"));
     assert!(!is_ready_line("INFO callvault: already listening"));
     assert!(!is_ready_line("not-ready yet"));
+    assert!(!is_ready_line("WARN callvault: storage not ready yet"));
 }
 
 #[test]

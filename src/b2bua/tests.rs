@@ -70,6 +70,7 @@ fn config() -> EngineConfig {
         timers: TimerConfig::default(),
         registration_min_expires: 60,
         registration_max_expires: 3600,
+        feature_code: "*7".into(),
     }
 }
 
@@ -1507,4 +1508,245 @@ fn out_of_dialog_message_to_nobody_gets_404_and_timeout_408() {
         "{:?}",
         later.statuses(a())
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// In-call storage hooks: store requests, DTMF feature code, local sessions
+
+const STORE_CT: &str = "application/vnd.callvault.store-request+json";
+
+fn store_request(up: &mut Up, method: Method, package: Option<&str>) -> Request {
+    let mut r = from_b(up, method);
+    r.headers.push("Content-Type", STORE_CT);
+    if let Some(p) = package {
+        r.headers.push("Info-Package", p);
+    }
+    r.body = bytes::Bytes::from_static(br#"{"pin":"4321"}"#);
+    r
+}
+
+fn store_request_event(net: &mut Net) -> Option<(CallKey, Side, crate::sip::transaction::ServerTxId)> {
+    net.events().into_iter().find_map(|e| match e {
+        EngineEvent::StoreRequest { call, side, tx, .. } => Some((call, side, tx)),
+        _ => None,
+    })
+}
+
+#[test]
+fn store_request_is_consumed_in_all_three_forms() {
+    for (method, package) in [
+        (Method::Message, None),
+        (Method::Info, Some("callvault")),
+        (Method::Info, None), // legacy INFO: content type alone
+    ] {
+        let mut net = Net::new();
+        let mut up = call_up(&mut net, "store-req@a");
+        let r = store_request(&mut up, method.clone(), package);
+        let out = net.req(b(), &r);
+        assert!(out.requests(a()).is_empty(), "{method} store request must not be relayed");
+        assert!(out.responses(b()).is_empty(), "answered by the layer above, not the engine");
+        let (call, side, tx) = store_request_event(&mut net).expect("StoreRequest event");
+        assert_eq!((call, side), (up.key, Side::B));
+        assert_eq!(net.eng.party(call, side).as_deref(), Some("1002@example.com"));
+        assert_eq!(net.eng.party(call, Side::A).as_deref(), Some("1001@example.com"));
+        let now = net.now;
+        net.eng.respond_request(
+            tx,
+            200,
+            Some("application/vnd.callvault.store-accepted+json"),
+            bytes::Bytes::from_static(b"{}"),
+            now,
+        );
+        let out = net.drain();
+        assert_eq!(out.statuses(b()), vec![200]);
+    }
+}
+
+#[test]
+fn info_of_another_package_is_relayed() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "pkg@a");
+    let r = store_request(&mut up, Method::Info, Some("other-package"));
+    let out = net.req(b(), &r);
+    assert_eq!(out.requests(a()).len(), 1);
+    assert!(store_request_event(&mut net).is_none());
+}
+
+#[test]
+fn reject_request_has_error_body() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "rej@a");
+    net.req(b(), &store_request(&mut up, Method::Message, None));
+    let (_, _, tx) = store_request_event(&mut net).unwrap();
+    let now = net.now;
+    net.eng.reject_request(tx, 403, "bad-pin", "wrong PIN", now);
+    let out = net.drain();
+    assert_eq!(error_code(&out.response(b(), 403)), "bad-pin");
+}
+
+fn dtmf_info(up: &mut Up, digit: char) -> Request {
+    let mut r = from_b(up, Method::Info);
+    r.headers.push("Content-Type", "application/dtmf-relay");
+    r.body = bytes::Bytes::from(format!("Signal={digit}\r\nDuration=160\r\n"));
+    r
+}
+
+#[test]
+fn feature_code_digits_are_swallowed_and_reported() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "dtmf@a");
+    // A digit outside a code is relayed.
+    let out = net.req(b(), &dtmf_info(&mut up, '5'));
+    assert_eq!(out.requests(a()).len(), 1);
+    for d in "*74321#".chars() {
+        let r = dtmf_info(&mut up, d);
+        let out = net.req(b(), &r);
+        assert_eq!(out.statuses(b()), vec![200], "digit {d} answered by us");
+        assert!(out.requests(a()).is_empty(), "digit {d} must not reach A");
+    }
+    let pin = net.events().into_iter().find_map(|e| match e {
+        EngineEvent::FeatureCode { side, pin, .. } => Some((side, pin)),
+        _ => None,
+    });
+    assert_eq!(pin, Some((Side::B, "4321".to_string())));
+}
+
+#[test]
+fn held_digits_released_in_order_on_mismatch_and_after_3s() {
+    let mut net = Net::new();
+    let mut up = call_up(&mut net, "dtmf2@a");
+    net.req(b(), &dtmf_info(&mut up, '*'));
+    let out = net.req(b(), &dtmf_info(&mut up, '9'));
+    let sent: Vec<String> = out
+        .requests(a())
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(sent[0].starts_with("Signal=*") && sent[1].starts_with("Signal=9"), "{sent:?}");
+    for r in out.requests(a()) {
+        net.resp(a(), &r.response(200, None));
+    }
+
+    // A lone '*' is released after 3 s.
+    let out = net.req(b(), &dtmf_info(&mut up, '*'));
+    assert!(out.requests(a()).is_empty());
+    let out = net.run_for(Duration::from_millis(2900));
+    assert!(out.requests(a()).is_empty());
+    let out = net.run_for(Duration::from_millis(200));
+    let infos = out.requests(a());
+    assert_eq!(infos.len(), 1);
+    assert!(String::from_utf8_lossy(&infos[0].body).starts_with("Signal=*"));
+}
+
+fn session_invite(user: &str, call_id: &str) -> Request {
+    let mut r = a_invite(call_id, user, Some(&sdp(A_MEDIA, "sendonly", 1)));
+    r.headers.push("Callvault-Data-Size", "160000");
+    r
+}
+
+fn session_offer(net: &mut Net) -> Option<(u64, String)> {
+    net.events().into_iter().find_map(|e| match e {
+        EngineEvent::SessionOffer {
+            session, identity, ..
+        } => Some((session, identity)),
+        _ => None,
+    })
+}
+
+#[test]
+fn store_uri_invite_is_a_local_session() {
+    let mut net = Net::new();
+    let inv = session_invite("st_abcdefghijklmnopqrst", "sess@a");
+    let out = net.req(a(), &inv);
+    assert_eq!(out.statuses(a()), vec![100]);
+    assert!(out.requests(b()).is_empty(), "not routed to anybody");
+    let (key, identity) = session_offer(&mut net).expect("SessionOffer");
+    assert_eq!(identity, "1001@example.com");
+    let now = net.now;
+    assert!(net.eng.accept_session(key, bytes::Bytes::from(sdp(("127.0.0.1", 40100), "recvonly", 1)), now));
+    let out = net.drain();
+    let ok = out.response(a(), 200);
+    assert!(String::from_utf8_lossy(&ok.body).contains("a=recvonly"));
+    assert!(ok.to_tag().is_some());
+    let mut d = Dialog::uac(&inv, &ok).unwrap();
+    net.req(a(), &d.ack_for(A_CSEQ, via(A)));
+    assert!(net.events().contains(&EngineEvent::SessionAcked(key)));
+    let bye = d.new_request(Method::Bye, &a_contact(), via(A));
+    let out = net.req(a(), &bye);
+    assert_eq!(out.statuses(a()), vec![200]);
+    assert!(net.events().contains(&EngineEvent::SessionEnded {
+        session: key,
+        by_remote: true
+    }));
+    // The dialog is gone.
+    let again = d.new_request(Method::Bye, &a_contact(), via(A));
+    assert_eq!(net.req(a(), &again).statuses(a()), vec![481]);
+}
+
+#[test]
+fn session_rejected_with_retry_after_and_ended_by_us() {
+    let mut net = Net::new();
+    net.req(a(), &session_invite("play-st_x", "sess2@a"));
+    let (key, _) = session_offer(&mut net).unwrap();
+    let now = net.now;
+    net.eng.reject_session(key, 480, "not-ready", "threshold not reached", Some(5), now);
+    let out = net.drain();
+    let r = out.response(a(), 480);
+    assert_eq!(r.headers.get("Retry-After"), Some("5"));
+    assert_eq!(error_code(&r), "not-ready");
+
+    let inv = session_invite("st_y", "sess3@a");
+    net.req(a(), &inv);
+    let (key, _) = session_offer(&mut net).unwrap();
+    let now = net.now;
+    net.eng.accept_session(key, bytes::Bytes::from(sdp(("127.0.0.1", 40100), "recvonly", 1)), now);
+    let ok = net.drain().response(a(), 200);
+    let d = Dialog::uac(&inv, &ok).unwrap();
+    net.req(a(), &d.ack_for(A_CSEQ, via(A)));
+    let now = net.now;
+    net.eng.end_session(key, Some("size-exceeded"), now);
+    let out = net.drain();
+    let bye = out.request(a(), Method::Bye);
+    assert!(bye.headers.get("Reason").unwrap().contains("size-exceeded"));
+}
+
+#[test]
+fn cancelled_session_offer_reports_end() {
+    let mut net = Net::new();
+    let inv = session_invite("st_z", "sess4@a");
+    net.req(a(), &inv);
+    let (key, _) = session_offer(&mut net).unwrap();
+    let cancel = crate::sip::transaction::build_cancel(&inv);
+    let out = net.req(a(), &cancel);
+    assert!(out.statuses(a()).contains(&487));
+    assert!(net.events().contains(&EngineEvent::SessionEnded {
+        session: key,
+        by_remote: true
+    }));
+}
+
+#[test]
+fn send_in_dialog_and_to_user() {
+    let mut net = Net::new();
+    let up = call_up(&mut net, "own@a");
+    let now = net.now;
+    net.eng.send_in_dialog(
+        up.key,
+        Side::A,
+        Method::Message,
+        &[("Content-Type", "application/vnd.callvault.prompt+json")],
+        bytes::Bytes::from_static(b"{\"store_id\":\"st_1\"}"),
+        now,
+    );
+    let out = net.drain();
+    let m = out.request(a(), Method::Message);
+    assert_eq!(m.call_id(), up.a_invite.call_id());
+    assert_eq!(&m.body[..], b"{\"store_id\":\"st_1\"}");
+    // Nobody registered as 1005: nothing to send.
+    let now = net.now;
+    assert!(net
+        .eng
+        .send_to_user("1005", Method::Message, &[], bytes::Bytes::new(), now)
+        .is_empty());
 }

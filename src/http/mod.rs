@@ -1,12 +1,287 @@
-//! The HTTP API (axum): metrics now; stores, shares, index and accounts as they land.
+//! The HTTP API (axum): `/metrics`, accounts and stores (PROTOCOL 2.4, 2.5, 5).
+//!
+//! | route | who |
+//! | --- | --- |
+//! | `GET /metrics` | anyone |
+//! | `GET /v1/accounts/{user}` | the user (Basic/Digest) or admin |
+//! | `GET /v1/stores` | own stores as sender, receiver or owner; all with admin; `?state=`, `?limit=` |
+//! | `GET /v1/stores/{id}` | sender, receiver or owner; the store's download or upload token; admin |
+//! | `GET /v1/stores/{id}/media?format=raw\|wav\|pcap` | receiver or owner; the download token; admin |
+//! | `PUT /v1/stores/{id}/data` | the sender: the upload token, or the sender's Basic/Digest |
+//!
+//! Tokens: a store has one secret (`Store::token`). The *download token* (in `download_url`,
+//! given to the receiver with the ready note) is that secret; the *upload token* (in
+//! `upload_url`, given to the sender with the prompt) is derived from it one-way
+//! ([`upload_token`]), so the sender's URL cannot download and the receiver's cannot upload.
+//! The admin token is accepted only as `Authorization: Bearer` (never in a URL, which ends up
+//! in logs). A token that does not open the addressed resource is answered `401`, as RFC 6750
+//! does for an invalid token: the server cannot tell a token of another store from garbage.
+
+pub mod accounts;
+pub mod auth;
+pub mod errors;
+pub mod media;
+pub mod stores;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, watch};
 
-pub fn router() -> Router {
+use crate::sip::auth::{Algorithm, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
+use crate::storage::segments::TailState;
+use crate::storage::stores::{Store, StoreState, Stores};
+use crate::storage::threshold::ThresholdLimits;
+use crate::storage::Accounts;
+
+pub use errors::ApiError;
+
+/// Everything the handlers need; build with [`HttpState::new`], adjust the public fields,
+/// then [`api_router`].
+#[derive(Clone)]
+pub struct HttpState {
+    pub accounts: Accounts,
+    pub stores: Stores,
+    /// `storage.data_dir`: segments are under `<data_dir>/stores/<id>`.
+    pub data_dir: PathBuf,
+    /// `http.admin_token`; empty disables admin access.
+    pub admin_token: String,
+    /// Digest realm = `sip.domain`; also the domain of the AORs `sip:<user>@<realm>`.
+    pub realm: String,
+    /// Digest challenges offered on 401, strongest first (one header each), then Basic.
+    pub digest_algorithms: Vec<Algorithm>,
+    /// Nonces and the replay guard for HTTP Digest (its own key: HTTP and SIP nonces are
+    /// not interchangeable).
+    pub digest: Arc<Mutex<Verifier>>,
+    /// Stores being written right now, for readers that follow the live tail.
+    pub live: Arc<LiveStores>,
+    pub upload: UploadPolicy,
+    /// Where uploads report their progress (the ready notification of step 331 hangs off
+    /// `ThresholdReached`). None: nobody listens.
+    pub events: Option<mpsc::UnboundedSender<HttpEvent>>,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("data_dir", &self.data_dir)
+            .field("admin", &!self.admin_token.is_empty())
+            .field("realm", &self.realm)
+            .field("digest_algorithms", &self.digest_algorithms)
+            .field("upload", &self.upload)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpState {
+    /// Defaults: realm = the accounts' realm, Digest SHA-256 and MD5, a fresh nonce key, an
+    /// empty live registry, [`UploadPolicy::default`], no event listener.
+    pub fn new(
+        accounts: Accounts,
+        stores: Stores,
+        data_dir: impl Into<PathBuf>,
+        admin_token: impl Into<String>,
+    ) -> HttpState {
+        let realm = accounts.realm().to_string();
+        HttpState {
+            accounts,
+            stores,
+            data_dir: data_dir.into(),
+            admin_token: admin_token.into(),
+            realm,
+            digest_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
+            digest: Arc::new(Mutex::new(Verifier::new(
+                NonceKey::random(),
+                DEFAULT_NONCE_TTL_SECS,
+            ))),
+            live: Arc::new(LiveStores::new()),
+            upload: UploadPolicy::default(),
+            events: None,
+        }
+    }
+
+    pub(crate) fn emit(&self, ev: HttpEvent) {
+        if let Some(tx) = &self.events {
+            // A listener that went away is not the uploader's problem.
+            let _ = tx.send(ev);
+        }
+    }
+}
+
+/// How `PUT .../data` stores a file.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadPolicy {
+    /// Payload bytes per record, so uploads read back like RTP stores (and as pcap).
+    pub record_bytes: usize,
+    /// Commit (fsync + publish to readers) when this much is buffered...
+    pub commit_bytes: usize,
+    /// ...or when the body pauses this long with something buffered.
+    pub commit_interval: std::time::Duration,
+    /// `store.threshold_percent`: used for an adaptive request (a file has no playout rate).
+    pub default_percent: u8,
+    pub limits: ThresholdLimits,
+}
+
+impl Default for UploadPolicy {
+    fn default() -> Self {
+        UploadPolicy {
+            record_bytes: 1200,
+            commit_bytes: 64 * 1024,
+            commit_interval: std::time::Duration::from_millis(20),
+            default_percent: 30,
+            limits: ThresholdLimits::default(),
+        }
+    }
+}
+
+/// What an upload reports through [`HttpState::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpEvent {
+    /// The store session of an upload started (the store is `receiving`).
+    UploadStarted { store_id: String },
+    /// Step 32 for an upload: `threshold_at` was just set.
+    ThresholdReached {
+        store_id: String,
+        received_bytes: u64,
+    },
+    /// The upload ended (`complete` or `truncated`).
+    UploadFinished {
+        store_id: String,
+        state: StoreState,
+        received_bytes: u64,
+    },
+}
+
+/// Registry of stores being written, so a reader of a `receiving` store can follow its live
+/// tail. The store-session code registers the writer's watch when the session starts and
+/// removes it after the log is finished (or holds a [`LiveGuard`], which removes it on drop).
+/// A `receiving` store that is not registered is read by polling the disk and the database.
+#[derive(Debug, Default)]
+pub struct LiveStores {
+    map: Mutex<HashMap<String, watch::Receiver<TailState>>>,
+}
+
+impl LiveStores {
+    pub fn new() -> LiveStores {
+        LiveStores::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<TailState>>> {
+        // The map stays consistent even if a holder panicked: every operation is one call.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, store_id: &str, tail: watch::Receiver<TailState>) {
+        self.lock().insert(store_id.to_string(), tail);
+    }
+
+    pub fn remove(&self, store_id: &str) {
+        self.lock().remove(store_id);
+    }
+
+    /// A receiver of the store's committed state, if it is being written.
+    pub fn get(&self, store_id: &str) -> Option<watch::Receiver<TailState>> {
+        self.lock().get(store_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Registers `tail` until the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, store_id: &str, tail: watch::Receiver<TailState>) -> LiveGuard {
+        self.insert(store_id, tail);
+        LiveGuard {
+            live: Arc::clone(self),
+            store_id: store_id.to_string(),
+        }
+    }
+}
+
+/// Removes its store from [`LiveStores`] when dropped.
+#[derive(Debug)]
+pub struct LiveGuard {
+    live: Arc<LiveStores>,
+    store_id: String,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live.remove(&self.store_id);
+    }
+}
+
+/// The token of `download_url` (receiver's capability): the store's secret itself.
+pub fn download_token(store: &Store) -> &str {
+    &store.token
+}
+
+/// The token of `upload_url` (sender's capability): 160 bits of SHA-256 over a label and the
+/// store's secret, hex. One-way, so holding it does not give the download token.
+pub fn upload_token(store: &Store) -> String {
+    upload_token_of(&store.token)
+}
+
+fn upload_token_of(secret: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"callvault upload token\0");
+    h.update(secret.as_bytes());
+    hex::encode(&h.finalize()[..20])
+}
+
+/// `{base}/v1/stores/{id}/data?token=...` (the prompt's `upload_url`); `base` like
+/// `http://192.0.2.10:8080`, without a trailing slash.
+pub fn upload_url(base: &str, store: &Store) -> String {
+    format!(
+        "{}/v1/stores/{}/data?token={}",
+        base.trim_end_matches('/'),
+        store.id,
+        upload_token(store)
+    )
+}
+
+/// `{base}/v1/stores/{id}/media?token=...` (the ready note's `download_url`).
+pub fn download_url(base: &str, store: &Store) -> String {
+    format!(
+        "{}/v1/stores/{}/media?token={}",
+        base.trim_end_matches('/'),
+        store.id,
+        download_token(store)
+    )
+}
+
+/// The whole API, `/metrics` included.
+pub fn api_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/accounts/{user}", get(accounts::get_account))
+        .route("/v1/stores", get(stores::list_stores))
+        .route("/v1/stores/{id}", get(stores::get_store))
+        .route("/v1/stores/{id}/media", get(stores::get_media))
+        .route("/v1/stores/{id}/data", put(stores::put_data))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(Arc::new(state))
+}
+
+/// Only `/metrics` (what `server.rs` serves until it builds an [`HttpState`]).
+pub fn metrics_router() -> Router {
     Router::new().route("/metrics", get(metrics))
+}
+
+/// Kept for the current call site in `server.rs`; same as [`metrics_router`].
+pub fn router() -> Router {
+    metrics_router()
 }
 
 async fn metrics() -> impl IntoResponse {
@@ -15,3 +290,18 @@ async fn metrics() -> impl IntoResponse {
         crate::metrics::render(),
     )
 }
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such resource")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "method not allowed on this resource",
+    )
+}
+
+#[cfg(test)]
+mod tests;

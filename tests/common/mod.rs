@@ -494,11 +494,15 @@ impl Drop for Server {
     }
 }
 
-/// The server's "ready" line (PROTOCOL.md 4): the word `ready`, e.g.
+/// The server's "ready" line (PROTOCOL.md 4): the word `ready` followed by its listen
+/// addresses (`key=value` words) or nothing, e.g.
 /// `INFO callvault::server: ready sip=udp:127.0.0.1:5060 http=127.0.0.1:8080`.
 pub fn is_ready_line(line: &str) -> bool {
-    line.split(|c: char| c.is_whitespace() || c == ':')
-        .any(|w| w == "ready")
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .iter()
+        .enumerate()
+        .any(|(i, w)| *w == "ready" && words.get(i + 1).is_none_or(|next| next.contains('=')))
 }
 
 pub fn account_add(config: &Path, user: &str, password: &str, pin: &str, quota: &str) {

@@ -16,6 +16,11 @@ use rand::distributions::Alphanumeric;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod dtmf;
+mod sessions;
+
+pub use sessions::{is_local_session_user, SessionKey};
+
 use super::errors::with_error_body;
 use super::media::{CallKey, MediaBackend, MediaError, Side, StreamPorts};
 use crate::config::{Cidr, Transport};
@@ -84,6 +89,8 @@ pub struct EngineConfig {
     pub timers: TimerConfig,
     pub registration_min_expires: u32,
     pub registration_max_expires: u32,
+    /// DTMF feature code that starts a store request (`store.feature_code`, e.g. `*7`).
+    pub feature_code: String,
 }
 
 /// What digest needs to know about an account.
@@ -140,6 +147,10 @@ struct Call {
     streams: Vec<StreamPorts>,
     /// The caller's authenticated (or trusted) identity, `user@domain`.
     caller: String,
+    /// The callee's identity, `user@domain` (the Request-URI user).
+    callee: String,
+    /// Feature-code detection on INFO digits, per side (index 0 = A).
+    digits: [dtmf::DigitGate; 2],
 }
 
 impl Call {
@@ -174,6 +185,8 @@ enum Pending {
     Standalone { server_tx: ServerTxId },
     /// A request callvault itself originated in a call (BYE on teardown, feature requests).
     Own { call: CallKey, side: Side },
+    /// An out-of-dialog request of callvault's own (notifications to a user's contacts).
+    OutOfDialog,
 }
 
 /// Things the engine reports to the layers above it (features, metrics, tests).
@@ -181,6 +194,29 @@ enum Pending {
 pub enum EngineEvent {
     CallAnswered(CallKey),
     CallEnded(CallKey, CallOutcome),
+    /// An in-dialog MESSAGE/INFO carrying a store request from `side` (the receiver). Not
+    /// answered yet: the layer above answers with `respond_request`/`reject_request`.
+    StoreRequest {
+        call: CallKey,
+        side: Side,
+        tx: ServerTxId,
+        request: Request,
+    },
+    /// `*7 PIN #` completed by the party on `side` (INFO digits).
+    FeatureCode { call: CallKey, side: Side, pin: String },
+    /// An INVITE for a local session (store or play URI), authenticated as `identity`.
+    SessionOffer {
+        session: SessionKey,
+        identity: String,
+        request: Request,
+        source: SocketAddr,
+    },
+    /// The ACK for a session's 2xx arrived.
+    SessionAcked(SessionKey),
+    /// The session is over (`by_remote`: BYE or CANCEL from the far end).
+    SessionEnded { session: SessionKey, by_remote: bool },
+    /// Final response to an out-of-dialog request of ours (`send_to_user`).
+    OutOfDialogDone { tx: ClientTxId, status: u16 },
     /// Final response to a request callvault originated in a call (`send_in_dialog`).
     OwnRequestDone {
         call: CallKey,
@@ -203,6 +239,9 @@ pub struct Engine<M: MediaBackend> {
     /// Call-IDs we generated for B legs: an INVITE carrying one came back to us (loop).
     own_call_ids: HashMap<String, CallKey>,
     a_invites: HashMap<ServerTxId, CallKey>,
+    sessions: HashMap<SessionKey, sessions::LocalSession>,
+    session_dialogs: HashMap<(String, String), SessionKey>,
+    session_invites: HashMap<ServerTxId, SessionKey>,
     pending: HashMap<ClientTxId, (Pending, Peer)>,
     events: VecDeque<EngineEvent>,
     next_call: CallKey,
@@ -242,6 +281,9 @@ impl<M: MediaBackend> Engine<M> {
             dialogs: HashMap::new(),
             own_call_ids: HashMap::new(),
             a_invites: HashMap::new(),
+            sessions: HashMap::new(),
+            session_dialogs: HashMap::new(),
+            session_invites: HashMap::new(),
             pending: HashMap::new(),
             events: VecDeque::new(),
             next_call: 1,
@@ -273,6 +315,7 @@ impl<M: MediaBackend> Engine<M> {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tx.handle_timeout(now);
+        self.digit_timeouts(now);
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.registrar.expire(now);
             self.next_sweep = None;
@@ -307,6 +350,10 @@ impl<M: MediaBackend> Engine<M> {
         for k in keys {
             self.hang_up(k, "shutdown", CallOutcome::Failed, now);
         }
+        let sessions: Vec<SessionKey> = self.sessions.keys().copied().collect();
+        for k in sessions {
+            self.end_session(k, Some("shutdown"), now);
+        }
         self.after(now);
     }
 
@@ -319,10 +366,10 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.tx.poll_timeout(), self.next_sweep) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.tx.poll_timeout(), self.next_sweep, self.next_digit_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Installs (or removes, with `None`) what digest needs for `user`.
@@ -367,6 +414,7 @@ impl<M: MediaBackend> Engine<M> {
                 }
                 TxEvent::ServerTerminated(id) => {
                     self.a_invites.remove(&id);
+                    self.session_invites.remove(&id);
                 }
             }
         }
@@ -674,6 +722,9 @@ impl<M: MediaBackend> Engine<M> {
             return;
         };
         let callee = ruri.user_unescaped().unwrap_or_default();
+        if is_local_session_user(&callee) {
+            return self.offer_session(tx, req, peer, caller);
+        }
         let Some((target_uri, b_peer)) = self.resolve_target(&callee, now) else {
             return self.reject(
                 tx,
@@ -713,6 +764,11 @@ impl<M: MediaBackend> Engine<M> {
             b_invite_tx: None,
             streams: Vec::new(),
             caller: format!("{caller}@{}", self.cfg.domain),
+            callee: format!("{callee}@{}", self.cfg.domain),
+            digits: [
+                dtmf::DigitGate::new(&self.cfg.feature_code),
+                dtmf::DigitGate::new(&self.cfg.feature_code),
+            ],
         };
 
         // Leg B's INVITE.
@@ -802,6 +858,9 @@ impl<M: MediaBackend> Engine<M> {
             req.call_id().unwrap_or_default().to_string(),
             req.to_tag().unwrap_or_default(),
         );
+        if let Some(&session) = self.session_dialogs.get(&key) {
+            return self.on_session_request(session, tx, req, now);
+        }
         let Some(&(call_key, side)) = self.dialogs.get(&key) else {
             return self.reply(tx, &req, 481, now);
         };
@@ -828,6 +887,19 @@ impl<M: MediaBackend> Engine<M> {
                 self.bye_leg(call_key, side.other(), None, now);
                 self.end_call(call_key, CallOutcome::Answered);
             }
+            Method::Message | Method::Info if is_store_request(&req) => {
+                self.events.push_back(EngineEvent::StoreRequest {
+                    call: call_key,
+                    side,
+                    tx,
+                    request: req,
+                });
+            }
+            Method::Info => {
+                if let Some(req) = self.gate_info_digit(call_key, side, tx, req, now) {
+                    self.relay_in_dialog(call_key, side, tx, req, now);
+                }
+            }
             _ => self.relay_in_dialog(call_key, side, tx, req, now),
         }
     }
@@ -837,6 +909,9 @@ impl<M: MediaBackend> Engine<M> {
             ack.call_id().unwrap_or_default().to_string(),
             ack.to_tag().unwrap_or_default(),
         );
+        if let Some(&session) = self.session_dialogs.get(&key) {
+            return self.on_session_ack(session);
+        }
         let Some(&(call_key, side)) = self.dialogs.get(&key) else {
             return;
         };
@@ -873,6 +948,9 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     fn on_cancel(&mut self, invite_tx: ServerTxId, now: Instant) {
+        if self.cancel_session(invite_tx, now) {
+            return;
+        }
         let Some(&key) = self.a_invites.get(&invite_tx) else {
             return;
         };
@@ -930,6 +1008,15 @@ impl<M: MediaBackend> Engine<M> {
                 let mut out = map_b_failure(out);
                 out.body = resp.body.clone();
                 self.respond(server_tx, out, now);
+            }
+            Pending::OutOfDialog => {
+                if resp.status >= 200 {
+                    self.pending.remove(&id);
+                    self.events.push_back(EngineEvent::OutOfDialogDone {
+                        tx: id,
+                        status: resp.status,
+                    });
+                }
             }
             Pending::Own { call, side, .. } => {
                 if resp.status >= 200 {
@@ -1107,7 +1194,7 @@ impl<M: MediaBackend> Engine<M> {
             Pending::BInvite(c) => (c, Side::B),
             Pending::Relay { call, origin, .. } => (call, origin.other()),
             Pending::Own { call, side, .. } => (call, side),
-            Pending::Standalone { .. } => return,
+            Pending::Standalone { .. } | Pending::OutOfDialog => return,
         };
         // Only the ACK of this very INVITE: the 2xx of a re-INVITE whose ACK has not come
         // from the other side yet must not be answered with the previous INVITE's ACK.
@@ -1165,10 +1252,14 @@ impl<M: MediaBackend> Engine<M> {
                 tx: id,
                 status,
             }),
+            Pending::OutOfDialog => self.events.push_back(EngineEvent::OutOfDialogDone { tx: id, status }),
         }
     }
 
     fn on_ack_timeout(&mut self, id: ServerTxId, now: Instant) {
+        if self.session_ack_timeout(id, now) {
+            return;
+        }
         // The caller never ACKed our 2xx (§13.3.1.4): end the call on both legs.
         let Some(&key) = self.a_invites.get(&id) else {
             return;
@@ -1271,6 +1362,111 @@ impl<M: MediaBackend> Engine<M> {
         let r = Some(id);
         self.after(now);
         r
+    }
+
+    /// Answers a request handed up in an event (e.g. `StoreRequest`) with a body of ours.
+    pub fn respond_request(
+        &mut self,
+        tx: ServerTxId,
+        status: u16,
+        content_type: Option<&str>,
+        body: Bytes,
+        now: Instant,
+    ) {
+        let Some(orig) = self.tx.server_request(tx).cloned() else {
+            return;
+        };
+        let mut resp = orig.response(status, None);
+        if let Some(ct) = content_type {
+            resp.headers.push("Content-Type", ct);
+            resp.body = body;
+        }
+        self.respond(tx, resp, now);
+        self.after(now);
+    }
+
+    /// Refuses a request handed up in an event with our JSON error body and Warning.
+    pub fn reject_request(&mut self, tx: ServerTxId, status: u16, code: &str, detail: &str, now: Instant) {
+        let Some(orig) = self.tx.server_request(tx).cloned() else {
+            return;
+        };
+        self.reject(tx, &orig, status, code, detail, now);
+        self.after(now);
+    }
+
+    /// `(caller, callee)` identities of a call, `user@domain` each.
+    pub fn call_parties(&self, call: CallKey) -> Option<(String, String)> {
+        self.calls.get(&call).map(|c| (c.caller.clone(), c.callee.clone()))
+    }
+
+    /// The party on `side` of a call (`user@domain`).
+    pub fn party(&self, call: CallKey, side: Side) -> Option<String> {
+        self.calls.get(&call).map(|c| match side {
+            Side::A => c.caller.clone(),
+            Side::B => c.callee.clone(),
+        })
+    }
+
+    /// True while both dialogs of the call are established.
+    pub fn call_is_up(&self, call: CallKey) -> bool {
+        self.calls.get(&call).is_some_and(|c| c.state == CallState::Up)
+    }
+
+    /// The call and side in which `user@domain` currently is a party, if any (newest call).
+    pub fn call_of(&self, aor: &str) -> Option<(CallKey, Side)> {
+        self.calls
+            .iter()
+            .filter(|(_, c)| c.state == CallState::Up)
+            .filter_map(|(k, c)| {
+                if c.callee == aor {
+                    Some((*k, Side::B))
+                } else if c.caller == aor {
+                    Some((*k, Side::A))
+                } else {
+                    None
+                }
+            })
+            .max_by_key(|(k, _)| *k)
+    }
+
+    /// Sends an out-of-dialog request of ours to every registered contact of `user`
+    /// (notifications). Each final answer comes back as [`EngineEvent::OutOfDialogDone`].
+    pub fn send_to_user(
+        &mut self,
+        user: &str,
+        method: Method,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        now: Instant,
+    ) -> Vec<ClientTxId> {
+        let aor = format!("{user}@{}", self.cfg.domain);
+        let bindings = self.registrar.lookup(&aor, now);
+        let mut ids = Vec::new();
+        for b in bindings {
+            let peer = Peer {
+                transport: b.source.transport,
+                addr: b.source.addr,
+            };
+            let mut req = Request::new(method.clone(), b.contact.uri.to_string());
+            let via = self.new_via(peer.transport);
+            req.headers.push("Via", via.to_string());
+            req.headers.push("Max-Forwards", "70");
+            let tag = self.token(10);
+            req.headers
+                .push("From", format!("<sip:callvault@{}>;tag={tag}", self.cfg.domain));
+            req.headers.push("To", format!("<sip:{aor}>"));
+            req.headers.push("Call-ID", format!("cv{}", self.token(22)));
+            req.headers.push("CSeq", format!("1 {method}"));
+            for (n, v) in headers {
+                req.headers.push(n.to_string(), v.to_string());
+            }
+            req.body = body.clone();
+            let id = self.tx.send_request(req, peer, now);
+            self.pending.insert(id, (Pending::OutOfDialog, peer));
+            ids.push(id);
+        }
+        self.after(now);
+        ids
     }
 
     fn bye_leg(&mut self, key: CallKey, side: Side, reason: Option<&str>, now: Instant) {
@@ -1456,6 +1652,19 @@ impl HasBody for Response {
     fn body(&self) -> &[u8] {
         &self.body
     }
+}
+
+/// An in-dialog MESSAGE, or an INFO of the `callvault` Info-Package (or legacy INFO without
+/// one, RFC 6086 §4.3.1 aside), whose body is a store request.
+fn is_store_request(req: &Request) -> bool {
+    let ct_ok = req
+        .content_type()
+        .is_some_and(|ct| crate::b2bua::wire::is_consumed(&ct));
+    let package_ok = match req.headers.get("Info-Package") {
+        Some(p) => p.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("callvault"),
+        None => true,
+    };
+    ct_ok && (req.method == Method::Message || package_ok)
 }
 
 /// Copies end-to-end headers (everything but [`HOP_HEADERS`]); `Supported` is passed on
