@@ -52,6 +52,58 @@ impl Gauge {
     }
 }
 
+/// Latency buckets in seconds (upper bounds), shared by the histograms.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// A Prometheus histogram over [`BUCKETS`]; observing is a few relaxed atomic adds.
+pub struct Histogram {
+    counts: [AtomicU64; 12],
+    count: AtomicU64,
+    /// Sum in microseconds (atomics hold integers).
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub const fn new() -> Histogram {
+        Histogram {
+            counts: [const { AtomicU64::new(0) }; 12],
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
 /// How a call through the B2BUA ended (label of `callvault_calls_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallOutcome {
@@ -93,6 +145,10 @@ pub struct Metrics {
     pub registrations_active: Gauge,
     /// Set by the core after each batch of events (the port allocator owns the number).
     pub rtp_ports_in_use: Gauge,
+    /// First stored packet to threshold (step 32).
+    pub threshold_seconds: Histogram,
+    /// Play ACK (or threshold) to first packet sent (step 333).
+    pub play_start_seconds: Histogram,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -113,6 +169,8 @@ pub static METRICS: Metrics = Metrics {
     rtp_bytes_stored_total: Counter::new(),
     registrations_active: Gauge::new(),
     rtp_ports_in_use: Gauge::new(),
+    threshold_seconds: Histogram::new(),
+    play_start_seconds: Histogram::new(),
 };
 
 impl Metrics {
@@ -200,6 +258,16 @@ pub fn render() -> String {
         "counter",
         "RTP payload bytes appended to stores.",
         m.rtp_bytes_stored_total.get().to_string(),
+    );
+    m.threshold_seconds.render(
+        &mut out,
+        "callvault_threshold_seconds",
+        "Time from a store's first stored packet to its threshold.",
+    );
+    m.play_start_seconds.render(
+        &mut out,
+        "callvault_play_start_seconds",
+        "Time from play ACK or threshold to the first packet sent.",
     );
     let _ = writeln!(
         out,

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig};
 use crate::b2bua::errors::set_warn_agent;
 use crate::b2bua::media::{MediaBackend, MediaEvent, RelayMedia};
+use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
+use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::media::relay::{RelayCounters, RelayEvent};
 use crate::metrics::METRICS;
@@ -20,6 +22,7 @@ use crate::sip::message::{Request, SipMessage};
 use crate::sip::transaction::TimerConfig;
 use crate::storage::accounts::Accounts;
 use crate::storage::db::Db;
+use crate::storage::stores::Stores;
 use crate::transport::{TransportEvent, Transports};
 
 #[derive(Debug, Error)]
@@ -53,6 +56,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Db(e.to_string()))?;
     let accounts = Accounts::new(db.clone(), config.sip.domain.clone());
+    let stores = Stores::new(db.clone());
+    // Stores interrupted by a crash or restart: cut to their last good record, `truncated`.
+    match stores
+        .recover_on_startup(&config.storage.data_dir, SystemTime::now())
+        .await
+    {
+        Ok(recovered) => {
+            for r in &recovered {
+                tracing::info!(store = ?r, "recovered interrupted store as truncated");
+            }
+        }
+        Err(e) => return Err(ServerError::Db(e.to_string())),
+    }
 
     let (sip_tx, sip_rx) = mpsc::channel(8192);
     let transports = Transports::bind(
@@ -78,7 +94,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let counters = Arc::new(RelayCounters::default());
     let (media, relay_rx) = RelayMedia::new(
         config.sip.public_address,
-        ports,
+        ports.clone(),
         Duration::from_secs(config.media.rtp_timeout_secs),
         counters.clone(),
     );
@@ -128,20 +144,54 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .collect();
     tracing::info!("ready sip={} http={}", listen.join(","), http_addr);
 
+    let sip_port = transports
+        .local_addr(Transport::Udp)
+        .or_else(|| transports.local_addr(Transport::Tcp))
+        .map(|a| a.port())
+        .unwrap_or(5060);
+    let http_host = if http_addr.ip().is_unspecified() {
+        config.sip.public_address
+    } else {
+        http_addr.ip()
+    };
+    let http_base = match http_host {
+        std::net::IpAddr::V6(v6) => format!("http://[{v6}]:{}", http_addr.port()),
+        v4 => format!("http://{v4}:{}", http_addr.port()),
+    };
+    let live = Arc::new(LiveStores::new());
+    let (service, commands) = StoreService::new(
+        ServiceConfig {
+            domain: config.sip.domain.clone(),
+            public_ip: config.sip.public_address,
+            sip_port,
+            http_base,
+            store: config.store.clone(),
+            data_dir: config.storage.data_dir.clone(),
+            rtp_timeout: Duration::from_secs(config.media.rtp_timeout_secs),
+        },
+        accounts.clone(),
+        stores.clone(),
+        ports,
+        live.clone(),
+    );
+    tokio::spawn(expire_pending_stores(stores.clone()));
+
     let core = Core {
         engine,
+        service,
         transports,
         accounts,
         account_seen: HashMap::new(),
         counters,
     };
-    let result = core.run(sip_rx, relay_rx).await;
+    let result = core.run(sip_rx, relay_rx, commands).await;
     db.close().await;
     result
 }
 
 struct Core {
     engine: Engine<RelayMedia>,
+    service: StoreService,
     transports: Transports,
     accounts: Accounts,
     account_seen: HashMap<String, Instant>,
@@ -153,6 +203,7 @@ impl Core {
         mut self,
         mut sip_rx: mpsc::Receiver<TransportEvent>,
         mut relay_rx: mpsc::Receiver<RelayEvent>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), ServerError> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
@@ -174,6 +225,9 @@ impl Core {
                     }
                     None => break,
                 },
+                Some(cmd) = commands.recv() => {
+                    self.service.apply(&mut self.engine, cmd, Instant::now());
+                }
                 Some(ev) = relay_rx.recv() => {
                     if let Some(MediaEvent::Timeout(call)) = self.engine.media_mut().on_relay_event(ev) {
                         self.engine.handle_media_timeout(call, Instant::now());
@@ -199,7 +253,12 @@ impl Core {
         while let Some(t) = self.engine.poll_transmit() {
             self.transports.send(t);
         }
-        while self.engine.poll_event().is_some() {}
+        while let Some(ev) = self.engine.poll_event() {
+            self.service.on_event(&self.engine, &ev);
+        }
+        while let Some(t) = self.engine.poll_transmit() {
+            self.transports.send(t);
+        }
         let stats = self.engine.tx_stats();
         METRICS
             .registrations_active
@@ -251,6 +310,17 @@ impl Core {
             };
             self.engine.set_account(&user, auth);
             self.account_seen.insert(user, Instant::now());
+        }
+    }
+}
+
+/// Marks store ids that were never used `expired`, once a minute.
+async fn expire_pending_stores(stores: Stores) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(e) = stores.expire_pending(SystemTime::now()).await {
+            tracing::warn!(error = %e, "expiring pending stores failed");
         }
     }
 }

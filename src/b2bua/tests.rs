@@ -1525,7 +1525,9 @@ fn store_request(up: &mut Up, method: Method, package: Option<&str>) -> Request 
     r
 }
 
-fn store_request_event(net: &mut Net) -> Option<(CallKey, Side, crate::sip::transaction::ServerTxId)> {
+fn store_request_event(
+    net: &mut Net,
+) -> Option<(CallKey, Side, crate::sip::transaction::ServerTxId)> {
     net.events().into_iter().find_map(|e| match e {
         EngineEvent::StoreRequest { call, side, tx, .. } => Some((call, side, tx)),
         _ => None,
@@ -1543,12 +1545,24 @@ fn store_request_is_consumed_in_all_three_forms() {
         let mut up = call_up(&mut net, "store-req@a");
         let r = store_request(&mut up, method.clone(), package);
         let out = net.req(b(), &r);
-        assert!(out.requests(a()).is_empty(), "{method} store request must not be relayed");
-        assert!(out.responses(b()).is_empty(), "answered by the layer above, not the engine");
+        assert!(
+            out.requests(a()).is_empty(),
+            "{method} store request must not be relayed"
+        );
+        assert!(
+            out.responses(b()).is_empty(),
+            "answered by the layer above, not the engine"
+        );
         let (call, side, tx) = store_request_event(&mut net).expect("StoreRequest event");
         assert_eq!((call, side), (up.key, Side::B));
-        assert_eq!(net.eng.party(call, side).as_deref(), Some("1002@example.com"));
-        assert_eq!(net.eng.party(call, Side::A).as_deref(), Some("1001@example.com"));
+        assert_eq!(
+            net.eng.party(call, side).as_deref(),
+            Some("1002@example.com")
+        );
+        assert_eq!(
+            net.eng.party(call, Side::A).as_deref(),
+            Some("1001@example.com")
+        );
         let now = net.now;
         net.eng.respond_request(
             tx,
@@ -1623,7 +1637,10 @@ fn held_digits_released_in_order_on_mismatch_and_after_3s() {
         .map(|r| String::from_utf8_lossy(&r.body).to_string())
         .collect();
     assert_eq!(sent.len(), 2, "{sent:?}");
-    assert!(sent[0].starts_with("Signal=*") && sent[1].starts_with("Signal=9"), "{sent:?}");
+    assert!(
+        sent[0].starts_with("Signal=*") && sent[1].starts_with("Signal=9"),
+        "{sent:?}"
+    );
     for r in out.requests(a()) {
         net.resp(a(), &r.response(200, None));
     }
@@ -1664,7 +1681,11 @@ fn store_uri_invite_is_a_local_session() {
     let (key, identity) = session_offer(&mut net).expect("SessionOffer");
     assert_eq!(identity, "1001@example.com");
     let now = net.now;
-    assert!(net.eng.accept_session(key, bytes::Bytes::from(sdp(("127.0.0.1", 40100), "recvonly", 1)), now));
+    assert!(net.eng.accept_session(
+        key,
+        bytes::Bytes::from(sdp(("127.0.0.1", 40100), "recvonly", 1)),
+        now
+    ));
     let out = net.drain();
     let ok = out.response(a(), 200);
     assert!(String::from_utf8_lossy(&ok.body).contains("a=recvonly"));
@@ -1690,7 +1711,8 @@ fn session_rejected_with_retry_after_and_ended_by_us() {
     net.req(a(), &session_invite("play-st_x", "sess2@a"));
     let (key, _) = session_offer(&mut net).unwrap();
     let now = net.now;
-    net.eng.reject_session(key, 480, "not-ready", "threshold not reached", Some(5), now);
+    net.eng
+        .reject_session(key, 480, "not-ready", "threshold not reached", Some(5), now);
     let out = net.drain();
     let r = out.response(a(), 480);
     assert_eq!(r.headers.get("Retry-After"), Some("5"));
@@ -1700,7 +1722,11 @@ fn session_rejected_with_retry_after_and_ended_by_us() {
     net.req(a(), &inv);
     let (key, _) = session_offer(&mut net).unwrap();
     let now = net.now;
-    net.eng.accept_session(key, bytes::Bytes::from(sdp(("127.0.0.1", 40100), "recvonly", 1)), now);
+    net.eng.accept_session(
+        key,
+        bytes::Bytes::from(sdp(("127.0.0.1", 40100), "recvonly", 1)),
+        now,
+    );
     let ok = net.drain().response(a(), 200);
     let d = Dialog::uac(&inv, &ok).unwrap();
     net.req(a(), &d.ack_for(A_CSEQ, via(A)));

@@ -143,8 +143,10 @@ mod tests {
 
     #[test]
     fn renders_json_challenges_and_retry_after() {
-        let e = ApiError::unauthorized("no credentials")
-            .with_challenges(vec!["Basic realm=\"x\"".into(), "Digest realm=\"x\"".into()]);
+        let e = ApiError::unauthorized("no credentials").with_challenges(vec![
+            "Basic realm=\"x\"".into(),
+            "Digest realm=\"x\"".into(),
+        ]);
         let r = e.into_response();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         let v: Vec<_> = r.headers().get_all(WWW_AUTHENTICATE).iter().collect();
@@ -171,7 +173,10 @@ mod tests {
             bytes: 1,
         }
         .into();
-        assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "quota-exceeded"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::FORBIDDEN, "quota-exceeded")
+        );
         let e: ApiError = StoreError::TooLarge(u64::MAX).into();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
     }

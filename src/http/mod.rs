@@ -123,6 +123,9 @@ pub struct UploadPolicy {
     pub commit_bytes: usize,
     /// ...or when the body pauses this long with something buffered.
     pub commit_interval: std::time::Duration,
+    /// A body that sends nothing for this long ends the upload `truncated` (like RTP
+    /// silence ending a store session).
+    pub idle_timeout: std::time::Duration,
     /// `store.threshold_percent`: used for an adaptive request (a file has no playout rate).
     pub default_percent: u8,
     pub limits: ThresholdLimits,
@@ -134,6 +137,7 @@ impl Default for UploadPolicy {
             record_bytes: 1200,
             commit_bytes: 64 * 1024,
             commit_interval: std::time::Duration::from_millis(20),
+            idle_timeout: std::time::Duration::from_secs(10),
             default_percent: 30,
             limits: ThresholdLimits::default(),
         }
@@ -199,7 +203,11 @@ impl LiveStores {
     }
 
     /// Registers `tail` until the returned guard is dropped.
-    pub fn register(self: &Arc<Self>, store_id: &str, tail: watch::Receiver<TailState>) -> LiveGuard {
+    pub fn register(
+        self: &Arc<Self>,
+        store_id: &str,
+        tail: watch::Receiver<TailState>,
+    ) -> LiveGuard {
         self.insert(store_id, tail);
         LiveGuard {
             live: Arc::clone(self),

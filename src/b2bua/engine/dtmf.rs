@@ -40,7 +40,9 @@ pub fn info_digit(req: &Request) -> Option<char> {
             .lines()
             .find_map(|l| {
                 let (k, v) = l.split_once('=')?;
-                k.trim().eq_ignore_ascii_case("signal").then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case("signal")
+                    .then(|| v.trim().to_string())
             })?
             .chars()
             .next()?,
@@ -101,7 +103,8 @@ impl<M: MediaBackend> Engine<M> {
                 if let Some(c) = self.calls.get_mut(&call) {
                     c.digits[idx(side)].held.clear();
                 }
-                self.events.push_back(EngineEvent::FeatureCode { call, side, pin });
+                self.events
+                    .push_back(EngineEvent::FeatureCode { call, side, pin });
                 None
             }
         }
@@ -120,8 +123,18 @@ impl<M: MediaBackend> Engine<M> {
                 })
                 .map(|h| (h.name.clone(), h.value.clone()))
                 .collect();
-            let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            self.send_in_dialog(call, from.other(), r.method.clone(), &refs, r.body.clone(), now);
+            let refs: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            self.send_in_dialog(
+                call,
+                from.other(),
+                r.method.clone(),
+                &refs,
+                r.body.clone(),
+                now,
+            );
         }
     }
 
@@ -169,8 +182,17 @@ mod tests {
 
     #[test]
     fn digits_from_both_info_forms() {
-        assert_eq!(info_digit(&info("application/dtmf-relay", "Signal=*\r\nDuration=160\r\n")), Some('*'));
-        assert_eq!(info_digit(&info("application/dtmf-relay", "signal= 7\r\n")), Some('7'));
+        assert_eq!(
+            info_digit(&info(
+                "application/dtmf-relay",
+                "Signal=*\r\nDuration=160\r\n"
+            )),
+            Some('*')
+        );
+        assert_eq!(
+            info_digit(&info("application/dtmf-relay", "signal= 7\r\n")),
+            Some('7')
+        );
         assert_eq!(info_digit(&info("application/dtmf", "#")), Some('#'));
         assert_eq!(info_digit(&info("application/dtmf", "x")), None);
         assert_eq!(info_digit(&info("text/plain", "5")), None);

@@ -203,7 +203,11 @@ pub enum EngineEvent {
         request: Request,
     },
     /// `*7 PIN #` completed by the party on `side` (INFO digits).
-    FeatureCode { call: CallKey, side: Side, pin: String },
+    FeatureCode {
+        call: CallKey,
+        side: Side,
+        pin: String,
+    },
     /// An INVITE for a local session (store or play URI), authenticated as `identity`.
     SessionOffer {
         session: SessionKey,
@@ -214,9 +218,15 @@ pub enum EngineEvent {
     /// The ACK for a session's 2xx arrived.
     SessionAcked(SessionKey),
     /// The session is over (`by_remote`: BYE or CANCEL from the far end).
-    SessionEnded { session: SessionKey, by_remote: bool },
+    SessionEnded {
+        session: SessionKey,
+        by_remote: bool,
+    },
     /// Final response to an out-of-dialog request of ours (`send_to_user`).
-    OutOfDialogDone { tx: ClientTxId, status: u16 },
+    OutOfDialogDone {
+        tx: ClientTxId,
+        status: u16,
+    },
     /// Final response to a request callvault originated in a call (`send_in_dialog`).
     OwnRequestDone {
         call: CallKey,
@@ -366,10 +376,14 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.tx.poll_timeout(), self.next_sweep, self.next_digit_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.tx.poll_timeout(),
+            self.next_sweep,
+            self.next_digit_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Installs (or removes, with `None`) what digest needs for `user`.
@@ -1252,7 +1266,9 @@ impl<M: MediaBackend> Engine<M> {
                 tx: id,
                 status,
             }),
-            Pending::OutOfDialog => self.events.push_back(EngineEvent::OutOfDialogDone { tx: id, status }),
+            Pending::OutOfDialog => self
+                .events
+                .push_back(EngineEvent::OutOfDialogDone { tx: id, status }),
         }
     }
 
@@ -1386,7 +1402,14 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// Refuses a request handed up in an event with our JSON error body and Warning.
-    pub fn reject_request(&mut self, tx: ServerTxId, status: u16, code: &str, detail: &str, now: Instant) {
+    pub fn reject_request(
+        &mut self,
+        tx: ServerTxId,
+        status: u16,
+        code: &str,
+        detail: &str,
+        now: Instant,
+    ) {
         let Some(orig) = self.tx.server_request(tx).cloned() else {
             return;
         };
@@ -1396,7 +1419,9 @@ impl<M: MediaBackend> Engine<M> {
 
     /// `(caller, callee)` identities of a call, `user@domain` each.
     pub fn call_parties(&self, call: CallKey) -> Option<(String, String)> {
-        self.calls.get(&call).map(|c| (c.caller.clone(), c.callee.clone()))
+        self.calls
+            .get(&call)
+            .map(|c| (c.caller.clone(), c.callee.clone()))
     }
 
     /// The party on `side` of a call (`user@domain`).
@@ -1409,7 +1434,9 @@ impl<M: MediaBackend> Engine<M> {
 
     /// True while both dialogs of the call are established.
     pub fn call_is_up(&self, call: CallKey) -> bool {
-        self.calls.get(&call).is_some_and(|c| c.state == CallState::Up)
+        self.calls
+            .get(&call)
+            .is_some_and(|c| c.state == CallState::Up)
     }
 
     /// The call and side in which `user@domain` currently is a party, if any (newest call).
@@ -1452,8 +1479,10 @@ impl<M: MediaBackend> Engine<M> {
             req.headers.push("Via", via.to_string());
             req.headers.push("Max-Forwards", "70");
             let tag = self.token(10);
-            req.headers
-                .push("From", format!("<sip:callvault@{}>;tag={tag}", self.cfg.domain));
+            req.headers.push(
+                "From",
+                format!("<sip:callvault@{}>;tag={tag}", self.cfg.domain),
+            );
             req.headers.push("To", format!("<sip:{aor}>"));
             req.headers.push("Call-ID", format!("cv{}", self.token(22)));
             req.headers.push("CSeq", format!("1 {method}"));
@@ -1661,7 +1690,12 @@ fn is_store_request(req: &Request) -> bool {
         .content_type()
         .is_some_and(|ct| crate::b2bua::wire::is_consumed(&ct));
     let package_ok = match req.headers.get("Info-Package") {
-        Some(p) => p.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("callvault"),
+        Some(p) => p
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("callvault"),
         None => true,
     };
     ct_ok && (req.method == Method::Message || package_ok)

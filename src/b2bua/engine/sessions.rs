@@ -39,7 +39,13 @@ pub(super) struct LocalSession {
 
 impl<M: MediaBackend> Engine<M> {
     /// An authenticated INVITE for a local session: recorded and handed up.
-    pub(super) fn offer_session(&mut self, tx: ServerTxId, req: Request, peer: Peer, identity: String) {
+    pub(super) fn offer_session(
+        &mut self,
+        tx: ServerTxId,
+        req: Request,
+        peer: Peer,
+        identity: String,
+    ) {
         let key = self.next_call;
         self.next_call += 1;
         let local_tag = self.token(10);
@@ -131,12 +137,14 @@ impl<M: MediaBackend> Engine<M> {
             return;
         };
         if let Some(mut d) = s.dialog.take() {
-            self.session_dialogs.remove(&(d.id.call_id.clone(), d.id.local_tag.clone()));
+            self.session_dialogs
+                .remove(&(d.id.call_id.clone(), d.id.local_tag.clone()));
             let via = self.new_via(s.peer.transport);
             let contact = self.contact(s.peer.transport);
             let mut bye = d.new_request(Method::Bye, &contact, via);
             if let Some(r) = reason {
-                bye.headers.push("Reason", format!("SIP;cause=200;text=\"{r}\""));
+                bye.headers
+                    .push("Reason", format!("SIP;cause=200;text=\"{r}\""));
             }
             self.tx.send_request(bye, s.peer, now);
         } else if let Some(tx) = s.tx {
@@ -149,7 +157,13 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// An in-dialog request in a local session (BYE ends it; others are answered here).
-    pub(super) fn on_session_request(&mut self, key: SessionKey, tx: ServerTxId, req: Request, now: Instant) {
+    pub(super) fn on_session_request(
+        &mut self,
+        key: SessionKey,
+        tx: ServerTxId,
+        req: Request,
+        now: Instant,
+    ) {
         let checked = match self.sessions.get_mut(&key).and_then(|s| s.dialog.as_mut()) {
             Some(d) => d.on_request(&req).map_err(|e| e.status()),
             None => Err(481),
@@ -174,7 +188,8 @@ impl<M: MediaBackend> Engine<M> {
             Method::Invite | Method::Update => {
                 let mut resp = req.response(200, None);
                 if let Some(s) = self.sessions.get(&key) {
-                    resp.headers.push("Contact", self.contact(s.peer.transport).to_string());
+                    resp.headers
+                        .push("Contact", self.contact(s.peer.transport).to_string());
                 }
                 self.respond(tx, resp, now);
             }
