@@ -44,6 +44,9 @@ impl Gauge {
     pub fn dec(&self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn set(&self, v: i64) {
         self.0.store(v, Ordering::Relaxed);
     }
@@ -63,6 +66,12 @@ pub struct Histogram {
     count: AtomicU64,
     /// Sum in microseconds (atomics hold integers).
     sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
 }
 
 impl Histogram {
@@ -143,7 +152,7 @@ pub struct Metrics {
     pub rtp_bytes_stored_total: Counter,
     /// Set by the core after each batch of events (the registrar owns the number).
     pub registrations_active: Gauge,
-    /// Set by the core after each batch of events (the port allocator owns the number).
+    /// Kept by the port allocator as pairs are bound and closed.
     pub rtp_ports_in_use: Gauge,
     /// First stored packet to threshold (step 32).
     pub threshold_seconds: Histogram,

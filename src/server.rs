@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig};
 use crate::b2bua::errors::set_warn_agent;
-use crate::b2bua::media::{MediaBackend, MediaEvent, RelayMedia};
+use crate::b2bua::media::{MediaEvent, RelayMedia};
 use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
 use crate::http::LiveStores;
@@ -131,12 +131,6 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         rand::random(),
     );
 
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, crate::http::router()).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
-
     let listen: Vec<String> = transports
         .bound()
         .iter()
@@ -175,6 +169,22 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         live.clone(),
     );
     tokio::spawn(expire_pending_stores(stores.clone()));
+
+    let mut http_state = crate::http::HttpState::new(
+        accounts.clone(),
+        stores.clone(),
+        config.storage.data_dir.clone(),
+        config.http.admin_token.clone(),
+    );
+    http_state.digest_algorithms = config.sip.digest_algorithms.clone();
+    http_state.realm = config.sip.domain.clone();
+    http_state.live = live.clone();
+    let app = crate::http::api_router(http_state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
 
     let core = Core {
         engine,
@@ -263,9 +273,6 @@ impl Core {
         METRICS
             .registrations_active
             .set(self.engine.registrations() as i64);
-        METRICS
-            .rtp_ports_in_use
-            .set(self.engine.media().ports_in_use() as i64);
         METRICS
             .sip_transactions_total
             .set(stats.client_created + stats.server_created);

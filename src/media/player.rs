@@ -655,7 +655,7 @@ mod tests {
         );
         let totals = player.stop().await;
         assert!(totals.done);
-        assert_eq!((totals.packets, totals.skipped, totals.rebases), (50, 1, 0));
+        assert_eq!((totals.packets, totals.skipped), (50, 1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,12 +677,13 @@ mod tests {
             event(&mut events).await,
             PlayerEventKind::Started { .. }
         ));
-        // The sender goes on: two packets per 40 ms commit.
+        // The sender goes on, slower than real time (40 ms of stream per 60 ms), so the player
+        // keeps catching up with the tail and must re-anchor.
         let writer = tokio::task::spawn_blocking(move || {
             for k in 0..10 {
                 write(&mut w, 10 + 2 * k..12 + 2 * k, u32::MAX);
                 w.commit().unwrap();
-                std::thread::sleep(Duration::from_millis(40));
+                std::thread::sleep(Duration::from_millis(60));
             }
             w
         });
@@ -706,10 +707,10 @@ mod tests {
                 bytes: 32 * 160
             }
         );
-        // Never faster than the original: no two packets closer than the stored spacing
-        // allows, give or take timer jitter.
-        let min_gap = got.windows(2).map(|p| p[1].at - p[0].at).min().unwrap();
-        assert!(min_gap >= Duration::from_millis(5), "burst: {min_gap:?}");
+        // Never faster than the original (31 intervals of 20 ms): re-anchoring only adds
+        // delay. The margin is for receive-side scheduling jitter.
+        let span = got[31].at - got[0].at;
+        assert!(span >= Duration::from_millis(620 - 60), "{span:?}");
         let totals = player.stop().await;
         assert_eq!(totals.packets, 32);
         assert!(totals.rebases >= 1, "{totals:?}");

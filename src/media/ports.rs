@@ -43,6 +43,8 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .push_back(rtp_port);
         self.pairs_in_use.fetch_sub(1, Ordering::Relaxed);
+        // Published here, when the sockets are really closed, not when the core last looked.
+        crate::metrics::METRICS.rtp_ports_in_use.add(-2);
     }
 }
 
@@ -100,6 +102,7 @@ impl PortAllocator {
             match bind_pair(ip, port) {
                 Ok((rtp, rtcp)) => {
                     self.inner.pairs_in_use.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::METRICS.rtp_ports_in_use.add(2);
                     return Ok(PortPair {
                         rtp,
                         rtcp,

@@ -45,6 +45,8 @@ use crate::storage::threshold::ThresholdTracker;
 
 /// Receive buffer; a datagram that fills it completely may have been cut and is dropped.
 const BUF_LEN: usize = 4096;
+/// Longest wait for room in the event channel (see `State::emit`).
+const EVENT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `declared + 5%` (rounded up): payload beyond this is dropped and the session ended.
 pub fn size_limit_for(declared: u64) -> u64 {
@@ -357,14 +359,18 @@ impl State {
     }
 
     async fn emit(&self, kind: RecorderEventKind) {
-        // The receiver may be gone (session torn down); nothing to report to then.
-        let _ = self
-            .events
-            .send(RecorderEvent {
-                recorder: self.id,
-                kind,
-            })
-            .await;
+        let ev = RecorderEvent {
+            recorder: self.id,
+            kind,
+        };
+        // Bounded wait: a consumer that stopped reading a full channel and then awaits
+        // `finish` must not deadlock the session. A closed channel (session torn down) has
+        // nobody to report to.
+        if let Err(mpsc::error::SendTimeoutError::Timeout(ev)) =
+            self.events.send_timeout(ev, EVENT_SEND_TIMEOUT).await
+        {
+            tracing::warn!(recorder = self.id.0, event = ?ev.kind, "recorder event dropped");
+        }
     }
 
     /// Symmetric latching; see the module doc.
@@ -997,13 +1003,14 @@ mod tests {
 
         // Packets keep it alive; silence after them ends it.
         let mut r = rig(41700, |c| c.rtp_timeout = Duration::from_millis(300)).await;
+        let mut last = Instant::now();
         for i in 0..10u16 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
             r.tx.send_to(&rtp(0, i, &payload(i, 50)), r.to)
                 .await
                 .unwrap();
-            tokio::time::sleep(Duration::from_millis(60)).await;
+            last = Instant::now();
         }
-        let last = Instant::now();
         assert!(matches!(
             next_major(&mut r.events).await,
             RecorderEventKind::ThresholdReached { .. }

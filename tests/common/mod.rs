@@ -363,6 +363,8 @@ pub struct Server {
     pub config_path: PathBuf,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    /// Extra environment for the server process (e.g. `CALLVAULT_MEDIA_RTP_TIMEOUT_SECS`).
+    env: Vec<(String, String)>,
 }
 
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -384,7 +386,14 @@ impl Server {
             config_path,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for the server process (from the next `start` on); per
+    /// server, so parallel tests do not see each other's overrides.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.into(), value.into()));
     }
 
     /// `prepare` + `start`.
@@ -408,6 +417,7 @@ impl Server {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("CALLVAULT_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -481,6 +491,13 @@ impl Server {
         self.child
             .as_mut()
             .and_then(|c| terminate(c, Duration::from_secs(5)))
+    }
+
+    /// SIGKILL, no grace (crash tests); `start` may be called again afterwards.
+    pub fn kill_hard(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
     }
 
     pub fn metrics(&self) -> String {
@@ -1215,6 +1232,16 @@ impl RtpCapture {
         })
     }
 
+    /// Stops the capture and returns the pcap file's bytes (see [`udp_datagrams`]).
+    pub fn stop_raw(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(200));
+        signal(&self.child, "INT");
+        if wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
+            terminate(&mut self.child, Duration::from_secs(1));
+        }
+        fs::read(&self.file).unwrap_or_default()
+    }
+
     /// Stops the capture (SIGINT lets tcpdump flush) and counts.
     pub fn stop(mut self) -> RtpCounts {
         std::thread::sleep(Duration::from_millis(200)); // packets still in flight on lo
@@ -1283,6 +1310,61 @@ pub fn count_rtp(pcap: &[u8]) -> Result<RtpCounts, String> {
         }
     }
     Ok(counts)
+}
+
+/// Every IPv4/UDP datagram of a classic pcap file (formats as [`count_rtp`]), in file order,
+/// as (UDP destination port, UDP payload).
+pub fn udp_datagrams(pcap: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    if pcap.len() < 24 {
+        return Ok(out);
+    }
+    let le = match u32::from_le_bytes([pcap[0], pcap[1], pcap[2], pcap[3]]) {
+        0xa1b2c3d4 | 0xa1b23c4d => true,
+        0xd4c3b2a1 | 0x4d3cb2a1 => false,
+        m => return Err(format!("not a pcap file (magic {m:#x})")),
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    let l2_len = match u32_at(pcap, 20) {
+        1 => 14,
+        101 => 0,
+        113 => 16,
+        276 => 20,
+        other => return Err(format!("unsupported link type {other}")),
+    };
+    let mut off = 24;
+    while off + 16 <= pcap.len() {
+        let incl = u32_at(pcap, off + 8) as usize;
+        let start = off + 16;
+        let end = start + incl;
+        if end > pcap.len() {
+            break;
+        }
+        let frame = &pcap[start..end];
+        off = end;
+        let Some(ip) = frame.get(l2_len..) else {
+            continue;
+        };
+        if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+            continue;
+        }
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let Some(udp) = ip.get(ihl..) else { continue };
+        if udp.len() < 8 {
+            continue;
+        }
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        let ulen = (u16::from_be_bytes([udp[4], udp[5]]) as usize).clamp(8, udp.len());
+        out.push((dport, udp[8..ulen].to_vec()));
+    }
+    Ok(out)
 }
 
 /// (UDP destination port, RTP payload type) when the frame is IPv4/UDP carrying RTP v2.

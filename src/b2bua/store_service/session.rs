@@ -326,10 +326,7 @@ fn ready(ctx: &Ctx, store: &Store, received_bytes: u64) {
     let r = wire::Ready {
         store_id: store.id.clone(),
         play_uri: format!("sip:play-{}@{}:{}", store.id, host, ctx.cfg.sip_port),
-        download_url: format!(
-            "{}/v1/stores/{}/media?token={}",
-            ctx.cfg.http_base, store.id, store.token
-        ),
+        download_url: crate::http::download_url(&ctx.cfg.http_base, store),
         state: "receiving".into(),
         received_bytes,
         declared_bytes: store.declared_bytes,
@@ -407,11 +404,9 @@ async fn play(
     });
 
     // Stream from the ACK on.
-    loop {
-        match signals.recv().await {
-            Some(Signal::Acked) => break,
-            Some(Signal::Ended) | None => return Ok(()),
-        }
+    match signals.recv().await {
+        Some(Signal::Acked) => {}
+        Some(Signal::Ended) | None => return Ok(()),
     }
     let dir = store_dir(&ctx.cfg.data_dir, id).map_err(internal)?;
     let reader = SegmentReader::open(&dir, 0, ctx.live.get(id));
