@@ -131,6 +131,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         rand::random(),
     );
 
+    // Handlers first: a SIGTERM right after `ready` must shut down cleanly, not kill us.
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+
     let listen: Vec<String> = transports
         .bound()
         .iter()
@@ -194,7 +199,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         account_seen: HashMap::new(),
         counters,
     };
-    let result = core.run(sip_rx, relay_rx, commands).await;
+    let result = core.run(sip_rx, relay_rx, commands, term, int).await;
     db.close().await;
     result
 }
@@ -214,10 +219,9 @@ impl Core {
         mut sip_rx: mpsc::Receiver<TransportEvent>,
         mut relay_rx: mpsc::Receiver<RelayEvent>,
         mut commands: mpsc::UnboundedReceiver<Command>,
+        mut term: tokio::signal::unix::Signal,
+        mut int: tokio::signal::unix::Signal,
     ) -> Result<(), ServerError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
         loop {
             let deadline = self
                 .engine
