@@ -11,6 +11,7 @@ pub mod media;
 pub mod metrics;
 pub mod sdp;
 pub mod server;
+pub mod share;
 pub mod sip;
 pub mod storage;
 pub mod transport;

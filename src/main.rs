@@ -30,6 +30,24 @@ enum Command {
     /// Manage subscriber accounts.
     #[command(subcommand)]
     Account(AccountCmd),
+    /// Shared data (PROTOCOL section 3).
+    #[command(subcommand)]
+    Share(ShareCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ShareCmd {
+    /// Publish a file as USER's share (replaces a share of the same name); prints its JSON.
+    Publish {
+        user: String,
+        path: PathBuf,
+        /// Share name [default: the file's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// public, subscribers (default) or a comma-separated list of AORs.
+        #[arg(long, default_value = "subscribers")]
+        policy: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +153,10 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}"), 1),
         },
+        Command::Share(cmd) => match share(&config, cmd).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{e:#}"), 1),
+        },
     }
 }
 
@@ -202,4 +224,66 @@ async fn account_cmd(accounts: &Accounts, cmd: AccountCmd) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+async fn share(config: &Config, cmd: ShareCmd) -> anyhow::Result<()> {
+    let ShareCmd::Publish {
+        user,
+        path,
+        name,
+        policy,
+    } = cmd;
+    let name = match name {
+        Some(n) => n,
+        None => path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: no usable file name; give --name", path.display())
+            })?,
+    };
+    // Check the arguments before touching the database or the file.
+    callvault::share::manifest::validate_name(&name)?;
+    let policy = callvault::share::Policy::parse(&policy, &config.sip.domain)?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let size = file.metadata().await?.len();
+    let db = Db::open(&config.storage.metadata).await?;
+    let result = async {
+        let shares = callvault::share::Shares::open(
+            db.clone(),
+            config.storage.data_dir.clone(),
+            config.sip.domain.clone(),
+            callvault::share::ShareSettings::from_config(&config.share),
+        )
+        .await?;
+        let share = shares
+            .publish_stream(&user, &name, policy, size, file_chunks(file))
+            .await?;
+        println!("{}", serde_json::to_string(&share.view())?);
+        anyhow::Ok(())
+    }
+    .await;
+    db.close().await;
+    result
+}
+
+/// A file as a stream of chunks (the library takes any byte stream, as from HTTP).
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin + Send {
+    use tokio::io::AsyncReadExt;
+    Box::pin(futures_util::stream::unfold(file, |mut f| async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    }))
 }

@@ -3,9 +3,22 @@
 //! A fixed set of counters in one static: incrementing is one relaxed atomic add, with no
 //! registry lookup and no lock, so the media path can afford it. Gauges that other components
 //! own (ports in use, registrations) are copied in by the core after each batch of events.
+//!
+//! `callvault_stores{state}` is the one family that is not kept here: the `/metrics` handler
+//! asks the metadata database (`Stores::count_by_state`, one `GROUP BY` per scrape) and hands
+//! the counts to [`render_with`]. A gauge kept in memory would have to be told of every state
+//! change, including those made outside the store sessions (pending stores expiring in the
+//! server's sweep, uploads over HTTP, start-up recovery marking stores `truncated`, another
+//! node writing the same PostgreSQL database); a periodic refresh would be stale by its period.
+//! Asking at scrape time is always exact and costs one indexed query per scrape (seconds
+//! apart). With several nodes on one database every node reports the cluster-wide counts, so
+//! aggregate that family with `max`, not `sum`.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::storage::stores::StoreState;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -55,14 +68,26 @@ impl Gauge {
     }
 }
 
-/// Latency buckets in seconds (upper bounds), shared by the histograms.
-const BUCKETS: [f64; 12] = [
+/// Latency buckets in seconds (upper bounds) of the media-path histograms.
+const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0, 30.0,
 ];
 
-/// A Prometheus histogram over [`BUCKETS`]; observing is a few relaxed atomic adds.
+/// Buckets of `callvault_prompt_to_first_packet_seconds`: a person may take minutes to dial the
+/// store URI (a store id stays open `store_expiry_secs`, default 300 s), a SIPp or softphone
+/// client tens of milliseconds.
+const HUMAN_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Most buckets a [`Histogram`] can have (the counts live in a fixed array so the histogram
+/// can be a `static` without allocation).
+const MAX_BUCKETS: usize = 16;
+
+/// A Prometheus histogram over fixed bucket bounds; observing is a few relaxed atomic adds.
 pub struct Histogram {
-    counts: [AtomicU64; 12],
+    buckets: &'static [f64],
+    counts: [AtomicU64; MAX_BUCKETS],
     count: AtomicU64,
     /// Sum in microseconds (atomics hold integers).
     sum_us: AtomicU64,
@@ -75,41 +100,78 @@ impl Default for Histogram {
 }
 
 impl Histogram {
+    /// Latency buckets (1 ms .. 30 s).
     pub const fn new() -> Histogram {
+        Histogram::with_buckets(&LATENCY_BUCKETS)
+    }
+
+    /// `buckets`: ascending upper bounds in seconds, at most 16 (+Inf is implicit).
+    pub const fn with_buckets(buckets: &'static [f64]) -> Histogram {
+        assert!(buckets.len() <= MAX_BUCKETS);
         Histogram {
-            counts: [const { AtomicU64::new(0) }; 12],
+            buckets,
+            counts: [const { AtomicU64::new(0) }; MAX_BUCKETS],
             count: AtomicU64::new(0),
             sum_us: AtomicU64::new(0),
         }
     }
 
     pub fn observe(&self, seconds: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-                break;
-            }
+        // NaN would land in +Inf only and poison the sum; a negative duration cannot happen.
+        let seconds = if seconds.is_finite() {
+            seconds.max(0.0)
+        } else {
+            0.0
+        };
+        if let Some(i) = self.buckets.iter().position(|b| seconds <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us
-            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
     }
 
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Sum of the observations, in seconds.
+    pub fn sum(&self) -> f64 {
+        self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.buckets.iter().enumerate() {
             cumulative += self.counts[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = self.sum();
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Keeps a gauge raised while it lives: `inc` now, `dec` on drop, so every exit path of a
+/// session task (early returns, errors, cancellation) lowers it again.
+pub struct GaugeGuard(&'static Gauge);
+
+impl GaugeGuard {
+    pub fn new(g: &'static Gauge) -> GaugeGuard {
+        g.inc();
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -139,6 +201,23 @@ impl CallOutcome {
     }
 }
 
+/// Where shared-data bytes came from (label of `callvault_share_bytes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareSource {
+    Server,
+    Peer,
+}
+
+impl ShareSource {
+    const ALL: [ShareSource; 2] = [ShareSource::Server, ShareSource::Peer];
+    fn label(self) -> &'static str {
+        match self {
+            ShareSource::Server => "server",
+            ShareSource::Peer => "peer",
+        }
+    }
+}
+
 pub struct Metrics {
     pub calls_active: Gauge,
     calls_total: [Counter; 4],
@@ -158,6 +237,17 @@ pub struct Metrics {
     pub threshold_seconds: Histogram,
     /// Play ACK (or threshold) to first packet sent (step 333).
     pub play_start_seconds: Histogram,
+    /// Store sessions (RTP ingest) running: from the store's `receiving` to its end.
+    pub store_sessions_active: Gauge,
+    /// Play sessions accepted (`200` to `INVITE play-<id>`).
+    pub play_sessions_total: Counter,
+    /// Play sessions from their `200` to their end.
+    pub play_sessions_active: Gauge,
+    /// Prompt sent (the store created, step 12) to the first RTP packet of its store session
+    /// stored (committed, step 31).
+    pub prompt_to_first_packet_seconds: Histogram,
+    /// Shared-data bytes by [`ShareSource`] (`callvault_share_bytes_total{source}`).
+    share_bytes_total: [Counter; 2],
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -180,6 +270,11 @@ pub static METRICS: Metrics = Metrics {
     rtp_ports_in_use: Gauge::new(),
     threshold_seconds: Histogram::new(),
     play_start_seconds: Histogram::new(),
+    store_sessions_active: Gauge::new(),
+    play_sessions_total: Counter::new(),
+    play_sessions_active: Gauge::new(),
+    prompt_to_first_packet_seconds: Histogram::with_buckets(&HUMAN_BUCKETS),
+    share_bytes_total: [Counter::new(), Counter::new()],
 };
 
 impl Metrics {
@@ -190,10 +285,27 @@ impl Metrics {
     pub fn calls_total(&self, outcome: CallOutcome) -> u64 {
         self.calls_total[outcome as usize].get()
     }
+
+    /// Shared-data bytes sent (server) or fetched from peers.
+    pub fn share_bytes(&self, source: ShareSource, n: u64) {
+        self.share_bytes_total[source as usize].add(n);
+    }
+
+    pub fn share_bytes_total(&self, source: ShareSource) -> u64 {
+        self.share_bytes_total[source as usize].get()
+    }
 }
 
-/// Renders the Prometheus text exposition format (version 0.0.4).
+/// Renders the Prometheus text exposition format (version 0.0.4), without the store counts.
 pub fn render() -> String {
+    render_with(None)
+}
+
+/// Like [`render`], plus `callvault_stores{state}` from `stores` (per-state counts as
+/// [`Stores::count_by_state`](crate::storage::stores::Stores::count_by_state) returns them;
+/// states it leaves out are 0). `None`: the counts are unavailable and the family is left out
+/// rather than reported as zeros.
+pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
     let m = &METRICS;
     let mut out = String::with_capacity(2048);
     let mut one = |name: &str, kind: &str, help: &str, value: String| {
@@ -268,6 +380,24 @@ pub fn render() -> String {
         "RTP payload bytes appended to stores.",
         m.rtp_bytes_stored_total.get().to_string(),
     );
+    one(
+        "callvault_store_sessions_active",
+        "gauge",
+        "Store sessions receiving RTP right now.",
+        m.store_sessions_active.get().to_string(),
+    );
+    one(
+        "callvault_play_sessions_total",
+        "counter",
+        "Play sessions accepted (200 to INVITE play-<id>).",
+        m.play_sessions_total.get().to_string(),
+    );
+    one(
+        "callvault_play_sessions_active",
+        "gauge",
+        "Play sessions up right now.",
+        m.play_sessions_active.get().to_string(),
+    );
     m.threshold_seconds.render(
         &mut out,
         "callvault_threshold_seconds",
@@ -278,6 +408,25 @@ pub fn render() -> String {
         "callvault_play_start_seconds",
         "Time from play ACK or threshold to the first packet sent.",
     );
+    m.prompt_to_first_packet_seconds.render(
+        &mut out,
+        "callvault_prompt_to_first_packet_seconds",
+        "Time from the prompt (store created) to the first RTP packet of its store session stored.",
+    );
+    if let Some(counts) = stores {
+        let _ = writeln!(
+            out,
+            "# HELP callvault_stores Stores by state.\n# TYPE callvault_stores gauge"
+        );
+        for st in StoreState::ALL {
+            let n: u64 = counts
+                .iter()
+                .filter(|(s, _)| *s == st)
+                .map(|(_, n)| *n)
+                .sum();
+            let _ = writeln!(out, "callvault_stores{{state=\"{}\"}} {n}", st.as_str());
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP callvault_calls_total Calls ended, by outcome.\n# TYPE callvault_calls_total counter"
@@ -288,6 +437,18 @@ pub fn render() -> String {
             "callvault_calls_total{{outcome=\"{}\"}} {}",
             o.label(),
             m.calls_total(o)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP callvault_share_bytes_total Shared-data bytes, by source.\n# TYPE callvault_share_bytes_total counter"
+    );
+    for s in ShareSource::ALL {
+        let _ = writeln!(
+            out,
+            "callvault_share_bytes_total{{source=\"{}\"}} {}",
+            s.label(),
+            m.share_bytes_total(s)
         );
     }
     out
@@ -309,9 +470,75 @@ mod tests {
             "callvault_registrations_active ",
             "callvault_rtp_ports_in_use ",
             "callvault_rtp_packets_relayed_total ",
+            "callvault_share_bytes_total{source=\"server\"} ",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
         assert!(METRICS.calls_total(CallOutcome::Answered) >= 1);
+    }
+
+    #[test]
+    fn renders_store_families() {
+        let text = render_with(Some(&[(StoreState::Complete, 3), (StoreState::Pending, 1)]));
+        for line in [
+            "callvault_stores{state=\"pending\"} 1\n",
+            "callvault_stores{state=\"receiving\"} 0\n",
+            "callvault_stores{state=\"complete\"} 3\n",
+            "callvault_stores{state=\"truncated\"} 0\n",
+            "callvault_stores{state=\"rejected\"} 0\n",
+            "callvault_stores{state=\"expired\"} 0\n",
+            "# TYPE callvault_stores gauge\n",
+            "callvault_store_sessions_active ",
+            "callvault_play_sessions_total ",
+            "callvault_play_sessions_active ",
+            "callvault_prompt_to_first_packet_seconds_count ",
+            "callvault_prompt_to_first_packet_seconds_bucket{le=\"300\"} ",
+            "callvault_threshold_seconds_count ",
+            "callvault_play_start_seconds_count ",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // Unknown counts: the family is absent, not a misleading set of zeros.
+        assert!(!render().contains("callvault_stores{"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        static H: Histogram = Histogram::with_buckets(&[0.1, 1.0, 10.0]);
+        H.observe(0.05);
+        H.observe(0.1); // upper bounds are inclusive
+        H.observe(0.5);
+        H.observe(20.0);
+        H.observe(f64::NAN); // counted as 0, sum unharmed
+        let mut out = String::new();
+        H.render(&mut out, "h", "test");
+        for line in [
+            "h_bucket{le=\"0.1\"} 3\n",
+            "h_bucket{le=\"1\"} 4\n",
+            "h_bucket{le=\"10\"} 4\n",
+            "h_bucket{le=\"+Inf\"} 5\n",
+            "h_count 5\n",
+            "h_sum 20.65\n",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in\n{out}");
+        }
+        assert_eq!(H.count(), 5);
+    }
+
+    #[test]
+    fn gauge_guard_lowers_on_every_exit() {
+        static G: Gauge = Gauge::new();
+        {
+            let _a = GaugeGuard::new(&G);
+            let _b = GaugeGuard::new(&G);
+            assert_eq!(G.get(), 2);
+        }
+        assert_eq!(G.get(), 0);
+        let r = std::panic::catch_unwind(|| {
+            let _g = GaugeGuard::new(&G);
+            panic!("session task failed");
+        });
+        assert!(r.is_err());
+        assert_eq!(G.get(), 0, "lowered on unwind too");
     }
 }

@@ -184,6 +184,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     http_state.digest_algorithms = config.sip.digest_algorithms.clone();
     http_state.realm = config.sip.domain.clone();
     http_state.live = live.clone();
+    let mut share_settings = crate::share::ShareSettings::from_config(&config.share);
+    share_settings.server_address =
+        Some(std::net::SocketAddr::new(http_host, http_addr.port()).to_string());
+    http_state.shares = Some(
+        crate::share::Shares::open(
+            db.clone(),
+            config.storage.data_dir.clone(),
+            config.sip.domain.clone(),
+            share_settings,
+        )
+        .await
+        .map_err(|e| ServerError::Db(e.to_string()))?,
+    );
     let app = crate::http::api_router(http_state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
@@ -242,11 +255,15 @@ impl Core {
                 Some(cmd) = commands.recv() => {
                     self.service.apply(&mut self.engine, cmd, Instant::now());
                 }
-                Some(ev) = relay_rx.recv() => {
-                    if let Some(MediaEvent::Timeout(call)) = self.engine.media_mut().on_relay_event(ev) {
+                Some(ev) = relay_rx.recv() => match self.engine.media_mut().on_relay_event(ev) {
+                    Some(MediaEvent::Timeout(call)) => {
                         self.engine.handle_media_timeout(call, Instant::now());
                     }
-                }
+                    Some(MediaEvent::FeatureCode { call, side, pin }) => {
+                        self.engine.handle_media_feature_code(call, side, pin);
+                    }
+                    None => {}
+                },
                 _ = tokio::time::sleep_until(deadline) => {
                     self.engine.handle_timeout(Instant::now());
                 }

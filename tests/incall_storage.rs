@@ -1286,3 +1286,97 @@ fn sipp_full_flow_bytes_equal() {
     }
     server.stop();
 }
+
+#[test]
+fn rtp_dtmf_feature_code_is_swallowed_and_prompts() {
+    // RFC 4733 telephone-events in the anchored RTP (PROTOCOL.md §2.1, §5).
+    const TE: &[(u8, &str)] = &[(0, "PCMU/8000"), (101, "telephone-event/8000")];
+    let server = server_with("", &[], &[]);
+    let mut b = Ua::new("1002", "example.com", server.sip_addr());
+    b.register();
+    let mut a = Ua::new("1001", "example.com", server.sip_addr());
+    let (a_media, b_media) = (Rtp::bind(), Rtp::bind());
+    let inv = a.invite_request(
+        "sip:1002@example.com",
+        &[],
+        &sdp(a_media.port, TE, "sendrecv"),
+    );
+    a.send(&inv);
+    let binv = b.expect_request(Method::Invite, None, T);
+    assert!(String::from_utf8_lossy(&binv.body).contains("telephone-event/8000"));
+    // callvault's port facing B
+    let (b_media_to, _) = sdp_audio(&binv.body);
+    let _bd = b.accept_invite(&binv, &sdp(b_media.port, TE, "sendrecv"));
+    let (resp, _ad) = a.finish_invite(&inv);
+    assert_eq!(resp.status, 200);
+    b.expect_request(Method::Ack, None, T);
+
+    // B keys *7 4321 # as a phone does: per key 3 updates and 3 end packets with the key's
+    // timestamp; its audio keeps going in between.
+    let ssrc = 0x0b0b_0b0b;
+    let mut seq = 1u16;
+    // Returns the number of audio packets sent along.
+    let mut press = |key: char, ts: u32, audio: bool| -> usize {
+        let mut audio_sent = 0;
+        let event = "0123456789*#".find(key).unwrap() as u8;
+        for (n, (duration, end)) in [
+            (160u16, false),
+            (320, false),
+            (480, false),
+            (640, true),
+            (640, true),
+            (640, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = duration.to_be_bytes();
+            let flags = 10 | if end { 0x80 } else { 0 };
+            b_media.send(
+                b_media_to,
+                101,
+                n == 0,
+                seq,
+                ts,
+                ssrc,
+                &[event, flags, d[0], d[1]],
+            );
+            seq = seq.wrapping_add(1);
+            if audio {
+                let i = u32::from(seq);
+                b_media.send(b_media_to, 0, false, seq, 160 * i, ssrc, &payload(i));
+                seq = seq.wrapping_add(1);
+                audio_sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        audio_sent
+    };
+    let mut audio_sent = 0;
+    for (i, key) in "*74321#".chars().enumerate() {
+        audio_sent += press(key, 8000 * (i as u32 + 1), true);
+    }
+    let mut events = 0;
+    let mut audio = 0;
+    while let Some(p) = a_media.recv(Duration::from_millis(500)) {
+        match p.pt {
+            101 => events += 1,
+            0 => audio += 1,
+            other => panic!("unexpected payload type {other}"),
+        }
+    }
+    assert_eq!(events, 0, "feature-code telephone-events reached A");
+    assert_eq!(audio, audio_sent, "audio flows while the digits are held");
+    let p = take_prompt(&mut a);
+    assert_eq!(p["receiver"], "sip:1002@example.com");
+    assert!(p["store_uri"].as_str().unwrap().starts_with("sip:st_"));
+
+    // A key outside a code still reaches A (so the check above means something).
+    press('5', 100_000, false);
+    let mut fives = 0;
+    while let Some(p) = a_media.recv(Duration::from_millis(500)) {
+        assert_eq!((p.pt, p.ts, p.payload[0]), (101, 100_000, 5));
+        fives += 1;
+    }
+    assert_eq!(fives, 6);
+}

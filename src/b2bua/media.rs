@@ -47,6 +47,12 @@ pub trait MediaBackend: Send {
     fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError>;
     /// The SDP-announced RTP address of one side of a stream (`None`: unknown or on hold).
     fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>);
+    /// The RFC 4733 telephone-event payload type one side's SDP announced for a stream
+    /// (`None`: none), so the relay can hold back the DTMF feature code.
+    fn set_dtmf_pt(&mut self, call: CallKey, stream: usize, side: Side, pt: Option<u8>);
+    /// The DTMF feature code (`store.feature_code`) for streams added from now on; the engine
+    /// sets it once at start.
+    fn set_feature_code(&mut self, code: &str);
     /// The call is answered: from now on RTP silence ends it.
     fn arm_timeout(&mut self, call: CallKey);
     /// Stops every relay of the call and frees its ports.
@@ -55,11 +61,17 @@ pub trait MediaBackend: Send {
     fn ports_in_use(&self) -> usize;
 }
 
-/// Reported to the core when a relay stops by itself.
-#[derive(Debug, Clone, Copy)]
+/// Reported to the core by the relays of a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MediaEvent {
     /// No RTP from either side for `rtp_timeout`.
     Timeout(CallKey),
+    /// `*7 PIN #` keyed by the party on `side` as RFC 4733 telephone-events (swallowed).
+    FeatureCode {
+        call: CallKey,
+        side: Side,
+        pin: String,
+    },
 }
 
 /// Real relays on real sockets.
@@ -100,7 +112,7 @@ impl RelayMedia {
     }
 
     /// Maps a relay's own event to the call it belongs to. A call whose relay timed out is
-    /// reported once, however many streams it had.
+    /// reported once, however many streams it had; events of released calls are dropped.
     pub fn on_relay_event(&mut self, ev: RelayEvent) -> Option<MediaEvent> {
         match ev {
             RelayEvent::Timeout { relay } => {
@@ -108,6 +120,12 @@ impl RelayMedia {
                 self.calls
                     .contains_key(&call)
                     .then_some(MediaEvent::Timeout(call))
+            }
+            RelayEvent::FeatureCode { relay, side, pin } => {
+                let call = *self.owners.get(&relay)?;
+                self.calls
+                    .contains_key(&call)
+                    .then_some(MediaEvent::FeatureCode { call, side, pin })
             }
         }
     }
@@ -143,6 +161,16 @@ impl MediaBackend for RelayMedia {
         }
     }
 
+    fn set_dtmf_pt(&mut self, call: CallKey, stream: usize, side: Side, pt: Option<u8>) {
+        if let Some(h) = self.calls.get(&call).and_then(|v| v.get(stream)) {
+            h.set_dtmf_pt(side, pt);
+        }
+    }
+
+    fn set_feature_code(&mut self, code: &str) {
+        self.config.feature_code = code.to_string();
+    }
+
     fn arm_timeout(&mut self, call: CallKey) {
         for h in self.calls.get(&call).into_iter().flatten() {
             h.arm_timeout();
@@ -172,6 +200,9 @@ pub struct FakeMedia {
     pub capacity: usize,
     pub streams: HashMap<CallKey, Vec<FakeStream>>,
     pub armed: Vec<CallKey>,
+    /// Telephone-event type per (call, stream, side), as last set.
+    pub dtmf_pts: HashMap<(CallKey, usize, Side), Option<u8>>,
+    pub feature_code: String,
 }
 
 impl FakeMedia {
@@ -181,6 +212,8 @@ impl FakeMedia {
             capacity,
             streams: HashMap::new(),
             armed: Vec::new(),
+            dtmf_pts: HashMap::new(),
+            feature_code: String::new(),
         }
     }
 
@@ -220,12 +253,23 @@ impl MediaBackend for FakeMedia {
         }
     }
 
+    fn set_dtmf_pt(&mut self, call: CallKey, stream: usize, side: Side, pt: Option<u8>) {
+        if self.streams.get(&call).is_some_and(|v| stream < v.len()) {
+            self.dtmf_pts.insert((call, stream, side), pt);
+        }
+    }
+
+    fn set_feature_code(&mut self, code: &str) {
+        self.feature_code = code.to_string();
+    }
+
     fn arm_timeout(&mut self, call: CallKey) {
         self.armed.push(call);
     }
 
     fn release(&mut self, call: CallKey) {
         self.streams.remove(&call);
+        self.dtmf_pts.retain(|k, _| k.0 != call);
     }
 
     fn ports_in_use(&self) -> usize {

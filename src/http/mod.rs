@@ -21,6 +21,7 @@ pub mod accounts;
 pub mod auth;
 pub mod errors;
 pub mod media;
+pub mod shares;
 pub mod stores;
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub struct HttpState {
     /// Where uploads report their progress (the ready notification of step 331 hangs off
     /// `ThresholdReached`). None: nobody listens.
     pub events: Option<mpsc::UnboundedSender<HttpEvent>>,
+    /// Shared data (PROTOCOL 3); None: the share routes answer `503 shares-disabled`.
+    pub shares: Option<crate::share::Shares>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -103,6 +106,7 @@ impl HttpState {
             live: Arc::new(LiveStores::new()),
             upload: UploadPolicy::default(),
             events: None,
+            shares: None,
         }
     }
 
@@ -271,12 +275,26 @@ pub fn download_url(base: &str, store: &Store) -> String {
 /// The whole API, `/metrics` included.
 pub fn api_router(state: HttpState) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_with_stores))
         .route("/v1/accounts/{user}", get(accounts::get_account))
         .route("/v1/stores", get(stores::list_stores))
         .route("/v1/stores/{id}", get(stores::get_store))
         .route("/v1/stores/{id}/media", get(stores::get_media))
         .route("/v1/stores/{id}/data", put(stores::put_data))
+        .route("/v1/shares/{user}", get(shares::list_shares))
+        .route(
+            "/v1/shares/{user}/{name}",
+            put(shares::put_share)
+                .get(shares::get_share_or_manifest)
+                .delete(shares::delete_share),
+        )
+        .route("/v1/pieces/{content_id}/{n}", get(shares::get_piece))
+        .route("/v1/content/{content_id}", get(shares::get_content))
+        .route("/v1/index/{content_id}", get(shares::get_index))
+        .route(
+            "/v1/index/{content_id}/announce",
+            axum::routing::post(shares::post_announce),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))
@@ -296,6 +314,24 @@ async fn metrics() -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(),
+    )
+}
+
+/// `/metrics` with `callvault_stores{state}` counted in the database at scrape time (why:
+/// [`crate::metrics`]). A failed count leaves that family out; the rest is still served.
+async fn metrics_with_stores(
+    axum::extract::State(state): axum::extract::State<Arc<HttpState>>,
+) -> impl IntoResponse {
+    let counts = match state.stores.count_by_state().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "store counts for /metrics");
+            None
+        }
+    };
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render_with(counts.as_deref()),
     )
 }
 

@@ -1,9 +1,13 @@
 //! RFC 4733 telephone-events: the 4-byte payload and a detector that turns a packet stream
-//! (updates, retransmitted end packets) into each key press exactly once. Sans-IO.
+//! (updates, retransmitted end packets) into each key press exactly once, and the gate that
+//! holds back a feature code's packets from the other party. Sans-IO.
+
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use super::rtp::RtpPacket;
+use crate::b2bua::feature_code::{Decision, FeatureCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum DtmfError {
@@ -175,6 +179,232 @@ impl DtmfDetector {
             duration: ev.duration,
             ended,
         })
+    }
+}
+
+/// Most telephone-event packets one [`DtmfGate`] holds back at a time (`*7`, a 32-digit PIN
+/// and `#`, at ~8 packets a key press, stay well under it).
+pub const HOLD_MAX_PACKETS: usize = 512;
+/// Most bytes one [`DtmfGate`] holds back at a time.
+pub const HOLD_MAX_BYTES: usize = 16 * 1024;
+/// Never a 7-bit RTP payload type: marks an unused slot of [`DtmfGate`]'s type list.
+const NO_PT: u8 = 0xff;
+
+/// What [`DtmfGate::on_packet`] and [`DtmfGate::handle_timeout`] report besides the packets
+/// they hand out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GateOutput {
+    /// A feature code completed: its PIN (right or wrong is for the layer above to judge).
+    pub code: Option<String>,
+    /// Packets swallowed for good (the feature code's own packets).
+    pub swallowed: usize,
+}
+
+/// The feature-code gate of one direction of an RTP stream (PROTOCOL.md §2.1, §5), sans-IO.
+///
+/// Telephone-event packets from one party go in; the ones to relay come out through the `out`
+/// callback, in arrival order. From the first packet of a key press matching the code's first
+/// key (`*`) every telephone-event packet is held back (copied into a pool allocated once,
+/// bounded by [`HOLD_MAX_PACKETS`]/[`HOLD_MAX_BYTES`]) until [`FeatureCode`] decides: a
+/// complete code is swallowed, late retransmissions of its last key included; anything else
+/// is released in order; so is everything after `hold_timeout` without a telephone-event
+/// packet. A full pool also releases everything. Audio never comes here.
+#[derive(Debug)]
+pub struct DtmfGate {
+    /// Telephone-event payload types of this direction ([`NO_PT`] when unused).
+    pts: [u8; 2],
+    detector: DtmfDetector,
+    code: FeatureCode,
+    /// Event code of the feature code's first key, if it is a DTMF key.
+    first_event: Option<u8>,
+    hold_timeout: Duration,
+    /// Holding the packets of a first-key press the detector has not reported yet.
+    pending: bool,
+    /// Release time of what is held.
+    deadline: Option<Instant>,
+    /// SSRC of the latest packet, for digits the detector closes at `finish`.
+    ssrc: u32,
+    /// (SSRC, timestamp) of the last digit reported: its late packets do not start a hold.
+    last_key: Option<(u32, u32)>,
+    /// (SSRC, timestamp) of the key press that completed a code: its late packets are dropped.
+    swallow: Option<(u32, u32)>,
+    bytes: Vec<u8>,
+    /// Held packets as `bytes[start..end]`, in arrival order.
+    spans: Vec<(usize, usize)>,
+}
+
+impl DtmfGate {
+    /// `code` is `store.feature_code` (e.g. `*7`); an empty code holds nothing back.
+    pub fn new(code: &str, hold_timeout: Duration) -> DtmfGate {
+        DtmfGate {
+            pts: [NO_PT; 2],
+            // Payload types are matched by the gate itself; the detector only sees events.
+            detector: DtmfDetector::new(NO_PT),
+            code: FeatureCode::new(code),
+            first_event: code.chars().next().and_then(char_to_event),
+            hold_timeout,
+            pending: false,
+            deadline: None,
+            ssrc: 0,
+            last_key: None,
+            swallow: None,
+            bytes: Vec::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    /// The telephone-event payload types this direction may use (each side's SDP may number
+    /// it differently); `None` entries are unused.
+    pub fn set_payload_types(&mut self, pts: [Option<u8>; 2]) {
+        self.pts = pts.map(|p| p.map_or(NO_PT, |p| p & 0x7f));
+    }
+
+    /// True for an RTP packet of a telephone-event payload type: the only test every packet
+    /// of the direction pays.
+    #[inline]
+    pub fn wants(&self, pkt: &[u8]) -> bool {
+        pkt.len() >= 12 && pkt[0] >> 6 == 2 && {
+            let pt = pkt[1] & 0x7f;
+            pt == self.pts[0] || pt == self.pts[1]
+        }
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.pending || self.code.is_holding()
+    }
+
+    /// When [`Self::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Takes one telephone-event packet; hands every packet to relay now to `out`, in order.
+    pub fn on_packet(
+        &mut self,
+        pkt: &[u8],
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) -> GateOutput {
+        let mut res = GateOutput::default();
+        let parsed = RtpPacket::parse(pkt).ok().and_then(|p| {
+            let ev = TelephoneEvent::parse(p.payload()).ok()?;
+            Some((p.ssrc(), p.timestamp(), ev))
+        });
+        let Some((ssrc, ts, ev)) = parsed else {
+            // Not an event we understand: relay it, but never ahead of what is held.
+            self.place(pkt, now, out);
+            return res;
+        };
+        let key = (ssrc, ts);
+        if self.swallow == Some(key) {
+            res.swallowed = 1;
+            return res;
+        }
+        self.ssrc = ssrc;
+        let mut same = None;
+        if let Some(d) = self.detector.on_event(ssrc, ts, ev) {
+            if d.timestamp == ts {
+                same = Some(d);
+            } else {
+                // An earlier key press closed by this one (its end packets were lost): it is
+                // decided before this packet is placed.
+                self.decide(d, now, out, &mut res);
+            }
+        }
+        if !self.is_holding() && Some(ev.event) == self.first_event && Some(key) != self.last_key {
+            self.pending = true;
+        }
+        self.place(pkt, now, out);
+        if let Some(d) = same {
+            self.decide(d, now, out, &mut res);
+        }
+        res
+    }
+
+    /// Releases what was held when nothing came for `hold_timeout`; a key press whose end
+    /// packets were all lost is decided first (it may complete the code).
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut impl FnMut(&[u8])) -> GateOutput {
+        let mut res = GateOutput::default();
+        if self.deadline.is_none_or(|t| t > now) {
+            return res;
+        }
+        if let Some(d) = self.detector.finish() {
+            self.decide(d, now, out, &mut res);
+        }
+        if self.is_holding() || !self.spans.is_empty() {
+            self.release(out);
+            self.reset_code();
+        }
+        self.deadline = None;
+        res
+    }
+
+    /// Holds `pkt` while holding, else relays it; a full pool releases everything.
+    fn place(&mut self, pkt: &[u8], now: Instant, out: &mut impl FnMut(&[u8])) {
+        if !self.is_holding() {
+            out(pkt);
+            return;
+        }
+        if self.spans.len() >= HOLD_MAX_PACKETS || self.bytes.len() + pkt.len() > HOLD_MAX_BYTES {
+            self.release(out);
+            self.reset_code();
+            out(pkt);
+            return;
+        }
+        if self.spans.capacity() == 0 {
+            // First hold of the call: the pool's one allocation (cleared, never shrunk).
+            self.spans.reserve_exact(HOLD_MAX_PACKETS);
+            self.bytes.reserve_exact(HOLD_MAX_BYTES);
+        }
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(pkt);
+        self.spans.push((start, self.bytes.len()));
+        self.deadline = Some(now + self.hold_timeout);
+    }
+
+    fn decide(
+        &mut self,
+        d: DtmfDigit,
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+        res: &mut GateOutput,
+    ) {
+        let key = (self.ssrc, d.timestamp);
+        self.last_key = Some(key);
+        self.pending = false;
+        match self.code.on_digit(d.digit, now) {
+            Decision::Hold => self.deadline = Some(now + self.hold_timeout),
+            Decision::Forward | Decision::Release(_) => {
+                self.release(out);
+                self.deadline = None;
+            }
+            Decision::Code { pin } => {
+                res.swallowed += self.spans.len();
+                self.spans.clear();
+                self.bytes.clear();
+                self.swallow = Some(key);
+                self.deadline = None;
+                res.code = Some(pin);
+            }
+        }
+    }
+
+    fn release(&mut self, out: &mut impl FnMut(&[u8])) {
+        for &(s, e) in &self.spans {
+            out(&self.bytes[s..e]);
+        }
+        self.spans.clear();
+        self.bytes.clear();
+    }
+
+    /// Forgets the digits the code holds (their packets are released by the caller).
+    fn reset_code(&mut self) {
+        if let Some(t) = self.code.poll_timeout() {
+            // Deciding at the code's own deadline releases whatever it holds.
+            let _ = self.code.handle_timeout(t);
+        }
+        self.pending = false;
+        self.deadline = None;
     }
 }
 
@@ -372,5 +602,206 @@ mod tests {
         assert!(det.on_event(1, 100, ev(7, true, 800)).is_some());
         // same timestamp, new source (e.g. the phone restarted its stream)
         assert!(det.on_event(2, 100, ev(7, true, 800)).is_some());
+    }
+
+    // ---- DtmfGate
+
+    const HOLD: Duration = Duration::from_secs(3);
+
+    fn gate() -> DtmfGate {
+        let mut g = DtmfGate::new("*7", HOLD);
+        g.set_payload_types([Some(101), None]);
+        g
+    }
+
+    /// Presses of `keys`, 7 packets each, one second apart in RTP time.
+    fn presses(keys: &str, seq: &mut u16, ts0: u32) -> Vec<Vec<Vec<u8>>> {
+        keys.chars()
+            .enumerate()
+            .map(|(i, k)| press(char_to_event(k).unwrap(), ts0 + 8000 * i as u32, seq))
+            .collect()
+    }
+
+    /// Feeds packets at `now`; returns what came out and the outputs that were not empty.
+    fn run(g: &mut DtmfGate, pkts: &[Vec<u8>], now: Instant) -> (Vec<Vec<u8>>, GateOutput) {
+        let mut out = Vec::new();
+        let mut total = GateOutput::default();
+        for p in pkts {
+            let r = g.on_packet(p, now, &mut |b: &[u8]| out.push(b.to_vec()));
+            total.swallowed += r.swallowed;
+            if r.code.is_some() {
+                assert!(total.code.is_none(), "one code");
+                total.code = r.code;
+            }
+        }
+        (out, total)
+    }
+
+    #[test]
+    fn gate_matches_only_telephone_event_types() {
+        let mut g = DtmfGate::new("*7", HOLD);
+        let te = rtp(101, 1, 1, [1, 0, 0, 160]);
+        assert!(!g.wants(&te), "no type known yet");
+        g.set_payload_types([Some(96), Some(101)]);
+        assert!(g.wants(&te));
+        assert!(g.wants(&rtp(96, 1, 1, [1, 0, 0, 160])));
+        let mut marked = te.clone();
+        marked[1] |= 0x80;
+        assert!(g.wants(&marked), "marker bit ignored");
+        assert!(!g.wants(&rtp(0, 1, 1, [1, 0, 0, 160])));
+        assert!(!g.wants(&te[..11]));
+        let mut v1 = te.clone();
+        v1[0] = 0x40;
+        assert!(!g.wants(&v1));
+        g.set_payload_types([None, None]);
+        assert!(!g.wants(&te));
+    }
+
+    #[test]
+    fn gate_swallows_code_and_its_late_retransmissions() {
+        let t0 = Instant::now();
+        let mut g = gate();
+        let mut seq = 0;
+        let all: Vec<Vec<u8>> = presses("*74321#", &mut seq, 1000).concat();
+        let (out, res) = run(&mut g, &all, t0);
+        assert!(out.is_empty(), "{} feature-code packets leaked", out.len());
+        assert_eq!(res.code.as_deref(), Some("4321"));
+        assert_eq!(res.swallowed, all.len());
+        assert!(!g.is_holding());
+        assert_eq!(g.poll_timeout(), None);
+        // the next key press goes straight through, packet by packet
+        for p in &presses("5", &mut seq, 900_000)[0] {
+            let (out, res) = run(&mut g, std::slice::from_ref(p), t0);
+            assert_eq!(out, vec![p.clone()]);
+            assert_eq!(res, GateOutput::default());
+        }
+        // and a second code is recognised too
+        let (out, res) = run(&mut g, &presses("*71#", &mut seq, 2_000_000).concat(), t0);
+        assert!(out.is_empty());
+        assert_eq!(res.code.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn gate_releases_star_and_next_key_in_order() {
+        let t0 = Instant::now();
+        let mut g = gate();
+        let mut seq = 0;
+        let p = presses("*9", &mut seq, 0);
+        let (out, _) = run(&mut g, &p[0], t0);
+        assert!(
+            out.is_empty(),
+            "the whole * press is held, its start included"
+        );
+        assert!(g.is_holding());
+        // 9's updates are held too; its first end packet decides
+        let (out, _) = run(&mut g, &p[1][..4], t0);
+        assert!(out.is_empty());
+        let (out, res) = run(&mut g, &p[1][4..5], t0);
+        assert_eq!(res, GateOutput::default());
+        let mut expect = p[0].clone();
+        expect.extend_from_slice(&p[1][..5]);
+        assert_eq!(out, expect, "released in arrival order");
+        // 9's retransmitted ends follow directly
+        let (out, _) = run(&mut g, &p[1][5..], t0);
+        assert_eq!(out, p[1][5..].to_vec());
+        assert!(!g.is_holding());
+        assert_eq!(g.poll_timeout(), None);
+    }
+
+    #[test]
+    fn gate_releases_lone_star_after_hold_timeout() {
+        let t0 = Instant::now();
+        let mut g = DtmfGate::new("*7", Duration::from_millis(300));
+        g.set_payload_types([None, Some(101)]);
+        let mut seq = 0;
+        let p = presses("*", &mut seq, 0).concat();
+        let t1 = t0 + Duration::from_millis(100);
+        let (out, _) = run(&mut g, &p, t1);
+        assert!(out.is_empty());
+        assert_eq!(g.poll_timeout(), Some(t1 + Duration::from_millis(300)));
+        let mut out = Vec::new();
+        let early = t1 + Duration::from_millis(299);
+        g.handle_timeout(early, &mut |b: &[u8]| out.push(b.to_vec()));
+        assert!(out.is_empty());
+        let res = g.handle_timeout(t1 + Duration::from_millis(300), &mut |b: &[u8]| {
+            out.push(b.to_vec())
+        });
+        assert_eq!(res, GateOutput::default());
+        assert_eq!(out, p);
+        assert!(!g.is_holding());
+        assert_eq!(g.poll_timeout(), None);
+        // the code state was reset: `7` alone is just a digit now
+        let (out, _) = run(&mut g, &presses("7", &mut seq, 50_000)[0], t1);
+        assert_eq!(out.len(), 7);
+    }
+
+    #[test]
+    fn gate_completes_code_whose_end_packets_were_lost() {
+        let t0 = Instant::now();
+        let mut g = gate();
+        let mut seq = 0;
+        let mut p = presses("*74321#", &mut seq, 0);
+        // '4' loses its ends (closed by '3'), '#' loses them too (closed by the timeout)
+        p[2].truncate(4);
+        p[6].truncate(4);
+        let (out, res) = run(&mut g, &p.concat(), t0);
+        assert!(out.is_empty());
+        assert_eq!(res.code, None);
+        let deadline = g.poll_timeout().unwrap();
+        let mut out = Vec::new();
+        let res = g.handle_timeout(deadline, &mut |b: &[u8]| out.push(b.to_vec()));
+        assert!(out.is_empty());
+        assert_eq!(res.code.as_deref(), Some("4321"));
+        assert_eq!(res.swallowed, 7 * 5 + 4 * 2);
+    }
+
+    #[test]
+    fn gate_other_keys_pass_and_unparsable_packets_keep_their_place() {
+        let t0 = Instant::now();
+        let mut g = gate();
+        let mut seq = 0;
+        let p = presses("1*", &mut seq, 0);
+        let (out, _) = run(&mut g, &p[0], t0);
+        assert_eq!(out, p[0]);
+        let (out, _) = run(&mut g, &p[1][..2], t0);
+        assert!(out.is_empty());
+        // a telephone-event packet with a short payload is held in order while holding
+        let mut odd = rtp(101, 999, 1, [0; 4]);
+        odd.truncate(13);
+        let (out, _) = run(&mut g, std::slice::from_ref(&odd), t0);
+        assert!(out.is_empty());
+        let mut out = Vec::new();
+        g.handle_timeout(t0 + HOLD, &mut |b: &[u8]| out.push(b.to_vec()));
+        assert_eq!(out, vec![p[1][0].clone(), p[1][1].clone(), odd.clone()]);
+        // and relayed at once when not
+        let (out, _) = run(&mut g, std::slice::from_ref(&odd), t0);
+        assert_eq!(out, vec![odd]);
+    }
+
+    #[test]
+    fn gate_full_pool_releases_everything_in_order() {
+        let t0 = Instant::now();
+        let mut g = gate();
+        let mut seq = 0;
+        let mut pkts = presses("*7", &mut seq, 0).concat();
+        // '1' held down for ever: updates of one event
+        for i in 0..HOLD_MAX_PACKETS as u16 {
+            pkts.push(rtp(101, 100 + i, 90_000, ev(1, false, 160 + i).to_bytes()));
+        }
+        let (out, res) = run(&mut g, &pkts, t0);
+        assert_eq!(res, GateOutput::default());
+        assert_eq!(out, pkts, "all released, nothing lost or reordered");
+        assert!(!g.is_holding());
+    }
+
+    #[test]
+    fn gate_with_empty_code_holds_nothing() {
+        let mut g = DtmfGate::new("", HOLD);
+        g.set_payload_types([Some(101), None]);
+        let mut seq = 0;
+        let p = presses("*74321#", &mut seq, 0).concat();
+        let (out, res) = run(&mut g, &p, Instant::now());
+        assert_eq!(out, p);
+        assert_eq!(res, GateOutput::default());
     }
 }

@@ -7,6 +7,11 @@
 //! While a source is latched and alive, packets from other sources are dropped, so a stray or
 //! hostile sender cannot hijack the stream.
 //!
+//! DTMF feature code (PROTOCOL.md §2.1, §5): once a side's telephone-event payload type is
+//! known ([`RelayHandle::set_dtmf_pt`]), its telephone-event packets go through a
+//! [`DtmfGate`] that holds back `*7` PIN `#` and reports it as [`RelayEvent::FeatureCode`];
+//! everything else of that side pays one payload-type compare.
+//!
 //! Packet path: one buffer per socket allocated at start, `try_send_to` (a full socket buffer
 //! drops the packet rather than stalling both directions), counters kept locally and flushed to
 //! the shared atomics every [`FLUSH_PACKETS`] packets or [`FLUSH_INTERVAL`], no locks, no logs.
@@ -21,7 +26,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::dtmf::DtmfGate;
 use super::ports::PortPair;
+use crate::b2bua::feature_code::HOLD_TIMEOUT;
 
 /// Largest datagram relayed whole; real RTP/RTCP stays under the 1500-byte MTU.
 const BUF_LEN: usize = 2048;
@@ -74,6 +81,11 @@ pub struct RelayConfig {
     pub relatch_after: Duration,
     /// Whether the RTP timeout runs from the start or only after [`RelayHandle::arm_timeout`].
     pub timeout_armed_at_start: bool,
+    /// DTMF feature code held back from the other party (`store.feature_code`, e.g. `*7`);
+    /// empty: telephone-events are relayed untouched.
+    pub feature_code: String,
+    /// Held feature-code digits with no further telephone-event for this long are released.
+    pub dtmf_hold_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -91,6 +103,8 @@ impl Default for RelayConfig {
             rtp_timeout: Duration::from_secs(10),
             relatch_after: Duration::from_secs(2),
             timeout_armed_at_start: true,
+            feature_code: String::new(),
+            dtmf_hold_timeout: HOLD_TIMEOUT,
         }
     }
 }
@@ -110,7 +124,8 @@ pub struct DirectionCounters {
 pub struct RelayCounters {
     pub a_to_b: DirectionCounters,
     pub b_to_a: DirectionCounters,
-    /// Packets not forwarded: unknown target, foreign source, inspector drop, send failure.
+    /// Packets not forwarded: unknown target, foreign source, inspector drop, send failure,
+    /// feature-code packets swallowed.
     pub dropped: AtomicU64,
 }
 
@@ -135,15 +150,23 @@ impl RelayCounters {
 pub struct RelayId(pub u64);
 
 /// Reported by the relay task on the channel given at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEvent {
     /// Nothing was received from either side for `rtp_timeout`; the relay has stopped and its
     /// ports are freed.
     Timeout { relay: RelayId },
+    /// The party on `side` keyed the feature code as RFC 4733 telephone-events; its packets
+    /// were not relayed.
+    FeatureCode {
+        relay: RelayId,
+        side: Side,
+        pin: String,
+    },
 }
 
 enum Control {
     SetRemote(Side, Option<SocketAddr>),
+    SetDtmfPt(Side, Option<u8>),
     ArmTimeout,
     SetInspector(Option<Inspector>),
     Stop,
@@ -173,6 +196,12 @@ impl RelayHandle {
     pub fn set_remote(&self, side: Side, addr: Option<SocketAddr>) {
         // A send error only means the task already ended; nothing left to update.
         let _ = self.ctrl.send(Control::SetRemote(side, addr));
+    }
+
+    /// Sets the telephone-event payload type `side`'s SDP announced (`None`: none). Packets
+    /// of either side's type from either side go through that side's feature-code gate.
+    pub fn set_dtmf_pt(&self, side: Side, pt: Option<u8>) {
+        let _ = self.ctrl.send(Control::SetDtmfPt(side, pt));
     }
 
     /// Starts the RTP timeout. Until then silence is normal (a call still ringing without
@@ -317,6 +346,16 @@ struct LocalCounts {
 }
 
 impl LocalCounts {
+    #[inline]
+    fn count_sent(&mut self, from: usize, len: usize, sent: bool) {
+        if sent {
+            self.rtp_packets[from] += 1;
+            self.rtp_bytes[from] += len as u64;
+        } else {
+            self.dropped += 1;
+        }
+    }
+
     fn flush(&mut self, c: &RelayCounters) {
         if self.pending == 0 {
             return;
@@ -338,9 +377,20 @@ impl LocalCounts {
 }
 
 struct State {
+    id: RelayId,
     peers: [Peer; 2],
     local_addrs: Vec<SocketAddr>,
     inspector: Option<Inspector>,
+    /// Feature-code gate of the packets coming from each side; created when a
+    /// telephone-event type becomes known (calls without one never allocate it).
+    gates: [Option<Box<DtmfGate>>; 2],
+    /// Telephone-event type announced by each side's SDP.
+    dtmf_pts: [Option<u8>; 2],
+    /// A gate changed: the hold timer must be re-read.
+    gates_changed: bool,
+    feature_code: String,
+    dtmf_hold_timeout: Duration,
+    events: mpsc::Sender<RelayEvent>,
     counts: LocalCounts,
     counters: Arc<RelayCounters>,
     last_flush: Instant,
@@ -360,6 +410,15 @@ impl State {
                 None => true,
                 Some(inspect) => inspect(from, pkt) == Verdict::Forward,
             };
+        if ok
+            && self.gates[from.idx()]
+                .as_deref()
+                .is_some_and(|g| g.wants(pkt))
+        {
+            self.on_dtmf(from, pkt, out, now);
+            self.after_packet(now);
+            return;
+        }
         let sent = ok && send(out, pkt, self.peers[from.other().idx()].rtp);
         if sent {
             self.counts.rtp_packets[from.idx()] += 1;
@@ -382,6 +441,94 @@ impl State {
             self.counts.dropped += 1;
         }
         self.after_packet(now);
+    }
+
+    /// A telephone-event packet from `from`: through the gate, which relays it (and whatever
+    /// it releases) out of `out` or holds it back.
+    #[cold]
+    fn on_dtmf(&mut self, from: Side, pkt: &[u8], out: &UdpSocket, now: Instant) {
+        let i = from.idx();
+        let target = self.peers[from.other().idx()].rtp;
+        let counts = &mut self.counts;
+        let Some(gate) = self.gates[i].as_deref_mut() else {
+            return;
+        };
+        let res = gate.on_packet(pkt, now.into_std(), &mut |p: &[u8]| {
+            counts.count_sent(i, p.len(), send(out, p, target));
+        });
+        self.counts.dropped += res.swallowed as u64;
+        self.gates_changed = true;
+        if let Some(pin) = res.code {
+            self.report_code(from, pin);
+        }
+    }
+
+    /// The earliest hold deadline of the gates.
+    fn hold_deadline(&self) -> Option<Instant> {
+        self.gates
+            .iter()
+            .flatten()
+            .filter_map(|g| g.poll_timeout())
+            .min()
+            .map(Instant::from_std)
+    }
+
+    /// Releases digits held too long; `rtp` are the RTP sockets facing A and B.
+    fn on_hold_timer(&mut self, now: Instant, rtp: [&UdpSocket; 2]) {
+        for from in [Side::A, Side::B] {
+            let i = from.idx();
+            let out = rtp[from.other().idx()];
+            let target = self.peers[from.other().idx()].rtp;
+            let counts = &mut self.counts;
+            let Some(gate) = self.gates[i].as_deref_mut() else {
+                continue;
+            };
+            let res = gate.handle_timeout(now.into_std(), &mut |p: &[u8]| {
+                counts.count_sent(i, p.len(), send(out, p, target));
+                counts.pending += 1;
+            });
+            self.counts.dropped += res.swallowed as u64;
+            if let Some(pin) = res.code {
+                self.report_code(from, pin);
+            }
+        }
+        self.gates_changed = true;
+    }
+
+    fn report_code(&mut self, side: Side, pin: String) {
+        tracing::info!(relay = self.id.0, ?side, "DTMF feature code in RTP");
+        let ev = RelayEvent::FeatureCode {
+            relay: self.id,
+            side,
+            pin,
+        };
+        // Never stall the media path on the core; a full queue means it is far behind.
+        if self.events.try_send(ev).is_err() {
+            tracing::warn!(
+                relay = self.id.0,
+                "relay event queue full, feature code lost"
+            );
+        }
+    }
+
+    fn set_dtmf_pt(&mut self, side: Side, pt: Option<u8>) {
+        self.dtmf_pts[side.idx()] = pt;
+        for from in [Side::A, Side::B] {
+            // The sender may number the event by either SDP (RFC 3264 says the receiver's).
+            let pts = [self.dtmf_pts[from.idx()], self.dtmf_pts[from.other().idx()]];
+            let slot = &mut self.gates[from.idx()];
+            if slot.is_none() && pts.iter().any(Option::is_some) && !self.feature_code.is_empty() {
+                *slot = Some(Box::new(DtmfGate::new(
+                    &self.feature_code,
+                    self.dtmf_hold_timeout,
+                )));
+            }
+            // A gate stays once made: what it holds is released by its timer even if the type
+            // is gone after a re-INVITE.
+            if let Some(g) = slot.as_deref_mut() {
+                g.set_payload_types(pts);
+            }
+        }
     }
 
     fn recv_error(&mut self) {
@@ -417,6 +564,7 @@ impl State {
                     self.last_activity = Instant::now();
                 }
             }
+            Control::SetDtmfPt(side, pt) => self.set_dtmf_pt(side, pt),
             Control::SetInspector(i) => self.inspector = i,
             Control::Stop => {}
         }
@@ -446,9 +594,16 @@ async fn run(
         .filter_map(Result::ok)
         .collect();
     let mut st = State {
+        id,
         peers: [Peer::new(now), Peer::new(now)],
         local_addrs,
         inspector: None,
+        gates: [None, None],
+        dtmf_pts: [None, None],
+        gates_changed: false,
+        feature_code: config.feature_code.clone(),
+        dtmf_hold_timeout: config.dtmf_hold_timeout,
+        events: events.clone(),
         counts: LocalCounts::default(),
         counters,
         last_flush: now,
@@ -465,6 +620,10 @@ async fn run(
 
     let sleep = tokio::time::sleep_until(now + config.rtp_timeout);
     tokio::pin!(sleep);
+    // Feature-code hold timer, armed only while a gate holds something.
+    let hold = tokio::time::sleep_until(now);
+    tokio::pin!(hold);
+    let mut hold_armed = false;
 
     loop {
         tokio::select! {
@@ -505,6 +664,17 @@ async fn run(
                 }
                 sleep.as_mut().reset(if st.timeout_armed { idle_until } else { now + config.rtp_timeout });
             }
+            () = &mut hold, if hold_armed => st.on_hold_timer(Instant::now(), [&a.rtp, &b.rtp]),
+        }
+        if st.gates_changed {
+            st.gates_changed = false;
+            hold_armed = match st.hold_deadline() {
+                Some(t) => {
+                    hold.as_mut().reset(t);
+                    true
+                }
+                None => false,
+            };
         }
     }
     st.flush(Instant::now());
@@ -884,5 +1054,215 @@ mod tests {
         rig.relay.stop().await;
         assert_eq!(rig.counters.a_to_b.rtp_packets.load(Ordering::Relaxed), 0);
         assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    // ---- RFC 4733 feature code
+
+    const TE: u8 = 101;
+
+    /// One key press as a phone sends it: 3 updates of growing duration, then 3 end packets,
+    /// all with the press's timestamp.
+    fn key_press(key: char, ts: u32, seq: &mut u16) -> Vec<Vec<u8>> {
+        use crate::media::dtmf::{char_to_event, TelephoneEvent};
+        let event = char_to_event(key).unwrap();
+        let mut out = Vec::new();
+        for (duration, end) in [
+            (160, false),
+            (320, false),
+            (480, false),
+            (640, true),
+            (640, true),
+            (640, true),
+        ] {
+            let mut p = vec![0x80, TE, 0, 0, 0, 0, 0, 0, 0, 0, 0x0d, 0x0d];
+            p[2..4].copy_from_slice(&seq.to_be_bytes());
+            p[4..8].copy_from_slice(&ts.to_be_bytes());
+            p.extend_from_slice(
+                &TelephoneEvent {
+                    event,
+                    end,
+                    volume: 10,
+                    duration,
+                }
+                .to_bytes(),
+            );
+            *seq = seq.wrapping_add(1);
+            out.push(p);
+        }
+        out
+    }
+
+    /// Everything arriving on `sock` until it has been quiet for 300 ms.
+    async fn drain(sock: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await
+        {
+            got.push(buf[..r.unwrap().0].to_vec());
+        }
+        got
+    }
+
+    fn is_te(p: &[u8]) -> bool {
+        p[1] & 0x7f == TE
+    }
+
+    /// A rig with both phones, telephone-events announced on both sides, and a first audio
+    /// packet each way through (so the controls are in effect).
+    async fn dtmf_rig(base: u16, hold: Duration) -> (Rig, PortPair, PortPair) {
+        let config = RelayConfig {
+            feature_code: "*7".into(),
+            dtmf_hold_timeout: hold,
+            ..RelayConfig::new(Duration::from_secs(10))
+        };
+        let rig = rig(base, config);
+        let phones = allocator(base + 500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::A, Some(addr(&pa)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        rig.relay.set_dtmf_pt(Side::A, Some(TE));
+        rig.relay.set_dtmf_pt(Side::B, Some(TE));
+        let [a_rtp, _, b_rtp, _] = rig.relay_addrs;
+        pa.rtp.send_to(&rtp_packet(1, 20), a_rtp).await.unwrap();
+        recv(&pb.rtp).await;
+        pb.rtp.send_to(&rtp_packet(1, 20), b_rtp).await.unwrap();
+        recv(&pa.rtp).await;
+        (rig, pa, pb)
+    }
+
+    #[tokio::test]
+    async fn rtp_feature_code_is_swallowed_and_reported_while_audio_flows() {
+        let (mut rig, pa, pb) = dtmf_rig(50000, Duration::from_secs(3)).await;
+        let b_rtp = rig.relay_addrs[2];
+        let mut seq = 100;
+        let mut audio_sent = Vec::new();
+        for (i, key) in "*74321#".chars().enumerate() {
+            for p in key_press(key, 8000 * i as u32, &mut seq) {
+                pb.rtp.send_to(&p, b_rtp).await.unwrap();
+                // audio interleaved with the events keeps flowing during the hold
+                let audio = rtp_packet(seq, 160);
+                seq = seq.wrapping_add(1);
+                pb.rtp.send_to(&audio, b_rtp).await.unwrap();
+                audio_sent.push(audio);
+            }
+        }
+        let got = drain(&pa.rtp).await;
+        assert!(
+            !got.iter().any(|p| is_te(p)),
+            "{} feature-code packets reached A",
+            got.iter().filter(|p| is_te(p)).count()
+        );
+        assert_eq!(got, audio_sent, "all audio, in order");
+        let ev = tokio::time::timeout(Duration::from_secs(1), rig.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ev,
+            RelayEvent::FeatureCode {
+                relay: rig.relay.id(),
+                side: Side::B,
+                pin: "4321".into()
+            }
+        );
+        // a key outside the code goes through, every packet of it
+        let five = key_press('5', 90_000, &mut seq);
+        for p in &five {
+            pb.rtp.send_to(p, b_rtp).await.unwrap();
+        }
+        assert_eq!(drain(&pa.rtp).await, five);
+        // A's side has its own gate: A's code is reported for A
+        let a_rtp = rig.relay_addrs[0];
+        for (i, key) in "*78#".chars().enumerate() {
+            for p in key_press(key, 500_000 + 8000 * i as u32, &mut seq) {
+                pa.rtp.send_to(&p, a_rtp).await.unwrap();
+            }
+        }
+        let ev = tokio::time::timeout(Duration::from_secs(1), rig.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(ev, RelayEvent::FeatureCode { side: Side::A, ref pin, .. } if pin == "8"),
+            "{ev:?}"
+        );
+        assert!(drain(&pb.rtp).await.is_empty());
+        rig.relay.stop().await;
+        assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 7 * 6 + 4 * 6);
+    }
+
+    #[tokio::test]
+    async fn rtp_star_then_other_key_released_in_order() {
+        let (mut rig, pa, pb) = dtmf_rig(51000, Duration::from_secs(3)).await;
+        let b_rtp = rig.relay_addrs[2];
+        let mut seq = 7;
+        let mut sent = key_press('*', 1000, &mut seq);
+        sent.extend(key_press('9', 2000, &mut seq));
+        for p in &sent {
+            pb.rtp.send_to(p, b_rtp).await.unwrap();
+        }
+        let got = drain(&pa.rtp).await;
+        assert_eq!(got, sent, "both keys' packets, in order");
+        assert!(rig.events.try_recv().is_err(), "no feature code");
+        rig.relay.stop().await;
+        assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(rig.counters.b_to_a.rtp_packets.load(Ordering::Relaxed), 13);
+    }
+
+    #[tokio::test]
+    async fn rtp_lone_star_released_after_hold_timeout() {
+        let hold = Duration::from_millis(400);
+        let (mut rig, pa, pb) = dtmf_rig(52000, hold).await;
+        let b_rtp = rig.relay_addrs[2];
+        let mut seq = 7;
+        let star = key_press('*', 1000, &mut seq);
+        for p in &star {
+            pb.rtp.send_to(p, b_rtp).await.unwrap();
+        }
+        let held_from = Instant::now();
+        // audio during the hold arrives at once; the '*' does not
+        for i in 0..5u16 {
+            let audio = rtp_packet(200 + i, 40);
+            pb.rtp.send_to(&audio, b_rtp).await.unwrap();
+            assert_eq!(recv(&pa.rtp).await.0, audio);
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let mut got = Vec::new();
+        while got.len() < star.len() {
+            got.push(recv(&pa.rtp).await.0);
+        }
+        let waited = held_from.elapsed();
+        assert_eq!(got, star);
+        assert!(waited >= hold - Duration::from_millis(20), "{waited:?}");
+        assert!(waited < hold + Duration::from_millis(800), "{waited:?}");
+        assert!(rig.events.try_recv().is_err());
+        rig.relay.stop().await;
+    }
+
+    #[tokio::test]
+    async fn without_feature_code_or_event_type_dtmf_passes_untouched() {
+        // no telephone-event type announced: the gate does not exist
+        let config = RelayConfig {
+            feature_code: "*7".into(),
+            ..RelayConfig::new(Duration::from_secs(10))
+        };
+        let rig = rig(53000, config);
+        let phones = allocator(53500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::A, Some(addr(&pa)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        let b_rtp = rig.relay_addrs[2];
+        let mut seq = 0;
+        let sent: Vec<Vec<u8>> = "*74321#"
+            .chars()
+            .enumerate()
+            .flat_map(|(i, k)| key_press(k, 1000 * i as u32, &mut seq))
+            .collect();
+        for p in &sent {
+            pb.rtp.send_to(p, b_rtp).await.unwrap();
+        }
+        assert_eq!(drain(&pa.rtp).await, sent);
+        rig.relay.stop().await;
     }
 }

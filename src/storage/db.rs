@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "stores",
         include_str!("../../migrations/0002_stores.sql"),
     ),
+    (
+        3,
+        "shares",
+        include_str!("../../migrations/0003_shares.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -197,4 +197,70 @@ mod tests {
         assert_eq!(info_digit(&info("application/dtmf", "x")), None);
         assert_eq!(info_digit(&info("text/plain", "5")), None);
     }
+
+    #[test]
+    fn rtp_feature_code_becomes_engine_event() {
+        use crate::b2bua::engine::{EngineConfig, RouteTarget};
+        use crate::b2bua::media::FakeMedia;
+        use crate::config::Transport;
+        use crate::sip::auth::{Algorithm, NonceKey, Verifier};
+        use crate::sip::transaction::{Peer, TimerConfig};
+
+        let a = Peer::new(Transport::Udp, "127.0.0.1:5061".parse().unwrap());
+        let b = Peer::new(Transport::Udp, "127.0.0.1:5070".parse().unwrap());
+        let cfg = EngineConfig {
+            domain: "example.com".into(),
+            public_ip: "127.0.0.1".parse().unwrap(),
+            udp_port: Some(5060),
+            tcp_port: None,
+            digest_algorithms: vec![Algorithm::Md5],
+            trusted: vec!["127.0.0.0/8".parse().unwrap()],
+            routes: vec![RouteTarget {
+                prefix: String::new(),
+                peer: b,
+                host_port: "127.0.0.1:5070".into(),
+            }],
+            timers: TimerConfig::default(),
+            registration_min_expires: 60,
+            registration_max_expires: 3600,
+            feature_code: "*7".into(),
+        };
+        let now = Instant::now();
+        let verifier = Verifier::new(NonceKey::from_bytes([7; 32]), 300);
+        let mut eng = Engine::new(cfg, FakeMedia::new(4), verifier, (now, 1_800_000_000), 1);
+        assert_eq!(eng.media().feature_code, "*7", "relays get the code");
+
+        let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\n\
+                   m=audio 6000 RTP/AVP 0 96\r\na=rtpmap:0 PCMU/8000\r\n\
+                   a=rtpmap:96 telephone-event/8000\r\n";
+        let invite = format!(
+            "INVITE sip:1002@example.com SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bKrtpdtmf1\r\nMax-Forwards: 70\r\n\
+             From: <sip:1001@example.com>;tag=a1\r\nTo: <sip:1002@example.com>\r\n\
+             Call-ID: rtp-dtmf\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@127.0.0.1:5061>\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        );
+        eng.handle_message(parse(invite.as_bytes()).unwrap(), a, now);
+        let call = *eng.media().streams.keys().next().expect("call anchored");
+        // A's telephone-event type went to the relay with A's address
+        assert_eq!(
+            eng.media().dtmf_pts.get(&(call, 0, Side::A)),
+            Some(&Some(96))
+        );
+        while eng.poll_event().is_some() {}
+
+        eng.handle_media_feature_code(call, Side::B, "4321".into());
+        assert_eq!(
+            eng.poll_event(),
+            Some(EngineEvent::FeatureCode {
+                call,
+                side: Side::B,
+                pin: "4321".into()
+            })
+        );
+        // an unknown (already ended) call reports nothing
+        eng.handle_media_feature_code(call + 99, Side::B, "4321".into());
+        assert_eq!(eng.poll_event(), None);
+    }
 }

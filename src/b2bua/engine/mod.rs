@@ -202,7 +202,7 @@ pub enum EngineEvent {
         tx: ServerTxId,
         request: Request,
     },
-    /// `*7 PIN #` completed by the party on `side` (INFO digits).
+    /// `*7 PIN #` completed by the party on `side` (INFO digits or RFC 4733 events).
     FeatureCode {
         call: CallKey,
         side: Side,
@@ -264,7 +264,7 @@ impl<M: MediaBackend> Engine<M> {
     /// `epoch` ties the monotonic clock to Unix seconds (digest nonces carry Unix time).
     pub fn new(
         mut cfg: EngineConfig,
-        media: M,
+        mut media: M,
         verifier: Verifier,
         epoch: (Instant, u64),
         seed: u64,
@@ -274,6 +274,8 @@ impl<M: MediaBackend> Engine<M> {
             Algorithm::Sha256 => 0,
             Algorithm::Md5 => 1,
         });
+        // The relays hold back the same feature code in RFC 4733 telephone-events.
+        media.set_feature_code(&cfg.feature_code);
         let registrar = Registrar::new(
             cfg.registration_min_expires,
             cfg.registration_max_expires,
@@ -352,6 +354,17 @@ impl<M: MediaBackend> Engine<M> {
         tracing::info!(call, "RTP timeout, ending call");
         self.hang_up(call, "rtp-timeout", CallOutcome::Timeout, now);
         self.after(now);
+    }
+
+    /// `*7 PIN #` keyed as RFC 4733 telephone-events in the call's RTP (the relay swallowed
+    /// the packets): reported like the INFO form, as [`EngineEvent::FeatureCode`].
+    pub fn handle_media_feature_code(&mut self, call: CallKey, side: Side, pin: String) {
+        if !self.calls.contains_key(&call) {
+            return;
+        }
+        tracing::info!(call, ?side, "DTMF feature code in RTP");
+        self.events
+            .push_back(EngineEvent::FeatureCode { call, side, pin });
     }
 
     /// Ends every call (SIGTERM): BYE on established legs, 503 to unanswered callers.
@@ -1617,10 +1630,13 @@ impl<M: MediaBackend> Engine<M> {
         let ip = self.cfg.public_ip;
         // Read every section's address first: rewriting one section rewrites the session-level
         // `c=` the later sections may inherit.
-        let remotes: Vec<Option<SocketAddr>> = (0..sdp.media_count())
-            .map(|i| sdp.connection_for(i))
+        let remotes: Vec<(Option<SocketAddr>, Option<u8>)> = (0..sdp.media_count())
+            .map(|i| {
+                let te = sdp.codecs(i).into_iter().find(|c| c.is_telephone_event());
+                (sdp.connection_for(i), te.map(|c| c.pt))
+            })
             .collect();
-        for (idx, remote) in remotes.into_iter().enumerate() {
+        for (idx, (remote, dtmf_pt)) in remotes.into_iter().enumerate() {
             if idx >= MAX_STREAMS {
                 let _ = sdp.disable_media(idx);
                 continue;
@@ -1640,6 +1656,7 @@ impl<M: MediaBackend> Engine<M> {
                 continue;
             };
             self.media.set_remote(key, idx, from, remote);
+            self.media.set_dtmf_pt(key, idx, from, dtmf_pt);
             if sdp.media(idx).is_some_and(|m| m.port == 0) {
                 continue;
             }

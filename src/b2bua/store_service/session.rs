@@ -2,23 +2,40 @@
 //! threshold, ready note) and play sessions (332/333: INVITE to the play URI, the stored
 //! packets streamed from the start, following the live tail). One task per session; the
 //! engine's session events reach it through a [`Runtime`].
+//!
+//! Observability (issue 3 item 8): each task runs in a `store_session` or `play_session`
+//! tracing span carrying `store_id`, `sender` and `receiver` (the last two recorded once the
+//! store is looked up), so every log line of the session, the refusal included, names its
+//! store. Metrics: `callvault_store_sessions_active` / `callvault_play_sessions_active` are
+//! held up by a [`GaugeGuard`] for the life of the session (every exit path lowers them);
+//! `callvault_play_sessions_total` counts accepted play sessions;
+//! `callvault_threshold_seconds` is observed for every threshold event, the one a finishing
+//! store reports included; `callvault_prompt_to_first_packet_seconds` runs from the store's
+//! creation (request.rs creates it and sends the prompt right after, one account read apart)
+//! to the first commit of the recorder's segment log that holds payload, i.e. the first packet
+//! *stored* in the sense of step 31 (durable and readable), watched on the recorder's
+//! committed-state watch rather than on `Progress` events, which come at most once a second
+//! and may be dropped.
 
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::{Command, Ctx};
 use crate::b2bua::engine::SessionKey;
 use crate::b2bua::wire;
 use crate::media::player::{Player, PlayerConfig, PlayerEventKind};
 use crate::media::recorder::{Recorder, RecorderConfig, RecorderEventKind};
+use crate::metrics::{GaugeGuard, METRICS};
 use crate::sdp::{Codec, Direction, SessionDescription};
 use crate::sip::message::Request;
 use crate::storage::segments::{
-    pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter,
+    pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter, TailState,
 };
-use crate::storage::stores::{store_dir, StartSession, Store, StoreError, StoreState};
+use crate::storage::stores::{store_dir, StartSession, Store, StoreError, StoreKind, StoreState};
 use crate::storage::threshold::{clock_rate, playout_rate_for, ThresholdLimits, ThresholdTracker};
 
 /// What the engine tells a session task.
@@ -46,28 +63,42 @@ impl Runtime {
 pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Request) -> Runtime {
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let user = invite
-            .parsed_uri()
-            .ok()
-            .and_then(|u| u.user_unescaped())
-            .unwrap_or_default();
-        let outcome = match user.strip_prefix("play-") {
-            Some(id) => play(&ctx, key, id, &identity, &invite, rx).await,
-            None => store(&ctx, key, &user, &identity, &invite, rx).await,
-        };
-        if let Err(Refusal(status, code, detail, retry_after)) = outcome {
-            tracing::info!(session = key, code, "session refused");
-            ctx.send(Command::RejectSession {
-                session: key,
-                status,
-                code,
-                detail,
-                retry_after,
-            });
+    let user = invite
+        .parsed_uri()
+        .ok()
+        .and_then(|u| u.user_unescaped())
+        .unwrap_or_default();
+    let (is_play, id) = match user.strip_prefix("play-") {
+        Some(id) => (true, id.to_string()),
+        None => (false, user.clone()),
+    };
+    // `sender`/`receiver` are filled in by the task once it has read the store.
+    let span = if is_play {
+        tracing::info_span!("play_session", store_id = %id, session = key, sender = Empty, receiver = Empty)
+    } else {
+        tracing::info_span!("store_session", store_id = %id, session = key, sender = Empty, receiver = Empty)
+    };
+    tokio::spawn(
+        async move {
+            let outcome = if is_play {
+                play(&ctx, key, &id, &identity, &invite, rx).await
+            } else {
+                store(&ctx, key, &id, &identity, &invite, rx).await
+            };
+            if let Err(Refusal(status, code, detail, retry_after)) = outcome {
+                tracing::info!(code, "session refused");
+                ctx.send(Command::RejectSession {
+                    session: key,
+                    status,
+                    code,
+                    detail,
+                    retry_after,
+                });
+            }
+            ctx.send(Command::SessionGone(key));
         }
-        ctx.send(Command::SessionGone(key));
-    });
+        .instrument(span),
+    );
     Runtime { signals: tx }
 }
 
@@ -98,6 +129,41 @@ fn same_identity(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
 }
 
+/// Names the store's parties on the session's span (see the module doc).
+fn record_parties(store: &Store) {
+    let span = tracing::Span::current();
+    span.record("sender", store.sender.as_str());
+    span.record("receiver", store.receiver.as_str());
+}
+
+/// Resolves once the log holds committed payload (true), or when the writer is gone without
+/// any (false). Pending forever once `tail` is None, so a `select!` branch can be retired.
+async fn first_commit(tail: &mut Option<watch::Receiver<TailState>>) -> bool {
+    let Some(t) = tail.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        if t.borrow_and_update().payload_bytes > 0 {
+            return true;
+        }
+        if t.changed().await.is_err() {
+            return t.borrow().payload_bytes > 0;
+        }
+    }
+}
+
+/// `callvault_prompt_to_first_packet_seconds` for a store of step 2.3 (recorded calls and
+/// uploads have no prompt). Wall clock, since `created_at` is; a clock step backwards skips
+/// the sample rather than recording nonsense.
+fn observe_prompt_to_first_packet(store: &Store, at: SystemTime) {
+    if store.kind != StoreKind::InCall {
+        return;
+    }
+    if let Ok(d) = at.duration_since(store.created_at) {
+        METRICS.prompt_to_first_packet_seconds.observe_duration(d);
+    }
+}
+
 async fn store(
     ctx: &Ctx,
     key: SessionKey,
@@ -120,6 +186,7 @@ async fn store(
         .await
         .map_err(internal)?
         .ok_or_else(unknown)?;
+    record_parties(&store);
     if !store.is_open(SystemTime::now()) {
         return Err(unknown());
     }
@@ -190,6 +257,7 @@ async fn store(
         })?;
 
     // From here the store is `receiving`: every exit must finish it.
+    let _active = GaugeGuard::new(&METRICS.store_sessions_active);
     let fail = |e: String| async move {
         let _ = ctx
             .stores
@@ -222,6 +290,8 @@ async fn store(
     let (ev_tx, mut events) = mpsc::channel(64);
     let recorder = Recorder::start(socket, ingest, writer, rc, ev_tx);
     ctx.live.insert(id, recorder.tail());
+    // Watched until the first packet is committed, for the prompt-to-first-packet time.
+    let mut first_tail = Some(recorder.tail());
 
     let mut accepted: Vec<Codec> = vec![codec.clone()];
     accepted.extend(te);
@@ -244,7 +314,7 @@ async fn store(
         session: key,
         sdp: answer.to_string(),
     });
-    tracing::info!(store = %id, format = %format, declared = ?declared, "store session started");
+    tracing::info!(format = %format, declared = ?declared, "store session started");
 
     let mut reserved = declared.unwrap_or(0);
     let mut ended_by_us: Option<(&'static str, StoreState)> = None;
@@ -254,13 +324,17 @@ async fn store(
                 Some(Signal::Acked) => {}
                 Some(Signal::Ended) | None => break,
             },
+            stored = first_commit(&mut first_tail), if first_tail.is_some() => {
+                first_tail = None;
+                if stored {
+                    observe_prompt_to_first_packet(&store, SystemTime::now());
+                }
+            }
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
                 match ev.kind {
-                    RecorderEventKind::ThresholdReached { received_bytes, after, .. } => {
-                        crate::metrics::METRICS.threshold_seconds.observe(after.as_secs_f64());
-                        let _ = ctx.stores.mark_threshold(id, SystemTime::now()).await;
-                        ready(ctx, &started, received_bytes);
+                    RecorderEventKind::ThresholdReached { received_bytes, after, by_finish } => {
+                        threshold_reached(ctx, &started, received_bytes, after, by_finish).await;
                     }
                     RecorderEventKind::Progress { received_bytes } => {
                         let _ = ctx.stores.record_progress(id, received_bytes).await;
@@ -300,11 +374,20 @@ async fn store(
         });
     }
     let totals = recorder.finish().await;
+    // The first packet was committed only as the session ended (e.g. the BYE overtook the
+    // commit tick): the sample is late by at most that tick.
+    if first_tail.is_some_and(|t| t.borrow().payload_bytes > 0) {
+        observe_prompt_to_first_packet(&store, SystemTime::now());
+    }
     // The threshold is always reached by the end (a store shorter than its threshold).
     while let Ok(ev) = events.try_recv() {
-        if let RecorderEventKind::ThresholdReached { received_bytes, .. } = ev.kind {
-            let _ = ctx.stores.mark_threshold(id, SystemTime::now()).await;
-            ready(ctx, &started, received_bytes);
+        if let RecorderEventKind::ThresholdReached {
+            received_bytes,
+            after,
+            by_finish,
+        } = ev.kind
+        {
+            threshold_reached(ctx, &started, received_bytes, after, by_finish).await;
         }
     }
     let state = ended_by_us.map_or(StoreState::Complete, |(_, s)| s);
@@ -313,11 +396,33 @@ async fn store(
         .finish(id, state, totals.received_bytes, SystemTime::now())
         .await
     {
-        tracing::warn!(store = %id, error = %e, "store not finished cleanly");
+        tracing::warn!(error = %e, "store not finished cleanly");
     }
     ctx.live.remove(id);
-    tracing::info!(store = %id, bytes = totals.received_bytes, ?state, "store session ended");
+    tracing::info!(bytes = totals.received_bytes, ?state, "store session ended");
     Ok(())
+}
+
+/// Step 32 reached (by the data or because the store finished): metric, metadata, ready note.
+async fn threshold_reached(
+    ctx: &Ctx,
+    store: &Store,
+    received_bytes: u64,
+    after: Duration,
+    by_finish: bool,
+) {
+    METRICS.threshold_seconds.observe_duration(after);
+    tracing::info!(
+        received_bytes,
+        after_ms = after.as_millis() as u64,
+        by_finish,
+        "threshold reached"
+    );
+    let _ = ctx
+        .stores
+        .mark_threshold(&store.id, SystemTime::now())
+        .await;
+    ready(ctx, store, received_bytes);
 }
 
 /// Step 331: the ready note to the receiver.
@@ -352,6 +457,7 @@ async fn play(
         .await
         .map_err(internal)?
         .ok_or_else(|| refuse(404, "unknown-store", format!("{id} is unknown")))?;
+    record_parties(&store);
     if !same_identity(identity, &store.receiver) {
         return Err(refuse(
             403,
@@ -402,6 +508,9 @@ async fn play(
         session: key,
         sdp: answer.to_string(),
     });
+    METRICS.play_sessions_total.inc();
+    let _active = GaugeGuard::new(&METRICS.play_sessions_active);
+    tracing::info!("play session accepted");
 
     // Stream from the ACK on.
     match signals.recv().await {
@@ -426,10 +535,10 @@ async fn play(
             },
             ev = events.recv() => match ev.map(|e| e.kind) {
                 Some(PlayerEventKind::Started { first_packet_after }) => {
-                    crate::metrics::METRICS.play_start_seconds.observe(first_packet_after.as_secs_f64());
+                    METRICS.play_start_seconds.observe_duration(first_packet_after);
                 }
                 Some(PlayerEventKind::Done { packets, .. }) => {
-                    tracing::info!(store = %id, packets, "play finished");
+                    tracing::info!(packets, "play finished");
                     ctx.send(Command::EndSession { session: key, reason: None });
                     break;
                 }
@@ -440,6 +549,16 @@ async fn play(
             },
         }
     }
-    player.stop().await;
+    let totals = player.stop().await;
+    // A receiver that hangs up right after the first packet can win the race against the
+    // Started event in the select above; the task has ended now, so its events are all here.
+    while let Ok(ev) = events.try_recv() {
+        if let PlayerEventKind::Started { first_packet_after } = ev.kind {
+            METRICS
+                .play_start_seconds
+                .observe_duration(first_packet_after);
+        }
+    }
+    tracing::info!(packets = totals.packets, "play session ended");
     Ok(())
 }

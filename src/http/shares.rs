@@ -1,0 +1,740 @@
+//! Shared-data endpoints (PROTOCOL 3, 5 Shares).
+//!
+//! | route | who |
+//! | --- | --- |
+//! | `PUT /v1/shares/{user}/{name}[?policy=]` | the user (Basic/Digest) or admin |
+//! | `GET /v1/shares/{user}` | anyone: the user's shares the caller may fetch |
+//! | `GET /v1/shares/{user}/{name}` | who may fetch it: the share's metadata |
+//! | `DELETE /v1/shares/{user}/{name}` | the user or admin |
+//! | `GET /v1/shares/{content_id}/manifest` | content access (below) |
+//! | `GET /v1/pieces/{content_id}/{n}` | content access |
+//! | `GET /v1/content/{content_id}` (Range) | content access |
+//! | `GET /v1/index/{content_id}` | content access |
+//! | `POST /v1/index/{content_id}/announce` | content access |
+//!
+//! Content access: the content's offer token (`?token=` or Bearer), the Basic/Digest of a
+//! user some share of the content allows (its owner always), admin, or nobody at all when a
+//! share of it is `public`. A token for other content is `401` (the server cannot tell it
+//! from garbage), an authenticated user the policy refuses `403`.
+//!
+//! `/v1/shares/{content_id}/manifest` and `/v1/shares/{user}/{name}` have the same shape: a
+//! GET whose first segment is 64 lowercase hex digits and whose second is `manifest` is the
+//! manifest (user names that look like content ids cannot have a share called `manifest`
+//! read by name; publishing and the manifest route are unaffected).
+//!
+//! Upload: checks in order `401` (no or bad credentials), `403` (another user), `400
+//! bad-name`, `400 bad-policy`, `411` (no Content-Length), `403 quota-exceeded`; the body is
+//! cut into pieces and hashed as it arrives ([`Shares::publish_stream`]) in a task of its
+//! own, so a client that disconnects still gets its reservation and partial file cleaned up.
+//!
+//! Downloads (pieces, content) read the content file in slices and pass through the server's
+//! shared egress limiter ([`crate::share::rate`]), which also counts
+//! `callvault_share_bytes_total{source="server"}`.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::header::{
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HOST, LOCATION,
+    RANGE,
+};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::auth::{authenticate, unauthorized, Caller};
+use super::errors::ApiError;
+use super::HttpState;
+use crate::metrics::ShareSource;
+use crate::share::index::Bitfield;
+use crate::share::manifest::{is_sha256_hex, piece_range, validate_name};
+use crate::share::rate::throttle;
+use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares};
+use crate::storage::stores::rfc3339;
+
+/// Largest read from the content file at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+type QueryArg = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+impl From<ShareError> for ApiError {
+    fn from(e: ShareError) -> ApiError {
+        match e {
+            ShareError::BadName(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad-name", e.to_string())
+            }
+            ShareError::BadPolicy(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad-policy", e.to_string())
+            }
+            ShareError::NoAccount(_) | ShareError::UnknownContent(_) => {
+                ApiError::not_found(e.to_string())
+            }
+            ShareError::QuotaExceeded { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "quota-exceeded", e.to_string())
+            }
+            ShareError::TooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.to_string())
+            }
+            ShareError::Body(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "incomplete-body", e.to_string())
+            }
+            other => {
+                tracing::error!(error = %other, "share operation failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage-error",
+                    "share storage error",
+                )
+            }
+        }
+    }
+}
+
+fn shares(state: &HttpState) -> Result<&Shares, ApiError> {
+    state.shares.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shares-disabled",
+            "shared data is not enabled on this server",
+        )
+    })
+}
+
+fn path2(p: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), ApiError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn path1(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn query_map(q: QueryArg) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(m)| m)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn requester_of(state: &HttpState, caller: Option<&Caller>) -> Option<Requester> {
+    match caller {
+        Some(Caller::User(u)) => Some(Requester::subscriber(u, &state.realm)),
+        _ => None,
+    }
+}
+
+/// Checks content access (module docs) and returns the shares of the content.
+async fn content_access(
+    state: &HttpState,
+    content_id: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(Vec<Share>, Option<Caller>), ApiError> {
+    let sh = shares(state)?;
+    let caller = authenticate(state, method, uri, headers).await?;
+    let rows = if is_sha256_hex(content_id) {
+        sh.get_by_content(content_id).await?
+    } else {
+        Vec::new()
+    };
+    if rows.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no shared content {content_id}"
+        )));
+    }
+    let ok = match &caller {
+        Some(Caller::Admin) => true,
+        Some(Caller::Token(t)) => {
+            if !sh.verify_offer_token(content_id, t) {
+                return Err(unauthorized(state, "token does not open this content"));
+            }
+            true
+        }
+        Some(Caller::User(_)) => {
+            let r = requester_of(state, caller.as_ref());
+            if !rows.iter().any(|s| sh.may_fetch(s, r.as_ref())) {
+                return Err(ApiError::forbidden(
+                    "the sharing policy does not include you",
+                ));
+            }
+            true
+        }
+        None => rows.iter().any(|s| sh.may_fetch(s, None)),
+    };
+    if !ok {
+        return Err(unauthorized(
+            state,
+            "credentials or the offer token required",
+        ));
+    }
+    Ok((rows, caller))
+}
+
+/// Authenticated as `owner` (or admin) for changes to `owner`'s shares.
+async fn require_owner(
+    state: &HttpState,
+    owner: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    match authenticate(state, method, uri, headers).await? {
+        None => Err(unauthorized(state, "credentials required")),
+        Some(Caller::Token(_)) => Err(unauthorized(
+            state,
+            "a content token cannot change shares; use the account's credentials",
+        )),
+        Some(Caller::Admin) => Ok(()),
+        Some(Caller::User(u)) if u == owner => Ok(()),
+        Some(Caller::User(_)) => Err(ApiError::forbidden(format!(
+            "only {owner} may change {owner}'s shares"
+        ))),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
+    let Some(v) = headers.get(CONTENT_LENGTH) else {
+        return Err(ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length-required",
+            "Content-Length (the file size) is required",
+        ));
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))
+}
+
+/// `PUT /v1/shares/{user}/{name}[?policy=public|subscribers|AOR,AOR]`.
+pub async fn put_share(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: QueryArg,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (owner, name) = path2(path)?;
+    let q = query_map(query)?;
+    let sh = shares(&state)?.clone();
+    require_owner(&state, &owner, &method, &uri, &headers).await?;
+    validate_name(&name).map_err(ShareError::from)?;
+    let policy = Policy::parse(q.get("policy").map_or("", String::as_str), &state.realm)
+        .map_err(ShareError::from)?;
+    let len = content_length(&headers)?;
+    // Its own task: a dropped connection must not cancel the cleanup of a failed upload.
+    let task = tokio::spawn(async move {
+        sh.publish_stream(&owner, &name, policy, len, body.into_data_stream())
+            .await
+    });
+    let share = match task.await {
+        Ok(r) => r?,
+        Err(e) => {
+            tracing::error!(error = %e, "publish task failed");
+            return Err(ApiError::internal("publish failed"));
+        }
+    };
+    let mut resp = (StatusCode::CREATED, Json(share.view())).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/shares/{}/manifest", share.content_id)) {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /v1/shares/{user}/{name}` (metadata) or `GET /v1/shares/{content_id}/manifest`.
+pub async fn get_share_or_manifest(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (first, second) = path2(path)?;
+    if second == "manifest" && is_sha256_hex(&first) {
+        content_access(&state, &first, &method, &uri, &headers).await?;
+        let bytes = shares(&state)?.manifest_bytes(&first).await?;
+        return Ok((
+            [
+                (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                // Content-addressed: the bytes for this id never change.
+                (
+                    CACHE_CONTROL,
+                    HeaderValue::from_static("private, max-age=86400"),
+                ),
+            ],
+            bytes,
+        )
+            .into_response());
+    }
+    let sh = shares(&state)?;
+    let caller = authenticate(&state, &method, &uri, &headers).await?;
+    let share = sh
+        .get_by_name(&first, &second)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("{first} shares no {second:?}")))?;
+    let allowed = match &caller {
+        Some(Caller::Admin) => true,
+        Some(Caller::Token(t)) => sh.verify_offer_token(&share.content_id, t),
+        _ => sh.may_fetch(&share, requester_of(&state, caller.as_ref()).as_ref()),
+    };
+    if !allowed {
+        return Err(match caller {
+            Some(Caller::User(_)) => ApiError::forbidden("the sharing policy does not include you"),
+            _ => unauthorized(&state, "credentials or the offer token required"),
+        });
+    }
+    Ok(Json(share.view()).into_response())
+}
+
+/// `GET /v1/shares/{user}`: what the caller may fetch of `user`'s shares, by name.
+pub async fn list_shares(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<String>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ShareView>>, ApiError> {
+    let owner = path1(path)?;
+    let sh = shares(&state)?;
+    let caller = authenticate(&state, &method, &uri, &headers).await?;
+    let list = match &caller {
+        Some(Caller::Admin) => {
+            let me = Requester::subscriber(&owner, &state.realm);
+            sh.list_visible(&owner, Some(&me)).await?
+        }
+        // A content token is no identity: it lists what anybody may see.
+        _ => {
+            sh.list_visible(&owner, requester_of(&state, caller.as_ref()).as_ref())
+                .await?
+        }
+    };
+    Ok(Json(list.iter().map(Share::view).collect()))
+}
+
+/// `DELETE /v1/shares/{user}/{name}`.
+pub async fn delete_share(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (owner, name) = path2(path)?;
+    let sh = shares(&state)?;
+    require_owner(&state, &owner, &method, &uri, &headers).await?;
+    if sh.remove(&owner, &name).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(format!("{owner} shares no {name:?}")))
+    }
+}
+
+/// Reads `len` bytes of `path` from `offset`, in slices, as a body stream.
+fn file_range(
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + Unpin + 'static {
+    struct St {
+        path: PathBuf,
+        file: Option<tokio::fs::File>,
+        offset: u64,
+        left: u64,
+    }
+    let st = St {
+        path,
+        file: None,
+        offset,
+        left: len,
+    };
+    Box::pin(futures_util::stream::unfold(st, |mut st| async move {
+        if st.left == 0 {
+            return None;
+        }
+        if st.file.is_none() {
+            let opened = async {
+                let mut f = tokio::fs::File::open(&st.path).await?;
+                f.seek(io::SeekFrom::Start(st.offset)).await?;
+                Ok::<_, io::Error>(f)
+            }
+            .await;
+            match opened {
+                Ok(f) => st.file = Some(f),
+                Err(e) => {
+                    st.left = 0;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+        let want = usize::try_from(st.left)
+            .unwrap_or(usize::MAX)
+            .min(READ_CHUNK);
+        let mut buf = vec![0u8; want];
+        let f = st.file.as_mut()?;
+        match f.read(&mut buf).await {
+            Ok(0) => {
+                st.left = 0;
+                // The file is shorter than its manifest says: break the body, do not pad it.
+                Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "content file shorter than its manifest",
+                    )),
+                    st,
+                ))
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                st.left -= n as u64;
+                Some((Ok(Bytes::from(buf)), st))
+            }
+            Err(e) => {
+                st.left = 0;
+                Some((Err(e), st))
+            }
+        }
+    }))
+}
+
+fn octet_body(sh: &Shares, path: PathBuf, offset: u64, len: u64) -> Body {
+    Body::from_stream(throttle(
+        file_range(path, offset, len),
+        sh.limiter().clone(),
+        ShareSource::Server,
+    ))
+}
+
+/// `GET /v1/pieces/{content_id}/{n}`.
+pub async fn get_piece(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (content_id, n) = path2(path)?;
+    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("bad piece number {n:?}")))?;
+    let share = rows
+        .first()
+        .ok_or_else(|| ApiError::not_found("no such content"))?;
+    let (offset, len) = piece_range(share.size, share.piece_size, n).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "piece {n} of {content_id}: it has {} pieces",
+            share.pieces
+        ))
+    })?;
+    let sh = shares(&state)?;
+    let file = sh.content_path(&content_id)?;
+    let mut resp = Response::new(octet_body(sh, file, offset, len));
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(resp)
+}
+
+/// What a `Range` header asks of a `size`-byte body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No (usable) Range: the whole body, `200`.
+    Whole,
+    /// `206` with `(first, last)` inclusive.
+    Part(u64, u64),
+    /// `416`.
+    Unsatisfiable,
+}
+
+/// Single ranges only (`bytes=a-b`, `a-`, `-n`); a multi-range or malformed header is
+/// ignored (RFC 9110 14.2 lets a server serve the whole representation instead).
+pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
+    let Some(h) = header else {
+        return RangeAsk::Whole;
+    };
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return RangeAsk::Whole;
+    };
+    if spec.contains(',') {
+        return RangeAsk::Whole;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAsk::Whole;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (a.is_empty(), b.is_empty()) {
+        // -n: the last n bytes.
+        (true, false) => match num(b) {
+            Some(0) => RangeAsk::Unsatisfiable,
+            Some(_) if size == 0 => RangeAsk::Unsatisfiable,
+            Some(n) => RangeAsk::Part(size.saturating_sub(n), size - 1),
+            None => RangeAsk::Whole,
+        },
+        // a-
+        (false, true) => match num(a) {
+            Some(first) if first < size => RangeAsk::Part(first, size - 1),
+            Some(_) => RangeAsk::Unsatisfiable,
+            None => RangeAsk::Whole,
+        },
+        // a-b
+        (false, false) => match (num(a), num(b)) {
+            (Some(first), Some(last)) if first <= last => {
+                if first < size {
+                    RangeAsk::Part(first, last.min(size - 1))
+                } else {
+                    RangeAsk::Unsatisfiable
+                }
+            }
+            _ => RangeAsk::Whole,
+        },
+        (true, true) => RangeAsk::Whole,
+    }
+}
+
+/// `GET /v1/content/{content_id}` with HTTP Range.
+pub async fn get_content(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<String>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let content_id = path1(path)?;
+    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let share = rows
+        .first()
+        .ok_or_else(|| ApiError::not_found("no such content"))?;
+    let size = share.size;
+    let sh = shares(&state)?;
+    let file = sh.content_path(&content_id)?;
+    let range = parse_range(headers.get(RANGE).and_then(|v| v.to_str().ok()), size);
+    let (status, offset, len) = match range {
+        RangeAsk::Whole => (StatusCode::OK, 0, size),
+        RangeAsk::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        RangeAsk::Unsatisfiable => {
+            let mut r = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range-not-satisfiable",
+                format!("the content has {size} bytes"),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(CONTENT_RANGE, v);
+            }
+            return Ok(r);
+        }
+    };
+    let mut resp = Response::new(octet_body(sh, file, offset, len));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {offset}-{}/{size}", offset + len - 1))
+        {
+            h.insert(CONTENT_RANGE, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename*=UTF-8''{}",
+        percent_encode(&share.name)
+    )) {
+        h.insert(axum::http::header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// RFC 8187 value encoding (attr-char kept, everything else %XX).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One holder in the index JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HolderView {
+    pub peer_id: String,
+    pub address: String,
+    pub have: String,
+    pub last_seen: String,
+}
+
+/// The index JSON (`GET index_url`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IndexView {
+    pub content_id: String,
+    pub pieces: u64,
+    pub holders: Vec<HolderView>,
+}
+
+fn index_view(sh: &Shares, share: &Share, headers: &HeaderMap) -> IndexView {
+    let now = SystemTime::now();
+    let pieces = usize::try_from(share.pieces).unwrap_or(usize::MAX);
+    let server_address = sh
+        .settings()
+        .server_address
+        .clone()
+        .or_else(|| {
+            headers
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let mut holders = vec![HolderView {
+        peer_id: "server".into(),
+        address: server_address,
+        have: Bitfield::full(pieces).to_base64(),
+        last_seen: rfc3339(now),
+    }];
+    holders.extend(
+        sh.index()
+            .holders(&share.content_id, now)
+            .into_iter()
+            .map(|h| HolderView {
+                peer_id: h.peer_id,
+                address: h.address,
+                have: h.have.to_base64(),
+                last_seen: rfc3339(h.last_seen),
+            }),
+    );
+    IndexView {
+        content_id: share.content_id.clone(),
+        pieces: share.pieces,
+        holders,
+    }
+}
+
+/// `GET /v1/index/{content_id}`.
+pub async fn get_index(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<String>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<IndexView>, ApiError> {
+    let content_id = path1(path)?;
+    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let share = rows
+        .first()
+        .ok_or_else(|| ApiError::not_found("no such content"))?;
+    Ok(Json(index_view(shares(&state)?, share, &headers)))
+}
+
+#[derive(Debug, Deserialize)]
+struct Announce {
+    peer_id: String,
+    address: String,
+    have: String,
+}
+
+/// `POST /v1/index/{content_id}/announce {"peer_id","address","have"}`; answers the index.
+pub async fn post_announce(
+    State(state): State<Arc<HttpState>>,
+    path: Result<Path<String>, PathRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<IndexView>, ApiError> {
+    let content_id = path1(path)?;
+    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let share = rows
+        .first()
+        .ok_or_else(|| ApiError::not_found("no such content"))?;
+    let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "bad-announce", detail);
+    let a: Announce = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!(
+            "announce body: {e} (want {{\"peer_id\",\"address\",\"have\"}})"
+        ))
+    })?;
+    let pieces = usize::try_from(share.pieces).unwrap_or(usize::MAX);
+    let have = Bitfield::from_base64(&a.have, pieces).map_err(|e| bad(e.to_string()))?;
+    let sh = shares(&state)?;
+    sh.index()
+        .announce(&content_id, &a.peer_id, &a.address, have, SystemTime::now())
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Json(index_view(sh, share, &headers)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeAsk::*;
+        assert_eq!(parse_range(None, 100), Whole);
+        assert_eq!(parse_range(Some("bytes=0-9"), 100), Part(0, 9));
+        assert_eq!(parse_range(Some("bytes=90-200"), 100), Part(90, 99));
+        assert_eq!(parse_range(Some("bytes=50-"), 100), Part(50, 99));
+        assert_eq!(parse_range(Some("bytes=-10"), 100), Part(90, 99));
+        assert_eq!(parse_range(Some("bytes=-500"), 100), Part(0, 99));
+        assert_eq!(parse_range(Some("bytes=100-"), 100), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=100-200"), 100), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-0"), 100), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-5"), 0), Unsatisfiable);
+        // Ignored: malformed, reversed, multi-range, other units.
+        assert_eq!(parse_range(Some("bytes=9-0"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=a-b"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Whole);
+        assert_eq!(parse_range(Some("items=0-1"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=-"), 100), Whole);
+        assert_eq!(parse_range(Some("bytes=+1-2"), 100), Whole);
+    }
+
+    #[test]
+    fn filename_encoding() {
+        assert_eq!(percent_encode("a b.txt"), "a%20b.txt");
+        assert_eq!(percent_encode("é\"x"), "%C3%A9%22x");
+    }
+
+    #[test]
+    fn share_errors_map_to_codes() {
+        let e: ApiError = ShareError::QuotaExceeded {
+            owner: "a".into(),
+            bytes: 1,
+        }
+        .into();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::FORBIDDEN, "quota-exceeded")
+        );
+        let e: ApiError = ShareError::BadName(crate::share::manifest::NameError::Dot).into();
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "bad-name"));
+        let e: ApiError = ShareError::UnknownContent("x".into()).into();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        let e: ApiError = ShareError::Body("short".into()).into();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,420 @@
+//! The piece index (claims 2, 6–8): which holders have which pieces of a content, each with
+//! `last_seen`; holders not heard from for `share.holder_ttl_secs` are dropped.
+//!
+//! [`PieceIndex`] is the seam for other placements (the `callvault index` role, an index
+//! spread over the terminals); [`MemoryIndex`] is the in-process one. Calls are synchronous
+//! and cheap (a map behind a mutex): an index elsewhere is reached by peers over HTTP, not
+//! through this trait, so nothing here needs to wait on I/O.
+//!
+//! Bitfields travel as base64 of the bits, piece 0 in the most significant bit of the first
+//! byte (PROTOCOL 5, Shares).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    #[error("have is not valid base64")]
+    BadBase64,
+    #[error("have has {got} bytes; {pieces} pieces need {want}")]
+    WrongLength {
+        got: usize,
+        want: usize,
+        pieces: usize,
+    },
+    #[error("peer_id must be 1 to 64 characters of A-Z a-z 0-9 . _ - : and not \"server\"")]
+    BadPeerId,
+    #[error("address must be host:port")]
+    BadAddress,
+}
+
+/// Which pieces a holder has.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Bitfield {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl Bitfield {
+    /// `len` pieces, none held.
+    pub fn empty(len: usize) -> Bitfield {
+        Bitfield {
+            bytes: vec![0; len.div_ceil(8)],
+            len,
+        }
+    }
+
+    /// `len` pieces, all held (the server).
+    pub fn full(len: usize) -> Bitfield {
+        let mut b = Bitfield::empty(len);
+        for i in 0..len {
+            b.set(i, true);
+        }
+        b
+    }
+
+    /// Decodes the wire form for a content of `len` pieces. The byte count must be exactly
+    /// `ceil(len / 8)`; spare bits after the last piece are ignored (cleared).
+    pub fn from_base64(s: &str, len: usize) -> Result<Bitfield, IndexError> {
+        let mut bytes = base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .map_err(|_| IndexError::BadBase64)?;
+        let want = len.div_ceil(8);
+        if bytes.len() != want {
+            return Err(IndexError::WrongLength {
+                got: bytes.len(),
+                want,
+                pieces: len,
+            });
+        }
+        if !len.is_multiple_of(8) {
+            if let Some(last) = bytes.last_mut() {
+                *last &= 0xffu8 << (8 - len % 8);
+            }
+        }
+        Ok(Bitfield { bytes, len })
+    }
+
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.bytes)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len && self.bytes[i / 8] & (0x80 >> (i % 8)) != 0
+    }
+
+    pub fn set(&mut self, i: usize, v: bool) {
+        if i >= self.len {
+            return;
+        }
+        let mask = 0x80u8 >> (i % 8);
+        if v {
+            self.bytes[i / 8] |= mask;
+        } else {
+            self.bytes[i / 8] &= !mask;
+        }
+    }
+
+    /// Pieces held.
+    pub fn count(&self) -> usize {
+        self.bytes.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.count() == self.len
+    }
+}
+
+/// One holder of (some pieces of) a content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub peer_id: String,
+    /// Its HTTP `host:port`, where it serves `/v1/pieces/...`.
+    pub address: String,
+    pub have: Bitfield,
+    pub last_seen: SystemTime,
+}
+
+/// Peer ids name holders in JSON and logs; "server" is the server's own entry.
+pub fn validate_peer_id(id: &str) -> Result<(), IndexError> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+        && id != "server";
+    if ok {
+        Ok(())
+    } else {
+        Err(IndexError::BadPeerId)
+    }
+}
+
+/// `host:port` with a non-empty host (name, IPv4 or bracketed IPv6) and a port 1..=65535.
+pub fn validate_address(addr: &str) -> Result<(), IndexError> {
+    let (host, port) = addr.rsplit_once(':').ok_or(IndexError::BadAddress)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+    };
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(IndexError::BadAddress)
+    }
+}
+
+/// Where holders are recorded. Implementations must be cheap to call from async handlers.
+pub trait PieceIndex: Send + Sync + std::fmt::Debug {
+    /// Records (or refreshes) what `peer_id` at `address` holds of `content_id`.
+    fn announce(
+        &self,
+        content_id: &str,
+        peer_id: &str,
+        address: &str,
+        have: Bitfield,
+        now: SystemTime,
+    ) -> Result<(), IndexError>;
+
+    /// Holders heard from within the TTL, by peer id; expired ones are dropped.
+    fn holders(&self, content_id: &str, now: SystemTime) -> Vec<Holder>;
+
+    /// Forgets a holder (a peer that leaves, or serves corrupt data).
+    fn remove(&self, content_id: &str, peer_id: &str);
+
+    /// Forgets a content altogether (it is no longer shared).
+    fn forget_content(&self, content_id: &str);
+}
+
+/// Upper bound on holders kept per content: an announcer flood evicts the stalest, never
+/// grows memory without bound.
+pub const MAX_HOLDERS_PER_CONTENT: usize = 4096;
+
+/// The index inside callvault: a map behind a mutex.
+#[derive(Debug)]
+pub struct MemoryIndex {
+    ttl: Duration,
+    map: Mutex<HashMap<String, HashMap<String, Holder>>>,
+}
+
+impl MemoryIndex {
+    pub fn new(ttl: Duration) -> MemoryIndex {
+        MemoryIndex {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Holder>>> {
+        // Every operation leaves the map consistent, so a poisoned lock is still usable.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live(&self, h: &Holder, now: SystemTime) -> bool {
+        now.duration_since(h.last_seen)
+            .map_or(true, |age| age < self.ttl)
+    }
+
+    /// Drops expired holders everywhere (and contents left without any).
+    pub fn sweep(&self, now: SystemTime) {
+        let mut map = self.lock();
+        map.retain(|_, holders| {
+            holders.retain(|_, h| self.live(h, now));
+            !holders.is_empty()
+        });
+    }
+}
+
+impl PieceIndex for MemoryIndex {
+    fn announce(
+        &self,
+        content_id: &str,
+        peer_id: &str,
+        address: &str,
+        have: Bitfield,
+        now: SystemTime,
+    ) -> Result<(), IndexError> {
+        validate_peer_id(peer_id)?;
+        validate_address(address)?;
+        let mut map = self.lock();
+        let holders = map.entry(content_id.to_string()).or_default();
+        holders.retain(|_, h| self.live(h, now));
+        if !holders.contains_key(peer_id) && holders.len() >= MAX_HOLDERS_PER_CONTENT {
+            if let Some(oldest) = holders
+                .values()
+                .min_by_key(|h| h.last_seen)
+                .map(|h| h.peer_id.clone())
+            {
+                holders.remove(&oldest);
+            }
+        }
+        holders.insert(
+            peer_id.to_string(),
+            Holder {
+                peer_id: peer_id.to_string(),
+                address: address.to_string(),
+                have,
+                last_seen: now,
+            },
+        );
+        Ok(())
+    }
+
+    fn holders(&self, content_id: &str, now: SystemTime) -> Vec<Holder> {
+        let mut map = self.lock();
+        let Some(holders) = map.get_mut(content_id) else {
+            return Vec::new();
+        };
+        holders.retain(|_, h| self.live(h, now));
+        let mut out: Vec<Holder> = holders.values().cloned().collect();
+        if holders.is_empty() {
+            map.remove(content_id);
+        }
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    fn remove(&self, content_id: &str, peer_id: &str) {
+        let mut map = self.lock();
+        if let Some(holders) = map.get_mut(content_id) {
+            holders.remove(peer_id);
+            if holders.is_empty() {
+                map.remove(content_id);
+            }
+        }
+    }
+
+    fn forget_content(&self, content_id: &str) {
+        self.lock().remove(content_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn bitfield_wire_form() {
+        let mut b = Bitfield::empty(10);
+        b.set(0, true);
+        b.set(9, true);
+        // Piece 0 is the MSB of byte 0; piece 9 the second bit of byte 1.
+        assert_eq!(b.to_base64(), base64_of(&[0x80, 0x40]));
+        assert!(b.get(0) && b.get(9) && !b.get(1) && !b.get(10));
+        assert_eq!(b.count(), 2);
+        let back = Bitfield::from_base64(&b.to_base64(), 10).unwrap();
+        assert_eq!(back, b);
+        // Spare bits are cleared, not trusted.
+        let odd = Bitfield::from_base64(&base64_of(&[0xff, 0xff]), 10).unwrap();
+        assert_eq!(odd.count(), 10);
+        assert!(odd.is_complete());
+        assert_eq!(Bitfield::full(10), odd);
+        assert_eq!(
+            Bitfield::from_base64(&base64_of(&[0xff]), 10),
+            Err(IndexError::WrongLength {
+                got: 1,
+                want: 2,
+                pieces: 10
+            })
+        );
+        assert_eq!(
+            Bitfield::from_base64("not base64!", 10),
+            Err(IndexError::BadBase64)
+        );
+        assert_eq!(Bitfield::from_base64("", 0).unwrap().len(), 0);
+        assert_eq!(Bitfield::full(8).to_base64(), base64_of(&[0xff]));
+    }
+
+    fn base64_of(b: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    #[test]
+    fn ids_and_addresses() {
+        assert!(validate_peer_id("peer-1").is_ok());
+        assert!(validate_peer_id("server").is_err());
+        assert!(validate_peer_id("").is_err());
+        assert!(validate_peer_id("a b").is_err());
+        assert!(validate_address("127.0.0.1:8081").is_ok());
+        assert!(validate_address("[::1]:8081").is_ok());
+        assert!(validate_address("peer.example.com:80").is_ok());
+        assert!(validate_address("127.0.0.1").is_err());
+        assert!(validate_address("127.0.0.1:0").is_err());
+        assert!(validate_address(":80").is_err());
+        assert!(validate_address("a/b:80").is_err());
+    }
+
+    #[test]
+    fn announce_refresh_and_expiry() {
+        let idx = MemoryIndex::new(Duration::from_secs(600));
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let c = "c1";
+        idx.announce(c, "p2", "127.0.0.1:9002", Bitfield::full(3), t0)
+            .unwrap();
+        idx.announce(
+            c,
+            "p1",
+            "127.0.0.1:9001",
+            Bitfield::empty(3),
+            t0 + Duration::from_secs(100),
+        )
+        .unwrap();
+        let h = idx.holders(c, t0 + Duration::from_secs(200));
+        assert_eq!(
+            h.iter().map(|h| h.peer_id.as_str()).collect::<Vec<_>>(),
+            ["p1", "p2"]
+        );
+        assert!(idx.holders("other", t0).is_empty());
+        // p2 is 600 s old at t0+600: dropped; p1 is 500 s old: kept.
+        let h = idx.holders(c, t0 + Duration::from_secs(600));
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].peer_id, "p1");
+        // A re-announce refreshes last_seen and replaces the bitfield.
+        idx.announce(
+            c,
+            "p1",
+            "127.0.0.1:9001",
+            Bitfield::full(3),
+            t0 + Duration::from_secs(650),
+        )
+        .unwrap();
+        let h = idx.holders(c, t0 + Duration::from_secs(1200));
+        assert_eq!(h.len(), 1);
+        assert!(h[0].have.is_complete());
+        assert!(idx.holders(c, t0 + Duration::from_secs(1250)).is_empty());
+        assert!(idx
+            .announce(c, "server", "127.0.0.1:1", Bitfield::empty(3), t0)
+            .is_err());
+        idx.announce(c, "p3", "127.0.0.1:9003", Bitfield::empty(3), t0)
+            .unwrap();
+        idx.remove(c, "p3");
+        assert!(idx.holders(c, t0).is_empty());
+        idx.announce(c, "p5", "127.0.0.1:9005", Bitfield::empty(3), t0)
+            .unwrap();
+        idx.forget_content(c);
+        assert!(idx.holders(c, t0).is_empty());
+        idx.announce(c, "p4", "127.0.0.1:9004", Bitfield::empty(3), t0)
+            .unwrap();
+        idx.sweep(t0 + Duration::from_secs(601));
+        assert!(idx.lock().is_empty());
+    }
+
+    #[test]
+    fn holder_count_is_bounded() {
+        let idx = MemoryIndex::new(Duration::from_secs(600));
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for i in 0..MAX_HOLDERS_PER_CONTENT + 1 {
+            idx.announce(
+                "c",
+                &format!("p{i}"),
+                "127.0.0.1:9000",
+                Bitfield::empty(1),
+                t0 + Duration::from_millis(i as u64),
+            )
+            .unwrap();
+        }
+        let h = idx.holders("c", t0 + Duration::from_secs(1));
+        assert_eq!(h.len(), MAX_HOLDERS_PER_CONTENT);
+        assert!(
+            h.iter().all(|h| h.peer_id != "p0"),
+            "the stalest is evicted"
+        );
+    }
+}
