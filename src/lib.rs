@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod media;
 pub mod metrics;
+pub mod peer;
 pub mod sdp;
 pub mod server;
 pub mod share;

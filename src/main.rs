@@ -33,6 +33,9 @@ enum Command {
     /// Shared data (PROTOCOL section 3).
     #[command(subcommand)]
     Share(ShareCmd),
+    /// The terminal agent: fetch in pieces from server and peers, share a folder, serve.
+    #[command(subcommand)]
+    Peer(callvault::peer::PeerCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +159,10 @@ async fn main() -> ExitCode {
         Command::Share(cmd) => match share(&config, cmd).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}"), 1),
+        },
+        Command::Peer(cmd) => match callvault::peer::run(cmd).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e, 1),
         },
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig};
 use crate::b2bua::errors::set_warn_agent;
 use crate::b2bua::media::{MediaEvent, RelayMedia};
+use crate::b2bua::share_service::{self, ShareService, ShareServiceConfig};
 use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
 use crate::http::LiveStores;
@@ -163,7 +164,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             domain: config.sip.domain.clone(),
             public_ip: config.sip.public_address,
             sip_port,
-            http_base,
+            http_base: http_base.clone(),
             store: config.store.clone(),
             data_dir: config.storage.data_dir.clone(),
             rtp_timeout: Duration::from_secs(config.media.rtp_timeout_secs),
@@ -187,15 +188,24 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut share_settings = crate::share::ShareSettings::from_config(&config.share);
     share_settings.server_address =
         Some(std::net::SocketAddr::new(http_host, http_addr.port()).to_string());
-    http_state.shares = Some(
-        crate::share::Shares::open(
-            db.clone(),
-            config.storage.data_dir.clone(),
-            config.sip.domain.clone(),
-            share_settings,
-        )
-        .await
-        .map_err(|e| ServerError::Db(e.to_string()))?,
+    let shares = crate::share::Shares::open(
+        db.clone(),
+        config.storage.data_dir.clone(),
+        config.sip.domain.clone(),
+        share_settings,
+    )
+    .await
+    .map_err(|e| ServerError::Db(e.to_string()))?;
+    http_state.shares = Some(shares.clone());
+    // Share requests over SIP (PROTOCOL §3 steps 2–3); offers point at our HTTP API.
+    let (share_service, share_commands) = ShareService::new(
+        ShareServiceConfig {
+            domain: config.sip.domain.clone(),
+            http_base,
+            relay_deadline: share_service::RELAY_DEADLINE,
+        },
+        shares,
+        accounts.clone(),
     );
     let app = crate::http::api_router(http_state);
     tokio::spawn(async move {
@@ -207,12 +217,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let core = Core {
         engine,
         service,
+        share_service,
         transports,
         accounts,
         account_seen: HashMap::new(),
         counters,
     };
-    let result = core.run(sip_rx, relay_rx, commands, term, int).await;
+    let result = core
+        .run(sip_rx, relay_rx, commands, share_commands, term, int)
+        .await;
     db.close().await;
     result
 }
@@ -220,6 +233,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 struct Core {
     engine: Engine<RelayMedia>,
     service: StoreService,
+    share_service: ShareService,
     transports: Transports,
     accounts: Accounts,
     account_seen: HashMap<String, Instant>,
@@ -232,6 +246,7 @@ impl Core {
         mut sip_rx: mpsc::Receiver<TransportEvent>,
         mut relay_rx: mpsc::Receiver<RelayEvent>,
         mut commands: mpsc::UnboundedReceiver<Command>,
+        mut share_commands: mpsc::UnboundedReceiver<share_service::Command>,
         mut term: tokio::signal::unix::Signal,
         mut int: tokio::signal::unix::Signal,
     ) -> Result<(), ServerError> {
@@ -254,6 +269,9 @@ impl Core {
                 },
                 Some(cmd) = commands.recv() => {
                     self.service.apply(&mut self.engine, cmd, Instant::now());
+                }
+                Some(cmd) = share_commands.recv() => {
+                    self.share_service.apply(&mut self.engine, cmd, Instant::now());
                 }
                 Some(ev) = relay_rx.recv() => match self.engine.media_mut().on_relay_event(ev) {
                     Some(MediaEvent::Timeout(call)) => {
@@ -286,6 +304,8 @@ impl Core {
         }
         while let Some(ev) = self.engine.poll_event() {
             self.service.on_event(&self.engine, &ev);
+            self.share_service
+                .on_event(&mut self.engine, &ev, Instant::now());
         }
         while let Some(t) = self.engine.poll_transmit() {
             self.transports.send(t);

@@ -414,23 +414,49 @@ fn adaptive_run(interval: Duration) -> (u64, usize, Vec<RtpPkt>) {
     (received, sent_at_ready, got)
 }
 
-/// Every payload arrived once, in order, byte for byte; no gap at B over `max_gap` after the
-/// first packet (the play never stalled waiting for data).
-fn assert_played_without_stall(got: &[RtpPkt], max_gap: Duration) {
+/// Every payload arrived once, in order, byte for byte, and the play never stalled.
+///
+/// "Stalled" is judged against the stream's own timeline, the played RTP timestamps at 8000
+/// Hz (what a receiver plays out at r_out): packet k must be at B by `at(0) + (ts(k) -
+/// ts(0)) / 8000` within `tolerance`. A player that ran out of data sends late from then on
+/// (it re-anchors its schedule), so a stall leaves every later packet late; a scheduling
+/// hiccup on this shared machine (sender, player or the receiving thread descheduled) makes
+/// a few packets late and is followed by a burst that is back on time. So: no run of more than
+/// `MAX_LATE_RUN` late packets, and the last packet on time. The largest raw gap is printed.
+fn assert_played_without_stall(got: &[RtpPkt], tolerance: Duration) {
+    const MAX_LATE_RUN: usize = 3;
     assert_eq!(got.len(), N as usize, "played packets");
     for (i, p) in got.iter().enumerate() {
         assert_eq!(p.payload, payload(i as u32), "payload {i} byte for byte");
     }
+    let lag = |p: &RtpPkt| {
+        let due = f64::from(p.ts.wrapping_sub(got[0].ts)) / 8000.0;
+        (p.at - got[0].at).as_secs_f64() - due
+    };
+    let lags: Vec<f64> = got.iter().map(lag).collect();
+    let tol = tolerance.as_secs_f64();
+    let mut run = 0;
+    let mut longest = 0;
+    for l in &lags {
+        run = if *l > tol { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
     let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].at - w[0].at).collect();
-    let worst = gaps.iter().max().copied().unwrap_or_default();
+    let worst_gap = gaps.iter().max().copied().unwrap_or_default();
+    let worst_lag = lags.iter().copied().fold(f64::MIN, f64::max);
     let span = got.last().unwrap().at - got[0].at;
     eprintln!(
-        "play at B: {} packets over {span:?}, largest gap {worst:?}",
-        got.len()
+        "play at B: {} packets over {span:?}, largest gap {worst_gap:?}, largest lag behind \
+         the stream's timeline {:.1} ms, longest late run {longest}",
+        got.len(),
+        worst_lag * 1000.0
     );
+    let ms: Vec<String> = lags.iter().map(|l| format!("{:.0}", l * 1000.0)).collect();
     assert!(
-        worst <= max_gap,
-        "the play stalled: gap of {worst:?} at B (gaps: {gaps:?})"
+        longest <= MAX_LATE_RUN && lags[lags.len() - 1] <= tol,
+        "the play stalled: {longest} packets in a row more than {tolerance:?} behind the \
+         stream's timeline (lag per packet, ms: {})",
+        ms.join(" ")
     );
 }
 
@@ -465,6 +491,22 @@ fn adaptive_threshold_real_time_sender_starts_early_and_never_stalls() {
         "ready only at {received} bytes / {sent_at_ready} packets: not early"
     );
     assert_played_without_stall(&got, Duration::from_millis(60));
+}
+
+#[test]
+fn adaptive_threshold_slow_sender_waits_for_the_deficit() {
+    // Half real time: r_in = 4000 B/s, r_out = 8000 B/s, so the rule asks for
+    // 16000 * (1 - 1/2) + 2000 = 10000 bytes before playback may start.
+    let (received, sent_at_ready, got) = adaptive_run(Duration::from_millis(40));
+    eprintln!("adaptive 0.5x: ready at {received} bytes, {sent_at_ready} packets sent");
+    assert!(
+        (9000..DECLARED).contains(&received),
+        "ready at {received} bytes; the rule asks for about 10000"
+    );
+    assert_eq!(got.len(), N as usize, "played packets");
+    for (i, p) in got.iter().enumerate() {
+        assert_eq!(p.payload, payload(i as u32), "payload {i} byte for byte");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1776,3 +1776,320 @@ fn send_in_dialog_and_to_user() {
         .send_to_user("1005", Method::Message, &[], bytes::Bytes::new(), now)
         .is_empty());
 }
+
+// ------------------------------------------------------------------------------------------
+// Share requests (PROTOCOL §3 steps 2–3): handed up, relayed on request, offers sent
+
+const SHARE_REQ_CT: &str = "application/vnd.callvault.share-request+json";
+const SHARE_OFFER_CT: &str = "application/vnd.callvault.share-offer+json";
+
+/// An out-of-dialog share request from A (1001) to `sharer`.
+fn share_msg(call_id: &str, sharer: &str, body: &str) -> Request {
+    let mut r = Request::new(Method::Message, format!("sip:{sharer}@example.com"));
+    r.headers.push("Via", via(A).to_string());
+    r.headers.push("Max-Forwards", "70");
+    r.headers
+        .push("From", "\"Bob\" <sip:1001@example.com>;tag=s1");
+    r.headers.push("To", format!("<sip:{sharer}@example.com>"));
+    r.headers.push("Call-ID", call_id);
+    r.headers.push("CSeq", "3 MESSAGE");
+    r.headers.push("Content-Type", SHARE_REQ_CT);
+    r.body = Bytes::from(body.to_string());
+    r
+}
+
+/// The one ShareRequest among the events: (tx, requester, sharer, registered, source).
+fn share_event(
+    net: &mut Net,
+) -> (
+    crate::sip::transaction::ServerTxId,
+    Request,
+    String,
+    String,
+    bool,
+    Peer,
+) {
+    let evs = net.events();
+    let found: Vec<_> = evs
+        .into_iter()
+        .filter_map(|e| match e {
+            EngineEvent::ShareRequest {
+                tx,
+                request,
+                requester,
+                sharer,
+                registered,
+                source,
+            } => Some((tx, request, requester, sharer, registered, source)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one ShareRequest event");
+    found.into_iter().next().unwrap()
+}
+
+/// Every ShareRelayAnswered among the events: (tx, status, content type, body).
+fn relay_answers(
+    net: &mut Net,
+) -> Vec<(
+    crate::sip::transaction::ServerTxId,
+    u16,
+    Option<String>,
+    Bytes,
+)> {
+    net.events()
+        .into_iter()
+        .filter_map(|e| match e {
+            EngineEvent::ShareRelayAnswered {
+                tx,
+                status,
+                content_type,
+                body,
+            } => Some((tx, status, content_type, body)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A net where A (127.0.0.1) is trusted and the sharer 1002 registered from PHONE_SRC.
+fn net_with_registered_sharer() -> Net {
+    let mut cfg = config();
+    cfg.trusted = vec!["127.0.0.1/32".parse().unwrap()];
+    let mut net = Net::with(cfg, FakeMedia::new(4));
+    add_account(&mut net, "1002", "bob-pw");
+    register(&mut net, 1, 3600);
+    net.events();
+    net
+}
+
+#[test]
+fn share_request_is_handed_up_not_relayed() {
+    // The default config routes every user to B: a share request still is not relayed there.
+    let mut net = Net::new();
+    let out = net.req(
+        a(),
+        &share_msg("sh-1@a", "1002", r#"{"name":"holiday.mp4"}"#),
+    );
+    assert!(out.requests(b()).is_empty(), "{:?}", out.methods(b()));
+    assert!(out.responses(a()).is_empty(), "{:?}", out.statuses(a()));
+    let (tx, req, requester, sharer, registered, source) = share_event(&mut net);
+    assert_eq!(requester, "1001@example.com");
+    assert_eq!(sharer, "1002");
+    assert!(!registered, "a route is not a registration");
+    assert_eq!(source, a());
+    assert_eq!(&req.body[..], br#"{"name":"holiday.mp4"}"#);
+    // Not registered: nothing to relay to; the layer above answers itself.
+    let now = net.now;
+    assert!(!net.eng.relay_share_request(tx, now));
+    net.eng
+        .reject_request(tx, 404, "unknown-share", "no such share", now);
+    let out = net.drain();
+    let r = out.response(a(), 404);
+    assert_eq!(error_code(&r), "unknown-share");
+    assert!(r.to_tag().is_some());
+
+    // Other MESSAGEs still go through the route as before.
+    let out = net.req(a(), &ood_message("sh-plain@a"));
+    out.request(b(), Method::Message);
+    assert!(net.events().is_empty());
+}
+
+#[test]
+fn share_requester_identity_digest_or_trusted_from() {
+    // A trusted peer of another domain is known by its From URI, host included.
+    let mut net = Net::new();
+    let mut m = share_msg("sh-2@a", "1002", r#"{"list":true}"#);
+    m.headers
+        .set("From", "<sip:Carol@Elsewhere.ORG;user=phone>;tag=c1");
+    net.req(a(), &m);
+    let (_, _, requester, ..) = share_event(&mut net);
+    assert_eq!(requester, "Carol@elsewhere.org");
+
+    // An untrusted requester is challenged, then known by its digest user.
+    let mut net = untrusted(vec![Algorithm::Md5]);
+    let m = share_msg("sh-3@a", "1002", r#"{"list":true}"#);
+    let c407 = net.req(a(), &m).response(a(), 407);
+    assert!(net.events().is_empty());
+    let ch = challenges(&c407, "Proxy-Authenticate");
+    let mut again = share_msg("sh-3@a", "1002", r#"{"list":true}"#);
+    again.headers.set("CSeq", "4 MESSAGE");
+    // A From claiming someone else does not change who asks.
+    again
+        .headers
+        .set("From", "<sip:mallory@example.com>;tag=s1");
+    let creds = auth::respond(&ch[0], "1001", "alice-pw", "MESSAGE", &again.uri, "c", 1).unwrap();
+    again.headers.push("Proxy-Authorization", creds);
+    let out = net.req(a(), &again);
+    assert!(out.responses(a()).is_empty());
+    let (tx, _, requester, sharer, ..) = share_event(&mut net);
+    assert_eq!(
+        (requester.as_str(), sharer.as_str()),
+        ("1001@example.com", "1002")
+    );
+    // The list answer: 200 with its JSON body and a To tag.
+    let now = net.now;
+    net.eng.respond_request(
+        tx,
+        200,
+        Some("application/json"),
+        Bytes::from_static(b"{\"shares\":[]}"),
+        now,
+    );
+    let r = net.drain().response(a(), 200);
+    assert_eq!(r.content_type().as_deref(), Some("application/json"));
+    assert_eq!(&r.body[..], b"{\"shares\":[]}");
+    assert!(r.to_tag().is_some());
+}
+
+#[test]
+fn share_request_relayed_to_registered_sharer_forward_then_offer() {
+    let mut net = net_with_registered_sharer();
+    let phone = peer(PHONE_SRC);
+    net.req(
+        a(),
+        &share_msg("sh-4@a", "1002", r#"{"name":"holiday.mp4"}"#),
+    );
+    let (tx, _, _, _, registered, source) = share_event(&mut net);
+    assert!(registered);
+    let now = net.now;
+    assert!(net.eng.relay_share_request(tx, now));
+    let out = net.drain();
+    let m = out.request(phone, Method::Message);
+    assert_eq!(m.uri, PHONE_CONTACT);
+    assert_eq!(m.content_type().as_deref(), Some(SHARE_REQ_CT));
+    assert_eq!(&m.body[..], br#"{"name":"holiday.mp4"}"#);
+    assert_ne!(m.call_id(), Some("sh-4@a"));
+    assert!(out.responses(a()).is_empty());
+
+    // The sharer's terminal forwards: the answer goes up, not to the requester.
+    let ok = answer(
+        &m,
+        200,
+        &[("Content-Type", "application/json")],
+        br#"{"forward":true}"#,
+    );
+    let out = net.resp(phone, &ok);
+    assert!(out.responses(a()).is_empty(), "{:?}", out.statuses(a()));
+    let answers = relay_answers(&mut net);
+    assert_eq!(answers.len(), 1);
+    let (atx, status, ct, body) = answers[0].clone();
+    assert_eq!((atx, status), (tx, 200));
+    assert_eq!(ct.as_deref(), Some("application/json"));
+    assert_eq!(&body[..], br#"{"forward":true}"#);
+    // A retransmitted 200 is not a second answer.
+    net.resp(phone, &ok);
+    assert!(relay_answers(&mut net).is_empty());
+
+    // Step 3: 200 to the requester, then the offer. 1001 has no registration: to its source.
+    let now = net.now;
+    net.eng.respond_request(tx, 200, None, Bytes::new(), now);
+    assert!(net
+        .eng
+        .send_to_user(
+            "1001",
+            Method::Message,
+            &[("Content-Type", SHARE_OFFER_CT)],
+            Bytes::new(),
+            now
+        )
+        .is_empty());
+    let offer_tx = net.eng.send_to_peer(
+        source,
+        "sip:1001@example.com",
+        Method::Message,
+        &[("Content-Type", SHARE_OFFER_CT)],
+        Bytes::from_static(b"{\"content_id\":\"ab\"}"),
+        now,
+    );
+    let out = net.drain();
+    let r = out.response(a(), 200);
+    assert_eq!(r.call_id(), Some("sh-4@a"));
+    assert!(r.to_tag().is_some());
+    let offer = out.request(a(), Method::Message);
+    assert_eq!(offer.uri, "sip:1001@example.com");
+    assert_eq!(offer.content_type().as_deref(), Some(SHARE_OFFER_CT));
+    assert_eq!(
+        offer.to_hdr().unwrap().uri.to_string(),
+        "sip:1001@example.com"
+    );
+    assert!(offer
+        .from_hdr()
+        .unwrap()
+        .uri
+        .to_string()
+        .starts_with("sip:callvault@example.com"));
+    assert_eq!(&offer.body[..], b"{\"content_id\":\"ab\"}");
+    net.resp(a(), &answer(&offer, 200, &[], b""));
+    assert_eq!(
+        net.events(),
+        vec![EngineEvent::OutOfDialogDone {
+            tx: offer_tx,
+            status: 200
+        }]
+    );
+}
+
+#[test]
+fn share_refusal_and_other_answers_go_up_unchanged() {
+    for status in [403, 486] {
+        let mut net = net_with_registered_sharer();
+        let phone = peer(PHONE_SRC);
+        net.req(a(), &share_msg("sh-5@a", "1002", r#"{"name":"x"}"#));
+        let (tx, ..) = share_event(&mut net);
+        let now = net.now;
+        assert!(net.eng.relay_share_request(tx, now));
+        let m = net.drain().request(phone, Method::Message);
+        let out = net.resp(phone, &answer(&m, status, &[], b""));
+        assert!(out.responses(a()).is_empty());
+        let answers = relay_answers(&mut net);
+        assert_eq!(answers.len(), 1);
+        assert_eq!((answers[0].0, answers[0].1), (tx, status));
+    }
+}
+
+#[test]
+fn share_relay_timeout_408_and_unreachable_480_go_up() {
+    // Timer F on simulated time: the requester is not answered 408, the service decides.
+    let mut net = net_with_registered_sharer();
+    net.req(a(), &share_msg("sh-6@a", "1002", r#"{"name":"x"}"#));
+    let (tx, ..) = share_event(&mut net);
+    let now = net.now;
+    assert!(net.eng.relay_share_request(tx, now));
+    net.drain();
+    let later = net.run_for(Duration::from_secs(20));
+    assert!(relay_answers(&mut net).is_empty(), "not before Timer F");
+    assert!(later.responses(a()).is_empty());
+    let later = net.run_for(Duration::from_secs(13));
+    assert!(later.responses(a()).is_empty(), "{:?}", later.statuses(a()));
+    let answers = relay_answers(&mut net);
+    assert_eq!(answers.len(), 1);
+    assert_eq!((answers[0].0, answers[0].1), (tx, 408));
+    // Answered on the sharer's behalf afterwards: the requester's transaction is still open.
+    let now = net.now;
+    net.eng
+        .reject_request(tx, 403, "share-denied", "policy", now);
+    let r = net.drain().response(a(), 403);
+    assert_eq!(error_code(&r), "share-denied");
+
+    // A connection failure towards the sharer: 480 at once.
+    let mut net = net_with_registered_sharer();
+    net.req(a(), &share_msg("sh-7@a", "1002", r#"{"name":"x"}"#));
+    let (tx, ..) = share_event(&mut net);
+    let now = net.now;
+    assert!(net.eng.relay_share_request(tx, now));
+    net.drain();
+    net.eng.handle_unreachable(peer(PHONE_SRC), now);
+    assert!(net.drain().responses(a()).is_empty());
+    let answers = relay_answers(&mut net);
+    assert_eq!(answers.len(), 1);
+    assert_eq!((answers[0].0, answers[0].1), (tx, 480));
+}
+
+#[test]
+fn share_request_with_max_forwards_zero_gets_483() {
+    let mut net = Net::new();
+    let mut m = share_msg("sh-8@a", "1002", r#"{"name":"x"}"#);
+    m.headers.set("Max-Forwards", "0");
+    assert_eq!(net.req(a(), &m).statuses(a()), vec![483]);
+    assert!(net.events().is_empty());
+}

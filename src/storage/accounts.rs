@@ -14,6 +14,7 @@ use sqlx::Row;
 use super::db::Db;
 use crate::config::PromptFormat;
 use crate::sip::auth::{self, Algorithm};
+use crate::storage::threshold::Threshold;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
@@ -48,6 +49,8 @@ pub struct Account {
     pub reserved_bytes: u64,
     /// Per-account override of `store.prompt_format`: "json" or "text".
     pub prompt_format: Option<String>,
+    /// Per-account default threshold (between the server's and a request's).
+    pub threshold: Option<Threshold>,
     /// HA1 = H(user:realm:password) per algorithm. Digest verification needs exactly this
     /// value (the password itself is never stored), so both are computed whenever the password
     /// is set. It is password-equivalent for this realm: treat it as a secret.
@@ -156,7 +159,8 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-const COLUMNS: &str = "username, realm, quota_bytes, used_bytes, reserved_bytes, prompt_format, \
+const COLUMNS: &str =
+    "username, realm, quota_bytes, used_bytes, reserved_bytes, prompt_format, threshold, \
                        ha1_md5, ha1_sha256, password_hash, pin_hash";
 
 fn from_row(row: &AnyRow) -> Result<Account, AccountError> {
@@ -174,6 +178,12 @@ fn from_row(row: &AnyRow) -> Result<Account, AccountError> {
         reserved_bytes: count("reserved_bytes")?,
         realm: row.try_get("realm")?,
         prompt_format: row.try_get("prompt_format")?,
+        threshold: {
+            let t: Option<String> = row.try_get("threshold")?;
+            // An unreadable value falls back to the server default rather than locking the
+            // account out of storage.
+            t.and_then(|t| t.parse().ok())
+        },
         ha1_md5: row.try_get("ha1_md5")?,
         ha1_sha256: row.try_get("ha1_sha256")?,
         password_hash: row.try_get("password_hash")?,
@@ -276,6 +286,7 @@ impl Accounts {
             used_bytes: 0,
             reserved_bytes: 0,
             prompt_format: None,
+            threshold: None,
             ha1_md5,
             ha1_sha256,
             password_hash,
@@ -387,6 +398,20 @@ impl Accounts {
         .bind(user)
         .bind(format.map(|f| f.as_str().to_string()))
         .bind(unix_now());
+        self.update_one(user, q).await
+    }
+
+    /// None returns the account to the server-wide `store.threshold_percent`.
+    pub async fn set_threshold(
+        &self,
+        user: &str,
+        threshold: Option<Threshold>,
+    ) -> Result<(), AccountError> {
+        let q =
+            sqlx::query("UPDATE accounts SET threshold = $2, updated_at = $3 WHERE username = $1")
+                .bind(user)
+                .bind(threshold.map(|t| t.to_string()))
+                .bind(unix_now());
         self.update_one(user, q).await
     }
 
@@ -661,6 +686,16 @@ mod tests {
         assert_eq!(a.prompt_format_override(), Some(PromptFormat::Text));
         accs.set_prompt_format("1001", None).await.unwrap();
         assert_eq!(accs.require("1001").await.unwrap().prompt_format, None);
+        assert_eq!(accs.require("1001").await.unwrap().threshold, None);
+        accs.set_threshold("1001", Some(Threshold::Bytes(4800)))
+            .await
+            .unwrap();
+        assert_eq!(
+            accs.require("1001").await.unwrap().threshold,
+            Some(Threshold::Bytes(4800))
+        );
+        accs.set_threshold("1001", None).await.unwrap();
+        assert_eq!(accs.require("1001").await.unwrap().threshold, None);
         assert!(matches!(
             accs.set_quota("ghost", 1).await,
             Err(AccountError::NotFound(_))

@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "shares",
         include_str!("../../migrations/0003_shares.sql"),
     ),
+    (
+        4,
+        "account threshold",
+        include_str!("../../migrations/0004_account_threshold.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

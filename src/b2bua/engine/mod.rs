@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 
 mod dtmf;
 mod sessions;
+mod share;
 
 pub use sessions::{is_local_session_user, SessionKey};
 
@@ -183,6 +184,9 @@ enum Pending {
     },
     /// An out-of-dialog request relayed from a server transaction (MESSAGE).
     Standalone { server_tx: ServerTxId },
+    /// A share request relayed to the sharer: its final answer goes up as
+    /// [`EngineEvent::ShareRelayAnswered`] instead of back to the requester.
+    ShareRelay { server_tx: ServerTxId },
     /// A request callvault itself originated in a call (BYE on teardown, feature requests).
     Own { call: CallKey, side: Side },
     /// An out-of-dialog request of callvault's own (notifications to a user's contacts).
@@ -233,6 +237,30 @@ pub enum EngineEvent {
         side: Side,
         tx: ClientTxId,
         status: u16,
+    },
+    /// An out-of-dialog MESSAGE carrying a share request (PROTOCOL §3 step 2), authenticated,
+    /// not answered yet: the layer above relays it (`relay_share_request`) or answers it.
+    ShareRequest {
+        tx: ServerTxId,
+        request: Request,
+        /// `user@domain` of a digest-authenticated subscriber, or `user@host` of a trusted
+        /// peer's From URI.
+        requester: String,
+        /// The Request-URI user (the sharer's account).
+        sharer: String,
+        /// The sharer has a registered contact now.
+        registered: bool,
+        /// Where the request came from (the offer goes there when the requester has no
+        /// registered contact).
+        source: Peer,
+    },
+    /// The sharer's final answer to a relayed share request (408 on Timer F, 480 when it
+    /// could not be reached). The requester's transaction `tx` is still unanswered.
+    ShareRelayAnswered {
+        tx: ServerTxId,
+        status: u16,
+        content_type: Option<String>,
+        body: Bytes,
     },
 }
 
@@ -670,20 +698,24 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// Out-of-dialog MESSAGE (RFC 3428) to a subscriber or a routed user: re-originated
-    /// towards the target like an INVITE's leg B, the answer relayed back.
+    /// towards the target like an INVITE's leg B, the answer relayed back. Share requests
+    /// (PROTOCOL §3) go up as [`EngineEvent::ShareRequest`] instead.
     fn on_message(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
         let mf = req.max_forwards().unwrap_or(70);
         if mf == 0 {
             return self.reply(tx, &req, 483, now);
         }
-        if self.authenticate(tx, &req, peer, now).is_none() {
+        let Some(identity) = self.authenticate(tx, &req, peer, now) else {
             return;
-        }
+        };
         let user = req
             .parsed_uri()
             .ok()
             .and_then(|u| u.user_unescaped())
             .unwrap_or_default();
+        if share::is_share_request(&req) {
+            return self.share_request(tx, req, peer, identity, user, now);
+        }
         let Some((target_uri, to_peer)) = self.resolve_target(&user, now) else {
             return self.reject(
                 tx,
@@ -694,10 +726,31 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
+        self.forward_message(
+            &req,
+            target_uri,
+            to_peer,
+            Pending::Standalone { server_tx: tx },
+            now,
+        );
+    }
+
+    /// Re-originates an out-of-dialog MESSAGE towards `target_uri` at `to_peer`: our own
+    /// Call-ID, From tag and Via, end-to-end headers and body copied.
+    fn forward_message(
+        &mut self,
+        req: &Request,
+        target_uri: String,
+        to_peer: Peer,
+        pending: Pending,
+        now: Instant,
+    ) {
+        let mf = req.max_forwards().unwrap_or(70);
         let mut out = Request::new(Method::Message, target_uri);
         let via = self.new_via(to_peer.transport);
         out.headers.push("Via", via.to_string());
-        out.headers.push("Max-Forwards", (mf - 1).to_string());
+        out.headers
+            .push("Max-Forwards", mf.saturating_sub(1).to_string());
         if let Some(mut from) = req.from_hdr() {
             let tag = self.token(10);
             from.set_tag(&tag);
@@ -711,8 +764,7 @@ impl<M: MediaBackend> Engine<M> {
         copy_headers(&req.headers, &mut out.headers);
         out.body = req.body.clone();
         let id = self.tx.send_request(out, to_peer, now);
-        self.pending
-            .insert(id, (Pending::Standalone { server_tx: tx }, to_peer));
+        self.pending.insert(id, (pending, to_peer));
     }
 
     fn on_invite(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
@@ -1036,6 +1088,7 @@ impl<M: MediaBackend> Engine<M> {
                 out.body = resp.body.clone();
                 self.respond(server_tx, out, now);
             }
+            Pending::ShareRelay { server_tx } => self.on_share_relay_response(id, server_tx, resp),
             Pending::OutOfDialog => {
                 if resp.status >= 200 {
                     self.pending.remove(&id);
@@ -1221,7 +1274,9 @@ impl<M: MediaBackend> Engine<M> {
             Pending::BInvite(c) => (c, Side::B),
             Pending::Relay { call, origin, .. } => (call, origin.other()),
             Pending::Own { call, side, .. } => (call, side),
-            Pending::Standalone { .. } | Pending::OutOfDialog => return,
+            Pending::Standalone { .. } | Pending::ShareRelay { .. } | Pending::OutOfDialog => {
+                return
+            }
         };
         // Only the ACK of this very INVITE: the 2xx of a re-INVITE whose ACK has not come
         // from the other side yet must not be answered with the previous INVITE's ACK.
@@ -1272,6 +1327,14 @@ impl<M: MediaBackend> Engine<M> {
                 if let Some(orig) = self.tx.server_request(server_tx).cloned() {
                     self.reply(server_tx, &orig, status, now);
                 }
+            }
+            Pending::ShareRelay { server_tx } => {
+                self.events.push_back(EngineEvent::ShareRelayAnswered {
+                    tx: server_tx,
+                    status,
+                    content_type: None,
+                    body: Bytes::new(),
+                })
             }
             Pending::Own { call, side, .. } => self.events.push_back(EngineEvent::OwnRequestDone {
                 call,
@@ -1406,6 +1469,11 @@ impl<M: MediaBackend> Engine<M> {
             return;
         };
         let mut resp = orig.response(status, None);
+        // Out-of-dialog requests (share requests) get their To tag here; in-dialog ones
+        // already carry ours.
+        if status > 100 {
+            resp.ensure_to_tag(&self.token(10));
+        }
         if let Some(ct) = content_type {
             resp.headers.push("Content-Type", ct);
             resp.body = body;
@@ -1487,24 +1555,15 @@ impl<M: MediaBackend> Engine<M> {
                 transport: b.source.transport,
                 addr: b.source.addr,
             };
-            let mut req = Request::new(method.clone(), b.contact.uri.to_string());
-            let via = self.new_via(peer.transport);
-            req.headers.push("Via", via.to_string());
-            req.headers.push("Max-Forwards", "70");
-            let tag = self.token(10);
-            req.headers.push(
-                "From",
-                format!("<sip:callvault@{}>;tag={tag}", self.cfg.domain),
+            let id = self.send_out_of_dialog(
+                peer,
+                b.contact.uri.to_string(),
+                &format!("<sip:{aor}>"),
+                method.clone(),
+                headers,
+                body.clone(),
+                now,
             );
-            req.headers.push("To", format!("<sip:{aor}>"));
-            req.headers.push("Call-ID", format!("cv{}", self.token(22)));
-            req.headers.push("CSeq", format!("1 {method}"));
-            for (n, v) in headers {
-                req.headers.push(n.to_string(), v.to_string());
-            }
-            req.body = body.clone();
-            let id = self.tx.send_request(req, peer, now);
-            self.pending.insert(id, (Pending::OutOfDialog, peer));
             ids.push(id);
         }
         self.after(now);

@@ -228,7 +228,10 @@ impl StoreService {
                 self.text_parties
                     .retain(|t| !matches!(t, Target::InCall(c, _) if c == call));
             }
-            EngineEvent::CallAnswered(_) => {}
+            // Share events belong to the share service.
+            EngineEvent::CallAnswered(_)
+            | EngineEvent::ShareRequest { .. }
+            | EngineEvent::ShareRelayAnswered { .. } => {}
         }
     }
 

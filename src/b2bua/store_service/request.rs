@@ -152,14 +152,17 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
         ));
     }
 
-    let threshold = req
-        .threshold
-        .map(|t| match (t.percent, t.bytes) {
-            (Some(p), _) => Threshold::Percent(p),
-            (_, Some(b)) => Threshold::Bytes(b),
-            _ => Threshold::Adaptive,
-        })
-        .unwrap_or(Threshold::Percent(ctx.cfg.store.threshold_percent));
+    // The request's threshold, else the account's default, else the server's (§2.1).
+    let requested = req.threshold.map(|t| match (t.percent, t.bytes) {
+        (Some(p), _) => Threshold::Percent(p),
+        (_, Some(b)) => Threshold::Bytes(b),
+        _ => Threshold::Adaptive,
+    });
+    let threshold = Threshold::effective(
+        requested,
+        account.threshold,
+        Threshold::Percent(ctx.cfg.store.threshold_percent),
+    );
     let now = SystemTime::now();
     let store = ctx
         .stores

@@ -74,9 +74,21 @@ pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Reques
     };
     // `sender`/`receiver` are filled in by the task once it has read the store.
     let span = if is_play {
-        tracing::info_span!("play_session", store_id = %id, session = key, sender = Empty, receiver = Empty)
+        tracing::info_span!(
+            "play_session",
+            store_id = %id,
+            session = key,
+            sender = Empty,
+            receiver = Empty
+        )
     } else {
-        tracing::info_span!("store_session", store_id = %id, session = key, sender = Empty, receiver = Empty)
+        tracing::info_span!(
+            "store_session",
+            store_id = %id,
+            session = key,
+            sender = Empty,
+            receiver = Empty
+        )
     };
     tokio::spawn(
         async move {

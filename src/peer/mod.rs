@@ -1,0 +1,178 @@
+//! `callvault peer`, the terminal agent (PROTOCOL 3, last bullet): fetches offered content
+//! in pieces from the server and from other agents ([`fetch`], choosing per piece with
+//! [`crate::share::select`] through the sans-IO [`plan::Scheduler`]), serves the pieces it
+//! holds ([`serve`]), publishes a folder ([`publish`]) and, as `peer serve`, registers over
+//! SIP and answers share requests ([`sip`]).
+
+pub mod fetch;
+pub mod http;
+pub mod plan;
+pub mod publish;
+pub mod serve;
+pub mod sip;
+pub mod state;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+pub use fetch::{FetchOptions, FetchReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("bad URL {0:?} (want http://host[:port][/path])")]
+    BadUrl(String),
+    #[error("{0}")]
+    Http(String),
+    /// A pooled connection was closed before use (retried internally).
+    #[error("stale connection")]
+    Stale,
+    #[error("{what}: {detail}")]
+    Server { what: String, detail: String },
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("listen on {0}")]
+    Listen(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("SIP: {0}")]
+    Sip(String),
+}
+
+/// `callvault peer ...`.
+#[derive(Debug, Subcommand)]
+pub enum PeerCmd {
+    /// Fetch offered content in pieces from the server and other peers, serving what it holds.
+    Fetch(Box<FetchArgs>),
+    /// Publish the new files of a folder as shares (PUT /v1/shares/{user}/{name}).
+    Share(ShareArgs),
+    /// Register over SIP, answer share requests with {"forward":true} and fetch offers.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// The server's base URL, e.g. http://127.0.0.1:8080 (the offer's server_url).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// The content id (the offer's content_id).
+    #[arg(long)]
+    pub content: Option<String>,
+    /// The offer's token.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// An offer JSON file (share-offer body) instead of --server/--content/--token.
+    #[arg(long, value_name = "FILE")]
+    pub offer: Option<PathBuf>,
+    /// Index URL [default: the offer's index_url, or {server}/v1/index/{content}].
+    #[arg(long)]
+    pub index: Option<String>,
+    /// Account credentials instead of a token (HTTP Basic).
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Output file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where to serve pieces to other peers.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// The host:port announced to the index [default: the bound --listen address].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// This peer's id in the index [default: random].
+    #[arg(long)]
+    pub peer_id: Option<String>,
+    /// Pieces fetched at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Directory for resume state (a fetch interrupted and rerun continues).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Keep serving pieces after completion until killed.
+    #[arg(long)]
+    pub seed: bool,
+    /// Keep serving this many seconds after completion.
+    #[arg(long, value_name = "SECS")]
+    pub linger: Option<u64>,
+    /// Ignore other peers: every piece from the server (baseline for benchmarks).
+    #[arg(long)]
+    pub server_only: bool,
+    /// Print the final report as JSON on stdout (progress goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Test mode: serve every piece with wrong bytes.
+    #[arg(long, hide = true)]
+    pub corrupt_pieces: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShareArgs {
+    /// The server's base URL.
+    #[arg(long)]
+    pub server: String,
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub password: String,
+    /// The folder whose files are shared.
+    #[arg(long)]
+    pub folder: PathBuf,
+    /// public, subscribers or a comma-separated list of AORs [default: the server's default].
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Keep watching the folder, publishing new or changed files.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between folder scans with --watch.
+    #[arg(long, default_value_t = 5)]
+    pub interval: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// callvault's SIP address (UDP).
+    #[arg(long, default_value = "127.0.0.1:5060")]
+    pub sip: String,
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub password: String,
+    /// SIP domain [default: the host of --sip].
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Local SIP address to bind.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub bind: String,
+    /// Where fetched offers are written.
+    #[arg(long, default_value = ".")]
+    pub downloads: PathBuf,
+    /// Where to serve pieces to other peers.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Registration lifetime asked for, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub expires: u32,
+    /// Refuse share requests (answer 403) instead of forwarding them.
+    #[arg(long)]
+    pub refuse: bool,
+}
+
+/// Runs a `peer` subcommand (the binary's dispatch).
+pub async fn run(cmd: PeerCmd) -> Result<(), PeerError> {
+    match cmd {
+        PeerCmd::Fetch(a) => fetch::run_cli(*a).await,
+        PeerCmd::Share(a) => publish::run_cli(a).await,
+        PeerCmd::Serve(a) => sip::run_cli(a).await,
+    }
+}

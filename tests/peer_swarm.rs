@@ -1,0 +1,492 @@
+//! `callvault peer` against a real `callvault serve` (PROTOCOL 3, issue 4 item 6): a folder
+//! published by `peer share`, receivers as `peer fetch` child processes on their own
+//! 127.0.0.1 ports, trading pieces through the index; a rate-limited server; a piece only
+//! the server has; a peer serving corrupt pieces; an interrupted fetch resumed.
+//!
+//! The offer token is the server's own (`Shares::issue_offer_token` over the server's
+//! database), as the share-offer MESSAGE would carry it.
+//!
+//! `cargo test --release --test peer_swarm -- --ignored --nocapture` runs the benchmark
+//! (8 receivers of 64 MiB, peer mode vs server-only) whose figures are in docs/BENCHMARKS.md.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use callvault::share::{ShareSettings, Shares};
+use callvault::storage::Db;
+use common::{Server, ServerConfig};
+use sha2::{Digest, Sha256};
+
+const MIB: usize = 1024 * 1024;
+
+/// Deterministic, non-periodic bytes (xorshift64*), fast enough in debug builds.
+fn data(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+fn sha_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// A server with `[share]` settings, one account (1001/pw1) and a scratch folder.
+struct Setup {
+    server: Server,
+    url: String,
+    work: tempfile::TempDir,
+}
+
+fn setup(rate_bytes_per_sec: u64) -> Setup {
+    let mut cfg = ServerConfig::new();
+    cfg.extra = format!("[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\n");
+    let mut server = Server::prepare(cfg);
+    server.account_add("1001", "pw1", "1111", "2GiB");
+    server.start();
+    let url = format!("http://{}", server.http_addr());
+    Setup {
+        server,
+        url,
+        work: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    /// Writes `bytes` as `name` into a folder and publishes it with `callvault peer share`;
+    /// returns (content_id, offer token, sha256 of the bytes).
+    fn share(&self, name: &str, bytes: &[u8]) -> (String, String, String) {
+        let folder = self.work.path().join("shared");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(name), bytes).unwrap();
+        let out = Command::new(common::callvault_bin())
+            .args(["peer", "share", "--server", &self.url])
+            .args(["--user", "1001", "--password", "pw1", "--folder"])
+            .arg(&folder)
+            .env_remove("CALLVAULT_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "peer share: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let v: serde_json::Value = stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not published: {stdout}"));
+        let cid = v["content_id"].as_str().unwrap().to_string();
+        (
+            cid.clone(),
+            self.token(&cid),
+            hex::encode(Sha256::digest(bytes)),
+        )
+    }
+
+    /// The offer token, from the server's own secret.
+    fn token(&self, cid: &str) -> String {
+        let data = self.server.dir.path().join("data");
+        let url = format!("sqlite://{}", data.join("callvault.db").display());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let db = Db::open(&url).await.unwrap();
+            let sh = Shares::open(db.clone(), &data, "example.com", ShareSettings::default())
+                .await
+                .unwrap();
+            let t = sh.issue_offer_token(cid);
+            db.close().await;
+            t
+        })
+    }
+
+    fn server_egress(&self) -> u64 {
+        common::metric_value(
+            &self.server.metrics(),
+            "callvault_share_bytes_total",
+            &[("source", "server")],
+        )
+        .unwrap_or(0.0) as u64
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+}
+
+/// A `callvault peer fetch` child; killed on drop.
+struct Peer {
+    id: String,
+    out: PathBuf,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Peer {
+    fn spawn(s: &Setup, cid: &str, token: &str, id: &str, extra: &[&str]) -> Peer {
+        let out = s.out(&format!("{id}.bin"));
+        let mut child = Command::new(common::callvault_bin())
+            .args(["peer", "fetch", "--server", &s.url, "--content", cid])
+            .args(["--token", token, "--peer-id", id, "--json"])
+            .args(["--listen", "127.0.0.1:0", "--out"])
+            .arg(&out)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("PEER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env_remove("CALLVAULT_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("PEER_LOG_PRINT").is_ok() {
+                    eprintln!("{l}");
+                }
+                if !l.starts_with("progress ") {
+                    let mut g = log2.lock().unwrap();
+                    g.push_str(&l);
+                    g.push('\n');
+                }
+            }
+        });
+        Peer {
+            id: id.to_string(),
+            out,
+            child,
+            lines,
+            log,
+        }
+    }
+
+    /// The JSON report (the fetch is complete), within `by`.
+    fn report(&mut self, by: Instant) -> serde_json::Value {
+        loop {
+            let left = by.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) if l.starts_with('{') => return serde_json::from_str(&l).unwrap(),
+                Ok(_) => {}
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "{}: no report (exit {status:?}); stderr:\n{}",
+                        self.id,
+                        self.log.lock().unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    fn wait_exit(&mut self, by: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + by;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "{} did not exit", self.id);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn num(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+fn summary(p: &Peer, r: &serde_json::Value) -> String {
+    format!(
+        "{}: {:.2} s, from server {} B, from peers {} B, by source {}, mismatches {}",
+        p.id,
+        r["elapsed_secs"].as_f64().unwrap_or(0.0),
+        num(r, "from_server"),
+        num(r, "from_peers"),
+        r["by_source"],
+        num(r, "hash_mismatches")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 1 sharer + 8 peers, 64 MiB, no rate limit: every copy is exact.
+#[test]
+fn eight_peers_fetch_a_64_mib_file() {
+    let s = setup(0);
+    let size = 64 * MIB;
+    let (cid, token, want) = s.share("big.bin", &data(size, 1));
+    let before = s.server_egress();
+    let started = Instant::now();
+    let mut peers: Vec<Peer> = (0..8)
+        .map(|i| Peer::spawn(&s, &cid, &token, &format!("peer{i}"), &["--seed"]))
+        .collect();
+    let by = started + Duration::from_secs(90);
+    let reports: Vec<serde_json::Value> = peers.iter_mut().map(|p| p.report(by)).collect();
+    let elapsed = started.elapsed();
+    let egress = s.server_egress() - before;
+    println!(
+        "8 peers x {} MiB in {elapsed:.2?}; server egress {egress} B ({:.2}x the file)",
+        size / MIB,
+        egress as f64 / size as f64
+    );
+    for (p, r) in peers.iter().zip(&reports) {
+        println!("  {}", summary(p, r));
+        assert_eq!(num(r, "size"), size as u64);
+        assert_eq!(num(r, "from_server") + num(r, "from_peers"), size as u64);
+    }
+    drop(peers);
+    for i in 0..8 {
+        assert_eq!(sha_file(&s.out(&format!("peer{i}.bin"))), want, "peer{i}");
+    }
+    // The server sent at least one copy, and never more than one per receiver.
+    assert!(
+        egress >= size as u64 && egress <= 8 * size as u64,
+        "{egress}"
+    );
+}
+
+/// Rate-limited server, receivers started one after another: they take most pieces from
+/// each other, and the server sends well under two copies.
+#[test]
+fn rate_limited_server_peers_take_most_pieces_from_each_other() {
+    let s = setup(2 * MIB as u64);
+    let size = 8 * MIB;
+    let (cid, token, want) = s.share("clip.bin", &data(size, 2));
+    let before = s.server_egress();
+    let mut peers = Vec::new();
+    for i in 0..6 {
+        peers.push(Peer::spawn(&s, &cid, &token, &format!("r{i}"), &["--seed"]));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let by = Instant::now() + Duration::from_secs(60);
+    let reports: Vec<_> = peers.iter_mut().map(|p| p.report(by)).collect();
+    let egress = s.server_egress() - before;
+    let from_peers: u64 = reports.iter().map(|r| num(r, "from_peers")).sum();
+    println!(
+        "server egress {egress} B = {:.2}x the file; from peers {from_peers} B",
+        egress as f64 / size as f64
+    );
+    for (p, r) in peers.iter().zip(&reports) {
+        println!("  {}", summary(p, r));
+    }
+    for p in &peers {
+        assert_eq!(sha_file(&p.out), want, "{}", p.id);
+    }
+    assert!(
+        (egress as f64) < 1.5 * size as f64,
+        "server egress {egress} B is not under 1.5x {size}"
+    );
+    // 6 copies were made; most of the bytes came from peers.
+    assert!(from_peers as f64 > 0.6 * (6 * size) as f64, "{from_peers}");
+}
+
+/// Nobody else holds a piece: it comes from the server (a lone receiver gets everything
+/// from the server; the short last piece too).
+#[test]
+fn pieces_no_peer_holds_come_from_the_server() {
+    let s = setup(0);
+    let size = 3 * 262_144 + 12_345;
+    let (cid, token, want) = s.share("solo.bin", &data(size, 3));
+    let before = s.server_egress();
+    let mut p = Peer::spawn(&s, &cid, &token, "solo", &[]);
+    let r = p.report(Instant::now() + Duration::from_secs(30));
+    assert!(p.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(num(&r, "from_server"), size as u64);
+    assert_eq!(num(&r, "from_peers"), 0);
+    assert_eq!(r["by_source"], serde_json::json!({ "server": size }));
+    assert_eq!(num(&r, "pieces"), 4);
+    assert_eq!(sha_file(&p.out), want);
+    assert_eq!(s.server_egress() - before, size as u64);
+    // A wrong token is refused before anything is written.
+    let mut bad = Peer::spawn(&s, &cid, &"0".repeat(64), "bad", &[]);
+    assert!(!bad.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// A peer serving corrupt pieces: the hash mismatch is detected, the peer bypassed, the
+/// copy exact and every byte of it from the server.
+#[test]
+fn a_corrupt_peer_is_detected_and_bypassed() {
+    let s = setup(2 * MIB as u64);
+    let size = 4 * MIB;
+    let (cid, token, want) = s.share("c.bin", &data(size, 4));
+    let mut liar = Peer::spawn(&s, &cid, &token, "liar", &["--seed", "--corrupt-pieces"]);
+    let r = liar.report(Instant::now() + Duration::from_secs(30));
+    assert_eq!(num(&r, "from_server"), size as u64);
+    // Its own copy is fine; what it serves is not.
+    assert_eq!(sha_file(&liar.out), want);
+    let mut honest = Peer::spawn(&s, &cid, &token, "honest", &[]);
+    let r = honest.report(Instant::now() + Duration::from_secs(40));
+    println!("{}", summary(&honest, &r));
+    assert!(
+        num(&r, "hash_mismatches") >= 1,
+        "the liar was never tried: {r}"
+    );
+    assert_eq!(num(&r, "from_peers"), 0);
+    assert_eq!(num(&r, "from_server"), size as u64);
+    assert_eq!(sha_file(&honest.out), want);
+}
+
+/// A fetch killed halfway resumes from its state directory: pieces verified before are
+/// not fetched again.
+#[test]
+fn an_interrupted_fetch_resumes() {
+    let s = setup(MIB as u64);
+    let size = 4 * MIB;
+    let (cid, token, want) = s.share("r.bin", &data(size, 5));
+    let state = s.work.path().join("state");
+    let state_arg = state.to_str().unwrap().to_string();
+    let p = Peer::spawn(
+        &s,
+        &cid,
+        &token,
+        "resumer",
+        &["--state", &state_arg, "--parallel", "2"],
+    );
+    // Wait until the state records some pieces, then kill it.
+    let end = Instant::now() + Duration::from_secs(20);
+    let state_file = state.join(format!("{cid}.json"));
+    loop {
+        assert!(Instant::now() < end, "no state written");
+        if let Ok(b) = std::fs::read(&state_file) {
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+            let have = v["have"].as_str().unwrap_or("");
+            use base64::Engine as _;
+            let bits: u32 = base64::engine::general_purpose::STANDARD
+                .decode(have)
+                .unwrap_or_default()
+                .iter()
+                .map(|b| b.count_ones())
+                .sum();
+            if bits >= 3 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(p);
+    let mut p = Peer::spawn(&s, &cid, &token, "resumer", &["--state", &state_arg]);
+    let r = p.report(Instant::now() + Duration::from_secs(30));
+    assert!(num(&r, "resumed_pieces") >= 3, "{r}");
+    assert_eq!(
+        num(&r, "from_server"),
+        size as u64 - num(&r, "resumed_pieces") * 262_144
+    );
+    assert_eq!(sha_file(&p.out), want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (release): `cargo test --release --test peer_swarm -- --ignored --nocapture`
+
+fn bench_round(s: &Setup, cid: &str, token: &str, want: &str, server_only: bool) -> (f64, u64) {
+    let before = s.server_egress();
+    let started = Instant::now();
+    let tag = if server_only { "so" } else { "pm" };
+    let mut extra = vec!["--seed", "--quiet"];
+    if server_only {
+        extra.push("--server-only");
+    }
+    let mut peers: Vec<Peer> = (0..8)
+        .map(|i| Peer::spawn(s, cid, token, &format!("{tag}{i}"), &extra))
+        .collect();
+    let by = started + Duration::from_secs(600);
+    let reports: Vec<_> = peers.iter_mut().map(|p| p.report(by)).collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    let egress = s.server_egress() - before;
+    for (p, r) in peers.iter().zip(&reports) {
+        println!("  {}", summary(p, r));
+    }
+    drop(peers);
+    for i in 0..8 {
+        assert_eq!(sha_file(&s.out(&format!("{tag}{i}.bin"))), want);
+    }
+    (elapsed, egress)
+}
+
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn bench_eight_receivers_peer_mode_vs_server_only() {
+    let rate: u64 = std::env::var("BENCH_SERVER_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * MIB as u64);
+    let size = 64 * MIB;
+    let s = setup(rate);
+    let (cid, token, want) = s.share("bench.bin", &data(size, 9));
+    println!(
+        "8 receivers, {} MiB file, server rate {} MiB/s",
+        size / MIB,
+        rate as f64 / MIB as f64
+    );
+    let mut rows = Vec::new();
+    for server_only in [false, true] {
+        let mode = if server_only {
+            "server-only"
+        } else {
+            "peer mode"
+        };
+        println!("{mode}:");
+        let (t, egress) = bench_round(&s, &cid, &token, &want, server_only);
+        let ratio = egress as f64 / (size as f64 * 8.0);
+        println!(
+            "{mode}: completion {t:.2} s, server egress {egress} B = {:.2}x file = {ratio:.3} of size x receivers",
+            egress as f64 / size as f64
+        );
+        rows.push((mode, t, egress, ratio));
+    }
+    println!(
+        "| mode | completion (s) | server egress (MiB) | egress / file | egress / (file x 8) |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (mode, t, e, ratio) in &rows {
+        println!(
+            "| {mode} | {t:.1} | {:.1} | {:.2} | {ratio:.3} |",
+            *e as f64 / MIB as f64,
+            *e as f64 / size as f64
+        );
+    }
+}
