@@ -95,6 +95,24 @@ struct SetArgs {
     /// text or json; `default` goes back to the server's store.prompt_format.
     #[arg(long, value_parser = prompt_format_or_default)]
     prompt_format: Option<FormatChoice>,
+    /// Default store threshold: `percent:30`, `bytes:48000`, `adaptive`; `default` goes back to
+    /// the server's store.threshold_percent.
+    #[arg(long, value_parser = threshold_or_default)]
+    threshold: Option<ThresholdChoice>,
+}
+
+/// `--threshold` of `set` (newtype for the same reason as [`FormatChoice`]).
+#[derive(Debug, Clone, Copy)]
+struct ThresholdChoice(Option<callvault::storage::threshold::Threshold>);
+
+fn threshold_or_default(s: &str) -> Result<ThresholdChoice, String> {
+    if s == "default" {
+        Ok(ThresholdChoice(None))
+    } else {
+        s.parse()
+            .map(|t| ThresholdChoice(Some(t)))
+            .map_err(|e: callvault::storage::threshold::ThresholdError| e.to_string())
+    }
 }
 
 fn quantity(s: &str) -> Result<u64, String> {
@@ -223,6 +241,9 @@ async fn account_cmd(accounts: &Accounts, cmd: AccountCmd) -> anyhow::Result<()>
             }
             if let Some(FormatChoice(f)) = args.prompt_format {
                 accounts.set_prompt_format(&args.user, f).await?;
+            }
+            if let Some(ThresholdChoice(t)) = args.threshold {
+                accounts.set_threshold(&args.user, t).await?;
             }
         }
         AccountCmd::Remove { user } => {

@@ -72,6 +72,28 @@ fn account_commands_round_trip() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["quota_bytes"], 1_073_741_824u64);
 
+    let (code, _, err) = run(&[
+        "account",
+        "set",
+        "2001",
+        "--threshold",
+        "bytes:4800",
+        "--config",
+        cfg,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&[
+        "account",
+        "set",
+        "2001",
+        "--threshold",
+        "sideways",
+        "--config",
+        cfg,
+    ]);
+    assert_ne!(code, 0, "a bad threshold must be refused");
+    assert!(!err.trim().is_empty());
+
     let (code, out, _) = run(&["account", "list", "--config", cfg]);
     assert_eq!(code, 0);
     assert!(out.contains("2001"), "{out}");
