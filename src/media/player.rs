@@ -16,19 +16,23 @@
 //!
 //! # Pacing
 //!
-//! Packet k is due at `due(k-1) + (arrival(k) - arrival(k-1))` with `due(0) = start`, i.e. at
-//! `start + (arrival(k) - arrival(0))` as long as nothing is late. When a record only becomes
-//! available after its due time (the player caught up with the live tail and had to wait for
-//! the next commit) and it is later than `rebase_after`, it is sent at once and the schedule is
-//! re-anchored there: the packets after it keep their original spacing relative to it.
-//! The alternative, catching up to the original schedule, would send every packet of a
+//! "Original pacing" is the media's own timing: packet k is due `ts(k) - ts(k-1)` (our output
+//! timestamps, in units of the clock rate) after packet k-1, with `due(0) = start`. For a live
+//! sender that is the pacing it arrived with; a sender that pushed a file faster than real time
+//! is still played at the codec's rate, which is what the adaptive threshold (`r_out`) assumes.
+//! Where the timestamps say nothing (a zero or backwards step, e.g. RFC 4733 event packets that
+//! share their event's timestamp, or a jump the timestamp map re-anchored), the arrival-time gap
+//! is used instead, clamped to `[0, max_gap]`.
+//!
+//! When a record only becomes available after its due time (the player caught up with the live
+//! tail and had to wait for the next commit) and it is later than `rebase_after`, it is sent at
+//! once and the schedule is re-anchored there: the packets after it keep their spacing relative
+//! to it. The alternative, catching up to the original schedule, would send every packet of a
 //! late commit batch back to back: a burst that a receiver's jitter buffer may drop, at exactly
 //! the moment the stream is thinnest. Re-anchoring costs a little extra delay per stall instead
 //! (bounded by the commit interval plus an fsync each time the player touches the tail) and
-//! never sends faster than the original stream. Lateness up to `rebase_after` (timer and
-//! scheduling jitter) is absorbed without re-anchoring so the playout does not drift.
-//! Arrival gaps are clamped to `[0, max_gap]` (a wall-clock step between two records must not
-//! stall or burst the playback).
+//! never sends faster than the media's rate. Lateness up to `rebase_after` (timer and scheduling
+//! jitter) is absorbed without re-anchoring so the playout does not drift.
 //!
 //! # Packet path
 //!
@@ -374,15 +378,15 @@ async fn run(
     let mut ssrc = cfg.ssrc;
     let mut seq = cfg.first_seq;
     let start = Instant::from_std(cfg.start);
-    // Due time and arrival of the previous packet sent.
-    let mut prev: Option<(Instant, u64)> = None;
+    // Due time, arrival and output timestamp of the previous packet sent.
+    let mut prev: Option<(Instant, u64, u32)> = None;
 
     let exit = loop {
         // Next record, copied into the send buffer behind a fresh header.
         let Some(next) = io.serve(reader.next()).await else {
             break Exit::Stopped;
         };
-        let (len, arrival) = match next {
+        let (len, arrival, timestamp) = match next {
             Ok(Some(rec)) => {
                 let h = rec.header;
                 if h.payload_type != cfg.payload_type
@@ -407,7 +411,7 @@ async fn run(
                 let hl = header.write(&mut out).unwrap_or(RTP_HEADER_LEN);
                 let n = rec.payload.len().min(out.len() - hl);
                 out[hl..hl + n].copy_from_slice(&rec.payload[..n]);
-                (hl + n, h.arrival_us)
+                (hl + n, h.arrival_us, timestamp)
             }
             Ok(None) => break Exit::Done,
             Err(e) => break Exit::Failed(e.to_string()),
@@ -416,8 +420,16 @@ async fn run(
         let now = Instant::now();
         let mut due = match prev {
             None => start,
-            Some((t, a)) => {
-                let gap = Duration::from_micros(arrival.saturating_sub(a)).min(cfg.max_gap);
+            Some((t, a, ts)) => {
+                let ticks = timestamp.wrapping_sub(ts);
+                let media = Duration::from_micros(
+                    u64::from(ticks) * 1_000_000 / u64::from(cfg.clock_rate.max(1)),
+                );
+                let gap = if ticks > 0 && ticks < u32::MAX / 2 && media <= cfg.max_gap {
+                    media
+                } else {
+                    Duration::from_micros(arrival.saturating_sub(a)).min(cfg.max_gap)
+                };
                 t + gap
             }
         };
@@ -448,7 +460,7 @@ async fn run(
                 })
                 .await;
         }
-        prev = Some((due, arrival));
+        prev = Some((due, arrival, timestamp));
         seq = seq.wrapping_add(1);
     };
 
@@ -656,6 +668,31 @@ mod tests {
         let totals = player.stop().await;
         assert!(totals.done);
         assert_eq!((totals.packets, totals.skipped), (50, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_received_faster_than_real_time_plays_at_the_media_rate() {
+        // A sender that pushed 50 packets of 20 ms audio in 10 ms steps (2x real time): the
+        // playback follows the RTP timestamps (what the adaptive threshold counts on).
+        let ports = allocator(43100, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::create(dir.path(), SegmentOptions::default()).unwrap();
+        for i in 0..50u32 {
+            let h = RecordHeader {
+                arrival_us: T0 + u64::from(i) * 10_000,
+                ..hdr(i, u32::MAX)
+            };
+            w.append(&h, &[i as u8; 160]).unwrap();
+        }
+        w.finish().unwrap();
+        let rx_sock = UdpSocket::bind((LO, 0)).await.unwrap();
+        let (player, _events, _) =
+            start_player(&ports, dir.path(), None, rx_sock.local_addr().unwrap());
+        let got = recv_n(&rx_sock, 50).await;
+        let span = got[49].at - got[0].at;
+        // 49 intervals of 20 ms = 0.98 s, not the 0.49 s it took to arrive.
+        assert!(span >= Duration::from_millis(900), "{span:?}");
+        player.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
