@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig};
 use crate::b2bua::errors::set_warn_agent;
 use crate::b2bua::media::{MediaEvent, RelayMedia};
+use crate::b2bua::recording::{self, RecordingService};
 use crate::b2bua::share_service::{self, ShareService, ShareServiceConfig};
 use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
@@ -175,6 +176,18 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         live.clone(),
     );
     tokio::spawn(expire_pending_stores(stores.clone()));
+    // Whole-call recording exists only when asked for: otherwise no service, no channel.
+    let (recorder, record_commands) = if config.media.record_calls {
+        let (svc, rx) = RecordingService::new(
+            config.storage.data_dir.clone(),
+            accounts.clone(),
+            stores.clone(),
+            live.clone(),
+        );
+        (Some(svc), Some(rx))
+    } else {
+        (None, None)
+    };
 
     let mut http_state = crate::http::HttpState::new(
         accounts.clone(),
@@ -218,13 +231,22 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         engine,
         service,
         share_service,
+        recorder,
         transports,
         accounts,
         account_seen: HashMap::new(),
         counters,
     };
     let result = core
-        .run(sip_rx, relay_rx, commands, share_commands, term, int)
+        .run(
+            sip_rx,
+            relay_rx,
+            commands,
+            share_commands,
+            record_commands,
+            term,
+            int,
+        )
         .await;
     db.close().await;
     result
@@ -234,6 +256,8 @@ struct Core {
     engine: Engine<RelayMedia>,
     service: StoreService,
     share_service: ShareService,
+    /// Whole-call recording, when `media.record_calls` is on.
+    recorder: Option<RecordingService>,
     transports: Transports,
     accounts: Accounts,
     account_seen: HashMap<String, Instant>,
@@ -241,15 +265,20 @@ struct Core {
 }
 
 impl Core {
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         mut self,
         mut sip_rx: mpsc::Receiver<TransportEvent>,
         mut relay_rx: mpsc::Receiver<RelayEvent>,
         mut commands: mpsc::UnboundedReceiver<Command>,
         mut share_commands: mpsc::UnboundedReceiver<share_service::Command>,
+        record_commands: Option<mpsc::UnboundedReceiver<recording::Command>>,
         mut term: tokio::signal::unix::Signal,
         mut int: tokio::signal::unix::Signal,
     ) -> Result<(), ServerError> {
+        let recording_on = record_commands.is_some();
+        // Without recording, a receiver nobody sends to keeps the select arm idle.
+        let mut record_commands = record_commands.unwrap_or_else(|| mpsc::unbounded_channel().1);
         loop {
             let deadline = self
                 .engine
@@ -272,6 +301,11 @@ impl Core {
                 }
                 Some(cmd) = share_commands.recv() => {
                     self.share_service.apply(&mut self.engine, cmd, Instant::now());
+                }
+                Some(cmd) = record_commands.recv(), if recording_on => {
+                    if let Some(r) = self.recorder.as_mut() {
+                        r.apply(self.engine.media_mut(), cmd);
+                    }
                 }
                 Some(ev) = relay_rx.recv() => match self.engine.media_mut().on_relay_event(ev) {
                     Some(MediaEvent::Timeout(call)) => {
@@ -303,6 +337,9 @@ impl Core {
             self.transports.send(t);
         }
         while let Some(ev) = self.engine.poll_event() {
+            if let Some(r) = self.recorder.as_mut() {
+                r.on_event(&self.engine, &ev);
+            }
             self.service.on_event(&self.engine, &ev);
             self.share_service
                 .on_event(&mut self.engine, &ev, Instant::now());

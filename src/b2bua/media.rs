@@ -13,7 +13,10 @@ use tokio::sync::mpsc;
 
 use crate::media::ports::{PortAllocator, PortsError};
 pub use crate::media::relay::Side;
-use crate::media::relay::{Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle, RelayId};
+use crate::media::relay::{
+    RecordCounters, RecordSinks, Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle,
+    RelayId,
+};
 
 /// Engine-wide call key.
 pub type CallKey = u64;
@@ -109,6 +112,24 @@ impl RelayMedia {
             },
             rx,
         )
+    }
+
+    /// Records the call's first media section into `sinks` (whole-call recording) until the
+    /// call is released. False (and the sinks dropped, so their writers finish empty) when the
+    /// call has no relay any more.
+    pub fn record(
+        &mut self,
+        call: CallKey,
+        sinks: RecordSinks,
+        counters: Arc<RecordCounters>,
+    ) -> bool {
+        match self.calls.get(&call).and_then(|v| v.first()) {
+            Some(h) => {
+                h.record(sinks, counters);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Maps a relay's own event to the call it belongs to. A call whose relay timed out is

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod errors;
 pub mod feature_code;
 pub mod media;
+pub mod recording;
 pub mod share_service;
 pub mod store_service;
 pub mod wire;

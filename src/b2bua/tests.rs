@@ -2093,3 +2093,12 @@ fn share_request_with_max_forwards_zero_gets_483() {
     assert_eq!(net.req(a(), &m).statuses(a()), vec![483]);
     assert!(net.events().is_empty());
 }
+
+#[test]
+fn call_facts_give_leg_a_call_id_and_answered_format() {
+    let mut net = Net::new();
+    let up = call_up(&mut net, "facts@a");
+    let (call_id, format) = net.eng.call_facts(up.key).unwrap();
+    assert_eq!(call_id, "facts@a");
+    assert_eq!(format.map(|f| f.0), Some("PCMU/8000".to_string()));
+}

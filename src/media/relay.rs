@@ -28,7 +28,9 @@ use tokio::time::Instant;
 
 use super::dtmf::DtmfGate;
 use super::ports::PortPair;
+use super::rtp::RtpPacket;
 use crate::b2bua::feature_code::HOLD_TIMEOUT;
+use crate::storage::segments::{Ingest, IngestError, RecordHeader};
 
 /// Largest datagram relayed whole; real RTP/RTCP stays under the 1500-byte MTU.
 const BUF_LEN: usize = 2048;
@@ -164,11 +166,96 @@ pub enum RelayEvent {
     },
 }
 
+/// Whole-call recording sinks (PROTOCOL.md §1): the store log of the packets coming *from*
+/// each side. A side without a sink is not recorded.
+#[derive(Debug, Default)]
+pub struct RecordSinks {
+    pub from_a: Option<Ingest>,
+    pub from_b: Option<Ingest>,
+}
+
+/// What the relay did with the recording of one direction, read after it stopped.
+#[derive(Debug, Default)]
+pub struct RecordCounters {
+    /// Packets refused by a lagging store writer (relayed, but missing from the recording).
+    pub backpressure_drops: AtomicU64,
+}
+
+/// The recording state of a running relay, indexed by the side packets come from.
+struct Recording {
+    sinks: [Option<Ingest>; 2],
+    /// Backpressure refusals since the last flush.
+    dropped: u64,
+    counters: Arc<RecordCounters>,
+}
+
+impl Recording {
+    /// Appends one relayed RTP packet to its direction's log. Never blocks: a refusal only
+    /// loses the packet from the recording; a dead writer ends that direction's recording.
+    #[inline]
+    fn push(&mut self, from: Side, pkt: &[u8]) {
+        let Some(ingest) = self.sinks[from.idx()].as_mut() else {
+            return;
+        };
+        let Ok(rtp) = RtpPacket::parse(pkt) else {
+            return;
+        };
+        let h = RecordHeader {
+            arrival_us: now_us(),
+            seq: rtp.sequence(),
+            timestamp: rtp.timestamp(),
+            ssrc: rtp.ssrc(),
+            payload_type: rtp.payload_type(),
+            marker: rtp.marker(),
+        };
+        match ingest.push(&h, rtp.payload()) {
+            Ok(()) => {}
+            Err(IngestError::Backpressure) => self.dropped += 1,
+            Err(IngestError::WriterClosed | IngestError::Record(_)) => {
+                self.sinks[from.idx()] = None;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for slot in &mut self.sinks {
+            if let Some(ingest) = slot.as_mut() {
+                if ingest.flush().is_err() {
+                    *slot = None;
+                }
+            }
+        }
+        if self.dropped > 0 {
+            self.counters
+                .backpressure_drops
+                .fetch_add(self.dropped, Ordering::Relaxed);
+            self.dropped = 0;
+        }
+    }
+
+    /// Hands the rest of each log to its writer, which then finishes it.
+    async fn close(mut self) {
+        self.flush();
+        for ingest in self.sinks.into_iter().flatten() {
+            // A closed writer has already ended; nothing more to hand it.
+            let _ = ingest.close().await;
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    // A clock before 1970 is a broken host; 0 keeps the records well-formed.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 enum Control {
     SetRemote(Side, Option<SocketAddr>),
     SetDtmfPt(Side, Option<u8>),
     ArmTimeout,
     SetInspector(Option<Inspector>),
+    Record(Box<RecordSinks>, Arc<RecordCounters>),
     Stop,
 }
 
@@ -213,6 +300,13 @@ impl RelayHandle {
     /// Installs or removes the per-packet inspector.
     pub fn set_inspector(&self, inspector: Option<Inspector>) {
         let _ = self.ctrl.send(Control::SetInspector(inspector));
+    }
+
+    /// Starts recording each direction into its sink (replacing earlier sinks, which are
+    /// closed). The sinks are closed when the relay ends, so their writers finish then.
+    pub fn record(&self, sinks: RecordSinks, counters: Arc<RecordCounters>) {
+        // If the task already ended, the sinks drop here and their writers finish at once.
+        let _ = self.ctrl.send(Control::Record(Box::new(sinks), counters));
     }
 
     /// True once the task has ended (stopped or timed out).
@@ -381,6 +475,8 @@ struct State {
     peers: [Peer; 2],
     local_addrs: Vec<SocketAddr>,
     inspector: Option<Inspector>,
+    /// Whole-call recording; None (the default) costs the packet path one branch.
+    recording: Option<Box<Recording>>,
     /// Feature-code gate of the packets coming from each side; created when a
     /// telephone-event type becomes known (calls without one never allocate it).
     gates: [Option<Box<DtmfGate>>; 2],
@@ -423,6 +519,9 @@ impl State {
         if sent {
             self.counts.rtp_packets[from.idx()] += 1;
             self.counts.rtp_bytes[from.idx()] += pkt.len() as u64;
+            if let Some(rec) = self.recording.as_deref_mut() {
+                rec.push(from, pkt);
+            }
         } else {
             self.counts.dropped += 1;
         }
@@ -548,6 +647,9 @@ impl State {
 
     fn flush(&mut self, now: Instant) {
         self.counts.flush(&self.counters);
+        if let Some(rec) = self.recording.as_deref_mut() {
+            rec.flush();
+        }
         self.last_flush = now;
     }
 
@@ -566,6 +668,18 @@ impl State {
             }
             Control::SetDtmfPt(side, pt) => self.set_dtmf_pt(side, pt),
             Control::SetInspector(i) => self.inspector = i,
+            Control::Record(sinks, counters) => {
+                let RecordSinks { from_a, from_b } = *sinks;
+                let old = self.recording.replace(Box::new(Recording {
+                    sinks: [from_a, from_b],
+                    dropped: 0,
+                    counters,
+                }));
+                if let Some(old) = old {
+                    // Closing waits for queue room; the writers drain on their own tasks.
+                    tokio::spawn(old.close());
+                }
+            }
             Control::Stop => {}
         }
     }
@@ -598,6 +712,7 @@ async fn run(
         peers: [Peer::new(now), Peer::new(now)],
         local_addrs,
         inspector: None,
+        recording: None,
         gates: [None, None],
         dtmf_pts: [None, None],
         gates_changed: false,
@@ -678,7 +793,12 @@ async fn run(
         }
     }
     st.flush(Instant::now());
-    // `legs` drops here: sockets close, ports return to the allocator.
+    // Sockets close and ports return to the allocator before the recording is wrapped up.
+    drop(legs);
+    if let Some(rec) = st.recording.take() {
+        // Off the relay task: a writer stuck on disk must not hold up `stop`.
+        tokio::spawn(rec.close());
+    }
 }
 
 #[cfg(test)]
@@ -1264,5 +1384,119 @@ mod tests {
         }
         assert_eq!(drain(&pa.rtp).await, sent);
         rig.relay.stop().await;
+    }
+
+    // ---- whole-call recording
+
+    /// A store log in a temp dir: the relay's sink and the running writer.
+    fn log(
+        dir: &tempfile::TempDir,
+        name: &str,
+        opts: crate::storage::segments::PipelineOptions,
+    ) -> (
+        Ingest,
+        JoinHandle<
+            Result<crate::storage::segments::TailState, crate::storage::segments::SegmentError>,
+        >,
+    ) {
+        use crate::storage::segments::{pipeline, SegmentOptions, SegmentWriter};
+        let w = SegmentWriter::create(&dir.path().join(name), SegmentOptions::default()).unwrap();
+        let (ingest, task) = pipeline(w, opts);
+        (ingest, tokio::spawn(task.run()))
+    }
+
+    #[tokio::test]
+    async fn records_each_direction_and_finishes_logs_on_stop() {
+        let rig = rig(54000, RelayConfig::new(Duration::from_secs(5)));
+        let phones = allocator(54500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::A, Some(addr(&pa)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        let [a_rtp, a_rtcp, b_rtp, _] = rig.relay_addrs;
+        let dir = tempfile::tempdir().unwrap();
+        let (from_a, wa) = log(&dir, "a", Default::default());
+        let (from_b, wb) = log(&dir, "b", Default::default());
+        let counters = Arc::new(RecordCounters::default());
+        rig.relay.record(
+            RecordSinks {
+                from_a: Some(from_a),
+                from_b: Some(from_b),
+            },
+            counters.clone(),
+        );
+        for i in 0..20u16 {
+            pa.rtp.send_to(&rtp_packet(i, 160), a_rtp).await.unwrap();
+            assert_eq!(recv(&pb.rtp).await.0, rtp_packet(i, 160));
+        }
+        for i in 0..5u16 {
+            pb.rtp.send_to(&rtp_packet(i, 80), b_rtp).await.unwrap();
+            recv(&pa.rtp).await;
+        }
+        // RTCP is relayed but not recorded.
+        pa.rtcp
+            .send_to(&[0x80, 200, 0, 1, 0, 0, 0, 0], a_rtcp)
+            .await
+            .unwrap();
+        recv(&pb.rtcp).await;
+        // The logs stay open while the call lasts...
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!wa.is_finished() && !wb.is_finished());
+        rig.relay.stop().await;
+        // ...and are finished with exactly the relayed RTP payloads once it stops.
+        let ta = tokio::time::timeout(Duration::from_secs(5), wa)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let tb = tokio::time::timeout(Duration::from_secs(5), wb)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(ta.finished && tb.finished);
+        assert_eq!((ta.records, ta.payload_bytes), (20, 20 * 160));
+        assert_eq!((tb.records, tb.payload_bytes), (5, 5 * 80));
+        assert_eq!(counters.backpressure_drops.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_recording_never_holds_up_the_relay() {
+        let rig = rig(55000, RelayConfig::new(Duration::from_secs(5)));
+        let phones = allocator(55500, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        let a_rtp = rig.relay_addrs[0];
+        // A writer that is never run, and room for about two packets: the rest is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let w = crate::storage::segments::SegmentWriter::create(
+            &dir.path().join("a"),
+            Default::default(),
+        )
+        .unwrap();
+        let opts = crate::storage::segments::PipelineOptions {
+            batch_bytes: 1 << 20,
+            commit_interval: Duration::from_secs(60),
+            queue_depth: 1,
+            max_buffered_bytes: 300,
+        };
+        let (ingest, _stalled) = crate::storage::segments::pipeline(w, opts);
+        let counters = Arc::new(RecordCounters::default());
+        rig.relay.record(
+            RecordSinks {
+                from_a: Some(ingest),
+                from_b: None,
+            },
+            counters.clone(),
+        );
+        for i in 0..30u16 {
+            pa.rtp.send_to(&rtp_packet(i, 160), a_rtp).await.unwrap();
+            assert_eq!(recv(&pb.rtp).await.0, rtp_packet(i, 160));
+        }
+        // Stopping does not wait on the stalled writer.
+        tokio::time::timeout(Duration::from_secs(2), rig.relay.stop())
+            .await
+            .unwrap();
+        assert_eq!(rig.counters.a_to_b.rtp_packets.load(Ordering::Relaxed), 30);
+        assert!(counters.backpressure_drops.load(Ordering::Relaxed) >= 20);
     }
 }

@@ -242,7 +242,9 @@ impl IndexTask {
         };
         loop {
             let have = have_rx.borrow_and_update().clone();
-            let mut req = if self.announce && have.count() > 0 {
+            // Announced from the start, empty: other agents then know this one is fetching
+            // and leave it its share of the pieces nobody holds yet.
+            let mut req = if self.announce {
                 let body = serde_json::json!({
                     "peer_id": self.peer_id,
                     "address": self.address,

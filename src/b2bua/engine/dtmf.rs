@@ -85,6 +85,7 @@ impl<M: MediaBackend> Engine<M> {
                 if let Some(c) = self.calls.get_mut(&call) {
                     c.digits[idx(side)].held.push(req);
                 }
+                self.digit_holds.insert(call);
                 None
             }
             Decision::Release(_) => {
@@ -141,7 +142,12 @@ impl<M: MediaBackend> Engine<M> {
     /// Releases digits held too long (the 3 s rule).
     pub(super) fn digit_timeouts(&mut self, now: Instant) {
         let mut due = Vec::new();
-        for (k, c) in self.calls.iter_mut() {
+        // Only calls holding digits: the core asks for timeouts before every event, so this
+        // must not grow with the number of calls.
+        for k in &self.digit_holds {
+            let Some(c) = self.calls.get_mut(k) else {
+                continue;
+            };
             for side in [Side::A, Side::B] {
                 let gate = &mut c.digits[idx(side)];
                 if gate.code.handle_timeout(now).is_some() {
@@ -152,11 +158,18 @@ impl<M: MediaBackend> Engine<M> {
         for (k, side, held) in due {
             self.resend_digits(k, side, held, now);
         }
+        let calls = &self.calls;
+        self.digit_holds.retain(|k| {
+            calls
+                .get(k)
+                .is_some_and(|c| c.digits.iter().any(|g| g.code.is_holding()))
+        });
     }
 
     pub(super) fn next_digit_timeout(&self) -> Option<Instant> {
-        self.calls
-            .values()
+        self.digit_holds
+            .iter()
+            .filter_map(|k| self.calls.get(k))
             .flat_map(|c| c.digits.iter().filter_map(DigitGate::poll_timeout))
             .min()
     }

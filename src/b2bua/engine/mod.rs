@@ -152,6 +152,8 @@ struct Call {
     callee: String,
     /// Feature-code detection on INFO digits, per side (index 0 = A).
     digits: [dtmf::DigitGate; 2],
+    /// The audio format of the answer (first codec that is not telephone-event), once known.
+    format: Option<(String, u8)>,
 }
 
 impl Call {
@@ -278,6 +280,8 @@ pub struct Engine<M: MediaBackend> {
     own_call_ids: HashMap<String, CallKey>,
     a_invites: HashMap<ServerTxId, CallKey>,
     sessions: HashMap<SessionKey, sessions::LocalSession>,
+    /// Calls whose feature-code gate holds digits (their 3 s release timers).
+    digit_holds: std::collections::HashSet<CallKey>,
     session_dialogs: HashMap<(String, String), SessionKey>,
     session_invites: HashMap<ServerTxId, SessionKey>,
     pending: HashMap<ClientTxId, (Pending, Peer)>,
@@ -322,6 +326,7 @@ impl<M: MediaBackend> Engine<M> {
             own_call_ids: HashMap::new(),
             a_invites: HashMap::new(),
             sessions: HashMap::new(),
+            digit_holds: std::collections::HashSet::new(),
             session_dialogs: HashMap::new(),
             session_invites: HashMap::new(),
             pending: HashMap::new(),
@@ -844,6 +849,7 @@ impl<M: MediaBackend> Engine<M> {
             streams: Vec::new(),
             caller: format!("{caller}@{}", self.cfg.domain),
             callee: format!("{callee}@{}", self.cfg.domain),
+            format: None,
             digits: [
                 dtmf::DigitGate::new(&self.cfg.feature_code),
                 dtmf::DigitGate::new(&self.cfg.feature_code),
@@ -1201,6 +1207,7 @@ impl<M: MediaBackend> Engine<M> {
             call.state = CallState::Up;
             call.a_invite_tx = None;
             call.a.awaiting_ack = Some(1);
+            call.format = answer_format(&resp);
             if let Ok(d) = Dialog::uas(&a_invite, &a_tag, &contact) {
                 call.a.dialog = Some(d);
                 self.dialogs
@@ -1498,6 +1505,13 @@ impl<M: MediaBackend> Engine<M> {
         self.after(now);
     }
 
+    /// Leg A's Call-ID (what a recorded call is listed under) and the answered audio format.
+    pub fn call_facts(&self, call: CallKey) -> Option<(String, Option<(String, u8)>)> {
+        self.calls
+            .get(&call)
+            .map(|c| (c.a.call_id.clone(), c.format.clone()))
+    }
+
     /// `(caller, callee)` identities of a call, `user@domain` each.
     pub fn call_parties(&self, call: CallKey) -> Option<(String, String)> {
         self.calls
@@ -1663,6 +1677,7 @@ impl<M: MediaBackend> Engine<M> {
 
     /// Forgets a call (no metrics): media released, dialog keys removed.
     fn drop_call(&mut self, key: CallKey) {
+        self.digit_holds.remove(&key);
         if let Some(call) = self.calls.remove(&key) {
             self.dialogs
                 .remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
@@ -1775,6 +1790,20 @@ fn is_store_request(req: &Request) -> bool {
         None => true,
     };
     ct_ok && (req.method == Method::Message || package_ok)
+}
+
+/// The first audio codec of an SDP answer that is not telephone-event, e.g. `PCMU/8000`.
+fn answer_format(resp: &Response) -> Option<(String, u8)> {
+    if !is_sdp(resp) {
+        return None;
+    }
+    let sdp = SessionDescription::parse(std::str::from_utf8(&resp.body).ok()?).ok()?;
+    let audio = sdp.find_media("audio")?;
+    let c = sdp
+        .codecs(audio)
+        .into_iter()
+        .find(|c| !c.is_telephone_event())?;
+    Some((c.format_name(), c.pt))
 }
 
 /// Copies end-to-end headers (everything but [`HOP_HEADERS`]); `Supported` is passed on

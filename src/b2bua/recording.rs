@@ -1,0 +1,251 @@
+//! Whole-call recording (PROTOCOL.md §1 last bullet, §5 "Recorded calls"): with
+//! `[media] record_calls = true`, both directions of every answered call are written through
+//! the store path of section 2, one `call-recording` store per direction, owned by the
+//! callee's account when it has one, else by the operator (no quota).
+//!
+//! The service reacts to engine events like the store service: on `CallAnswered` a task
+//! creates and starts the two stores, opens their logs and sends [`Command::Attach`] back to
+//! the core, which hands the ingest ends to the call's relay ([`RelayMedia::record`]). The
+//! relay pushes every relayed RTP packet into its direction's log and closes the logs when it
+//! stops; each store's writer task then finishes the store `complete` with its payload bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use super::engine::{Engine, EngineEvent};
+use super::media::{CallKey, MediaBackend, RelayMedia};
+use crate::http::LiveStores;
+use crate::media::relay::{RecordCounters, RecordSinks};
+use crate::storage::accounts::Accounts;
+use crate::storage::segments::{
+    pipeline, Ingest, PipelineOptions, SegmentOptions, SegmentWriter, WriterTask,
+};
+use crate::storage::stores::{
+    store_dir, NewStore, StartSession, StoreError, StoreKind, StoreState, Stores,
+};
+use crate::storage::threshold::Threshold;
+
+/// Used when the answer's codec cannot be read.
+pub const DEFAULT_FORMAT: (&str, u8) = ("PCMU/8000", 0);
+/// How long a recording store id may wait for its session (it starts at once).
+const STORE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+pub enum RecordingError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store log: {0}")]
+    Log(String),
+}
+
+/// Sent by recording tasks to the core.
+#[derive(Debug)]
+pub enum Command {
+    /// The logs of a call are open: hand them to the call's relay.
+    Attach { call: CallKey, sinks: RecordSinks },
+}
+
+fn user_of(aor: &str) -> &str {
+    aor.split('@').next().unwrap_or(aor)
+}
+
+#[derive(Clone)]
+struct Ctx {
+    data_dir: PathBuf,
+    accounts: Accounts,
+    stores: Stores,
+    live: Arc<LiveStores>,
+    commands: mpsc::UnboundedSender<Command>,
+    counters: Arc<RecordCounters>,
+}
+
+/// The recording side of the core; exists only when `record_calls` is on.
+pub struct RecordingService {
+    ctx: Ctx,
+}
+
+impl RecordingService {
+    pub fn new(
+        data_dir: PathBuf,
+        accounts: Accounts,
+        stores: Stores,
+        live: Arc<LiveStores>,
+    ) -> (RecordingService, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ctx = Ctx {
+            data_dir,
+            accounts,
+            stores,
+            live,
+            commands: tx,
+            counters: Arc::new(RecordCounters::default()),
+        };
+        (RecordingService { ctx }, rx)
+    }
+
+    /// Packets refused by lagging recording writers, over all calls.
+    pub fn counters(&self) -> Arc<RecordCounters> {
+        self.ctx.counters.clone()
+    }
+
+    /// Starts recording a call when it is answered.
+    pub fn on_event<M: MediaBackend>(&mut self, engine: &Engine<M>, ev: &EngineEvent) {
+        let EngineEvent::CallAnswered(call) = ev else {
+            return;
+        };
+        let Some((caller, callee)) = engine.call_parties(*call) else {
+            return;
+        };
+        let (call_id, format) = engine.call_facts(*call).unzip();
+        let job = Job {
+            call: *call,
+            caller,
+            callee,
+            call_id,
+            format: format.flatten(),
+        };
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move { start(ctx, job).await });
+    }
+
+    /// Applies a command to the relays.
+    pub fn apply(&mut self, media: &mut RelayMedia, cmd: Command) {
+        match cmd {
+            Command::Attach { call, sinks } => {
+                if !media.record(call, sinks, self.ctx.counters.clone()) {
+                    tracing::debug!(call, "call gone before its recording started");
+                }
+            }
+        }
+    }
+}
+
+struct Job {
+    call: CallKey,
+    caller: String,
+    callee: String,
+    call_id: Option<String>,
+    format: Option<(String, u8)>,
+}
+
+async fn start(ctx: Ctx, job: Job) {
+    // The callee's account owns the recording when there is one.
+    let owner = match ctx.accounts.get(user_of(&job.callee)).await {
+        Ok(Some(a)) => Some(a.user),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "recording owner lookup failed; operator owns it");
+            None
+        }
+    };
+    let mut sinks = RecordSinks::default();
+    for (sender, receiver, slot) in [
+        (&job.caller, &job.callee, &mut sinks.from_a),
+        (&job.callee, &job.caller, &mut sinks.from_b),
+    ] {
+        match open_direction(&ctx, &job, sender, receiver, owner.clone()).await {
+            Ok(ingest) => *slot = Some(ingest),
+            Err(e) => tracing::warn!(call = job.call, error = %e, "call recording not started"),
+        }
+    }
+    if sinks.from_a.is_some() || sinks.from_b.is_some() {
+        let _ = ctx.commands.send(Command::Attach {
+            call: job.call,
+            sinks,
+        });
+    }
+}
+
+/// Creates and starts one direction's store and opens its log; the writer task finishing the
+/// store is running when this returns.
+async fn open_direction(
+    ctx: &Ctx,
+    job: &Job,
+    sender: &str,
+    receiver: &str,
+    owner: Option<String>,
+) -> Result<Ingest, RecordingError> {
+    let now = SystemTime::now();
+    let store = ctx
+        .stores
+        .create(
+            NewStore {
+                kind: StoreKind::CallRecording,
+                sender: sender.to_string(),
+                receiver: receiver.to_string(),
+                owner,
+                call_id: job.call_id.clone(),
+                // Readable (live) from the first packet.
+                threshold: Threshold::Bytes(0),
+                ttl: STORE_TTL,
+            },
+            now,
+        )
+        .await?;
+    let (format, pt) = match &job.format {
+        Some((f, pt)) => (f.as_str(), *pt),
+        None => DEFAULT_FORMAT,
+    };
+    ctx.stores
+        .start_session(
+            &store.id,
+            &StartSession {
+                caller: sender,
+                format,
+                payload_type: pt,
+                declared_bytes: None,
+                reserve_bytes: 0,
+                threshold_bytes: Some(0),
+            },
+            now,
+        )
+        .await?;
+    let opened = store_dir(&ctx.data_dir, &store.id)
+        .map_err(RecordingError::from)
+        .and_then(|dir| {
+            SegmentWriter::create(&dir, SegmentOptions::default())
+                .map_err(|e| RecordingError::Log(e.to_string()))
+        });
+    let writer = match opened {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ctx
+                .stores
+                .finish(&store.id, StoreState::Rejected, 0, SystemTime::now())
+                .await;
+            return Err(e);
+        }
+    };
+    let (ingest, task) = pipeline(writer, PipelineOptions::default());
+    ctx.live.insert(&store.id, task.subscribe());
+    if let Err(e) = ctx.stores.mark_threshold(&store.id, now).await {
+        tracing::debug!(error = %e, "recording threshold not noted");
+    }
+    tokio::spawn(finish_when_done(ctx.clone(), store.id, task));
+    Ok(ingest)
+}
+
+/// Runs the store's writer until the relay closes the log, then settles the store.
+async fn finish_when_done(ctx: Ctx, id: String, task: WriterTask) {
+    let (state, bytes) = match task.run().await {
+        Ok(tail) => (StoreState::Complete, tail.payload_bytes),
+        Err(e) => {
+            tracing::warn!(store = %id, error = %e, "call recording cut short");
+            let bytes = ctx.live.get(&id).map_or(0, |t| t.borrow().payload_bytes);
+            (StoreState::Truncated, bytes)
+        }
+    };
+    if let Err(e) = ctx
+        .stores
+        .finish(&id, state, bytes, SystemTime::now())
+        .await
+    {
+        tracing::warn!(store = %id, error = %e, "call recording not finished cleanly");
+    }
+    ctx.live.remove(&id);
+    tracing::info!(store = %id, bytes, ?state, "call recording ended");
+}

@@ -1,0 +1,144 @@
+//! Whole-call recording (PROTOCOL.md §1, §5 "Recorded calls"): with `[media] record_calls`,
+//! one SIPp call with 5 s of PCMU each way through callvault leaves two `call-recording`
+//! stores, one per direction, listed to the admin with leg A's Call-ID and downloadable.
+//!
+//! Skips with a SKIPPED line when SIPp is missing, unless `CALLVAULT_REQUIRE_TOOLS=1`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ADMIN: &str = "recording-admin-token";
+/// 250 packets of 160 PCMU bytes: sip-scenarios/audio/pcmu-5s.pcap.
+const BYTES_5S: u64 = 250 * 160;
+
+/// GET with the admin bearer: (status, raw body).
+fn admin_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size_text = String::from_utf8_lossy(&b[..eol]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        b = &b[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+fn within_1pct(got: u64, want: u64) -> bool {
+    got * 100 >= want * 99 && got * 100 <= want * 101
+}
+
+#[test]
+fn recorded_call_lists_two_complete_stores_with_the_audio() {
+    if !tool_available("sipp") {
+        return;
+    }
+    let ports = PortBlock::reserve(10);
+    let (uas_sip, uac_sip, uas_media, uac_media) =
+        (ports.port(0), ports.port(1), ports.port(2), ports.port(6));
+    let mut cfg = ServerConfig::new();
+    cfg.rtp = PortBlock::reserve(20);
+    cfg.route_to = Some((uas_sip, Transport::Udp));
+    let mut server = Server::prepare(cfg);
+    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
+    server.start();
+
+    let uas = Sipp::uas("basic")
+        .port(uas_sip)
+        .media_port(uas_media)
+        .transport(Transport::Udp)
+        .calls(1)
+        .timeout(Duration::from_secs(60))
+        .trace_messages(true)
+        .spawn();
+    let uac = Sipp::uac("basic", server.sip_addr())
+        .port(uac_sip)
+        .media_port(uac_media)
+        .transport(Transport::Udp)
+        .calls(1)
+        .timeout(Duration::from_secs(60))
+        .trace_messages(true)
+        .run();
+    let uas = uas.wait();
+    uac.assert_successful(1);
+    uas.assert_successful(1);
+    // Leg A's Call-ID: the one the UAC used.
+    let call_id = uac
+        .messages
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("Call-ID")
+                .then(|| value.trim().to_string())
+        })
+        .expect("Call-ID in the UAC trace");
+
+    // The stores finish once the relay has stopped and the logs are committed.
+    let http = server.http_addr();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let stores = loop {
+        let (status, body) = admin_get(http, "/v1/stores");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let recs: Vec<serde_json::Value> = list
+            .into_iter()
+            .filter(|s| s["kind"] == "call-recording")
+            .collect();
+        if recs.len() == 2 && recs.iter().all(|s| s["state"] == "complete") {
+            break recs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recordings not complete: {recs:#?}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let mut senders = Vec::new();
+    for s in &stores {
+        assert_eq!(s["call_id"], call_id.as_str(), "{s:#}");
+        let got = s["received_bytes"].as_u64().unwrap();
+        assert!(within_1pct(got, BYTES_5S), "received {got}: {s:#}");
+        senders.push(s["sender"].as_str().unwrap().to_string());
+        let id = s["store_id"].as_str().unwrap();
+        let (status, media) = admin_get(http, &format!("/v1/stores/{id}/media?format=raw"));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&media));
+        assert_eq!(media.len() as u64, got, "raw download of {id}");
+    }
+    // One store per direction: each party sends one of them.
+    senders.sort();
+    senders.dedup();
+    assert_eq!(senders.len(), 2, "{stores:#?}");
+}
