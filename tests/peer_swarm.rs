@@ -8,6 +8,7 @@
 //!
 //! `cargo test --release --test peer_swarm -- --ignored --nocapture` runs the benchmark
 //! (8 receivers of 64 MiB, peer mode vs server-only) whose figures are in docs/BENCHMARKS.md.
+//! `PEER_LOG=callvault::peer=debug PEER_LOG_PRINT=1` shows every piece decision of the agents.
 
 mod common;
 

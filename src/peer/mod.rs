@@ -52,7 +52,7 @@ pub enum PeerCmd {
     Fetch(Box<FetchArgs>),
     /// Publish the new files of a folder as shares (PUT /v1/shares/{user}/{name}).
     Share(ShareArgs),
-    /// Register over SIP, answer share requests with {"forward":true} and fetch offers.
+    /// Register over SIP, answer share requests and fetch offers (not implemented yet).
     Serve(ServeArgs),
 }
 
