@@ -50,6 +50,9 @@ pub enum ServerError {
 /// (so `callvault account set --password` takes effect on a running server).
 const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// Queued SIP events the core handles in one go before flushing transmits.
+const CORE_BATCH: usize = 63;
+
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.storage.data_dir)
@@ -286,16 +289,18 @@ impl Core {
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                ev = sip_rx.recv() => match ev {
-                    Some(TransportEvent::Message { msg, peer, .. }) => {
-                        self.load_accounts(&msg).await;
-                        self.engine.handle_message(msg, peer, Instant::now());
+                ev = sip_rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.on_transport_event(ev).await;
+                    // Under load, take what is already queued before the next flush and timer
+                    // computation: fewer wake-ups and task hand-offs per message.
+                    for _ in 0..CORE_BATCH {
+                        match sip_rx.try_recv() {
+                            Ok(ev) => self.on_transport_event(ev).await,
+                            Err(_) => break,
+                        }
                     }
-                    Some(TransportEvent::Unreachable(peer)) => {
-                        self.engine.handle_unreachable(peer, Instant::now());
-                    }
-                    None => break,
-                },
+                }
                 Some(cmd) = commands.recv() => {
                     self.service.apply(&mut self.engine, cmd, Instant::now());
                 }
@@ -330,6 +335,18 @@ impl Core {
         // Let the BYEs leave (TCP writer tasks) before the runtime goes away.
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
+    }
+
+    async fn on_transport_event(&mut self, ev: TransportEvent) {
+        match ev {
+            TransportEvent::Message { msg, peer, .. } => {
+                self.load_accounts(&msg).await;
+                self.engine.handle_message(msg, peer, Instant::now());
+            }
+            TransportEvent::Unreachable(peer) => {
+                self.engine.handle_unreachable(peer, Instant::now());
+            }
+        }
     }
 
     fn flush(&mut self) {
