@@ -491,3 +491,175 @@ fn bench_eight_receivers_peer_mode_vs_server_only() {
         );
     }
 }
+
+#[path = "common/ua.rs"]
+mod ua;
+
+/// `callvault peer serve` as both ends of PROTOCOL 3 with digest-authenticated registration
+/// (loopback not trusted): 1001's agent answers the relayed share request with
+/// `{"forward":true}`, so B (the test UA as 1002) gets 200 well before callvault's relay
+/// deadline, and 1002's agent receives the offer and fetches the file.
+#[test]
+fn peer_serve_forwards_requests_and_fetches_offers() {
+    use callvault::sip::message::{Method, Request};
+
+    let mut cfg = ServerConfig::new();
+    cfg.trust_loopback = false;
+    let mut server = Server::prepare(cfg);
+    server.account_add("1001", "pw1", "1111", "100MiB");
+    server.account_add("1002", "pw2", "2222", "100MiB");
+    let work = tempfile::tempdir().unwrap();
+    let bytes = data(300 * 1024 + 17, 42);
+    let src = work.path().join("song.bin");
+    std::fs::write(&src, &bytes).unwrap();
+    let out = Command::new(common::callvault_bin())
+        .args(["share", "publish", "1001"])
+        .arg(&src)
+        .args(["--name", "song.bin", "--policy", "subscribers", "--config"])
+        .arg(&server.config_path)
+        .env_remove("CALLVAULT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "share publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.start();
+
+    struct Agent(Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = |user: &str, pw: &str, dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        Agent(
+            Command::new(common::callvault_bin())
+                .args(["peer", "serve", "--sip", &server.sip_addr().to_string()])
+                .args(["--user", user, "--password", pw, "--domain", "example.com"])
+                .args(["--expires", "60", "--out-dir"])
+                .arg(dir)
+                .env_remove("CALLVAULT_CONFIG")
+                .env("RUST_LOG", "callvault=debug")
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _sharer = agent("1001", "pw1", &work.path().join("a"));
+    let mut requester = agent("1002", "pw2", &work.path().join("b"));
+    let agent_logs = || {
+        ["a.log", "b.log"]
+            .map(|f| std::fs::read_to_string(work.path().join(f)).unwrap_or_default())
+            .join("\n---\n")
+    };
+
+    // Both agents registered (through the 401 challenge).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = common::metric_value(&server.metrics(), "callvault_registrations_active", &[])
+            .unwrap_or(0.0);
+        if n >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents not registered ({n}); agents:\n{}\nserver:\n{}",
+            agent_logs(),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // B asks 1001 for the file, answering callvault's challenge with 1002's credentials.
+    let mut b = ua::Ua::new("1002", "example.com", server.sip_addr());
+    let request = |b: &mut ua::Ua, cseq: u32, authz: Option<(&str, String)>| {
+        let mut req = Request::new(Method::Message, "sip:1001@example.com");
+        req.headers.push("Via", b.new_via().to_string());
+        req.headers.push("Max-Forwards", "70");
+        req.headers
+            .push("From", format!("<{}>;tag=swarm1", b.aor()));
+        req.headers.push("To", "<sip:1001@example.com>");
+        req.headers.push("Call-ID", "peer-serve-share@ua");
+        req.headers.push("CSeq", format!("{cseq} MESSAGE"));
+        if let Some((name, value)) = authz {
+            req.headers.push(name, value);
+        }
+        req.headers.push(
+            "Content-Type",
+            "application/vnd.callvault.share-request+json",
+        );
+        req.body = bytes::Bytes::from_static(br#"{"name":"song.bin"}"#);
+        req
+    };
+    let sent = Instant::now();
+    let first = request(&mut b, 1, None);
+    let mut resp = b.transact(&first);
+    if resp.status == 401 || resp.status == 407 {
+        let (hdr, ans) = if resp.status == 401 {
+            ("WWW-Authenticate", "Authorization")
+        } else {
+            ("Proxy-Authenticate", "Proxy-Authorization")
+        };
+        let ch = resp.headers.get(hdr).expect("challenge").to_string();
+        let authz = callvault::sip::auth::respond(
+            &ch,
+            "1002",
+            "pw2",
+            "MESSAGE",
+            "sip:1001@example.com",
+            "cn1",
+            1,
+        )
+        .unwrap();
+        let second = request(&mut b, 2, Some((ans, authz)));
+        resp = b.transact(&second);
+    }
+    assert_eq!(
+        resp.status,
+        200,
+        "{} {}; agents:\n{}",
+        resp.reason,
+        String::from_utf8_lossy(&resp.body),
+        agent_logs()
+    );
+    // Well before the relay deadline (about 10 s): the sharer's agent answered the forward.
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "answered after {:?}, on the sharer's behalf?",
+        sent.elapsed()
+    );
+    assert!(
+        agent_logs().contains("share-request"),
+        "the sharer's agent saw no share request: {}",
+        agent_logs()
+    );
+
+    // 1002's agent gets the offer at its registered contact and fetches the file.
+    let (tx, rx) = mpsc::channel();
+    let stdout = requester.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no fetch report; agents:\n{}", agent_logs()));
+    let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["name"], "song.bin");
+    assert_eq!(report["size"], bytes.len() as u64);
+    let fetched = work.path().join("b").join("song.bin");
+    assert_eq!(
+        sha_file(&fetched),
+        hex::encode(Sha256::digest(&bytes)),
+        "fetched file differs"
+    );
+}

@@ -630,7 +630,7 @@ pub fn agent_cost_params() -> CostParams {
     }
 }
 
-fn random_peer_id() -> String {
+pub(crate) fn random_peer_id() -> String {
     use rand::RngCore;
     let mut b = [0u8; 6];
     rand::rngs::OsRng.fill_bytes(&mut b);

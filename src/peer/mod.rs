@@ -52,7 +52,7 @@ pub enum PeerCmd {
     Fetch(Box<FetchArgs>),
     /// Publish the new files of a folder as shares (PUT /v1/shares/{user}/{name}).
     Share(ShareArgs),
-    /// Register over SIP, answer share requests and fetch offers (not implemented yet).
+    /// Register over SIP, answer share requests and fetch the offers that arrive.
     Serve(ServeArgs),
 }
 
@@ -154,9 +154,12 @@ pub struct ServeArgs {
     /// Local SIP address to bind.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub bind: String,
-    /// Where fetched offers are written.
-    #[arg(long, default_value = ".")]
+    /// Where fetched offers are written (as `DIR/<name>`).
+    #[arg(long, alias = "out-dir", default_value = ".")]
     pub downloads: PathBuf,
+    /// Server base URL used for fetches instead of the offer's `server_url`.
+    #[arg(long)]
+    pub server: Option<String>,
     /// Where to serve pieces to other peers.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
