@@ -19,6 +19,8 @@
 //! `CALLVAULT_REQUIRE_TOOLS=1` (scripts/test), which makes them failures.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
