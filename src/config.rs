@@ -56,6 +56,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub store: StoreConfig,
     pub share: ShareConfig,
+    pub index: IndexConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
     /// trusting loopback out of the box would switch digest auth off for every local test.
     pub trusted_peer: Vec<TrustedPeer>,
@@ -249,6 +250,57 @@ impl Default for ShareConfig {
     }
 }
 
+/// The piece index (PROTOCOL 3, 5 "Index"): inside `callvault serve` by default, or
+/// `callvault index` on an address of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Where `callvault index` listens.
+    pub listen: SocketAddr,
+    /// Empty: the index lives inside `callvault serve`. Otherwise the base URL of the
+    /// `callvault index` (e.g. `http://127.0.0.1:8081`) that offers name and serve's own
+    /// `/v1/index/...` redirects to.
+    pub url: String,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)),
+            url: String::new(),
+        }
+    }
+}
+
+impl IndexConfig {
+    /// The index role's base URL without a trailing slash; None when the index is in serve.
+    pub fn base(&self) -> Option<&str> {
+        let u = self.url.trim().trim_end_matches('/');
+        (!u.is_empty()).then_some(u)
+    }
+}
+
+/// `index.url`: `http(s)://host[:port][/path]`, no query or fragment (paths are appended).
+fn validate_index_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?}: must start with http:// (or be empty)"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("{url:?}: no host"));
+    }
+    if url
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'?' || b == b'#')
+    {
+        return Err(format!(
+            "{url:?}: no spaces, query or fragment (paths are appended to it)"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedPeer {
@@ -406,12 +458,27 @@ impl Config {
                 "must be within 1 byte..=64 MiB",
             ));
         }
+        if let Some(url) = self.index.base() {
+            validate_index_url(url).map_err(|m| invalid("index.url", m))?;
+        }
         for (i, r) in self.route.iter().enumerate() {
             if r.target.port == 0 {
                 return Err(invalid(&format!("route[{i}].target"), "port 0"));
             }
         }
         Ok(())
+    }
+
+    /// The `host:port` under which `callvault serve`'s HTTP API is reached (the index's
+    /// `"server"` holder): `bound` (the listen address, or what it was bound to), with an
+    /// unspecified IP (0.0.0.0, ::) replaced by `sip.public_address`. One function for serve
+    /// and for `callvault index`, so both name the server alike.
+    pub fn server_http_address(&self, bound: SocketAddr) -> SocketAddr {
+        if bound.ip().is_unspecified() {
+            SocketAddr::new(self.sip.public_address, bound.port())
+        } else {
+            bound
+        }
     }
 
     /// Whether requests from `ip` are not challenged.
@@ -654,6 +721,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         storage: take(&mut table, "storage", origin)?,
         store: take(&mut table, "store", origin)?,
         share: take(&mut table, "share", origin)?,
+        index: take(&mut table, "index", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,
     };
@@ -1336,5 +1404,63 @@ transport = "tcp"
         if std::env::var("CALLVAULT_SIP_DOMAIN").is_err() {
             assert_eq!(c.sip.domain, "lab.test");
         }
+    }
+
+    #[test]
+    fn index_section_defaults_env_and_validation() {
+        let c = Config::from_toml_str("", no_env).unwrap();
+        assert_eq!(c.index.listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.index.url, "");
+        assert_eq!(c.index.base(), None);
+        let c = Config::from_toml_str(
+            "[index]\nlisten = \"127.0.0.1:9091\"\nurl = \"http://127.0.0.1:9091/\"\n",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.index.listen.port(), 9091);
+        assert_eq!(c.index.base(), Some("http://127.0.0.1:9091"));
+        // Environment overrides, like every other section.
+        let c = Config::from_toml_str(
+            "[index]\nurl = \"http://a:1\"\n",
+            with_env(&[
+                ("CALLVAULT_INDEX_URL", "http://index.lab:8081"),
+                ("CALLVAULT_INDEX_LISTEN", "0.0.0.0:8181"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.index.base(), Some("http://index.lab:8081"));
+        assert_eq!(c.index.listen.to_string(), "0.0.0.0:8181");
+        // An empty override switches the role off again.
+        let c = Config::from_toml_str(
+            "[index]\nurl = \"http://a:1\"\n",
+            with_env(&[("CALLVAULT_INDEX_URL", "")]),
+        )
+        .unwrap();
+        assert_eq!(c.index.base(), None);
+        assert!(env_names().contains(&"CALLVAULT_INDEX_URL".to_string()));
+        assert!(check_env_names(["CALLVAULT_INDEX_LISTN".to_string()].into_iter()).is_err());
+        // Unknown keys and bad values are named.
+        let e = err_text("[index]\nport = 1\n", no_env);
+        assert!(e.contains("`index.port`"), "{e}");
+        for bad in ["ftp://x", "http://", "http://a b", "http://h:1/?x", "127.0.0.1:8081"] {
+            let e = err_text(&format!("[index]\nurl = {bad:?}\n"), no_env);
+            assert!(e.contains("index.url"), "{bad}: {e}");
+        }
+        let e = err_text("[index]\nlisten = \"nope\"\n", no_env);
+        assert!(e.contains("`listen`"), "{e}");
+        let e = err_text("", with_env(&[("CALLVAULT_INDEX_LISTEN", "x:y")]));
+        assert!(e.contains("index"), "{e}");
+    }
+
+    #[test]
+    fn server_http_address_replaces_unspecified_ip() {
+        let mut c = Config::default();
+        c.sip.public_address = "192.0.2.10".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(c.server_http_address(any).to_string(), "192.0.2.10:8080");
+        let lo: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(c.server_http_address(lo), lo);
+        let any6: SocketAddr = "[::]:8080".parse().unwrap();
+        assert_eq!(c.server_http_address(any6).to_string(), "192.0.2.10:8080");
     }
 }

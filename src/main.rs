@@ -36,6 +36,9 @@ enum Command {
     /// The terminal agent: fetch in pieces from server and peers, share a folder, serve.
     #[command(subcommand)]
     Peer(callvault::peer::PeerCmd),
+    /// The piece index as a role of its own, on index.listen (same database as serve; set
+    /// index.url for serve and the peers to use it).
+    Index,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +180,10 @@ async fn main() -> ExitCode {
         Command::Share(cmd) => match share(&config, cmd).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}"), 1),
+        },
+        Command::Index => match callvault::http::index_role::run(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e, 1),
         },
         Command::Peer(cmd) => match callvault::peer::run(cmd).await {
             Ok(()) => ExitCode::SUCCESS,

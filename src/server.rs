@@ -202,8 +202,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     http_state.realm = config.sip.domain.clone();
     http_state.live = live.clone();
     let mut share_settings = crate::share::ShareSettings::from_config(&config.share);
-    share_settings.server_address =
-        Some(std::net::SocketAddr::new(http_host, http_addr.port()).to_string());
+    share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
+    // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
+    share_settings.index_base = config.index.base().map(str::to_string);
     let shares = crate::share::Shares::open(
         db.clone(),
         config.storage.data_dir.clone(),

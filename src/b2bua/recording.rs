@@ -22,7 +22,7 @@ use crate::http::LiveStores;
 use crate::media::relay::{RecordCounters, RecordSinks};
 use crate::storage::accounts::Accounts;
 use crate::storage::segments::{
-    pipeline, Ingest, PipelineOptions, SegmentOptions, SegmentWriter, WriterTask,
+    pipeline, Durability, Ingest, PipelineOptions, SegmentOptions, SegmentWriter, WriterTask,
 };
 use crate::storage::stores::{
     store_dir, NewStore, StartSession, StoreError, StoreKind, StoreState, Stores,
@@ -33,6 +33,25 @@ use crate::storage::threshold::Threshold;
 pub const DEFAULT_FORMAT: (&str, u8) = ("PCMU/8000", 0);
 /// How long a recording store id may wait for its session (it starts at once).
 const STORE_TTL: Duration = Duration::from_secs(60);
+/// A recording's log is written (and readable live) this long after a packet at most. Longer
+/// than an in-call store's 20 ms: nobody waits on a recording's threshold, and each commit is
+/// a hand-off to the blocking pool per direction of every recorded call.
+pub const RECORD_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Log settings of a recording: synced at segment ends and at the end of the call, not at
+/// every commit (see [`Durability::AtSegmentEnd`]).
+fn record_log_options() -> (SegmentOptions, PipelineOptions) {
+    (
+        SegmentOptions {
+            durability: Durability::AtSegmentEnd,
+            ..SegmentOptions::default()
+        },
+        PipelineOptions {
+            commit_interval: RECORD_COMMIT_INTERVAL,
+            ..PipelineOptions::default()
+        },
+    )
+}
 
 #[derive(Debug, Error)]
 pub enum RecordingError {
@@ -204,10 +223,11 @@ async fn open_direction(
             now,
         )
         .await?;
+    let (log_options, pipeline_options) = record_log_options();
     let opened = store_dir(&ctx.data_dir, &store.id)
         .map_err(RecordingError::from)
         .and_then(|dir| {
-            SegmentWriter::create(&dir, SegmentOptions::default())
+            SegmentWriter::create(&dir, log_options)
                 .map_err(|e| RecordingError::Log(e.to_string()))
         });
     let writer = match opened {
@@ -220,7 +240,7 @@ async fn open_direction(
             return Err(e);
         }
     };
-    let (ingest, task) = pipeline(writer, PipelineOptions::default());
+    let (ingest, task) = pipeline(writer, pipeline_options);
     ctx.live.insert(&store.id, task.subscribe());
     if let Err(e) = ctx.stores.mark_threshold(&store.id, now).await {
         tracing::debug!(error = %e, "recording threshold not noted");

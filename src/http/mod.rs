@@ -20,6 +20,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod errors;
+pub mod index_role;
 pub mod media;
 pub mod shares;
 pub mod stores;

@@ -12,6 +12,12 @@
 //! | `GET /v1/index/{content_id}` | content access |
 //! | `POST /v1/index/{content_id}/announce` | content access |
 //!
+//! The two index routes are also what `callvault index` serves ([`super::index_role`]), with
+//! the same handlers and the same [`content_access`] over the same database. When the index
+//! runs as its own role (`index.url` set, [`crate::share::ShareSettings::index_base`] here), serve's index
+//! routes answer `307 Temporary Redirect` to it (path and query kept, so a POST stays a POST
+//! with its body), before any authentication: the role checks access itself.
+//!
 //! Content access: the content's offer token (`?token=` or Bearer), the Basic/Digest of a
 //! user some share of the content allows (its owner always), admin, or nobody at all when a
 //! share of it is `public`. A token for other content is `401` (the server cannot tell it
@@ -57,6 +63,7 @@ use crate::metrics::ShareSource;
 use crate::share::index::Bitfield;
 use crate::share::manifest::{is_sha256_hex, piece_range, validate_name};
 use crate::share::rate::throttle;
+use crate::share::select::SourceClass;
 use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares};
 use crate::storage::stores::rfc3339;
 
@@ -130,8 +137,9 @@ fn requester_of(state: &HttpState, caller: Option<&Caller>) -> Option<Requester>
     }
 }
 
-/// Checks content access (module docs) and returns the shares of the content.
-async fn content_access(
+/// Checks content access (module docs) and returns the shares of the content. The one
+/// access check of every content route, in serve and in the `callvault index` role.
+pub(crate) async fn content_access(
     state: &HttpState,
     content_id: &str,
     method: &Method,
@@ -586,6 +594,8 @@ pub struct HolderView {
     pub address: String,
     pub have: String,
     pub last_seen: String,
+    /// `server`, `peer` or `mobile` (an addition to PROTOCOL 5's holder fields).
+    pub class: &'static str,
 }
 
 /// The index JSON (`GET index_url`).
@@ -615,6 +625,7 @@ fn index_view(sh: &Shares, share: &Share, headers: &HeaderMap) -> IndexView {
         address: server_address,
         have: Bitfield::full(pieces).to_base64(),
         last_seen: rfc3339(now),
+        class: SourceClass::Server.as_str(),
     }];
     holders.extend(
         sh.index()
@@ -625,6 +636,7 @@ fn index_view(sh: &Shares, share: &Share, headers: &HeaderMap) -> IndexView {
                 address: h.address,
                 have: h.have.to_base64(),
                 last_seen: rfc3339(h.last_seen),
+                class: h.class.as_str(),
             }),
     );
     IndexView {
@@ -634,6 +646,27 @@ fn index_view(sh: &Shares, share: &Share, headers: &HeaderMap) -> IndexView {
     }
 }
 
+/// With the index in a role of its own: `307` to the same path and query there.
+fn index_redirect(state: &HttpState, uri: &Uri) -> Option<Response> {
+    let base = state.shares.as_ref()?.settings().index_base.as_deref()?;
+    let mut location = format!("{}{}", base.trim_end_matches('/'), uri.path());
+    if let Some(q) = uri.query() {
+        location.push('?');
+        location.push_str(q);
+    }
+    let value = HeaderValue::from_str(&location).ok()?;
+    Some(
+        (
+            StatusCode::TEMPORARY_REDIRECT,
+            [
+                (LOCATION, value),
+                (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+        )
+            .into_response(),
+    )
+}
+
 /// `GET /v1/index/{content_id}`.
 pub async fn get_index(
     State(state): State<Arc<HttpState>>,
@@ -641,13 +674,16 @@ pub async fn get_index(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> Result<Json<IndexView>, ApiError> {
+) -> Result<Response, ApiError> {
+    if let Some(r) = index_redirect(&state, &uri) {
+        return Ok(r);
+    }
     let content_id = path1(path)?;
     let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
     let share = rows
         .first()
         .ok_or_else(|| ApiError::not_found("no such content"))?;
-    Ok(Json(index_view(shares(&state)?, share, &headers)))
+    Ok(Json(index_view(shares(&state)?, share, &headers)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -655,9 +691,13 @@ struct Announce {
     peer_id: String,
     address: String,
     have: String,
+    /// `peer` (default) or `mobile`.
+    #[serde(default)]
+    class: Option<String>,
 }
 
-/// `POST /v1/index/{content_id}/announce {"peer_id","address","have"}`; answers the index.
+/// `POST /v1/index/{content_id}/announce {"peer_id","address","have"[,"class"]}`; answers
+/// the index.
 pub async fn post_announce(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
@@ -665,7 +705,10 @@ pub async fn post_announce(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<IndexView>, ApiError> {
+) -> Result<Response, ApiError> {
+    if let Some(r) = index_redirect(&state, &uri) {
+        return Ok(r);
+    }
     let content_id = path1(path)?;
     let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
     let share = rows
@@ -674,16 +717,28 @@ pub async fn post_announce(
     let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "bad-announce", detail);
     let a: Announce = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
-            "announce body: {e} (want {{\"peer_id\",\"address\",\"have\"}})"
+            "announce body: {e} (want {{\"peer_id\",\"address\",\"have\"[,\"class\"]}})"
         ))
     })?;
+    let class = match a.class.as_deref() {
+        None => SourceClass::Peer,
+        Some(c) => SourceClass::parse_announced(c)
+            .ok_or_else(|| bad(format!("class {c:?}: want \"peer\" or \"mobile\"")))?,
+    };
     let pieces = usize::try_from(share.pieces).unwrap_or(usize::MAX);
     let have = Bitfield::from_base64(&a.have, pieces).map_err(|e| bad(e.to_string()))?;
     let sh = shares(&state)?;
     sh.index()
-        .announce(&content_id, &a.peer_id, &a.address, have, SystemTime::now())
+        .announce(
+            &content_id,
+            &a.peer_id,
+            &a.address,
+            class,
+            have,
+            SystemTime::now(),
+        )
         .map_err(|e| bad(e.to_string()))?;
-    Ok(Json(index_view(sh, share, &headers)))
+    Ok(Json(index_view(sh, share, &headers)).into_response())
 }
 
 #[cfg(test)]

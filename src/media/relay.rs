@@ -30,6 +30,7 @@ use super::dtmf::DtmfGate;
 use super::ports::PortPair;
 use super::rtp::RtpPacket;
 use crate::b2bua::feature_code::HOLD_TIMEOUT;
+use crate::metrics::METRICS;
 use crate::storage::segments::{Ingest, IngestError, RecordHeader};
 
 /// Largest datagram relayed whole; real RTP/RTCP stays under the 1500-byte MTU.
@@ -186,6 +187,9 @@ struct Recording {
     sinks: [Option<Ingest>; 2],
     /// Backpressure refusals since the last flush.
     dropped: u64,
+    /// Packets and payload bytes handed to the logs since the last flush (metrics).
+    stored_packets: u64,
+    stored_bytes: u64,
     counters: Arc<RecordCounters>,
 }
 
@@ -209,7 +213,10 @@ impl Recording {
             marker: rtp.marker(),
         };
         match ingest.push(&h, rtp.payload()) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.stored_packets += 1;
+                self.stored_bytes += rtp.payload().len() as u64;
+            }
             Err(IngestError::Backpressure) => self.dropped += 1,
             Err(IngestError::WriterClosed | IngestError::Record(_)) => {
                 self.sinks[from.idx()] = None;
@@ -230,6 +237,12 @@ impl Recording {
                 .backpressure_drops
                 .fetch_add(self.dropped, Ordering::Relaxed);
             self.dropped = 0;
+        }
+        if self.stored_packets > 0 {
+            METRICS.rtp_packets_stored_total.add(self.stored_packets);
+            METRICS.rtp_bytes_stored_total.add(self.stored_bytes);
+            self.stored_packets = 0;
+            self.stored_bytes = 0;
         }
     }
 
@@ -673,6 +686,8 @@ impl State {
                 let old = self.recording.replace(Box::new(Recording {
                     sinks: [from_a, from_b],
                     dropped: 0,
+                    stored_packets: 0,
+                    stored_bytes: 0,
                     counters,
                 }));
                 if let Some(old) = old {

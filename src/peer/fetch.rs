@@ -22,7 +22,7 @@ use super::state::{Progress, ResumeState};
 use super::{FetchArgs, PeerError};
 use crate::share::index::{Bitfield, Holder};
 use crate::share::manifest::{content_id_of, is_sha256_hex, Manifest};
-use crate::share::select::{CostModel, CostParams, Source};
+use crate::share::select::{CostModel, CostParams, Source, SourceClass};
 
 /// Holders are asked again this often (and right after each change of what we hold,
 /// at most every [`ANNOUNCE_THROTTLE`]).
@@ -61,6 +61,8 @@ pub struct FetchOptions {
     pub state_dir: Option<PathBuf>,
     pub server_only: bool,
     pub progress: ProgressMode,
+    /// What this agent announces itself as (`peer` or `mobile`).
+    pub class: SourceClass,
 }
 
 /// The share-offer body (PROTOCOL 3 step 3); only what a fetch uses is required.
@@ -101,6 +103,7 @@ impl FetchOptions {
             state_dir: None,
             server_only: false,
             progress: ProgressMode::Off,
+            class: SourceClass::Peer,
         }
     }
 }
@@ -200,6 +203,9 @@ struct HolderJson {
     peer_id: String,
     address: String,
     have: String,
+    /// Absent from older indexes: a plain peer.
+    #[serde(default)]
+    class: Option<String>,
 }
 
 fn parse_index(body: &[u8], pieces: usize) -> Result<Vec<Holder>, PeerError> {
@@ -210,9 +216,16 @@ fn parse_index(body: &[u8], pieces: usize) -> Result<Vec<Holder>, PeerError> {
         .into_iter()
         .filter_map(|h| {
             let have = Bitfield::from_base64(&h.have, pieces).ok()?;
+            // Unknown classes count as plain peers: the index is newer than this agent.
+            let class = match h.class.as_deref() {
+                Some("server") => SourceClass::Server,
+                Some(c) => SourceClass::parse_announced(c).unwrap_or(SourceClass::Peer),
+                None => SourceClass::Peer,
+            };
             Some(Holder {
                 peer_id: h.peer_id,
                 address: h.address,
+                class,
                 have,
                 last_seen: now,
             })
@@ -226,20 +239,88 @@ struct IndexTask {
     auth: Option<String>,
     peer_id: String,
     address: String,
+    class: SourceClass,
     pieces: usize,
     announce: bool,
 }
 
+/// Redirects followed per index request (serve answers 307 when the index runs as
+/// `callvault index`; one hop is the normal case).
+const MAX_INDEX_REDIRECTS: usize = 3;
+
+/// `{index}/announce` for an index URL, keeping its query (a `?token=` stays at the end).
+pub fn announce_url(index: &Url) -> Url {
+    let (path, query) = match index.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (index.path.as_str(), None),
+    };
+    let mut p = format!("{}/announce", path.trim_end_matches('/'));
+    if let Some(q) = query {
+        p.push('?');
+        p.push_str(q);
+    }
+    Url {
+        authority: index.authority.clone(),
+        path: p,
+    }
+}
+
+/// The index URL behind a redirect's `Location` (absolute, or a path on `from`'s host); for
+/// an announce, the `/announce` is taken off again.
+pub fn index_url_from_location(from: &Url, location: &str, was_announce: bool) -> Option<Url> {
+    let mut u = if location.starts_with('/') {
+        Url {
+            authority: from.authority.clone(),
+            path: location.to_string(),
+        }
+    } else {
+        Url::parse(location).ok()?
+    };
+    if was_announce {
+        let (path, query) = match u.path.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (u.path.clone(), None),
+        };
+        let base = path.strip_suffix("/announce")?;
+        u.path = match query {
+            Some(q) => format!("{base}?{q}"),
+            None => base.to_string(),
+        };
+    }
+    Some(u)
+}
+
 impl IndexTask {
+    /// One index request; a `307`/`308` moves this task to the index named by `Location`
+    /// for good (serve redirects to the `callvault index` role).
+    async fn exchange(&mut self, req: &Request<'_>) -> Result<super::http::Response, PeerError> {
+        let is_announce = req.method == "POST";
+        for _ in 0..=MAX_INDEX_REDIRECTS {
+            let url = if is_announce {
+                announce_url(&self.url)
+            } else {
+                self.url.clone()
+            };
+            let r = self.client.send(&url, req).await?;
+            if r.status != 307 && r.status != 308 {
+                return Ok(r);
+            }
+            let next = r
+                .header("Location")
+                .and_then(|l| index_url_from_location(&url, l.trim(), is_announce))
+                .ok_or_else(|| PeerError::Http(format!("index redirect without a usable Location: {}", r.describe())))?;
+            tracing::info!(from = %format!("{}{}", self.url.authority, self.url.path.split('?').next().unwrap_or("")),
+                to = %format!("{}{}", next.authority, next.path.split('?').next().unwrap_or("")), "index moved");
+            self.url = next;
+        }
+        Err(PeerError::Http("too many index redirects".into()))
+    }
+
     async fn run(
-        self,
+        mut self,
         mut have_rx: watch::Receiver<Bitfield>,
         holders_tx: watch::Sender<Arc<Vec<Holder>>>,
     ) {
-        let announce_url = Url {
-            authority: self.url.authority.clone(),
-            path: format!("{}/announce", self.url.path.trim_end_matches('/')),
-        };
         loop {
             let have = have_rx.borrow_and_update().clone();
             // Announced from the start, empty: other agents then know this one is fetching
@@ -249,6 +330,7 @@ impl IndexTask {
                     "peer_id": self.peer_id,
                     "address": self.address,
                     "have": have.to_base64(),
+                    "class": self.class.as_str(),
                 });
                 Request {
                     method: "POST",
@@ -262,12 +344,7 @@ impl IndexTask {
             if let Some(a) = &self.auth {
                 req = req.header("Authorization", a.clone());
             }
-            let url = if req.method == "POST" {
-                &announce_url
-            } else {
-                &self.url
-            };
-            match self.client.send(url, &req).await {
+            match self.exchange(&req).await {
                 Ok(r) if r.is_success() => match parse_index(&r.body, self.pieces) {
                     Ok(h) => {
                         holders_tx.send_replace(Arc::new(h));
@@ -486,6 +563,7 @@ pub async fn fetch(
         auth: o.auth.clone(),
         peer_id: o.peer_id.clone(),
         address: advertise.to_string(),
+        class: o.class,
         pieces: n,
         announce: !o.server_only,
     };
@@ -675,6 +753,7 @@ pub fn options_from_args(a: &FetchArgs) -> Result<FetchOptions, PeerError> {
         _ => return Err(PeerError::Usage("--user and --password go together".into())),
     }
     o.parallel = a.parallel.max(1);
+    o.class = a.class;
     o.state_dir = a.state.clone();
     o.server_only = a.server_only;
     o.progress = if a.quiet {
@@ -777,6 +856,56 @@ mod tests {
             format!("http://127.0.0.1:8080/v1/index/{}", "ab".repeat(32))
         );
         assert_eq!(o.auth.as_deref(), Some("Bearer tk"));
+    }
+
+    #[test]
+    fn index_urls_announce_and_redirects() {
+        let ix = Url::parse("http://127.0.0.1:8080/v1/index/abc?token=t").unwrap();
+        assert_eq!(announce_url(&ix).path, "/v1/index/abc/announce?token=t");
+        let plain = Url::parse("http://127.0.0.1:8080/v1/index/abc/").unwrap();
+        assert_eq!(announce_url(&plain).path, "/v1/index/abc/announce");
+        // serve's 307 for a GET: the role's index URL as it is.
+        let to = index_url_from_location(&ix, "http://127.0.0.1:8081/v1/index/abc?token=t", false)
+            .unwrap();
+        assert_eq!(to.authority, "127.0.0.1:8081");
+        assert_eq!(to.path, "/v1/index/abc?token=t");
+        // ...for an announce: back to the index URL, so later GETs go there too.
+        let ann = announce_url(&ix);
+        let to = index_url_from_location(
+            &ann,
+            "http://127.0.0.1:8081/v1/index/abc/announce?token=t",
+            true,
+        )
+        .unwrap();
+        assert_eq!(to.path, "/v1/index/abc?token=t");
+        assert_eq!(announce_url(&to).path, "/v1/index/abc/announce?token=t");
+        let to = index_url_from_location(&ix, "/elsewhere/v1/index/abc", false).unwrap();
+        assert_eq!(to.authority, "127.0.0.1:8080");
+        assert_eq!(to.path, "/elsewhere/v1/index/abc");
+        assert!(index_url_from_location(&ix, "ftp://x/y", false).is_none());
+        assert!(index_url_from_location(&ann, "http://h:1/v1/index/abc", true).is_none());
+    }
+
+    #[test]
+    fn holder_classes_are_read_from_the_index() {
+        let e = Bitfield::empty(1).to_base64();
+        let body = serde_json::json!({"holders": [
+            {"peer_id":"server","address":"h:1","have":e,"class":"server"},
+            {"peer_id":"m","address":"h:2","have":e,"class":"mobile"},
+            {"peer_id":"p","address":"h:3","have":e},
+            {"peer_id":"q","address":"h:4","have":e,"class":"satellite"}
+        ]});
+        let hs = parse_index(body.to_string().as_bytes(), 1).unwrap();
+        let classes: Vec<SourceClass> = hs.iter().map(|h| h.class).collect();
+        assert_eq!(
+            classes,
+            [
+                SourceClass::Server,
+                SourceClass::MobilePeer,
+                SourceClass::Peer,
+                SourceClass::Peer
+            ]
+        );
     }
 
     #[test]

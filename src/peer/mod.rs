@@ -16,6 +16,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use crate::share::select::SourceClass;
+
 pub use fetch::{FetchOptions, FetchReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,22 @@ pub struct FetchArgs {
     /// Test mode: serve every piece with wrong bytes.
     #[arg(long, hide = true)]
     pub corrupt_pieces: bool,
+    /// What this agent announces itself as: peer, or mobile (a mobile uplink; fetchers
+    /// weigh it by the operator's mobile weight).
+    #[arg(long, default_value = "peer", value_parser = parse_class)]
+    pub class: SourceClass,
+}
+
+/// `--class`: `peer` or `mobile`.
+pub fn parse_class(s: &str) -> Result<SourceClass, String> {
+    SourceClass::parse_announced(s).ok_or_else(|| format!("{s:?}: want peer or mobile"))
+}
+
+/// SIP transport of `peer serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SipTransport {
+    Udp,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -141,9 +159,13 @@ pub struct ShareArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// callvault's SIP address (UDP).
+    /// callvault's SIP address.
     #[arg(long, default_value = "127.0.0.1:5060")]
     pub sip: String,
+    /// SIP transport to callvault: requests for this agent come back on the same UDP
+    /// socket or TCP connection.
+    #[arg(long, value_enum, default_value = "udp")]
+    pub transport: SipTransport,
     #[arg(long)]
     pub user: String,
     #[arg(long)]
@@ -169,6 +191,9 @@ pub struct ServeArgs {
     /// Refuse share requests (answer 403) instead of forwarding them.
     #[arg(long)]
     pub refuse: bool,
+    /// What this agent announces itself as when it fetches: peer or mobile.
+    #[arg(long, default_value = "peer", value_parser = parse_class)]
+    pub class: SourceClass,
 }
 
 /// Runs a `peer` subcommand (the binary's dispatch).

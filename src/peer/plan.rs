@@ -254,6 +254,12 @@ impl Scheduler {
         if self.in_flight.len() >= self.cfg.parallel {
             return None;
         }
+        // The classes the index reports: the operator's weight for a mobile holder applies.
+        for h in holders {
+            if h.peer_id != "server" && self.model.class(&Source::Peer(h.peer_id.clone())) != h.class {
+                self.model.set_class(Source::Peer(h.peer_id.clone()), h.class);
+            }
+        }
         let peers: Vec<Holder> = if self.cfg.server_only {
             Vec::new()
         } else {
@@ -451,7 +457,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::share::select::CostParams;
+    use crate::share::select::{CostParams, Estimate, SourceClass};
     use std::time::UNIX_EPOCH;
 
     fn holder(id: &str, pieces: &[usize], n: usize) -> Holder {
@@ -461,6 +467,7 @@ mod tests {
         }
         Holder {
             peer_id: id.into(),
+            class: SourceClass::Peer,
             address: "127.0.0.1:1".into(),
             have,
             last_seen: UNIX_EPOCH,
@@ -516,6 +523,41 @@ mod tests {
             }
         }
         panic!("did not finish: {log:?}");
+    }
+
+    /// The class in the index reaches the cost model: the same holder is taken as a plain
+    /// peer and passed over for the server as a mobile one.
+    #[test]
+    fn holder_class_from_the_index_is_weighed() {
+        let est = |tput: f64| Estimate {
+            rtt: Duration::from_millis(20),
+            throughput: tput,
+        };
+        let params = CostParams {
+            default_server: est(5_000_000.0),
+            default_peer: est(10_000_000.0),
+            default_mobile: est(10_000_000.0),
+            weight_mobile: 2.0,
+            ..CostParams::default()
+        };
+        let first = |class: SourceClass| {
+            let mut cfg = PlanConfig::new("me", 1);
+            cfg.order_seed = None;
+            cfg.piece_hint = P;
+            let mut s = Scheduler::new(
+                cfg,
+                vec![P; 2],
+                Bitfield::empty(2),
+                CostModel::new(params.clone()),
+            );
+            let mut h = holder("m", &[0, 1], 2);
+            h.class = class;
+            let a = s.next(&[h], Instant::now()).unwrap();
+            assert_eq!(s.model().class(&peer("m")), class);
+            a.source
+        };
+        assert_eq!(first(SourceClass::Peer), peer("m"));
+        assert_eq!(first(SourceClass::MobilePeer), Source::Server);
     }
 
     #[test]

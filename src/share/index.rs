@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 
+use super::select::SourceClass;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IndexError {
     #[error("have is not valid base64")]
@@ -122,6 +124,9 @@ pub struct Holder {
     pub peer_id: String,
     /// Its HTTP `host:port`, where it serves `/v1/pieces/...`.
     pub address: String,
+    /// What it announced itself as (`peer` unless it said `mobile`): fetchers weigh
+    /// sources by class.
+    pub class: SourceClass,
     pub have: Bitfield,
     pub last_seen: SystemTime,
 }
@@ -162,12 +167,13 @@ pub fn validate_address(addr: &str) -> Result<(), IndexError> {
 
 /// Where holders are recorded. Implementations must be cheap to call from async handlers.
 pub trait PieceIndex: Send + Sync + std::fmt::Debug {
-    /// Records (or refreshes) what `peer_id` at `address` holds of `content_id`.
+    /// Records (or refreshes) what `peer_id` at `address`, of `class`, holds of `content_id`.
     fn announce(
         &self,
         content_id: &str,
         peer_id: &str,
         address: &str,
+        class: SourceClass,
         have: Bitfield,
         now: SystemTime,
     ) -> Result<(), IndexError>;
@@ -211,6 +217,19 @@ impl MemoryIndex {
             .map_or(true, |age| age < self.ttl)
     }
 
+    /// `(contents, holders)` currently live, for `/metrics` (expired entries not counted).
+    pub fn stats(&self, now: SystemTime) -> (usize, usize) {
+        let map = self.lock();
+        let mut contents = 0;
+        let mut holders = 0;
+        for hs in map.values() {
+            let live = hs.values().filter(|h| self.live(h, now)).count();
+            holders += live;
+            contents += usize::from(live > 0);
+        }
+        (contents, holders)
+    }
+
     /// Drops expired holders everywhere (and contents left without any).
     pub fn sweep(&self, now: SystemTime) {
         let mut map = self.lock();
@@ -227,10 +246,15 @@ impl PieceIndex for MemoryIndex {
         content_id: &str,
         peer_id: &str,
         address: &str,
+        class: SourceClass,
         have: Bitfield,
         now: SystemTime,
     ) -> Result<(), IndexError> {
         validate_peer_id(peer_id)?;
+        if class == SourceClass::Server {
+            // The server's entry is synthesized by whoever serves the index, never stored.
+            return Err(IndexError::BadPeerId);
+        }
         validate_address(address)?;
         let mut map = self.lock();
         let holders = map.entry(content_id.to_string()).or_default();
@@ -249,6 +273,7 @@ impl PieceIndex for MemoryIndex {
             Holder {
                 peer_id: peer_id.to_string(),
                 address: address.to_string(),
+                class,
                 have,
                 last_seen: now,
             },
@@ -346,12 +371,13 @@ mod tests {
         let idx = MemoryIndex::new(Duration::from_secs(600));
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let c = "c1";
-        idx.announce(c, "p2", "127.0.0.1:9002", Bitfield::full(3), t0)
+        idx.announce(c, "p2", "127.0.0.1:9002", SourceClass::Peer, Bitfield::full(3), t0)
             .unwrap();
         idx.announce(
             c,
             "p1",
             "127.0.0.1:9001",
+            SourceClass::Peer,
             Bitfield::empty(3),
             t0 + Duration::from_secs(100),
         )
@@ -371,6 +397,7 @@ mod tests {
             c,
             "p1",
             "127.0.0.1:9001",
+            SourceClass::Peer,
             Bitfield::full(3),
             t0 + Duration::from_secs(650),
         )
@@ -380,17 +407,17 @@ mod tests {
         assert!(h[0].have.is_complete());
         assert!(idx.holders(c, t0 + Duration::from_secs(1250)).is_empty());
         assert!(idx
-            .announce(c, "server", "127.0.0.1:1", Bitfield::empty(3), t0)
+            .announce(c, "server", "127.0.0.1:1", SourceClass::Peer, Bitfield::empty(3), t0)
             .is_err());
-        idx.announce(c, "p3", "127.0.0.1:9003", Bitfield::empty(3), t0)
+        idx.announce(c, "p3", "127.0.0.1:9003", SourceClass::Peer, Bitfield::empty(3), t0)
             .unwrap();
         idx.remove(c, "p3");
         assert!(idx.holders(c, t0).is_empty());
-        idx.announce(c, "p5", "127.0.0.1:9005", Bitfield::empty(3), t0)
+        idx.announce(c, "p5", "127.0.0.1:9005", SourceClass::Peer, Bitfield::empty(3), t0)
             .unwrap();
         idx.forget_content(c);
         assert!(idx.holders(c, t0).is_empty());
-        idx.announce(c, "p4", "127.0.0.1:9004", Bitfield::empty(3), t0)
+        idx.announce(c, "p4", "127.0.0.1:9004", SourceClass::Peer, Bitfield::empty(3), t0)
             .unwrap();
         idx.sweep(t0 + Duration::from_secs(601));
         assert!(idx.lock().is_empty());
@@ -405,6 +432,7 @@ mod tests {
                 "c",
                 &format!("p{i}"),
                 "127.0.0.1:9000",
+                SourceClass::Peer,
                 Bitfield::empty(1),
                 t0 + Duration::from_millis(i as u64),
             )
@@ -416,5 +444,30 @@ mod tests {
             h.iter().all(|h| h.peer_id != "p0"),
             "the stalest is evicted"
         );
+    }
+
+    #[test]
+    fn class_is_kept_and_stats_count_live_holders() {
+        let idx = MemoryIndex::new(Duration::from_secs(600));
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let m = SourceClass::MobilePeer;
+        idx.announce("c1", "m", "127.0.0.1:9001", m, Bitfield::empty(2), t0)
+            .unwrap();
+        idx.announce("c1", "p", "127.0.0.1:9002", SourceClass::Peer, Bitfield::empty(2), t0)
+            .unwrap();
+        let later = t0 + Duration::from_secs(300);
+        idx.announce("c2", "p", "127.0.0.1:9002", SourceClass::Peer, Bitfield::empty(2), later)
+            .unwrap();
+        let h = idx.holders("c1", t0);
+        assert_eq!(h[0].peer_id, "m");
+        assert_eq!(h[0].class, SourceClass::MobilePeer);
+        assert_eq!(h[1].class, SourceClass::Peer);
+        assert_eq!(idx.stats(t0 + Duration::from_secs(400)), (2, 3));
+        // c1's holders expire at t0+600; c2's is still live.
+        assert_eq!(idx.stats(t0 + Duration::from_secs(650)), (1, 1));
+        // Nobody announces as the server.
+        assert!(idx
+            .announce("c1", "x", "127.0.0.1:1", SourceClass::Server, Bitfield::empty(2), t0)
+            .is_err());
     }
 }

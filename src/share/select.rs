@@ -34,6 +34,27 @@ pub enum SourceClass {
     MobilePeer,
 }
 
+impl SourceClass {
+    /// The wire name (index JSON `class`): `server`, `peer`, `mobile`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceClass::Server => "server",
+            SourceClass::Peer => "peer",
+            SourceClass::MobilePeer => "mobile",
+        }
+    }
+
+    /// A class a terminal may announce for itself: `peer` or `mobile` (`server` is the
+    /// server's own entry and cannot be claimed).
+    pub fn parse_announced(s: &str) -> Option<SourceClass> {
+        match s {
+            "peer" => Some(SourceClass::Peer),
+            "mobile" => Some(SourceClass::MobilePeer),
+            _ => None,
+        }
+    }
+}
+
 /// Starting point for a source never measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {
@@ -238,6 +259,7 @@ mod tests {
         Holder {
             peer_id: id.into(),
             address: "127.0.0.1:9000".into(),
+            class: SourceClass::Peer,
             have,
             last_seen: UNIX_EPOCH,
         }
@@ -473,5 +495,56 @@ mod tests {
             );
         }
         assert_eq!(m.choose(1, PIECE, &hs, &HashSet::new()), peer("p"));
+    }
+
+    #[test]
+    fn class_names() {
+        for c in [SourceClass::Peer, SourceClass::MobilePeer] {
+            assert_eq!(SourceClass::parse_announced(c.as_str()), Some(c));
+        }
+        assert_eq!(SourceClass::Server.as_str(), "server");
+        assert_eq!(SourceClass::parse_announced("server"), None);
+        assert_eq!(SourceClass::parse_announced("Mobile"), None);
+        assert_eq!(SourceClass::parse_announced(""), None);
+    }
+
+    /// Same measured RTT and throughput: the mobile peer's operator weight (2x by default)
+    /// makes it lose to a plain peer, and to the server.
+    #[test]
+    fn a_mobile_holder_with_equal_figures_loses_when_weighted() {
+        let mut m = CostModel::new(CostParams::default());
+        let same = |m: &mut CostModel, s: &Source| {
+            for _ in 0..3 {
+                m.observe(
+                    s,
+                    Duration::from_millis(10),
+                    2_000_000,
+                    Duration::from_secs(1),
+                );
+            }
+        };
+        for s in [peer("mob"), peer("plain"), Source::Server] {
+            same(&mut m, &s);
+        }
+        m.set_class(peer("mob"), SourceClass::MobilePeer);
+        assert_eq!(
+            m.measured(&peer("mob")).map(|x| x.throughput),
+            m.measured(&peer("plain")).map(|x| x.throughput)
+        );
+        // "mob" sorts before "plain", so on a tie it would win: only the weight decides.
+        let both = [holder("mob", &[0], 1), holder("plain", &[0], 1)];
+        let mob_only = [holder("mob", &[0], 1)];
+        let no_server = HashSet::from([Source::Server]);
+        assert!(m.cost(&peer("mob"), PIECE) > m.cost(&peer("plain"), PIECE));
+        assert_eq!(m.choose(0, PIECE, &both, &no_server), peer("plain"));
+        // Against the server with equal figures: the server.
+        assert!(m.cost(&peer("mob"), PIECE) > m.cost(&Source::Server, PIECE));
+        assert_eq!(
+            m.choose(0, PIECE, &mob_only, &HashSet::new()),
+            Source::Server
+        );
+        // Declared a plain peer again, the same figures tie and the lower id wins.
+        m.set_class(peer("mob"), SourceClass::Peer);
+        assert_eq!(m.choose(0, PIECE, &both, &no_server), peer("mob"));
     }
 }

@@ -264,16 +264,30 @@ fn sync_dir(dir: &Path) -> Result<(), SegmentError> {
         .map_err(io_err("sync directory", dir))
 }
 
-/// Where segments roll over.
+/// Where segments roll over, and how hard a commit works to be durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentOptions {
     pub segment_bytes: u64,
+    pub durability: Durability,
+}
+
+/// What a commit guarantees before readers see the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `fdatasync` on every commit: survives a power loss (in-call stores, PROTOCOL §2).
+    EveryCommit,
+    /// `write` on every commit (survives a crash or kill of the process); `fdatasync` only
+    /// when a segment is sealed and when the log finishes, the kernel's writeback does the
+    /// rest. Whole-call recordings: one sync per direction per commit would cost more than
+    /// relaying the call (docs/BENCHMARKS.md, issue 5).
+    AtSegmentEnd,
 }
 
 impl Default for SegmentOptions {
     fn default() -> Self {
         SegmentOptions {
             segment_bytes: 8 * 1024 * 1024,
+            durability: Durability::EveryCommit,
         }
     }
 }
@@ -533,6 +547,13 @@ impl SegmentWriter {
             self.seg_len += (end - pos) as u64;
             pos = end;
         }
+        if self.opts.durability == Durability::EveryCommit {
+            self.sync_segment()?;
+        }
+        Ok(())
+    }
+
+    fn sync_segment(&self) -> Result<(), SegmentError> {
         if let Some(f) = &self.file {
             f.sync_data()
                 .map_err(io_err("sync", &segment_path(&self.dir, self.seg_base)))?;
@@ -566,7 +587,10 @@ impl SegmentWriter {
 
     /// Commits what is buffered and tells readers the log is complete.
     pub fn finish(&mut self) -> Result<TailState, SegmentError> {
-        let res = self.commit();
+        let mut res = self.commit();
+        if res.is_ok() && self.opts.durability != Durability::EveryCommit {
+            res = self.sync_segment().map(|()| self.committed);
+        }
         self.close_tail();
         res.map(|_| self.committed)
     }
@@ -1093,6 +1117,7 @@ mod tests {
         let store = dir.path().join("s");
         let opts = SegmentOptions {
             segment_bytes: 1000,
+            ..SegmentOptions::default()
         };
         let mut w = SegmentWriter::create(&store, opts).unwrap();
         let mut offsets = Vec::new();
@@ -1191,6 +1216,7 @@ mod tests {
         let store = dir.path().join("s");
         let opts = SegmentOptions {
             segment_bytes: 2000,
+            ..SegmentOptions::default()
         };
         let mut w = SegmentWriter::create(&store, opts).unwrap();
         let mut offsets = Vec::new();
@@ -1255,6 +1281,7 @@ mod tests {
         let store = dir.path().join("s");
         let opts = SegmentOptions {
             segment_bytes: 1500,
+            ..SegmentOptions::default()
         };
         let mut w = SegmentWriter::create(&store, opts).unwrap();
         let rx = w.subscribe();
@@ -1311,6 +1338,7 @@ mod tests {
             &store,
             SegmentOptions {
                 segment_bytes: 4096,
+                ..SegmentOptions::default()
             },
         )
         .unwrap();
