@@ -1442,7 +1442,13 @@ transport = "tcp"
         // Unknown keys and bad values are named.
         let e = err_text("[index]\nport = 1\n", no_env);
         assert!(e.contains("`index.port`"), "{e}");
-        for bad in ["ftp://x", "http://", "http://a b", "http://h:1/?x", "127.0.0.1:8081"] {
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http://a b",
+            "http://h:1/?x",
+            "127.0.0.1:8081",
+        ] {
             let e = err_text(&format!("[index]\nurl = {bad:?}\n"), no_env);
             assert!(e.contains("index.url"), "{bad}: {e}");
         }

@@ -18,6 +18,7 @@ use crate::config::{Config, Transport};
 use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::media::relay::{RelayCounters, RelayEvent};
+use crate::media::threads::MediaThreads;
 use crate::metrics::METRICS;
 use crate::sip::auth::{Algorithm, Credentials, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
 use crate::sip::message::{Request, SipMessage};
@@ -44,6 +45,11 @@ pub enum ServerError {
     Route(String),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot start {what}: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// How long an account's digest data is trusted before it is read again from the database
@@ -103,6 +109,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Duration::from_secs(config.media.rtp_timeout_secs),
         counters.clone(),
     );
+    let media_threads = MediaThreads::start(0).map_err(|source| ServerError::Thread {
+        what: "the media threads",
+        source,
+    })?;
+    let media = media.with_threads(Arc::new(media_threads));
 
     let mut routes = Vec::new();
     for r in &config.route {
@@ -186,7 +197,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             accounts.clone(),
             stores.clone(),
             live.clone(),
-        );
+        )
+        .map_err(|source| ServerError::Thread {
+            what: "the recording writer thread",
+            source,
+        })?;
         (Some(svc), Some(rx))
     } else {
         (None, None)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callvault::share::{ShareSettings, Shares};
-use callvault::sip::message::{HeaderAccess, Method, Request, Response};
+use callvault::sip::message::{Method, Request, Response};
 use callvault::storage::Db;
 use common::http::Resp;
 use common::{PortBlock, Server, ServerConfig};
@@ -202,7 +202,10 @@ impl Proc {
     fn report(&mut self, by: Instant) -> Value {
         loop {
             let left = by.saturating_duration_since(Instant::now());
-            match self.stdout_lines.recv_timeout(left.max(Duration::from_millis(1))) {
+            match self
+                .stdout_lines
+                .recv_timeout(left.max(Duration::from_millis(1)))
+            {
                 Ok(l) if l.starts_with('{') => return serde_json::from_str(&l).unwrap(),
                 Ok(_) => {}
                 Err(_) => panic!("{}: no report; log:\n{}", self.name, self.log()),
@@ -368,7 +371,12 @@ fn peers_fetch_through_the_index_role() {
     std::fs::write(&offer_file, offer.to_string()).unwrap();
 
     // serve's own index answers 307 to the role, query kept, for GET and announce.
-    let r = http(server.http_addr(), "GET", &format!("/v1/index/{cid}?token={tok}"), b"");
+    let r = http(
+        server.http_addr(),
+        "GET",
+        &format!("/v1/index/{cid}?token={tok}"),
+        b"",
+    );
     assert_eq!(r.status, 307);
     assert_eq!(
         r.header("Location"),
@@ -422,7 +430,12 @@ fn peers_fetch_through_the_index_role() {
     assert!(from_peers > 0, "no piece came from a peer");
 
     // The role's index: the server with every piece at serve's address, and all four peers.
-    let r = http(role_addr, "GET", &format!("/v1/index/{cid}?token={tok}"), b"");
+    let r = http(
+        role_addr,
+        "GET",
+        &format!("/v1/index/{cid}?token={tok}"),
+        b"",
+    );
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     let ix = r.json();
     assert_eq!(ix["content_id"], cid.as_str());
@@ -444,7 +457,12 @@ fn peers_fetch_through_the_index_role() {
     let r = http(role_addr, "GET", &format!("/v1/index/{cid}?token=bad"), b"");
     assert_eq!(r.status, 401);
     assert!(r.header("WWW-Authenticate").is_some());
-    let r = http(role_addr, "GET", &format!("/v1/index/{}", "0".repeat(64)), b"");
+    let r = http(
+        role_addr,
+        "GET",
+        &format!("/v1/index/{}", "0".repeat(64)),
+        b"",
+    );
     assert_eq!(r.status, 404);
     let ann = format!("/v1/index/{cid}/announce?token={tok}");
     let r = http(role_addr, "POST", &ann, b"{not json");
@@ -471,7 +489,11 @@ fn peers_fetch_through_the_index_role() {
     drop(peers);
     let mut role = role;
     role.sigterm();
-    assert!(role.wait_exit(Duration::from_secs(5)).success(), "{}", role.log());
+    assert!(
+        role.wait_exit(Duration::from_secs(5)).success(),
+        "{}",
+        role.log()
+    );
 }
 
 fn base64_basic(user: &str, pw: &str) -> String {
@@ -502,15 +524,29 @@ fn announced_class_shows_in_the_index() {
         "mob",
         &out,
         &[
-            "--server", &base, "--content", &cid, "--token", &tok, "--index", &index_url,
-            "--class", "mobile",
+            "--server",
+            &base,
+            "--content",
+            &cid,
+            "--token",
+            &tok,
+            "--index",
+            &index_url,
+            "--class",
+            "mobile",
         ],
     );
     let r = p.report(Instant::now() + Duration::from_secs(30));
     assert_eq!(r["size"], bytes.len() as u64);
     assert_eq!(sha_file(&out), hex::encode(Sha256::digest(&bytes)));
 
-    let ix = http(role_addr, "GET", &format!("/v1/index/{cid}?token={tok}"), b"").json();
+    let ix = http(
+        role_addr,
+        "GET",
+        &format!("/v1/index/{cid}?token={tok}"),
+        b"",
+    )
+    .json();
     assert_eq!(holder(&ix, "mob").expect("mob listed")["class"], "mobile");
 
     // 4 MiB / 256 KiB = 16 pieces = 2 bytes of bitfield: "AAA=", none held.
@@ -532,9 +568,8 @@ fn announced_class_shows_in_the_index() {
     assert_eq!(r.status, 200);
     assert_eq!(holder(&r.json(), "m2").unwrap()["class"], "mobile");
     for bad in ["satellite", "server", ""] {
-        let body = format!(
-            r#"{{"peer_id":"m3","address":"127.0.0.1:9","have":"AAA=","class":"{bad}"}}"#
-        );
+        let body =
+            format!(r#"{{"peer_id":"m3","address":"127.0.0.1:9","have":"AAA=","class":"{bad}"}}"#);
         let r = http(role_addr, "POST", &ann, body.as_bytes());
         assert_eq!(
             (r.status, r.error()),
@@ -542,7 +577,13 @@ fn announced_class_shows_in_the_index() {
             "class {bad:?}"
         );
     }
-    let ix = http(role_addr, "GET", &format!("/v1/index/{cid}?token={tok}"), b"").json();
+    let ix = http(
+        role_addr,
+        "GET",
+        &format!("/v1/index/{cid}?token={tok}"),
+        b"",
+    )
+    .json();
     assert!(holder(&ix, "m3").is_none());
 }
 
@@ -562,7 +603,10 @@ fn index_role_exits_cleanly_and_reports_errors_in_one_line() {
             .env("RUST_LOG", "info")
             .output()
             .unwrap();
-        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let storage = format!(
         "[storage]\ndata_dir = {:?}\nmetadata = {:?}\n",
@@ -582,7 +626,9 @@ fn index_role_exits_cleanly_and_reports_errors_in_one_line() {
     // Busy port.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let (st, err) = run(&format!("{storage}[index]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let (st, err) = run(&format!(
+        "{storage}[index]\nlisten = \"127.0.0.1:{port}\"\n"
+    ));
     assert!(!st.success());
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("cannot bind index"), "{err}");
@@ -595,12 +641,16 @@ fn index_role_exits_cleanly_and_reports_errors_in_one_line() {
         let cfg = dir.path().join("ok.toml");
         std::fs::write(
             &cfg,
-            format!("{storage}[index]\nlisten = \"127.0.0.1:{}\"\n", ports.port(0)),
+            format!(
+                "{storage}[index]\nlisten = \"127.0.0.1:{}\"\n",
+                ports.port(0)
+            ),
         )
         .unwrap();
         let mut p = start_index(&cfg, dir.path());
         assert!(
-            p.log().contains(&format!("ready index=127.0.0.1:{}", ports.port(0))),
+            p.log()
+                .contains(&format!("ready index=127.0.0.1:{}", ports.port(0))),
             "{}",
             p.log()
         );
@@ -663,7 +713,14 @@ fn peer_serve_over_tcp_registers_and_unregisters_on_sigterm() {
         Command::new(common::callvault_bin())
             .args(["peer", "serve", "--transport", "tcp"])
             .args(["--sip", &server.sip_addr().to_string()])
-            .args(["--user", "1001", "--password", "pw1", "--domain", "example.com"])
+            .args([
+                "--user",
+                "1001",
+                "--password",
+                "pw1",
+                "--domain",
+                "example.com",
+            ])
             .args(["--expires", "300", "--out-dir"])
             .arg(&dl)
             .env("RUST_LOG", "callvault=debug"),
@@ -686,7 +743,11 @@ fn peer_serve_over_tcp_registers_and_unregisters_on_sigterm() {
     let sent = Instant::now();
     let resp = ask(&mut b, "pw2", "1001", "song.bin", "tcp-1@ua");
     assert_eq!(resp.status, 200, "{}", agent.log());
-    assert!(sent.elapsed() < Duration::from_secs(5), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
     assert!(
         agent.wait_for_log(|l| l.contains("share-request"), Duration::from_secs(2)),
         "the agent saw no share request:\n{}",

@@ -32,6 +32,9 @@ def ports_free(ports):
     for p in ports:
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
             s = socket.socket(socket.AF_INET, kind)
+            if kind == socket.SOCK_STREAM:
+                # As the servers bind: a TIME_WAIT left by the previous run is no conflict.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", int(p)))
             except OSError:

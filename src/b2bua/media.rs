@@ -17,6 +17,7 @@ use crate::media::relay::{
     RecordCounters, RecordSinks, Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle,
     RelayId,
 };
+use crate::media::threads::MediaThreads;
 
 /// Engine-wide call key.
 pub type CallKey = u64;
@@ -84,6 +85,8 @@ pub struct RelayMedia {
     config: RelayConfig,
     counters: Arc<RelayCounters>,
     relay_events: mpsc::Sender<RelayEvent>,
+    /// Where relays run; None: the runtime `add_stream` is called on (tests).
+    threads: Option<Arc<MediaThreads>>,
     calls: HashMap<CallKey, Vec<RelayHandle>>,
     owners: HashMap<RelayId, CallKey>,
 }
@@ -107,11 +110,18 @@ impl RelayMedia {
                 },
                 counters,
                 relay_events: tx,
+                threads: None,
                 calls: HashMap::new(),
                 owners: HashMap::new(),
             },
             rx,
         )
+    }
+
+    /// Runs the relays on `threads` instead of the current runtime.
+    pub fn with_threads(mut self, threads: Arc<MediaThreads>) -> RelayMedia {
+        self.threads = Some(threads);
+        self
     }
 
     /// Records the call's first media section into `sinks` (whole-call recording) until the
@@ -158,9 +168,17 @@ impl MediaBackend for RelayMedia {
             PortsError::PortsExhausted => MediaError::Exhausted,
             other => MediaError::Bind(other.to_string()),
         };
-        let a = self.ports.allocate(self.ip).map_err(map)?;
-        let b = self.ports.allocate(self.ip).map_err(map)?;
-        let handle = Relay::start(
+        // Both legs on one runtime: the relay task drives all four sockets.
+        let rt = match &self.threads {
+            Some(t) => t.pick(),
+            None => {
+                tokio::runtime::Handle::try_current().map_err(|_| map(PortsError::NoRuntime))?
+            }
+        };
+        let a = self.ports.allocate_on(self.ip, &rt).map_err(map)?;
+        let b = self.ports.allocate_on(self.ip, &rt).map_err(map)?;
+        let handle = Relay::start_on(
+            &rt,
             a,
             b,
             self.config.clone(),

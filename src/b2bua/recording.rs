@@ -14,15 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{Engine, EngineEvent};
 use super::media::{CallKey, MediaBackend, RelayMedia};
 use crate::http::LiveStores;
 use crate::media::relay::{RecordCounters, RecordSinks};
 use crate::storage::accounts::Accounts;
+use crate::storage::log_thread::LogThread;
 use crate::storage::segments::{
-    pipeline, Durability, Ingest, PipelineOptions, SegmentOptions, SegmentWriter, WriterTask,
+    pipeline, Durability, Ingest, PipelineOptions, SegmentError, SegmentOptions, SegmentWriter,
+    TailState,
 };
 use crate::storage::stores::{
     store_dir, NewStore, StartSession, StoreError, StoreKind, StoreState, Stores,
@@ -33,10 +35,12 @@ use crate::storage::threshold::Threshold;
 pub const DEFAULT_FORMAT: (&str, u8) = ("PCMU/8000", 0);
 /// How long a recording store id may wait for its session (it starts at once).
 const STORE_TTL: Duration = Duration::from_secs(60);
-/// A recording's log is written (and readable live) this long after a packet at most. Longer
-/// than an in-call store's 20 ms: nobody waits on a recording's threshold, and each commit is
-/// a hand-off to the blocking pool per direction of every recorded call.
+/// A recording's batch is handed to the log writer this long after its first packet at most,
+/// and the writer thread writes every log once per [`LOG_TICK`]: a recording is readable live
+/// about a second behind. Longer than an in-call store's 20 ms: nobody waits on a
+/// recording's threshold, and thousands of recorded directions share one writer thread.
 pub const RECORD_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+pub const LOG_TICK: Duration = Duration::from_millis(250);
 
 /// Log settings of a recording: synced at segment ends and at the end of the call, not at
 /// every commit (see [`Durability::AtSegmentEnd`]).
@@ -80,6 +84,8 @@ struct Ctx {
     live: Arc<LiveStores>,
     commands: mpsc::UnboundedSender<Command>,
     counters: Arc<RecordCounters>,
+    /// Writes every recording's log.
+    logs: LogThread,
 }
 
 /// The recording side of the core; exists only when `record_calls` is on.
@@ -93,7 +99,7 @@ impl RecordingService {
         accounts: Accounts,
         stores: Stores,
         live: Arc<LiveStores>,
-    ) -> (RecordingService, mpsc::UnboundedReceiver<Command>) {
+    ) -> std::io::Result<(RecordingService, mpsc::UnboundedReceiver<Command>)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let ctx = Ctx {
             data_dir,
@@ -102,8 +108,9 @@ impl RecordingService {
             live,
             commands: tx,
             counters: Arc::new(RecordCounters::default()),
+            logs: LogThread::start("cv-record-logs", LOG_TICK)?,
         };
-        (RecordingService { ctx }, rx)
+        Ok((RecordingService { ctx }, rx))
     }
 
     /// Packets refused by lagging recording writers, over all calls.
@@ -227,8 +234,7 @@ async fn open_direction(
     let opened = store_dir(&ctx.data_dir, &store.id)
         .map_err(RecordingError::from)
         .and_then(|dir| {
-            SegmentWriter::create(&dir, log_options)
-                .map_err(|e| RecordingError::Log(e.to_string()))
+            SegmentWriter::create(&dir, log_options).map_err(|e| RecordingError::Log(e.to_string()))
         });
     let writer = match opened {
         Ok(w) => w,
@@ -245,13 +251,25 @@ async fn open_direction(
     if let Err(e) = ctx.stores.mark_threshold(&store.id, now).await {
         tracing::debug!(error = %e, "recording threshold not noted");
     }
-    tokio::spawn(finish_when_done(ctx.clone(), store.id, task));
+    let end = ctx
+        .logs
+        .adopt(task)
+        .map_err(|e| RecordingError::Log(e.to_string()))?;
+    tokio::spawn(finish_when_done(ctx.clone(), store.id, end));
     Ok(ingest)
 }
 
-/// Runs the store's writer until the relay closes the log, then settles the store.
-async fn finish_when_done(ctx: Ctx, id: String, task: WriterTask) {
-    let (state, bytes) = match task.run().await {
+/// Waits until the relay has closed the log and the writer thread has written it, then
+/// settles the store.
+async fn finish_when_done(
+    ctx: Ctx,
+    id: String,
+    end: oneshot::Receiver<Result<TailState, SegmentError>>,
+) {
+    let written = end
+        .await
+        .unwrap_or_else(|_| Err(SegmentError::Task("log writer thread stopped".into())));
+    let (state, bytes) = match written {
         Ok(tail) => (StoreState::Complete, tail.payload_bytes),
         Err(e) => {
             tracing::warn!(store = %id, error = %e, "call recording cut short");

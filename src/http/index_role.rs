@@ -89,16 +89,15 @@ pub fn render_metrics(index: &MemoryIndex, now: SystemTime) -> String {
 }
 
 /// The role's HTTP state over `db`: serve's accounts, shares and token secret, its own index.
-pub async fn state(config: &Config, db: Db) -> Result<(HttpState, Arc<MemoryIndex>), IndexRoleError> {
+pub async fn state(
+    config: &Config,
+    db: Db,
+) -> Result<(HttpState, Arc<MemoryIndex>), IndexRoleError> {
     let index = Arc::new(MemoryIndex::new(Duration::from_secs(
         config.share.holder_ttl_secs,
     )));
     let mut settings = ShareSettings::from_config(&config.share);
-    settings.server_address = Some(
-        config
-            .server_http_address(config.http.listen)
-            .to_string(),
-    );
+    settings.server_address = Some(config.server_http_address(config.http.listen).to_string());
     // This is the index: it never redirects to itself.
     settings.index_base = None;
     let dyn_index: Arc<dyn PieceIndex> = index.clone();
@@ -201,7 +200,10 @@ async fn serve(
     sweeper.abort();
     let _ = stop_tx.send(());
     // Peers keep pooled connections open; do not wait on them for long.
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut http).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut http)
+        .await
+        .is_err()
+    {
         http.abort();
     }
     Ok(())

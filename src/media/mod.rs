@@ -12,3 +12,5 @@ pub mod recorder;
 pub mod relay;
 /// Zero-copy RTP header views (RFC 3550) and RTP/RTCP demultiplexing (RFC 5761).
 pub mod rtp;
+/// Thread-per-core runtimes the call relays run on.
+pub mod threads;

@@ -126,6 +126,17 @@ impl PortAllocator {
         Err(PortsError::PortsExhausted)
     }
 
+    /// [`allocate`](Self::allocate) with the sockets registered with the runtime `rt` (e.g.
+    /// a media thread), which must then be the one that drives them.
+    pub fn allocate_on(
+        &self,
+        ip: IpAddr,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<PortPair, PortsError> {
+        let _in_rt = rt.enter();
+        self.allocate(ip)
+    }
+
     /// Ports (RTP and RTCP counted separately) currently handed out: the
     /// `callvault_rtp_ports_in_use` gauge.
     pub fn ports_in_use(&self) -> usize {

@@ -340,9 +340,29 @@ impl RelayHandle {
 pub struct Relay;
 
 impl Relay {
-    /// Spawns the relay task for one call (must run inside a tokio runtime). Remote addresses
+    /// Spawns the relay task for one call on the current tokio runtime. Remote addresses
     /// start unknown: call [`RelayHandle::set_remote`] with each side's SDP address.
     pub fn start(
+        leg_a: PortPair,
+        leg_b: PortPair,
+        config: RelayConfig,
+        counters: Arc<RelayCounters>,
+        events: mpsc::Sender<RelayEvent>,
+    ) -> RelayHandle {
+        Self::start_on(
+            &tokio::runtime::Handle::current(),
+            leg_a,
+            leg_b,
+            config,
+            counters,
+            events,
+        )
+    }
+
+    /// [`start`](Self::start) on the runtime `rt`, which must be the one the legs' sockets
+    /// are registered with ([`PortAllocator::allocate_on`](super::ports::PortAllocator::allocate_on)).
+    pub fn start_on(
+        rt: &tokio::runtime::Handle,
         leg_a: PortPair,
         leg_b: PortPair,
         config: RelayConfig,
@@ -353,7 +373,7 @@ impl Relay {
         let id = RelayId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
         let rtp_ports = [leg_a.rtp_port, leg_b.rtp_port];
-        let task = tokio::spawn(run(id, [leg_a, leg_b], config, counters, events, ctrl_rx));
+        let task = rt.spawn(run(id, [leg_a, leg_b], config, counters, events, ctrl_rx));
         RelayHandle {
             id,
             ctrl,

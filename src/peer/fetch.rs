@@ -308,7 +308,12 @@ impl IndexTask {
             let next = r
                 .header("Location")
                 .and_then(|l| index_url_from_location(&url, l.trim(), is_announce))
-                .ok_or_else(|| PeerError::Http(format!("index redirect without a usable Location: {}", r.describe())))?;
+                .ok_or_else(|| {
+                    PeerError::Http(format!(
+                        "index redirect without a usable Location: {}",
+                        r.describe()
+                    ))
+                })?;
             tracing::info!(from = %format!("{}{}", self.url.authority, self.url.path.split('?').next().unwrap_or("")),
                 to = %format!("{}{}", next.authority, next.path.split('?').next().unwrap_or("")), "index moved");
             self.url = next;

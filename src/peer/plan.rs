@@ -256,8 +256,11 @@ impl Scheduler {
         }
         // The classes the index reports: the operator's weight for a mobile holder applies.
         for h in holders {
-            if h.peer_id != "server" && self.model.class(&Source::Peer(h.peer_id.clone())) != h.class {
-                self.model.set_class(Source::Peer(h.peer_id.clone()), h.class);
+            if h.peer_id != "server"
+                && self.model.class(&Source::Peer(h.peer_id.clone())) != h.class
+            {
+                self.model
+                    .set_class(Source::Peer(h.peer_id.clone()), h.class);
             }
         }
         let peers: Vec<Holder> = if self.cfg.server_only {

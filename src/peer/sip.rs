@@ -375,15 +375,22 @@ impl RegState {
 
 /// The SIP flow to callvault: a UDP socket, or a TCP connection with its framing buffer.
 enum Link {
-    Udp(UdpSocket),
-    Tcp { stream: TcpStream, buf: BytesMut },
+    /// The socket and a receive buffer kept across calls.
+    Udp(UdpSocket, Vec<u8>),
+    Tcp {
+        stream: TcpStream,
+        buf: BytesMut,
+    },
 }
 
 impl Link {
     async fn open(t: SipTransport, bind: &str, target: SocketAddr) -> Result<Link, PeerError> {
         let listen = |e: std::io::Error| PeerError::Listen(format!("{bind}: {e}"));
         match t {
-            SipTransport::Udp => Ok(Link::Udp(UdpSocket::bind(bind).await.map_err(listen)?)),
+            SipTransport::Udp => Ok(Link::Udp(
+                UdpSocket::bind(bind).await.map_err(listen)?,
+                vec![0u8; 65536],
+            )),
             SipTransport::Tcp => {
                 let local = tokio::net::lookup_host(bind)
                     .await
@@ -414,7 +421,7 @@ impl Link {
 
     fn local(&self) -> std::io::Result<SocketAddr> {
         match self {
-            Link::Udp(s) => s.local_addr(),
+            Link::Udp(s, _) => s.local_addr(),
             Link::Tcp { stream, .. } => stream.local_addr(),
         }
     }
@@ -422,7 +429,7 @@ impl Link {
     /// Over TCP `to` is ignored: everything goes to callvault on the one connection.
     async fn send(&mut self, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
         match self {
-            Link::Udp(s) => s.send_to(bytes, to).await.map(|_| ()),
+            Link::Udp(s, _) => s.send_to(bytes, to).await.map(|_| ()),
             Link::Tcp { stream, .. } => stream.write_all(bytes).await,
         }
     }
@@ -431,11 +438,9 @@ impl Link {
     /// messages), so it can sit in a `select!`. A TCP error or EOF means the flow is gone.
     async fn recv(&mut self, target: SocketAddr) -> std::io::Result<(Vec<u8>, SocketAddr)> {
         match self {
-            Link::Udp(s) => {
-                let mut buf = vec![0u8; 65536];
-                let (n, from) = s.recv_from(&mut buf).await?;
-                buf.truncate(n);
-                Ok((buf, from))
+            Link::Udp(s, buf) => {
+                let (n, from) = s.recv_from(buf).await?;
+                Ok((buf[..n].to_vec(), from))
             }
             Link::Tcp { stream, buf } => loop {
                 match frame_stream(buf) {
@@ -479,7 +484,7 @@ async fn send_on(link: &mut Option<Link>, bytes: &[u8], to: SocketAddr) {
     };
     if let Err(e) = l.send(bytes, to).await {
         match l {
-            Link::Udp(_) => tracing::debug!(error = %e, %to, "send"),
+            Link::Udp(..) => tracing::debug!(error = %e, %to, "send"),
             Link::Tcp { .. } => {
                 tracing::warn!(error = %e, "SIP connection lost");
                 *link = None;
@@ -864,7 +869,11 @@ mod tests {
         id.transport = SipTransport::Tcp;
         let mut reg = RegState::new(id.local, Instant::now());
         let req = parse_request(&reg.request(&id, 300, None, Instant::now()));
-        assert!(req.headers.get("Via").unwrap().starts_with("SIP/2.0/TCP 127.0.0.1:40000;"));
+        assert!(req
+            .headers
+            .get("Via")
+            .unwrap()
+            .starts_with("SIP/2.0/TCP 127.0.0.1:40000;"));
         assert_eq!(
             req.headers.get("Contact"),
             Some("<sip:1001@127.0.0.1:40000;transport=tcp>")
@@ -899,7 +908,10 @@ mod tests {
         let mut ok = second.response(200, None);
         ok.headers
             .push("Contact", "<sip:1001@127.0.0.1:40000>;expires=120");
-        assert_eq!(reg.on_response(&id, "1001", "pw", &ok, t0), RegStep::Done(120));
+        assert_eq!(
+            reg.on_response(&id, "1001", "pw", &ok, t0),
+            RegStep::Done(120)
+        );
         assert!(reg.registered);
         assert_eq!(reg.next_register, t0 + Duration::from_secs(60));
         // A stray answer (other branch) is not ours.
@@ -908,7 +920,10 @@ mod tests {
         reg.authed = false;
         let un = parse_request(&reg.request(&id, 0, None, t0));
         assert_eq!(un.headers.get("Expires"), Some("0"));
-        assert_eq!(un.headers.get("Contact"), Some("<sip:1001@127.0.0.1:40000>"));
+        assert_eq!(
+            un.headers.get("Contact"),
+            Some("<sip:1001@127.0.0.1:40000>")
+        );
         assert_eq!(un.call_id(), first.call_id());
         assert_eq!(un.headers.get("CSeq"), Some("3 REGISTER"));
         let RegStep::Send(b) = reg.on_response(&id, "1001", "pw", &challenge(&un), t0) else {

@@ -371,8 +371,15 @@ mod tests {
         let idx = MemoryIndex::new(Duration::from_secs(600));
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let c = "c1";
-        idx.announce(c, "p2", "127.0.0.1:9002", SourceClass::Peer, Bitfield::full(3), t0)
-            .unwrap();
+        idx.announce(
+            c,
+            "p2",
+            "127.0.0.1:9002",
+            SourceClass::Peer,
+            Bitfield::full(3),
+            t0,
+        )
+        .unwrap();
         idx.announce(
             c,
             "p1",
@@ -407,18 +414,46 @@ mod tests {
         assert!(h[0].have.is_complete());
         assert!(idx.holders(c, t0 + Duration::from_secs(1250)).is_empty());
         assert!(idx
-            .announce(c, "server", "127.0.0.1:1", SourceClass::Peer, Bitfield::empty(3), t0)
+            .announce(
+                c,
+                "server",
+                "127.0.0.1:1",
+                SourceClass::Peer,
+                Bitfield::empty(3),
+                t0
+            )
             .is_err());
-        idx.announce(c, "p3", "127.0.0.1:9003", SourceClass::Peer, Bitfield::empty(3), t0)
-            .unwrap();
+        idx.announce(
+            c,
+            "p3",
+            "127.0.0.1:9003",
+            SourceClass::Peer,
+            Bitfield::empty(3),
+            t0,
+        )
+        .unwrap();
         idx.remove(c, "p3");
         assert!(idx.holders(c, t0).is_empty());
-        idx.announce(c, "p5", "127.0.0.1:9005", SourceClass::Peer, Bitfield::empty(3), t0)
-            .unwrap();
+        idx.announce(
+            c,
+            "p5",
+            "127.0.0.1:9005",
+            SourceClass::Peer,
+            Bitfield::empty(3),
+            t0,
+        )
+        .unwrap();
         idx.forget_content(c);
         assert!(idx.holders(c, t0).is_empty());
-        idx.announce(c, "p4", "127.0.0.1:9004", SourceClass::Peer, Bitfield::empty(3), t0)
-            .unwrap();
+        idx.announce(
+            c,
+            "p4",
+            "127.0.0.1:9004",
+            SourceClass::Peer,
+            Bitfield::empty(3),
+            t0,
+        )
+        .unwrap();
         idx.sweep(t0 + Duration::from_secs(601));
         assert!(idx.lock().is_empty());
     }
@@ -453,11 +488,25 @@ mod tests {
         let m = SourceClass::MobilePeer;
         idx.announce("c1", "m", "127.0.0.1:9001", m, Bitfield::empty(2), t0)
             .unwrap();
-        idx.announce("c1", "p", "127.0.0.1:9002", SourceClass::Peer, Bitfield::empty(2), t0)
-            .unwrap();
+        idx.announce(
+            "c1",
+            "p",
+            "127.0.0.1:9002",
+            SourceClass::Peer,
+            Bitfield::empty(2),
+            t0,
+        )
+        .unwrap();
         let later = t0 + Duration::from_secs(300);
-        idx.announce("c2", "p", "127.0.0.1:9002", SourceClass::Peer, Bitfield::empty(2), later)
-            .unwrap();
+        idx.announce(
+            "c2",
+            "p",
+            "127.0.0.1:9002",
+            SourceClass::Peer,
+            Bitfield::empty(2),
+            later,
+        )
+        .unwrap();
         let h = idx.holders("c1", t0);
         assert_eq!(h[0].peer_id, "m");
         assert_eq!(h[0].class, SourceClass::MobilePeer);
@@ -467,7 +516,14 @@ mod tests {
         assert_eq!(idx.stats(t0 + Duration::from_secs(650)), (1, 1));
         // Nobody announces as the server.
         assert!(idx
-            .announce("c1", "x", "127.0.0.1:1", SourceClass::Server, Bitfield::empty(2), t0)
+            .announce(
+                "c1",
+                "x",
+                "127.0.0.1:1",
+                SourceClass::Server,
+                Bitfield::empty(2),
+                t0
+            )
             .is_err());
     }
 }

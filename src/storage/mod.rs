@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod db;
+pub mod log_thread;
 pub mod segments;
 pub mod stores;
 pub mod threshold;

@@ -875,9 +875,8 @@ impl Ingest {
     /// Stores one packet: encodes it into the current batch and hands the batch off when it
     /// is full or old enough. Never blocks and, once warmed up, never allocates.
     pub fn push(&mut self, h: &RecordHeader, payload: &[u8]) -> Result<(), IngestError> {
-        if self.tx.is_closed() {
-            return Err(IngestError::WriterClosed);
-        }
+        // A closed writer is noticed at the next hand-off (`flush`), not per packet: the
+        // check reads a cache line the writer's thread shares.
         if self.buf.len() >= self.opts.max_buffered_bytes {
             // The writer is stuck; try once more before refusing.
             self.flush()?;
@@ -976,6 +975,54 @@ impl WriterTask {
             w.close_tail();
         }
         res
+    }
+}
+
+/// What [`WriterTask::pump`] left behind.
+#[derive(Debug)]
+pub enum Pumped {
+    /// The log is still open; call again later.
+    Open,
+    /// The ingest end closed and the log is finished (or failed; the tail is closed at the
+    /// last commit).
+    Finished(Result<TailState, SegmentError>),
+}
+
+impl WriterTask {
+    /// Appends and commits whatever is queued, without waiting: for a thread that serves many
+    /// logs by polling them ([`super::log_thread`]), where a wake-up per batch would cost more
+    /// than the write. Blocks on disk I/O, so never call it on an async worker.
+    pub fn pump(&mut self) -> Pumped {
+        let mut res = Ok(());
+        let mut closed = false;
+        while res.is_ok() {
+            match self.rx.try_recv() {
+                Ok(b) => {
+                    res = self.writer.append_encoded(&b);
+                    recycle(&self.pool, b);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let res = res.and_then(|()| self.writer.commit());
+        match res {
+            Err(e) => {
+                self.writer.close_tail();
+                Pumped::Finished(Err(e))
+            }
+            Ok(_) if closed => {
+                let res = self.writer.finish();
+                if res.is_err() {
+                    self.writer.close_tail();
+                }
+                Pumped::Finished(res)
+            }
+            Ok(_) => Pumped::Open,
+        }
     }
 }
 
@@ -1395,10 +1442,9 @@ mod tests {
             .unwrap();
         writer.abort();
         let _ = writer.await;
-        assert!(matches!(
-            ingest.push(&hdr(5), &payload(5)),
-            Err(IngestError::WriterClosed)
-        ));
+        // Noticed at the next hand-off, not per packet.
+        ingest.push(&hdr(5), &payload(5)).unwrap();
+        assert!(matches!(ingest.flush(), Err(IngestError::WriterClosed)));
     }
 
     #[test]

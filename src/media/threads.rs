@@ -1,0 +1,88 @@
+//! Media threads: the call relays run on their own OS threads, each a single-threaded tokio
+//! runtime with its own I/O driver, one per core by default (thread-per-core).
+//!
+//! Why not the server's multi-threaded runtime: a relay does a few microseconds of work per
+//! packet, so on the shared work-stealing runtime most of its cost was waking the other
+//! worker (futex) and switching threads per packet (docs/BENCHMARKS.md, issue 5 profile).
+//! On a media thread a packet's readiness, the relay task and its `sendto` all stay on one
+//! thread: one `epoll_wait` wakes many relays and nothing crosses threads per packet. Relays
+//! are spread round-robin; a relay and its four sockets never move between threads.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::{Builder, Handle};
+
+/// The pool of media threads; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct MediaThreads {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+impl MediaThreads {
+    /// Starts `count` media threads (0: one per available core). They run until the process
+    /// exits.
+    pub fn start(count: usize) -> io::Result<MediaThreads> {
+        let count = if count == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            count
+        };
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count {
+            let rt = Builder::new_current_thread()
+                .enable_all()
+                .thread_name(format!("cv-media-{i}"))
+                .build()?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("cv-media-{i}"))
+                // Drives the runtime's I/O and timers for the tasks spawned through its handle;
+                // never returns.
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(MediaThreads {
+            handles,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The thread for the next relay (round-robin).
+    pub fn pick(&self) -> Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_over_distinct_threads() {
+        let t = MediaThreads::start(2).unwrap();
+        assert_eq!(t.len(), 2);
+        let names: Vec<String> = (0..4)
+            .map(|_| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                t.pick().spawn(async move {
+                    let _ = tx.send(std::thread::current().name().map(str::to_string));
+                });
+                rx.recv().unwrap().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["cv-media-0", "cv-media-1", "cv-media-0", "cv-media-1"]
+        );
+    }
+}

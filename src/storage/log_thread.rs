@@ -1,0 +1,168 @@
+//! One thread that writes many store logs by polling them on a fixed tick: the writer side
+//! of whole-call recordings.
+//!
+//! A [`WriterTask`] per store on the async runtime costs a wake-up of a runtime worker and a
+//! blocking-pool hand-off per batch; with thousands of recorded directions that was most of
+//! the server's CPU (docs/BENCHMARKS.md, issue 5). Here the ingest ends hand batches over
+//! without waking anybody (nobody waits on those channels), and this thread drains every log
+//! once per tick, so the cost is one wake-up per tick for all logs together. In-call stores
+//! keep their own writer task: their receiver waits on each commit (threshold, live play).
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::segments::{Pumped, SegmentError, TailState, WriterTask};
+
+/// Why [`LogThread::adopt`] could not take a log.
+#[derive(Debug, thiserror::Error)]
+#[error("the log writer thread has stopped")]
+pub struct LogThreadGone;
+
+struct Adopted {
+    task: WriterTask,
+    done: oneshot::Sender<Result<TailState, SegmentError>>,
+}
+
+/// Handle of the writer thread; dropping every handle ends the thread once its logs finish.
+#[derive(Debug, Clone)]
+pub struct LogThread {
+    tx: std_mpsc::Sender<Adopted>,
+}
+
+impl std::fmt::Debug for Adopted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Adopted")
+    }
+}
+
+impl LogThread {
+    /// Starts the thread; every log is written at least once per `tick`.
+    pub fn start(name: &str, tick: Duration) -> std::io::Result<LogThread> {
+        let (tx, rx) = std_mpsc::channel::<Adopted>();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || run(rx, tick))?;
+        Ok(LogThread { tx })
+    }
+
+    /// Hands a log to the thread; the receiver gets the log's end (what
+    /// [`WriterTask::run`] would have returned) once the ingest end is closed and everything
+    /// is written.
+    pub fn adopt(
+        &self,
+        task: WriterTask,
+    ) -> Result<oneshot::Receiver<Result<TailState, SegmentError>>, LogThreadGone> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Adopted { task, done })
+            .map_err(|_| LogThreadGone)?;
+        Ok(rx)
+    }
+}
+
+fn run(rx: std_mpsc::Receiver<Adopted>, tick: Duration) {
+    let mut logs: Vec<Adopted> = Vec::new();
+    let mut handles_alive = true;
+    while handles_alive || !logs.is_empty() {
+        // Sleeping on the adoption channel: new logs start being served at once.
+        match rx.recv_timeout(tick) {
+            Ok(a) => logs.push(a),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                handles_alive = false;
+                if logs.is_empty() {
+                    break;
+                }
+                std::thread::sleep(tick);
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(a) => logs.push(a),
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    handles_alive = false;
+                    break;
+                }
+            }
+        }
+        let mut i = 0;
+        while i < logs.len() {
+            match logs[i].task.pump() {
+                Pumped::Open => i += 1,
+                Pumped::Finished(res) => {
+                    let a = logs.swap_remove(i);
+                    // Nobody waiting for the end is fine: the log is written either way.
+                    let _ = a.done.send(res);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::segments::{
+        pipeline, PipelineOptions, RecordHeader, SegmentOptions, SegmentReader, SegmentWriter,
+    };
+
+    fn header(seq: u16) -> RecordHeader {
+        RecordHeader {
+            arrival_us: 1_000_000 + u64::from(seq) * 20_000,
+            seq,
+            timestamp: u32::from(seq) * 160,
+            ssrc: 7,
+            payload_type: 0,
+            marker: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn many_logs_written_by_one_thread_and_finished_when_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let thread = LogThread::start("test-logs", Duration::from_millis(5)).unwrap();
+        let mut ends = Vec::new();
+        let mut ingests = Vec::new();
+        for i in 0..20 {
+            let w =
+                SegmentWriter::create(&dir.path().join(format!("s{i}")), SegmentOptions::default())
+                    .unwrap();
+            let (ingest, task) = pipeline(
+                w,
+                PipelineOptions {
+                    batch_bytes: 512,
+                    ..PipelineOptions::default()
+                },
+            );
+            ends.push(thread.adopt(task).unwrap());
+            ingests.push(ingest);
+        }
+        for (i, ingest) in ingests.iter_mut().enumerate() {
+            for seq in 0..(50 + i as u16) {
+                ingest.push(&header(seq), &[i as u8; 160]).unwrap();
+            }
+            ingest.flush().unwrap();
+        }
+        for ingest in ingests {
+            ingest.close().await.unwrap();
+        }
+        for (i, end) in ends.into_iter().enumerate() {
+            let tail = end.await.unwrap().unwrap();
+            assert!(tail.finished);
+            assert_eq!(tail.records, 50 + i as u64);
+            assert_eq!(tail.payload_bytes, (50 + i as u64) * 160);
+            // Every record reads back with its payload.
+            let mut r = SegmentReader::open(&dir.path().join(format!("s{i}")), 0, None);
+            let mut n = 0;
+            while let Some(rec) = r.next().await.unwrap() {
+                assert_eq!(rec.header.seq, n);
+                assert!(rec.payload.iter().all(|b| *b == i as u8));
+                n += 1;
+            }
+            assert_eq!(u64::from(n), tail.records);
+        }
+    }
+}
