@@ -21,6 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::task::{Context, Poll};
+
+use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -728,6 +732,30 @@ fn send(out: &UdpSocket, pkt: &[u8], to: Option<SocketAddr>) -> bool {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Stopped,
+    TimedOut,
+}
+
+/// Rounds over the sockets in one wake-up before yielding to the thread's other relays.
+const MAX_ROUNDS_PER_WAKE: u32 = 16;
+
+/// One non-blocking receive; `Pending` registers the task for the socket's next readiness.
+#[inline]
+fn poll_recv(
+    sock: &UdpSocket,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+) -> Poll<std::io::Result<(usize, SocketAddr)>> {
+    let mut rb = ReadBuf::new(buf);
+    match sock.poll_recv_from(cx, &mut rb) {
+        Poll::Ready(Ok(src)) => Poll::Ready(Ok((rb.filled().len(), src))),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 async fn run(
     id: RelayId,
     legs: [PortPair; 2],
@@ -775,57 +803,124 @@ async fn run(
     tokio::pin!(hold);
     let mut hold_armed = false;
 
-    loop {
-        tokio::select! {
-            r = a.rtp.recv_from(buf_a_rtp) => match r {
-                Ok((n, src)) => st.on_rtp(Side::A, &buf_a_rtp[..n], src, &b.rtp, Instant::now()),
-                // e.g. ICMP errors surfacing on the socket; the next packet may be fine.
-                Err(_) => st.recv_error(),
-            },
-            r = b.rtp.recv_from(buf_b_rtp) => match r {
-                Ok((n, src)) => st.on_rtp(Side::B, &buf_b_rtp[..n], src, &a.rtp, Instant::now()),
-                Err(_) => st.recv_error(),
-            },
-            r = a.rtcp.recv_from(buf_a_rtcp) => match r {
-                Ok((n, src)) => st.on_rtcp(Side::A, &buf_a_rtcp[..n], src, &b.rtcp, Instant::now()),
-                Err(_) => st.recv_error(),
-            },
-            r = b.rtcp.recv_from(buf_b_rtcp) => match r {
-                Ok((n, src)) => st.on_rtcp(Side::B, &buf_b_rtcp[..n], src, &a.rtcp, Instant::now()),
-                Err(_) => st.recv_error(),
-            },
-            c = ctrl.recv() => match c {
-                // Stop, or the handle was dropped.
-                Some(Control::Stop) | None => break,
-                Some(c) => st.control(c),
-            },
-            () = &mut sleep => {
-                // Re-armed once per timeout period, not per packet.
-                let now = Instant::now();
-                let idle_until = st.last_activity + config.rtp_timeout;
-                // Also publishes what piled up since traffic stopped, so a reader of the
-                // Timeout event sees final counts.
-                st.flush(now);
-                if st.timeout_armed && idle_until <= now {
-                    tracing::info!(relay = id.0, "rtp timeout, relay stopped");
-                    // The receiver may be gone (call already torn down); nothing to do then.
-                    let _ = events.send(RelayEvent::Timeout { relay: id }).await;
-                    break;
+    // One wake-up handles whatever is ready on the four sockets, then the control channel and
+    // the timers; sockets are read at most once per round so a flood on one cannot starve the
+    // others. Hand-written rather than `select!`, which builds and drops a future per branch
+    // for every packet (a visible share of the relay's CPU).
+    let exit = std::future::poll_fn(|cx| {
+        // Round 1 looks at everything, registering the task with every source; later rounds
+        // only at sockets that just gave a packet (more may be queued; a socket that said
+        // Pending wakes the task when it has data, and so do the channel and the timers).
+        let mut again = [true; 4];
+        let mut full = true;
+        let mut rounds = 0u32;
+        loop {
+            let now = Instant::now();
+            let mut got = [false; 4];
+            if again[0] {
+                if let Poll::Ready(r) = poll_recv(&a.rtp, cx, buf_a_rtp) {
+                    match r {
+                        Ok((n, src)) => st.on_rtp(Side::A, &buf_a_rtp[..n], src, &b.rtp, now),
+                        // e.g. ICMP errors surfacing on the socket; the next packet may be fine.
+                        Err(_) => st.recv_error(),
+                    }
+                    got[0] = true;
                 }
-                sleep.as_mut().reset(if st.timeout_armed { idle_until } else { now + config.rtp_timeout });
             }
-            () = &mut hold, if hold_armed => st.on_hold_timer(Instant::now(), [&a.rtp, &b.rtp]),
-        }
-        if st.gates_changed {
-            st.gates_changed = false;
-            hold_armed = match st.hold_deadline() {
-                Some(t) => {
-                    hold.as_mut().reset(t);
-                    true
+            if again[1] {
+                if let Poll::Ready(r) = poll_recv(&b.rtp, cx, buf_b_rtp) {
+                    match r {
+                        Ok((n, src)) => st.on_rtp(Side::B, &buf_b_rtp[..n], src, &a.rtp, now),
+                        Err(_) => st.recv_error(),
+                    }
+                    got[1] = true;
                 }
-                None => false,
-            };
+            }
+            if again[2] {
+                if let Poll::Ready(r) = poll_recv(&a.rtcp, cx, buf_a_rtcp) {
+                    match r {
+                        Ok((n, src)) => st.on_rtcp(Side::A, &buf_a_rtcp[..n], src, &b.rtcp, now),
+                        Err(_) => st.recv_error(),
+                    }
+                    got[2] = true;
+                }
+            }
+            if again[3] {
+                if let Poll::Ready(r) = poll_recv(&b.rtcp, cx, buf_b_rtcp) {
+                    match r {
+                        Ok((n, src)) => st.on_rtcp(Side::B, &buf_b_rtcp[..n], src, &a.rtcp, now),
+                        Err(_) => st.recv_error(),
+                    }
+                    got[3] = true;
+                }
+            }
+            let mut progress = got.iter().any(|g| *g);
+            // The channel and the timers once per full round: they wake the task when they
+            // have something; only one that just fired needs another look.
+            let mut fired = false;
+            if full {
+                match ctrl.poll_recv(cx) {
+                    // Stop, or the handle was dropped.
+                    Poll::Ready(Some(Control::Stop) | None) => return Poll::Ready(Exit::Stopped),
+                    Poll::Ready(Some(c)) => {
+                        st.control(c);
+                        fired = true;
+                    }
+                    Poll::Pending => {}
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    // Re-armed once per timeout period, not per packet.
+                    let idle_until = st.last_activity + config.rtp_timeout;
+                    // Also publishes what piled up since traffic stopped, so a reader of the
+                    // Timeout event sees final counts.
+                    st.flush(now);
+                    if st.timeout_armed && idle_until <= now {
+                        return Poll::Ready(Exit::TimedOut);
+                    }
+                    sleep.as_mut().reset(if st.timeout_armed {
+                        idle_until
+                    } else {
+                        now + config.rtp_timeout
+                    });
+                    fired = true;
+                }
+                if hold_armed && hold.as_mut().poll(cx).is_ready() {
+                    st.on_hold_timer(now, [&a.rtp, &b.rtp]);
+                    fired = true;
+                }
+            }
+            // Set by packets (a gate started or stopped holding) as well as by controls.
+            if st.gates_changed {
+                st.gates_changed = false;
+                hold_armed = match st.hold_deadline() {
+                    Some(t) => {
+                        hold.as_mut().reset(t);
+                        true
+                    }
+                    None => false,
+                };
+                // The next round is a full one, which polls (registers) the re-armed timer.
+                fired = true;
+            }
+            progress |= fired;
+            if !progress {
+                return Poll::Pending;
+            }
+            rounds += 1;
+            if rounds >= MAX_ROUNDS_PER_WAKE {
+                // Let the other relays of this thread run; come back at once.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            full = fired || !got.iter().any(|g| *g);
+            again = if full { [true; 4] } else { got };
         }
+    })
+    .await;
+    if exit == Exit::TimedOut {
+        tracing::info!(relay = id.0, "rtp timeout, relay stopped");
+        // The receiver may be gone (call already torn down); nothing to do then.
+        let _ = events.send(RelayEvent::Timeout { relay: id }).await;
     }
     st.flush(Instant::now());
     // Sockets close and ports return to the allocator before the recording is wrapped up.
