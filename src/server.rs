@@ -109,10 +109,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Duration::from_secs(config.media.rtp_timeout_secs),
         counters.clone(),
     );
-    let media_threads = MediaThreads::start(0).map_err(|source| ServerError::Thread {
-        what: "the media threads",
-        source,
-    })?;
+    let media_threads = MediaThreads::start(config.media.threads, config.media.thread_nice)
+        .map_err(|source| ServerError::Thread {
+            what: "the media threads",
+            source,
+        })?;
     let media = media.with_threads(Arc::new(media_threads));
 
     let mut routes = Vec::new();

@@ -21,9 +21,9 @@ pub struct MediaThreads {
 }
 
 impl MediaThreads {
-    /// Starts `count` media threads (0: one per available core). They run until the process
-    /// exits.
-    pub fn start(count: usize) -> io::Result<MediaThreads> {
+    /// Starts `count` media threads (0: one per available core) at nice value `nice`. They
+    /// run until the process exits.
+    pub fn start(count: usize, nice: i32) -> io::Result<MediaThreads> {
         let count = if count == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -40,7 +40,10 @@ impl MediaThreads {
                 .name(format!("cv-media-{i}"))
                 // Drives the runtime's I/O and timers for the tasks spawned through its handle;
                 // never returns.
-                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    set_nice(nice, i);
+                    rt.block_on(std::future::pending::<()>())
+                })?;
         }
         Ok(MediaThreads {
             handles,
@@ -63,13 +66,33 @@ impl MediaThreads {
     }
 }
 
+/// Sets the calling thread's nice value (Linux keeps one per thread). Refusal (no
+/// CAP_SYS_NICE) is not an error: the thread runs at the process's priority.
+fn set_nice(nice: i32, index: usize) {
+    // SAFETY: plain syscalls on the calling thread; no memory is passed.
+    let (tid, res) = unsafe {
+        let tid = libc::gettid();
+        // `who` = a thread id: the value applies to this thread only.
+        let res = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+        (tid, res)
+    };
+    if res != 0 {
+        let err = io::Error::last_os_error();
+        if index == 0 {
+            tracing::info!(nice, error = %err, "media threads keep the default priority");
+        }
+    } else {
+        tracing::debug!(tid, nice, "media thread priority set");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn round_robin_over_distinct_threads() {
-        let t = MediaThreads::start(2).unwrap();
+        let t = MediaThreads::start(2, 0).unwrap();
         assert_eq!(t.len(), 2);
         let names: Vec<String> = (0..4)
             .map(|_| {

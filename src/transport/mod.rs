@@ -76,6 +76,7 @@ impl Transports {
             match l.transport {
                 Transport::Udp => {
                     let sock = UdpSocket::bind(l.addr).await.map_err(bind_err)?;
+                    grow_buffers(&sock);
                     let local = sock.local_addr().map_err(bind_err)?;
                     udp.push((local, Arc::new(sock)));
                 }
@@ -282,6 +283,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Socket buffer asked for on each SIP UDP socket. The kernel's default (~208 KiB) holds about
+/// 300 INVITEs: a few milliseconds of a 3,000 calls/s burst while the reader task waits for a
+/// core, after which datagrams are dropped and come back as retransmissions
+/// (docs/BENCHMARKS.md, issue 5). The kernel caps it at `net.core.rmem_max`/`wmem_max`.
+const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+fn grow_buffers(sock: &UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    // Best effort: a smaller buffer only means drops come sooner under a burst.
+    if let Err(e) = s.set_recv_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "SIP UDP receive buffer left at the default");
+    }
+    if let Err(e) = s.set_send_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "SIP UDP send buffer left at the default");
+    }
+}
+
 async fn udp_loop(sock: Arc<UdpSocket>, t: Transports) {
     let mut buf = vec![0u8; 65535];
     loop {
@@ -318,5 +336,27 @@ async fn accept_loop(lis: TcpListener, t: Transports) {
         lock(&t.conns).insert(remote, tx);
         let t2 = t.clone();
         tokio::spawn(async move { t2.run_connection(stream, remote, rx).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sip_udp_sockets_get_a_large_receive_buffer() {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let before = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
+        grow_buffers(&sock);
+        let after = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        // Linux doubles the value asked for (bookkeeping) and caps it at rmem_max.
+        if max > before {
+            assert!(after > before, "{before} -> {after} (rmem_max {max})");
+            assert!(after >= UDP_BUFFER_BYTES.min(max), "{after}");
+        }
     }
 }
