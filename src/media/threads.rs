@@ -41,7 +41,9 @@ impl MediaThreads {
                 // Drives the runtime's I/O and timers for the tasks spawned through its handle;
                 // never returns.
                 .spawn(move || {
-                    set_nice(nice, i);
+                    if nice != 0 {
+                        set_nice(nice, i);
+                    }
                     rt.block_on(std::future::pending::<()>())
                 })?;
         }
