@@ -142,3 +142,81 @@ fn recorded_call_lists_two_complete_stores_with_the_audio() {
     senders.dedup();
     assert_eq!(senders.len(), 2, "{stores:#?}");
 }
+
+/// A crash mid-call keeps every committed byte of both recordings: callvault is killed
+/// (SIGKILL) while the call's audio flows and restarted on the same data; both stores come
+/// back `truncated` with what was written before the kill, readable to the last record.
+#[test]
+fn recordings_survive_a_kill_mid_call_with_every_committed_byte() {
+    if !tool_available("sipp") {
+        return;
+    }
+    let ports = PortBlock::reserve(10);
+    let (uas_sip, uac_sip, uas_media, uac_media) =
+        (ports.port(0), ports.port(1), ports.port(2), ports.port(6));
+    let mut cfg = ServerConfig::new();
+    cfg.rtp = PortBlock::reserve(20);
+    cfg.route_to = Some((uas_sip, Transport::Udp));
+    let mut server = Server::prepare(cfg);
+    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
+    server.start();
+
+    let _uas = Sipp::uas("basic")
+        .port(uas_sip)
+        .media_port(uas_media)
+        .transport(Transport::Udp)
+        .calls(1)
+        .timeout(Duration::from_secs(20))
+        .spawn();
+    let _uac = Sipp::uac("basic", server.sip_addr())
+        .port(uac_sip)
+        .media_port(uac_media)
+        .transport(Transport::Udp)
+        .calls(1)
+        .timeout(Duration::from_secs(20))
+        .spawn();
+    // Audio is flowing into both recordings...
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric_value(&server.metrics(), "callvault_rtp_packets_stored_total", &[]).unwrap_or(0.0)
+        < 100.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no recorded packets\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...long enough for at least one write of each log (1 s batches, 250 ms ticks).
+    std::thread::sleep(Duration::from_millis(2000));
+    server.kill_hard();
+    server.start();
+
+    let (status, body) = admin_get(server.http_addr(), "/v1/stores");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    let recs: Vec<&serde_json::Value> = list
+        .iter()
+        .filter(|s| s["kind"] == "call-recording")
+        .collect();
+    assert_eq!(recs.len(), 2, "{list:#?}");
+    for s in recs {
+        assert_eq!(s["state"], "truncated", "{s:#}");
+        let got = s["received_bytes"].as_u64().unwrap();
+        // At least half a second of 160-byte packets was written before the kill, and never
+        // more than the 5 s the call carries.
+        assert!(got >= 25 * 160 && got <= BYTES_5S, "received {got}: {s:#}");
+        let id = s["store_id"].as_str().unwrap();
+        let (status, media) = admin_get(
+            server.http_addr(),
+            &format!("/v1/stores/{id}/media?format=raw"),
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&media));
+        assert_eq!(
+            media.len() as u64,
+            got,
+            "raw download of {id} after recovery"
+        );
+    }
+}
