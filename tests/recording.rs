@@ -206,7 +206,10 @@ fn recordings_survive_a_kill_mid_call_with_every_committed_byte() {
         let got = s["received_bytes"].as_u64().unwrap();
         // At least half a second of 160-byte packets was written before the kill, and never
         // more than the 5 s the call carries.
-        assert!(got >= 25 * 160 && got <= BYTES_5S, "received {got}: {s:#}");
+        assert!(
+            (25 * 160..=BYTES_5S).contains(&got),
+            "received {got}: {s:#}"
+        );
         let id = s["store_id"].as_str().unwrap();
         let (status, media) = admin_get(
             server.http_addr(),
