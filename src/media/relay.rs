@@ -1,5 +1,6 @@
-//! The anchored RTP/RTCP relay of one call: one tokio task selecting over the four sockets of
-//! the two legs and forwarding each packet to the other leg's remote party.
+//! The anchored RTP/RTCP relay of one call: one tokio task polling the four sockets of the two
+//! legs and forwarding each packet to the other leg's remote party. In the server the task
+//! runs on a media thread ([`super::threads`]), with its sockets registered there.
 //!
 //! Symmetric RTP: each side's target starts as its SDP address ([`RelayHandle::set_remote`])
 //! and latches onto the source its packets actually come from (first packet, again after an SDP
