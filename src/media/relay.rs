@@ -554,14 +554,11 @@ impl State {
             return;
         }
         let sent = ok && send(out, pkt, self.peers[from.other().idx()].rtp);
+        self.counts.count_sent(from.idx(), pkt.len(), sent);
         if sent {
-            self.counts.rtp_packets[from.idx()] += 1;
-            self.counts.rtp_bytes[from.idx()] += pkt.len() as u64;
             if let Some(rec) = self.recording.as_deref_mut() {
                 rec.push(from, pkt);
             }
-        } else {
-            self.counts.dropped += 1;
         }
         self.after_packet(now);
     }
@@ -734,6 +731,12 @@ fn send(out: &UdpSocket, pkt: &[u8], to: Option<SocketAddr>) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rtp,
+    Rtcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
     Stopped,
     TimedOut,
@@ -791,11 +794,16 @@ async fn run(
         relatch_after: config.relatch_after,
     };
     let [a, b] = &legs;
+    // The four sockets: (socket, the socket its packets leave by, the side they come from,
+    // RTP or RTCP). Index i reads into `bufs[i]`.
+    let socks = [
+        (&a.rtp, &b.rtp, Side::A, Kind::Rtp),
+        (&b.rtp, &a.rtp, Side::B, Kind::Rtp),
+        (&a.rtcp, &b.rtcp, Side::A, Kind::Rtcp),
+        (&b.rtcp, &a.rtcp, Side::B, Kind::Rtcp),
+    ];
     // The only allocation of the packet path: one buffer per socket, for the whole call.
-    let mut bufs = vec![0u8; 4 * BUF_LEN].into_boxed_slice();
-    let (buf_a_rtp, rest) = bufs.split_at_mut(BUF_LEN);
-    let (buf_a_rtcp, rest) = rest.split_at_mut(BUF_LEN);
-    let (buf_b_rtp, buf_b_rtcp) = rest.split_at_mut(BUF_LEN);
+    let mut bufs = vec![[0u8; BUF_LEN]; socks.len()].into_boxed_slice();
 
     let sleep = tokio::time::sleep_until(now + config.rtp_timeout);
     tokio::pin!(sleep);
@@ -818,41 +826,19 @@ async fn run(
         loop {
             let now = Instant::now();
             let mut got = [false; 4];
-            if again[0] {
-                if let Poll::Ready(r) = poll_recv(&a.rtp, cx, buf_a_rtp) {
-                    match r {
-                        Ok((n, src)) => st.on_rtp(Side::A, &buf_a_rtp[..n], src, &b.rtp, now),
+            for (i, &(sock, out, from, kind)) in socks.iter().enumerate() {
+                if !again[i] {
+                    continue;
+                }
+                let buf = &mut bufs[i];
+                if let Poll::Ready(r) = poll_recv(sock, cx, buf) {
+                    match (r, kind) {
+                        (Ok((n, src)), Kind::Rtp) => st.on_rtp(from, &buf[..n], src, out, now),
+                        (Ok((n, src)), Kind::Rtcp) => st.on_rtcp(from, &buf[..n], src, out, now),
                         // e.g. ICMP errors surfacing on the socket; the next packet may be fine.
-                        Err(_) => st.recv_error(),
+                        (Err(_), _) => st.recv_error(),
                     }
-                    got[0] = true;
-                }
-            }
-            if again[1] {
-                if let Poll::Ready(r) = poll_recv(&b.rtp, cx, buf_b_rtp) {
-                    match r {
-                        Ok((n, src)) => st.on_rtp(Side::B, &buf_b_rtp[..n], src, &a.rtp, now),
-                        Err(_) => st.recv_error(),
-                    }
-                    got[1] = true;
-                }
-            }
-            if again[2] {
-                if let Poll::Ready(r) = poll_recv(&a.rtcp, cx, buf_a_rtcp) {
-                    match r {
-                        Ok((n, src)) => st.on_rtcp(Side::A, &buf_a_rtcp[..n], src, &b.rtcp, now),
-                        Err(_) => st.recv_error(),
-                    }
-                    got[2] = true;
-                }
-            }
-            if again[3] {
-                if let Poll::Ready(r) = poll_recv(&b.rtcp, cx, buf_b_rtcp) {
-                    match r {
-                        Ok((n, src)) => st.on_rtcp(Side::B, &buf_b_rtcp[..n], src, &a.rtcp, now),
-                        Err(_) => st.recv_error(),
-                    }
-                    got[3] = true;
+                    got[i] = true;
                 }
             }
             let mut progress = got.iter().any(|g| *g);
