@@ -9,7 +9,7 @@
 //! keep their own writer task: their receiver waits on each commit (threshold, live play).
 
 use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -31,14 +31,8 @@ pub struct LogThread {
     tx: std_mpsc::Sender<Adopted>,
 }
 
-impl std::fmt::Debug for Adopted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Adopted")
-    }
-}
-
 impl LogThread {
-    /// Starts the thread; every log is written at least once per `tick`.
+    /// Starts the thread; every log is written once per `tick`.
     pub fn start(name: &str, tick: Duration) -> std::io::Result<LogThread> {
         let (tx, rx) = std_mpsc::channel::<Adopted>();
         std::thread::Builder::new()
@@ -65,38 +59,41 @@ impl LogThread {
 fn run(rx: std_mpsc::Receiver<Adopted>, tick: Duration) {
     let mut logs: Vec<Adopted> = Vec::new();
     let mut handles_alive = true;
-    while handles_alive || !logs.is_empty() {
-        // Sleeping on the adoption channel: new logs start being served at once.
-        match rx.recv_timeout(tick) {
-            Ok(a) => logs.push(a),
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                handles_alive = false;
-                if logs.is_empty() {
-                    break;
-                }
-                std::thread::sleep(tick);
+    let mut next_pass = Instant::now() + tick;
+    loop {
+        let now = Instant::now();
+        if now >= next_pass {
+            pump_all(&mut logs);
+            if !handles_alive && logs.is_empty() {
+                return;
             }
+            next_pass = now + tick;
+            continue;
         }
-        loop {
-            match rx.try_recv() {
+        // Between passes: take new logs (served from the next pass on, so a burst of new
+        // calls does not make extra passes over every log).
+        if handles_alive {
+            match rx.recv_timeout(next_pass - now) {
                 Ok(a) => logs.push(a),
-                Err(std_mpsc::TryRecvError::Empty) => break,
-                Err(std_mpsc::TryRecvError::Disconnected) => {
-                    handles_alive = false;
-                    break;
-                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => handles_alive = false,
             }
+        } else {
+            std::thread::sleep(next_pass - now);
         }
-        let mut i = 0;
-        while i < logs.len() {
-            match logs[i].task.pump() {
-                Pumped::Open => i += 1,
-                Pumped::Finished(res) => {
-                    let a = logs.swap_remove(i);
-                    // Nobody waiting for the end is fine: the log is written either way.
-                    let _ = a.done.send(res);
-                }
+    }
+}
+
+/// One pass: every log writes what is queued; finished logs report and leave.
+fn pump_all(logs: &mut Vec<Adopted>) {
+    let mut i = 0;
+    while i < logs.len() {
+        match logs[i].task.pump() {
+            Pumped::Open => i += 1,
+            Pumped::Finished(res) => {
+                let a = logs.swap_remove(i);
+                // Nobody waiting for the end is fine: the log is written either way.
+                let _ = a.done.send(res);
             }
         }
     }
@@ -164,5 +161,26 @@ mod tests {
             }
             assert_eq!(u64::from(n), tail.records);
         }
+    }
+
+    #[tokio::test]
+    async fn logs_adopted_before_the_last_handle_drops_are_still_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let thread = LogThread::start("test-logs-drop", Duration::from_millis(5)).unwrap();
+        let w = SegmentWriter::create(&dir.path().join("s"), SegmentOptions::default()).unwrap();
+        let (mut ingest, task) = pipeline(w, PipelineOptions::default());
+        let end = thread.adopt(task).unwrap();
+        drop(thread);
+        for seq in 0..10 {
+            ingest.push(&header(seq), &[9; 160]).unwrap();
+        }
+        ingest.close().await.unwrap();
+        let tail = tokio::time::timeout(Duration::from_secs(5), end)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(tail.finished);
+        assert_eq!(tail.records, 10);
     }
 }

@@ -954,14 +954,9 @@ impl WriterTask {
         while let Some(batch) = rx.recv().await {
             let mut res = writer.append_encoded(&batch);
             recycle(&pool, batch);
-            while res.is_ok() {
-                match rx.try_recv() {
-                    Ok(b) => {
-                        res = writer.append_encoded(&b);
-                        recycle(&pool, b);
-                    }
-                    Err(_) => break,
-                }
+            if res.is_ok() {
+                // A close seen here is seen again by the next `recv`.
+                res = append_queued(&mut writer, &mut rx, &pool).0;
             }
             let (w, committed) = blocking(writer, |w| res.and_then(|_| w.commit())).await?;
             writer = w;
@@ -970,11 +965,45 @@ impl WriterTask {
                 return Err(e);
             }
         }
-        let (mut w, res) = blocking(writer, SegmentWriter::finish).await?;
-        if res.is_err() {
-            w.close_tail();
+        // `finish` closes the tail whatever happens.
+        blocking(writer, SegmentWriter::finish).await?.1
+    }
+
+    /// Appends and commits whatever is queued, without waiting: for a thread that serves many
+    /// logs by polling them ([`super::log_thread`]), where a wake-up per batch would cost more
+    /// than the write. Blocks on disk I/O, so never call it on an async worker.
+    pub fn pump(&mut self) -> Pumped {
+        let (res, closed) = append_queued(&mut self.writer, &mut self.rx, &self.pool);
+        match res.and_then(|()| self.writer.commit()) {
+            Err(e) => {
+                self.writer.close_tail();
+                Pumped::Finished(Err(e))
+            }
+            Ok(_) if closed => Pumped::Finished(self.writer.finish()),
+            Ok(_) => Pumped::Open,
         }
-        res
+    }
+}
+
+/// Appends every batch queued now (not waiting for more) and recycles the buffers; also says
+/// whether the ingest end has closed with nothing left. Stops at the first bad batch.
+fn append_queued(
+    writer: &mut SegmentWriter,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    pool: &mpsc::Sender<Vec<u8>>,
+) -> (Result<(), SegmentError>, bool) {
+    loop {
+        match rx.try_recv() {
+            Ok(b) => {
+                let res = writer.append_encoded(&b);
+                recycle(pool, b);
+                if res.is_err() {
+                    return (res, false);
+                }
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return (Ok(()), false),
+            Err(mpsc::error::TryRecvError::Disconnected) => return (Ok(()), true),
+        }
     }
 }
 
@@ -986,44 +1015,6 @@ pub enum Pumped {
     /// The ingest end closed and the log is finished (or failed; the tail is closed at the
     /// last commit).
     Finished(Result<TailState, SegmentError>),
-}
-
-impl WriterTask {
-    /// Appends and commits whatever is queued, without waiting: for a thread that serves many
-    /// logs by polling them ([`super::log_thread`]), where a wake-up per batch would cost more
-    /// than the write. Blocks on disk I/O, so never call it on an async worker.
-    pub fn pump(&mut self) -> Pumped {
-        let mut res = Ok(());
-        let mut closed = false;
-        while res.is_ok() {
-            match self.rx.try_recv() {
-                Ok(b) => {
-                    res = self.writer.append_encoded(&b);
-                    recycle(&self.pool, b);
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        let res = res.and_then(|()| self.writer.commit());
-        match res {
-            Err(e) => {
-                self.writer.close_tail();
-                Pumped::Finished(Err(e))
-            }
-            Ok(_) if closed => {
-                let res = self.writer.finish();
-                if res.is_err() {
-                    self.writer.close_tail();
-                }
-                Pumped::Finished(res)
-            }
-            Ok(_) => Pumped::Open,
-        }
-    }
 }
 
 fn recycle(pool: &mpsc::Sender<Vec<u8>>, mut buf: Vec<u8>) {
