@@ -414,44 +414,51 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "Time from the prompt (store created) to the first RTP packet of its store session stored.",
     );
     if let Some(counts) = stores {
-        let _ = writeln!(
-            out,
-            "# HELP callvault_stores Stores by state.\n# TYPE callvault_stores gauge"
+        let by_state = StoreState::ALL.map(|st| {
+            let n = counts.iter().filter(|(s, _)| *s == st).map(|(_, n)| *n);
+            (st.as_str(), n.sum())
+        });
+        labelled(
+            &mut out,
+            ("callvault_stores", "gauge", "Stores by state."),
+            "state",
+            by_state,
         );
-        for st in StoreState::ALL {
-            let n: u64 = counts
-                .iter()
-                .filter(|(s, _)| *s == st)
-                .map(|(_, n)| *n)
-                .sum();
-            let _ = writeln!(out, "callvault_stores{{state=\"{}\"}} {n}", st.as_str());
-        }
     }
-    let _ = writeln!(
-        out,
-        "# HELP callvault_calls_total Calls ended, by outcome.\n# TYPE callvault_calls_total counter"
+    labelled(
+        &mut out,
+        (
+            "callvault_calls_total",
+            "counter",
+            "Calls ended, by outcome.",
+        ),
+        "outcome",
+        CallOutcome::ALL.map(|o| (o.label(), m.calls_total(o))),
     );
-    for o in CallOutcome::ALL {
-        let _ = writeln!(
-            out,
-            "callvault_calls_total{{outcome=\"{}\"}} {}",
-            o.label(),
-            m.calls_total(o)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP callvault_share_bytes_total Shared-data bytes, by source.\n# TYPE callvault_share_bytes_total counter"
+    labelled(
+        &mut out,
+        (
+            "callvault_share_bytes_total",
+            "counter",
+            "Shared-data bytes, by source.",
+        ),
+        "source",
+        ShareSource::ALL.map(|s| (s.label(), m.share_bytes_total(s))),
     );
-    for s in ShareSource::ALL {
-        let _ = writeln!(
-            out,
-            "callvault_share_bytes_total{{source=\"{}\"}} {}",
-            s.label(),
-            m.share_bytes_total(s)
-        );
-    }
     out
+}
+
+/// One family with a single label: `(name, type, help)`, then a sample per label value.
+fn labelled<const N: usize>(
+    out: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    label: &str,
+    values: [(&str, u64); N],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
 }
 
 #[cfg(test)]

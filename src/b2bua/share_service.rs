@@ -259,40 +259,30 @@ impl Ctx {
         );
     }
 
-    /// Answers on the sharer's behalf from the share's policy.
-    async fn on_behalf(self, job: Job) {
-        let result = async {
-            let share = self.share(&job).await?;
-            let requester = self.requester(&job.requester).await?;
-            Ok::<_, String>((share, requester))
-        }
-        .await;
-        match result {
-            Err(e) => self.reject(job.tx, 500, "internal-error", e),
-            Ok((None, _)) => self.unknown(&job),
-            Ok((Some(share), requester)) => {
-                if self.shares.may_fetch(&share, requester.as_ref()) {
-                    self.offer(job, &share);
-                } else {
-                    self.reject(
-                        job.tx,
-                        403,
-                        "share-denied",
-                        format!("{} may not fetch {:?}", job.requester, job.name),
-                    );
-                }
+    /// Offers the share if it exists and may be fetched: by its policy when answering on the
+    /// sharer's behalf, or unconditionally when the sharer forwarded the request (its consent
+    /// stands in for the policy).
+    async fn answer(self, job: Job, sharer_consented: bool) {
+        let share = match self.share(&job).await {
+            Err(e) => return self.reject(job.tx, 500, "internal-error", e),
+            Ok(None) => return self.unknown(&job),
+            Ok(Some(share)) => share,
+        };
+        if !sharer_consented {
+            let requester = match self.requester(&job.requester).await {
+                Ok(r) => r,
+                Err(e) => return self.reject(job.tx, 500, "internal-error", e),
+            };
+            if !self.shares.may_fetch(&share, requester.as_ref()) {
+                return self.reject(
+                    job.tx,
+                    403,
+                    "share-denied",
+                    format!("{} may not fetch {:?}", job.requester, job.name),
+                );
             }
         }
-    }
-
-    /// The sharer forwarded the request: its consent stands in for the policy; the share
-    /// still has to exist.
-    async fn forwarded(self, job: Job) {
-        match self.share(&job).await {
-            Err(e) => self.reject(job.tx, 500, "internal-error", e),
-            Ok(None) => self.unknown(&job),
-            Ok(Some(share)) => self.offer(job, &share),
-        }
+        self.offer(job, &share);
     }
 
     async fn list(self, tx: ServerTxId, requester: String, sharer: String) {
@@ -404,10 +394,10 @@ impl ShareService {
                 tracing::info!(sharer = %job.sharer, status, ?answer, "sharer answered");
                 match answer {
                     SharerAnswer::Forwarded => {
-                        tokio::spawn(self.ctx.clone().forwarded(job));
+                        tokio::spawn(self.ctx.clone().answer(job, true));
                     }
                     SharerAnswer::OnBehalf => {
-                        tokio::spawn(self.ctx.clone().on_behalf(job));
+                        tokio::spawn(self.ctx.clone().answer(job, false));
                     }
                     SharerAnswer::Refused => engine.reject_request(
                         *tx,
@@ -492,7 +482,7 @@ impl ShareService {
             });
             return;
         }
-        tokio::spawn(self.ctx.clone().on_behalf(job));
+        tokio::spawn(self.ctx.clone().answer(job, false));
     }
 
     /// Applies a command to the engine.
@@ -515,7 +505,7 @@ impl ShareService {
                 // no job and is dropped.
                 if let Some(job) = self.relayed.remove(&tx) {
                     tracing::info!(sharer = %job.sharer, "sharer did not answer in time");
-                    tokio::spawn(self.ctx.clone().on_behalf(job));
+                    tokio::spawn(self.ctx.clone().answer(job, false));
                 }
             }
             Command::Offer { tx, target, body } => {

@@ -61,7 +61,7 @@ use super::errors::ApiError;
 use super::HttpState;
 use crate::metrics::ShareSource;
 use crate::share::index::Bitfield;
-use crate::share::manifest::{is_sha256_hex, piece_range, validate_name};
+use crate::share::manifest::{is_sha256_hex, percent_encode, piece_range, validate_name};
 use crate::share::rate::throttle;
 use crate::share::select::SourceClass;
 use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares};
@@ -137,15 +137,16 @@ fn requester_of(state: &HttpState, caller: Option<&Caller>) -> Option<Requester>
     }
 }
 
-/// Checks content access (module docs) and returns the shares of the content. The one
-/// access check of every content route, in serve and in the `callvault index` role.
+/// Checks content access (module docs) and returns the content's oldest share (size and
+/// pieces are the content's, so any share of it serves). The one access check of every
+/// content route, in serve and in the `callvault index` role.
 pub(crate) async fn content_access(
     state: &HttpState,
     content_id: &str,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Result<(Vec<Share>, Option<Caller>), ApiError> {
+) -> Result<Share, ApiError> {
     let sh = shares(state)?;
     let caller = authenticate(state, method, uri, headers).await?;
     let rows = if is_sha256_hex(content_id) {
@@ -153,37 +154,42 @@ pub(crate) async fn content_access(
     } else {
         Vec::new()
     };
+    authorize(state, sh, content_id, &rows, caller.as_ref())?;
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("no shared content {content_id}")))
+}
+
+/// May `caller` read content `content_id`, given the shares naming it? Admin and a token for
+/// this content may; a user if some share's policy allows them (`403` if none does); nobody
+/// at all only when some share is open to anyone.
+fn authorize(
+    state: &HttpState,
+    sh: &Shares,
+    content_id: &str,
+    rows: &[Share],
+    caller: Option<&Caller>,
+) -> Result<(), ApiError> {
     if rows.is_empty() {
         return Err(ApiError::not_found(format!(
             "no shared content {content_id}"
         )));
     }
-    let ok = match &caller {
-        Some(Caller::Admin) => true,
-        Some(Caller::Token(t)) => {
-            if !sh.verify_offer_token(content_id, t) {
-                return Err(unauthorized(state, "token does not open this content"));
-            }
-            true
-        }
-        Some(Caller::User(_)) => {
-            let r = requester_of(state, caller.as_ref());
-            if !rows.iter().any(|s| sh.may_fetch(s, r.as_ref())) {
-                return Err(ApiError::forbidden(
-                    "the sharing policy does not include you",
-                ));
-            }
-            true
-        }
-        None => rows.iter().any(|s| sh.may_fetch(s, None)),
-    };
-    if !ok {
-        return Err(unauthorized(
+    let allowed = |r: Option<&Requester>| rows.iter().any(|s| sh.may_fetch(s, r));
+    match caller {
+        Some(Caller::Admin) => Ok(()),
+        Some(Caller::Token(t)) if sh.verify_offer_token(content_id, t) => Ok(()),
+        Some(Caller::Token(_)) => Err(unauthorized(state, "token does not open this content")),
+        Some(Caller::User(_)) if allowed(requester_of(state, caller).as_ref()) => Ok(()),
+        Some(Caller::User(_)) => Err(ApiError::forbidden(
+            "the sharing policy does not include you",
+        )),
+        None if allowed(None) => Ok(()),
+        None => Err(unauthorized(
             state,
             "credentials or the offer token required",
-        ));
+        )),
     }
-    Ok((rows, caller))
 }
 
 /// Authenticated as `owner` (or admin) for changes to `owner`'s shares.
@@ -290,17 +296,13 @@ pub async fn get_share_or_manifest(
         .get_by_name(&first, &second)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("{first} shares no {second:?}")))?;
-    let allowed = match &caller {
-        Some(Caller::Admin) => true,
-        Some(Caller::Token(t)) => sh.verify_offer_token(&share.content_id, t),
-        _ => sh.may_fetch(&share, requester_of(&state, caller.as_ref()).as_ref()),
-    };
-    if !allowed {
-        return Err(match caller {
-            Some(Caller::User(_)) => ApiError::forbidden("the sharing policy does not include you"),
-            _ => unauthorized(&state, "credentials or the offer token required"),
-        });
-    }
+    authorize(
+        &state,
+        sh,
+        &share.content_id,
+        std::slice::from_ref(&share),
+        caller.as_ref(),
+    )?;
     Ok(Json(share.view()).into_response())
 }
 
@@ -414,12 +416,28 @@ fn file_range(
     }))
 }
 
-fn octet_body(sh: &Shares, path: PathBuf, offset: u64, len: u64) -> Body {
-    Body::from_stream(throttle(
-        file_range(path, offset, len),
+/// `len` bytes of the content file from `offset`, through the egress limiter, as an
+/// `application/octet-stream` response with its `Content-Length`.
+fn octet_response(
+    state: &HttpState,
+    content_id: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Response, ApiError> {
+    let sh = shares(state)?;
+    let body = Body::from_stream(throttle(
+        file_range(sh.content_path(content_id)?, offset, len),
         sh.limiter().clone(),
         ShareSource::Server,
-    ))
+    ));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(resp)
 }
 
 /// `GET /v1/pieces/{content_id}/{n}`.
@@ -431,29 +449,17 @@ pub async fn get_piece(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (content_id, n) = path2(path)?;
-    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
     let n: u64 = n
         .parse()
         .map_err(|_| ApiError::bad_request(format!("bad piece number {n:?}")))?;
-    let share = rows
-        .first()
-        .ok_or_else(|| ApiError::not_found("no such content"))?;
     let (offset, len) = piece_range(share.size, share.piece_size, n).ok_or_else(|| {
         ApiError::not_found(format!(
             "piece {n} of {content_id}: it has {} pieces",
             share.pieces
         ))
     })?;
-    let sh = shares(&state)?;
-    let file = sh.content_path(&content_id)?;
-    let mut resp = Response::new(octet_body(sh, file, offset, len));
-    let h = resp.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
-    Ok(resp)
+    octet_response(&state, &content_id, offset, len)
 }
 
 /// What a `Range` header asks of a `size`-byte body.
@@ -526,13 +532,8 @@ pub async fn get_content(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let content_id = path1(path)?;
-    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
-    let share = rows
-        .first()
-        .ok_or_else(|| ApiError::not_found("no such content"))?;
+    let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
     let size = share.size;
-    let sh = shares(&state)?;
-    let file = sh.content_path(&content_id)?;
     let range = parse_range(headers.get(RANGE).and_then(|v| v.to_str().ok()), size);
     let (status, offset, len) = match range {
         RangeAsk::Whole => (StatusCode::OK, 0, size),
@@ -550,14 +551,9 @@ pub async fn get_content(
             return Ok(r);
         }
     };
-    let mut resp = Response::new(octet_body(sh, file, offset, len));
+    let mut resp = octet_response(&state, &content_id, offset, len)?;
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if status == StatusCode::PARTIAL_CONTENT {
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {offset}-{}/{size}", offset + len - 1))
@@ -567,7 +563,7 @@ pub async fn get_content(
     }
     if let Ok(v) = HeaderValue::from_str(&format!(
         "attachment; filename*=UTF-8''{}",
-        percent_encode(&share.name)
+        rfc8187_value(&share.name)
     )) {
         h.insert(axum::http::header::CONTENT_DISPOSITION, v);
     }
@@ -575,16 +571,8 @@ pub async fn get_content(
 }
 
 /// RFC 8187 value encoding (attr-char kept, everything else %XX).
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+fn rfc8187_value(s: &str) -> String {
+    percent_encode(s, b"!#$&+-.^_`|~")
 }
 
 /// One holder in the index JSON.
@@ -679,11 +667,8 @@ pub async fn get_index(
         return Ok(r);
     }
     let content_id = path1(path)?;
-    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
-    let share = rows
-        .first()
-        .ok_or_else(|| ApiError::not_found("no such content"))?;
-    Ok(Json(index_view(shares(&state)?, share, &headers)).into_response())
+    let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    Ok(Json(index_view(shares(&state)?, &share, &headers)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -710,10 +695,7 @@ pub async fn post_announce(
         return Ok(r);
     }
     let content_id = path1(path)?;
-    let (rows, _) = content_access(&state, &content_id, &method, &uri, &headers).await?;
-    let share = rows
-        .first()
-        .ok_or_else(|| ApiError::not_found("no such content"))?;
+    let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
     let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "bad-announce", detail);
     let a: Announce = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
@@ -738,7 +720,7 @@ pub async fn post_announce(
             SystemTime::now(),
         )
         .map_err(|e| bad(e.to_string()))?;
-    Ok(Json(index_view(sh, share, &headers)).into_response())
+    Ok(Json(index_view(sh, &share, &headers)).into_response())
 }
 
 #[cfg(test)]
@@ -770,8 +752,8 @@ mod tests {
 
     #[test]
     fn filename_encoding() {
-        assert_eq!(percent_encode("a b.txt"), "a%20b.txt");
-        assert_eq!(percent_encode("é\"x"), "%C3%A9%22x");
+        assert_eq!(rfc8187_value("a b.txt"), "a%20b.txt");
+        assert_eq!(rfc8187_value("é\"x"), "%C3%A9%22x");
     }
 
     #[test]

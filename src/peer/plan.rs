@@ -460,22 +460,8 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::share::index::test_holder as holder;
     use crate::share::select::{CostParams, Estimate, SourceClass};
-    use std::time::UNIX_EPOCH;
-
-    fn holder(id: &str, pieces: &[usize], n: usize) -> Holder {
-        let mut have = Bitfield::empty(n);
-        for p in pieces {
-            have.set(*p, true);
-        }
-        Holder {
-            peer_id: id.into(),
-            class: SourceClass::Peer,
-            address: "127.0.0.1:1".into(),
-            have,
-            last_seen: UNIX_EPOCH,
-        }
-    }
 
     fn peer(id: &str) -> Source {
         Source::Peer(id.into())
@@ -484,15 +470,21 @@ mod tests {
     const P: u64 = 1000;
 
     fn sched(n: usize, parallel: usize) -> Scheduler {
+        sched_with(n, parallel, CostModel::new(CostParams::default()))
+    }
+
+    /// `n` pieces of `P` bytes, none held, in order 0, 1, 2...
+    fn sched_with(n: usize, parallel: usize, model: CostModel) -> Scheduler {
         let mut cfg = PlanConfig::new("me", parallel);
         cfg.order_seed = None;
         cfg.piece_hint = P;
-        Scheduler::new(
-            cfg,
-            vec![P; n],
-            Bitfield::empty(n),
-            CostModel::new(CostParams::default()),
-        )
+        Scheduler::new(cfg, vec![P; n], Bitfield::empty(n), model)
+    }
+
+    /// The server measured: a piece in `transfer` (5 s: slow enough that any peer wins).
+    fn server_takes(s: &mut Scheduler, transfer: Duration) {
+        s.model
+            .observe(&Source::Server, Duration::from_millis(1), P, transfer);
     }
 
     fn ok(ms: u64) -> Outcome {
@@ -544,15 +536,7 @@ mod tests {
             ..CostParams::default()
         };
         let first = |class: SourceClass| {
-            let mut cfg = PlanConfig::new("me", 1);
-            cfg.order_seed = None;
-            cfg.piece_hint = P;
-            let mut s = Scheduler::new(
-                cfg,
-                vec![P; 2],
-                Bitfield::empty(2),
-                CostModel::new(params.clone()),
-            );
+            let mut s = sched_with(2, 1, CostModel::new(params.clone()));
             let mut h = holder("m", &[0, 1], 2);
             h.class = class;
             let a = s.next(&[h], Instant::now()).unwrap();
@@ -602,12 +586,7 @@ mod tests {
     fn corrupt_peer_is_excluded_then_banned() {
         let mut s = sched(4, 1);
         // Make the server look slow so the peer is preferred.
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         let hs = [holder("bad", &[0, 1, 2, 3], 4)];
         let log = run(&mut s, &hs, |_, src| match src {
             Source::Server => ok(5000),
@@ -636,12 +615,7 @@ mod tests {
     #[test]
     fn failed_peer_backs_off_and_pieces_fall_back() {
         let mut s = sched(3, 1);
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         let hs = [holder("dead", &[0, 1, 2], 3)];
         let now = Instant::now();
         let a = s.next(&hs, now).unwrap();
@@ -684,12 +658,7 @@ mod tests {
         // With a peer present, the server gets only a quarter of the slots.
         let mut s = sched(10, 4);
         let hs = [holder("a", &[9], 10)];
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         let mut by = Vec::new();
         while let Some(a) = s.next(&hs, now) {
             by.push(a);
@@ -704,12 +673,7 @@ mod tests {
     #[test]
     fn peer_pieces_first_rarest_first() {
         let mut s = sched(4, 1);
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         let hs = [holder("a", &[1, 2], 4), holder("b", &[2], 4)];
         let a = s.next(&hs, Instant::now()).unwrap();
         // Piece 0 would come from the server; piece 1 (one holder) before piece 2 (two).
@@ -754,12 +718,7 @@ mod tests {
         let n = 64;
         let mut s = sched(n, 64);
         s.cfg.server_slots = n;
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         // "other" is fetching too (incomplete, holds piece 0 only).
         let hs = [holder("other", &[0], n)];
         let now = Instant::now();
@@ -788,12 +747,7 @@ mod tests {
         s.cfg.server_slots = n;
         let mut full = holder("seed", &[], n);
         full.have = Bitfield::full(n);
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_millis(1),
-        );
+        server_takes(&mut s, Duration::from_millis(1));
         let mut count = 0;
         while s.next(&[holder("gone", &[], n)], now).is_some() {
             count += 1;
@@ -801,12 +755,7 @@ mod tests {
         assert!(count < n, "an empty incomplete holder still takes a share");
         let mut s = sched(n, 64);
         s.cfg.server_slots = n;
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_millis(1),
-        );
+        server_takes(&mut s, Duration::from_millis(1));
         let mut count = 0;
         // (The server measured fast here, so nothing is taken from the seeder either.)
         while s.next(&[full.clone()], now).is_some() {
@@ -818,12 +767,7 @@ mod tests {
     #[test]
     fn a_busy_cheapest_holder_is_waited_for() {
         let mut s = sched(4, 4);
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         let hs = [holder("a", &[0, 1, 2, 3], 4)];
         let now = Instant::now();
         let got: Vec<Assignment> = std::iter::from_fn(|| s.next(&hs, now)).collect();
@@ -842,12 +786,7 @@ mod tests {
             Bitfield::empty(3),
             CostModel::new(CostParams::default()),
         );
-        s.model.observe(
-            &Source::Server,
-            Duration::from_millis(1),
-            P,
-            Duration::from_secs(5),
-        );
+        server_takes(&mut s, Duration::from_secs(5));
         let hs = [holder("a", &[0, 1, 2], 3)];
         let log = run(&mut s, &hs, |_, _| ok(1)).unwrap();
         assert!(log.iter().all(|(_, src)| *src == Source::Server));

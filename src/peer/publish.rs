@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::http::{basic_auth, Client, Request, Url};
 use super::{PeerError, ShareArgs};
-use crate::share::manifest::validate_name;
+use crate::share::manifest::{percent_encode, validate_name};
 
 #[derive(Debug, Clone, Deserialize)]
 struct Listed {
@@ -78,15 +78,7 @@ pub fn to_publish(
 
 /// Percent-encodes a path segment (unreserved characters kept).
 pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(s, b"-._~")
 }
 
 struct Publisher {

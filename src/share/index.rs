@@ -131,6 +131,22 @@ pub struct Holder {
     pub last_seen: SystemTime,
 }
 
+/// A plain peer holding `pieces` of a content of `n` pieces (tests of the fetch side).
+#[cfg(test)]
+pub(crate) fn test_holder(peer_id: &str, pieces: &[usize], n: usize) -> Holder {
+    let mut have = Bitfield::empty(n);
+    for p in pieces {
+        have.set(*p, true);
+    }
+    Holder {
+        peer_id: peer_id.into(),
+        address: "127.0.0.1:9000".into(),
+        class: SourceClass::Peer,
+        have,
+        last_seen: std::time::UNIX_EPOCH,
+    }
+}
+
 /// Peer ids name holders in JSON and logs; "server" is the server's own entry.
 pub fn validate_peer_id(id: &str) -> Result<(), IndexError> {
     let ok = (1..=64).contains(&id.len())
@@ -315,6 +331,17 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
+    /// `id` announces itself as a plain peer at a fixed address.
+    fn peer(
+        idx: &MemoryIndex,
+        content: &str,
+        id: &str,
+        have: Bitfield,
+        at: SystemTime,
+    ) -> Result<(), IndexError> {
+        idx.announce(content, id, "127.0.0.1:9000", SourceClass::Peer, have, at)
+    }
+
     #[test]
     fn bitfield_wire_form() {
         let mut b = Bitfield::empty(10);
@@ -371,20 +398,11 @@ mod tests {
         let idx = MemoryIndex::new(Duration::from_secs(600));
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let c = "c1";
-        idx.announce(
-            c,
-            "p2",
-            "127.0.0.1:9002",
-            SourceClass::Peer,
-            Bitfield::full(3),
-            t0,
-        )
-        .unwrap();
-        idx.announce(
+        peer(&idx, c, "p2", Bitfield::full(3), t0).unwrap();
+        peer(
+            &idx,
             c,
             "p1",
-            "127.0.0.1:9001",
-            SourceClass::Peer,
             Bitfield::empty(3),
             t0 + Duration::from_secs(100),
         )
@@ -400,11 +418,10 @@ mod tests {
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].peer_id, "p1");
         // A re-announce refreshes last_seen and replaces the bitfield.
-        idx.announce(
+        peer(
+            &idx,
             c,
             "p1",
-            "127.0.0.1:9001",
-            SourceClass::Peer,
             Bitfield::full(3),
             t0 + Duration::from_secs(650),
         )
@@ -413,47 +430,14 @@ mod tests {
         assert_eq!(h.len(), 1);
         assert!(h[0].have.is_complete());
         assert!(idx.holders(c, t0 + Duration::from_secs(1250)).is_empty());
-        assert!(idx
-            .announce(
-                c,
-                "server",
-                "127.0.0.1:1",
-                SourceClass::Peer,
-                Bitfield::empty(3),
-                t0
-            )
-            .is_err());
-        idx.announce(
-            c,
-            "p3",
-            "127.0.0.1:9003",
-            SourceClass::Peer,
-            Bitfield::empty(3),
-            t0,
-        )
-        .unwrap();
+        assert!(peer(&idx, c, "server", Bitfield::empty(3), t0).is_err());
+        peer(&idx, c, "p3", Bitfield::empty(3), t0).unwrap();
         idx.remove(c, "p3");
         assert!(idx.holders(c, t0).is_empty());
-        idx.announce(
-            c,
-            "p5",
-            "127.0.0.1:9005",
-            SourceClass::Peer,
-            Bitfield::empty(3),
-            t0,
-        )
-        .unwrap();
+        peer(&idx, c, "p5", Bitfield::empty(3), t0).unwrap();
         idx.forget_content(c);
         assert!(idx.holders(c, t0).is_empty());
-        idx.announce(
-            c,
-            "p4",
-            "127.0.0.1:9004",
-            SourceClass::Peer,
-            Bitfield::empty(3),
-            t0,
-        )
-        .unwrap();
+        peer(&idx, c, "p4", Bitfield::empty(3), t0).unwrap();
         idx.sweep(t0 + Duration::from_secs(601));
         assert!(idx.lock().is_empty());
     }
@@ -463,11 +447,10 @@ mod tests {
         let idx = MemoryIndex::new(Duration::from_secs(600));
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         for i in 0..MAX_HOLDERS_PER_CONTENT + 1 {
-            idx.announce(
+            peer(
+                &idx,
                 "c",
                 &format!("p{i}"),
-                "127.0.0.1:9000",
-                SourceClass::Peer,
                 Bitfield::empty(1),
                 t0 + Duration::from_millis(i as u64),
             )
@@ -488,25 +471,9 @@ mod tests {
         let m = SourceClass::MobilePeer;
         idx.announce("c1", "m", "127.0.0.1:9001", m, Bitfield::empty(2), t0)
             .unwrap();
-        idx.announce(
-            "c1",
-            "p",
-            "127.0.0.1:9002",
-            SourceClass::Peer,
-            Bitfield::empty(2),
-            t0,
-        )
-        .unwrap();
+        peer(&idx, "c1", "p", Bitfield::empty(2), t0).unwrap();
         let later = t0 + Duration::from_secs(300);
-        idx.announce(
-            "c2",
-            "p",
-            "127.0.0.1:9002",
-            SourceClass::Peer,
-            Bitfield::empty(2),
-            later,
-        )
-        .unwrap();
+        peer(&idx, "c2", "p", Bitfield::empty(2), later).unwrap();
         let h = idx.holders("c1", t0);
         assert_eq!(h[0].peer_id, "m");
         assert_eq!(h[0].class, SourceClass::MobilePeer);

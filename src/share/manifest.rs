@@ -69,6 +69,20 @@ impl Manifest {
     }
 }
 
+/// Percent-encodes `s` for a URL or header: ASCII alphanumerics and the bytes of `keep`
+/// stay, every other byte is `%XX` (share names travel in paths and `filename*`).
+pub fn percent_encode(s: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Lowercase hex SHA-256 of `bytes`: the content id of manifest bytes.
 pub fn content_id_of(manifest_bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(manifest_bytes))
@@ -156,6 +170,14 @@ impl PieceHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_encode_keeps_only_alphanumerics_and_keep() {
+        assert_eq!(percent_encode("a b/c~d", b"-._~"), "a%20b%2Fc~d");
+        assert_eq!(percent_encode("a b/c~d", b""), "a%20b%2Fc%7Ed");
+        assert_eq!(percent_encode("é", b"-"), "%C3%A9");
+        assert_eq!(percent_encode("", b"-"), "");
+    }
 
     #[test]
     fn names() {

@@ -248,36 +248,26 @@ impl CostModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::share::index::Bitfield;
-    use std::time::UNIX_EPOCH;
-
-    fn holder(id: &str, pieces: &[usize], n: usize) -> Holder {
-        let mut have = Bitfield::empty(n);
-        for p in pieces {
-            have.set(*p, true);
-        }
-        Holder {
-            peer_id: id.into(),
-            address: "127.0.0.1:9000".into(),
-            class: SourceClass::Peer,
-            have,
-            last_seen: UNIX_EPOCH,
-        }
-    }
+    use crate::share::index::test_holder as holder;
 
     fn peer(id: &str) -> Source {
         Source::Peer(id.into())
     }
 
+    /// One fetch of `bytes` from `s` that took a second, `rtt_ms` to the first byte.
+    fn observe_1s(m: &mut CostModel, s: &Source, rtt_ms: u64, bytes: u64) {
+        m.observe(
+            s,
+            Duration::from_millis(rtt_ms),
+            bytes,
+            Duration::from_secs(1),
+        );
+    }
+
     /// Server at 1 MB/s and 10 ms; peers as the test sets them.
     fn model() -> CostModel {
         let mut m = CostModel::new(CostParams::default());
-        m.observe(
-            &Source::Server,
-            Duration::from_millis(10),
-            1_000_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &Source::Server, 10, 1_000_000);
         m
     }
 
@@ -296,18 +286,8 @@ mod tests {
     #[test]
     fn cheapest_holder_when_cheaper_than_server() {
         let mut m = model();
-        m.observe(
-            &peer("a"),
-            Duration::from_millis(5),
-            4_000_000,
-            Duration::from_secs(1),
-        );
-        m.observe(
-            &peer("b"),
-            Duration::from_millis(5),
-            2_000_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &peer("a"), 5, 4_000_000);
+        observe_1s(&mut m, &peer("b"), 5, 2_000_000);
         let hs = [holder("a", &[0], 1), holder("b", &[0], 1)];
         assert_eq!(m.choose(0, PIECE, &hs, &HashSet::new()), peer("a"));
     }
@@ -315,12 +295,7 @@ mod tests {
     #[test]
     fn server_when_best_holder_is_not_cheaper() {
         let mut m = model();
-        m.observe(
-            &peer("slow"),
-            Duration::from_millis(50),
-            100_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &peer("slow"), 50, 100_000);
         let hs = [holder("slow", &[0], 1)];
         assert_eq!(m.choose(0, PIECE, &hs, &HashSet::new()), Source::Server);
         // Exactly equal cost: the server (the holder must be strictly cheaper).
@@ -350,18 +325,8 @@ mod tests {
     #[test]
     fn excluded_sources_are_skipped_then_server() {
         let mut m = model();
-        m.observe(
-            &peer("a"),
-            Duration::from_millis(1),
-            9_000_000,
-            Duration::from_secs(1),
-        );
-        m.observe(
-            &peer("b"),
-            Duration::from_millis(1),
-            5_000_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &peer("a"), 1, 9_000_000);
+        observe_1s(&mut m, &peer("b"), 1, 5_000_000);
         let hs = [holder("a", &[0], 1), holder("b", &[0], 1)];
         let mut ex = HashSet::from([peer("a")]);
         assert_eq!(m.choose(0, PIECE, &hs, &ex), peer("b"));
@@ -375,12 +340,7 @@ mod tests {
     #[test]
     fn excluded_server_takes_any_holder() {
         let mut m = model();
-        m.observe(
-            &peer("slow"),
-            Duration::from_millis(50),
-            100_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &peer("slow"), 50, 100_000);
         let hs = [holder("slow", &[0], 1)];
         let ex = HashSet::from([Source::Server]);
         assert_eq!(m.choose(0, PIECE, &hs, &ex), peer("slow"));
@@ -439,23 +399,13 @@ mod tests {
         let s = peer("p");
         assert_eq!(m.measured(&s), None);
         // First sample replaces the defaults.
-        m.observe(
-            &s,
-            Duration::from_millis(100),
-            1_000_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &s, 100, 1_000_000);
         let a = m.measured(&s).unwrap();
         assert!((a.rtt_secs - 0.1).abs() < 1e-12);
         assert!((a.throughput - 1_000_000.0).abs() < 1e-6);
         assert_eq!(a.samples, 1);
         // Second: halfway (alpha 0.5) to 300 ms and 3 MB/s.
-        m.observe(
-            &s,
-            Duration::from_millis(300),
-            3_000_000,
-            Duration::from_secs(1),
-        );
+        observe_1s(&mut m, &s, 300, 3_000_000);
         let b = m.measured(&s).unwrap();
         assert!((b.rtt_secs - 0.2).abs() < 1e-12);
         assert!((b.throughput - 2_000_000.0).abs() < 1e-6);
@@ -487,12 +437,7 @@ mod tests {
         );
         assert_eq!(m.choose(0, PIECE, &hs, &HashSet::new()), Source::Server);
         for _ in 0..3 {
-            m.observe(
-                &Source::Server,
-                Duration::from_millis(20),
-                262_144,
-                Duration::from_secs(1),
-            );
+            observe_1s(&mut m, &Source::Server, 20, 262_144);
         }
         assert_eq!(m.choose(1, PIECE, &hs, &HashSet::new()), peer("p"));
     }
@@ -515,12 +460,7 @@ mod tests {
         let mut m = CostModel::new(CostParams::default());
         let same = |m: &mut CostModel, s: &Source| {
             for _ in 0..3 {
-                m.observe(
-                    s,
-                    Duration::from_millis(10),
-                    2_000_000,
-                    Duration::from_secs(1),
-                );
+                observe_1s(m, s, 10, 2_000_000);
             }
         };
         for s in [peer("mob"), peer("plain"), Source::Server] {

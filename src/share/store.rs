@@ -29,7 +29,6 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use rand::RngCore;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use subtle::ConstantTimeEq;
@@ -40,6 +39,7 @@ use super::policy::{Policy, Requester};
 use super::rate::RateLimiter;
 use super::ShareError;
 use crate::config::ShareConfig;
+use crate::sip::auth::hmac_sha256;
 use crate::storage::stores::rfc3339;
 use crate::storage::{Accounts, Db};
 
@@ -179,23 +179,6 @@ fn from_ms(ms: i64) -> SystemTime {
 
 fn bytes_i64(n: u64) -> Result<i64, ShareError> {
     i64::try_from(n).map_err(|_| ShareError::TooLarge(n))
-}
-
-/// HMAC-SHA256 (RFC 2104), so no extra crate is needed for one MAC.
-pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(k.map(|b| b ^ 0x36));
-    inner.update(msg);
-    let mut outer = Sha256::new();
-    outer.update(k.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
 }
 
 const COLUMNS: &str = "owner, name, content_id, size, piece_size, pieces, policy, created_at";
@@ -604,23 +587,10 @@ impl Shares {
             .bind(&share.owner)
             .execute(&mut *tx)
             .await?;
-        let old = sqlx::query("SELECT content_id, size FROM shares WHERE owner = $1 AND name = $2")
-            .bind(&share.owner)
-            .bind(&share.name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (old_id, old_size) = match &old {
-            Some(r) => (
-                Some(r.try_get::<String, _>("content_id")?),
-                r.try_get::<i64, _>("size")?,
-            ),
+        let (old_id, old_size) = match take_row(&mut tx, &share.owner, &share.name).await? {
+            Some((id, size)) => (Some(id), size),
             None => (None, 0),
         };
-        sqlx::query("DELETE FROM shares WHERE owner = $1 AND name = $2")
-            .bind(&share.owner)
-            .bind(&share.name)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query(&format!(
             "INSERT INTO shares ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         ))
@@ -661,22 +631,10 @@ impl Shares {
     pub async fn remove(&self, owner: &str, name: &str) -> Result<bool, ShareError> {
         let _guard = self.inner.finalize.lock().await;
         let mut tx = self.inner.db.pool().begin().await?;
-        let old = sqlx::query("SELECT content_id, size FROM shares WHERE owner = $1 AND name = $2")
-            .bind(owner)
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(old) = old else {
+        let Some((content_id, size)) = take_row(&mut tx, owner, name).await? else {
             tx.rollback().await?;
             return Ok(false);
         };
-        let content_id: String = old.try_get("content_id")?;
-        let size: i64 = old.try_get("size")?;
-        sqlx::query("DELETE FROM shares WHERE owner = $1 AND name = $2")
-            .bind(owner)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query(
             "UPDATE accounts SET used_bytes = CASE WHEN used_bytes >= $2 THEN used_bytes - $2 ELSE 0 END, \
              updated_at = $3 WHERE username = $1",
@@ -714,6 +672,28 @@ impl Shares {
             Err(e) => tracing::warn!(content_id, error = %e, "content reference check failed"),
         }
     }
+}
+
+/// Deletes `owner`'s share row `name` in `tx`; returns its content id and size, if it existed.
+async fn take_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    owner: &str,
+    name: &str,
+) -> Result<Option<(String, i64)>, ShareError> {
+    let old = sqlx::query("SELECT content_id, size FROM shares WHERE owner = $1 AND name = $2")
+        .bind(owner)
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(old) = old else {
+        return Ok(None);
+    };
+    sqlx::query("DELETE FROM shares WHERE owner = $1 AND name = $2")
+        .bind(owner)
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(Some((old.try_get("content_id")?, old.try_get("size")?)))
 }
 
 fn random_hex(n: usize) -> String {
@@ -776,25 +756,7 @@ impl ContentWriter {
 mod tests {
     use super::*;
     use crate::share::manifest::Manifest;
-
-    #[test]
-    fn hmac_matches_rfc_4231() {
-        // Test case 2.
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(
-            hex::encode(mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        // Test case 6: a key longer than the block is hashed first.
-        let mac = hmac_sha256(
-            &[0xaa; 131],
-            b"Test Using Larger Than Block-Size Key - Hash Key First",
-        );
-        assert_eq!(
-            hex::encode(mac),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
-    }
+    use sha2::{Digest, Sha256};
 
     struct T {
         _dir: tempfile::TempDir,
@@ -830,6 +792,23 @@ mod tests {
         }
     }
 
+    impl T {
+        /// Publishes `body` in `chunk`-byte pieces of stream, declaring `declared` bytes.
+        async fn publish(
+            &self,
+            owner: &str,
+            name: &str,
+            policy: Policy,
+            declared: u64,
+            body: &[u8],
+            chunk: usize,
+        ) -> Result<Share, ShareError> {
+            self.shares
+                .publish_stream(owner, name, policy, declared, chunks(body, chunk))
+                .await
+        }
+    }
+
     fn chunks(data: &[u8], n: usize) -> impl Stream<Item = Result<Bytes, io::Error>> + Unpin {
         let v: Vec<Result<Bytes, io::Error>> = data
             .chunks(n)
@@ -854,8 +833,7 @@ mod tests {
         let t = setup(1000).await;
         let d = data(2500, 1);
         let s = t
-            .shares
-            .publish_stream("1001", "f.bin", Policy::Public, 2500, chunks(&d, 333))
+            .publish("1001", "f.bin", Policy::Public, 2500, &d, 333)
             .await
             .unwrap();
         assert_eq!((s.size, s.piece_size, s.pieces), (2500, 1000, 3));
@@ -890,26 +868,12 @@ mod tests {
     async fn republish_replaces_and_releases_old_quota() {
         let t = setup(1000).await;
         let a = t
-            .shares
-            .publish_stream(
-                "1001",
-                "f",
-                Policy::Subscribers,
-                3000,
-                chunks(&data(3000, 1), 700),
-            )
+            .publish("1001", "f", Policy::Subscribers, 3000, &data(3000, 1), 700)
             .await
             .unwrap();
         assert_eq!(used(&t, "1001").await, (3000, 0));
         let b = t
-            .shares
-            .publish_stream(
-                "1001",
-                "f",
-                Policy::Subscribers,
-                1200,
-                chunks(&data(1200, 2), 700),
-            )
+            .publish("1001", "f", Policy::Subscribers, 1200, &data(1200, 2), 700)
             .await
             .unwrap();
         assert_ne!(a.content_id, b.content_id);
@@ -927,14 +891,7 @@ mod tests {
         );
         // Same bytes and name by another owner: one directory, two rows; removing one keeps it.
         let c = t
-            .shares
-            .publish_stream(
-                "1002",
-                "f",
-                Policy::Public,
-                1200,
-                chunks(&data(1200, 2), 100),
-            )
+            .publish("1002", "f", Policy::Public, 1200, &data(1200, 2), 100)
             .await
             .unwrap();
         assert_eq!(c.content_id, b.content_id);
@@ -954,8 +911,7 @@ mod tests {
     async fn refusals_store_nothing_and_keep_quota() {
         let t = setup(1000).await;
         let e = t
-            .shares
-            .publish_stream("1001", "big", Policy::Public, 10_001, chunks(&[], 1))
+            .publish("1001", "big", Policy::Public, 10_001, &[], 1)
             .await
             .unwrap_err();
         assert!(
@@ -963,40 +919,24 @@ mod tests {
             "{e}"
         );
         let e = t
-            .shares
-            .publish_stream("ghost", "x", Policy::Public, 1, chunks(&[1], 1))
+            .publish("ghost", "x", Policy::Public, 1, &[1], 1)
             .await
             .unwrap_err();
         assert!(matches!(e, ShareError::NoAccount(_)), "{e}");
         let e = t
-            .shares
-            .publish_stream("1001", "../x", Policy::Public, 1, chunks(&[1], 1))
+            .publish("1001", "../x", Policy::Public, 1, &[1], 1)
             .await
             .unwrap_err();
         assert!(matches!(e, ShareError::BadName(_)), "{e}");
         // Short body.
         let e = t
-            .shares
-            .publish_stream(
-                "1001",
-                "short",
-                Policy::Public,
-                500,
-                chunks(&data(400, 0), 100),
-            )
+            .publish("1001", "short", Policy::Public, 500, &data(400, 0), 100)
             .await
             .unwrap_err();
         assert!(matches!(e, ShareError::Body(_)), "{e}");
         // Long body.
         let e = t
-            .shares
-            .publish_stream(
-                "1001",
-                "long",
-                Policy::Public,
-                300,
-                chunks(&data(400, 0), 100),
-            )
+            .publish("1001", "long", Policy::Public, 300, &data(400, 0), 100)
             .await
             .unwrap_err();
         assert!(matches!(e, ShareError::Body(_)), "{e}");
@@ -1032,11 +972,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn manifest_is_checked_against_its_id() {
+        let t = setup(1000).await;
+        let s = t
+            .publish("1001", "m", Policy::Public, 10, &data(10, 3), 10)
+            .await
+            .unwrap();
+        // Not a content id: never a path, whatever it holds.
+        for bad in ["../shares", "", &s.content_id.to_uppercase()] {
+            let e = t.shares.manifest_bytes(bad).await.unwrap_err();
+            assert!(matches!(e, ShareError::UnknownContent(_)), "{bad:?}: {e}");
+        }
+        let unknown = "0".repeat(64);
+        let e = t.shares.manifest_bytes(&unknown).await.unwrap_err();
+        assert!(matches!(e, ShareError::UnknownContent(_)), "{e}");
+        // Bytes on disk that no longer hash to the id are refused, not served.
+        let path = t
+            .shares
+            .content_dir(&s.content_id)
+            .unwrap()
+            .join("manifest.json");
+        std::fs::write(&path, b"{}").unwrap();
+        let e = t.shares.manifest_bytes(&s.content_id).await.unwrap_err();
+        assert!(matches!(e, ShareError::Corrupt { .. }), "{e}");
+    }
+
+    #[tokio::test]
     async fn empty_file_has_no_pieces() {
         let t = setup(1000).await;
         let s = t
-            .shares
-            .publish_stream("1001", "empty", Policy::Public, 0, chunks(&[], 1))
+            .publish("1001", "empty", Policy::Public, 0, &[], 1)
             .await
             .unwrap();
         assert_eq!((s.size, s.pieces), (0, 0));
@@ -1053,8 +1018,7 @@ mod tests {
             ("subs", Policy::Subscribers),
             ("only1002", Policy::parse("1002", realm).unwrap()),
         ] {
-            t.shares
-                .publish_stream("1001", name, policy, 3, chunks(&name.as_bytes()[..3], 3))
+            t.publish("1001", name, policy, 3, &name.as_bytes()[..3], 3)
                 .await
                 .unwrap();
         }

@@ -381,8 +381,9 @@ pub fn respond(
 // ---------------------------------------------------------------------------------------------
 // Nonces
 
-/// HMAC-SHA256 (RFC 2104), written out because it is ten lines over `sha2`.
-fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+/// HMAC-SHA256 (RFC 2104), written out because it is ten lines over `sha2`. Also the MAC of
+/// share offer tokens ([`crate::share::Shares::issue_offer_token`]).
+pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut k = [0u8; 64];
     if key.len() > 64 {
         k[..32].copy_from_slice(&Sha256::digest(key));
