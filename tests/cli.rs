@@ -25,33 +25,26 @@ fn run(args: &[&str]) -> (i32, String, String) {
 fn account_commands_round_trip() {
     let server = Server::prepare(ServerConfig::new());
     let cfg = server.config_path.to_str().unwrap();
-    let (code, _, err) = run(&[
-        "account",
-        "add",
-        "2001",
-        "--password",
-        "pw",
-        "--pin",
-        "4321",
-        "--quota",
-        "50MiB",
-        "--config",
-        cfg,
-    ]);
+    let add_2001 = |quota: &str| {
+        run(&[
+            "account",
+            "add",
+            "2001",
+            "--password",
+            "pw",
+            "--pin",
+            "4321",
+            "--quota",
+            quota,
+            "--config",
+            cfg,
+        ])
+    };
+    let set_threshold =
+        |t: &str| run(&["account", "set", "2001", "--threshold", t, "--config", cfg]);
+    let (code, _, err) = add_2001("50MiB");
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run(&[
-        "account",
-        "add",
-        "2001",
-        "--password",
-        "pw",
-        "--pin",
-        "4321",
-        "--quota",
-        "1MiB",
-        "--config",
-        cfg,
-    ]);
+    let (code, _, err) = add_2001("1MiB");
     assert_ne!(code, 0, "duplicate add must fail");
     assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
 
@@ -72,25 +65,9 @@ fn account_commands_round_trip() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["quota_bytes"], 1_073_741_824u64);
 
-    let (code, _, err) = run(&[
-        "account",
-        "set",
-        "2001",
-        "--threshold",
-        "bytes:4800",
-        "--config",
-        cfg,
-    ]);
+    let (code, _, err) = set_threshold("bytes:4800");
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run(&[
-        "account",
-        "set",
-        "2001",
-        "--threshold",
-        "sideways",
-        "--config",
-        cfg,
-    ]);
+    let (code, _, err) = set_threshold("sideways");
     assert_ne!(code, 0, "a bad threshold must be refused");
     assert!(!err.trim().is_empty());
 

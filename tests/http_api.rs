@@ -21,9 +21,9 @@ use callvault::storage::stores::{
 };
 use callvault::storage::threshold::Threshold;
 use callvault::storage::Db;
-use common::http::{parse, Resp};
+use common::http::{basic, get, request, send_raw, Resp};
 use common::{Server, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const ADMIN: &str = "it-admin-token-0123456789";
@@ -146,53 +146,6 @@ fn rec(i: u32, len: usize) -> (RecordHeader, Vec<u8>) {
             marker: i == 0,
         },
         (0..len).map(|j| (i as usize * 13 + j) as u8).collect(),
-    )
-}
-
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Resp {
-    let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        raw.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if method == "PUT"
-        && !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
-    {
-        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    raw.push_str("\r\n");
-    let mut raw = raw.into_bytes();
-    raw.extend_from_slice(body);
-    send_raw(addr, &raw).await
-}
-
-async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
-        .await
-        .expect("response within 20 s")
-        .unwrap();
-    parse(&out)
-}
-
-async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Resp {
-    request(addr, "GET", target, headers, b"").await
-}
-
-fn basic(user: &str, pw: &str) -> String {
-    use base64::Engine as _;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
     )
 }
 

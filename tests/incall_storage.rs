@@ -8,23 +8,22 @@ mod ua;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callvault::sip::dialog::Dialog;
-use callvault::sip::message::{HeaderAccess, Method, Request, Response, SipMessage};
+use callvault::sip::message::{HeaderAccess, Method, Request, Response};
 use callvault::storage::stores::Store;
 use common::{Server, ServerConfig};
 use serde_json::Value;
-use ua::{payload, sdp, sdp_audio, Rtp, Ua, T};
+use ua::{payload, sdp, sdp_audio, Call, Rtp, Ua, PCMU, T};
 
 const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
 const STORE_ACCEPTED: &str = "application/vnd.callvault.store-accepted+json";
 const PROMPT: &str = "application/vnd.callvault.prompt+json";
 const READY: &str = "application/vnd.callvault.ready+json";
 const ERROR: &str = "application/vnd.callvault.error+json";
-const PCMU: &[(u8, &str)] = &[(0, "PCMU/8000")];
 const QUOTA: u64 = 50 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -45,86 +44,6 @@ fn server_with(extra: &str, more: &[(&str, &str)], env: &[(&str, &str)]) -> Serv
     }
     s.start();
     s
-}
-
-/// An established call A -> B through callvault; B is registered from its UA socket.
-struct Call {
-    a: Ua,
-    b: Ua,
-    ad: Dialog,
-    bd: Dialog,
-    /// Where callvault expects A's call media (its anchored port facing A).
-    a_media_to: SocketAddr,
-    a_media: Rtp,
-    keepalive: Arc<AtomicBool>,
-}
-
-impl Call {
-    /// Keeps the call's media alive (one packet from A every 300 ms), for servers with a
-    /// short `rtp_timeout`, which would otherwise end the call itself.
-    fn keep_alive(&self) {
-        let sock = self.a_media.sock.try_clone().unwrap();
-        let to = self.a_media_to;
-        let stop = self.keepalive.clone();
-        std::thread::spawn(move || {
-            let mut seq = 0u16;
-            while !stop.load(Ordering::Relaxed) {
-                let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42];
-                p[2..4].copy_from_slice(&seq.to_be_bytes());
-                p.extend_from_slice(&[0xff; 160]);
-                let _ = sock.send_to(&p, to);
-                seq = seq.wrapping_add(1);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        });
-    }
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        self.keepalive.store(true, Ordering::Relaxed);
-    }
-}
-
-/// The next BYE in the dialog with this Call-ID, answered 200.
-fn expect_bye(ua: &mut Ua, call_id: &str, timeout: Duration) -> Request {
-    let m = ua.wait_for(timeout, |m| {
-        matches!(m, SipMessage::Request(r) if r.method == Method::Bye && r.call_id() == Some(call_id))
-    });
-    let Some(SipMessage::Request(bye)) = m else {
-        panic!("{}: no BYE for {call_id} within {timeout:?}", ua.user);
-    };
-    ua.respond(&bye, 200, &[], b"");
-    bye
-}
-
-fn call(server: &Server, a_user: &str, b_user: &str) -> Call {
-    let mut b = Ua::new(b_user, "example.com", server.sip_addr());
-    b.register();
-    let mut a = Ua::new(a_user, "example.com", server.sip_addr());
-    let a_media = Rtp::bind();
-    let b_media = Rtp::bind();
-    let inv = a.invite_request(
-        &format!("sip:{b_user}@example.com"),
-        &[],
-        &sdp(a_media.port, PCMU, "sendrecv"),
-    );
-    a.send(&inv);
-    let binv = b.expect_request(Method::Invite, None, T);
-    let bd = b.accept_invite(&binv, &sdp(b_media.port, PCMU, "sendrecv"));
-    let (resp, ad) = a.finish_invite(&inv);
-    assert_eq!(resp.status, 200, "call {a_user} -> {b_user}: {resp:?}");
-    b.expect_request(Method::Ack, None, T);
-    let (a_media_to, _) = sdp_audio(&resp.body);
-    Call {
-        a,
-        b,
-        ad: ad.unwrap(),
-        bd,
-        a_media_to,
-        a_media,
-        keepalive: Arc::new(AtomicBool::new(false)),
-    }
 }
 
 fn json(body: &[u8]) -> Value {
@@ -187,6 +106,19 @@ fn accepted_prompt(c: &mut Call, body: &str) -> Value {
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(ct(&resp), STORE_ACCEPTED);
     take_prompt(&mut c.a)
+}
+
+/// A's store session to the prompt's `store_uri`, declaring `size` bytes, answered 200: the
+/// dialog and where to send RTP.
+fn open_store_session(c: &mut Call, prompt: &Value, size: u64, rtp: &Rtp) -> (Dialog, SocketAddr) {
+    let (r, d) = store_invite(
+        &mut c.a,
+        prompt["store_uri"].as_str().unwrap(),
+        Some(size),
+        rtp,
+    );
+    assert_eq!(r.status, 200);
+    (d.unwrap(), store_port(&r))
 }
 
 /// A store session: INVITE to `uri` from `ua` with a PCMU sendonly offer.
@@ -308,7 +240,7 @@ fn store_port(resp: &Response) -> SocketAddr {
 #[test]
 fn full_flow_store_ready_play() {
     let server = server_with("", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
 
     // Step 11/111: B asks; 200 store-accepted naming the prompted sender.
     let resp = store_request(&mut c, r#"{"pin":"4321"}"#);
@@ -504,7 +436,7 @@ fn full_flow_store_ready_play() {
 #[test]
 fn store_request_error_rows() {
     let server = server_with("", &[("1003", "50MiB"), ("1004", "1")], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
 
     assert_error(
         &store_request(&mut c, r#"{"pin":"#),
@@ -549,7 +481,7 @@ fn store_request_error_rows() {
     assert_eq!(c.b.transact(&fake).status, 481);
 
     // Not a subscriber.
-    let mut u = call(&server, "1001", "1009");
+    let mut u = Call::establish(server.sip_addr(), "1001", "1009");
     assert_error(
         &store_request(&mut u, r#"{"pin":"4321"}"#),
         403,
@@ -557,7 +489,7 @@ fn store_request_error_rows() {
     );
 
     // Lockout: 5 wrong PINs are bad-pin, then locked-out even with the right one.
-    let mut l = call(&server, "1001", "1003");
+    let mut l = Call::establish(server.sip_addr(), "1001", "1003");
     for i in 0..5 {
         let r = store_request(&mut l, r#"{"pin":"1111"}"#);
         assert_error(&r, 403, "bad-pin");
@@ -578,7 +510,7 @@ fn store_request_error_rows() {
     take_prompt(&mut c.a);
 
     // No free space: quota 1 byte, used up by a store.
-    let mut q = call(&server, "1001", "1004");
+    let mut q = Call::establish(server.sip_addr(), "1001", "1004");
     let p = accepted_prompt(&mut q, r#"{"pin":"4321"}"#);
     assert_eq!(p["space_bytes"], 1);
     let rtp = Rtp::bind();
@@ -604,7 +536,7 @@ fn store_request_error_rows() {
 #[test]
 fn store_request_forms_dtmf_and_via_receiver() {
     let server = server_with("", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
 
     // INFO with Info-Package: callvault.
     let r = c.b.in_dialog(
@@ -758,7 +690,7 @@ fn store_request_forms_dtmf_and_via_receiver() {
 fn prompt_as_info_and_text_fallback() {
     // prompt_method = INFO.
     let server = server_with("[store]\nprompt_method = \"INFO\"", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     let r = store_request(&mut c, r#"{"pin":"4321"}"#);
     assert_eq!(r.status, 200);
     let p = c.a.expect_request(Method::Info, Some(PROMPT), T);
@@ -790,7 +722,7 @@ fn prompt_as_info_and_text_fallback() {
 
     // Text fallback: A refuses the JSON prompt with 415 and gets a text/plain MESSAGE.
     let server = server_with("", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     let r = store_request(&mut c, r#"{"pin":"4321"}"#);
     let id = json(&r.body)["store_id"].as_str().unwrap().to_string();
     let p = c.a.expect_request(Method::Message, Some(PROMPT), T);
@@ -816,7 +748,7 @@ fn prompt_as_info_and_text_fallback() {
 #[test]
 fn store_session_error_rows() {
     let server = server_with("[store]\nstore_expiry_secs = 2", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
     let uri = p["store_uri"].as_str().unwrap().to_string();
     let port = server.config.sip_port();
@@ -865,20 +797,12 @@ fn store_session_error_rows() {
 #[test]
 fn thresholds_and_play_checks() {
     let server = server_with("", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     let rtp = Rtp::bind();
 
     // Threshold 0: ready after the first packet.
     let p = accepted_prompt(&mut c, r#"{"pin":"4321","threshold":{"percent":0}}"#);
-    let (r, d) = store_invite(
-        &mut c.a,
-        p["store_uri"].as_str().unwrap(),
-        Some(16000),
-        &rtp,
-    );
-    assert_eq!(r.status, 200);
-    let mut d0 = d.unwrap();
-    let to = store_port(&r);
+    let (mut d0, to) = open_store_session(&mut c, &p, 16000, &rtp);
     assert!(
         c.b.wait_request(Method::Message, Some(READY), Duration::from_millis(300))
             .is_none(),
@@ -900,15 +824,7 @@ fn thresholds_and_play_checks() {
     let id = p["store_id"].as_str().unwrap().to_string();
     let port = server.config.sip_port();
     let play_uri = format!("sip:play-{id}@127.0.0.1:{port}");
-    let (r, d) = store_invite(
-        &mut c.a,
-        p["store_uri"].as_str().unwrap(),
-        Some(16000),
-        &rtp,
-    );
-    assert_eq!(r.status, 200);
-    let mut d1 = d.unwrap();
-    let to = store_port(&r);
+    let (mut d1, to) = open_store_session(&mut c, &p, 16000, &rtp);
     send_stream(&rtp, to, 10, 0..4);
     assert!(
         c.b.wait_request(Method::Message, Some(READY), Duration::from_millis(400))
@@ -956,15 +872,7 @@ fn thresholds_and_play_checks() {
 
     // The call ends before the threshold: the ready note goes out of dialog to B's contact.
     let p = accepted_prompt(&mut c, r#"{"pin":"4321","threshold":{"bytes":320}}"#);
-    let (r, d) = store_invite(
-        &mut c.a,
-        p["store_uri"].as_str().unwrap(),
-        Some(16000),
-        &rtp,
-    );
-    assert_eq!(r.status, 200);
-    let mut d2 = d.unwrap();
-    let to = store_port(&r);
+    let (mut d2, to) = open_store_session(&mut c, &p, 16000, &rtp);
     assert_eq!(c.a.bye(&mut c.ad).status, 200);
     c.b.expect_request(Method::Bye, None, T);
     let bye =
@@ -983,25 +891,17 @@ fn thresholds_and_play_checks() {
 #[test]
 fn store_ends_by_rtp_timeout_and_size_overrun() {
     let server = server_with("", &[], &[("CALLVAULT_MEDIA_RTP_TIMEOUT_SECS", "2")]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     c.keep_alive();
     let rtp = Rtp::bind();
 
     // RTP silence: callvault BYEs the store session; the store is truncated.
     let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
     let id = p["store_id"].as_str().unwrap().to_string();
-    let (r, d) = store_invite(
-        &mut c.a,
-        p["store_uri"].as_str().unwrap(),
-        Some(16000),
-        &rtp,
-    );
-    assert_eq!(r.status, 200);
-    let sd = d.unwrap();
-    let to = store_port(&r);
+    let (sd, to) = open_store_session(&mut c, &p, 16000, &rtp);
     send_stream(&rtp, to, 11, 0..5);
     let silent = Instant::now();
-    expect_bye(&mut c.a, &sd.id.call_id, Duration::from_secs(8));
+    c.a.expect_bye(&sd.id.call_id, Duration::from_secs(8));
     let after = silent.elapsed();
     assert!(
         after >= Duration::from_millis(1500) && after < Duration::from_secs(6),
@@ -1017,12 +917,9 @@ fn store_ends_by_rtp_timeout_and_size_overrun() {
     // Size overrun: declared 1600 (10 packets), +5% = 1680; the 11th packet overruns it.
     let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
     let id = p["store_id"].as_str().unwrap().to_string();
-    let (r, d) = store_invite(&mut c.a, p["store_uri"].as_str().unwrap(), Some(1600), &rtp);
-    assert_eq!(r.status, 200);
-    let sd = d.unwrap();
-    let to = store_port(&r);
+    let (sd, to) = open_store_session(&mut c, &p, 1600, &rtp);
     send_stream(&rtp, to, 12, 0..13);
-    let bye = expect_bye(&mut c.a, &sd.id.call_id, Duration::from_secs(3));
+    let bye = c.a.expect_bye(&sd.id.call_id, Duration::from_secs(3));
     let reason = bye.headers.get("Reason").unwrap_or_default().to_string();
     assert!(reason.contains("size-exceeded"), "Reason: {reason}");
     let st = wait_store(&server, &id, |s| s.state.as_str() != "receiving");
@@ -1039,7 +936,7 @@ fn store_ends_by_rtp_timeout_and_size_overrun() {
 #[test]
 fn crash_mid_store_recovers_truncated() {
     let mut server = server_with("", &[], &[]);
-    let mut c = call(&server, "1001", "1002");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
     let id = p["store_id"].as_str().unwrap().to_string();
     let rtp = Rtp::bind();
@@ -1101,7 +998,7 @@ fn crash_mid_store_recovers_truncated() {
 #[test]
 fn concurrent_store_sessions_never_overdraw_quota() {
     let server = server_with("", &[("1005", "100000")], &[]);
-    let mut c = call(&server, "1001", "1005");
+    let mut c = Call::establish(server.sip_addr(), "1001", "1005");
     let mut uris = Vec::new();
     for _ in 0..10 {
         let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);

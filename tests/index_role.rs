@@ -10,19 +10,17 @@ mod common;
 #[path = "common/ua.rs"]
 mod ua;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callvault::share::{ShareSettings, Shares};
 use callvault::sip::message::{Method, Request, Response};
-use callvault::storage::Db;
 use common::http::Resp;
-use common::{PortBlock, Server, ServerConfig};
+use common::{pseudo_random, sha256_file, PortBlock, Server, ServerConfig};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -30,38 +28,8 @@ const MIB: usize = 1024 * 1024;
 const SHARE_REQUEST: &str = "application/vnd.callvault.share-request+json";
 const SHARE_OFFER: &str = "application/vnd.callvault.share-offer+json";
 
-/// Deterministic, non-periodic bytes (xorshift64*).
-fn data(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
-fn sha_file(p: &Path) -> String {
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
-}
-
 /// One HTTP/1.1 exchange (`Connection: close`), response with headers.
 fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if method == "POST" {
         raw.push_str(&format!(
@@ -70,49 +38,9 @@ fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> Resp {
         ));
     }
     raw.push_str("\r\n");
-    s.write_all(raw.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    common::http::parse(&out)
-}
-
-/// `callvault share publish USER FILE --name NAME --policy POLICY`; the content id.
-fn publish(server: &Server, user: &str, file: &Path, name: &str, policy: &str) -> String {
-    let out = Command::new(common::callvault_bin())
-        .args(["share", "publish", user])
-        .arg(file)
-        .args(["--name", name, "--policy", policy, "--config"])
-        .arg(&server.config_path)
-        .env_remove("CALLVAULT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "share publish {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["content_id"].as_str().unwrap().to_string()
-}
-
-/// The offer token, from the shared database's secret (what the offer MESSAGE carries).
-fn token(server: &Server, cid: &str) -> String {
-    let data = server.dir.path().join("data");
-    let url = format!("sqlite://{}", data.join("callvault.db").display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let db = Db::open(&url).await.unwrap();
-        let sh = Shares::open(db.clone(), &data, "example.com", ShareSettings::default())
-            .await
-            .unwrap();
-        let t = sh.issue_offer_token(cid);
-        db.close().await;
-        t
-    })
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(body);
+    common::http::send_raw_blocking(addr, &raw)
 }
 
 /// A child process with its stderr/stdout collected; SIGKILLed on drop.
@@ -282,24 +210,13 @@ fn share_request(ua: &mut ua::Ua, sharer: &str, body: &str, cseq: u32, call_id: 
 /// there is one; the final answer.
 fn ask(ua: &mut ua::Ua, password: &str, sharer: &str, name: &str, call_id: &str) -> Response {
     let body = format!("{{\"name\":\"{name}\"}}");
-    let first = share_request(ua, sharer, &body, 1, call_id);
-    let mut resp = ua.transact(&first);
-    if resp.status == 401 || resp.status == 407 {
-        let (hdr, ans) = if resp.status == 401 {
-            ("WWW-Authenticate", "Authorization")
-        } else {
-            ("Proxy-Authenticate", "Proxy-Authorization")
-        };
-        let ch = resp.headers.get(hdr).expect("challenge").to_string();
-        let uri = format!("sip:{sharer}@example.com");
-        let authz =
-            callvault::sip::auth::respond(&ch, &ua.user, password, "MESSAGE", &uri, "cn1", 1)
-                .unwrap();
-        let mut req = share_request(ua, sharer, &body, 2, call_id);
-        req.headers.push(ans, authz);
-        resp = ua.transact(&req);
-    }
-    resp
+    ua.transact_with_digest(password, |ua, cseq, authz| {
+        let mut req = share_request(ua, sharer, &body, cseq, call_id);
+        if let Some((name, value)) = authz {
+            req.headers.push(name, value);
+        }
+        req
+    })
 }
 
 fn take_offer(ua: &mut ua::Ua) -> Value {
@@ -340,7 +257,7 @@ fn peers_fetch_through_the_index_role() {
     let ip = iport.port(0);
     let work = tempfile::tempdir().unwrap();
     let size = 6 * MIB;
-    let bytes = data(size, 7);
+    let bytes = pseudo_random(size, 7);
     let want = hex::encode(Sha256::digest(&bytes));
     let src = work.path().join("clip.bin");
     std::fs::write(&src, &bytes).unwrap();
@@ -349,7 +266,7 @@ fn peers_fetch_through_the_index_role() {
         ip,
         "piece_size = 131072\nserver_rate_bytes_per_sec = 3145728",
         true,
-        |s| cid = publish(s, "1001", &src, "clip.bin", "subscribers"),
+        |s| cid = s.publish_named("1001", &src, "clip.bin", "subscribers"),
     );
     let role_addr: SocketAddr = format!("127.0.0.1:{ip}").parse().unwrap();
     let base = format!("http://{}", server.http_addr());
@@ -371,28 +288,21 @@ fn peers_fetch_through_the_index_role() {
     std::fs::write(&offer_file, offer.to_string()).unwrap();
 
     // serve's own index answers 307 to the role, query kept, for GET and announce.
-    let r = http(
-        server.http_addr(),
-        "GET",
-        &format!("/v1/index/{cid}?token={tok}"),
-        b"",
-    );
-    assert_eq!(r.status, 307);
-    assert_eq!(
-        r.header("Location"),
-        Some(format!("{index_base}/v1/index/{cid}?token={tok}").as_str())
-    );
-    let r = http(
-        server.http_addr(),
-        "POST",
-        &format!("/v1/index/{cid}/announce?token={tok}"),
-        b"{}",
-    );
-    assert_eq!(r.status, 307);
-    assert_eq!(
-        r.header("Location"),
-        Some(format!("{index_base}/v1/index/{cid}/announce?token={tok}").as_str())
-    );
+    for (method, path, body) in [
+        ("GET", format!("/v1/index/{cid}?token={tok}"), &b""[..]),
+        (
+            "POST",
+            format!("/v1/index/{cid}/announce?token={tok}"),
+            b"{}",
+        ),
+    ] {
+        let r = http(server.http_addr(), method, &path, body);
+        assert_eq!(r.status, 307);
+        assert_eq!(
+            r.header("Location"),
+            Some(format!("{index_base}{path}").as_str())
+        );
+    }
 
     // Three receivers from the offer, one given only the server (its index requests are
     // redirected to the role).
@@ -420,7 +330,7 @@ fn peers_fetch_through_the_index_role() {
         let r = p.report(by);
         assert_eq!(r["size"], size as u64, "{r}");
         from_peers += r["from_peers"].as_u64().unwrap();
-        assert_eq!(sha_file(out), want, "{}", p.name);
+        assert_eq!(sha256_file(out), want, "{}", p.name);
     }
     println!(
         "4 receivers of {} MiB through the index role in {:.2?}; {from_peers} B from peers",
@@ -475,16 +385,15 @@ fn peers_fetch_through_the_index_role() {
     );
     assert_eq!(r.status, 400);
     // Account credentials work at the role as at serve (Basic, the sharer).
-    let basic = base64_basic("1001", "pw1");
-    let mut s = TcpStream::connect(role_addr).unwrap();
-    write!(
-        s,
-        "GET /v1/index/{cid} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    assert_eq!(common::http::parse(&raw).status, 200);
+    let basic = common::http::basic("1001", "pw1");
+    let r = common::http::send_raw_blocking(
+        role_addr,
+        format!(
+            "GET /v1/index/{cid} HTTP/1.1\r\nHost: x\r\nAuthorization: {basic}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200);
 
     drop(peers);
     let mut role = role;
@@ -496,11 +405,6 @@ fn peers_fetch_through_the_index_role() {
     );
 }
 
-fn base64_basic(user: &str, pw: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
-}
-
 /// The announced class: `peer fetch --class mobile` shows as `mobile` in the role's index;
 /// an announce without a class is a `peer`; an unknown class is `400 bad-announce`.
 #[test]
@@ -508,17 +412,26 @@ fn announced_class_shows_in_the_index() {
     let iport = PortBlock::reserve(1);
     let ip = iport.port(0);
     let work = tempfile::tempdir().unwrap();
-    let bytes = data(4 * MIB, 9);
+    let bytes = pseudo_random(4 * MIB, 9);
     let src = work.path().join("m.bin");
     std::fs::write(&src, &bytes).unwrap();
     let mut cid = String::new();
     let (server, _role) = serve_with_role(ip, "piece_size = 262144", true, |s| {
-        cid = publish(s, "1001", &src, "m.bin", "subscribers")
+        cid = s.publish_named("1001", &src, "m.bin", "subscribers")
     });
-    let tok = token(&server, &cid);
+    let tok = server.offer_token(&cid);
     let role_addr: SocketAddr = format!("127.0.0.1:{ip}").parse().unwrap();
     let base = format!("http://{}", server.http_addr());
     let index_url = format!("http://127.0.0.1:{ip}/v1/index/{cid}");
+    let index = || {
+        http(
+            role_addr,
+            "GET",
+            &format!("/v1/index/{cid}?token={tok}"),
+            b"",
+        )
+        .json()
+    };
     let out = work.path().join("mob.bin");
     let mut p = fetcher(
         "mob",
@@ -538,15 +451,9 @@ fn announced_class_shows_in_the_index() {
     );
     let r = p.report(Instant::now() + Duration::from_secs(30));
     assert_eq!(r["size"], bytes.len() as u64);
-    assert_eq!(sha_file(&out), hex::encode(Sha256::digest(&bytes)));
+    assert_eq!(sha256_file(&out), hex::encode(Sha256::digest(&bytes)));
 
-    let ix = http(
-        role_addr,
-        "GET",
-        &format!("/v1/index/{cid}?token={tok}"),
-        b"",
-    )
-    .json();
+    let ix = index();
     assert_eq!(holder(&ix, "mob").expect("mob listed")["class"], "mobile");
 
     // 4 MiB / 256 KiB = 16 pieces = 2 bytes of bitfield: "AAA=", none held.
@@ -577,13 +484,7 @@ fn announced_class_shows_in_the_index() {
             "class {bad:?}"
         );
     }
-    let ix = http(
-        role_addr,
-        "GET",
-        &format!("/v1/index/{cid}?token={tok}"),
-        b"",
-    )
-    .json();
+    let ix = index();
     assert!(holder(&ix, "m3").is_none());
 }
 
@@ -701,8 +602,8 @@ fn peer_serve_over_tcp_registers_and_unregisters_on_sigterm() {
     server.account_add("1002", "pw2", "2222", "100MiB");
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("song.bin");
-    std::fs::write(&src, data(200 * 1024 + 3, 5)).unwrap();
-    publish(&server, "1001", &src, "song.bin", "subscribers");
+    std::fs::write(&src, pseudo_random(200 * 1024 + 3, 5)).unwrap();
+    server.publish_named("1001", &src, "song.bin", "subscribers");
     let mut server = server;
     server.start();
     assert_eq!(registrations(&server), 0.0);

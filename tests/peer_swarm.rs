@@ -12,46 +12,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use callvault::share::{ShareSettings, Shares};
-use callvault::storage::Db;
-use common::{Server, ServerConfig};
+use common::{pseudo_random, sha256_file, Server, ServerConfig};
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1024 * 1024;
-
-/// Deterministic, non-periodic bytes (xorshift64*), fast enough in debug builds.
-fn data(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
-fn sha_file(p: &Path) -> String {
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
-}
 
 /// A server with `[share]` settings, one account (1001/pw1) and a scratch folder.
 struct Setup {
@@ -102,28 +72,9 @@ impl Setup {
         let cid = v["content_id"].as_str().unwrap().to_string();
         (
             cid.clone(),
-            self.token(&cid),
+            self.server.offer_token(&cid),
             hex::encode(Sha256::digest(bytes)),
         )
-    }
-
-    /// The offer token, from the server's own secret.
-    fn token(&self, cid: &str) -> String {
-        let data = self.server.dir.path().join("data");
-        let url = format!("sqlite://{}", data.join("callvault.db").display());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let db = Db::open(&url).await.unwrap();
-            let sh = Shares::open(db.clone(), &data, "example.com", ShareSettings::default())
-                .await
-                .unwrap();
-            let t = sh.issue_offer_token(cid);
-            db.close().await;
-            t
-        })
     }
 
     fn server_egress(&self) -> u64 {
@@ -260,7 +211,7 @@ fn summary(p: &Peer, r: &serde_json::Value) -> String {
 fn eight_peers_fetch_a_64_mib_file() {
     let s = setup(0);
     let size = 64 * MIB;
-    let (cid, token, want) = s.share("big.bin", &data(size, 1));
+    let (cid, token, want) = s.share("big.bin", &pseudo_random(size, 1));
     let before = s.server_egress();
     let started = Instant::now();
     let mut peers: Vec<Peer> = (0..8)
@@ -282,7 +233,11 @@ fn eight_peers_fetch_a_64_mib_file() {
     }
     drop(peers);
     for i in 0..8 {
-        assert_eq!(sha_file(&s.out(&format!("peer{i}.bin"))), want, "peer{i}");
+        assert_eq!(
+            sha256_file(&s.out(&format!("peer{i}.bin"))),
+            want,
+            "peer{i}"
+        );
     }
     // The server sent at least one copy, and never more than one per receiver.
     assert!(
@@ -297,7 +252,7 @@ fn eight_peers_fetch_a_64_mib_file() {
 fn rate_limited_server_peers_take_most_pieces_from_each_other() {
     let s = setup(2 * MIB as u64);
     let size = 8 * MIB;
-    let (cid, token, want) = s.share("clip.bin", &data(size, 2));
+    let (cid, token, want) = s.share("clip.bin", &pseudo_random(size, 2));
     let before = s.server_egress();
     let mut peers = Vec::new();
     for i in 0..6 {
@@ -316,7 +271,7 @@ fn rate_limited_server_peers_take_most_pieces_from_each_other() {
         println!("  {}", summary(p, r));
     }
     for p in &peers {
-        assert_eq!(sha_file(&p.out), want, "{}", p.id);
+        assert_eq!(sha256_file(&p.out), want, "{}", p.id);
     }
     assert!(
         (egress as f64) < 1.5 * size as f64,
@@ -332,7 +287,7 @@ fn rate_limited_server_peers_take_most_pieces_from_each_other() {
 fn pieces_no_peer_holds_come_from_the_server() {
     let s = setup(0);
     let size = 3 * 262_144 + 12_345;
-    let (cid, token, want) = s.share("solo.bin", &data(size, 3));
+    let (cid, token, want) = s.share("solo.bin", &pseudo_random(size, 3));
     let before = s.server_egress();
     let mut p = Peer::spawn(&s, &cid, &token, "solo", &[]);
     let r = p.report(Instant::now() + Duration::from_secs(30));
@@ -341,7 +296,7 @@ fn pieces_no_peer_holds_come_from_the_server() {
     assert_eq!(num(&r, "from_peers"), 0);
     assert_eq!(r["by_source"], serde_json::json!({ "server": size }));
     assert_eq!(num(&r, "pieces"), 4);
-    assert_eq!(sha_file(&p.out), want);
+    assert_eq!(sha256_file(&p.out), want);
     assert_eq!(s.server_egress() - before, size as u64);
     // A wrong token is refused before anything is written.
     let mut bad = Peer::spawn(&s, &cid, &"0".repeat(64), "bad", &[]);
@@ -354,12 +309,12 @@ fn pieces_no_peer_holds_come_from_the_server() {
 fn a_corrupt_peer_is_detected_and_bypassed() {
     let s = setup(2 * MIB as u64);
     let size = 4 * MIB;
-    let (cid, token, want) = s.share("c.bin", &data(size, 4));
+    let (cid, token, want) = s.share("c.bin", &pseudo_random(size, 4));
     let mut liar = Peer::spawn(&s, &cid, &token, "liar", &["--seed", "--corrupt-pieces"]);
     let r = liar.report(Instant::now() + Duration::from_secs(30));
     assert_eq!(num(&r, "from_server"), size as u64);
     // Its own copy is fine; what it serves is not.
-    assert_eq!(sha_file(&liar.out), want);
+    assert_eq!(sha256_file(&liar.out), want);
     let mut honest = Peer::spawn(&s, &cid, &token, "honest", &[]);
     let r = honest.report(Instant::now() + Duration::from_secs(40));
     println!("{}", summary(&honest, &r));
@@ -369,7 +324,7 @@ fn a_corrupt_peer_is_detected_and_bypassed() {
     );
     assert_eq!(num(&r, "from_peers"), 0);
     assert_eq!(num(&r, "from_server"), size as u64);
-    assert_eq!(sha_file(&honest.out), want);
+    assert_eq!(sha256_file(&honest.out), want);
 }
 
 /// A fetch killed halfway resumes from its state directory: pieces verified before are
@@ -378,7 +333,7 @@ fn a_corrupt_peer_is_detected_and_bypassed() {
 fn an_interrupted_fetch_resumes() {
     let s = setup(MIB as u64);
     let size = 4 * MIB;
-    let (cid, token, want) = s.share("r.bin", &data(size, 5));
+    let (cid, token, want) = s.share("r.bin", &pseudo_random(size, 5));
     let state = s.work.path().join("state");
     let state_arg = state.to_str().unwrap().to_string();
     let p = Peer::spawn(
@@ -417,7 +372,7 @@ fn an_interrupted_fetch_resumes() {
         num(&r, "from_server"),
         size as u64 - num(&r, "resumed_pieces") * 262_144
     );
-    assert_eq!(sha_file(&p.out), want);
+    assert_eq!(sha256_file(&p.out), want);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,7 +398,7 @@ fn bench_round(s: &Setup, cid: &str, token: &str, want: &str, server_only: bool)
     }
     drop(peers);
     for i in 0..8 {
-        assert_eq!(sha_file(&s.out(&format!("{tag}{i}.bin"))), want);
+        assert_eq!(sha256_file(&s.out(&format!("{tag}{i}.bin"))), want);
     }
     (elapsed, egress)
 }
@@ -457,7 +412,7 @@ fn bench_eight_receivers_peer_mode_vs_server_only() {
         .unwrap_or(16 * MIB as u64);
     let size = 64 * MIB;
     let s = setup(rate);
-    let (cid, token, want) = s.share("bench.bin", &data(size, 9));
+    let (cid, token, want) = s.share("bench.bin", &pseudo_random(size, 9));
     println!(
         "8 receivers, {} MiB file, server rate {} MiB/s",
         size / MIB,
@@ -509,22 +464,10 @@ fn peer_serve_forwards_requests_and_fetches_offers() {
     server.account_add("1001", "pw1", "1111", "100MiB");
     server.account_add("1002", "pw2", "2222", "100MiB");
     let work = tempfile::tempdir().unwrap();
-    let bytes = data(300 * 1024 + 17, 42);
+    let bytes = pseudo_random(300 * 1024 + 17, 42);
     let src = work.path().join("song.bin");
     std::fs::write(&src, &bytes).unwrap();
-    let out = Command::new(common::callvault_bin())
-        .args(["share", "publish", "1001"])
-        .arg(&src)
-        .args(["--name", "song.bin", "--policy", "subscribers", "--config"])
-        .arg(&server.config_path)
-        .env_remove("CALLVAULT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "share publish: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.publish_named("1001", &src, "song.bin", "subscribers");
     server.start();
 
     struct Agent(Child);
@@ -578,7 +521,7 @@ fn peer_serve_forwards_requests_and_fetches_offers() {
 
     // B asks 1001 for the file, answering callvault's challenge with 1002's credentials.
     let mut b = ua::Ua::new("1002", "example.com", server.sip_addr());
-    let request = |b: &mut ua::Ua, cseq: u32, authz: Option<(&str, String)>| {
+    let request = |b: &mut ua::Ua, cseq: u32, authz: Option<(&'static str, String)>| {
         let mut req = Request::new(Method::Message, "sip:1001@example.com");
         req.headers.push("Via", b.new_via().to_string());
         req.headers.push("Max-Forwards", "70");
@@ -598,28 +541,7 @@ fn peer_serve_forwards_requests_and_fetches_offers() {
         req
     };
     let sent = Instant::now();
-    let first = request(&mut b, 1, None);
-    let mut resp = b.transact(&first);
-    if resp.status == 401 || resp.status == 407 {
-        let (hdr, ans) = if resp.status == 401 {
-            ("WWW-Authenticate", "Authorization")
-        } else {
-            ("Proxy-Authenticate", "Proxy-Authorization")
-        };
-        let ch = resp.headers.get(hdr).expect("challenge").to_string();
-        let authz = callvault::sip::auth::respond(
-            &ch,
-            "1002",
-            "pw2",
-            "MESSAGE",
-            "sip:1001@example.com",
-            "cn1",
-            1,
-        )
-        .unwrap();
-        let second = request(&mut b, 2, Some((ans, authz)));
-        resp = b.transact(&second);
-    }
+    let resp = b.transact_with_digest("pw2", request);
     assert_eq!(
         resp.status,
         200,
@@ -658,7 +580,7 @@ fn peer_serve_forwards_requests_and_fetches_offers() {
     assert_eq!(report["size"], bytes.len() as u64);
     let fetched = work.path().join("b").join("song.bin");
     assert_eq!(
-        sha_file(&fetched),
+        sha256_file(&fetched),
         hex::encode(Sha256::digest(&bytes)),
         "fetched file differs"
     );

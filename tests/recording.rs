@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -16,40 +15,56 @@ const ADMIN: &str = "recording-admin-token";
 /// 250 packets of 160 PCMU bytes: sip-scenarios/audio/pcmu-5s.pcap.
 const BYTES_5S: u64 = 250 * 160;
 
-/// GET with the admin bearer: (status, raw body).
+/// GET with the admin bearer: (status, body).
 fn admin_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
+    let raw = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\n\
          Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    (status, body)
+    );
+    let r = http::send_raw_blocking(addr, raw.as_bytes());
+    (r.status, r.body)
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size_text = String::from_utf8_lossy(&b[..eol]).to_string();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        b = &b[eol + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
+/// A server that records calls and routes to a SIPp UAS, with that UAS and the UAC of one
+/// basic call through it (not started yet), each given `timeout`.
+struct RecordedCall {
+    /// The SIPp ports, reserved while the test runs.
+    _ports: PortBlock,
+    server: Server,
+    uas: Sipp,
+    uac: Sipp,
+}
+
+fn recorded_call(timeout: Duration) -> RecordedCall {
+    let ports = PortBlock::reserve(10);
+    let (uas_sip, uac_sip, uas_media, uac_media) =
+        (ports.port(0), ports.port(1), ports.port(2), ports.port(6));
+    let mut cfg = ServerConfig::new();
+    cfg.rtp = PortBlock::reserve(20);
+    cfg.route_to = Some((uas_sip, Transport::Udp));
+    let mut server = Server::prepare(cfg);
+    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
+    server.start();
+    let uas = Sipp::uas("basic")
+        .port(uas_sip)
+        .media_port(uas_media)
+        .transport(Transport::Udp)
+        .calls(1)
+        .timeout(timeout)
+        .trace_messages(true);
+    let uac = Sipp::uac("basic", server.sip_addr())
+        .port(uac_sip)
+        .media_port(uac_media)
+        .transport(Transport::Udp)
+        .calls(1)
+        .timeout(timeout)
+        .trace_messages(true);
+    RecordedCall {
+        _ports: ports,
+        server,
+        uas,
+        uac,
     }
 }
 
@@ -62,33 +77,14 @@ fn recorded_call_lists_two_complete_stores_with_the_audio() {
     if !tool_available("sipp") {
         return;
     }
-    let ports = PortBlock::reserve(10);
-    let (uas_sip, uac_sip, uas_media, uac_media) =
-        (ports.port(0), ports.port(1), ports.port(2), ports.port(6));
-    let mut cfg = ServerConfig::new();
-    cfg.rtp = PortBlock::reserve(20);
-    cfg.route_to = Some((uas_sip, Transport::Udp));
-    let mut server = Server::prepare(cfg);
-    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
-    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
-    server.start();
-
-    let uas = Sipp::uas("basic")
-        .port(uas_sip)
-        .media_port(uas_media)
-        .transport(Transport::Udp)
-        .calls(1)
-        .timeout(Duration::from_secs(60))
-        .trace_messages(true)
-        .spawn();
-    let uac = Sipp::uac("basic", server.sip_addr())
-        .port(uac_sip)
-        .media_port(uac_media)
-        .transport(Transport::Udp)
-        .calls(1)
-        .timeout(Duration::from_secs(60))
-        .trace_messages(true)
-        .run();
+    let RecordedCall {
+        _ports,
+        server,
+        uas,
+        uac,
+    } = recorded_call(Duration::from_secs(60));
+    let uas = uas.spawn();
+    let uac = uac.run();
     let uas = uas.wait();
     uac.assert_successful(1);
     uas.assert_successful(1);
@@ -151,31 +147,14 @@ fn recordings_survive_a_kill_mid_call_with_every_committed_byte() {
     if !tool_available("sipp") {
         return;
     }
-    let ports = PortBlock::reserve(10);
-    let (uas_sip, uac_sip, uas_media, uac_media) =
-        (ports.port(0), ports.port(1), ports.port(2), ports.port(6));
-    let mut cfg = ServerConfig::new();
-    cfg.rtp = PortBlock::reserve(20);
-    cfg.route_to = Some((uas_sip, Transport::Udp));
-    let mut server = Server::prepare(cfg);
-    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
-    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
-    server.start();
-
-    let _uas = Sipp::uas("basic")
-        .port(uas_sip)
-        .media_port(uas_media)
-        .transport(Transport::Udp)
-        .calls(1)
-        .timeout(Duration::from_secs(20))
-        .spawn();
-    let _uac = Sipp::uac("basic", server.sip_addr())
-        .port(uac_sip)
-        .media_port(uac_media)
-        .transport(Transport::Udp)
-        .calls(1)
-        .timeout(Duration::from_secs(20))
-        .spawn();
+    let RecordedCall {
+        _ports,
+        mut server,
+        uas,
+        uac,
+    } = recorded_call(Duration::from_secs(20));
+    let _uas = uas.spawn();
+    let _uac = uac.spawn();
     // Audio is flowing into both recordings...
     let deadline = Instant::now() + Duration::from_secs(15);
     while metric_value(&server.metrics(), "callvault_rtp_packets_stored_total", &[]).unwrap_or(0.0)

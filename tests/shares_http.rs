@@ -17,63 +17,13 @@ use callvault::share::{Bitfield, ShareSettings, Shares};
 use callvault::sip::auth::respond;
 use callvault::storage::stores::Stores;
 use callvault::storage::{Accounts, Db};
-use common::http::{parse, Resp};
+use common::http::{basic, get, request, send_raw, Resp};
 use common::{Server, ServerConfig};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const ADMIN: &str = "share-admin-token-0123456789";
-
-// ---------------------------------------------------------------------------------------------
-// A tiny HTTP/1.1 client
-
-async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
-        .await
-        .expect("response within 30 s")
-        .unwrap();
-    parse(&out)
-}
-
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Resp {
-    let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        raw.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if (method == "PUT" || method == "POST")
-        && !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
-    {
-        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    raw.push_str("\r\n");
-    let mut raw = raw.into_bytes();
-    raw.extend_from_slice(body);
-    send_raw(addr, &raw).await
-}
-
-async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Resp {
-    request(addr, "GET", target, headers, b"").await
-}
-
-fn basic(user: &str, pw: &str) -> String {
-    use base64::Engine as _;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
-    )
-}
 
 fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
@@ -710,20 +660,7 @@ async fn real_server_cli_publish_and_http_fetch() {
     let file = data(600_000, 11); // 3 pieces of the default 256 KiB
     let path = server.dir.path().join("clip.bin");
     std::fs::write(&path, &file).unwrap();
-    let out = std::process::Command::new(common::callvault_bin())
-        .args(["share", "publish", "1001"])
-        .arg(&path)
-        .args(["--policy", "1002@example.com", "--config"])
-        .arg(&server.config_path)
-        .env_remove("CALLVAULT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "share publish: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = server.share_publish("1001", &path, &["--policy", "1002@example.com"]);
     assert_eq!(v["name"], "clip.bin");
     assert_eq!(v["pieces"], 3);
     assert_eq!(v["policy"], "sip:1002@example.com");

@@ -31,33 +31,6 @@ fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// `callvault share publish`; the share's `content_id`.
-fn publish(
-    server: &Server,
-    user: &str,
-    file: &std::path::Path,
-    name: &str,
-    policy: &str,
-) -> String {
-    let out = std::process::Command::new(common::callvault_bin())
-        .args(["share", "publish", user])
-        .arg(file)
-        .args(["--name", name, "--policy", policy, "--config"])
-        .arg(&server.config_path)
-        .env_remove("CALLVAULT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "share publish {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    json(&out.stdout)["content_id"]
-        .as_str()
-        .expect("content_id")
-        .to_string()
-}
-
 /// 1001 shares `holiday.mp4` (subscribers) and `secret.bin` (only 1003); accounts 1001-1003.
 fn server() -> (Server, String) {
     let mut cfg = ServerConfig::new();
@@ -68,8 +41,8 @@ fn server() -> (Server, String) {
     }
     let path = server.dir.path().join("holiday.mp4");
     std::fs::write(&path, content()).unwrap();
-    let cid = publish(&server, "1001", &path, "holiday.mp4", "subscribers");
-    publish(&server, "1001", &path, "secret.bin", "1003@example.com");
+    let cid = server.publish_named("1001", &path, "holiday.mp4", "subscribers");
+    server.publish_named("1001", &path, "secret.bin", "1003@example.com");
     let mut server = server;
     server.start();
     (server, cid)
@@ -110,6 +83,17 @@ fn assert_error(resp: &Response, status: u16, code: &str) {
     assert_eq!(json(&resp.body)["error"], code);
     let warning = resp.headers.get("Warning").expect("Warning header");
     assert_eq!(warning, format!("399 127.0.0.1 \"{code}\""));
+}
+
+/// B's share request `body` to 1001, relayed to A's terminal, which answers `status` with
+/// `answer`; the final response at B.
+fn relayed(a: &mut Ua, b: &mut Ua, body: &str, status: u16, answer: &[u8]) -> Response {
+    let req = share_request(b, "1001", body);
+    b.send(&req);
+    let m = a.expect_request(Method::Message, Some(SHARE_REQUEST), T);
+    a.respond(&m, status, &[], answer);
+    let branch = req.top_via().unwrap().branch().unwrap().to_string();
+    b.final_response(&branch, T).unwrap()
 }
 
 /// The offer MESSAGE at `ua`, answered 200; its Request-URI and JSON.
@@ -278,45 +262,44 @@ fn sharer_online_forwards_refuses_or_is_unavailable() {
     check_offer(&server, &offer);
 
     // (c) The sharer refuses.
-    let req = share_request(&mut b, "1001", r#"{"name":"holiday.mp4"}"#);
-    b.send(&req);
-    let m = a.expect_request(Method::Message, Some(SHARE_REQUEST), T);
-    a.respond(&m, 403, &[], b"");
-    let branch = req.top_via().unwrap().branch().unwrap().to_string();
-    assert_error(&b.final_response(&branch, T).unwrap(), 403, "share-denied");
+    assert_error(
+        &relayed(&mut a, &mut b, r#"{"name":"holiday.mp4"}"#, 403, b""),
+        403,
+        "share-denied",
+    );
 
     // (d) The sharer's terminal is unavailable (480): answered on its behalf by policy.
-    let req = share_request(&mut b, "1001", r#"{"name":"holiday.mp4"}"#);
-    b.send(&req);
-    let m = a.expect_request(Method::Message, Some(SHARE_REQUEST), T);
-    a.respond(&m, 480, &[], b"");
-    let branch = req.top_via().unwrap().branch().unwrap().to_string();
-    assert_eq!(b.final_response(&branch, T).unwrap().status, 200);
+    assert_eq!(
+        relayed(&mut a, &mut b, r#"{"name":"holiday.mp4"}"#, 480, b"").status,
+        200
+    );
     let (_, offer) = take_offer(&mut b);
     assert_eq!(offer["name"], "holiday.mp4");
     // ...and by policy it may be a denial.
-    let req = share_request(&mut b, "1001", r#"{"name":"secret.bin"}"#);
-    b.send(&req);
-    let m = a.expect_request(Method::Message, Some(SHARE_REQUEST), T);
-    a.respond(&m, 480, &[], b"");
-    let branch = req.top_via().unwrap().branch().unwrap().to_string();
-    assert_error(&b.final_response(&branch, T).unwrap(), 403, "share-denied");
+    assert_error(
+        &relayed(&mut a, &mut b, r#"{"name":"secret.bin"}"#, 480, b""),
+        403,
+        "share-denied",
+    );
 
     // A forward of a name that does not exist is still unknown.
-    let req = share_request(&mut b, "1001", r#"{"name":"gone.mp4"}"#);
-    b.send(&req);
-    let m = a.expect_request(Method::Message, Some(SHARE_REQUEST), T);
-    a.respond(&m, 200, &[], br#"{"forward":true}"#);
-    let branch = req.top_via().unwrap().branch().unwrap().to_string();
-    assert_error(&b.final_response(&branch, T).unwrap(), 404, "unknown-share");
+    assert_error(
+        &relayed(
+            &mut a,
+            &mut b,
+            r#"{"name":"gone.mp4"}"#,
+            200,
+            br#"{"forward":true}"#,
+        ),
+        404,
+        "unknown-share",
+    );
 
     // Other answers of the sharer are relayed as they are.
-    let req = share_request(&mut b, "1001", r#"{"name":"holiday.mp4"}"#);
-    b.send(&req);
-    let m = a.expect_request(Method::Message, Some(SHARE_REQUEST), T);
-    a.respond(&m, 486, &[], b"");
-    let branch = req.top_via().unwrap().branch().unwrap().to_string();
-    assert_eq!(b.final_response(&branch, T).unwrap().status, 486);
+    assert_eq!(
+        relayed(&mut a, &mut b, r#"{"name":"holiday.mp4"}"#, 486, b"").status,
+        486
+    );
     // The list is callvault's own answer even with the sharer online.
     let req = share_request(&mut b, "1001", r#"{"list":true}"#);
     assert_eq!(b.transact(&req).status, 200);

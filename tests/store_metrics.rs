@@ -16,16 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callvault::sip::dialog::Dialog;
-use callvault::sip::message::{HeaderAccess, Method, Request, Response, SipMessage};
+use callvault::sip::message::{HeaderAccess, Method, Request, Response};
 use common::{metric_value, Server, ServerConfig};
 use serde_json::Value;
-use ua::{payload, sdp, sdp_audio, Rtp, RtpPkt, Ua, T};
+use ua::{payload, sdp, sdp_audio, Call, Rtp, RtpPkt, Ua, PCMU, T};
 
 const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
 const STORE_ACCEPTED: &str = "application/vnd.callvault.store-accepted+json";
 const PROMPT: &str = "application/vnd.callvault.prompt+json";
 const READY: &str = "application/vnd.callvault.ready+json";
-const PCMU: &[(u8, &str)] = &[(0, "PCMU/8000")];
 /// The server's adaptive margin (`ThresholdLimits::default().adaptive_margin_bytes`).
 const ADAPTIVE_MARGIN: u64 = 2000;
 /// The test stream: 100 packets of 160 bytes of PCMU (2 s of audio at 8000 B/s).
@@ -42,72 +41,6 @@ fn server() -> Server {
     s.account_add("1002", "secret", "4321", "50MiB");
     s.start();
     s
-}
-
-/// An established call A -> B through callvault; B is registered from its UA socket.
-struct Call {
-    a: Ua,
-    b: Ua,
-    bd: Dialog,
-    a_media_to: SocketAddr,
-    a_media: Rtp,
-    keepalive_stop: Arc<AtomicBool>,
-}
-
-impl Call {
-    /// One packet from A on the call's own media every 300 ms, so the call outlives long runs
-    /// without tripping the relay's RTP timeout.
-    fn keep_alive(&self) {
-        let sock = self.a_media.sock.try_clone().unwrap();
-        let to = self.a_media_to;
-        let stop = self.keepalive_stop.clone();
-        std::thread::spawn(move || {
-            let mut seq = 0u16;
-            while !stop.load(Ordering::Relaxed) {
-                let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42];
-                p[2..4].copy_from_slice(&seq.to_be_bytes());
-                p.extend_from_slice(&[0xff; 160]);
-                let _ = sock.send_to(&p, to);
-                seq = seq.wrapping_add(1);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        });
-    }
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        self.keepalive_stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn call(server: &Server) -> Call {
-    let mut b = Ua::new("1002", "example.com", server.sip_addr());
-    b.register();
-    let mut a = Ua::new("1001", "example.com", server.sip_addr());
-    let a_media = Rtp::bind();
-    let b_media = Rtp::bind();
-    let inv = a.invite_request(
-        "sip:1002@example.com",
-        &[],
-        &sdp(a_media.port, PCMU, "sendrecv"),
-    );
-    a.send(&inv);
-    let binv = b.expect_request(Method::Invite, None, T);
-    let bd = b.accept_invite(&binv, &sdp(b_media.port, PCMU, "sendrecv"));
-    let (resp, ad) = a.finish_invite(&inv);
-    assert_eq!(resp.status, 200, "call 1001 -> 1002: {resp:?}");
-    assert!(ad.is_some());
-    b.expect_request(Method::Ack, None, T);
-    let (a_media_to, _) = sdp_audio(&resp.body);
-    Call {
-        a,
-        b,
-        bd,
-        a_media_to,
-        a_media,
-        keepalive_stop: Arc::new(AtomicBool::new(false)),
-    }
 }
 
 fn json(body: &[u8]) -> Value {
@@ -219,18 +152,6 @@ fn start_sender(rtp: Rtp, to: SocketAddr, n: u32, interval: Duration) -> Sender 
     }
 }
 
-/// The next BYE in the dialog with this Call-ID, answered 200.
-fn expect_bye(ua: &mut Ua, call_id: &str, timeout: Duration) -> Request {
-    let m = ua.wait_for(timeout, |m| {
-        matches!(m, SipMessage::Request(r) if r.method == Method::Bye && r.call_id() == Some(call_id))
-    });
-    let Some(SipMessage::Request(bye)) = m else {
-        panic!("{}: no BYE for {call_id} within {timeout:?}", ua.user);
-    };
-    ua.respond(&bye, 200, &[], b"");
-    bye
-}
-
 /// B receives the played stream: up to `n` packets, timestamped by a thread of its own (so
 /// SIP work on the test thread, such as A's BYE transaction, cannot show up as a gap at B);
 /// A's BYE goes out once the sender is done. Returns the packets with arrival times.
@@ -295,7 +216,7 @@ fn metrics_when(server: &Server, pred: impl Fn(&str) -> bool) -> String {
 #[test]
 fn metrics_follow_one_store_and_play() {
     let server = server();
-    let mut c = call(&server);
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
 
     // Nothing yet: the family is there with zeros.
     let m = metrics(&server);
@@ -344,7 +265,7 @@ fn metrics_follow_one_store_and_play() {
     for (i, p) in got.iter().enumerate() {
         assert_eq!(p.payload, payload(i as u32), "payload {i}");
     }
-    expect_bye(&mut c.b, &pd.id.call_id, Duration::from_secs(5));
+    c.b.expect_bye(&pd.id.call_id, Duration::from_secs(5));
 
     let m = metrics_when(&server, |m| {
         metric_value(m, "callvault_stores", &[("state", "complete")]) == Some(1.0)
@@ -398,7 +319,7 @@ fn metrics_follow_one_store_and_play() {
 /// received).
 fn adaptive_run(interval: Duration) -> (u64, usize, Vec<RtpPkt>) {
     let server = server();
-    let mut c = call(&server);
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     let (prompt, _) = request_store(&mut c, r#"{"pin":"4321","threshold":{"adaptive":true}}"#);
     let a_rtp = Rtp::bind();
     let (mut sd, to) = store_session(&mut c, &prompt, DECLARED, &a_rtp);
@@ -408,7 +329,7 @@ fn adaptive_run(interval: Duration) -> (u64, usize, Vec<RtpPkt>) {
     let b_rtp = Rtp::bind();
     let (pd, _) = play(&mut c.b, &ready, &b_rtp);
     let got = receive_play(&mut c, &b_rtp, &sender, &mut sd, N as usize);
-    expect_bye(&mut c.b, &pd.id.call_id, Duration::from_secs(5));
+    c.b.expect_bye(&pd.id.call_id, Duration::from_secs(5));
     assert_eq!(ready["declared_bytes"], DECLARED);
     let received = ready["received_bytes"].as_u64().unwrap();
     (received, sent_at_ready, got)
@@ -547,7 +468,7 @@ fn bench_threshold_and_play_start_latency() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let server = server();
-    let mut c = call(&server);
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
     c.keep_alive();
     let mut threshold = Vec::new();
     let mut play_start = Vec::new();

@@ -15,6 +15,11 @@ use crate::storage::segments::{RecordHeader, SegmentOptions, SegmentReader, Segm
 use crate::storage::stores::{store_dir, NewStore, StartSession, Store, StoreKind};
 use crate::storage::threshold::Threshold;
 
+// The integration tests' HTTP client: a self-contained file (nothing else of tests/common).
+#[path = "../../tests/common/http.rs"]
+mod http_client;
+use http_client::{basic, get, parse, request, send_raw, Resp};
+
 const ADMIN: &str = "admin-secret-token";
 
 struct H {
@@ -60,133 +65,6 @@ async fn harness_with(f: impl FnOnce(&mut HttpState)) -> H {
 
 async fn harness() -> H {
     harness_with(|_| {}).await
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.all(name).into_iter().next()
-    }
-    fn all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-    fn error(&self) -> String {
-        self.json()["error"].as_str().unwrap_or("").to_string()
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("chunk size line");
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
-        b = &b[eol + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
-
-fn parse(raw: &[u8]) -> Resp {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..split]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let body = &raw[split + 4..];
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_vec()
-    };
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
-        .await
-        .expect("response within 20 s")
-        .unwrap();
-    parse(&out)
-}
-
-async fn req(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Resp {
-    let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        raw.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if method == "PUT"
-        && !headers.iter().any(|(k, _)| {
-            k.eq_ignore_ascii_case("transfer-encoding") || k.eq_ignore_ascii_case("content-length")
-        })
-    {
-        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    raw.push_str("\r\n");
-    let mut raw = raw.into_bytes();
-    raw.extend_from_slice(body);
-    send_raw(addr, &raw).await
-}
-
-async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Resp {
-    req(addr, "GET", target, headers, b"").await
-}
-
-fn basic(user: &str, pw: &str) -> String {
-    use base64::Engine as _;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
-    )
 }
 
 fn bearer(t: &str) -> String {
@@ -417,7 +295,7 @@ async fn no_admin_without_admin_token() {
     assert_eq!(r.status, 200);
     let r = get(h.addr, "/v2/nothing", &[]).await;
     assert_eq!((r.status, r.error().as_str()), (404, "not-found"));
-    let r = req(h.addr, "DELETE", "/v1/stores", &[], b"").await;
+    let r = request(h.addr, "DELETE", "/v1/stores", &[], b"").await;
     assert_eq!(r.status, 405);
     assert_eq!(r.error(), "method-not-allowed");
 }
@@ -729,7 +607,7 @@ async fn upload_happy_path() {
     let s = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
     let body: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
     let url = format!("/v1/stores/{}/data?token={}", s.id, upload_token(&s));
-    let r = req(
+    let r = request(
         h.addr,
         "PUT",
         &url,
@@ -797,12 +675,12 @@ async fn upload_happy_path() {
     assert!(h.state.live.is_empty());
 
     // Used once: the same URL again is 404 unknown-store.
-    let r = req(h.addr, "PUT", &url, &[], &body).await;
+    let r = request(h.addr, "PUT", &url, &[], &body).await;
     assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
 
     // The sender's own credentials work too; any Content-Type is kept as the format.
     let s2 = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
-    let r = req(
+    let r = request(
         h.addr,
         "PUT",
         &format!("/v1/stores/{}/data", s2.id),
@@ -824,7 +702,7 @@ async fn upload_happy_path() {
     assert_eq!(r.status, 415);
     // An empty file is a complete store.
     let s3 = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
-    let r = req(
+    let r = request(
         h.addr,
         "PUT",
         &format!("/v1/stores/{}/data?token={}", s3.id, upload_token(&s3)),
@@ -843,7 +721,7 @@ async fn upload_error_rows() {
     let put = |s: &Store| format!("/v1/stores/{}/data?token={}", s.id, upload_token(s));
 
     // Unknown and expired stores: 404 unknown-store (before anything else).
-    let r = req(
+    let r = request(
         a,
         "PUT",
         "/v1/stores/st_00000000000000000000/data?token=x",
@@ -852,17 +730,17 @@ async fn upload_error_rows() {
     )
     .await;
     assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
-    let r = req(a, "PUT", "/v1/stores/garbage/data", &[], b"abc").await;
+    let r = request(a, "PUT", "/v1/stores/garbage/data", &[], b"abc").await;
     assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
     let expired = pending_store(&h, "1001", "1002", Duration::ZERO).await;
-    let r = req(a, "PUT", &put(&expired), &[], b"abc").await;
+    let r = request(a, "PUT", &put(&expired), &[], b"abc").await;
     assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
 
     let s = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
     // No credentials, or a token of nothing: 401.
-    let r = req(a, "PUT", &format!("/v1/stores/{}/data", s.id), &[], b"abc").await;
+    let r = request(a, "PUT", &format!("/v1/stores/{}/data", s.id), &[], b"abc").await;
     assert_eq!(r.status, 401);
-    let r = req(
+    let r = request(
         a,
         "PUT",
         &format!("/v1/stores/{}/data?token=nope", s.id),
@@ -873,7 +751,7 @@ async fn upload_error_rows() {
     assert_eq!(r.status, 401);
     // Not the sender: the receiver's download token, the receiver's account, admin.
     for auth in [bearer(&s.token), basic("1002", "pw2"), bearer(ADMIN)] {
-        let r = req(
+        let r = request(
             a,
             "PUT",
             &format!("/v1/stores/{}/data", s.id),
@@ -888,7 +766,7 @@ async fn upload_error_rows() {
         );
     }
     // No Content-Length: 411.
-    let r = req(
+    let r = request(
         a,
         "PUT",
         &put(&s),

@@ -1,5 +1,19 @@
-//! A tiny HTTP/1.1 response reader for the integration tests (status, headers, body with
-//! chunked transfer decoded).
+//! A tiny HTTP/1.1 client for the tests: requests written by hand (`Connection: close`), the
+//! response read to the end and parsed (status, headers, body with chunked transfer decoded).
+//!
+//! Self-contained on purpose (only tokio, base64 and serde_json, which the crate depends on):
+//! the integration tests get it as `common::http`, the crate's own handler tests
+//! (src/http/tests.rs) include the same file with `#[path]`.
+#![allow(dead_code)] // each user needs a different subset
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long one exchange may take before the test fails (live downloads included).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Resp {
@@ -75,4 +89,67 @@ pub fn parse(raw: &[u8]) -> Resp {
         },
         headers,
     }
+}
+
+/// [`send_raw`] for tests without a runtime: blocking std I/O (connect within 5 s, each read
+/// within 10 s).
+pub fn send_raw_blocking(addr: SocketAddr, raw: &[u8]) -> Resp {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    parse(&out)
+}
+
+/// Writes `raw` as is, reads until the server closes, parses the response.
+pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(RESPONSE_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("response within {RESPONSE_TIMEOUT:?}"))
+        .unwrap();
+    parse(&out)
+}
+
+/// One request. A PUT or POST gets `Content-Length: body.len()` unless the caller framed the
+/// body itself (a `Transfer-Encoding` or `Content-Length` header among `headers`).
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if (method == "PUT" || method == "POST")
+        && !headers.iter().any(|(k, _)| {
+            k.eq_ignore_ascii_case("transfer-encoding") || k.eq_ignore_ascii_case("content-length")
+        })
+    {
+        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(body);
+    send_raw(addr, &raw).await
+}
+
+pub async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Resp {
+    request(addr, "GET", target, headers, b"").await
+}
+
+/// `Authorization` value for HTTP Basic.
+pub fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
 }

@@ -74,6 +74,39 @@ fn capture_refused(why: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Test data
+
+/// `n` deterministic, non-periodic bytes (xorshift64*), fast enough in debug builds.
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// SHA-256 of a file's contents, lowercase hex (read in 1 MiB blocks: the files are large).
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f = File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Ports
 
 /// Where blocks are searched. Below callvault's default RTP range (20000-29999) and the
@@ -504,6 +537,65 @@ impl Server {
 
     pub fn metrics(&self) -> String {
         fetch_metrics(self.http_addr()).unwrap_or_else(|e| panic!("GET /metrics: {e}"))
+    }
+
+    /// `callvault share publish USER FILE ARGS.. --config FILE` (before or after `start`);
+    /// the JSON it prints.
+    pub fn share_publish(&self, user: &str, file: &Path, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(callvault_bin())
+            .args(["share", "publish", user])
+            .arg(file)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("CALLVAULT_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "share publish {} {args:?}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "share publish printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// [`Server::share_publish`] with `--name NAME --policy POLICY`; the content id.
+    pub fn publish_named(&self, user: &str, file: &Path, name: &str, policy: &str) -> String {
+        self.share_publish(user, file, &["--name", name, "--policy", policy])["content_id"]
+            .as_str()
+            .expect("content_id")
+            .to_string()
+    }
+
+    /// The offer token of `cid` from the server's own share secret in its database (what
+    /// the share-offer MESSAGE would carry).
+    pub fn offer_token(&self, cid: &str) -> String {
+        let data = self.dir.path().join("data");
+        let url = format!("sqlite://{}", data.join("callvault.db").display());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let db = callvault::storage::Db::open(&url).await.unwrap();
+            let sh = callvault::share::Shares::open(
+                db.clone(),
+                &data,
+                "example.com",
+                callvault::share::ShareSettings::default(),
+            )
+            .await
+            .unwrap();
+            let t = sh.issue_offer_token(cid);
+            db.close().await;
+            t
+        })
     }
 }
 
@@ -1274,6 +1366,48 @@ pub fn count_rtp(pcap: &[u8]) -> Result<RtpCounts, String> {
     if pcap.len() < 24 {
         return Err("pcap shorter than its header".into());
     }
+    let (l2_len, frames) = pcap_frames(pcap)?;
+    for frame in frames {
+        if let Some((port, pt)) = rtp_in_frame(frame, l2_len) {
+            *counts.by_port.entry(port).or_default() += 1;
+            *counts.by_port_pt.entry((port, pt)).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// Every IPv4/UDP datagram of a classic pcap file (formats as [`count_rtp`]), in file order,
+/// as (UDP destination port, UDP payload).
+pub fn udp_datagrams(pcap: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    if pcap.len() < 24 {
+        return Ok(out);
+    }
+    let (l2_len, frames) = pcap_frames(pcap)?;
+    for frame in frames {
+        let Some(ip) = frame.get(l2_len..) else {
+            continue;
+        };
+        if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
+            continue;
+        }
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let Some(udp) = ip.get(ihl..) else { continue };
+        if udp.len() < 8 {
+            continue;
+        }
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        let ulen = (u16::from_be_bytes([udp[4], udp[5]]) as usize).clamp(8, udp.len());
+        out.push((dport, udp[8..ulen].to_vec()));
+    }
+    Ok(out)
+}
+
+/// The link-layer header length and every complete frame of a classic pcap file of at least
+/// its 24-byte header (microsecond or nanosecond, either byte order; link types Ethernet, raw
+/// IP, Linux cooked v1/v2). A record cut off at the end (a capture stopped mid-write) is left
+/// out.
+fn pcap_frames(pcap: &[u8]) -> Result<(usize, Vec<&[u8]>), String> {
     let magic = u32::from_le_bytes([pcap[0], pcap[1], pcap[2], pcap[3]]);
     let le = match magic {
         0xa1b2c3d4 | 0xa1b23c4d => true,
@@ -1296,51 +1430,7 @@ pub fn count_rtp(pcap: &[u8]) -> Result<RtpCounts, String> {
         276 => 20, // Linux cooked v2
         other => return Err(format!("unsupported link type {other}")),
     };
-    let mut off = 24;
-    while off + 16 <= pcap.len() {
-        let incl = u32_at(pcap, off + 8) as usize;
-        let start = off + 16;
-        let end = start + incl;
-        if end > pcap.len() {
-            break; // a capture cut off mid-record
-        }
-        let frame = &pcap[start..end];
-        off = end;
-        if let Some((port, pt)) = rtp_in_frame(frame, l2_len) {
-            *counts.by_port.entry(port).or_default() += 1;
-            *counts.by_port_pt.entry((port, pt)).or_default() += 1;
-        }
-    }
-    Ok(counts)
-}
-
-/// Every IPv4/UDP datagram of a classic pcap file (formats as [`count_rtp`]), in file order,
-/// as (UDP destination port, UDP payload).
-pub fn udp_datagrams(pcap: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
-    let mut out = Vec::new();
-    if pcap.len() < 24 {
-        return Ok(out);
-    }
-    let le = match u32::from_le_bytes([pcap[0], pcap[1], pcap[2], pcap[3]]) {
-        0xa1b2c3d4 | 0xa1b23c4d => true,
-        0xd4c3b2a1 | 0x4d3cb2a1 => false,
-        m => return Err(format!("not a pcap file (magic {m:#x})")),
-    };
-    let u32_at = |b: &[u8], i: usize| {
-        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    let l2_len = match u32_at(pcap, 20) {
-        1 => 14,
-        101 => 0,
-        113 => 16,
-        276 => 20,
-        other => return Err(format!("unsupported link type {other}")),
-    };
+    let mut frames = Vec::new();
     let mut off = 24;
     while off + 16 <= pcap.len() {
         let incl = u32_at(pcap, off + 8) as usize;
@@ -1349,24 +1439,10 @@ pub fn udp_datagrams(pcap: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
         if end > pcap.len() {
             break;
         }
-        let frame = &pcap[start..end];
+        frames.push(&pcap[start..end]);
         off = end;
-        let Some(ip) = frame.get(l2_len..) else {
-            continue;
-        };
-        if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 17 {
-            continue;
-        }
-        let ihl = ((ip[0] & 0x0f) as usize) * 4;
-        let Some(udp) = ip.get(ihl..) else { continue };
-        if udp.len() < 8 {
-            continue;
-        }
-        let dport = u16::from_be_bytes([udp[2], udp[3]]);
-        let ulen = (u16::from_be_bytes([udp[4], udp[5]]) as usize).clamp(8, udp.len());
-        out.push((dport, udp[8..ulen].to_vec()));
     }
-    Ok(out)
+    Ok((l2_len, frames))
 }
 
 /// (UDP destination port, RTP payload type) when the frame is IPv4/UDP carrying RTP v2.

@@ -9,7 +9,7 @@
 //! arrives out of the order a test expects is lost.
 //!
 //! [`Rtp`] is a bare RTP socket: send packets with given header fields, receive with arrival
-//! times.
+//! times. [`Call`] is an established PCMU call A -> B through the server under test.
 #![allow(dead_code)] // each test uses a different subset
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -443,6 +443,51 @@ impl Ua {
     pub fn bye(&mut self, d: &mut Dialog) -> Response {
         self.in_dialog(d, Method::Bye, &[], b"")
     }
+
+    /// Sends `make(self, 1, None)`; when the server challenges it (401/407), sends once more
+    /// `make(self, 2, Some((header, value)))` with digest credentials for this UA's user and
+    /// `password` (cnonce "cn1", nc 1). The final answer.
+    pub fn transact_with_digest(
+        &mut self,
+        password: &str,
+        mut make: impl FnMut(&mut Ua, u32, Option<(&'static str, String)>) -> Request,
+    ) -> Response {
+        let first = make(self, 1, None);
+        let mut resp = self.transact(&first);
+        if resp.status == 401 || resp.status == 407 {
+            let (hdr, ans) = if resp.status == 401 {
+                ("WWW-Authenticate", "Authorization")
+            } else {
+                ("Proxy-Authenticate", "Proxy-Authorization")
+            };
+            let ch = resp.headers.get(hdr).expect("challenge").to_string();
+            let authz = callvault::sip::auth::respond(
+                &ch,
+                &self.user,
+                password,
+                first.method.as_str(),
+                &first.uri,
+                "cn1",
+                1,
+            )
+            .unwrap();
+            let second = make(self, 2, Some((ans, authz)));
+            resp = self.transact(&second);
+        }
+        resp
+    }
+
+    /// The next BYE in the dialog with this Call-ID, answered 200.
+    pub fn expect_bye(&mut self, call_id: &str, timeout: Duration) -> Request {
+        let m = self.wait_for(timeout, |m| {
+            matches!(m, SipMessage::Request(r) if r.method == Method::Bye && r.call_id() == Some(call_id))
+        });
+        let Some(SipMessage::Request(bye)) = m else {
+            panic!("{}: no BYE for {call_id} within {timeout:?}", self.user);
+        };
+        self.respond(&bye, 200, &[], b"");
+        bye
+    }
 }
 
 impl Drop for Ua {
@@ -570,4 +615,80 @@ pub fn payload(i: u32) -> Vec<u8> {
     (0..160u32)
         .map(|j| (i.wrapping_mul(31).wrapping_add(j.wrapping_mul(7)) % 251) as u8)
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls
+
+pub const PCMU: &[(u8, &str)] = &[(0, "PCMU/8000")];
+
+/// An established call A -> B through the server (PCMU, sendrecv); B is registered from its
+/// UA socket. Dropping it stops [`Call::keep_alive`].
+pub struct Call {
+    pub a: Ua,
+    pub b: Ua,
+    pub ad: Dialog,
+    pub bd: Dialog,
+    /// Where the server expects A's call media (its anchored port facing A).
+    pub a_media_to: SocketAddr,
+    pub a_media: Rtp,
+    keepalive_stop: Arc<AtomicBool>,
+}
+
+impl Call {
+    /// `a_user` calls `b_user` through the server at `server` (its SIP address).
+    pub fn establish(server: SocketAddr, a_user: &str, b_user: &str) -> Call {
+        let mut b = Ua::new(b_user, "example.com", server);
+        b.register();
+        let mut a = Ua::new(a_user, "example.com", server);
+        let a_media = Rtp::bind();
+        let b_media = Rtp::bind();
+        let inv = a.invite_request(
+            &format!("sip:{b_user}@example.com"),
+            &[],
+            &sdp(a_media.port, PCMU, "sendrecv"),
+        );
+        a.send(&inv);
+        let binv = b.expect_request(Method::Invite, None, T);
+        let bd = b.accept_invite(&binv, &sdp(b_media.port, PCMU, "sendrecv"));
+        let (resp, ad) = a.finish_invite(&inv);
+        assert_eq!(resp.status, 200, "call {a_user} -> {b_user}: {resp:?}");
+        assert!(ad.is_some());
+        b.expect_request(Method::Ack, None, T);
+        let (a_media_to, _) = sdp_audio(&resp.body);
+        Call {
+            a,
+            b,
+            ad: ad.unwrap(),
+            bd,
+            a_media_to,
+            a_media,
+            keepalive_stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// One packet from A on the call's own media every 300 ms, so the call outlives long runs
+    /// (or a server's short `rtp_timeout`) without tripping the relay's RTP timeout.
+    pub fn keep_alive(&self) {
+        let sock = self.a_media.sock.try_clone().unwrap();
+        let to = self.a_media_to;
+        let stop = self.keepalive_stop.clone();
+        std::thread::spawn(move || {
+            let mut seq = 0u16;
+            while !stop.load(Ordering::Relaxed) {
+                let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42];
+                p[2..4].copy_from_slice(&seq.to_be_bytes());
+                p.extend_from_slice(&[0xff; 160]);
+                let _ = sock.send_to(&p, to);
+                seq = seq.wrapping_add(1);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.keepalive_stop.store(true, Ordering::Relaxed);
+    }
 }
