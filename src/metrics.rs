@@ -229,6 +229,8 @@ pub struct Metrics {
     pub rtp_bytes_relayed_total: Counter,
     pub rtp_packets_stored_total: Counter,
     pub rtp_bytes_stored_total: Counter,
+    /// Relayed RTP packets a lagging recording writer had no room for (relayed, not recorded).
+    pub recording_packets_refused_total: Counter,
     /// Set by the core after each batch of events (the registrar owns the number).
     pub registrations_active: Gauge,
     /// Kept by the port allocator as pairs are bound and closed.
@@ -266,6 +268,7 @@ pub static METRICS: Metrics = Metrics {
     rtp_bytes_relayed_total: Counter::new(),
     rtp_packets_stored_total: Counter::new(),
     rtp_bytes_stored_total: Counter::new(),
+    recording_packets_refused_total: Counter::new(),
     registrations_active: Gauge::new(),
     rtp_ports_in_use: Gauge::new(),
     threshold_seconds: Histogram::new(),
@@ -379,6 +382,12 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "counter",
         "RTP payload bytes appended to stores.",
         m.rtp_bytes_stored_total.get().to_string(),
+    );
+    one(
+        "callvault_recording_packets_refused_total",
+        "counter",
+        "Relayed RTP packets left out of a call recording because its writer was behind.",
+        m.recording_packets_refused_total.get().to_string(),
     );
     one(
         "callvault_store_sessions_active",

@@ -113,11 +113,6 @@ impl RecordingService {
         Ok((RecordingService { ctx }, rx))
     }
 
-    /// Packets refused by lagging recording writers, over all calls.
-    pub fn counters(&self) -> Arc<RecordCounters> {
-        self.ctx.counters.clone()
-    }
-
     /// Starts recording a call when it is answered.
     pub fn on_event<M: MediaBackend>(&mut self, engine: &Engine<M>, ev: &EngineEvent) {
         let EngineEvent::CallAnswered(call) = ev else {

@@ -241,6 +241,7 @@ impl Recording {
             self.counters
                 .backpressure_drops
                 .fetch_add(self.dropped, Ordering::Relaxed);
+            METRICS.recording_packets_refused_total.add(self.dropped);
             self.dropped = 0;
         }
         if self.stored_packets > 0 {
@@ -1598,6 +1599,7 @@ mod tests {
         };
         let (ingest, _stalled) = crate::storage::segments::pipeline(w, opts);
         let counters = Arc::new(RecordCounters::default());
+        let refused_before = METRICS.recording_packets_refused_total.get();
         rig.relay.record(
             RecordSinks {
                 from_a: Some(ingest),
@@ -1614,6 +1616,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rig.counters.a_to_b.rtp_packets.load(Ordering::Relaxed), 30);
-        assert!(counters.backpressure_drops.load(Ordering::Relaxed) >= 20);
+        let refused = counters.backpressure_drops.load(Ordering::Relaxed);
+        assert!(refused >= 20, "{refused}");
+        // The operator sees them too.
+        assert!(METRICS.recording_packets_refused_total.get() >= refused_before + refused);
     }
 }
