@@ -258,7 +258,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         counters,
     };
     let result = core
-        .run(
+        .run(Inbox {
             sip_rx,
             relay_rx,
             commands,
@@ -266,10 +266,22 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             record_commands,
             term,
             int,
-        )
+        })
         .await;
     db.close().await;
     result
+}
+
+/// What the core task listens to besides its own timers.
+struct Inbox {
+    sip_rx: mpsc::Receiver<TransportEvent>,
+    relay_rx: mpsc::Receiver<RelayEvent>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    share_commands: mpsc::UnboundedReceiver<share_service::Command>,
+    /// None when `media.record_calls` is off.
+    record_commands: Option<mpsc::UnboundedReceiver<recording::Command>>,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
 struct Core {
@@ -285,17 +297,16 @@ struct Core {
 }
 
 impl Core {
-    #[allow(clippy::too_many_arguments)]
-    async fn run(
-        mut self,
-        mut sip_rx: mpsc::Receiver<TransportEvent>,
-        mut relay_rx: mpsc::Receiver<RelayEvent>,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-        mut share_commands: mpsc::UnboundedReceiver<share_service::Command>,
-        record_commands: Option<mpsc::UnboundedReceiver<recording::Command>>,
-        mut term: tokio::signal::unix::Signal,
-        mut int: tokio::signal::unix::Signal,
-    ) -> Result<(), ServerError> {
+    async fn run(mut self, inbox: Inbox) -> Result<(), ServerError> {
+        let Inbox {
+            mut sip_rx,
+            mut relay_rx,
+            mut commands,
+            mut share_commands,
+            record_commands,
+            mut term,
+            mut int,
+        } = inbox;
         let recording_on = record_commands.is_some();
         // Without recording, a receiver nobody sends to keeps the select arm idle.
         let mut record_commands = record_commands.unwrap_or_else(|| mpsc::unbounded_channel().1);
