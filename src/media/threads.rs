@@ -110,4 +110,21 @@ mod tests {
             ["cv-media-0", "cv-media-1", "cv-media-0", "cv-media-1"]
         );
     }
+
+    #[test]
+    fn threads_run_at_the_nice_value_asked_for() {
+        // Raising the nice value needs no privilege, so this holds wherever tests run.
+        let t = MediaThreads::start(1, 5).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        t.pick().spawn(async move {
+            // SAFETY: a plain syscall on the calling thread.
+            let _ = tx.send(unsafe { libc::gettid() });
+        });
+        let tid = rx.recv().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Fields after the parenthesised command name; nice is field 19 of the line.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i32 = after.split(' ').nth(16).unwrap().parse().unwrap();
+        assert_eq!(nice, 5, "{stat}");
+    }
 }
