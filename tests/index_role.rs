@@ -103,11 +103,7 @@ impl Proc {
     }
 
     fn sigterm(&self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        common::send_signal(&self.child, libc::SIGTERM);
     }
 
     fn wait_exit(&mut self, within: Duration) -> ExitStatus {
@@ -537,7 +533,7 @@ fn index_role_exits_cleanly_and_reports_errors_in_one_line() {
     drop(busy);
 
     // Ready, then SIGTERM → exit 0; SIGINT likewise.
-    for sig in ["-TERM", "-INT"] {
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         let ports = PortBlock::reserve(1);
         let cfg = dir.path().join("ok.toml");
         std::fs::write(
@@ -561,12 +557,9 @@ fn index_role_exits_cleanly_and_reports_errors_in_one_line() {
             common::metric_value(&m, "callvault_index_holders", &[]),
             Some(0.0)
         );
-        Command::new("kill")
-            .args([sig, &p.child.id().to_string()])
-            .status()
-            .unwrap();
+        common::send_signal(&p.child, sig);
         let st = p.wait_exit(Duration::from_secs(5));
-        assert!(st.success(), "{sig}: {st}; {}", p.log());
+        assert!(st.success(), "{name}: {st}; {}", p.log());
     }
 }
 

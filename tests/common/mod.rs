@@ -236,17 +236,28 @@ pub fn wait_bound(port: u16, transport: Transport, timeout: Duration) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// SIGTERM, up to `grace` for the process to exit, then SIGKILL. std only has SIGKILL, so the
-/// TERM goes through kill(1).
+/// Sends `sig` to the child (std can only SIGKILL). A child that has already exited is fine;
+/// any other failure means the rig is broken and panics, rather than letting a graceful
+/// shutdown silently become a SIGKILL.
+pub fn send_signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ESRCH),
+            "kill({pid}, {sig}): {e}"
+        );
+    }
+}
+
+/// SIGTERM, up to `grace` for the process to exit, then SIGKILL.
 fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     if let Ok(Some(st)) = child.try_wait() {
         return Some(st);
     }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .stderr(Stdio::null())
-        .status();
+    send_signal(child, libc::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {
@@ -256,14 +267,6 @@ fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     }
     let _ = child.kill();
     child.wait().ok()
-}
-
-fn signal(child: &Child, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .stderr(Stdio::null())
-        .status();
 }
 
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -1329,7 +1332,7 @@ impl RtpCapture {
     /// Stops the capture and returns the pcap file's bytes (see [`udp_datagrams`]).
     pub fn stop_raw(mut self) -> Vec<u8> {
         std::thread::sleep(Duration::from_millis(200));
-        signal(&self.child, "INT");
+        send_signal(&self.child, libc::SIGINT);
         if wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
             terminate(&mut self.child, Duration::from_secs(1));
         }
@@ -1339,7 +1342,7 @@ impl RtpCapture {
     /// Stops the capture (SIGINT lets tcpdump flush) and counts.
     pub fn stop(mut self) -> RtpCounts {
         std::thread::sleep(Duration::from_millis(200)); // packets still in flight on lo
-        signal(&self.child, "INT");
+        send_signal(&self.child, libc::SIGINT);
         if wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
             terminate(&mut self.child, Duration::from_secs(1));
         }
