@@ -2102,3 +2102,5 @@ fn call_facts_give_leg_a_call_id_and_answered_format() {
     assert_eq!(call_id, "facts@a");
     assert_eq!(format.map(|f| f.0), Some("PCMU/8000".to_string()));
 }
+
+mod routing;

@@ -7,6 +7,9 @@
 //! Dialog::uac(&invite_sent, &response) -> Result<Dialog, DialogError>   (1xx with To tag: Early; 2xx: Confirmed)
 //! Dialog::uas(&invite_received, local_tag, &local_contact) -> Result<Dialog, DialogError>  (Early until confirm())
 //! dialog.new_request(method, &local_contact, via) -> Request          §12.2.1.1
+//! dialog.next_hop() -> &Uri                                           §8.1.2 (first route or target)
+//! route_request(&target, &route_set) -> (Request-URI, Route values)   §12.2.1.1, also for
+//!                                                                     preloaded routes (Path)
 //! dialog.ack_for(invite_cseq, via) -> Request                         §13.2.2.4
 //! dialog.on_request(&Request) -> Result<(), DialogError>              §12.2.2 (error.status() = 500 / 481)
 //! dialog.on_refresh_response(&Response) -> Result<(), DialogError>    §12.2.1.2, §13.2.2.4
@@ -113,6 +116,34 @@ fn record_routes(h: &impl HeaderAccess) -> Result<Vec<NameAddr>, DialogError> {
     list.into_iter()
         .map(|v| NameAddr::parse(v).map_err(|_| DialogError::Missing("Record-Route")))
         .collect()
+}
+
+/// The Request-URI and the Route header values of a request to `remote_target` through
+/// `route_set` (a dialog's, or a preloaded one such as a registration's Path, §8.1.2).
+/// Loose routing when the route set is empty or its first entry has `lr` (a URI parameter,
+/// any value: `;lr`, `;lr=on`); otherwise the first route is a strict router: it becomes the
+/// Request-URI and the remote target goes last in Route (§12.2.1.1).
+pub fn route_request(remote_target: &Uri, route_set: &[NameAddr]) -> (Uri, Vec<String>) {
+    match route_set.split_first() {
+        Some((first, rest)) if first.uri.param("lr").is_none() => {
+            let mut uri = first.uri.clone();
+            uri.headers = None; // not allowed in a Request-URI
+            uri.remove_param("method");
+            let mut routes: Vec<String> = rest.iter().map(|r| r.to_string()).collect();
+            routes.push(format!("<{remote_target}>"));
+            (uri, routes)
+        }
+        _ => (
+            remote_target.clone(),
+            route_set.iter().map(|r| r.to_string()).collect(),
+        ),
+    }
+}
+
+/// The URI a request to `remote_target` through `route_set` is sent to (§8.1.2): the first
+/// route (a loose router's Route entry or a strict router's Request-URI), else the target.
+pub fn next_hop<'a>(remote_target: &'a Uri, route_set: &'a [NameAddr]) -> &'a Uri {
+    route_set.first().map(|r| &r.uri).unwrap_or(remote_target)
 }
 
 fn first_contact(h: &impl HeaderAccess) -> Option<Uri> {
@@ -242,28 +273,14 @@ impl Dialog {
         self.build(Method::Ack, invite_cseq, via)
     }
 
+    /// Where this dialog's requests are sent (§8.1.2 via §12.2.1.1): the first route, else
+    /// the remote target.
+    pub fn next_hop(&self) -> &Uri {
+        next_hop(&self.remote_target, &self.route_set)
+    }
+
     fn build(&self, method: Method, seq: u32, via: Via) -> Request {
-        // Loose routing when the route set is empty or its first entry has `lr`; otherwise
-        // the first route is a strict router: it becomes the Request-URI and the remote target
-        // goes last in Route (§12.2.1.1).
-        let strict = self
-            .route_set
-            .first()
-            .is_some_and(|r| r.uri.param("lr").is_none());
-        let (uri, routes): (Uri, Vec<String>) = if strict {
-            let mut first = self.route_set[0].uri.clone();
-            first.headers = None; // not allowed in a Request-URI
-            first.remove_param("method");
-            let mut routes: Vec<String> =
-                self.route_set[1..].iter().map(|r| r.to_string()).collect();
-            routes.push(format!("<{}>", self.remote_target));
-            (first, routes)
-        } else {
-            (
-                self.remote_target.clone(),
-                self.route_set.iter().map(|r| r.to_string()).collect(),
-            )
-        };
+        let (uri, routes) = route_request(&self.remote_target, &self.route_set);
         let mut req = Request::new(method.clone(), uri.to_string());
         req.headers.push("Via", via.to_string());
         req.headers.push("Max-Forwards", "70");
@@ -367,15 +384,12 @@ Content-Length: 0\r\n\r\n";
         NameAddr::parse(s).unwrap()
     }
 
-    /// The response Bob's side sends: To tag, Contact, Record-Route as received.
+    /// The response Bob's side sends: To tag, Contact, Record-Route as received (copied by
+    /// `Request::response`, §12.1.1).
     fn answer(status: u16, inv: &Request) -> Response {
         let mut r = inv.response(status, None);
         r.ensure_to_tag("btag");
         r.headers.push("Contact", "<sip:bob@10.0.0.2:5062>");
-        r.headers.push(
-            "Record-Route",
-            "<sip:p1.example.com;lr>, <sip:p2.example.com;lr>",
-        );
         r
     }
 
@@ -414,6 +428,8 @@ Content-Length: 0\r\n\r\n";
         let inv = invite();
         let mut ringing = inv.response(180, None);
         ringing.ensure_to_tag("btag");
+        // A proxy that record-routes only the 2xx: the early dialog has no routes yet.
+        ringing.headers.remove("Record-Route");
         let mut d = Dialog::uac(&inv, &ringing).unwrap();
         assert_eq!(d.state, DialogState::Early);
         assert!(d.route_set.is_empty());
@@ -532,7 +548,7 @@ Content-Length: 0\r\n\r\n";
         ok.ensure_to_tag("btag");
         ok.headers.push("Contact", "<sip:bob@10.0.0.2:5062>");
         // Reversed by the UAC: the strict router p1 ends up first.
-        ok.headers.push(
+        ok.headers.set(
             "Record-Route",
             "<sip:p2.example.com;lr>, <sip:p1.example.com>",
         );

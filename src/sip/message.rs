@@ -440,14 +440,19 @@ impl Request {
         }
     }
 
-    /// A response carrying Via, From, To, Call-ID and CSeq of this request (§8.2.6.2).
+    /// A response carrying Via, From, To, Call-ID and CSeq of this request (§8.2.6.2). A
+    /// response that can establish a dialog (101-299 to an out-of-dialog INVITE or
+    /// SUBSCRIBE) also carries every Record-Route of the request, values and order as
+    /// received (§12.1.1), so the peer's route set keeps the proxies in the path.
     pub fn response(&self, status: u16, reason: Option<&str>) -> Response {
+        let copied: &[&str] = if self.creates_dialog_with(status) {
+            &["Via", "From", "To", "Call-ID", "CSeq", "Record-Route"]
+        } else {
+            &["Via", "From", "To", "Call-ID", "CSeq"]
+        };
         let mut headers = Headers::new();
         for h in self.headers.iter() {
-            if ["Via", "From", "To", "Call-ID", "CSeq"]
-                .iter()
-                .any(|n| same_header(&h.name, n))
-            {
+            if copied.iter().any(|n| same_header(&h.name, n)) {
                 headers.push(h.name.clone(), h.value.clone());
             }
         }
@@ -457,6 +462,14 @@ impl Request {
             headers,
             body: Bytes::new(),
         }
+    }
+
+    /// True when a `status` answer to this request establishes a dialog (§12.1): 101-299 to
+    /// an INVITE or SUBSCRIBE (RFC 6665) that is not inside a dialog yet (no To tag).
+    pub fn creates_dialog_with(&self, status: u16) -> bool {
+        (101..300).contains(&status)
+            && matches!(self.method, Method::Invite | Method::Subscribe)
+            && self.to_tag().is_none()
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -1158,6 +1171,43 @@ l: 4\r\n\r\nv=0\r\n";
                 method: Method::Invite
             })
         );
+    }
+
+    #[test]
+    fn dialog_creating_responses_copy_record_route_in_order() {
+        let mut r = req(INVITE);
+        r.headers.push(
+            "Record-Route",
+            "<sip:p2.example;lr;ftag=x>, <sip:p1.example;lr>",
+        );
+        r.headers.push("Record-Route", "<sip:p0.example;lr>");
+        let rr = |m: &Response| {
+            m.headers
+                .get_all("Record-Route")
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        for status in [180, 183, 200] {
+            assert_eq!(
+                rr(&r.response(status, None)),
+                [
+                    "<sip:p2.example;lr;ftag=x>, <sip:p1.example;lr>",
+                    "<sip:p0.example;lr>"
+                ],
+                "{status}"
+            );
+        }
+        // 100 and failures establish nothing; neither does a response inside a dialog.
+        assert!(rr(&r.response(100, None)).is_empty());
+        assert!(rr(&r.response(486, None)).is_empty());
+        let mut in_dialog = r.clone();
+        in_dialog
+            .headers
+            .set("To", "Bob <sip:bob@example.com>;tag=b1");
+        assert!(rr(&in_dialog.response(200, None)).is_empty());
+        let mut msg = r.clone();
+        msg.method = Method::Message;
+        assert!(rr(&msg.response(200, None)).is_empty());
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! engine. Time comes in as `now`, so expiry is tested with simulated clocks. Each binding
 //! remembers the transport and address the REGISTER arrived from: a UA behind NAT is reached by
 //! sending to that address (RFC 3581 style), not to the private address in its Contact.
+//!
+//! Path (RFC 3327 §5.3): the Path header values of a REGISTER (the proxies between the UA and
+//! us, nearest to us first) are stored with every binding it creates or refreshes, whether or
+//! not the UA listed `path` in Supported (the proxies asked for them). Requests to the contact
+//! then carry them as a preloaded route set (RFC 3327 §5.3, RFC 3261 §8.1.2). The 200 echoes
+//! them (and the engine adds `Supported: path`) only to a UA that listed `path`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +39,9 @@ pub struct Binding {
     pub contact: NameAddr,
     /// Where the REGISTER that created or last refreshed it came from.
     pub source: Source,
+    /// That REGISTER's Path values in order (empty when it came straight from the UA): the
+    /// preloaded route set of requests to this contact.
+    pub path: Vec<NameAddr>,
     /// `q` in thousandths (1000 = 1.0; absent counts as 1.0).
     pub q: u16,
     pub expires_at: Instant,
@@ -76,6 +85,9 @@ pub struct RegisterOutcome {
     pub removed: usize,
     /// When the REGISTER was applied (the `expires` echoed are counted from here).
     at: Instant,
+    /// The REGISTER's Path values to echo in the 200 (RFC 3327 §5.3): set only when the UA
+    /// listed `path` in Supported.
+    pub echo_path: Vec<NameAddr>,
 }
 
 impl RegisterOutcome {
@@ -93,6 +105,9 @@ impl RegisterOutcome {
         let mut resp = req.response(200, None);
         for b in &self.bindings {
             resp.headers.push("Contact", b.contact_value(now));
+        }
+        for p in &self.echo_path {
+            resp.headers.push("Path", p.to_string());
         }
         resp
     }
@@ -207,6 +222,7 @@ impl Registrar {
             .ok_or(RegisterError::BadHeader("Call-ID"))?
             .to_string();
         let cseq = req.cseq().ok_or(RegisterError::BadHeader("CSeq"))?.seq;
+        let path = path_of(req)?;
         let header_expires = match req.headers.get("Expires") {
             Some(v) => Some(parse_delta(v).ok_or(RegisterError::BadHeader("Expires"))?),
             None => None,
@@ -227,6 +243,11 @@ impl Registrar {
             }
             return self.remove_all(aor, &call_id, cseq, now);
         }
+        let echo_path = if supports_path(req) {
+            path.clone()
+        } else {
+            Vec::new()
+        };
 
         let updates = values
             .into_iter()
@@ -263,14 +284,12 @@ impl Registrar {
                     removed += 1;
                 }
                 (None, 0) => {}
-                (Some(i), secs) => {
-                    next[i] = new_binding(u.contact, u.q, secs, &call_id, cseq, source, now);
+                (Some(i), _) => {
+                    next[i] = new_binding(u, &call_id, cseq, source, &path, now);
                     refreshed += 1;
                 }
-                (None, secs) => {
-                    next.push(new_binding(
-                        u.contact, u.q, secs, &call_id, cseq, source, now,
-                    ));
+                (None, _) => {
+                    next.push(new_binding(u, &call_id, cseq, source, &path, now));
                     added += 1;
                 }
             }
@@ -291,6 +310,7 @@ impl Registrar {
             refreshed,
             removed,
             at: now,
+            echo_path,
         })
     }
 
@@ -318,6 +338,7 @@ impl Registrar {
             refreshed: 0,
             removed,
             at: now,
+            echo_path: Vec::new(),
         })
     }
 
@@ -400,23 +421,42 @@ impl Registrar {
 }
 
 fn new_binding(
-    contact: NameAddr,
-    q: u16,
-    secs: u32,
+    u: Update,
     call_id: &str,
     cseq: u32,
     source: Source,
+    path: &[NameAddr],
     now: Instant,
 ) -> Binding {
     Binding {
-        contact,
+        contact: u.contact,
         source,
-        q,
-        expires_at: now + Duration::from_secs(u64::from(secs)),
+        path: path.to_vec(),
+        q: u.q,
+        expires_at: now + Duration::from_secs(u64::from(u.expires)),
         call_id: call_id.to_string(),
         cseq,
         updated_at: now,
     }
+}
+
+/// Every Path value of a REGISTER in order (RFC 3327 §4: name-addrs, comma-separated or on
+/// several lines); one that does not parse fails the request.
+fn path_of(req: &Request) -> Result<Vec<NameAddr>, RegisterError> {
+    let list = req
+        .headers
+        .list("Path")
+        .map_err(|_| RegisterError::BadHeader("Path"))?;
+    list.into_iter()
+        .map(|v| NameAddr::parse(v).map_err(|_| RegisterError::BadHeader("Path")))
+        .collect()
+}
+
+/// The UA listed the `path` option tag in Supported (RFC 3327 §5.3).
+fn supports_path(req: &Request) -> bool {
+    req.headers
+        .list("Supported")
+        .is_ok_and(|l| l.iter().any(|t| t.eq_ignore_ascii_case("path")))
 }
 
 /// delta-seconds that fit in 32 bits (RFC 4475 scalar02: larger is malformed).
@@ -891,6 +931,55 @@ mod tests {
             r.register(AOR, &not_reg, src(1), t0),
             Err(RegisterError::NotRegister)
         );
+    }
+
+    #[test]
+    fn path_is_stored_with_the_binding_and_echoed_only_when_supported() {
+        let mut r = reg();
+        let t0 = Instant::now();
+        let path = "Path: <sip:edge2.example;lr>, <sip:edge1.example;lr;ob>\r\nPath: <sip:10.0.0.9:5070;lr>\r\n";
+        // Without Supported: path the Path is stored (the proxies need it) but not echoed.
+        let req = register("c1", 1, &format!("{path}Contact: <sip:1001@10.0.0.5>\r\n"));
+        let out = r.register(AOR, &req, src(1), t0).unwrap();
+        let hosts: Vec<String> = out.bindings[0]
+            .path
+            .iter()
+            .map(|p| p.uri.host.clone())
+            .collect();
+        assert_eq!(hosts, ["edge2.example", "edge1.example", "10.0.0.9"]);
+        assert!(out.echo_path.is_empty());
+        assert!(!out.response(&req, t0).headers.has("Path"));
+        assert_eq!(r.lookup(AOR, t0)[0].path.len(), 3);
+        // A refresh with Supported: path replaces the Path and gets it back in order.
+        let req = register(
+            "c1",
+            2,
+            "Supported: replaces, path\r\nPath: <sip:edge3.example;lr>\r\nContact: <sip:1001@10.0.0.5>\r\n",
+        );
+        let out = r.register(AOR, &req, src(1), t0).unwrap();
+        assert_eq!(out.refreshed, 1);
+        assert_eq!(r.lookup(AOR, t0)[0].path[0].uri.host, "edge3.example");
+        assert_eq!(r.lookup(AOR, t0)[0].path.len(), 1);
+        let resp = out.response(&req, t0);
+        assert_eq!(
+            resp.headers.get_all("Path").collect::<Vec<_>>(),
+            ["<sip:edge3.example;lr>"]
+        );
+        // Straight from the UA: no Path, so none stored.
+        let req = register("c1", 3, "Contact: <sip:1001@10.0.0.5>\r\n");
+        r.register(AOR, &req, src(1), t0).unwrap();
+        assert!(r.lookup(AOR, t0)[0].path.is_empty());
+        // A Path that is not a name-addr list fails the request and changes nothing.
+        let bad = register(
+            "c1",
+            4,
+            "Path: <sip:edge;lr\r\nContact: <sip:1001@10.0.0.6>\r\n",
+        );
+        assert_eq!(
+            r.register(AOR, &bad, src(1), t0),
+            Err(RegisterError::BadHeader("Path"))
+        );
+        assert_eq!(r.count(), 1);
     }
 
     #[test]

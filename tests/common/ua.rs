@@ -262,13 +262,24 @@ impl Ua {
         }
     }
 
-    /// Sends `req` and waits for its final response (panics on timeout).
+    /// Where a request in dialog `d` goes (RFC 3261 §8.1.2): the first route of its route
+    /// set, else its remote target, as an IP-literal address (the server when it is a name).
+    pub fn hop(&self, d: &Dialog) -> SocketAddr {
+        uri_addr(d.next_hop()).unwrap_or(self.server)
+    }
+
+    /// Sends `req` to the server and waits for its final response (panics on timeout).
     pub fn transact(&mut self, req: &Request) -> Response {
+        self.transact_to(req, self.server)
+    }
+
+    /// Sends `req` to `dest` and waits for its final response (panics on timeout).
+    pub fn transact_to(&mut self, req: &Request, dest: SocketAddr) -> Response {
         let branch = req
             .top_via()
             .and_then(|v| v.branch().map(str::to_string))
             .expect("request without branch");
-        self.send(req);
+        self.sock.send_to(&req.to_bytes(), dest).unwrap();
         self.final_response(&branch, T).unwrap_or_else(|| {
             panic!(
                 "{}: no final response to {} {} within {T:?}; backlog: {:#?}",
@@ -299,12 +310,22 @@ impl Ua {
         if let Some(k) = key_of(req) {
             self.answered.lock().unwrap().insert(k, bytes.clone());
         }
-        // Responses go back to the request's source: the server (Via says so too).
-        self.send_raw(&bytes);
+        // Responses go where the top Via says (§18.2.2: `received`/`rport`, else sent-by):
+        // the server, or the proxy that forwarded the request.
+        let dest = req
+            .top_via()
+            .and_then(|v| via_addr(&v))
+            .unwrap_or(self.server);
+        self.sock.send_to(&bytes, dest).unwrap();
     }
 
     /// REGISTER (loopback is a trusted peer: not challenged). Panics unless 200.
     pub fn register(&mut self) {
+        self.register_with(&[]);
+    }
+
+    /// REGISTER with `extra` headers; the 200 (panics on anything else).
+    pub fn register_with(&mut self, extra: &[(&str, &str)]) -> Response {
         let aor = self.aor();
         let mut req = Request::new(Method::Register, format!("sip:{}", self.domain));
         let via = self.new_via();
@@ -318,8 +339,12 @@ impl Ua {
         req.headers.push("CSeq", "1 REGISTER");
         req.headers.push("Contact", self.contact().to_string());
         req.headers.push("Expires", "300");
+        for (n, v) in extra {
+            req.headers.push(n.to_string(), v.to_string());
+        }
         let resp = self.transact(&req);
         assert_eq!(resp.status, 200, "REGISTER {}: {resp:?}", self.user);
+        resp
     }
 
     /// An out-of-dialog INVITE to `ruri` (To = `ruri`) with `extra` headers and an SDP body.
@@ -391,12 +416,23 @@ impl Ua {
             .lock()
             .unwrap()
             .insert((d.id.call_id.clone(), cseq), bytes.clone());
-        self.send_raw(&bytes);
+        self.sock.send_to(&bytes, self.hop(d)).unwrap();
     }
 
     /// Answers a received INVITE `200 OK` with `sdp`; returns our (confirmed) dialog. The
     /// ACK arrives later as a request (see [`wait_request`](Self::wait_request)).
     pub fn accept_invite(&mut self, inv: &Request, sdp: &str) -> Dialog {
+        self.accept_invite_with(inv, sdp, &[])
+    }
+
+    /// [`accept_invite`](Self::accept_invite) with `extra` headers in the 200 (the INVITE's
+    /// Record-Route is in it already: `Request::response` copies it, §12.1.1).
+    pub fn accept_invite_with(
+        &mut self,
+        inv: &Request,
+        sdp: &str,
+        extra: &[(&str, &str)],
+    ) -> Dialog {
         let tag = self.token();
         let contact = self.contact();
         let mut d = Dialog::uas(inv, &tag, &contact).expect("UAS dialog");
@@ -404,6 +440,9 @@ impl Ua {
         let mut resp = inv.response(200, None);
         resp.ensure_to_tag(&tag);
         resp.headers.push("Contact", contact.to_string());
+        for (n, v) in extra {
+            resp.headers.push(n.to_string(), v.to_string());
+        }
         resp.headers.push("Content-Type", "application/sdp");
         resp.body = Bytes::from(sdp.to_string());
         self.send_response(inv, &resp);
@@ -428,7 +467,7 @@ impl Ua {
         req
     }
 
-    /// Sends an in-dialog request and waits for its final response.
+    /// Sends an in-dialog request to the dialog's next hop and waits for its final response.
     pub fn in_dialog(
         &mut self,
         d: &mut Dialog,
@@ -437,7 +476,8 @@ impl Ua {
         body: &[u8],
     ) -> Response {
         let req = self.in_dialog_request(d, method, headers, body);
-        self.transact(&req)
+        let hop = self.hop(d);
+        self.transact_to(&req, hop)
     }
 
     pub fn bye(&mut self, d: &mut Dialog) -> Response {
@@ -488,6 +528,29 @@ impl Ua {
         self.respond(&bye, 200, &[], b"");
         bye
     }
+}
+
+/// The address of a URI with an IP-literal host (port 5060 when absent).
+pub fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
+    Some(SocketAddr::new(uri.host_ip()?, uri.port.unwrap_or(5060)))
+}
+
+/// Where a response to a request with this top Via goes (§18.2.2, RFC 3581).
+fn via_addr(via: &Via) -> Option<SocketAddr> {
+    let ip = match via.received() {
+        Some(r) => r.parse().ok()?,
+        None => via
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?,
+    };
+    let port = match via.rport() {
+        Some(Some(p)) => p,
+        _ => via.port.unwrap_or(5060),
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 impl Drop for Ua {
@@ -632,12 +695,28 @@ pub struct Call {
     /// Where the server expects A's call media (its anchored port facing A).
     pub a_media_to: SocketAddr,
     pub a_media: Rtp,
+    /// Where the server expects B's call media (its anchored port facing B), and B's socket.
+    pub b_media_to: SocketAddr,
+    pub b_media: Rtp,
     keepalive_stop: Arc<AtomicBool>,
 }
 
 impl Call {
     /// `a_user` calls `b_user` through the server at `server` (its SIP address).
     pub fn establish(server: SocketAddr, a_user: &str, b_user: &str) -> Call {
+        Call::establish_with(server, a_user, b_user, &[], &[])
+    }
+
+    /// [`establish`](Self::establish) with `a_extra` headers in A's INVITE and `b_extra` in
+    /// B's 200 (e.g. `Recv-Info: callvault`). `server` may be a proxy in front of callvault:
+    /// both UAs send their out-of-dialog requests there, in-dialog ones to their route set.
+    pub fn establish_with(
+        server: SocketAddr,
+        a_user: &str,
+        b_user: &str,
+        a_extra: &[(&str, &str)],
+        b_extra: &[(&str, &str)],
+    ) -> Call {
         let mut b = Ua::new(b_user, "example.com", server);
         b.register();
         let mut a = Ua::new(a_user, "example.com", server);
@@ -645,12 +724,13 @@ impl Call {
         let b_media = Rtp::bind();
         let inv = a.invite_request(
             &format!("sip:{b_user}@example.com"),
-            &[],
+            a_extra,
             &sdp(a_media.port, PCMU, "sendrecv"),
         );
         a.send(&inv);
         let binv = b.expect_request(Method::Invite, None, T);
-        let bd = b.accept_invite(&binv, &sdp(b_media.port, PCMU, "sendrecv"));
+        let (b_media_to, _) = sdp_audio(&binv.body);
+        let bd = b.accept_invite_with(&binv, &sdp(b_media.port, PCMU, "sendrecv"), b_extra);
         let (resp, ad) = a.finish_invite(&inv);
         assert_eq!(resp.status, 200, "call {a_user} -> {b_user}: {resp:?}");
         assert!(ad.is_some());
@@ -663,6 +743,8 @@ impl Call {
             bd,
             a_media_to,
             a_media,
+            b_media_to,
+            b_media,
             keepalive_stop: Arc::new(AtomicBool::new(false)),
         }
     }

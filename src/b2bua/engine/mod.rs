@@ -28,9 +28,9 @@ use crate::config::{Cidr, Transport};
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
 use crate::sip::auth::{Algorithm, Credentials, Verdict, Verifier};
-use crate::sip::dialog::Dialog;
+use crate::sip::dialog::{route_request, Dialog};
 use crate::sip::message::{same_header, HeaderAccess, Method, Request, Response, SipMessage};
-use crate::sip::registrar::{Registrar, Source};
+use crate::sip::registrar::{Binding, Registrar, Source};
 use crate::sip::transaction::{
     ClientInput, ClientTxId, Peer, ServerInput, ServerTxId, TimerConfig, TransactionLayer,
     Transmit, TxEvent,
@@ -124,6 +124,142 @@ struct Leg {
     /// This leg sent a 2xx-answered INVITE we still need its ACK for: the CSeq of the INVITE
     /// on the *other* leg whose 2xx we will then ACK.
     awaiting_ack: Option<u32>,
+    /// The party listed `Recv-Info: callvault` (its INVITE, its 1xx/2xx, or its latest target
+    /// refresh): INFO of our package is welcome on this leg (RFC 6086 §4.2.1).
+    accepts_info: bool,
+    /// The INFO-to-MESSAGE fallback on this leg was logged (once per leg).
+    info_fallback_logged: bool,
+}
+
+impl Leg {
+    fn new(call_id: String, local_tag: String, peer: Peer, accepts_info: bool) -> Leg {
+        Leg {
+            call_id,
+            local_tag,
+            peer,
+            dialog: None,
+            last_ack: None,
+            awaiting_ack: None,
+            accepts_info,
+            info_fallback_logged: false,
+        }
+    }
+
+    /// Keeps the dialog and sends this leg's requests to its first route from now on.
+    fn set_dialog(&mut self, d: Dialog) {
+        self.peer = route_peer(&d.route_set, self.peer);
+        self.dialog = Some(d);
+    }
+}
+
+/// Where an out-of-dialog request of ours goes: its Request-URI, the Route values of a
+/// preloaded route set (a registration's Path, RFC 3327) and the first hop's address.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub(super) request_uri: String,
+    pub(super) routes: Vec<String>,
+    pub(super) peer: Peer,
+}
+
+impl Target {
+    /// A registered contact, reached through the Path it was registered with (§8.1.2 with
+    /// the Path as preloaded route set). Without Path: its Contact at the REGISTER's source.
+    pub(super) fn binding(b: &Binding) -> Target {
+        let source = Peer {
+            transport: b.source.transport,
+            addr: b.source.addr,
+        };
+        let (uri, routes) = route_request(&b.contact.uri, &b.path);
+        Target {
+            request_uri: uri.to_string(),
+            routes,
+            peer: route_peer(&b.path, source),
+        }
+    }
+
+    /// A Request-URI at a known address, no route set.
+    pub(super) fn direct(request_uri: String, peer: Peer) -> Target {
+        Target {
+            request_uri,
+            routes: Vec::new(),
+            peer,
+        }
+    }
+
+    /// Request line, Via, Max-Forwards and Route headers of a request to this target.
+    fn request(&self, method: Method, via: &Via, max_forwards: u32) -> Request {
+        let mut r = Request::new(method, self.request_uri.clone());
+        r.headers.push("Via", via.to_string());
+        r.headers.push("Max-Forwards", max_forwards.to_string());
+        for route in &self.routes {
+            r.headers.push("Route", route.clone());
+        }
+        r
+    }
+}
+
+/// The transport address of a route set's first hop (§8.1.2; RFC 3263 without DNS): the
+/// first route's IP literal and port (5060, 5061 for sips), with its `transport=` if it names
+/// one. `fallback` (the address the leg's traffic comes from) when the set is empty or the
+/// first route names a host: the sans-IO core resolves no names, and the proxy in front is
+/// normally where the traffic comes from anyway.
+fn route_peer(route_set: &[NameAddr], fallback: Peer) -> Peer {
+    let Some(first) = route_set.first() else {
+        return fallback;
+    };
+    let Some(ip) = first.uri.host_ip() else {
+        return fallback;
+    };
+    let default_port = if first.uri.scheme == "sips" {
+        5061
+    } else {
+        5060
+    };
+    let transport = match first.uri.transport().as_deref() {
+        Some("udp") => Transport::Udp,
+        Some("tcp") => Transport::Tcp,
+        _ => fallback.transport,
+    };
+    Peer {
+        transport,
+        addr: SocketAddr::new(ip, first.uri.port.unwrap_or(default_port)),
+    }
+}
+
+/// `Some(true)` when a message lists the `callvault` Info-Package in Recv-Info, `Some(false)`
+/// when it has Recv-Info without it (an empty one withdraws every package), `None` when it
+/// says nothing (RFC 6086 §5.2.2: the previous set stands).
+fn recv_info_callvault(m: &impl HeaderAccess) -> Option<bool> {
+    if !m.headers().has("Recv-Info") {
+        return None;
+    }
+    let listed = m.headers().list("Recv-Info").ok()?;
+    Some(listed.iter().any(|p| {
+        p.split(';')
+            .next()
+            .is_some_and(|name| name.trim().eq_ignore_ascii_case("callvault"))
+    }))
+}
+
+/// An INFO of the `callvault` Info-Package (its Info-Package header).
+fn is_callvault_info(method: &Method, headers: &[(&str, &str)]) -> bool {
+    *method == Method::Info
+        && headers.iter().any(|(n, v)| {
+            same_header(n, "Info-Package")
+                && v.split(';')
+                    .next()
+                    .is_some_and(|p| p.trim().eq_ignore_ascii_case("callvault"))
+        })
+}
+
+/// A notification asked for as INFO goes as MESSAGE instead (same body and Content-Type, no
+/// Info-Package).
+fn as_message<'a>(headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    headers
+        .iter()
+        .filter(|(n, _)| !same_header(n, "Info-Package"))
+        .copied()
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +426,8 @@ pub struct Engine<M: MediaBackend> {
     rng: StdRng,
     epoch: (Instant, u64),
     next_sweep: Option<Instant>,
+    /// The out-of-dialog INFO-to-MESSAGE fallback was logged (once per process).
+    ood_info_logged: bool,
 }
 
 impl<M: MediaBackend> Engine<M> {
@@ -335,6 +473,7 @@ impl<M: MediaBackend> Engine<M> {
             rng: StdRng::seed_from_u64(seed),
             epoch,
             next_sweep: None,
+            ood_info_logged: false,
         }
     }
 
@@ -691,6 +830,11 @@ impl<M: MediaBackend> Engine<M> {
                 for c in outcome.contacts() {
                     resp.headers.push("Contact", c);
                 }
+                // RFC 3327 §5.3: the stored Path, echoed to a UA that supports it.
+                for p in &outcome.echo_path {
+                    resp.headers.push("Path", p.to_string());
+                }
+                resp.headers.push("Supported", "path");
                 self.respond(tx, resp, now);
             }
             Err(e) => {
@@ -721,7 +865,7 @@ impl<M: MediaBackend> Engine<M> {
         if share::is_share_request(&req) {
             return self.share_request(tx, req, peer, identity, user, now);
         }
-        let Some((target_uri, to_peer)) = self.resolve_target(&user, now) else {
+        let Some(target) = self.resolve_target(&user, now) else {
             return self.reject(
                 tx,
                 &req,
@@ -731,31 +875,16 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
-        self.forward_message(
-            &req,
-            target_uri,
-            to_peer,
-            Pending::Standalone { server_tx: tx },
-            now,
-        );
+        self.forward_message(&req, &target, Pending::Standalone { server_tx: tx }, now);
     }
 
-    /// Re-originates an out-of-dialog MESSAGE towards `target_uri` at `to_peer`: our own
-    /// Call-ID, From tag and Via, end-to-end headers and body copied.
-    fn forward_message(
-        &mut self,
-        req: &Request,
-        target_uri: String,
-        to_peer: Peer,
-        pending: Pending,
-        now: Instant,
-    ) {
+    /// Re-originates an out-of-dialog MESSAGE towards `target`: our own Call-ID, From tag
+    /// and Via, end-to-end headers and body copied.
+    fn forward_message(&mut self, req: &Request, target: &Target, pending: Pending, now: Instant) {
         let mf = req.max_forwards().unwrap_or(70);
-        let mut out = Request::new(Method::Message, target_uri);
+        let to_peer = target.peer;
         let via = self.new_via(to_peer.transport);
-        out.headers.push("Via", via.to_string());
-        out.headers
-            .push("Max-Forwards", mf.saturating_sub(1).to_string());
+        let mut out = target.request(Method::Message, &via, mf.saturating_sub(1));
         if let Some(mut from) = req.from_hdr() {
             let tag = self.token(10);
             from.set_tag(&tag);
@@ -809,7 +938,7 @@ impl<M: MediaBackend> Engine<M> {
         if is_local_session_user(&callee) {
             return self.offer_session(tx, req, peer, caller);
         }
-        let Some((target_uri, b_peer)) = self.resolve_target(&callee, now) else {
+        let Some(target) = self.resolve_target(&callee, now) else {
             return self.reject(
                 tx,
                 &req,
@@ -820,28 +949,17 @@ impl<M: MediaBackend> Engine<M> {
             );
         };
 
+        let b_peer = target.peer;
         let key = self.next_call;
         self.next_call += 1;
         let a_tag = self.token(10);
         let b_call_id = format!("cv{}", self.token(22));
         let b_tag = self.token(10);
+        let a_call_id = req.call_id().unwrap_or_default().to_string();
+        let a_accepts_info = recv_info_callvault(&req).unwrap_or(false);
         let call = Call {
-            a: Leg {
-                call_id: req.call_id().unwrap_or_default().to_string(),
-                local_tag: a_tag,
-                peer,
-                dialog: None,
-                last_ack: None,
-                awaiting_ack: None,
-            },
-            b: Leg {
-                call_id: b_call_id.clone(),
-                local_tag: b_tag.clone(),
-                peer: b_peer,
-                dialog: None,
-                last_ack: None,
-                awaiting_ack: None,
-            },
+            a: Leg::new(a_call_id, a_tag, peer, a_accepts_info),
+            b: Leg::new(b_call_id.clone(), b_tag.clone(), b_peer, false),
             state: CallState::Early,
             a_invite: req.clone(),
             a_invite_tx: Some(tx),
@@ -857,10 +975,8 @@ impl<M: MediaBackend> Engine<M> {
         };
 
         // Leg B's INVITE.
-        let mut inv = Request::new(Method::Invite, target_uri);
         let via = self.new_via(b_peer.transport);
-        inv.headers.push("Via", via.to_string());
-        inv.headers.push("Max-Forwards", (mf - 1).to_string());
+        let mut inv = target.request(Method::Invite, &via, mf - 1);
         let mut from = req
             .from_hdr()
             .unwrap_or_else(|| NameAddr::new(Uri::sip(Some(&caller), &self.cfg.domain, None)));
@@ -916,15 +1032,12 @@ impl<M: MediaBackend> Engine<M> {
         tracing::info!(call = key, caller = %call_caller(&self.calls, key), callee = %callee, "call started");
     }
 
-    /// The callee's newest registered contact, else the first matching `[[route]]`.
-    fn resolve_target(&self, user: &str, now: Instant) -> Option<(String, Peer)> {
+    /// The callee's newest registered contact (through its Path), else the first matching
+    /// `[[route]]`.
+    fn resolve_target(&self, user: &str, now: Instant) -> Option<Target> {
         let aor = format!("{}@{}", user, self.cfg.domain);
         if let Some(b) = self.registrar.lookup(&aor, now).into_iter().next() {
-            let peer = Peer {
-                transport: b.source.transport,
-                addr: b.source.addr,
-            };
-            return Some((b.contact.uri.to_string(), peer));
+            return Some(Target::binding(&b));
         }
         let route = self
             .cfg
@@ -935,7 +1048,7 @@ impl<M: MediaBackend> Engine<M> {
         if route.peer.transport == Transport::Tcp {
             uri.push_str(";transport=tcp");
         }
-        Some((uri, route.peer))
+        Some(Target::direct(uri, route.peer))
     }
 
     fn on_in_dialog(&mut self, tx: ServerTxId, req: Request, now: Instant) {
@@ -960,6 +1073,14 @@ impl<M: MediaBackend> Engine<M> {
         };
         if let Err(status) = checked {
             return self.reply(tx, &req, status, now);
+        }
+        // A target refresh may change the packages the party accepts (RFC 6086 §5.2.2).
+        if matches!(req.method, Method::Invite | Method::Update) {
+            if let (Some(accepts), Some(call)) =
+                (recv_info_callvault(&req), self.calls.get_mut(&call_key))
+            {
+                call.leg_mut(side).accepts_info = accepts;
+            }
         }
         match req.method {
             Method::Bye => {
@@ -1136,7 +1257,7 @@ impl<M: MediaBackend> Engine<M> {
                         let ack = d.ack_for(1, via);
                         self.tx.send_ack(&ack, peer);
                         if let Some(call) = self.calls.get_mut(&key) {
-                            call.b.dialog = Some(d);
+                            call.b.set_dialog(d);
                         }
                         self.bye_leg(key, Side::B, Some("cancelled"), now);
                     }
@@ -1150,18 +1271,24 @@ impl<M: MediaBackend> Engine<M> {
         let Some(call) = self.calls.get_mut(&key) else {
             return;
         };
-        // Early or confirmed dialog with B.
+        // Early or confirmed dialog with B; its route set (the 2xx's Record-Route reversed,
+        // §12.1.2) decides where leg B's requests go.
         if resp.to_tag().is_some() && resp.status < 300 {
+            if let Some(accepts) = recv_info_callvault(&resp) {
+                call.b.accepts_info = accepts;
+            }
             if let Some(inv) = &invite_b {
-                match call.b.dialog.as_mut() {
-                    Some(d) if resp.status >= 200 => {
-                        let _ = d.on_refresh_response(&resp);
+                match call.b.dialog.take() {
+                    Some(mut d) => {
+                        if resp.status >= 200 {
+                            let _ = d.on_refresh_response(&resp);
+                        }
+                        call.b.set_dialog(d);
                     }
-                    Some(_) => {}
                     None => {
                         if let Ok(d) = Dialog::uac(inv, &resp) {
                             let k = (call.b.call_id.clone(), call.b.local_tag.clone());
-                            call.b.dialog = Some(d);
+                            call.b.set_dialog(d);
                             self.dialogs.insert(k, (key, Side::B));
                         }
                     }
@@ -1209,7 +1336,7 @@ impl<M: MediaBackend> Engine<M> {
             call.a.awaiting_ack = Some(1);
             call.format = answer_format(&resp);
             if let Ok(d) = Dialog::uas(&a_invite, &a_tag, &contact) {
-                call.a.dialog = Some(d);
+                call.a.set_dialog(d);
                 self.dialogs
                     .insert((call.a.call_id.clone(), a_tag.clone()), (key, Side::A));
             }
@@ -1251,6 +1378,9 @@ impl<M: MediaBackend> Engine<M> {
         if (200..300).contains(&resp.status) && target_refresh {
             if let Some(d) = call.leg_mut(other).dialog.as_mut() {
                 let _ = d.on_refresh_response(&resp);
+            }
+            if let Some(accepts) = recv_info_callvault(&resp) {
+                call.leg_mut(other).accepts_info = accepts;
             }
         }
         if (200..300).contains(&resp.status) && method == Method::Invite {
@@ -1435,7 +1565,9 @@ impl<M: MediaBackend> Engine<M> {
 
     /// Sends a request of callvault's own in the call's dialog on `side` (the storage feature
     /// injects MESSAGE/INFO this way). The final answer comes back as
-    /// [`EngineEvent::OwnRequestDone`].
+    /// [`EngineEvent::OwnRequestDone`]. An INFO of the `callvault` Info-Package goes only to
+    /// a party that listed `Recv-Info: callvault`; to any other it goes as MESSAGE with the
+    /// same Content-Type and body (RFC 6086 §4.2.1), logged once per leg.
     pub fn send_in_dialog(
         &mut self,
         key: CallKey,
@@ -1445,12 +1577,28 @@ impl<M: MediaBackend> Engine<M> {
         body: Bytes,
         now: Instant,
     ) -> Option<ClientTxId> {
-        let call = self.calls.get(&key)?;
-        let peer = call.leg(side).peer;
+        let call = self.calls.get_mut(&key)?;
+        let leg = call.leg_mut(side);
+        let peer = leg.peer;
+        let fallback;
+        let (method, headers) = if is_callvault_info(&method, headers) && !leg.accepts_info {
+            if !leg.info_fallback_logged {
+                leg.info_fallback_logged = true;
+                tracing::info!(
+                    call = key,
+                    ?side,
+                    "party did not list Recv-Info: callvault; callvault's INFO goes as MESSAGE on this leg"
+                );
+            }
+            fallback = as_message(headers);
+            (Method::Message, fallback.as_slice())
+        } else {
+            (method, headers)
+        };
         let via = self.new_via(peer.transport);
         let contact = self.contact(peer.transport);
         let dialog = self.calls.get_mut(&key)?.leg_mut(side).dialog.as_mut()?;
-        let mut out = dialog.new_request(method.clone(), &contact, via);
+        let mut out = dialog.new_request(method, &contact, via);
         for (n, v) in headers {
             out.headers.push(n.to_string(), v.to_string());
         }
@@ -1565,13 +1713,8 @@ impl<M: MediaBackend> Engine<M> {
         let bindings = self.registrar.lookup(&aor, now);
         let mut ids = Vec::new();
         for b in bindings {
-            let peer = Peer {
-                transport: b.source.transport,
-                addr: b.source.addr,
-            };
             let id = self.send_out_of_dialog(
-                peer,
-                b.contact.uri.to_string(),
+                &Target::binding(&b),
                 &format!("<sip:{aor}>"),
                 method.clone(),
                 headers,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Engine, EngineEvent, Pending};
+use super::{as_message, Engine, EngineEvent, Pending, Target};
 use crate::b2bua::media::MediaBackend;
 use crate::b2bua::wire;
 use crate::sip::message::{HeaderAccess, Method, Request, Response};
@@ -56,18 +56,12 @@ impl<M: MediaBackend> Engine<M> {
         });
     }
 
-    /// The sharer's newest registered contact (routes do not count: a share lives here, not
-    /// behind a gateway).
-    fn sharer_binding(&self, sharer: &str, now: Instant) -> Option<(String, Peer)> {
+    /// The sharer's newest registered contact, through its Path (routes do not count: a
+    /// share lives here, not behind a gateway).
+    fn sharer_binding(&self, sharer: &str, now: Instant) -> Option<Target> {
         let aor = format!("{sharer}@{}", self.cfg.domain);
         let b = self.registrar.lookup(&aor, now).into_iter().next()?;
-        Some((
-            b.contact.uri.to_string(),
-            Peer {
-                transport: b.source.transport,
-                addr: b.source.addr,
-            },
-        ))
+        Some(Target::binding(&b))
     }
 
     /// Relays the share request of `tx` (from a [`EngineEvent::ShareRequest`]) to the
@@ -82,16 +76,10 @@ impl<M: MediaBackend> Engine<M> {
             .ok()
             .and_then(|u| u.user_unescaped())
             .unwrap_or_default();
-        let Some((target_uri, to_peer)) = self.sharer_binding(&sharer, now) else {
+        let Some(target) = self.sharer_binding(&sharer, now) else {
             return false;
         };
-        self.forward_message(
-            &req,
-            target_uri,
-            to_peer,
-            Pending::ShareRelay { server_tx: tx },
-            now,
-        );
+        self.forward_message(&req, &target, Pending::ShareRelay { server_tx: tx }, now);
         self.after(now);
         true
     }
@@ -128,8 +116,7 @@ impl<M: MediaBackend> Engine<M> {
         now: Instant,
     ) -> ClientTxId {
         let id = self.send_out_of_dialog(
-            peer,
-            uri.to_string(),
+            &Target::direct(uri.to_string(), peer),
             &format!("<{uri}>"),
             method,
             headers,
@@ -140,23 +127,33 @@ impl<M: MediaBackend> Engine<M> {
         id
     }
 
-    /// One out-of-dialog request from `sip:callvault@<domain>`, tracked as
-    /// [`Pending::OutOfDialog`].
-    #[allow(clippy::too_many_arguments)]
+    /// One out-of-dialog request from `sip:callvault@<domain>` to `target` (through its
+    /// Path), tracked as [`Pending::OutOfDialog`]. INFO lives only inside an INVITE dialog
+    /// whose peer listed the package (RFC 6086 §4.2.1): asked for here, it goes as MESSAGE
+    /// with the same Content-Type and body (logged once).
     pub(super) fn send_out_of_dialog(
         &mut self,
-        peer: Peer,
-        request_uri: String,
+        target: &Target,
         to: &str,
         method: Method,
         headers: &[(&str, &str)],
         body: Bytes,
         now: Instant,
     ) -> ClientTxId {
-        let mut req = Request::new(method.clone(), request_uri);
+        let fallback;
+        let (method, headers) = if method == Method::Info {
+            if !self.ood_info_logged {
+                self.ood_info_logged = true;
+                tracing::info!("INFO outside a dialog is sent as MESSAGE (RFC 6086 §4.2.1)");
+            }
+            fallback = as_message(headers);
+            (Method::Message, fallback.as_slice())
+        } else {
+            (method, headers)
+        };
+        let peer = target.peer;
         let via = self.new_via(peer.transport);
-        req.headers.push("Via", via.to_string());
-        req.headers.push("Max-Forwards", "70");
+        let mut req = target.request(method.clone(), &via, 70);
         let tag = self.token(10);
         req.headers.push(
             "From",
