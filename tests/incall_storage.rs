@@ -690,7 +690,9 @@ fn store_request_forms_dtmf_and_via_receiver() {
 fn prompt_as_info_and_text_fallback() {
     // prompt_method = INFO.
     let server = server_with("[store]\nprompt_method = \"INFO\"", &[], &[]);
-    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
+    // Both parties accept the package (RFC 6086 4.2.1); tests/interop.rs covers the others.
+    let accepts = [("Recv-Info", "callvault")];
+    let mut c = Call::establish_with(server.sip_addr(), "1001", "1002", &accepts, &accepts);
     let r = store_request(&mut c, r#"{"pin":"4321"}"#);
     assert_eq!(r.status, 200);
     let p = c.a.expect_request(Method::Info, Some(PROMPT), T);

@@ -467,6 +467,11 @@ impl Ua {
         req
     }
 
+    /// Sends a request of dialog `d` to the dialog's next hop without waiting.
+    pub fn send_in_dialog(&self, d: &Dialog, req: &Request) {
+        self.sock.send_to(&req.to_bytes(), self.hop(d)).unwrap();
+    }
+
     /// Sends an in-dialog request to the dialog's next hop and waits for its final response.
     pub fn in_dialog(
         &mut self,
