@@ -566,6 +566,25 @@ Content-Length: 0\r\n\r\n";
     }
 
     #[test]
+    fn preloaded_route_and_next_hop() {
+        let target = Uri::parse("sip:bob@10.0.0.2:5062").unwrap();
+        assert_eq!(next_hop(&target, &[]).to_string(), "sip:bob@10.0.0.2:5062");
+        assert_eq!(route_request(&target, &[]), (target.clone(), vec![]));
+        // `lr=on` (Kamailio's full form) is loose like a bare `lr`.
+        let path = [contact("<sip:edge.example;lr=on>"), contact("<sip:p2;lr>")];
+        let (uri, routes) = route_request(&target, &path);
+        assert_eq!(uri, target);
+        assert_eq!(routes, ["<sip:edge.example;lr=on>", "<sip:p2;lr>"]);
+        assert_eq!(next_hop(&target, &path).host, "edge.example");
+        // A strict first hop: its URI, cleaned of `method` and headers, is the Request-URI.
+        let strict = [contact("<sip:old.example;method=INVITE?X=1>")];
+        let (uri, routes) = route_request(&target, &strict);
+        assert_eq!(uri.to_string(), "sip:old.example");
+        assert_eq!(routes, ["<sip:bob@10.0.0.2:5062>"]);
+        assert_eq!(next_hop(&target, &strict).host, "old.example");
+    }
+
+    #[test]
     fn on_request_cseq_order_and_target_refresh() {
         let inv = invite();
         let me = contact("<sip:b2bua@192.0.2.10:5060>");

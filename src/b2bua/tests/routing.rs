@@ -485,3 +485,33 @@ fn info_only_to_a_leg_that_listed_recv_info_callvault() {
     own_info(&mut net, key, Side::A, "callvault");
     net.drain().request(a(), Method::Message);
 }
+
+#[test]
+fn a_route_naming_callvault_is_consumed_not_relayed() {
+    // A phone using callvault as its outbound proxy preloads `Route: <callvault;lr>` (§8.1.2);
+    // in-dialog, a loose router in front may leave its own entry to us. We are the endpoint
+    // of both: the request is ours and no Route reaches the other leg (§16.12 from the UAS).
+    let mut net = Net::new();
+    let mut inv = a_invite("route-to-us@a", "1002", Some(&sdp(A_MEDIA, "sendrecv", 1)));
+    inv.headers.push("Route", "<sip:127.0.0.1:5060;lr>");
+    let out = net.req(a(), &inv);
+    let b_inv = out.request(b(), Method::Invite);
+    assert!(routes(&b_inv).is_empty());
+    let ok = net
+        .resp(
+            b(),
+            &b_answer(&b_inv, 200, Some(&sdp(B_MEDIA, "sendrecv", 1))),
+        )
+        .response(a(), 200);
+    assert!(rr_values(&ok).is_empty(), "no Record-Route in, none out");
+    let mut a_dialog = Dialog::uac(&inv, &ok).unwrap();
+    net.req(a(), &a_dialog.ack_for(A_CSEQ, via(A)));
+    let mut info = a_dialog.new_request(Method::Info, &a_contact(), via(A));
+    info.headers.push("Route", "<sip:127.0.0.1:5060;lr>");
+    info.headers.set("Content-Type", "text/plain");
+    info.body = Bytes::from_static(b"x");
+    let out = net.req(a(), &info);
+    let relayed = out.request(b(), Method::Info);
+    assert!(routes(&relayed).is_empty());
+    assert_eq!(relayed.uri, b_contact().uri.to_string());
+}
