@@ -6,6 +6,12 @@
 //! we are UAC), each with its own Call-ID, tags and CSeq space. Requests in one leg's dialog
 //! are re-originated in the other leg's dialog and their responses relayed back; SDP is
 //! rewritten so both ends send RTP to our relay ports (PROTOCOL.md §1).
+//!
+//! Proxies in the path (RFC 3261 §12, RFC 3327): each leg's dialog keeps its own route set
+//! (leg A: the INVITE's Record-Route, which our 1xx/2xx carry back; leg B: the 2xx's reversed)
+//! and the leg's requests go to its first hop. Requests to a registered contact carry the
+//! registration's Path as a preloaded route set (`Target`). INFO of our `callvault`
+//! package goes only to a party that listed it in Recv-Info (RFC 6086 §4.2.1), else as MESSAGE.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -155,16 +161,16 @@ impl Leg {
 /// Where an out-of-dialog request of ours goes: its Request-URI, the Route values of a
 /// preloaded route set (a registration's Path, RFC 3327) and the first hop's address.
 #[derive(Debug, Clone)]
-pub(super) struct Target {
-    pub(super) request_uri: String,
-    pub(super) routes: Vec<String>,
-    pub(super) peer: Peer,
+struct Target {
+    request_uri: String,
+    routes: Vec<String>,
+    peer: Peer,
 }
 
 impl Target {
     /// A registered contact, reached through the Path it was registered with (§8.1.2 with
     /// the Path as preloaded route set). Without Path: its Contact at the REGISTER's source.
-    pub(super) fn binding(b: &Binding) -> Target {
+    fn binding(b: &Binding) -> Target {
         let source = Peer {
             transport: b.source.transport,
             addr: b.source.addr,
@@ -178,7 +184,7 @@ impl Target {
     }
 
     /// A Request-URI at a known address, no route set.
-    pub(super) fn direct(request_uri: String, peer: Peer) -> Target {
+    fn direct(request_uri: String, peer: Peer) -> Target {
         Target {
             request_uri,
             routes: Vec::new(),
