@@ -205,15 +205,20 @@ impl Target {
 }
 
 /// The transport address of a route set's first hop (§8.1.2; RFC 3263 without DNS): the
-/// first route's IP literal and port (5060, 5061 for sips), with its `transport=` if it names
-/// one. `fallback` (the address the leg's traffic comes from) when the set is empty or the
-/// first route names a host: the sans-IO core resolves no names, and the proxy in front is
-/// normally where the traffic comes from anyway.
+/// first route's IP literal (its `maddr` if it has one, §19.1.1) and port (5060, 5061 for
+/// sips), with its `transport=` if it names one. `fallback` (the address the leg's traffic
+/// comes from) when the set is empty or the first route names a host: the sans-IO core
+/// resolves no names, and the proxy in front is normally where the traffic comes from anyway.
 fn route_peer(route_set: &[NameAddr], fallback: Peer) -> Peer {
     let Some(first) = route_set.first() else {
         return fallback;
     };
-    let Some(ip) = first.uri.host_ip() else {
+    let maddr = first.uri.param("maddr").flatten();
+    let ip = match maddr {
+        Some(m) => m.trim_start_matches('[').trim_end_matches(']').parse().ok(),
+        None => first.uri.host_ip(),
+    };
+    let Some(ip) = ip else {
         return fallback;
     };
     let default_port = if first.uri.scheme == "sips" {
