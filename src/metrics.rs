@@ -18,6 +18,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::media::latch::Refusal;
 use crate::storage::stores::StoreState;
 
 #[derive(Default)]
@@ -250,6 +251,9 @@ pub struct Metrics {
     pub prompt_to_first_packet_seconds: Histogram,
     /// Shared-data bytes by [`ShareSource`] (`callvault_share_bytes_total{source}`).
     share_bytes_total: [Counter; 2],
+    /// RTP/RTCP datagrams refused by the source latch, by [`Refusal`]
+    /// (`callvault_rtp_packets_refused_total{reason}`).
+    rtp_packets_refused_total: [Counter; 3],
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -278,6 +282,7 @@ pub static METRICS: Metrics = Metrics {
     play_sessions_active: Gauge::new(),
     prompt_to_first_packet_seconds: Histogram::with_buckets(&HUMAN_BUCKETS),
     share_bytes_total: [Counter::new(), Counter::new()],
+    rtp_packets_refused_total: [Counter::new(), Counter::new(), Counter::new()],
 };
 
 impl Metrics {
@@ -296,6 +301,15 @@ impl Metrics {
 
     pub fn share_bytes_total(&self, source: ShareSource) -> u64 {
         self.share_bytes_total[source as usize].get()
+    }
+
+    /// `n` datagrams refused by a media port's source latch for `reason`.
+    pub fn rtp_packets_refused(&self, reason: Refusal, n: u64) {
+        self.rtp_packets_refused_total[reason as usize].add(n);
+    }
+
+    pub fn rtp_packets_refused_total(&self, reason: Refusal) -> u64 {
+        self.rtp_packets_refused_total[reason as usize].get()
     }
 }
 
@@ -454,6 +468,16 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "source",
         ShareSource::ALL.map(|s| (s.label(), m.share_bytes_total(s))),
     );
+    labelled(
+        &mut out,
+        (
+            "callvault_rtp_packets_refused_total",
+            "counter",
+            "RTP/RTCP datagrams refused on a media port: not from the signalled or latched source, not RTP, or of a payload type not negotiated.",
+        ),
+        "reason",
+        Refusal::ALL.map(|r| (r.label(), m.rtp_packets_refused_total(r))),
+    );
     out
 }
 
@@ -487,6 +511,8 @@ mod tests {
             "callvault_rtp_ports_in_use ",
             "callvault_rtp_packets_relayed_total ",
             "callvault_share_bytes_total{source=\"server\"} ",
+            "callvault_rtp_packets_refused_total{reason=\"foreign_source\"} ",
+            "callvault_rtp_packets_refused_total{reason=\"not_rtp\"} ",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

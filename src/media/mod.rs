@@ -2,6 +2,8 @@
 
 /// RFC 4733 telephone-event payloads and a once-per-key-press detector (sans-IO).
 pub mod dtmf;
+/// Strict-source RTP latching policy (RTP-bleed defence) shared by relay, recorder, player.
+pub mod latch;
 /// Paced playback of a store to its receiver, following the live tail (step 333).
 pub mod player;
 /// RTP/RTCP port-pair allocator binding real UDP sockets from `media.rtp_ports`.

@@ -23,7 +23,7 @@ mod share;
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
-use super::media::{CallKey, MediaBackend, MediaError, Side, StreamPorts};
+use super::media::{CallKey, Expect, MediaBackend, MediaError, PtSet, Side, StreamPorts};
 use crate::config::{Cidr, Transport};
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
@@ -1704,10 +1704,11 @@ impl<M: MediaBackend> Engine<M> {
         let ip = self.cfg.public_ip;
         // Read every section's address first: rewriting one section rewrites the session-level
         // `c=` the later sections may inherit.
-        let remotes: Vec<(Option<SocketAddr>, Option<u8>)> = (0..sdp.media_count())
+        let signalling = self.calls.get(&key).map(|c| c.leg(from).peer.addr.ip());
+        let remotes: Vec<(Expect, Option<u8>)> = (0..sdp.media_count())
             .map(|i| {
                 let te = sdp.codecs(i).into_iter().find(|c| c.is_telephone_event());
-                (sdp.connection_for(i), te.map(|c| c.pt))
+                (media_expect(&sdp, i, signalling), te.map(|c| c.pt))
             })
             .collect();
         for (idx, (remote, dtmf_pt)) in remotes.into_iter().enumerate() {
@@ -1739,6 +1740,17 @@ impl<M: MediaBackend> Engine<M> {
         }
         Ok(Bytes::from(sdp.to_string()))
     }
+}
+
+/// What section `idx` of an SDP from a party whose signalling came from `signalling` says
+/// about where its media comes from: address, payload types (any when none are listed), NAT.
+fn media_expect(sdp: &SessionDescription, idx: usize, signalling: Option<IpAddr>) -> Expect {
+    let pts = sdp
+        .media(idx)
+        .map(|m| PtSet::of(m.payload_types()))
+        .filter(|p| !p.is_empty())
+        .unwrap_or(PtSet::ANY);
+    Expect::from_sdp(sdp.connection_for(idx), signalling, pts)
 }
 
 #[derive(Debug)]
