@@ -226,6 +226,8 @@ pub struct Metrics {
     pub sip_retransmissions_total: Counter,
     pub sip_malformed_total: Counter,
     pub sip_overload_dropped_total: Counter,
+    /// New INVITEs/REGISTERs answered 503 by per-source admission (`b2bua::engine::guard`).
+    pub sip_admission_rejected_total: Counter,
     pub rtp_packets_relayed_total: Counter,
     pub rtp_bytes_relayed_total: Counter,
     pub rtp_packets_stored_total: Counter,
@@ -268,6 +270,7 @@ pub static METRICS: Metrics = Metrics {
     sip_retransmissions_total: Counter::new(),
     sip_malformed_total: Counter::new(),
     sip_overload_dropped_total: Counter::new(),
+    sip_admission_rejected_total: Counter::new(),
     rtp_packets_relayed_total: Counter::new(),
     rtp_bytes_relayed_total: Counter::new(),
     rtp_packets_stored_total: Counter::new(),
@@ -360,6 +363,12 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "counter",
         "SIP messages shed because the core queue was full.",
         m.sip_overload_dropped_total.get().to_string(),
+    );
+    one(
+        "callvault_sip_admission_rejected_total",
+        "counter",
+        "New INVITEs and REGISTERs refused with 503 because their source was over its share.",
+        m.sip_admission_rejected_total.get().to_string(),
     );
     one(
         "callvault_registrations_active",

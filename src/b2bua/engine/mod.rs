@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 mod dtmf;
+mod guard;
 mod sessions;
 mod share;
 
@@ -36,6 +37,7 @@ use crate::sip::transaction::{
     Transmit, TxEvent,
 };
 use crate::sip::uri::{NameAddr, Uri, Via};
+pub use guard::GuardConfig;
 
 /// Methods we answer or relay (Allow header).
 pub const ALLOW: &str =
@@ -92,6 +94,8 @@ pub struct EngineConfig {
     pub registration_max_expires: u32,
     /// DTMF feature code that starts a store request (`store.feature_code`, e.g. `*7`).
     pub feature_code: String,
+    /// Ring timeout and per-source admission (`guard` module).
+    pub guard: GuardConfig,
 }
 
 /// What digest needs to know about an account.
@@ -290,6 +294,7 @@ pub struct Engine<M: MediaBackend> {
     rng: StdRng,
     epoch: (Instant, u64),
     next_sweep: Option<Instant>,
+    guard: guard::Guard,
 }
 
 impl<M: MediaBackend> Engine<M> {
@@ -316,6 +321,7 @@ impl<M: MediaBackend> Engine<M> {
         );
         Engine {
             tx: TransactionLayer::new(cfg.timers),
+            guard: guard::Guard::new(cfg.guard),
             cfg,
             registrar,
             verifier,
@@ -343,12 +349,17 @@ impl<M: MediaBackend> Engine<M> {
 
     pub fn handle_message(&mut self, msg: SipMessage, peer: Peer, now: Instant) {
         match msg {
-            SipMessage::Request(req) => match self.tx.on_request(req, peer, now) {
-                ServerInput::New(id, req) => self.on_new_request(id, req, peer, now),
-                ServerInput::Ack(req) => self.on_ack(req),
-                ServerInput::Cancelled { invite, .. } => self.on_cancel(invite, now),
-                ServerInput::Absorbed | ServerInput::Answered | ServerInput::Dropped => {}
-            },
+            SipMessage::Request(req) => {
+                let Some(req) = self.admit(req, peer, now) else {
+                    return self.after(now);
+                };
+                match self.tx.on_request(req, peer, now) {
+                    ServerInput::New(id, req) => self.on_new_request(id, req, peer, now),
+                    ServerInput::Ack(req) => self.on_ack(req),
+                    ServerInput::Cancelled { invite, .. } => self.on_cancel(invite, now),
+                    ServerInput::Absorbed | ServerInput::Answered | ServerInput::Dropped => {}
+                }
+            }
             SipMessage::Response(resp) => match self.tx.on_response(resp, peer, now) {
                 ClientInput::Response(id, resp) => self.on_response(id, resp, now),
                 ClientInput::Retransmission2xx(id, resp) => self.resend_ack(id, &resp),
@@ -361,6 +372,7 @@ impl<M: MediaBackend> Engine<M> {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tx.handle_timeout(now);
         self.digit_timeouts(now);
+        self.ring_timeouts(now);
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.registrar.expire(now);
             self.next_sweep = None;
@@ -426,6 +438,7 @@ impl<M: MediaBackend> Engine<M> {
             self.tx.poll_timeout(),
             self.next_sweep,
             self.next_digit_timeout(),
+            self.guard.next_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -912,6 +925,7 @@ impl<M: MediaBackend> Engine<M> {
         if let Some(c) = self.calls.get_mut(&key) {
             c.b_invite_tx = Some(b_tx);
         }
+        self.call_opened(key, peer, now);
         METRICS.calls_active.inc();
         tracing::info!(call = key, caller = %call_caller(&self.calls, key), callee = %callee, "call started");
     }
@@ -1000,6 +1014,9 @@ impl<M: MediaBackend> Engine<M> {
         let Some(&(call_key, side)) = self.dialogs.get(&key) else {
             return;
         };
+        if side == Side::A {
+            self.call_settled(call_key);
+        }
         let other = side.other();
         let Some(call) = self.calls.get_mut(&call_key) else {
             return;
@@ -1045,22 +1062,37 @@ impl<M: MediaBackend> Engine<M> {
         if call.state != CallState::Early {
             return;
         }
+        let mut resp = call.a_invite.response(487, None);
+        resp.ensure_to_tag(&call.a.local_tag.clone());
+        self.abandon_early(key, invite_tx, resp, CallOutcome::Cancelled, now);
+    }
+
+    /// Gives up a call still ringing: `resp` to the caller's INVITE, CANCEL on leg B, ports
+    /// released. The call stays (`Ending`) until leg B's INVITE transaction ends, so a 2xx
+    /// crossing the CANCEL is still ACKed and hung up.
+    fn abandon_early(
+        &mut self,
+        key: CallKey,
+        a_tx: ServerTxId,
+        resp: Response,
+        outcome: CallOutcome,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
         call.state = CallState::Ending;
         call.a_invite_tx = None;
-        let a_invite = call.a_invite.clone();
-        let a_tag = call.a.local_tag.clone();
         let b_tx = call.b_invite_tx;
-        let mut resp = a_invite.response(487, None);
-        resp.ensure_to_tag(&a_tag);
-        self.respond(invite_tx, resp, now);
+        self.respond(a_tx, resp, now);
         if let Some(b_tx) = b_tx {
             let _ = self.tx.cancel(b_tx, now);
         }
         self.media.release(key);
+        self.call_settled(key);
         METRICS.calls_active.dec();
-        METRICS.call_ended(CallOutcome::Cancelled);
-        self.events
-            .push_back(EngineEvent::CallEnded(key, CallOutcome::Cancelled));
+        METRICS.call_ended(outcome);
+        self.events.push_back(EngineEvent::CallEnded(key, outcome));
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1678,6 +1710,7 @@ impl<M: MediaBackend> Engine<M> {
     /// Forgets a call (no metrics): media released, dialog keys removed.
     fn drop_call(&mut self, key: CallKey) {
         self.digit_holds.remove(&key);
+        self.call_settled(key);
         if let Some(call) = self.calls.remove(&key) {
             self.dialogs
                 .remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
