@@ -20,7 +20,6 @@ use crate::media::ports::PortAllocator;
 use crate::media::relay::{RelayCounters, RelayEvent};
 use crate::media::threads::MediaThreads;
 use crate::metrics::METRICS;
-use crate::sip::admission::AdmissionConfig;
 use crate::sip::auth::{Algorithm, Credentials, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
 use crate::sip::message::{Request, SipMessage};
 use crate::sip::transaction::TimerConfig;
@@ -136,15 +135,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         registration_min_expires: config.sip.registration_min_expires,
         registration_max_expires: config.sip.registration_max_expires,
         feature_code: config.store.feature_code.clone(),
-        guard: GuardConfig {
-            ring_timeout: Duration::from_secs(config.sip.ring_timeout_secs),
-            admission: AdmissionConfig {
-                rate: f64::from(config.sip.admission_rate),
-                burst: f64::from(config.sip.admission_burst),
-                max_sources: config.sip.admission_sources as usize,
-            },
-            half_open_per_source: config.sip.half_open_calls_per_source,
-        },
+        guard: GuardConfig::from(&config.sip),
     };
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)

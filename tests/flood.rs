@@ -99,12 +99,8 @@ fn flooder(
                         st.retry_after_missing += 1;
                     }
                 }
-                200..=299 => {
-                    // Never ACKed: the 2xx keeps coming until callvault gives up on it.
-                    if answered.insert(n) {
-                        st.answered += 1;
-                    }
-                }
+                // Never ACKed: the 2xx keeps coming until callvault gives up on it.
+                200..=299 if answered.insert(n) => st.answered += 1,
                 _ => {}
             }
         }

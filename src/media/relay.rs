@@ -408,8 +408,9 @@ struct Peer {
 impl Peer {
     fn new() -> Self {
         Peer {
-            latch: Latch::new(Expect::strict(None, PtSet::ANY)),
-            own_pts: PtSet::ANY,
+            // Until its SDP is known, a side may only use the other side's payload types.
+            latch: Latch::new(Expect::strict(None, PtSet::EMPTY)),
+            own_pts: PtSet::EMPTY,
             rtcp: None,
         }
     }

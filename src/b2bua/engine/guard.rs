@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::{CallKey, CallState, Engine, MediaBackend};
 use crate::b2bua::errors::with_error_body;
+use crate::config::SipConfig;
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sip::admission::{Admission, AdmissionConfig, Verdict};
 use crate::sip::message::{HeaderAccess, Method, Request};
@@ -42,17 +43,24 @@ pub struct GuardConfig {
     pub half_open_per_source: u32,
 }
 
+impl From<&SipConfig> for GuardConfig {
+    fn from(sip: &SipConfig) -> Self {
+        GuardConfig {
+            ring_timeout: Duration::from_secs(sip.ring_timeout_secs),
+            admission: AdmissionConfig {
+                rate: f64::from(sip.admission_rate),
+                burst: f64::from(sip.admission_burst),
+                max_sources: usize::try_from(sip.admission_sources).unwrap_or(usize::MAX),
+            },
+            half_open_per_source: sip.half_open_calls_per_source,
+        }
+    }
+}
+
+/// The `[sip]` defaults (config/callvault.toml).
 impl Default for GuardConfig {
     fn default() -> Self {
-        GuardConfig {
-            ring_timeout: Duration::from_secs(120),
-            admission: AdmissionConfig {
-                rate: 20.0,
-                burst: 100.0,
-                max_sources: 10_000,
-            },
-            half_open_per_source: 100,
-        }
+        GuardConfig::from(&SipConfig::default())
     }
 }
 
