@@ -10,7 +10,7 @@ pub mod player;
 pub mod ports;
 /// Store-session RTP ingest into the segment log, with threshold and limits (steps 31/32).
 pub mod recorder;
-/// The per-call anchored RTP/RTCP relay task with symmetric-RTP latching.
+/// The per-call anchored RTP/RTCP relay task with strict-source latching.
 pub mod relay;
 /// Zero-copy RTP header views (RFC 3550) and RTP/RTCP demultiplexing (RFC 5761).
 pub mod rtp;
