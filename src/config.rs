@@ -75,6 +75,19 @@ pub struct SipConfig {
     pub tcp_idle_secs: u64,
     pub registration_max_expires: u32,
     pub registration_min_expires: u32,
+    /// An INVITE the callee has not answered (final response) this long is CANCELled and the
+    /// caller gets 408 (RFC 3261 §16.8 Timer C style); frees the call's ports.
+    pub ring_timeout_secs: u64,
+    /// New INVITEs and REGISTERs per second one untrusted source IP may send on average
+    /// (token bucket, Kamailio pike style); over it: 503 + Retry-After, stateless. 0: no limit.
+    pub admission_rate: u32,
+    /// How many such requests a quiet source may send at once.
+    pub admission_burst: u32,
+    /// Source IPs tracked at most (bounded table; the rest share one bucket).
+    pub admission_sources: u32,
+    /// Calls one untrusted source IP may have not yet confirmed by its ACK (ringing, or
+    /// answered and not ACKed: they hold RTP ports); more get 503. 0: no cap.
+    pub half_open_calls_per_source: u32,
 }
 
 impl Default for SipConfig {
@@ -97,6 +110,11 @@ impl Default for SipConfig {
             tcp_idle_secs: 300,
             registration_max_expires: 3600,
             registration_min_expires: 60,
+            ring_timeout_secs: 120,
+            admission_rate: 20,
+            admission_burst: 100,
+            admission_sources: 10_000,
+            half_open_calls_per_source: 100,
         }
     }
 }
@@ -429,6 +447,17 @@ impl Config {
             return Err(invalid(
                 "sip.registration_min_expires",
                 "must be at least 1 and not above sip.registration_max_expires",
+            ));
+        }
+        if self.sip.ring_timeout_secs == 0 {
+            return Err(invalid("sip.ring_timeout_secs", "must be at least 1"));
+        }
+        if self.sip.admission_rate > 0
+            && (self.sip.admission_burst == 0 || self.sip.admission_sources == 0)
+        {
+            return Err(invalid(
+                "sip.admission_burst",
+                "admission_burst and admission_sources must be at least 1 when admission_rate is set",
             ));
         }
         let [lo, hi] = self.media.rtp_ports;
@@ -1335,6 +1364,8 @@ transport = "tcp"
                 "[sip]\nregistration_min_expires = 7200",
                 "registration_min_expires",
             ),
+            ("[sip]\nring_timeout_secs = 0", "sip.ring_timeout_secs"),
+            ("[sip]\nadmission_burst = 0", "sip.admission_burst"),
         ];
         for (toml, needle) in cases {
             let e = err_text(toml, no_env);

@@ -18,6 +18,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::media::latch::Refusal;
 use crate::storage::stores::StoreState;
 
 #[derive(Default)]
@@ -225,6 +226,8 @@ pub struct Metrics {
     pub sip_retransmissions_total: Counter,
     pub sip_malformed_total: Counter,
     pub sip_overload_dropped_total: Counter,
+    /// New INVITEs/REGISTERs answered 503 by per-source admission (`b2bua::engine::guard`).
+    pub sip_admission_rejected_total: Counter,
     pub rtp_packets_relayed_total: Counter,
     pub rtp_bytes_relayed_total: Counter,
     pub rtp_packets_stored_total: Counter,
@@ -250,6 +253,9 @@ pub struct Metrics {
     pub prompt_to_first_packet_seconds: Histogram,
     /// Shared-data bytes by [`ShareSource`] (`callvault_share_bytes_total{source}`).
     share_bytes_total: [Counter; 2],
+    /// RTP/RTCP datagrams refused by the source latch, by [`Refusal`]
+    /// (`callvault_rtp_packets_refused_total{reason}`).
+    rtp_packets_refused_total: [Counter; 3],
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -264,6 +270,7 @@ pub static METRICS: Metrics = Metrics {
     sip_retransmissions_total: Counter::new(),
     sip_malformed_total: Counter::new(),
     sip_overload_dropped_total: Counter::new(),
+    sip_admission_rejected_total: Counter::new(),
     rtp_packets_relayed_total: Counter::new(),
     rtp_bytes_relayed_total: Counter::new(),
     rtp_packets_stored_total: Counter::new(),
@@ -278,6 +285,7 @@ pub static METRICS: Metrics = Metrics {
     play_sessions_active: Gauge::new(),
     prompt_to_first_packet_seconds: Histogram::with_buckets(&HUMAN_BUCKETS),
     share_bytes_total: [Counter::new(), Counter::new()],
+    rtp_packets_refused_total: [Counter::new(), Counter::new(), Counter::new()],
 };
 
 impl Metrics {
@@ -296,6 +304,15 @@ impl Metrics {
 
     pub fn share_bytes_total(&self, source: ShareSource) -> u64 {
         self.share_bytes_total[source as usize].get()
+    }
+
+    /// `n` datagrams refused by a media port's source latch for `reason`.
+    pub fn rtp_packets_refused(&self, reason: Refusal, n: u64) {
+        self.rtp_packets_refused_total[reason as usize].add(n);
+    }
+
+    pub fn rtp_packets_refused_total(&self, reason: Refusal) -> u64 {
+        self.rtp_packets_refused_total[reason as usize].get()
     }
 }
 
@@ -346,6 +363,12 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "counter",
         "SIP messages shed because the core queue was full.",
         m.sip_overload_dropped_total.get().to_string(),
+    );
+    one(
+        "callvault_sip_admission_rejected_total",
+        "counter",
+        "New INVITEs and REGISTERs refused with 503 because their source was over its share.",
+        m.sip_admission_rejected_total.get().to_string(),
     );
     one(
         "callvault_registrations_active",
@@ -454,6 +477,16 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "source",
         ShareSource::ALL.map(|s| (s.label(), m.share_bytes_total(s))),
     );
+    labelled(
+        &mut out,
+        (
+            "callvault_rtp_packets_refused_total",
+            "counter",
+            "RTP/RTCP datagrams refused on a media port: not from the signalled or latched source, not RTP, or of a payload type not negotiated.",
+        ),
+        "reason",
+        Refusal::ALL.map(|r| (r.label(), m.rtp_packets_refused_total(r))),
+    );
     out
 }
 
@@ -487,6 +520,8 @@ mod tests {
             "callvault_rtp_ports_in_use ",
             "callvault_rtp_packets_relayed_total ",
             "callvault_share_bytes_total{source=\"server\"} ",
+            "callvault_rtp_packets_refused_total{reason=\"foreign_source\"} ",
+            "callvault_rtp_packets_refused_total{reason=\"not_rtp\"} ",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

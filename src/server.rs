@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig};
+use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig, GuardConfig};
 use crate::b2bua::errors::set_warn_agent;
 use crate::b2bua::media::{MediaEvent, RelayMedia};
 use crate::b2bua::recording::{self, RecordingService};
@@ -135,6 +135,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         registration_min_expires: config.sip.registration_min_expires,
         registration_max_expires: config.sip.registration_max_expires,
         feature_code: config.store.feature_code.clone(),
+        guard: GuardConfig::from(&config.sip),
     };
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -11,6 +11,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+pub use crate::media::latch::{Expect, PtSet};
 use crate::media::ports::{PortAllocator, PortsError};
 pub use crate::media::relay::Side;
 use crate::media::relay::{
@@ -49,8 +50,9 @@ impl StreamPorts {
 pub trait MediaBackend: Send {
     /// Binds one more relay for `call` (media section `stream`, in SDP order).
     fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError>;
-    /// The SDP-announced RTP address of one side of a stream (`None`: unknown or on hold).
-    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>);
+    /// What one side's SDP says about its media in a stream (address, payload types, NAT):
+    /// where that side's packets are taken from and sent to ([`crate::media::latch`]).
+    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, expect: Expect);
     /// The RFC 4733 telephone-event payload type one side's SDP announced for a stream
     /// (`None`: none), so the relay can hold back the DTMF feature code.
     fn set_dtmf_pt(&mut self, call: CallKey, stream: usize, side: Side, pt: Option<u8>);
@@ -194,9 +196,9 @@ impl MediaBackend for RelayMedia {
         Ok(ports)
     }
 
-    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>) {
+    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, expect: Expect) {
         if let Some(h) = self.calls.get(&call).and_then(|v| v.get(stream)) {
-            h.set_remote(side, addr);
+            h.set_expect(side, expect);
         }
     }
 
@@ -283,12 +285,12 @@ impl MediaBackend for FakeMedia {
         Ok(ports)
     }
 
-    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, addr: Option<SocketAddr>) {
+    fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, expect: Expect) {
         if let Some(s) = self.streams.get_mut(&call).and_then(|v| v.get_mut(stream)) {
             s.1[match side {
                 Side::A => 0,
                 Side::B => 1,
-            }] = addr;
+            }] = expect.addr;
         }
     }
 

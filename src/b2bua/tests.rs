@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::engine::{AccountAuth, Engine, EngineConfig, EngineEvent, RouteTarget};
+use super::engine::{AccountAuth, Engine, EngineConfig, EngineEvent, GuardConfig, RouteTarget};
 use super::errors::ERROR_CONTENT_TYPE;
 use super::media::{CallKey, FakeMedia, Side};
 use crate::config::Transport;
@@ -71,6 +71,7 @@ fn config() -> EngineConfig {
         registration_min_expires: 60,
         registration_max_expires: 3600,
         feature_code: "*7".into(),
+        guard: GuardConfig::default(),
     }
 }
 
@@ -2104,3 +2105,168 @@ fn call_facts_give_leg_a_call_id_and_answered_format() {
 }
 
 mod routing;
+// ------------------------------------------------------------------------------------------
+// Ring timeout and per-source admission (engine::guard)
+
+fn guarded(guard: GuardConfig) -> Net {
+    let mut cfg = config();
+    cfg.trusted.clear();
+    cfg.guard = guard;
+    let mut net = Net::with(cfg, FakeMedia::new(16));
+    add_account(&mut net, "1001", "alice-pw");
+    net
+}
+
+/// An authenticated INVITE from A (challenge, ACK, INVITE with credentials); returns A's
+/// INVITE and B's copy.
+fn authed_call(net: &mut Net, call_id: &str) -> (Request, Request) {
+    let inv = a_invite(call_id, "1002", Some(&sdp(A_MEDIA, "sendrecv", 1)));
+    let c407 = net.req(a(), &inv).response(a(), 407);
+    net.req(a(), &build_ack(&inv, &c407));
+    let ch = challenges(&c407, "Proxy-Authenticate");
+    let mut again = a_invite(call_id, "1002", Some(&sdp(A_MEDIA, "sendrecv", 1)));
+    again.headers.set("CSeq", format!("{} INVITE", A_CSEQ + 1));
+    let creds = auth::respond(&ch[0], "1001", "alice-pw", "INVITE", &again.uri, "cn-1", 1).unwrap();
+    again.headers.push("Proxy-Authorization", creds);
+    let b_inv = net.req(a(), &again).request(b(), Method::Invite);
+    (again, b_inv)
+}
+
+fn assert_overloaded(resp: &Response, retry_after: &str) {
+    assert_eq!(resp.headers.get("Retry-After"), Some(retry_after));
+    assert!(resp.to_tag().is_some());
+    assert_eq!(error_code(resp), "overloaded");
+}
+
+#[test]
+fn ringing_call_is_cancelled_after_ring_timeout_with_408() {
+    let mut cfg = config();
+    cfg.guard.ring_timeout = Duration::from_secs(10);
+    let mut net = Net::with(cfg, FakeMedia::new(16));
+    let (inv, b_inv) = ringing(&mut net, "call-ring@a");
+    net.resp(b(), &b_answer(&b_inv, 180, None))
+        .response(a(), 180);
+    assert_eq!(net.media().streams.len(), 1);
+    // Ringing is no reason to give up before the timeout (no Timer B once 180 came).
+    let out = net.run_for(Duration::from_millis(9900));
+    assert!(out.is_empty(), "nothing before the ring timeout");
+    let out = net.run_for(Duration::from_millis(200));
+    let timeout = out.response(a(), 408);
+    assert_eq!(error_code(&timeout), "timeout");
+    assert_eq!(cseq(&timeout), format!("{A_CSEQ} INVITE"));
+    let b_cancel = out.request(b(), Method::Cancel);
+    assert_eq!(b_cancel.call_id(), b_inv.call_id());
+    assert!(net.media().streams.is_empty(), "ports released at once");
+    assert_eq!(
+        net.events(),
+        vec![EngineEvent::CallEnded(1, CallOutcome::Failed)]
+    );
+    assert_eq!(net.eng.unsettled_calls(), (0, 0));
+    // B ends its INVITE with 487, which is ACKed; A ACKs its 408.
+    assert!(net.resp(b(), &b_answer(&b_cancel, 200, None)).is_empty());
+    let out = net.resp(b(), &b_answer(&b_inv, 487, None));
+    out.request(b(), Method::Ack);
+    assert!(out.responses(a()).is_empty());
+    assert!(net.req(a(), &build_ack(&inv, &timeout)).is_empty());
+    assert_eq!(net.eng.active_calls(), 0);
+}
+
+#[test]
+fn answered_call_is_not_cut_by_the_ring_timeout() {
+    let mut cfg = config();
+    cfg.guard.ring_timeout = Duration::from_secs(10);
+    let mut net = Net::with(cfg, FakeMedia::new(16));
+    let mut up = call_up(&mut net, "call-ring-up@a");
+    let out = net.run_for(Duration::from_secs(15));
+    assert!(out.requests(a()).is_empty() && out.requests(b()).is_empty());
+    assert_eq!(net.eng.active_calls(), 1);
+    let bye = from_a(&mut up, Method::Bye);
+    net.req(a(), &bye);
+    assert_eq!(net.eng.unsettled_calls(), (0, 0));
+}
+
+#[test]
+fn source_over_its_rate_gets_stateless_503_with_retry_after() {
+    let mut net = guarded(GuardConfig {
+        admission: crate::sip::admission::AdmissionConfig {
+            rate: 1.0,
+            burst: 2.0,
+            max_sources: 16,
+        },
+        half_open_per_source: 0,
+        ..GuardConfig::default()
+    });
+    let first = a_invite("flood-1@a", "1002", None);
+    net.req(a(), &first).response(a(), 407);
+    net.req(a(), &a_invite("flood-2@a", "1002", None))
+        .response(a(), 407);
+    let created = net.eng.tx_stats().server_created;
+    let rejected = crate::metrics::METRICS.sip_admission_rejected_total.get();
+    for i in 3..10 {
+        let out = net.req(a(), &a_invite(&format!("flood-{i}@a"), "1002", None));
+        assert_eq!(
+            out.statuses(a()),
+            vec![503],
+            "no 100 Trying: no transaction"
+        );
+        assert_overloaded(&out.response(a(), 503), "1");
+    }
+    assert_eq!(net.eng.tx_stats().server_created, created, "no state kept");
+    assert_eq!(net.eng.active_calls(), 0);
+    assert!(net.media().streams.is_empty());
+    assert!(crate::metrics::METRICS.sip_admission_rejected_total.get() >= rejected + 7);
+    // A retransmission of an admitted INVITE is not charged: its transaction answers it.
+    assert_eq!(net.req(a(), &first).statuses(a()), vec![407]);
+    // REGISTER shares the bucket.
+    let mut reg = Request::new(Method::Register, "sip:example.com");
+    reg.headers.push("Via", via(A).to_string());
+    reg.headers
+        .push("From", format!("<sip:1001@example.com>;tag={A_TAG}"));
+    reg.headers.push("To", "<sip:1001@example.com>");
+    reg.headers.push("Call-ID", "reg-flood@a");
+    reg.headers.push("CSeq", "1 REGISTER");
+    reg.headers.push("Contact", a_contact().to_string());
+    assert_overloaded(&net.req(a(), &reg).response(a(), 503), "1");
+    // A second later the source has its share again.
+    net.run_for(Duration::from_millis(1000));
+    net.req(a(), &a_invite("flood-later@a", "1002", None))
+        .response(a(), 407);
+}
+
+#[test]
+fn half_open_calls_per_source_are_capped_until_acked() {
+    let mut net = guarded(GuardConfig {
+        admission: crate::sip::admission::AdmissionConfig {
+            rate: 0.0,
+            burst: 0.0,
+            max_sources: 0,
+        },
+        half_open_per_source: 2,
+        ..GuardConfig::default()
+    });
+    let (inv1, b_inv1) = authed_call(&mut net, "open-1@a");
+    authed_call(&mut net, "open-2@a");
+    assert_eq!(net.eng.unsettled_calls(), (2, 1));
+    // A third call from the same source is refused before anything is created.
+    let out = net.req(
+        a(),
+        &a_invite("open-3@a", "1002", Some(&sdp(A_MEDIA, "sendrecv", 1))),
+    );
+    assert_overloaded(&out.response(a(), 503), "5");
+    assert_eq!(net.media().streams.len(), 2);
+    // Answered but not ACKed still counts...
+    let ok = net
+        .resp(
+            b(),
+            &b_answer(&b_inv1, 200, Some(&sdp(B_MEDIA, "sendrecv", 1))),
+        )
+        .response(a(), 200);
+    let out = net.req(a(), &a_invite("open-4@a", "1002", None));
+    assert_overloaded(&out.response(a(), 503), "5");
+    // ...the ACK settles it, and the source may call again.
+    let ack = Dialog::uac(&inv1, &ok).unwrap().ack_for(A_CSEQ + 1, via(A));
+    net.req(a(), &ack);
+    assert_eq!(net.eng.unsettled_calls(), (1, 1));
+    net.req(a(), &a_invite("open-5@a", "1002", None))
+        .response(a(), 407);
+}

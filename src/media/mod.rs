@@ -2,13 +2,15 @@
 
 /// RFC 4733 telephone-event payloads and a once-per-key-press detector (sans-IO).
 pub mod dtmf;
+/// Strict-source RTP latching policy (RTP-bleed defence) shared by relay, recorder, player.
+pub mod latch;
 /// Paced playback of a store to its receiver, following the live tail (step 333).
 pub mod player;
 /// RTP/RTCP port-pair allocator binding real UDP sockets from `media.rtp_ports`.
 pub mod ports;
 /// Store-session RTP ingest into the segment log, with threshold and limits (steps 31/32).
 pub mod recorder;
-/// The per-call anchored RTP/RTCP relay task with symmetric-RTP latching.
+/// The per-call anchored RTP/RTCP relay task with strict-source latching.
 pub mod relay;
 /// Zero-copy RTP header views (RFC 3550) and RTP/RTCP demultiplexing (RFC 5761).
 pub mod rtp;

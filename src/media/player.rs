@@ -40,9 +40,12 @@
 //! the record is copied from the reader's buffer straight into the send buffer behind a header
 //! written in place. No allocation or lock per packet.
 //!
-//! Symmetric RTP: the target starts as the receiver's SDP address and re-latches to the source
-//! of RTP the receiver sends us (another source is taken only after the latched one has been
-//! silent for `relatch_after`). RTCP from the receiver is drained.
+//! Where packets go: the receiver's SDP address. Under the strict-source policy of
+//! [`super::latch`] the target moves only when the SDP address is NAT-suspect (or
+//! [`PlayerConfig::nat`]), to the first source sending valid RTP of the store's payload types,
+//! and then never again without new SDP ([`PlayerHandle::set_target`]): a stranger's packet can
+//! neither redirect the stream nor, after a pause, take it over. RTCP from the receiver is
+//! drained.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,8 +56,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::latch::{Expect, Latch, PtSet, RefusedCounts};
 use super::ports::PortPair;
-use super::rtp::{looks_like_rtcp, RtpHeader, RtpPacket, RTP_HEADER_LEN};
+use super::rtp::{RtpHeader, RTP_HEADER_LEN};
 use crate::storage::segments::{RecordHeader, SegmentReader, MAX_PAYLOAD};
 
 /// How one play session sends.
@@ -76,8 +80,9 @@ pub struct PlayerConfig {
     pub rebase_after: Duration,
     /// Largest arrival gap replayed; also the largest stored timestamp jump followed as is.
     pub max_gap: Duration,
-    /// A latched receiver source silent this long may be replaced by a new one.
-    pub relatch_after: Duration,
+    /// The receiver's SDP address may not be where it sends from (NAT): its first valid RTP
+    /// moves the target (also assumed for private addresses, [`Expect::from_sdp`]).
+    pub nat: bool,
 }
 
 impl PlayerConfig {
@@ -93,7 +98,7 @@ impl PlayerConfig {
             first_timestamp: rand::random(),
             rebase_after: Duration::from_millis(10),
             max_gap: Duration::from_secs(10),
-            relatch_after: Duration::from_secs(2),
+            nat: false,
         }
     }
 }
@@ -270,36 +275,53 @@ impl TsMap {
     }
 }
 
-/// Where packets go: the SDP address until the receiver's own RTP tells us better.
+/// Where packets go: the SDP address, or the receiver's latched source (module doc).
 struct Target {
-    addr: SocketAddr,
-    latched: Option<(SocketAddr, Instant)>,
-    relatch_after: Duration,
+    latch: Latch,
+    /// Used while the latch has no address (an SDP without a usable one).
+    fallback: SocketAddr,
     local: SocketAddr,
+    nat: bool,
+    pts: PtSet,
+    refused: RefusedCounts,
 }
 
 impl Target {
+    fn new(addr: SocketAddr, local: SocketAddr, cfg: &PlayerConfig) -> Target {
+        let pts = PtSet::of([cfg.payload_type].into_iter().chain(cfg.telephone_event_pt));
+        let mut t = Target {
+            latch: Latch::new(Expect::strict(None, pts)),
+            fallback: addr,
+            local,
+            nat: cfg.nat,
+            pts,
+            refused: RefusedCounts::default(),
+        };
+        t.set(addr);
+        t
+    }
+
     fn on_packet(&mut self, pkt: &[u8], src: SocketAddr) {
-        if src == self.local || looks_like_rtcp(pkt) || RtpPacket::parse(pkt).is_err() {
+        if src == self.local {
             return;
         }
-        let now = Instant::now();
-        match self.latched {
-            Some((a, _)) if a == src => {}
-            Some((_, seen)) if now.duration_since(seen) < self.relatch_after => return,
-            _ => {
-                if self.addr != src {
-                    tracing::debug!(%src, previous = %self.addr, "play target latched");
-                }
-                self.addr = src;
-            }
+        if let crate::media::latch::Decision::Refuse(r) = self.latch.on_rtp(src, pkt) {
+            self.refused.count(r);
+            // Refusals are rare and come singly; published at once, not per accepted packet.
+            self.refused.flush();
         }
-        self.latched = Some((src, now));
+    }
+
+    #[inline]
+    fn addr(&self) -> SocketAddr {
+        self.latch.target().unwrap_or(self.fallback)
     }
 
     fn set(&mut self, addr: SocketAddr) {
-        self.addr = addr;
-        self.latched = None;
+        let mut expect = Expect::from_sdp(Some(addr), None, self.pts);
+        expect.nat |= self.nat;
+        self.fallback = addr;
+        self.latch.expect(expect);
     }
 }
 
@@ -362,12 +384,7 @@ async fn run(
     let mut io = Io {
         pair: &pair,
         ctrl: &mut ctrl,
-        target: Target {
-            addr: target,
-            latched: None,
-            relatch_after: cfg.relatch_after,
-            local,
-        },
+        target: Target::new(target, local, &cfg),
         recv_buf: vec![0u8; 2048].into_boxed_slice(),
         rtcp_buf: vec![0u8; 2048].into_boxed_slice(),
     };
@@ -445,7 +462,7 @@ async fn run(
                 break Exit::Stopped;
             }
         }
-        if send(&pair.rtp, &out[..len], io.target.addr).await {
+        if send(&pair.rtp, &out[..len], io.target.addr()).await {
             totals.packets += 1;
             totals.bytes += (len - RTP_HEADER_LEN) as u64;
         } else {
@@ -498,6 +515,7 @@ async fn run(
 mod tests {
     use super::*;
     use crate::media::ports::PortAllocator;
+    use crate::media::rtp::RtpPacket;
     use crate::storage::segments::{SegmentOptions, SegmentWriter};
     use std::net::{IpAddr, Ipv4Addr};
     use std::path::Path;
@@ -587,12 +605,23 @@ mod tests {
         tail: Option<tokio::sync::watch::Receiver<crate::storage::segments::TailState>>,
         target: SocketAddr,
     ) -> (PlayerHandle, mpsc::Receiver<PlayerEvent>, SocketAddr) {
+        start_player_nat(ports, store, tail, target, false)
+    }
+
+    fn start_player_nat(
+        ports: &PortAllocator,
+        store: &Path,
+        tail: Option<tokio::sync::watch::Receiver<crate::storage::segments::TailState>>,
+        target: SocketAddr,
+        nat: bool,
+    ) -> (PlayerHandle, mpsc::Receiver<PlayerEvent>, SocketAddr) {
         let pair = ports.allocate(LO).unwrap();
         let ours = SocketAddr::new(LO, pair.rtp_port);
         let reader = SegmentReader::open(store, 0, tail);
         let (tx, rx) = mpsc::channel(8);
         let mut cfg = PlayerConfig::new(0, 8000);
         cfg.first_seq = 65_000; // wraps during the test
+        cfg.nat = nat;
         (Player::start(pair, reader, target, cfg, tx), rx, ours)
     }
 
@@ -762,8 +791,13 @@ mod tests {
         w.finish().unwrap();
         let sdp_sock = UdpSocket::bind((LO, 0)).await.unwrap();
         let nat_sock = UdpSocket::bind((LO, 0)).await.unwrap();
-        let (player, _events, ours) =
-            start_player(&ports, dir.path(), None, sdp_sock.local_addr().unwrap());
+        let (player, _events, ours) = start_player_nat(
+            &ports,
+            dir.path(),
+            None,
+            sdp_sock.local_addr().unwrap(),
+            true,
+        );
         let first = recv_n(&sdp_sock, 3).await;
         // The receiver's RTP really comes from elsewhere (NAT): we follow it.
         let mut pkt = vec![0u8; 12 + 20];
@@ -786,6 +820,29 @@ mod tests {
         let totals = player.stop().await;
         assert!(!totals.done);
         assert!(totals.packets >= 6 && totals.packets < 100, "{totals:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_strangers_rtp_does_not_move_the_target() {
+        let ports = allocator(43450, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::create(dir.path(), SegmentOptions::default()).unwrap();
+        write(&mut w, 0..100, u32::MAX);
+        w.finish().unwrap();
+        let sdp_sock = UdpSocket::bind((LO, 0)).await.unwrap();
+        let evil = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let (player, _events, ours) =
+            start_player(&ports, dir.path(), None, sdp_sock.local_addr().unwrap());
+        recv_n(&sdp_sock, 2).await;
+        let mut pkt = vec![0u8; 12 + 20];
+        RtpHeader::default().write(&mut pkt).unwrap();
+        evil.send_to(&pkt, ours).await.unwrap();
+        // The receiver keeps getting the stream; the stranger gets nothing.
+        recv_n(&sdp_sock, 5).await;
+        let mut buf = [0u8; 256];
+        let got = tokio::time::timeout(Duration::from_millis(100), evil.recv_from(&mut buf)).await;
+        assert!(got.is_err(), "the stranger got the stream");
+        player.stop().await;
     }
 
     #[test]

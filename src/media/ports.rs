@@ -1,10 +1,12 @@
 //! RTP/RTCP port pairs from the configured range (`media.rtp_ports`), bound as tokio sockets.
 //!
-//! Pairs are an even RTP port and the next odd one for RTCP (RFC 3550 11). Free pairs sit in a
-//! FIFO so a just-released pair is reused last, which keeps stray packets of an ended call away
-//! from the next one. The lock is taken per allocation/release, never per packet.
+//! Pairs are an even RTP port and the next odd one for RTCP (RFC 3550 11). Each allocation
+//! takes a pair at random among the free ones (issue 10: ports handed out in sequence let an
+//! attacker guess the next call's port and race its first packet), which also makes the reuse
+//! of a just-released pair unlikely while the range is far from full, keeping stray packets of
+//! an ended call away from the next one. The lock is taken per allocation/release, never per
+//! packet.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +32,8 @@ pub enum PortsError {
 }
 
 struct Inner {
-    free: Mutex<VecDeque<u16>>,
+    /// Free RTP ports, in no particular order (taken at a random index).
+    free: Mutex<Vec<u16>>,
     pairs_in_use: AtomicUsize,
     capacity: usize,
 }
@@ -41,7 +44,7 @@ impl Inner {
         self.free
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push_back(rtp_port);
+            .push(rtp_port);
         self.pairs_in_use.fetch_sub(1, Ordering::Relaxed);
         // Published here, when the sockets are really closed, not when the core last looked.
         crate::metrics::METRICS.rtp_ports_in_use.add(-2);
@@ -68,7 +71,7 @@ impl PortAllocator {
     pub fn new(lo: u16, hi: u16) -> Result<Self, PortsError> {
         // u32 so that rounding 65535 up does not overflow.
         let start = (u32::from(lo.max(2)) + 1) & !1;
-        let free: VecDeque<u16> = (start..u32::from(hi))
+        let free: Vec<u16> = (start..u32::from(hi))
             .step_by(2)
             .filter_map(|p| u16::try_from(p).ok())
             .collect();
@@ -85,25 +88,26 @@ impl PortAllocator {
         })
     }
 
-    /// Binds the next free pair on `ip`. Ports some other process holds are skipped (and kept
-    /// in the pool for later); other bind errors (e.g. `ip` is not a local address) are
-    /// returned at once. Must be called inside a tokio runtime.
+    /// Binds a free pair, chosen at random, on `ip`. Ports some other process holds are
+    /// skipped (and kept in the pool for later); other bind errors (e.g. `ip` is not a local
+    /// address) are returned at once. Must be called inside a tokio runtime.
     pub fn allocate(&self, ip: IpAddr) -> Result<PortPair, PortsError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(PortsError::NoRuntime);
         }
-        // Try each pair that was free when we started at most once.
-        let attempts = self.lock().len();
-        for _ in 0..attempts {
-            let Some(port) = self.lock().pop_front() else {
-                break;
+        // Pairs found taken by others, returned to the pool at the end so that this call
+        // tries each pair at most once.
+        let mut taken = Vec::new();
+        let result = loop {
+            let Some(port) = self.take_random() else {
+                break Err(PortsError::PortsExhausted);
             };
             // Bind outside the lock: syscalls, and other calls may allocate meanwhile.
             match bind_pair(ip, port) {
                 Ok((rtp, rtcp)) => {
                     self.inner.pairs_in_use.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::METRICS.rtp_ports_in_use.add(2);
-                    return Ok(PortPair {
+                    break Ok(PortPair {
                         rtp,
                         rtcp,
                         rtp_port: port,
@@ -113,17 +117,30 @@ impl PortAllocator {
                         },
                     });
                 }
-                Err(e) if is_port_taken(&e) => self.lock().push_back(port),
+                Err(e) if is_port_taken(&e) => taken.push(port),
                 Err(e) => {
-                    self.lock().push_front(port);
-                    return Err(PortsError::Bind {
+                    taken.push(port);
+                    break Err(PortsError::Bind {
                         addr: SocketAddr::new(ip, port),
                         source: e,
                     });
                 }
             }
+        };
+        if !taken.is_empty() {
+            self.lock().extend(taken);
         }
-        Err(PortsError::PortsExhausted)
+        result
+    }
+
+    /// Removes a random free port from the pool.
+    fn take_random(&self) -> Option<u16> {
+        let mut free = self.lock();
+        if free.is_empty() {
+            return None;
+        }
+        let i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..free.len());
+        Some(free.swap_remove(i))
     }
 
     /// [`allocate`](Self::allocate) with the sockets registered with the runtime `rt` (e.g.
@@ -152,7 +169,7 @@ impl PortAllocator {
         self.inner.capacity
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<u16>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u16>> {
         self.inner
             .free
             .lock()
@@ -306,6 +323,26 @@ mod tests {
         // once the squatter leaves, its pair is usable again
         drop(_squat1);
         assert_eq!(a.allocate(LO).unwrap().rtp_port, lo);
+    }
+
+    #[tokio::test]
+    async fn pairs_are_handed_out_at_random_not_in_sequence() {
+        let (lo, hi) = free_range(54000, 200);
+        let a = PortAllocator::new(lo, hi).unwrap();
+        let pairs: Vec<PortPair> = (0..20).map(|_| a.allocate(LO).unwrap()).collect();
+        let ports: Vec<u16> = pairs.iter().map(|p| p.rtp_port).collect();
+        // In sequence, each port would be the previous + 2 (or its mirror image).
+        let steps = ports
+            .windows(2)
+            .filter(|w| w[1].abs_diff(w[0]) == 2)
+            .count();
+        assert!(steps < 5, "too sequential: {ports:?}");
+        // Spread over the range, not packed at its start.
+        assert!(ports.iter().any(|&p| p >= lo + 200), "{ports:?}");
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 20);
     }
 
     #[tokio::test]

@@ -8,9 +8,10 @@
 //! or at the next flush tick.
 //!
 //! What is accepted: RTP version 2 with the session's payload type (or its telephone-event
-//! type), from one source. The first source seen is latched (symmetric RTP), optionally only
-//! from the SDP-announced IP; another source is taken only after the latched one has been
-//! silent for `relatch_after` (NAT rebinding). Everything else is dropped and counted.
+//! type), from one source chosen by the strict-source policy of [`super::latch`]: the sender's
+//! SDP address, or (no usable address, or a NAT-suspect one) the first source sending valid RTP
+//! of those types. The source never moves on its own, not after a pause either; a new SDP
+//! ([`RecorderHandle::set_source`]) re-opens it. Everything else is dropped and counted.
 //!
 //! Threshold: the tracker is fed the *committed* payload byte count from the writer's
 //! [`TailState`] watch, not what was merely received, so a player that starts when
@@ -27,6 +28,8 @@
 //! sending until the BYE lands) until the handle is finished or dropped.
 
 use std::net::{IpAddr, SocketAddr};
+
+use super::latch::{Decision, Expect, Latch, PtSet, Refusal, RefusedCounts};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
@@ -75,18 +78,19 @@ pub struct RecorderConfig {
     /// How often [`RecorderEventKind::Progress`] may be reported (only when the committed
     /// count changed).
     pub progress_interval: Duration,
-    /// Accept RTP only from this IP (the sender's SDP `c=`), when set.
-    pub source_ip: Option<IpAddr>,
-    /// A latched source silent this long may be replaced by a new one.
-    pub relatch_after: Duration,
+    /// The sender's SDP address (`c=` + `m=` port): the only source taken, unless it is unusable
+    /// or NAT-suspect ([`Expect::from_sdp`]).
+    pub source: Option<SocketAddr>,
+    /// Where the sender's signalling came from, for the NAT test of `source`.
+    pub signalling_ip: Option<IpAddr>,
     /// Timer tick: hands a quiet stream's batch to the writer, publishes counters, checks the
     /// timeout. About the pipeline's commit interval.
     pub flush_interval: Duration,
 }
 
 impl RecorderConfig {
-    /// Defaults: limit = declared + 5%, 10 s RTP timeout, progress every second, relatch after
-    /// 2 s of silence, 20 ms flush tick.
+    /// Defaults: limit = declared + 5%, 10 s RTP timeout, progress every second, 20 ms flush
+    /// tick, no SDP source (the first valid RTP latches).
     pub fn new(
         payload_type: u8,
         declared_bytes: Option<u64>,
@@ -101,8 +105,8 @@ impl RecorderConfig {
             clock_rate: None,
             threshold,
             progress_interval: Duration::from_secs(1),
-            source_ip: None,
-            relatch_after: Duration::from_secs(2),
+            source: None,
+            signalling_ip: None,
             flush_interval: Duration::from_millis(20),
         }
     }
@@ -186,7 +190,7 @@ pub struct RecorderTotals {
 }
 
 enum Control {
-    SetSourceIp(Option<IpAddr>),
+    SetSource(Option<SocketAddr>),
     Finish,
 }
 
@@ -216,11 +220,10 @@ impl RecorderHandle {
         self.tail.clone()
     }
 
-    /// Restricts (or stops restricting) the accepted source to an IP, e.g. after a re-INVITE.
-    /// Re-opens latching.
-    pub fn set_source_ip(&self, ip: Option<IpAddr>) {
+    /// The sender's new SDP address (re-INVITE): re-opens latching under it.
+    pub fn set_source(&self, addr: Option<SocketAddr>) {
         // A send error only means the task already ended.
-        let _ = self.ctrl.send(Control::SetSourceIp(ip));
+        let _ = self.ctrl.send(Control::SetSource(addr));
     }
 
     /// True once the task has ended.
@@ -284,6 +287,13 @@ impl Recorder {
     }
 }
 
+/// The latch expectation for a sender at SDP address `addr`: the session's media and
+/// telephone-event types.
+fn source_expect(cfg: &RecorderConfig, addr: Option<SocketAddr>) -> Expect {
+    let pts = PtSet::of([cfg.payload_type].into_iter().chain(cfg.telephone_event_pt));
+    Expect::from_sdp(addr, cfg.signalling_ip, pts)
+}
+
 fn now_us() -> u64 {
     // A clock before 1970 is a broken host; 0 keeps the records well-formed.
     SystemTime::now()
@@ -306,9 +316,8 @@ struct State {
     /// None once the log is closed.
     ingest: Option<Ingest>,
     writer: Option<JoinHandle<Result<TailState, SegmentError>>>,
-    // Source latching.
-    latched: Option<SocketAddr>,
-    last_seen: Instant,
+    latch: Latch,
+    refused: RefusedCounts,
     /// Last accepted packet (or the start), for the RTP timeout.
     last_activity: Instant,
     first_packet: Option<StdInstant>,
@@ -335,14 +344,15 @@ impl State {
         events: mpsc::Sender<RecorderEvent>,
     ) -> State {
         let now = Instant::now();
+        let latch = Latch::new(source_expect(&cfg, cfg.source));
         State {
             id,
             cfg,
             events,
             ingest: Some(ingest),
             writer: Some(writer),
-            latched: None,
-            last_seen: now,
+            latch,
+            refused: RefusedCounts::default(),
             last_activity: now,
             first_packet: None,
             accepted_bytes: 0,
@@ -373,21 +383,21 @@ impl State {
         }
     }
 
-    /// Symmetric latching; see the module doc.
+    /// Strict-source latching; see the module doc. Counts the refusals.
     #[inline]
-    fn accept_source(&mut self, src: SocketAddr, now: Instant) -> bool {
-        if self.cfg.source_ip.is_some_and(|ip| ip != src.ip()) {
-            return false;
-        }
-        match self.latched {
-            Some(a) if a == src => {}
-            Some(_) if now.duration_since(self.last_seen) < self.cfg.relatch_after => {
-                return false;
+    fn accept_source(&mut self, src: SocketAddr, pkt: &[u8]) -> bool {
+        match self.latch.on_rtp(src, pkt) {
+            Decision::Accept | Decision::Latch => true,
+            Decision::Refuse(r) => {
+                self.refused.count(r);
+                match r {
+                    Refusal::PayloadType => self.dropped.payload_type += 1,
+                    Refusal::NotRtp => self.dropped.malformed += 1,
+                    Refusal::ForeignSource => self.dropped.foreign_source += 1,
+                }
+                false
             }
-            _ => self.latched = Some(src),
         }
-        self.last_seen = now;
-        true
     }
 
     /// One datagram from the RTP socket; `cut`: it filled the buffer (maybe truncated).
@@ -400,8 +410,7 @@ impl State {
                 return None;
             }
         };
-        if !self.accept_source(src, now) {
-            self.dropped.foreign_source += 1;
+        if !self.accept_source(src, buf) {
             return None;
         }
         self.last_activity = now;
@@ -478,6 +487,7 @@ impl State {
     }
 
     fn publish_metrics(&mut self) {
+        self.refused.flush();
         if self.pending_packets > 0 {
             METRICS.rtp_packets_stored_total.add(self.pending_packets);
             METRICS.rtp_bytes_stored_total.add(self.pending_bytes);
@@ -661,9 +671,8 @@ async fn run(
             },
             _ = tick.tick() => st.on_tick(Instant::now()),
             c = ctrl.recv() => match c {
-                Some(Control::SetSourceIp(ip)) => {
-                    st.cfg.source_ip = ip;
-                    st.latched = None;
+                Some(Control::SetSource(addr)) => {
+                    st.latch.expect(source_expect(&st.cfg, addr));
                     None
                 }
                 // Finish, or the handle was dropped.
@@ -1034,21 +1043,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn latches_the_first_source_and_honours_the_announced_ip() {
-        let mut r = rig(41800, |c| c.relatch_after = Duration::from_secs(30)).await;
+    async fn latches_only_valid_rtp_and_never_moves_after_a_pause() {
+        let mut r = rig(41800, |_| {}).await;
         let other = UdpSocket::bind((LO, 0)).await.unwrap();
+        // The injector speaks first: garbage, RTCP and RTP of a type not negotiated latch nothing.
+        other.send_to(b"garbage", r.to).await.unwrap();
+        other
+            .send_to(&[0x81, 200, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0], r.to)
+            .await
+            .unwrap();
+        other.send_to(&rtp(8, 1, b"wrong pt"), r.to).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
         r.tx.send_to(&rtp(0, 1, b"first"), r.to).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         other.send_to(&rtp(0, 2, b"intruder"), r.to).await.unwrap();
         r.tx.send_to(&rtp(0, 3, b"second"), r.to).await.unwrap();
+        // The sender pauses; another port on its host tries again: still refused.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        other
+            .send_to(&rtp(0, 4, b"after pause"), r.to)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        // Only an address that is not ours may send once restricted.
-        r.rec.set_source_ip(Some("127.0.0.2".parse().unwrap()));
+        // New SDP naming an address that is not the sender's: the sender is refused too.
+        r.rec.set_source(Some("127.0.0.2:4000".parse().unwrap()));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        r.tx.send_to(&rtp(0, 4, b"wrong ip"), r.to).await.unwrap();
+        r.tx.send_to(&rtp(0, 5, b"wrong addr"), r.to).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let totals = r.rec.finish().await;
-        assert_eq!(totals.dropped.foreign_source, 2);
+        assert_eq!(totals.dropped.foreign_source, 3);
+        assert_eq!(totals.dropped.payload_type, 1);
+        assert_eq!(totals.dropped.malformed, 2);
         let got: Vec<Vec<u8>> = read_back(&r.store)
             .await
             .into_iter()
@@ -1060,6 +1085,21 @@ mod tests {
                 assert_eq!(records, 2);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn strict_to_the_sdp_address() {
+        let tx = UdpSocket::bind((LO, 0)).await.unwrap();
+        let sdp = tx.local_addr().unwrap();
+        let mut r = rig(41850, |c| c.source = Some(sdp)).await;
+        // r.tx is another port of the same host: refused even though it speaks first.
+        r.tx.send_to(&rtp(0, 1, b"stranger"), r.to).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send_to(&rtp(0, 2, b"sender"), r.to).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let totals = r.rec.finish().await;
+        assert_eq!((totals.records, totals.dropped.foreign_source), (1, 1));
+        while r.events.recv().await.is_some() {}
     }
 
     #[tokio::test]

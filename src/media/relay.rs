@@ -2,11 +2,12 @@
 //! legs and forwarding each packet to the other leg's remote party. In the server the task
 //! runs on a media thread ([`super::threads`]), with its sockets registered there.
 //!
-//! Symmetric RTP: each side's target starts as its SDP address ([`RelayHandle::set_remote`])
-//! and latches onto the source its packets actually come from (first packet, again after an SDP
-//! update, or when the latched source has gone silent for `relatch_after`, e.g. a NAT rebinding).
-//! While a source is latched and alive, packets from other sources are dropped, so a stray or
-//! hostile sender cannot hijack the stream.
+//! Source latching ([`super::latch`], strict source against RTP bleed): each side's target is
+//! its SDP address ([`RelayHandle::set_expect`]); packets are taken only from that address, or,
+//! when the SDP suggests NAT or gives no address, from the first source sending valid RTP of a
+//! negotiated payload type. The latched source never moves on its own (no re-latch after
+//! silence); new signalling re-opens it. RTCP is taken only from the RTP source's host.
+//! Refused datagrams are counted in `callvault_rtp_packets_refused_total{reason}`.
 //!
 //! DTMF feature code (PROTOCOL.md §2.1, §5): once a side's telephone-event payload type is
 //! known ([`RelayHandle::set_dtmf_pt`]), its telephone-event packets go through a
@@ -32,6 +33,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::dtmf::DtmfGate;
+use super::latch::{Decision, Expect, Latch, PtSet, RefusedCounts};
 use super::ports::PortPair;
 use super::rtp::RtpPacket;
 use crate::b2bua::feature_code::HOLD_TIMEOUT;
@@ -84,9 +86,6 @@ pub type Inspector = Box<dyn FnMut(Side, &[u8]) -> Verdict + Send>;
 pub struct RelayConfig {
     /// No packet from either side for this long ends the relay with [`RelayEvent::Timeout`].
     pub rtp_timeout: Duration,
-    /// A latched source silent for this long may be replaced by a new source without an SDP
-    /// update (NAT rebinding, a phone that changed its port).
-    pub relatch_after: Duration,
     /// Whether the RTP timeout runs from the start or only after [`RelayHandle::arm_timeout`].
     pub timeout_armed_at_start: bool,
     /// DTMF feature code held back from the other party (`store.feature_code`, e.g. `*7`);
@@ -109,7 +108,6 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             rtp_timeout: Duration::from_secs(10),
-            relatch_after: Duration::from_secs(2),
             timeout_armed_at_start: true,
             feature_code: String::new(),
             dtmf_hold_timeout: HOLD_TIMEOUT,
@@ -270,7 +268,7 @@ fn now_us() -> u64 {
 }
 
 enum Control {
-    SetRemote(Side, Option<SocketAddr>),
+    SetRemote(Side, Expect),
     SetDtmfPt(Side, Option<u8>),
     ArmTimeout,
     SetInspector(Option<Inspector>),
@@ -297,11 +295,17 @@ impl RelayHandle {
         self.rtp_ports[side.idx()]
     }
 
-    /// Sets the SDP-announced RTP address of `side` (`None`: unknown or on hold). A changed
-    /// address becomes the target at once; in any case the next packet from `side` latches.
-    pub fn set_remote(&self, side: Side, addr: Option<SocketAddr>) {
+    /// Sets what `side`'s signalling says about its media ([`Expect`]): the SDP address
+    /// becomes the target at once and latching re-opens for `side` (module doc).
+    pub fn set_expect(&self, side: Side, expect: Expect) {
         // A send error only means the task already ended; nothing left to update.
-        let _ = self.ctrl.send(Control::SetRemote(side, addr));
+        let _ = self.ctrl.send(Control::SetRemote(side, expect));
+    }
+
+    /// [`set_expect`](Self::set_expect) strict to `addr` with any payload type (`None`:
+    /// unknown, the first valid RTP latches).
+    pub fn set_remote(&self, side: Side, addr: Option<SocketAddr>) {
+        self.set_expect(side, Expect::strict(addr, PtSet::ANY));
     }
 
     /// Sets the telephone-event payload type `side`'s SDP announced (`None`: none). Packets
@@ -392,78 +396,56 @@ impl Relay {
 /// What the relay knows about where one side's media goes.
 #[derive(Debug)]
 struct Peer {
-    /// Last SDP address given.
-    announced: Option<SocketAddr>,
-    /// Where RTP for this side is sent.
-    rtp: Option<SocketAddr>,
-    /// `rtp` was learned from traffic and is not open to a new source.
-    latched: bool,
-    last_seen: Instant,
+    /// Where this side's packets are taken from and its RTP is sent to.
+    latch: Latch,
+    /// The payload types this side's own SDP listed (the latch takes both sides' types: a
+    /// sender numbers by the receiver's SDP, RFC 3264 5.1).
+    own_pts: PtSet,
     /// RTCP source seen from this side, if any (else RTP port + 1).
     rtcp: Option<SocketAddr>,
 }
 
 impl Peer {
-    fn new(now: Instant) -> Self {
+    fn new() -> Self {
         Peer {
-            announced: None,
-            rtp: None,
-            latched: false,
-            last_seen: now,
+            // Until its SDP is known, a side may only use the other side's payload types.
+            latch: Latch::new(Expect::strict(None, PtSet::EMPTY)),
+            own_pts: PtSet::EMPTY,
             rtcp: None,
         }
     }
 
-    /// Accepts (and maybe latches) an RTP source; false means drop the packet.
+    /// The policy's decision for an RTP datagram from `src`.
     #[inline]
-    fn accept_rtp(&mut self, src: SocketAddr, now: Instant, relatch_after: Duration) -> bool {
-        if self.latched && self.rtp == Some(src) {
-            self.last_seen = now;
-            return true;
+    fn accept_rtp(&mut self, src: SocketAddr, pkt: &[u8]) -> Decision {
+        let d = self.latch.on_rtp(src, pkt);
+        if d == Decision::Latch && self.rtcp.is_some_and(|r| r.ip() != src.ip()) {
+            // RTCP follows the RTP source unless seen again from its host.
+            self.rtcp = None;
         }
-        if self.latched && now.duration_since(self.last_seen) < relatch_after {
-            return false;
-        }
-        if self.rtp != Some(src) {
-            tracing::debug!(%src, previous = ?self.rtp, "rtp source latched");
-            // RTCP follows the new RTP source unless seen again from elsewhere.
-            if self.rtp.map(|a| a.ip()) != Some(src.ip()) {
-                self.rtcp = None;
-            }
-        }
-        self.rtp = Some(src);
-        self.latched = true;
-        self.last_seen = now;
-        true
+        d
     }
 
-    /// RTCP is accepted from the RTP host (any port), or from anyone before RTP is known.
+    /// RTCP is taken from the host RTP is latched to (any port).
     #[inline]
     fn accept_rtcp(&mut self, src: SocketAddr) -> bool {
-        match self.rtp {
-            Some(rtp) if self.latched && rtp.ip() != src.ip() => false,
-            _ => {
-                self.rtcp = Some(src);
-                true
-            }
+        let ok = self.latch.rtcp_ok(src);
+        if ok {
+            self.rtcp = Some(src);
         }
+        ok
+    }
+
+    #[inline]
+    fn rtp_target(&self) -> Option<SocketAddr> {
+        self.latch.target()
     }
 
     fn rtcp_target(&self) -> Option<SocketAddr> {
         self.rtcp.or_else(|| {
-            let rtp = self.rtp?;
+            let rtp = self.rtp_target()?;
             Some(SocketAddr::new(rtp.ip(), rtp.port().checked_add(1)?))
         })
-    }
-
-    fn set_announced(&mut self, addr: Option<SocketAddr>) {
-        if addr != self.announced {
-            self.announced = addr;
-            self.rtp = addr;
-            self.rtcp = None;
-        }
-        // Re-open latching: the next packet from this side is taken as its source.
-        self.latched = false;
     }
 }
 
@@ -475,6 +457,7 @@ struct LocalCounts {
     rtcp_packets: [u64; 2],
     rtcp_bytes: [u64; 2],
     dropped: u64,
+    refused: RefusedCounts,
     pending: u32,
 }
 
@@ -505,6 +488,7 @@ impl LocalCounts {
                 .fetch_add(self.rtcp_bytes[i], Ordering::Relaxed);
         }
         c.dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        self.refused.flush();
         *self = LocalCounts::default();
     }
 }
@@ -530,7 +514,6 @@ struct State {
     counters: Arc<RelayCounters>,
     last_flush: Instant,
     last_activity: Instant,
-    relatch_after: Duration,
     /// The RTP timeout applies only once armed (see [`RelayHandle::arm_timeout`]).
     timeout_armed: bool,
 }
@@ -540,7 +523,11 @@ impl State {
     #[inline]
     fn on_rtp(&mut self, from: Side, pkt: &[u8], src: SocketAddr, out: &UdpSocket, now: Instant) {
         self.last_activity = now;
-        let ok = self.peers[from.idx()].accept_rtp(src, now, self.relatch_after)
+        let decision = self.peers[from.idx()].accept_rtp(src, pkt);
+        if let Decision::Refuse(r) = decision {
+            self.counts.refused.count(r);
+        }
+        let ok = decision.is_ok()
             && match self.inspector.as_mut() {
                 None => true,
                 Some(inspect) => inspect(from, pkt) == Verdict::Forward,
@@ -554,7 +541,7 @@ impl State {
             self.after_packet(now);
             return;
         }
-        let sent = ok && send(out, pkt, self.peers[from.other().idx()].rtp);
+        let sent = ok && send(out, pkt, self.peers[from.other().idx()].rtp_target());
         self.counts.count_sent(from.idx(), pkt.len(), sent);
         if sent {
             if let Some(rec) = self.recording.as_deref_mut() {
@@ -567,8 +554,13 @@ impl State {
     #[inline]
     fn on_rtcp(&mut self, from: Side, pkt: &[u8], src: SocketAddr, out: &UdpSocket, now: Instant) {
         self.last_activity = now;
-        let sent = self.peers[from.idx()].accept_rtcp(src)
-            && send(out, pkt, self.peers[from.other().idx()].rtcp_target());
+        let accepted = self.peers[from.idx()].accept_rtcp(src);
+        if !accepted {
+            self.counts
+                .refused
+                .count(crate::media::latch::Refusal::ForeignSource);
+        }
+        let sent = accepted && send(out, pkt, self.peers[from.other().idx()].rtcp_target());
         if sent {
             self.counts.rtcp_packets[from.idx()] += 1;
             self.counts.rtcp_bytes[from.idx()] += pkt.len() as u64;
@@ -583,7 +575,7 @@ impl State {
     #[cold]
     fn on_dtmf(&mut self, from: Side, pkt: &[u8], out: &UdpSocket, now: Instant) {
         let i = from.idx();
-        let target = self.peers[from.other().idx()].rtp;
+        let target = self.peers[from.other().idx()].rtp_target();
         let counts = &mut self.counts;
         let Some(gate) = self.gates[i].as_deref_mut() else {
             return;
@@ -613,7 +605,7 @@ impl State {
         for from in [Side::A, Side::B] {
             let i = from.idx();
             let out = rtp[from.other().idx()];
-            let target = self.peers[from.other().idx()].rtp;
+            let target = self.peers[from.other().idx()].rtp_target();
             let counts = &mut self.counts;
             let Some(gate) = self.gates[i].as_deref_mut() else {
                 continue;
@@ -644,6 +636,23 @@ impl State {
                 "relay event queue full, feature code lost"
             );
         }
+    }
+
+    /// New signalling for `side`: its latch re-opens; the other side's latch keeps its source
+    /// and learns the new payload types.
+    fn set_expect(&mut self, side: Side, expect: Expect) {
+        let own = expect.pts;
+        let other = self.peers[side.other().idx()].own_pts;
+        let peer = &mut self.peers[side.idx()];
+        peer.own_pts = own;
+        peer.rtcp = None;
+        peer.latch.expect(Expect {
+            pts: own.union(other),
+            ..expect
+        });
+        self.peers[side.other().idx()]
+            .latch
+            .set_pts(other.union(own));
     }
 
     fn set_dtmf_pt(&mut self, side: Side, pt: Option<u8>) {
@@ -691,10 +700,10 @@ impl State {
 
     fn control(&mut self, c: Control) {
         match c {
-            Control::SetRemote(side, addr) => {
+            Control::SetRemote(side, mut expect) => {
                 // Pointing a side at our own sockets would loop packets forever.
-                let addr = addr.filter(|a| !self.local_addrs.contains(a));
-                self.peers[side.idx()].set_announced(addr);
+                expect.addr = expect.addr.filter(|a| !self.local_addrs.contains(a));
+                self.set_expect(side, expect);
             }
             Control::ArmTimeout => {
                 if !self.timeout_armed {
@@ -777,7 +786,7 @@ async fn run(
         .collect();
     let mut st = State {
         id,
-        peers: [Peer::new(now), Peer::new(now)],
+        peers: [Peer::new(), Peer::new()],
         local_addrs,
         inspector: None,
         recording: None,
@@ -792,7 +801,6 @@ async fn run(
         last_flush: now,
         last_activity: now,
         timeout_armed: config.timeout_armed_at_start,
-        relatch_after: config.relatch_after,
     };
     let [a, b] = &legs;
     // The four sockets: (socket, the socket its packets leave by, the side they come from,
@@ -1063,7 +1071,14 @@ mod tests {
         );
         let [a_rtp, _, b_rtp, b_rtcp] = rig.relay_addrs;
         // SDP says A is at `announced_only`, but A really sends from `pa` (NAT).
-        rig.relay.set_remote(Side::A, Some(addr(&announced_only)));
+        rig.relay.set_expect(
+            Side::A,
+            Expect {
+                addr: Some(addr(&announced_only)),
+                pts: PtSet::of([0]),
+                nat: true,
+            },
+        );
         rig.relay.set_remote(Side::B, Some(addr(&pb)));
 
         pa.rtp.send_to(&rtp_packet(1, 20), a_rtp).await.unwrap();
@@ -1103,13 +1118,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn relatches_when_latched_source_goes_silent_and_rtcp_latches_separately() {
-        let config = RelayConfig {
-            rtp_timeout: Duration::from_secs(5),
-            relatch_after: Duration::from_millis(100),
-            ..RelayConfig::default()
-        };
-        let rig = rig(44000, config);
+    async fn no_relatch_after_silence_and_rtcp_follows_the_rtp_host() {
+        let rig = rig(44000, RelayConfig::new(Duration::from_secs(5)));
         let phones = allocator(44500, 3);
         let (pa, pb, pa2) = (phone(&phones), phone(&phones), phone(&phones));
         let [a_rtp, a_rtcp, b_rtp, b_rtcp] = rig.relay_addrs;
@@ -1117,23 +1127,58 @@ mod tests {
         // A's SDP address is unknown (e.g. 0.0.0.0): B's packets are dropped until A sends.
         pb.rtp.send_to(&rtp_packet(1, 10), b_rtp).await.unwrap();
         nothing(&pa.rtp).await;
-
+        // Garbage does not latch; RTP does.
+        pa2.rtp.send_to(b"hello", a_rtp).await.unwrap();
         pa.rtp.send_to(&rtp_packet(2, 10), a_rtp).await.unwrap();
-        recv(&pb.rtp).await;
-        // NAT rebinding: A's port changes without any SDP; after 100 ms of silence it is taken.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(recv(&pb.rtp).await.0, rtp_packet(2, 10));
+        // A pause is no opening: another source, even on A's host, is refused after it.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         pa2.rtp.send_to(&rtp_packet(3, 10), a_rtp).await.unwrap();
-        assert_eq!(recv(&pb.rtp).await.0, rtp_packet(3, 10));
+        nothing(&pb.rtp).await;
         pb.rtp.send_to(&rtp_packet(4, 10), b_rtp).await.unwrap();
-        assert_eq!(recv(&pa2.rtp).await.0, rtp_packet(4, 10));
+        assert_eq!(recv(&pa.rtp).await.0, rtp_packet(4, 10));
+        nothing(&pa2.rtp).await;
 
-        // A sends RTCP from a port that is not RTP + 1: B's RTCP for A goes there.
+        // A sends RTCP from its host but not from RTP + 1: B's RTCP for A goes there.
         let rr = [0x81u8, 201, 0, 1, 0, 0, 0, 2];
         pa2.rtp.send_to(&rr, a_rtcp).await.unwrap();
         assert_eq!(recv(&pb.rtcp).await.0, rr.to_vec());
         pb.rtcp.send_to(&rr, b_rtcp).await.unwrap();
         assert_eq!(recv(&pa2.rtp).await.0, rr.to_vec());
         rig.relay.stop().await;
+        assert_eq!(rig.counters.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn eavesdropper_before_the_caller_speaks_gets_nothing() {
+        let rig = rig(44200, RelayConfig::new(Duration::from_secs(5)));
+        let phones = allocator(44700, 2);
+        let (pa, pb) = (phone(&phones), phone(&phones));
+        let [a_rtp, a_rtcp, b_rtp, _] = rig.relay_addrs;
+        rig.relay.set_remote(Side::A, Some(addr(&pa)));
+        rig.relay.set_remote(Side::B, Some(addr(&pb)));
+        // Another host sends valid RTP and RTCP to A's port before A says anything.
+        let evil = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let refused =
+            METRICS.rtp_packets_refused_total(crate::media::latch::Refusal::ForeignSource);
+        evil.send_to(&rtp_packet(1, 20), a_rtp).await.unwrap();
+        evil.send_to(&[0x81u8, 201, 0, 1, 0, 0, 0, 2], a_rtcp)
+            .await
+            .unwrap();
+        nothing(&pb.rtp).await;
+        // B's audio still goes to A, and none to the stranger.
+        for i in 0..5u16 {
+            pb.rtp.send_to(&rtp_packet(i, 20), b_rtp).await.unwrap();
+            assert_eq!(recv(&pa.rtp).await.0, rtp_packet(i, 20));
+        }
+        let mut buf = [0u8; 64];
+        let got = tokio::time::timeout(Duration::from_millis(150), evil.recv_from(&mut buf)).await;
+        assert!(got.is_err(), "the eavesdropper got a packet");
+        rig.relay.stop().await;
+        assert!(
+            METRICS.rtp_packets_refused_total(crate::media::latch::Refusal::ForeignSource)
+                >= refused + 2
+        );
     }
 
     #[tokio::test]

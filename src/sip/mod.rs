@@ -1,5 +1,6 @@
 //! SIP itself, free of I/O: messages, URIs, transactions, dialogs, digest auth, registrar.
 
+pub mod admission;
 pub mod auth;
 pub mod dialog;
 pub mod message;

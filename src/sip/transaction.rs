@@ -35,6 +35,12 @@
 //!   provisional arrives); the responses to that CANCEL are absorbed. If no final answer
 //!   arrives within 64*T1 after a CANCEL, the INVITE transaction ends with
 //!   [`TxEvent::Timeout`].
+//! - Stateless answers (§8.2.7, e.g. load shedding): [`TransactionLayer::is_new_request`] tells
+//!   a new request from a retransmission, [`TransactionLayer::respond_stateless`] answers one
+//!   without creating a transaction.
+//! - A server transaction that has sent a final non-2xx answer (it only absorbs retransmissions
+//!   and the ACK until Timer H/J) keeps just the headers a response is built from, not the
+//!   whole request with its body.
 //! - Timers: a `BTreeMap` keyed by deadline holds every armed timer, so `poll_timeout` is
 //!   O(log n) and firing touches only due timers.
 
@@ -465,6 +471,31 @@ impl TransactionLayer {
         ServerInput::New(ServerTxId(id), req)
     }
 
+    /// True when `req` would start a new server transaction: not an ACK or CANCEL, and no
+    /// transaction matches it (a retransmission matches the one it started).
+    pub fn is_new_request(&self, req: &Request) -> bool {
+        if matches!(req.method, Method::Ack | Method::Cancel) {
+            return false;
+        }
+        server_key(req).is_some_and(|k| !self.server_index.contains_key(&k))
+    }
+
+    /// Answers `req` (received from `from`) statelessly (§8.2.7): `build` makes the response
+    /// from the request with its top Via stamped (`received`/`rport`), which goes where a
+    /// transaction's would (§18.2.2). Nothing is kept: a retransmission is simply answered
+    /// again.
+    pub fn respond_stateless(
+        &mut self,
+        mut req: Request,
+        from: Peer,
+        build: impl FnOnce(&Request) -> Response,
+    ) {
+        stamp_via(&mut req, &from);
+        let to = response_peer(&req, from);
+        let resp = build(&req);
+        self.out.send(to, Bytes::from(resp.to_bytes()));
+    }
+
     fn new_server_tx(
         &mut self,
         req: Request,
@@ -623,6 +654,7 @@ impl TransactionLayer {
                         .arm(&mut tx.timers, me, Slot::Lifetime, now + cfg.t1x64());
                 } else {
                     tx.state = ServerState::Completed;
+                    compact_request(&mut tx.request);
                     if !tx.peer.is_reliable() {
                         self.timers
                             .arm(&mut tx.timers, me, Slot::Retransmit, now + cfg.t1);
@@ -649,6 +681,7 @@ impl TransactionLayer {
                     return Ok(());
                 }
                 tx.state = ServerState::Completed;
+                compact_request(&mut tx.request);
                 if tx.peer.is_reliable() {
                     self.terminate(me);
                 } else {
@@ -1110,6 +1143,22 @@ fn merge_key(req: &Request) -> Option<MergeKey> {
         cseq.seq,
         cseq.method,
     ))
+}
+
+/// Keeps of a request only what a response to it is built from (Via, From, To, Call-ID, CSeq,
+/// as [`Request::response`] copies them): a finished server transaction holds no body.
+fn compact_request(req: &mut Request) {
+    let mut kept = super::message::Headers::new();
+    for h in req.headers.iter() {
+        if ["Via", "From", "To", "Call-ID", "CSeq"]
+            .iter()
+            .any(|n| super::message::same_header(&h.name, n))
+        {
+            kept.push(h.name.clone(), h.value.clone());
+        }
+    }
+    req.headers = kept;
+    req.body = Bytes::new();
 }
 
 /// Where responses to a request go (§18.2.2): over TCP the connection it came on; over UDP
@@ -1931,6 +1980,68 @@ mod tests {
             l.on_request(r, udp(), t0 + Duration::from_secs(40)),
             ServerInput::New(..)
         ));
+    }
+
+    #[test]
+    fn stateless_answer_keeps_nothing_and_retransmissions_stay_new() {
+        let mut l = layer();
+        let t0 = Instant::now();
+        let r = req("INVITE", "z9hG4bKflood");
+        assert!(l.is_new_request(&r));
+        // From another port than the Via's: rport/received route the answer to the source.
+        let from = Peer::new(Transport::Udp, "127.0.0.9:40000".parse().unwrap());
+        l.respond_stateless(r.clone(), from, |req| req.response(503, None));
+        let out = drain(&mut l);
+        assert_eq!(out.len(), 1);
+        assert_eq!(status_of(&out[0]), 503);
+        assert_eq!(out[0].peer.addr.ip(), from.addr.ip());
+        let SipMessage::Response(resp) = decode(&out[0]) else {
+            panic!()
+        };
+        assert!(resp
+            .top_via()
+            .unwrap()
+            .to_string()
+            .contains("received=127.0.0.9"));
+        assert_eq!(l.counts(), (0, 0));
+        assert_eq!(l.poll_timeout(), None);
+        // The same INVITE again is still new (nothing remembered); once taken, it is not.
+        assert!(l.is_new_request(&r));
+        assert!(matches!(
+            l.on_request(r.clone(), udp(), t0),
+            ServerInput::New(..)
+        ));
+        assert!(!l.is_new_request(&r));
+        assert!(!l.is_new_request(&req("ACK", "z9hG4bKflood")));
+    }
+
+    #[test]
+    fn a_rejected_transaction_keeps_only_what_responses_need() {
+        let mut l = layer();
+        let t0 = Instant::now();
+        let mut r = req("INVITE", "z9hG4bKrej");
+        r.body = Bytes::from(vec![b'x'; 4000]);
+        r.headers.push("Content-Type", "application/sdp");
+        let ServerInput::New(id, _) = l.on_request(r.clone(), udp(), t0) else {
+            panic!()
+        };
+        assert_eq!(l.server_request(id).unwrap().body.len(), 4000);
+        l.respond(id, resp_to(&r, 486, Some("t")), t0).unwrap();
+        let kept = l.server_request(id).unwrap();
+        assert!(kept.body.is_empty());
+        assert!(kept.headers.get("Route").is_none() && kept.headers.get("Content-Type").is_none());
+        assert_eq!(kept.call_id(), Some("call-1"));
+        assert_eq!(
+            kept.response(486, None).headers.get("CSeq"),
+            Some("1 INVITE")
+        );
+        // The ACK still matches and the retransmission still gets the 486.
+        drain(&mut l);
+        assert_eq!(
+            l.on_request(r.clone(), udp(), t0 + ms(10)),
+            ServerInput::Absorbed
+        );
+        assert_eq!(status_of(&drain(&mut l)[0]), 486);
     }
 
     #[test]

@@ -538,6 +538,11 @@ impl Server {
         child.wait().ok()
     }
 
+    /// The server process's id, while it runs (e.g. to read /proc/PID/status).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn metrics(&self) -> String {
         fetch_metrics(self.http_addr()).unwrap_or_else(|e| panic!("GET /metrics: {e}"))
     }

@@ -23,13 +23,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 mod dtmf;
+mod guard;
 mod sessions;
 mod share;
 
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
-use super::media::{CallKey, MediaBackend, MediaError, Side, StreamPorts};
+use super::media::{CallKey, Expect, MediaBackend, MediaError, PtSet, Side, StreamPorts};
 use crate::config::{Cidr, Transport};
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
@@ -42,6 +43,7 @@ use crate::sip::transaction::{
     Transmit, TxEvent,
 };
 use crate::sip::uri::{NameAddr, Uri, Via};
+pub use guard::GuardConfig;
 
 /// Methods we answer or relay (Allow header).
 pub const ALLOW: &str =
@@ -98,6 +100,8 @@ pub struct EngineConfig {
     pub registration_max_expires: u32,
     /// DTMF feature code that starts a store request (`store.feature_code`, e.g. `*7`).
     pub feature_code: String,
+    /// Ring timeout and per-source admission (`guard` module).
+    pub guard: GuardConfig,
 }
 
 /// What digest needs to know about an account.
@@ -439,6 +443,7 @@ pub struct Engine<M: MediaBackend> {
     next_sweep: Option<Instant>,
     /// The out-of-dialog INFO-to-MESSAGE fallback was logged (once per process).
     ood_info_logged: bool,
+    guard: guard::Guard,
 }
 
 impl<M: MediaBackend> Engine<M> {
@@ -465,6 +470,7 @@ impl<M: MediaBackend> Engine<M> {
         );
         Engine {
             tx: TransactionLayer::new(cfg.timers),
+            guard: guard::Guard::new(cfg.guard),
             cfg,
             registrar,
             verifier,
@@ -493,12 +499,17 @@ impl<M: MediaBackend> Engine<M> {
 
     pub fn handle_message(&mut self, msg: SipMessage, peer: Peer, now: Instant) {
         match msg {
-            SipMessage::Request(req) => match self.tx.on_request(req, peer, now) {
-                ServerInput::New(id, req) => self.on_new_request(id, req, peer, now),
-                ServerInput::Ack(req) => self.on_ack(req),
-                ServerInput::Cancelled { invite, .. } => self.on_cancel(invite, now),
-                ServerInput::Absorbed | ServerInput::Answered | ServerInput::Dropped => {}
-            },
+            SipMessage::Request(req) => {
+                let Some(req) = self.admit(req, peer, now) else {
+                    return self.after(now);
+                };
+                match self.tx.on_request(req, peer, now) {
+                    ServerInput::New(id, req) => self.on_new_request(id, req, peer, now),
+                    ServerInput::Ack(req) => self.on_ack(req),
+                    ServerInput::Cancelled { invite, .. } => self.on_cancel(invite, now),
+                    ServerInput::Absorbed | ServerInput::Answered | ServerInput::Dropped => {}
+                }
+            }
             SipMessage::Response(resp) => match self.tx.on_response(resp, peer, now) {
                 ClientInput::Response(id, resp) => self.on_response(id, resp, now),
                 ClientInput::Retransmission2xx(id, resp) => self.resend_ack(id, &resp),
@@ -511,6 +522,7 @@ impl<M: MediaBackend> Engine<M> {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tx.handle_timeout(now);
         self.digit_timeouts(now);
+        self.ring_timeouts(now);
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.registrar.expire(now);
             self.next_sweep = None;
@@ -576,6 +588,7 @@ impl<M: MediaBackend> Engine<M> {
             self.tx.poll_timeout(),
             self.next_sweep,
             self.next_digit_timeout(),
+            self.guard.next_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -1039,6 +1052,7 @@ impl<M: MediaBackend> Engine<M> {
         if let Some(c) = self.calls.get_mut(&key) {
             c.b_invite_tx = Some(b_tx);
         }
+        self.call_opened(key, peer, now);
         METRICS.calls_active.inc();
         tracing::info!(call = key, caller = %call_caller(&self.calls, key), callee = %callee, "call started");
     }
@@ -1132,6 +1146,9 @@ impl<M: MediaBackend> Engine<M> {
         let Some(&(call_key, side)) = self.dialogs.get(&key) else {
             return;
         };
+        if side == Side::A {
+            self.call_settled(call_key);
+        }
         let other = side.other();
         let Some(call) = self.calls.get_mut(&call_key) else {
             return;
@@ -1177,22 +1194,37 @@ impl<M: MediaBackend> Engine<M> {
         if call.state != CallState::Early {
             return;
         }
+        let mut resp = call.a_invite.response(487, None);
+        resp.ensure_to_tag(&call.a.local_tag.clone());
+        self.abandon_early(key, invite_tx, resp, CallOutcome::Cancelled, now);
+    }
+
+    /// Gives up a call still ringing: `resp` to the caller's INVITE, CANCEL on leg B, ports
+    /// released. The call stays (`Ending`) until leg B's INVITE transaction ends, so a 2xx
+    /// crossing the CANCEL is still ACKed and hung up.
+    fn abandon_early(
+        &mut self,
+        key: CallKey,
+        a_tx: ServerTxId,
+        resp: Response,
+        outcome: CallOutcome,
+        now: Instant,
+    ) {
+        let Some(call) = self.calls.get_mut(&key) else {
+            return;
+        };
         call.state = CallState::Ending;
         call.a_invite_tx = None;
-        let a_invite = call.a_invite.clone();
-        let a_tag = call.a.local_tag.clone();
         let b_tx = call.b_invite_tx;
-        let mut resp = a_invite.response(487, None);
-        resp.ensure_to_tag(&a_tag);
-        self.respond(invite_tx, resp, now);
+        self.respond(a_tx, resp, now);
         if let Some(b_tx) = b_tx {
             let _ = self.tx.cancel(b_tx, now);
         }
         self.media.release(key);
+        self.call_settled(key);
         METRICS.calls_active.dec();
-        METRICS.call_ended(CallOutcome::Cancelled);
-        self.events
-            .push_back(EngineEvent::CallEnded(key, CallOutcome::Cancelled));
+        METRICS.call_ended(outcome);
+        self.events.push_back(EngineEvent::CallEnded(key, outcome));
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1832,6 +1864,7 @@ impl<M: MediaBackend> Engine<M> {
     /// Forgets a call (no metrics): media released, dialog keys removed.
     fn drop_call(&mut self, key: CallKey) {
         self.digit_holds.remove(&key);
+        self.call_settled(key);
         if let Some(call) = self.calls.remove(&key) {
             self.dialogs
                 .remove(&(call.a.call_id.clone(), call.a.local_tag.clone()));
@@ -1858,10 +1891,11 @@ impl<M: MediaBackend> Engine<M> {
         let ip = self.cfg.public_ip;
         // Read every section's address first: rewriting one section rewrites the session-level
         // `c=` the later sections may inherit.
-        let remotes: Vec<(Option<SocketAddr>, Option<u8>)> = (0..sdp.media_count())
+        let signalling = self.calls.get(&key).map(|c| c.leg(from).peer.addr.ip());
+        let remotes: Vec<(Expect, Option<u8>)> = (0..sdp.media_count())
             .map(|i| {
                 let te = sdp.codecs(i).into_iter().find(|c| c.is_telephone_event());
-                (sdp.connection_for(i), te.map(|c| c.pt))
+                (media_expect(&sdp, i, signalling), te.map(|c| c.pt))
             })
             .collect();
         for (idx, (remote, dtmf_pt)) in remotes.into_iter().enumerate() {
@@ -1893,6 +1927,17 @@ impl<M: MediaBackend> Engine<M> {
         }
         Ok(Bytes::from(sdp.to_string()))
     }
+}
+
+/// What section `idx` of an SDP from a party whose signalling came from `signalling` says
+/// about where its media comes from: address, payload types (any when none are listed), NAT.
+fn media_expect(sdp: &SessionDescription, idx: usize, signalling: Option<IpAddr>) -> Expect {
+    let pts = sdp
+        .media(idx)
+        .map(|m| PtSet::of(m.payload_types()))
+        .filter(|p| !p.is_empty())
+        .unwrap_or(PtSet::ANY);
+    Expect::from_sdp(sdp.connection_for(idx), signalling, pts)
 }
 
 #[derive(Debug)]

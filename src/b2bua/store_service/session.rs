@@ -298,7 +298,7 @@ async fn store(
     rc.rtp_timeout = cfg.rtp_timeout;
     rc.telephone_event_pt = te.as_ref().map(|c| c.pt);
     rc.clock_rate = Some(codec.clock_rate);
-    rc.source_ip = offer.connection_for(audio).map(|a| a.ip());
+    rc.source = offer.connection_for(audio);
     let (ev_tx, mut events) = mpsc::channel(64);
     let recorder = Recorder::start(socket, ingest, writer, rc, ev_tx);
     ctx.live.insert(id, recorder.tail());
