@@ -25,6 +25,7 @@ pub mod media;
 pub mod shares;
 pub mod stores;
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -342,8 +343,7 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        axum::http::StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
+        ErrorCode::MethodNotAllowed,
         "method not allowed on this resource",
     )
 }

@@ -24,6 +24,7 @@
 //! `Content-Type: audio/basic` (or `audio/PCMU`, `audio/PCMA`) stores the file as G.711, so it
 //! can be downloaded as WAV; any other type is kept as the store's format.
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path as FsPath, PathBuf};
@@ -233,8 +234,7 @@ pub async fn get_media(
         StoreState::Complete | StoreState::Truncated => false,
         st @ (StoreState::Pending | StoreState::Expired | StoreState::Rejected) => {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "no-data",
+                ErrorCode::NoData,
                 format!("store is {st}: it holds no data"),
             ))
         }
@@ -247,8 +247,7 @@ pub async fn get_media(
                 .and_then(media::g711_format_tag)
                 .ok_or_else(|| {
                     ApiError::new(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        "unsupported-format",
+                        ErrorCode::UnsupportedFormat,
                         format!(
                             "WAV is for PCMU/PCMA stores; this one holds {}",
                             store.format.as_deref().unwrap_or("no format")
@@ -268,8 +267,7 @@ pub async fn get_media(
             store.threshold_at.is_some() || store.threshold_bytes.is_some_and(|t| current >= t);
         if !reached {
             return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not-ready",
+                ErrorCode::NotReady,
                 "the store has not reached its threshold yet",
             )
             .with_retry_after(1));
@@ -327,11 +325,7 @@ pub async fn get_media(
 
 fn storage_error(e: SegmentError) -> ApiError {
     tracing::error!(error = %e, "store data unreadable");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "storage-error",
-        "store data unreadable",
-    )
+    ApiError::new(ErrorCode::StorageError, "store data unreadable")
 }
 
 /// Payload bytes of a finished store (the WAV header's sizes), counting only `pt` if given.
@@ -496,8 +490,7 @@ fn body_from(rx: mpsc::Receiver<Result<Bytes, io::Error>>) -> Body {
 
 fn unknown_store(id: &str) -> ApiError {
     ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown-store",
+        ErrorCode::UnknownStore,
         format!("unknown, used or expired store {id}"),
     )
 }
@@ -505,8 +498,7 @@ fn unknown_store(id: &str) -> ApiError {
 fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
     let Some(v) = headers.get(CONTENT_LENGTH) else {
         return Err(ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "length-required",
+            ErrorCode::LengthRequired,
             "Content-Length (the data size) is required",
         ));
     };
@@ -567,8 +559,7 @@ pub async fn put_data(
     };
     if !sender {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not-sender",
+            ErrorCode::NotSender,
             format!("only {} may send to this store", store.sender),
         ));
     }
@@ -896,13 +887,11 @@ async fn run_upload(
     tracing::info!(store = %id, state = %final_state, bytes = stored, "upload ended");
     match end {
         _ if up.storage_failed => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "storage-error",
+            ErrorCode::StorageError,
             format!("storing failed after {stored} bytes; the store is truncated"),
         )),
         BodyEnd::Short(why) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "truncated",
+            ErrorCode::Truncated,
             format!("{why}; the store is truncated"),
         )),
         BodyEnd::Complete => Ok(finished),

@@ -26,6 +26,7 @@ use super::engine::{Engine, EngineEvent, SessionKey};
 use super::media::{CallKey, MediaBackend, Side};
 use super::wire;
 use crate::config::{PromptFormat, PromptMethod, StoreConfig};
+use crate::error_code::{ErrorCode, Refusal};
 use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::sip::message::Method;
@@ -87,8 +88,7 @@ pub enum Command {
     },
     RejectRequest {
         tx: ServerTxId,
-        status: u16,
-        code: &'static str,
+        code: ErrorCode,
         detail: String,
     },
     Notify(Notification),
@@ -98,14 +98,11 @@ pub enum Command {
     },
     RejectSession {
         session: SessionKey,
-        status: u16,
-        code: &'static str,
-        detail: String,
-        retry_after: Option<u32>,
+        refusal: Refusal,
     },
     EndSession {
         session: SessionKey,
-        reason: Option<&'static str>,
+        reason: Option<ErrorCode>,
     },
     /// A session task ended: forget its runtime.
     SessionGone(SessionKey),
@@ -267,12 +264,9 @@ impl StoreService {
                 content_type,
                 body,
             } => engine.respond_request(tx, status, Some(content_type), Bytes::from(body), now),
-            Command::RejectRequest {
-                tx,
-                status,
-                code,
-                detail,
-            } => engine.reject_request(tx, status, code, &detail, now),
+            Command::RejectRequest { tx, code, detail } => {
+                engine.reject_request(tx, code, &detail, now)
+            }
             Command::Notify(n) => self.notify(engine, n, now),
             Command::AcceptSession { session, sdp } => {
                 if !engine.accept_session(session, Bytes::from(sdp), now) {
@@ -281,14 +275,14 @@ impl StoreService {
                     }
                 }
             }
-            Command::RejectSession {
-                session,
-                status,
-                code,
-                detail,
-                retry_after,
-            } => {
-                engine.reject_session(session, status, code, &detail, retry_after, now);
+            Command::RejectSession { session, refusal } => {
+                engine.reject_session(
+                    session,
+                    refusal.code,
+                    &refusal.detail,
+                    refusal.retry_after,
+                    now,
+                );
                 self.sessions.remove(&session);
             }
             Command::EndSession { session, reason } => engine.end_session(session, reason, now),

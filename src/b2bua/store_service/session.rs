@@ -27,6 +27,7 @@ use tracing::Instrument;
 use super::{Command, Ctx};
 use crate::b2bua::engine::SessionKey;
 use crate::b2bua::wire;
+use crate::error_code::{ErrorCode, Refusal};
 use crate::media::player::{Player, PlayerConfig, PlayerEventKind};
 use crate::media::recorder::{Recorder, RecorderConfig, RecorderEventKind};
 use crate::metrics::{GaugeGuard, METRICS};
@@ -97,14 +98,11 @@ pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Reques
             } else {
                 store(&ctx, key, &id, &identity, &invite, rx).await
             };
-            if let Err(Refusal(status, code, detail, retry_after)) = outcome {
-                tracing::info!(code, "session refused");
+            if let Err(refusal) = outcome {
+                tracing::info!(code = %refusal.code, "session refused");
                 ctx.send(Command::RejectSession {
                     session: key,
-                    status,
-                    code,
-                    detail,
-                    retry_after,
+                    refusal,
                 });
             }
             ctx.send(Command::SessionGone(key));
@@ -114,26 +112,23 @@ pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Reques
     Runtime { signals: tx }
 }
 
-/// A refusal of the INVITE: status, code, detail, Retry-After.
-struct Refusal(u16, &'static str, String, Option<u32>);
-
-fn refuse(status: u16, code: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal(status, code, detail.into(), None)
+fn refuse(code: ErrorCode, detail: impl Into<String>) -> Refusal {
+    Refusal::new(code, detail)
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
-    refuse(500, "internal", e.to_string())
+    Refusal::internal(e)
 }
 
 /// The offered SDP and its audio section.
 fn offer_sdp(invite: &Request) -> Result<(SessionDescription, usize), Refusal> {
     let text = std::str::from_utf8(&invite.body)
-        .map_err(|_| refuse(400, "malformed-message", "SDP is not UTF-8"))?;
+        .map_err(|_| refuse(ErrorCode::MalformedMessage, "SDP is not UTF-8"))?;
     let sdp = SessionDescription::parse(text)
-        .map_err(|e| refuse(400, "malformed-message", format!("bad SDP: {e}")))?;
+        .map_err(|e| refuse(ErrorCode::MalformedMessage, format!("bad SDP: {e}")))?;
     let idx = sdp
         .find_media("audio")
-        .ok_or_else(|| refuse(488, "unsupported-format", "no audio stream offered"))?;
+        .ok_or_else(|| refuse(ErrorCode::UnsupportedFormat, "no audio stream offered"))?;
     Ok((sdp, idx))
 }
 
@@ -187,8 +182,7 @@ async fn store(
     // Step 211, in the order of PROTOCOL.md §2.4.
     let unknown = || {
         refuse(
-            404,
-            "unknown-store",
+            ErrorCode::UnknownStore,
             format!("{id} is unknown, used or expired"),
         )
     };
@@ -204,8 +198,7 @@ async fn store(
     }
     if !same_identity(identity, &store.sender) {
         return Err(refuse(
-            403,
-            "not-sender",
+            ErrorCode::NotSender,
             format!("{identity} is not the sender this store was offered to"),
         ));
     }
@@ -221,8 +214,7 @@ async fn store(
         .cloned()
         .ok_or_else(|| {
             refuse(
-                488,
-                "unsupported-format",
+                ErrorCode::UnsupportedFormat,
                 "none of the offered codecs can be stored",
             )
         })?;
@@ -230,8 +222,7 @@ async fn store(
     let declared = match invite.headers.get("Callvault-Data-Size") {
         Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
             refuse(
-                400,
-                "malformed-request",
+                ErrorCode::MalformedRequest,
                 "Callvault-Data-Size is not a number",
             )
         })?),
@@ -262,9 +253,9 @@ async fn store(
         .await
         .map_err(|e| match e {
             StoreError::UnknownStore(_) => unknown(),
-            StoreError::NotSender { .. } => refuse(403, "not-sender", e.to_string()),
-            StoreError::QuotaExceeded { .. } => refuse(403, "quota-exceeded", e.to_string()),
-            StoreError::NoOwner { .. } => refuse(403, "unknown-receiver", e.to_string()),
+            StoreError::NotSender { .. } => refuse(ErrorCode::NotSender, e.to_string()),
+            StoreError::QuotaExceeded { .. } => refuse(ErrorCode::QuotaExceeded, e.to_string()),
+            StoreError::NoOwner { .. } => refuse(ErrorCode::UnknownReceiver, e.to_string()),
             other => internal(other),
         })?;
 
@@ -284,7 +275,7 @@ async fn store(
                 .stores
                 .finish(id, StoreState::Rejected, 0, SystemTime::now())
                 .await;
-            return Err(Refusal(503, "overloaded", e.to_string(), Some(5)));
+            return Err(Refusal::new(ErrorCode::Overloaded, e.to_string()).retry_after(5));
         }
     };
     let dir = store_dir(&cfg.data_dir, id).map_err(internal)?;
@@ -329,7 +320,7 @@ async fn store(
     tracing::info!(format = %format, declared = ?declared, "store session started");
 
     let mut reserved = declared.unwrap_or(0);
-    let mut ended_by_us: Option<(&'static str, StoreState)> = None;
+    let mut ended_by_us: Option<(ErrorCode, StoreState)> = None;
     loop {
         tokio::select! {
             s = signals.recv() => match s {
@@ -357,21 +348,21 @@ async fn store(
                             if ctx.stores.extend_reservation(id, extra).await.unwrap_or(false) {
                                 reserved += extra;
                             } else if ended_by_us.is_none() {
-                                ended_by_us = Some(("quota-exceeded", StoreState::Complete));
+                                ended_by_us = Some((ErrorCode::QuotaExceeded, StoreState::Complete));
                                 break;
                             }
                         }
                     }
                     RecorderEventKind::SizeExceeded { .. } => {
-                        ended_by_us = Some(("size-exceeded", StoreState::Complete));
+                        ended_by_us = Some((ErrorCode::SizeExceeded, StoreState::Complete));
                         break;
                     }
                     RecorderEventKind::Timeout { .. } => {
-                        ended_by_us = Some(("rtp-timeout", StoreState::Truncated));
+                        ended_by_us = Some((ErrorCode::RtpTimeout, StoreState::Truncated));
                         break;
                     }
                     RecorderEventKind::StorageFailed { .. } => {
-                        ended_by_us = Some(("storage-failed", StoreState::Truncated));
+                        ended_by_us = Some((ErrorCode::StorageFailed, StoreState::Truncated));
                         break;
                     }
                     RecorderEventKind::Finished { .. } => break,
@@ -468,26 +459,23 @@ async fn play(
         .get(id)
         .await
         .map_err(internal)?
-        .ok_or_else(|| refuse(404, "unknown-store", format!("{id} is unknown")))?;
+        .ok_or_else(|| refuse(ErrorCode::UnknownStore, format!("{id} is unknown")))?;
     record_parties(&store);
     if !same_identity(identity, &store.receiver) {
         return Err(refuse(
-            403,
-            "not-receiver",
+            ErrorCode::NotReceiver,
             format!("{identity} is not the receiver of {id}"),
         ));
     }
     let finished = matches!(store.state, StoreState::Complete | StoreState::Truncated);
     if store.threshold_at.is_none() && !finished {
         if matches!(store.state, StoreState::Pending | StoreState::Receiving) {
-            return Err(Refusal(
-                480,
-                "not-ready",
-                "the threshold is not reached yet".into(),
-                Some(2),
-            ));
+            return Err(Refusal::bare(ErrorCode::NotReady).retry_after(2));
         }
-        return Err(refuse(404, "unknown-store", format!("{id} holds no data")));
+        return Err(refuse(
+            ErrorCode::UnknownStore,
+            format!("{id} holds no data"),
+        ));
     }
     let (offer, audio) = offer_sdp(invite)?;
     let format = store.format.clone().unwrap_or_default();
@@ -497,8 +485,7 @@ async fn play(
         .find(|c| c.format_name().eq_ignore_ascii_case(&format))
         .ok_or_else(|| {
             refuse(
-                488,
-                "unsupported-format",
+                ErrorCode::UnsupportedFormat,
                 format!("the store is {format}; offer it to listen"),
             )
         })?;
@@ -506,7 +493,7 @@ async fn play(
     let socket = ctx
         .ports
         .allocate(ctx.cfg.public_ip)
-        .map_err(|e| Refusal(503, "overloaded", e.to_string(), Some(5)))?;
+        .map_err(|e| Refusal::new(ErrorCode::Overloaded, e.to_string()).retry_after(5))?;
     let answer = SessionDescription::answer(
         &offer,
         ctx.cfg.public_ip,
@@ -555,7 +542,7 @@ async fn play(
                     break;
                 }
                 Some(PlayerEventKind::Failed { .. }) | None => {
-                    ctx.send(Command::EndSession { session: key, reason: Some("play-failed") });
+                    ctx.send(Command::EndSession { session: key, reason: Some(ErrorCode::PlayFailed) });
                     break;
                 }
             },
