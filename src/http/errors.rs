@@ -5,7 +5,7 @@ use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::error_code::ErrorCode;
+use crate::error_code::{ErrorCode, Refusal};
 use crate::storage::stores::StoreError;
 use crate::storage::AccountError;
 
@@ -106,6 +106,15 @@ impl From<AccountError> for ApiError {
                 tracing::error!(error = %other, "account lookup failed");
                 ApiError::internal("account database error")
             }
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        ApiError {
+            retry_after: r.retry_after,
+            ..ApiError::new(r.code, r.detail)
         }
     }
 }

@@ -355,6 +355,41 @@ impl StoreService {
         }
     }
 
+    /// An upload's event (`http/upload.rs`): at its threshold, the ready note to the receiver
+    /// like an RTP store's (in-dialog while the receiver's call lasts, else out of dialog).
+    pub fn on_http_event(&mut self, ev: crate::http::HttpEvent) {
+        let crate::http::HttpEvent::ThresholdReached {
+            store_id,
+            received_bytes,
+            state,
+        } = ev
+        else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            match ctx.stores.get(&store_id).await {
+                Ok(Some(store)) => session::ready(&ctx, &store, received_bytes, state),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(store = %store_id, error = %e, "ready note not sent"),
+            }
+        });
+    }
+
+    /// A clean shutdown (PROTOCOL.md 4): every store session stops and finishes `truncated`
+    /// with its committed data, every play session ends. Their tasks report
+    /// [`Command::SessionGone`]; [`StoreService::sessions_left`] counts who is still at it.
+    pub fn shutdown(&self) {
+        for rt in self.sessions.values() {
+            rt.shutdown();
+        }
+    }
+
+    /// Store and play sessions not finished yet.
+    pub fn sessions_left(&self) -> usize {
+        self.sessions.len()
+    }
+
     /// Whether the format setting asks for text by default.
     pub fn default_text(&self) -> bool {
         self.ctx.cfg.store.prompt_format == PromptFormat::Text

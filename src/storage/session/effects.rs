@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use super::{Action, StoreSession};
 use crate::error_code::ErrorCode;
 use crate::metrics::METRICS;
-use crate::storage::stores::{Store, StoreState, Stores};
+use crate::storage::stores::{Store, StoreKind, StoreState, Stores};
 
 /// What the driver must do after [`run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,4 +67,17 @@ pub async fn run(session: &mut StoreSession, stores: &Stores, id: &str) -> Vec<N
         }
     }
     notes
+}
+
+/// `callvault_prompt_to_first_packet_seconds` for a store of step 2.3 (recorded calls have no
+/// prompt): from the store's creation (the prompt follows it at once) to the first commit of
+/// its log that holds payload, i.e. the first packet *stored* in the sense of step 31. Wall
+/// clock, since `created_at` is; a clock step backwards skips the sample.
+pub fn observe_first_packet(store: &Store, at: SystemTime) {
+    if store.kind != StoreKind::InCall {
+        return;
+    }
+    if let Ok(d) = at.duration_since(store.created_at) {
+        METRICS.prompt_to_first_packet_seconds.observe_duration(d);
+    }
 }
