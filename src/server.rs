@@ -220,6 +220,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     http_state.digest_algorithms = config.sip.digest_algorithms.clone();
     http_state.realm = config.sip.domain.clone();
     http_state.live = live.clone();
+    // Uploads resolve thresholds under the same server limits as RTP stores.
+    http_state.upload.default_percent = config.store.threshold_percent;
+    http_state.upload.limits = config.store.threshold_limits();
     // Uploads report their threshold to the store service, which sends the ready note.
     let (http_tx, http_events) = mpsc::unbounded_channel();
     http_state.events = Some(http_tx);
