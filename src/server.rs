@@ -381,6 +381,9 @@ impl Core {
         tracing::info!("shutting down");
         self.service.shutdown();
         let _ = self.stop_uploads.send(true);
+        if let Some(r) = &self.recorder {
+            r.shutdown();
+        }
         self.engine.shutdown(Instant::now());
         self.flush();
         self.finish_stores(&mut commands, &mut record_commands)

@@ -11,7 +11,7 @@ use crate::config::PromptFormat;
 use crate::error_code::{ErrorCode, Refusal};
 use crate::sip::transaction::ServerTxId;
 use crate::sip::uri::Uri;
-use crate::storage::stores::{rfc3339, NewStore, StoreKind};
+use crate::storage::stores::{party_uri, rfc3339, NewStore, StoreKind};
 use crate::storage::threshold::Threshold;
 
 /// Codecs a store session accepts (PROTOCOL.md §2.3 `formats`).
@@ -170,7 +170,7 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
     let host = ctx.cfg.host();
     let prompt = Prompt {
         store_id: store.id.clone(),
-        receiver: format!("sip:{}", job.receiver),
+        receiver: party_uri(&job.receiver),
         store_uri: format!("sip:{}@{}:{}", store.id, host, ctx.cfg.sip_port),
         ip: ctx.cfg.public_ip.to_string(),
         port: ctx.cfg.sip_port,
@@ -195,7 +195,7 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
             if let Origin::Sip { tx, .. } = origin {
                 let accepted = StoreAccepted {
                     store_id: store.id.clone(),
-                    prompted: format!("sip:{}", job.sender),
+                    prompted: party_uri(&job.sender),
                 };
                 ctx.send(Command::RespondRequest {
                     tx: *tx,
