@@ -39,13 +39,13 @@ use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use axum::response::Response;
 use axum::Json;
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::auth::{aor_of, authenticate, is_party, unauthorized, Caller};
 use super::errors::ApiError;
 use super::media::{self, MediaFormat};
 use super::{upload_token, HttpState};
-use crate::storage::segments::{RecordHeader, SegmentError, SegmentReader};
+use crate::storage::segments::{RecordHeader, SegmentError, SegmentReader, TailState};
 use crate::storage::stores::{store_dir, ListFilter, Party, Store, StoreState, StoreView};
 
 /// How often a `receiving` store without a registered writer is polled.
@@ -197,27 +197,12 @@ pub async fn list_stores(
     Ok(Json(list.iter().map(Store::view).collect()))
 }
 
-/// `GET /v1/stores/{id}/media?format=raw|wav|pcap`.
-pub async fn get_media(
-    State(state): State<Arc<HttpState>>,
-    path: PathArg,
-    query: QueryArg,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let id = path_id(path)?;
-    let q = query_map(query)?;
-    let format = match q.get("format").map(String::as_str) {
-        None | Some("") => MediaFormat::Raw,
-        Some(f) => f
-            .parse()
-            .map_err(|()| ApiError::bad_request("format must be raw, wav or pcap"))?,
-    };
-    let caller = require_caller(&state, &method, &uri, &headers).await?;
-    let store = load(&state, &id).await?;
-    check_access(&state, &caller, &store, Need::Media)?;
+/// Whether a store's media can be served now (`no-data`, `unsupported-format` for a WAV of
+/// another codec, `not-ready` before the threshold): whether it is still receiving, the WAV
+/// format tag, and its live tail.
+type Readiness = (bool, Option<u16>, Option<watch::Receiver<TailState>>);
 
+fn readiness(state: &HttpState, store: &Store, format: MediaFormat) -> Result<Readiness, ApiError> {
     let receiving = match store.state {
         StoreState::Receiving => true,
         StoreState::Complete | StoreState::Truncated => false,
@@ -246,8 +231,11 @@ pub async fn get_media(
         ),
         _ => None,
     };
-    let dir = store_dir(&state.data_dir, &store.id)?;
-    let tail = if receiving { state.live.get(&id) } else { None };
+    let tail = if receiving {
+        state.live.get(&store.id)
+    } else {
+        None
+    };
     if receiving {
         let current = tail
             .as_ref()
@@ -262,6 +250,33 @@ pub async fn get_media(
             .with_retry_after(1));
         }
     }
+
+    Ok((receiving, wav_tag, tail))
+}
+
+/// `GET /v1/stores/{id}/media?format=raw|wav|pcap`.
+pub async fn get_media(
+    State(state): State<Arc<HttpState>>,
+    path: PathArg,
+    query: QueryArg,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = path_id(path)?;
+    let q = query_map(query)?;
+    let format = match q.get("format").map(String::as_str) {
+        None | Some("") => MediaFormat::Raw,
+        Some(f) => f
+            .parse()
+            .map_err(|()| ApiError::bad_request("format must be raw, wav or pcap"))?,
+    };
+    let caller = require_caller(&state, &method, &uri, &headers).await?;
+    let store = load(&state, &id).await?;
+    check_access(&state, &caller, &store, Need::Media)?;
+
+    let (receiving, wav_tag, tail) = readiness(&state, &store, format)?;
+    let dir = store_dir(&state.data_dir, &store.id)?;
 
     // Only the store's own codec goes into a WAV (a telephone-event would be noise).
     let pt_filter = wav_tag.and(store.payload_type);

@@ -128,8 +128,8 @@ pub async fn put_data(
     check_sender(&state, &caller, &store)?;
     let len = content_length(&headers)?;
     let (format, payload_type) = upload_format(&headers);
-    let free = match store.owner.as_deref() {
-        Some(owner) => Some(state.accounts.require(owner).await?.free_bytes()),
+    let owner = match store.owner.as_deref() {
+        Some(owner) => Some(state.accounts.require(owner).await?),
         None => None,
     };
     let admitted = session::admit(&Snapshot {
@@ -138,15 +138,18 @@ pub async fn put_data(
         caller: None, // checked above (a token holder has no identity)
         offer: Ok(()),
         declared: Some(len),
-        free_bytes: free,
+        free_bytes: owner.as_ref().map(|a| a.free_bytes()),
     })?;
     let policy = state.upload;
+    let limits = owner
+        .as_ref()
+        .map_or(policy.limits, |a| a.threshold_limits(&policy.limits));
     // A file has no playout rate for the adaptive rule: use the server's percentage.
     let threshold = match store.threshold {
         Threshold::Adaptive => Threshold::Percent(policy.default_percent),
         t => t,
     };
-    let resolved = threshold.resolve(Some(len), len, policy.default_percent, &policy.limits);
+    let resolved = threshold.resolve(Some(len), len, policy.default_percent, &limits);
     let started = state
         .stores
         .start_session(

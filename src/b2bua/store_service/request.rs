@@ -85,7 +85,12 @@ pub(crate) async fn prefers_text(ctx: &Ctx, user: &str) -> bool {
     format == PromptFormat::Text
 }
 
-async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
+/// Step 111 in the order of PROTOCOL.md 2.2: the request, the parties, the subscriber, the
+/// PIN (with its lockout) and free space. The request, the receiver's account and user.
+async fn validate(
+    ctx: &Ctx,
+    job: &Job,
+) -> Result<(StoreRequest, crate::storage::Account, String), Refusal> {
     let req = match &job.origin {
         Origin::Sip { body, .. } => {
             StoreRequest::parse(body).map_err(|e| Refusal::new(ErrorCode::MalformedRequest, e))?
@@ -133,11 +138,16 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
         return Err(Refusal::bare(ErrorCode::BadPin));
     }
     ctx.lockout().success(&user);
-    let free = account.free_bytes();
-    if free == 0 {
+    if account.free_bytes() == 0 {
         return Err(Refusal::bare(ErrorCode::QuotaExhausted));
     }
+    Ok((req, account, user))
+}
 
+/// Validates, creates the store and sends the prompt (step 12).
+async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
+    let (req, account, user) = validate(ctx, job).await?;
+    let free = account.free_bytes();
     // The request's threshold, else the account's default, else the server's (§2.1).
     let requested = req.threshold.map(|t| match (t.percent, t.bytes) {
         (Some(p), _) => Threshold::Percent(p),

@@ -49,6 +49,7 @@ use crate::storage::session::{
 };
 use crate::storage::stores::{store_dir, StartSession, Store, StoreError, StoreState};
 use crate::storage::threshold::{clock_rate, playout_rate_for, ThresholdTracker};
+use crate::storage::Account;
 
 /// What the engine tells a session task.
 #[derive(Debug, Clone, Copy)]
@@ -201,13 +202,13 @@ fn media_offer(invite: &Request) -> Result<MediaOffer, Refusal> {
     })
 }
 
-/// The owner's free space (None: no owner, the operator's store).
-async fn free_bytes(ctx: &Ctx, store: Option<&Store>) -> Result<Option<u64>, Refusal> {
+/// The owner's account (None: no owner, the operator's store).
+async fn owner_account(ctx: &Ctx, store: Option<&Store>) -> Result<Option<Account>, Refusal> {
     let Some(owner) = store.and_then(|s| s.owner.as_deref()) else {
         return Ok(None);
     };
     match ctx.accounts.get(owner).await.map_err(internal)? {
-        Some(a) => Ok(Some(a.free_bytes())),
+        Some(a) => Ok(Some(a)),
         None => Err(refuse(
             ErrorCode::UnknownReceiver,
             format!("{owner} is not a subscriber"),
@@ -235,20 +236,23 @@ async fn accept_store(
         record_parties(s);
     }
     let offer = media_offer(invite);
-    let free = free_bytes(ctx, found.as_ref()).await?;
+    let owner = owner_account(ctx, found.as_ref()).await?;
     let admitted = session::admit(&Snapshot {
         store: found.as_ref(),
         wall: SystemTime::now(),
         caller: Some(identity),
         offer: offer.as_ref().map(|_| ()).map_err(Clone::clone),
         declared: offer.as_ref().ok().and_then(|o| o.declared),
-        free_bytes: free,
+        free_bytes: owner.as_ref().map(Account::free_bytes),
     })?;
     let (Some(store), Ok(offer)) = (found, offer) else {
         return Err(Refusal::bare(ErrorCode::UnknownStore)); // admit checked both
     };
     let cfg = &ctx.cfg;
-    let limits = cfg.store.threshold_limits();
+    let server_limits = cfg.store.threshold_limits();
+    let limits = owner
+        .as_ref()
+        .map_or(server_limits, |a| a.threshold_limits(&server_limits));
     let resolved = store.threshold.resolve(
         offer.declared,
         cfg.store.fallback_bytes,
