@@ -1400,6 +1400,12 @@ fn upload_in_call_notifies_in_dialog_then_out_of_dialog() {
             "download equals the upload"
         );
     }
+    // Metrics like an RTP store: a threshold sample per upload, no session left active.
+    let m = server.metrics();
+    let thresholds = common::metric_value(&m, "callvault_threshold_seconds_count", &[]);
+    assert_eq!(thresholds, Some(2.0), "{m}");
+    let active = common::metric_value(&m, "callvault_store_sessions_active", &[]);
+    assert_eq!(active, Some(0.0));
     let acc = account(&server, "1002");
     assert_eq!(acc["used_bytes"], 80_000, "{acc}");
     assert_eq!(acc["reserved_bytes"], 0, "{acc}");

@@ -6,6 +6,11 @@
 //! and spawns tasks for the database, argon2 and media work. Those tasks answer with
 //! [`Command`]s on a channel the core drains into [`StoreService::apply`], the only place that
 //! touches the engine again. So no lock is held across an await and the engine never blocks.
+//!
+//! The store lifecycle itself is not here: it is [`crate::storage::session::StoreSession`],
+//! which this service drives for RTP store sessions (`session.rs`) and whose ready notes it
+//! sends for uploads too ([`StoreService::on_http_event`]). At a clean shutdown
+//! [`StoreService::shutdown`] stops every session; the core waits for them to settle.
 
 mod lockout;
 mod request;
