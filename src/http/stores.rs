@@ -1,5 +1,5 @@
 //! Store endpoints (PROTOCOL 2.4, 2.5, 5): metadata, listing, media download following the
-//! live tail, and `PUT upload_url` for files that are not media.
+//! live tail.
 //!
 //! Download: records are read in order and encoded ([`super::media`]) by a producer task
 //! that feeds the response body through a small channel, so a client that stops reading
@@ -12,17 +12,7 @@
 //! `Retry-After`, as a play session gets `480` (step 333). `pending`, `expired` and `rejected`
 //! stores have no data: `409 no-data`.
 //!
-//! Upload: the sender is the holder of the upload token (see [`super::upload_token`]) or the
-//! account named as the store's sender, by Basic or Digest. Checks in the order of step 211:
-//! unknown/used/expired store `404 unknown-store`, no or bad credentials `401`, not the sender
-//! `403 not-sender`, no `Content-Length` `411`, larger than the receiver's free space
-//! `403 quota-exceeded` (reserved atomically by [`Stores::start_session`]). The body is cut
-//! into records of [`UploadPolicy::record_bytes`] and committed every
-//! [`UploadPolicy::commit_bytes`] (or when the body pauses), never held whole. A body that
-//! ends short of `Content-Length` (client aborted) or stalls for
-//! [`UploadPolicy::idle_timeout`](super::UploadPolicy) leaves the store `truncated`.
-//! `Content-Type: audio/basic` (or `audio/PCMU`, `audio/PCMA`) stores the file as G.711, so it
-//! can be downloaded as WAV; any other type is kept as the store's format.
+//! `PUT upload_url` is [`super::upload`], an ingest adapter of the store lifecycle.
 
 use crate::error_code::ErrorCode;
 use std::collections::HashMap;

@@ -8,12 +8,12 @@
 //! the receiver's free space `403 quota-exceeded` (reserved atomically by
 //! [`Stores::start_session`](crate::storage::stores::Stores::start_session)).
 //!
-//! The body is cut into records of [`UploadPolicy::record_bytes`] and committed every
-//! [`UploadPolicy::commit_bytes`] (or when the body pauses), never held whole. Every commit
+//! The body is cut into records of [`UploadPolicy::record_bytes`](super::UploadPolicy) and committed every
+//! [`UploadPolicy::commit_bytes`](super::UploadPolicy) (or when the body pauses), never held whole. Every commit
 //! feeds the machine, so the threshold is reached like an RTP store's and the ready note goes
 //! to the receiver through [`HttpEvent::ThresholdReached`] (the store service sends it
 //! in-dialog while the receiver's call lasts, else out of dialog). A body that ends short of
-//! `Content-Length` (client aborted), stalls for [`UploadPolicy::idle_timeout`] (the
+//! `Content-Length` (client aborted), stalls for [`UploadPolicy::idle_timeout`](super::UploadPolicy) (the
 //! machine's silence timer) or is cut by a shutdown leaves the store `truncated`.
 //! `Content-Type: audio/basic` (or `audio/PCMU`, `audio/PCMA`) stores the file as G.711, so
 //! it can be downloaded as WAV; any other type is kept as the store's format.
