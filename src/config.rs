@@ -240,6 +240,26 @@ pub struct StoreConfig {
     pub feature_code: String,
     pub store_expiry_secs: u64,
     pub prompt_format: PromptFormat,
+    /// Server limits on what a store request may ask for (PROTOCOL.md 2.1 "bounded by the
+    /// account's and the server's limits"): percentages above this are lowered to it...
+    pub threshold_max_percent: u8,
+    /// ...byte thresholds (also resolved percentages) above this are lowered (0: no cap)...
+    #[serde(deserialize_with = "de_bytes")]
+    pub threshold_max_bytes: u64,
+    /// ...and with false, `adaptive` becomes `threshold_percent`.
+    pub threshold_adaptive: bool,
+}
+
+impl StoreConfig {
+    /// The server's threshold limits.
+    pub fn threshold_limits(&self) -> crate::storage::threshold::ThresholdLimits {
+        crate::storage::threshold::ThresholdLimits {
+            max_percent: self.threshold_max_percent,
+            max_bytes: (self.threshold_max_bytes > 0).then_some(self.threshold_max_bytes),
+            allow_adaptive: self.threshold_adaptive,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -251,6 +271,9 @@ impl Default for StoreConfig {
             feature_code: "*7".into(),
             store_expiry_secs: 300,
             prompt_format: PromptFormat::Json,
+            threshold_max_percent: 100,
+            threshold_max_bytes: 0,
+            threshold_adaptive: true,
         }
     }
 }
@@ -484,6 +507,12 @@ impl Config {
         }
         if self.store.threshold_percent > 100 {
             return Err(invalid("store.threshold_percent", "must be within 0..=100"));
+        }
+        if self.store.threshold_max_percent > 100 {
+            return Err(invalid(
+                "store.threshold_max_percent",
+                "must be within 0..=100",
+            ));
         }
         let code = &self.store.feature_code;
         if !code.starts_with('*')

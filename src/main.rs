@@ -102,6 +102,23 @@ struct SetArgs {
     /// the server's store.threshold_percent.
     #[arg(long, value_parser = threshold_or_default)]
     threshold: Option<ThresholdChoice>,
+    /// Cap on this account's byte thresholds (bytes, e.g. 48000 or 1MiB; tightens the server's
+    /// store.threshold_max_bytes); `default` removes it.
+    #[arg(long, value_parser = limit_or_default)]
+    threshold_max_bytes: Option<LimitChoice>,
+}
+
+/// `--threshold-max-bytes` of `set`: a size, or `default` for none.
+#[derive(Debug, Clone, Copy)]
+struct LimitChoice(Option<u64>);
+
+fn limit_or_default(s: &str) -> Result<LimitChoice, String> {
+    if s == "default" {
+        return Ok(LimitChoice(None));
+    }
+    callvault::config::parse_bytes(s)
+        .map(|n| LimitChoice(Some(n)))
+        .map_err(|e| e.to_string())
 }
 
 /// `--threshold` of `set` (newtype for the same reason as [`FormatChoice`]).
@@ -251,6 +268,9 @@ async fn account_cmd(accounts: &Accounts, cmd: AccountCmd) -> anyhow::Result<()>
             }
             if let Some(ThresholdChoice(t)) = args.threshold {
                 accounts.set_threshold(&args.user, t).await?;
+            }
+            if let Some(LimitChoice(n)) = args.threshold_max_bytes {
+                accounts.set_threshold_max_bytes(&args.user, n).await?;
             }
         }
         AccountCmd::Remove { user } => {

@@ -59,6 +59,9 @@ const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Queued SIP events the core handles in one go before flushing transmits.
 const CORE_BATCH: usize = 63;
 
+/// How long a clean shutdown waits for stores to finish and settle (PROTOCOL.md 4).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.storage.data_dir)
@@ -218,6 +221,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     http_state.digest_algorithms = config.sip.digest_algorithms.clone();
     http_state.realm = config.sip.domain.clone();
     http_state.live = live.clone();
+    // Uploads resolve thresholds under the same server limits as RTP stores.
+    http_state.upload.default_percent = config.store.threshold_percent;
+    http_state.upload.limits = config.store.threshold_limits();
+    // Uploads report their threshold to the store service, which sends the ready note.
+    let (http_tx, http_events) = mpsc::unbounded_channel();
+    http_state.events = Some(http_tx);
+    let stop_uploads = http_state.stop.clone();
     let mut share_settings = crate::share::ShareSettings::from_config(&config.share);
     share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
     // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
@@ -257,6 +267,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         accounts,
         account_seen: HashMap::new(),
         counters,
+        live,
+        stop_uploads,
     };
     let result = core
         .run(Inbox {
@@ -265,6 +277,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             commands,
             share_commands,
             record_commands,
+            http_events,
             term,
             int,
         })
@@ -281,6 +294,8 @@ struct Inbox {
     share_commands: mpsc::UnboundedReceiver<share_service::Command>,
     /// None when `media.record_calls` is off.
     record_commands: Option<mpsc::UnboundedReceiver<recording::Command>>,
+    /// Uploads' events (their ready notes).
+    http_events: mpsc::UnboundedReceiver<crate::http::HttpEvent>,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
@@ -295,6 +310,10 @@ struct Core {
     accounts: Accounts,
     account_seen: HashMap<String, Instant>,
     counters: Arc<RelayCounters>,
+    /// Stores being written (RTP, uploads, recordings): a shutdown waits for them.
+    live: Arc<LiveStores>,
+    /// Tells uploads in flight to stop.
+    stop_uploads: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Core {
@@ -305,6 +324,7 @@ impl Core {
             mut commands,
             mut share_commands,
             record_commands,
+            mut http_events,
             mut term,
             mut int,
         } = inbox;
@@ -333,6 +353,7 @@ impl Core {
                 Some(cmd) = commands.recv() => {
                     self.service.apply(&mut self.engine, cmd, Instant::now());
                 }
+                Some(ev) = http_events.recv() => self.service.on_http_event(ev),
                 Some(cmd) = share_commands.recv() => {
                     self.share_service.apply(&mut self.engine, cmd, Instant::now());
                 }
@@ -359,11 +380,48 @@ impl Core {
             self.flush();
         }
         tracing::info!("shutting down");
+        self.service.shutdown();
+        let _ = self.stop_uploads.send(true);
+        if let Some(r) = &self.recorder {
+            r.shutdown();
+        }
         self.engine.shutdown(Instant::now());
         self.flush();
+        self.finish_stores(&mut commands, &mut record_commands)
+            .await;
         // Let the BYEs leave (TCP writer tasks) before the runtime goes away.
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
+    }
+
+    /// PROTOCOL.md 4: a clean shutdown finishes every store `truncated` with its committed
+    /// data and settles its quota before the process exits, bounded by [`SHUTDOWN_GRACE`].
+    /// The store tasks still talk to the engine meanwhile (their BYEs, their goodbyes).
+    async fn finish_stores(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        record_commands: &mut mpsc::UnboundedReceiver<recording::Command>,
+    ) {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.service.sessions_left() > 0 || !self.live.is_empty() {
+            tokio::select! {
+                Some(cmd) = commands.recv() => {
+                    self.service.apply(&mut self.engine, cmd, Instant::now());
+                }
+                // A recording starting now has no call left to attach to.
+                Some(_) = record_commands.recv() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        sessions = self.service.sessions_left(),
+                        stores = self.live.len(),
+                        "stores still open at the end of the shutdown grace"
+                    );
+                    break;
+                }
+            }
+            self.flush();
+        }
     }
 
     async fn on_transport_event(&mut self, ev: TransportEvent) {

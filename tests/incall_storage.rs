@@ -1001,6 +1001,8 @@ fn crash_mid_store_recovers_truncated() {
 fn concurrent_store_sessions_never_overdraw_quota() {
     let server = server_with("", &[("1005", "100000")], &[]);
     let mut c = Call::establish(server.sip_addr(), "1001", "1005");
+    // The call outlives a slow run (argon2 PINs on a loaded machine) without an RTP timeout.
+    c.keep_alive();
     let mut uris = Vec::new();
     for _ in 0..10 {
         let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
@@ -1278,4 +1280,172 @@ fn rtp_dtmf_feature_code_is_swallowed_and_prompts() {
         fives += 1;
     }
     assert_eq!(fives, 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. The store lifecycle (issue 9): shutdown, uploads as full citizens, undeclared sizes
+
+/// PROTOCOL.md 4: SIGTERM mid-store finishes the store `truncated` with its committed data
+/// and settles the quota *before* the process exits; after a restart it plays.
+#[test]
+fn sigterm_mid_store_finishes_truncated_and_settles() {
+    let mut server = server_with("", &[], &[]);
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
+    let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
+    let id = p["store_id"].as_str().unwrap().to_string();
+    let rtp = Rtp::bind();
+    let (_sd, to) = open_store_session(&mut c, &p, 500 * 160, &rtp);
+    send_stream(&rtp, to, 13, 0..50);
+    std::thread::sleep(Duration::from_millis(300)); // committed (20 ms group commit)
+    assert_eq!(account(&server, "1002")["reserved_bytes"], 500 * 160);
+    let stopped = Instant::now();
+    let status = server.stop().expect("server was running");
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "bounded shutdown"
+    );
+
+    // Before any restart (no recovery has run): finished and settled by the shutdown.
+    let st = store_meta(&server, &id);
+    assert_eq!(st.state.as_str(), "truncated", "{st:?}");
+    assert_eq!(st.received_bytes, 50 * 160, "every committed packet kept");
+    let acc = account(&server, "1002");
+    assert_eq!(acc["reserved_bytes"], 0, "{acc}");
+    assert_eq!(acc["used_bytes"], st.received_bytes, "{acc}");
+
+    server.start();
+    let st = store_meta(&server, &id);
+    assert_eq!(st.state.as_str(), "truncated");
+    let b_rtp = Rtp::bind();
+    let play_uri = format!("sip:play-{id}@127.0.0.1:{}", server.sip_addr().port());
+    let (r, _pd) = play_invite(&mut c.b, &play_uri, &b_rtp);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.len() < 50 && Instant::now() < deadline {
+        if let Some(p) = b_rtp.recv(Duration::from_millis(50)) {
+            got.push(p.payload);
+        }
+    }
+    assert_eq!(got.len(), 50, "played packets");
+    assert!(got.iter().enumerate().all(|(i, p)| *p == payload(i as u32)));
+}
+
+/// `PUT upload_url` body: `n` printable bytes.
+fn upload_body(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| b'a' + ((i + seed as usize) % 26) as u8)
+        .collect()
+}
+
+/// PUTs `body` to the prompt's `upload_url` (the sender's token); the response.
+fn put_upload(server: &Server, prompt: &Value, body: &[u8]) -> common::http::Resp {
+    let url = prompt["upload_url"].as_str().unwrap();
+    let target = &url[url.find("/v1/").unwrap()..];
+    let mut raw = format!(
+        "PUT {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    common::http::send_raw_blocking(server.http_addr(), &raw)
+}
+
+/// Issue 9 item 4: an upload is a full citizen. In a live call B gets the ready note in the
+/// call's dialog; after the call, out of dialog; the store is `complete` and downloads as
+/// uploaded.
+#[test]
+fn upload_in_call_notifies_in_dialog_then_out_of_dialog() {
+    let server = server_with("", &[], &[]);
+    let mut c = Call::establish(server.sip_addr(), "1001", "1002");
+    c.keep_alive();
+    // Two stores asked for in the call; the second is uploaded after it ended.
+    let prompts = [
+        accepted_prompt(&mut c, r#"{"pin":"4321"}"#),
+        accepted_prompt(&mut c, r#"{"pin":"4321"}"#),
+    ];
+    for (k, p) in prompts.iter().enumerate() {
+        let in_call = k == 0;
+        if !in_call {
+            assert_eq!(c.a.bye(&mut c.ad).status, 200);
+            let bye = c.b.expect_request(Method::Bye, None, T);
+            c.b.respond(&bye, 200, &[], b"");
+        }
+        let id = p["store_id"].as_str().unwrap().to_string();
+        let body = upload_body(40_000, k as u8);
+        let r = put_upload(&server, p, &body);
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let note = c.b.expect_request(Method::Message, Some(READY), T);
+        c.b.respond(&note, 200, &[], b"");
+        let in_dialog = note.call_id() == Some(c.bd.id.call_id.as_str());
+        assert_eq!(
+            in_dialog, in_call,
+            "ready note in the call's dialog iff the call lasts"
+        );
+        let ready = json(&note.body);
+        assert_eq!(ready["store_id"], id.as_str());
+        assert!(
+            ["receiving", "complete"].contains(&ready["state"].as_str().unwrap()),
+            "{ready}"
+        );
+        let st = wait_store(&server, &id, |s| s.state.as_str() == "complete");
+        assert_eq!(st.state.as_str(), "complete");
+        assert_eq!(st.received_bytes, body.len() as u64);
+        let url = ready["download_url"].as_str().unwrap();
+        let (status, got) =
+            common::http_get(server.http_addr(), &url[url.find("/v1/").unwrap()..]).unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            got.as_bytes() == body.as_slice(),
+            "download equals the upload"
+        );
+    }
+    // Metrics like an RTP store: a threshold sample per upload, no session left active.
+    let m = server.metrics();
+    let thresholds = common::metric_value(&m, "callvault_threshold_seconds_count", &[]);
+    assert_eq!(thresholds, Some(2.0), "{m}");
+    let active = common::metric_value(&m, "callvault_store_sessions_active", &[]);
+    assert_eq!(active, Some(0.0));
+    let acc = account(&server, "1002");
+    assert_eq!(acc["used_bytes"], 80_000, "{acc}");
+    assert_eq!(acc["reserved_bytes"], 0, "{acc}");
+}
+
+/// Issue 10 finding 3: without `Callvault-Data-Size` the receiver's free space is reserved at
+/// acceptance and is the limit: the session ends with BYE `size-exceeded` there, the account
+/// never goes over its quota.
+#[test]
+fn undeclared_store_stops_at_the_quota() {
+    let quota = 100 * 160;
+    let server = server_with("", &[("1006", &quota.to_string())], &[]);
+    let mut c = Call::establish(server.sip_addr(), "1001", "1006");
+    c.keep_alive();
+    let p = accepted_prompt(&mut c, r#"{"pin":"4321"}"#);
+    let id = p["store_id"].as_str().unwrap().to_string();
+    let rtp = Rtp::bind();
+    let (r, d) = store_invite(&mut c.a, p["store_uri"].as_str().unwrap(), None, &rtp);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut d = d.unwrap();
+    let acc = account(&server, "1006");
+    assert_eq!(
+        acc["reserved_bytes"], quota,
+        "free space reserved at acceptance: {acc}"
+    );
+    send_stream(&rtp, store_port(&r), 7, 0..150);
+    let bye =
+        c.a.expect_request(Method::Bye, None, Duration::from_secs(5));
+    c.a.respond(&bye, 200, &[], b"");
+    assert_eq!(bye.call_id(), Some(d.id.call_id.as_str()));
+    let reason = bye.headers.get("Reason").unwrap_or_default().to_string();
+    assert!(reason.contains("size-exceeded"), "Reason: {reason:?}");
+    let _ = &mut d;
+    let st = wait_store(&server, &id, |s| s.state.as_str() == "truncated");
+    assert_eq!(st.state.as_str(), "truncated", "{st:?}");
+    assert_eq!(st.received_bytes, quota, "{st:?}");
+    let acc = account(&server, "1006");
+    assert_eq!(acc["reserved_bytes"], 0, "{acc}");
+    assert_eq!(acc["used_bytes"], quota, "{acc}");
+    assert_eq!(acc["free_bytes"], 0, "{acc}");
 }

@@ -1,9 +1,11 @@
 //! Errors callvault decides itself carry a JSON body and a Warning (PROTOCOL.md §2.2, §5).
+//! The codes themselves are [`ErrorCode`]s.
 
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 
+use crate::error_code::ErrorCode;
 use crate::sip::message::Response;
 
 pub const ERROR_CONTENT_TYPE: &str = "application/vnd.callvault.error+json";
@@ -20,12 +22,12 @@ fn warn_agent() -> &'static str {
 }
 
 /// `{"error": code, "detail": detail}`.
-pub fn error_json(code: &str, detail: &str) -> String {
-    serde_json::json!({ "error": code, "detail": detail }).to_string()
+pub fn error_json(code: ErrorCode, detail: &str) -> String {
+    serde_json::json!({ "error": code.as_str(), "detail": detail }).to_string()
 }
 
 /// Adds the error body and the Warning header to a response callvault itself decided.
-pub fn with_error_body(mut resp: Response, code: &str, detail: &str) -> Response {
+pub fn with_error_body(mut resp: Response, code: ErrorCode, detail: &str) -> Response {
     resp.headers
         .push("Warning", format!("399 {} \"{}\"", warn_agent(), code));
     resp.headers.set("Content-Type", ERROR_CONTENT_TYPE);
@@ -46,7 +48,7 @@ mod tests {
             headers: Default::default(),
             body: Bytes::new(),
         };
-        let r = with_error_body(resp, "bad-pin", "wrong \"PIN\"");
+        let r = with_error_body(resp, ErrorCode::BadPin, "wrong \"PIN\"");
         assert_eq!(r.content_type().as_deref(), Some(ERROR_CONTENT_TYPE));
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["error"], "bad-pin");

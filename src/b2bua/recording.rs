@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::engine::{Engine, EngineEvent};
 use super::media::{CallKey, MediaBackend, RelayMedia};
@@ -26,10 +26,12 @@ use crate::storage::segments::{
     pipeline, Durability, Ingest, PipelineOptions, SegmentError, SegmentOptions, SegmentWriter,
     TailState,
 };
+use crate::storage::session::effects;
+use crate::storage::session::{self, IngestEnd, Input, SessionConfig, Snapshot, StoreSession};
 use crate::storage::stores::{
     store_dir, NewStore, StartSession, StoreError, StoreKind, StoreState, Stores,
 };
-use crate::storage::threshold::Threshold;
+use crate::storage::threshold::{Resolved, Threshold};
 
 /// Used when the answer's codec cannot be read.
 pub const DEFAULT_FORMAT: (&str, u8) = ("PCMU/8000", 0);
@@ -86,6 +88,8 @@ struct Ctx {
     counters: Arc<RecordCounters>,
     /// Writes every recording's log.
     logs: LogThread,
+    /// Set at a clean shutdown: recordings then end `truncated`.
+    stop: Arc<watch::Sender<bool>>,
 }
 
 /// The recording side of the core; exists only when `record_calls` is on.
@@ -109,6 +113,7 @@ impl RecordingService {
             commands: tx,
             counters: Arc::new(RecordCounters::default()),
             logs: LogThread::start("cv-record-logs", LOG_TICK)?,
+            stop: Arc::new(watch::channel(false).0),
         };
         Ok((RecordingService { ctx }, rx))
     }
@@ -131,6 +136,11 @@ impl RecordingService {
         };
         let ctx = self.ctx.clone();
         tokio::spawn(async move { start(ctx, job).await });
+    }
+
+    /// A clean shutdown: every recording in progress ends `truncated` when its call is hung up.
+    pub fn shutdown(&self) {
+        let _ = self.ctx.stop.send(true);
     }
 
     /// Applies a command to the relays.
@@ -246,39 +256,80 @@ async fn open_direction(
     if let Err(e) = ctx.stores.mark_threshold(&store.id, now).await {
         tracing::debug!(error = %e, "recording threshold not noted");
     }
+    let tail = task.subscribe();
     let end = ctx
         .logs
         .adopt(task)
         .map_err(|e| RecordingError::Log(e.to_string()))?;
-    tokio::spawn(finish_when_done(ctx.clone(), store.id, end));
+    // The operator's and the callee's recordings alike reserve nothing: a call is recorded
+    // whole, and its bytes are charged when it ends (no limit stops a call mid-way).
+    let admitted = session::admit(&Snapshot {
+        store: Some(&store),
+        wall: now,
+        caller: Some(sender),
+        offer: Ok(()),
+        declared: None,
+        free_bytes: None,
+    })
+    .map_err(|r| RecordingError::Log(r.to_string()))?;
+    let cfg = SessionConfig {
+        admitted,
+        resolved: Resolved::Fixed(0),
+        playout_rate: None,
+        silence_timeout: None,
+    };
+    let machine = StoreSession::start(cfg, std::time::Instant::now());
+    tokio::spawn(finish_when_done(ctx.clone(), store.id, machine, tail, end));
     Ok(ingest)
 }
 
-/// Waits until the relay has closed the log and the writer thread has written it, then
-/// settles the store.
+/// The recording's ingest adapter of [`StoreSession`]: feeds it the log's commits, a
+/// shutdown, and the end (the relay closed the log and the writer thread wrote it), and runs
+/// its effects; the machine settles the store.
 async fn finish_when_done(
     ctx: Ctx,
     id: String,
-    end: oneshot::Receiver<Result<TailState, SegmentError>>,
+    mut machine: StoreSession,
+    mut tail: watch::Receiver<TailState>,
+    mut end: oneshot::Receiver<Result<TailState, SegmentError>>,
 ) {
-    let written = end
-        .await
-        .unwrap_or_else(|_| Err(SegmentError::Task("log writer thread stopped".into())));
-    let (state, bytes) = match written {
-        Ok(tail) => (StoreState::Complete, tail.payload_bytes),
-        Err(e) => {
-            tracing::warn!(store = %id, error = %e, "call recording cut short");
-            let bytes = ctx.live.get(&id).map_or(0, |t| t.borrow().payload_bytes);
-            (StoreState::Truncated, bytes)
-        }
+    let mut stop = ctx.stop.subscribe();
+    let mut stopping = false;
+    let mut tail_open = true;
+    let (how, stored) = loop {
+        let input = tokio::select! {
+            written = &mut end => break match written {
+                Ok(Ok(t)) => (IngestEnd::Done, t.payload_bytes),
+                Ok(Err(e)) => {
+                    tracing::warn!(store = %id, error = %e, "call recording cut short");
+                    (IngestEnd::StorageFailed, machine.committed())
+                }
+                Err(_) => {
+                    tracing::warn!(store = %id, "call recording cut short: log writer stopped");
+                    (IngestEnd::StorageFailed, machine.committed())
+                }
+            },
+            changed = tail.changed(), if tail_open => match changed {
+                Ok(()) => {
+                    let n = tail.borrow_and_update().payload_bytes;
+                    Input::Committed(n)
+                }
+                Err(_) => { tail_open = false; continue; }
+            },
+            _ = async { drop(stop.wait_for(|s| *s).await) }, if !stopping => {
+                stopping = true;
+                Input::Shutdown
+            }
+        };
+        machine.handle(input, std::time::Instant::now());
+        // A recording sends no ready note and cannot stop its relay (the call's end does).
+        let _ = effects::run(&mut machine, &ctx.stores, &id).await;
     };
-    if let Err(e) = ctx
-        .stores
-        .finish(&id, state, bytes, SystemTime::now())
-        .await
-    {
-        tracing::warn!(store = %id, error = %e, "call recording not finished cleanly");
-    }
+    machine.handle(
+        Input::IngestEnded { how, stored },
+        std::time::Instant::now(),
+    );
+    let _ = effects::run(&mut machine, &ctx.stores, &id).await;
     ctx.live.remove(&id);
-    tracing::info!(store = %id, bytes, ?state, "call recording ended");
+    tracing::info!(store = %id, bytes = stored, phase = ?machine.phase(), "call recording ended");
 }

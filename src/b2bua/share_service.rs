@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use super::engine::{Engine, EngineEvent};
 use super::media::MediaBackend;
 use super::wire;
+use crate::error_code::ErrorCode;
 use crate::share::{Requester, Share, Shares};
 use crate::sip::message::{HeaderAccess, Method, Request};
 use crate::sip::transaction::{Peer, ServerTxId};
@@ -163,8 +164,7 @@ pub enum Command {
     },
     Reject {
         tx: ServerTxId,
-        status: u16,
-        code: &'static str,
+        code: ErrorCode,
         detail: String,
     },
     /// `200` to the requester, then the offer MESSAGE.
@@ -202,10 +202,9 @@ impl Ctx {
         let _ = self.commands.send(c);
     }
 
-    fn reject(&self, tx: ServerTxId, status: u16, code: &'static str, detail: impl Into<String>) {
+    fn reject(&self, tx: ServerTxId, code: ErrorCode, detail: impl Into<String>) {
         self.send(Command::Reject {
             tx,
-            status,
             code,
             detail: detail.into(),
         });
@@ -246,15 +245,14 @@ impl Ctx {
                     body,
                 });
             }
-            Err(e) => self.reject(job.tx, 500, "internal-error", e.to_string()),
+            Err(e) => self.reject(job.tx, ErrorCode::Internal, e.to_string()),
         }
     }
 
     fn unknown(&self, job: &Job) {
         self.reject(
             job.tx,
-            404,
-            "unknown-share",
+            ErrorCode::UnknownShare,
             format!("{} shares nothing named {:?}", job.sharer, job.name),
         );
     }
@@ -264,20 +262,19 @@ impl Ctx {
     /// stands in for the policy).
     async fn answer(self, job: Job, sharer_consented: bool) {
         let share = match self.share(&job).await {
-            Err(e) => return self.reject(job.tx, 500, "internal-error", e),
+            Err(e) => return self.reject(job.tx, ErrorCode::Internal, e),
             Ok(None) => return self.unknown(&job),
             Ok(Some(share)) => share,
         };
         if !sharer_consented {
             let requester = match self.requester(&job.requester).await {
                 Ok(r) => r,
-                Err(e) => return self.reject(job.tx, 500, "internal-error", e),
+                Err(e) => return self.reject(job.tx, ErrorCode::Internal, e),
             };
             if !self.shares.may_fetch(&share, requester.as_ref()) {
                 return self.reject(
                     job.tx,
-                    403,
-                    "share-denied",
+                    ErrorCode::ShareDenied,
                     format!("{} may not fetch {:?}", job.requester, job.name),
                 );
             }
@@ -295,7 +292,7 @@ impl Ctx {
         }
         .await;
         match result {
-            Err(e) => self.reject(tx, 500, "internal-error", e),
+            Err(e) => self.reject(tx, ErrorCode::Internal, e),
             Ok(shares) => {
                 let list = ShareList {
                     owner: format!("sip:{sharer}@{}", self.cfg.domain.to_ascii_lowercase()),
@@ -315,7 +312,7 @@ impl Ctx {
                         content_type: Some("application/json"),
                         body: Bytes::from(body),
                     }),
-                    Err(e) => self.reject(tx, 500, "internal-error", e.to_string()),
+                    Err(e) => self.reject(tx, ErrorCode::Internal, e.to_string()),
                 }
             }
         }
@@ -401,8 +398,7 @@ impl ShareService {
                     }
                     SharerAnswer::Refused => engine.reject_request(
                         *tx,
-                        403,
-                        "share-denied",
+                        ErrorCode::ShareDenied,
                         &format!("{} refused", job.sharer),
                         now,
                     ),
@@ -437,7 +433,7 @@ impl ShareService {
         let ask = match parse_request(&request.body) {
             Ok(a) => a,
             Err(detail) => {
-                return engine.reject_request(tx, 400, "malformed-request", &detail, now);
+                return engine.reject_request(tx, ErrorCode::MalformedRequest, &detail, now);
             }
         };
         let name = match ask {
@@ -494,12 +490,7 @@ impl ShareService {
                 content_type,
                 body,
             } => engine.respond_request(tx, status, content_type, body, now),
-            Command::Reject {
-                tx,
-                status,
-                code,
-                detail,
-            } => engine.reject_request(tx, status, code, &detail, now),
+            Command::Reject { tx, code, detail } => engine.reject_request(tx, code, &detail, now),
             Command::RelayDeadline { tx } => {
                 // Still unanswered: the sharer counts as unreachable. Its late answer finds
                 // no job and is dropped.

@@ -2,6 +2,7 @@
 //! engine on a simulated clock. Everything the engine sends is re-parsed from its wire bytes, so
 //! these tests see exactly what a peer would.
 
+use crate::error_code::ErrorCode;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -1594,7 +1595,8 @@ fn reject_request_has_error_body() {
     net.req(b(), &store_request(&mut up, Method::Message, None));
     let (_, _, tx) = store_request_event(&mut net).unwrap();
     let now = net.now;
-    net.eng.reject_request(tx, 403, "bad-pin", "wrong PIN", now);
+    net.eng
+        .reject_request(tx, ErrorCode::BadPin, "wrong PIN", now);
     let out = net.drain();
     assert_eq!(error_code(&out.response(b(), 403)), "bad-pin");
 }
@@ -1712,8 +1714,13 @@ fn session_rejected_with_retry_after_and_ended_by_us() {
     net.req(a(), &session_invite("play-st_x", "sess2@a"));
     let (key, _) = session_offer(&mut net).unwrap();
     let now = net.now;
-    net.eng
-        .reject_session(key, 480, "not-ready", "threshold not reached", Some(5), now);
+    net.eng.reject_session(
+        key,
+        ErrorCode::NotReady,
+        "threshold not reached",
+        Some(5),
+        now,
+    );
     let out = net.drain();
     let r = out.response(a(), 480);
     assert_eq!(r.headers.get("Retry-After"), Some("5"));
@@ -1732,7 +1739,7 @@ fn session_rejected_with_retry_after_and_ended_by_us() {
     let d = Dialog::uac(&inv, &ok).unwrap();
     net.req(a(), &d.ack_for(A_CSEQ, via(A)));
     let now = net.now;
-    net.eng.end_session(key, Some("size-exceeded"), now);
+    net.eng.end_session(key, Some(ErrorCode::SizeExceeded), now);
     let out = net.drain();
     let bye = out.request(a(), Method::Bye);
     assert!(bye.headers.get("Reason").unwrap().contains("size-exceeded"));
@@ -1883,7 +1890,7 @@ fn share_request_is_handed_up_not_relayed() {
     let now = net.now;
     assert!(!net.eng.relay_share_request(tx, now));
     net.eng
-        .reject_request(tx, 404, "unknown-share", "no such share", now);
+        .reject_request(tx, ErrorCode::UnknownShare, "no such share", now);
     let out = net.drain();
     let r = out.response(a(), 404);
     assert_eq!(error_code(&r), "unknown-share");
@@ -2068,7 +2075,7 @@ fn share_relay_timeout_408_and_unreachable_480_go_up() {
     // Answered on the sharer's behalf afterwards: the requester's transaction is still open.
     let now = net.now;
     net.eng
-        .reject_request(tx, 403, "share-denied", "policy", now);
+        .reject_request(tx, ErrorCode::ShareDenied, "policy", now);
     let r = net.drain().response(a(), 403);
     assert_eq!(error_code(&r), "share-denied");
 

@@ -5,6 +5,7 @@ use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::error_code::{ErrorCode, Refusal};
 use crate::storage::stores::StoreError;
 use crate::storage::AccountError;
 
@@ -13,8 +14,8 @@ use crate::storage::AccountError;
 #[error("{status} {code}: {detail}")]
 pub struct ApiError {
     pub status: StatusCode,
-    /// The `error` field: a stable machine-readable code.
-    pub code: &'static str,
+    /// The `error` field: a stable machine-readable code (which also sets `status`).
+    pub code: ErrorCode,
     /// The `detail` field: human text.
     pub detail: String,
     /// `WWW-Authenticate` values (401 only), in order.
@@ -24,9 +25,10 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> ApiError {
         ApiError {
-            status,
+            status: StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
             detail: detail.into(),
             challenges: Vec::new(),
@@ -36,23 +38,23 @@ impl ApiError {
 
     /// `401 unauthorized`; the caller adds the challenges ([`ApiError::with_challenges`]).
     pub fn unauthorized(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+        ApiError::new(ErrorCode::Unauthorized, detail)
     }
 
     pub fn forbidden(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail)
+        ApiError::new(ErrorCode::Forbidden, detail)
     }
 
     pub fn not_found(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not-found", detail)
+        ApiError::new(ErrorCode::NotFound, detail)
     }
 
     pub fn bad_request(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+        ApiError::new(ErrorCode::BadRequest, detail)
     }
 
     pub fn internal(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail)
+        ApiError::new(ErrorCode::Internal, detail)
     }
 
     pub fn with_challenges(mut self, challenges: Vec<String>) -> ApiError {
@@ -75,11 +77,11 @@ struct Body<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&Body {
-            error: self.code,
+            error: self.code.as_str(),
             detail: &self.detail,
         })
         // Two strings cannot fail to serialize; keep a fallback rather than a panic.
-        .unwrap_or_else(|_| br#"{"error":"internal","detail":""}"#.to_vec());
+        .unwrap_or_default();
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -108,27 +110,29 @@ impl From<AccountError> for ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        ApiError {
+            retry_after: r.retry_after,
+            ..ApiError::new(r.code, r.detail)
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::UnknownStore(id) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown-store",
+                ErrorCode::UnknownStore,
                 format!("unknown, used or expired store {id}"),
             ),
-            StoreError::NotSender { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "not-sender", e.to_string())
-            }
+            StoreError::NotSender { .. } => ApiError::new(ErrorCode::NotSender, e.to_string()),
             StoreError::QuotaExceeded { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "quota-exceeded", e.to_string())
+                ApiError::new(ErrorCode::QuotaExceeded, e.to_string())
             }
-            StoreError::TooLarge(_) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.to_string())
-            }
+            StoreError::TooLarge(_) => ApiError::new(ErrorCode::TooLarge, e.to_string()),
             StoreError::InvalidId(_) => ApiError::not_found(e.to_string()),
-            StoreError::WrongState { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "wrong-state", e.to_string())
-            }
+            StoreError::WrongState { .. } => ApiError::new(ErrorCode::WrongState, e.to_string()),
             other => {
                 tracing::error!(error = %other, "store operation failed");
                 ApiError::internal("store database error")
@@ -152,7 +156,7 @@ mod tests {
         let v: Vec<_> = r.headers().get_all(WWW_AUTHENTICATE).iter().collect();
         assert_eq!(v.len(), 2);
         assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
-        let r = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "wait")
+        let r = ApiError::new(ErrorCode::NotReady, "wait")
             .with_retry_after(1)
             .into_response();
         assert_eq!(r.headers()[RETRY_AFTER], "1");
@@ -161,13 +165,19 @@ mod tests {
     #[test]
     fn store_errors_map_to_protocol_codes() {
         let e: ApiError = StoreError::UnknownStore("st_x".into()).into();
-        assert_eq!((e.status, e.code), (StatusCode::NOT_FOUND, "unknown-store"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::NOT_FOUND, ErrorCode::UnknownStore)
+        );
         let e: ApiError = StoreError::NotSender {
             id: "a".into(),
             caller: "b".into(),
         }
         .into();
-        assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "not-sender"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::FORBIDDEN, ErrorCode::NotSender)
+        );
         let e: ApiError = StoreError::QuotaExceeded {
             id: "a".into(),
             bytes: 1,
@@ -175,7 +185,7 @@ mod tests {
         .into();
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::FORBIDDEN, "quota-exceeded")
+            (StatusCode::FORBIDDEN, ErrorCode::QuotaExceeded)
         );
         let e: ApiError = StoreError::TooLarge(u64::MAX).into();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);

@@ -24,7 +24,9 @@ pub mod index_role;
 pub mod media;
 pub mod shares;
 pub mod stores;
+pub mod upload;
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -69,6 +71,8 @@ pub struct HttpState {
     pub events: Option<mpsc::UnboundedSender<HttpEvent>>,
     /// Shared data (PROTOCOL 3); None: the share routes answer `503 shares-disabled`.
     pub shares: Option<crate::share::Shares>,
+    /// Set to true at a clean shutdown: uploads in flight stop and finish `truncated`.
+    pub stop: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -108,6 +112,7 @@ impl HttpState {
             upload: UploadPolicy::default(),
             events: None,
             shares: None,
+            stop: Arc::new(watch::channel(false).0),
         }
     }
 
@@ -154,10 +159,12 @@ impl Default for UploadPolicy {
 pub enum HttpEvent {
     /// The store session of an upload started (the store is `receiving`).
     UploadStarted { store_id: String },
-    /// Step 32 for an upload: `threshold_at` was just set.
+    /// Step 32 for an upload: `threshold_at` was just set; the ready note is due, with the
+    /// store's `state` at that moment.
     ThresholdReached {
         store_id: String,
         received_bytes: u64,
+        state: StoreState,
     },
     /// The upload ended (`complete` or `truncated`).
     UploadFinished {
@@ -281,7 +288,7 @@ pub fn api_router(state: HttpState) -> Router {
         .route("/v1/stores", get(stores::list_stores))
         .route("/v1/stores/{id}", get(stores::get_store))
         .route("/v1/stores/{id}/media", get(stores::get_media))
-        .route("/v1/stores/{id}/data", put(stores::put_data))
+        .route("/v1/stores/{id}/data", put(upload::put_data))
         .route("/v1/shares/{user}", get(shares::list_shares))
         .route(
             "/v1/shares/{user}/{name}",
@@ -342,8 +349,7 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
-        axum::http::StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
+        ErrorCode::MethodNotAllowed,
         "method not allowed on this resource",
     )
 }

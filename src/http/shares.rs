@@ -37,6 +37,7 @@
 //! shared egress limiter ([`crate::share::rate`]), which also counts
 //! `callvault_share_bytes_total{source="server"}`.
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
@@ -75,31 +76,19 @@ type QueryArg = Result<Query<HashMap<String, String>>, QueryRejection>;
 impl From<ShareError> for ApiError {
     fn from(e: ShareError) -> ApiError {
         match e {
-            ShareError::BadName(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "bad-name", e.to_string())
-            }
-            ShareError::BadPolicy(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "bad-policy", e.to_string())
-            }
+            ShareError::BadName(_) => ApiError::new(ErrorCode::BadName, e.to_string()),
+            ShareError::BadPolicy(_) => ApiError::new(ErrorCode::BadPolicy, e.to_string()),
             ShareError::NoAccount(_) | ShareError::UnknownContent(_) => {
                 ApiError::not_found(e.to_string())
             }
             ShareError::QuotaExceeded { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "quota-exceeded", e.to_string())
+                ApiError::new(ErrorCode::QuotaExceeded, e.to_string())
             }
-            ShareError::TooLarge(_) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", e.to_string())
-            }
-            ShareError::Body(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "incomplete-body", e.to_string())
-            }
+            ShareError::TooLarge(_) => ApiError::new(ErrorCode::TooLarge, e.to_string()),
+            ShareError::Body(_) => ApiError::new(ErrorCode::IncompleteBody, e.to_string()),
             other => {
                 tracing::error!(error = %other, "share operation failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "storage-error",
-                    "share storage error",
-                )
+                ApiError::new(ErrorCode::StorageError, "share storage error")
             }
         }
     }
@@ -108,8 +97,7 @@ impl From<ShareError> for ApiError {
 fn shares(state: &HttpState) -> Result<&Shares, ApiError> {
     state.shares.as_ref().ok_or_else(|| {
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shares-disabled",
+            ErrorCode::SharesDisabled,
             "shared data is not enabled on this server",
         )
     })
@@ -217,8 +205,7 @@ async fn require_owner(
 fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
     let Some(v) = headers.get(CONTENT_LENGTH) else {
         return Err(ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "length-required",
+            ErrorCode::LengthRequired,
             "Content-Length (the file size) is required",
         ));
     };
@@ -540,8 +527,7 @@ pub async fn get_content(
         RangeAsk::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         RangeAsk::Unsatisfiable => {
             let mut r = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range-not-satisfiable",
+                ErrorCode::RangeNotSatisfiable,
                 format!("the content has {size} bytes"),
             )
             .into_response();
@@ -696,7 +682,7 @@ pub async fn post_announce(
     }
     let content_id = path1(path)?;
     let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
-    let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "bad-announce", detail);
+    let bad = |detail: String| ApiError::new(ErrorCode::BadAnnounce, detail);
     let a: Announce = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
             "announce body: {e} (want {{\"peer_id\",\"address\",\"have\"[,\"class\"]}})"
@@ -765,10 +751,13 @@ mod tests {
         .into();
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::FORBIDDEN, "quota-exceeded")
+            (StatusCode::FORBIDDEN, ErrorCode::QuotaExceeded)
         );
         let e: ApiError = ShareError::BadName(crate::share::manifest::NameError::Dot).into();
-        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "bad-name"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, ErrorCode::BadName)
+        );
         let e: ApiError = ShareError::UnknownContent("x".into()).into();
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         let e: ApiError = ShareError::Body("short".into()).into();

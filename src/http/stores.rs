@@ -1,5 +1,5 @@
 //! Store endpoints (PROTOCOL 2.4, 2.5, 5): metadata, listing, media download following the
-//! live tail, and `PUT upload_url` for files that are not media.
+//! live tail.
 //!
 //! Download: records are read in order and encoded ([`super::media`]) by a producer task
 //! that feeds the response body through a small channel, so a client that stops reading
@@ -12,49 +12,31 @@
 //! `Retry-After`, as a play session gets `480` (step 333). `pending`, `expired` and `rejected`
 //! stores have no data: `409 no-data`.
 //!
-//! Upload: the sender is the holder of the upload token (see [`super::upload_token`]) or the
-//! account named as the store's sender, by Basic or Digest. Checks in the order of step 211:
-//! unknown/used/expired store `404 unknown-store`, no or bad credentials `401`, not the sender
-//! `403 not-sender`, no `Content-Length` `411`, larger than the receiver's free space
-//! `403 quota-exceeded` (reserved atomically by [`Stores::start_session`]). The body is cut
-//! into records of [`UploadPolicy::record_bytes`] and committed every
-//! [`UploadPolicy::commit_bytes`] (or when the body pauses), never held whole. A body that
-//! ends short of `Content-Length` (client aborted) or stalls for
-//! [`UploadPolicy::idle_timeout`](super::UploadPolicy) leaves the store `truncated`.
-//! `Content-Type: audio/basic` (or `audio/PCMU`, `audio/PCMA`) stores the file as G.711, so it
-//! can be downloaded as WAV; any other type is kept as the store's format.
+//! `PUT upload_url` is [`super::upload`], an ingest adapter of the store lifecycle.
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::header::{
-    CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION,
-};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, Method, Uri};
+use axum::response::Response;
 use axum::Json;
-use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::auth::{aor_of, authenticate, is_party, unauthorized, Caller};
 use super::errors::ApiError;
 use super::media::{self, MediaFormat};
-use super::{upload_token, HttpEvent, HttpState, UploadPolicy};
-use crate::storage::segments::{
-    RecordHeader, SegmentError, SegmentOptions, SegmentReader, SegmentWriter, TailState,
-    MAX_PAYLOAD,
-};
-use crate::storage::stores::{
-    store_dir, ListFilter, Party, StartSession, Store, StoreState, StoreView,
-};
-use crate::storage::threshold::Threshold;
+use super::{upload_token, HttpState};
+use crate::storage::segments::{RecordHeader, SegmentError, SegmentReader, TailState};
+use crate::storage::stores::{store_dir, ListFilter, Party, Store, StoreState, StoreView};
 
 /// How often a `receiving` store without a registered writer is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -63,13 +45,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub const POLL_IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// Largest body chunk handed to the HTTP layer at once.
 const MAX_CHUNK: usize = 64 * 1024;
-/// Payload type of uploads that are not G.711 (a dynamic one; only pcap shows it).
-pub const UPLOAD_PAYLOAD_TYPE: u8 = 96;
 
-type PathArg = Result<Path<String>, PathRejection>;
+pub(super) type PathArg = Result<Path<String>, PathRejection>;
 type QueryArg = Result<Query<HashMap<String, String>>, QueryRejection>;
 
-fn path_id(p: PathArg) -> Result<String, ApiError> {
+pub(super) fn path_id(p: PathArg) -> Result<String, ApiError> {
     p.map(|Path(s)| s)
         .map_err(|e| ApiError::bad_request(e.body_text()))
 }
@@ -79,7 +59,7 @@ fn query_map(q: QueryArg) -> Result<HashMap<String, String>, ApiError> {
         .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
-async fn require_caller(
+pub(super) async fn require_caller(
     state: &HttpState,
     method: &Method,
     uri: &Uri,
@@ -98,7 +78,7 @@ async fn load(state: &HttpState, id: &str) -> Result<Store, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no store {id}")))
 }
 
-fn upload_token_matches(store: &Store, presented: &str) -> bool {
+pub(super) fn upload_token_matches(store: &Store, presented: &str) -> bool {
     let t = upload_token(store);
     t.len() == presented.len() && bool::from(t.as_bytes().ct_eq(presented.as_bytes()))
 }
@@ -207,6 +187,63 @@ pub async fn list_stores(
     Ok(Json(list.iter().map(Store::view).collect()))
 }
 
+/// Whether a store's media can be served now (`no-data`, `unsupported-format` for a WAV of
+/// another codec, `not-ready` before the threshold): whether it is still receiving, the WAV
+/// format tag, and its live tail.
+type Readiness = (bool, Option<u16>, Option<watch::Receiver<TailState>>);
+
+fn readiness(state: &HttpState, store: &Store, format: MediaFormat) -> Result<Readiness, ApiError> {
+    let receiving = match store.state {
+        StoreState::Receiving => true,
+        StoreState::Complete | StoreState::Truncated => false,
+        st @ (StoreState::Pending | StoreState::Expired | StoreState::Rejected) => {
+            return Err(ApiError::new(
+                ErrorCode::NoData,
+                format!("store is {st}: it holds no data"),
+            ))
+        }
+    };
+    let wav_tag = match format {
+        MediaFormat::Wav => Some(
+            store
+                .format
+                .as_deref()
+                .and_then(media::g711_format_tag)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::UnsupportedFormat,
+                        format!(
+                            "WAV is for PCMU/PCMA stores; this one holds {}",
+                            store.format.as_deref().unwrap_or("no format")
+                        ),
+                    )
+                })?,
+        ),
+        _ => None,
+    };
+    let tail = if receiving {
+        state.live.get(&store.id)
+    } else {
+        None
+    };
+    if receiving {
+        let current = tail
+            .as_ref()
+            .map_or(store.received_bytes, |rx| rx.borrow().payload_bytes);
+        let reached =
+            store.threshold_at.is_some() || store.threshold_bytes.is_some_and(|t| current >= t);
+        if !reached {
+            return Err(ApiError::new(
+                ErrorCode::NotReady,
+                "the store has not reached its threshold yet",
+            )
+            .with_retry_after(1));
+        }
+    }
+
+    Ok((receiving, wav_tag, tail))
+}
+
 /// `GET /v1/stores/{id}/media?format=raw|wav|pcap`.
 pub async fn get_media(
     State(state): State<Arc<HttpState>>,
@@ -228,53 +265,8 @@ pub async fn get_media(
     let store = load(&state, &id).await?;
     check_access(&state, &caller, &store, Need::Media)?;
 
-    let receiving = match store.state {
-        StoreState::Receiving => true,
-        StoreState::Complete | StoreState::Truncated => false,
-        st @ (StoreState::Pending | StoreState::Expired | StoreState::Rejected) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "no-data",
-                format!("store is {st}: it holds no data"),
-            ))
-        }
-    };
-    let wav_tag = match format {
-        MediaFormat::Wav => Some(
-            store
-                .format
-                .as_deref()
-                .and_then(media::g711_format_tag)
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        "unsupported-format",
-                        format!(
-                            "WAV is for PCMU/PCMA stores; this one holds {}",
-                            store.format.as_deref().unwrap_or("no format")
-                        ),
-                    )
-                })?,
-        ),
-        _ => None,
-    };
+    let (receiving, wav_tag, tail) = readiness(&state, &store, format)?;
     let dir = store_dir(&state.data_dir, &store.id)?;
-    let tail = if receiving { state.live.get(&id) } else { None };
-    if receiving {
-        let current = tail
-            .as_ref()
-            .map_or(store.received_bytes, |rx| rx.borrow().payload_bytes);
-        let reached =
-            store.threshold_at.is_some() || store.threshold_bytes.is_some_and(|t| current >= t);
-        if !reached {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not-ready",
-                "the store has not reached its threshold yet",
-            )
-            .with_retry_after(1));
-        }
-    }
 
     // Only the store's own codec goes into a WAV (a telephone-event would be noise).
     let pt_filter = wav_tag.and(store.payload_type);
@@ -327,11 +319,7 @@ pub async fn get_media(
 
 fn storage_error(e: SegmentError) -> ApiError {
     tracing::error!(error = %e, "store data unreadable");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "storage-error",
-        "store data unreadable",
-    )
+    ApiError::new(ErrorCode::StorageError, "store data unreadable")
 }
 
 /// Payload bytes of a finished store (the WAV header's sizes), counting only `pt` if given.
@@ -489,463 +477,4 @@ fn body_from(rx: mpsc::Receiver<Result<Bytes, io::Error>>) -> Body {
         Some((Ok::<Bytes, io::Error>(chunk), st))
     });
     Body::from_stream(stream)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Upload
-
-fn unknown_store(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown-store",
-        format!("unknown, used or expired store {id}"),
-    )
-}
-
-fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
-    let Some(v) = headers.get(CONTENT_LENGTH) else {
-        return Err(ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "length-required",
-            "Content-Length (the data size) is required",
-        ));
-    };
-    v.to_str()
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))
-}
-
-/// The store format and payload type for an upload's `Content-Type`.
-fn upload_format(headers: &HeaderMap) -> (String, u8) {
-    let ct = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| {
-            s.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .filter(|s| {
-            (3..=100).contains(&s.len())
-                && s.contains('/')
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-/".contains(&b))
-        });
-    match ct.as_deref() {
-        Some("audio/basic" | "audio/pcmu") => ("PCMU/8000".into(), 0),
-        Some("audio/pcma") => ("PCMA/8000".into(), 8),
-        Some(other) => (other.to_string(), UPLOAD_PAYLOAD_TYPE),
-        None => ("application/octet-stream".into(), UPLOAD_PAYLOAD_TYPE),
-    }
-}
-
-/// `PUT /v1/stores/{id}/data` (the prompt's `upload_url`).
-pub async fn put_data(
-    State(state): State<Arc<HttpState>>,
-    path: PathArg,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let id = path_id(path)?;
-    let now = SystemTime::now();
-    let store = match state.stores.get(&id).await? {
-        Some(s) if s.is_open(now) => s,
-        _ => return Err(unknown_store(&id)),
-    };
-    let caller = require_caller(&state, &method, &uri, &headers).await?;
-    let sender = match &caller {
-        Caller::Token(t) if upload_token_matches(&store, t) => true,
-        Caller::Token(t) if store.token_matches(t) => false,
-        Caller::Token(_) => return Err(unauthorized(&state, "token does not open this store")),
-        Caller::User(u) => is_party(&store.sender, u, &state.realm),
-        Caller::Admin => false,
-    };
-    if !sender {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not-sender",
-            format!("only {} may send to this store", store.sender),
-        ));
-    }
-    let len = content_length(&headers)?;
-    let (format, payload_type) = upload_format(&headers);
-    let policy = state.upload;
-    // A file has no playout rate for the adaptive rule: use the server's percentage.
-    let threshold = match store.threshold {
-        Threshold::Adaptive => Threshold::Percent(policy.default_percent),
-        t => t,
-    };
-    let threshold_bytes = threshold
-        .resolve(Some(len), len, policy.default_percent, &policy.limits)
-        .fixed_bytes();
-    let started = state
-        .stores
-        .start_session(
-            &id,
-            &StartSession {
-                // Checked above; the store's own spelling satisfies the SQL match.
-                caller: &store.sender,
-                format: &format,
-                payload_type,
-                declared_bytes: Some(len),
-                reserve_bytes: len,
-                threshold_bytes,
-            },
-            now,
-        )
-        .await?;
-    tracing::info!(store = %id, bytes = len, format = %format, "upload started");
-    state.emit(HttpEvent::UploadStarted {
-        store_id: id.clone(),
-    });
-    // Its own task: if the connection drops and hyper drops this handler, the upload still
-    // ends properly (truncated) and settles the quota.
-    let task = tokio::spawn(run_upload(
-        Arc::clone(&state),
-        started,
-        len,
-        threshold_bytes,
-        body,
-    ));
-    let done = match task.await {
-        Ok(r) => r?,
-        Err(e) => {
-            tracing::error!(store = %id, error = %e, "upload task failed");
-            return Err(ApiError::internal("upload failed"));
-        }
-    };
-    let mut resp = (StatusCode::CREATED, Json(done.view())).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/stores/{id}")) {
-        resp.headers_mut().insert(LOCATION, v);
-    }
-    Ok(resp)
-}
-
-fn arrival_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Runs blocking writer work on the blocking pool. None: the task itself failed (the writer
-/// is lost).
-async fn blocking<T: Send + 'static>(
-    mut w: SegmentWriter,
-    f: impl FnOnce(&mut SegmentWriter) -> Result<T, SegmentError> + Send + 'static,
-) -> Option<(SegmentWriter, Result<T, SegmentError>)> {
-    tokio::task::spawn_blocking(move || {
-        let r = f(&mut w);
-        (w, r)
-    })
-    .await
-    .ok()
-}
-
-/// The body side of an upload session.
-struct Upload {
-    state: Arc<HttpState>,
-    id: String,
-    policy: UploadPolicy,
-    threshold_bytes: Option<u64>,
-    writer: Option<SegmentWriter>,
-    committed: TailState,
-    threshold_marked: bool,
-    last_progress: Instant,
-    records: u64,
-    offset: u64,
-    payload_type: u8,
-    storage_failed: bool,
-}
-
-impl Upload {
-    fn append(&mut self, payload: &[u8]) {
-        let Some(w) = self.writer.as_mut() else {
-            return;
-        };
-        let h = RecordHeader {
-            arrival_us: arrival_us(),
-            seq: self.records as u16, // RTP-style wrap
-            timestamp: self.offset as u32,
-            ssrc: 0,
-            payload_type: self.payload_type,
-            marker: self.records == 0,
-        };
-        if let Err(e) = w.append(&h, payload) {
-            tracing::error!(store = %self.id, error = %e, "upload record refused");
-            self.storage_failed = true;
-            return;
-        }
-        self.records += 1;
-        self.offset += payload.len() as u64;
-    }
-
-    /// Commits what is buffered (fsync, then readers see it); `finish` also ends the tail.
-    async fn commit(&mut self, finish: bool) {
-        let Some(w) = self.writer.take() else {
-            return;
-        };
-        let res = if finish {
-            blocking(w, SegmentWriter::finish).await
-        } else {
-            blocking(w, SegmentWriter::commit).await
-        };
-        match res {
-            Some((mut w, Ok(st))) => {
-                self.committed = st;
-                if self.storage_failed && finish {
-                    w.close_tail();
-                }
-                self.writer = Some(w);
-            }
-            Some((mut w, Err(e))) => {
-                tracing::error!(store = %self.id, error = %e, "upload commit failed");
-                self.storage_failed = true;
-                self.committed = w.state();
-                w.close_tail();
-                self.writer = Some(w);
-            }
-            None => {
-                tracing::error!(store = %self.id, "upload writer task failed");
-                self.storage_failed = true;
-            }
-        }
-        self.after_commit(SystemTime::now()).await;
-    }
-
-    async fn after_commit(&mut self, now: SystemTime) {
-        let c = self.committed;
-        if !self.threshold_marked
-            && c.records > 0
-            && self.threshold_bytes.is_some_and(|t| c.payload_bytes >= t)
-        {
-            self.mark_threshold(now).await;
-        }
-        if self.last_progress.elapsed() >= Duration::from_secs(1) {
-            self.last_progress = Instant::now();
-            if let Err(e) = self
-                .state
-                .stores
-                .record_progress(&self.id, c.payload_bytes)
-                .await
-            {
-                tracing::warn!(store = %self.id, error = %e, "upload progress not recorded");
-            }
-        }
-    }
-
-    async fn mark_threshold(&mut self, now: SystemTime) {
-        self.threshold_marked = true;
-        match self.state.stores.mark_threshold(&self.id, now).await {
-            Ok(true) => self.state.emit(HttpEvent::ThresholdReached {
-                store_id: self.id.clone(),
-                received_bytes: self.committed.payload_bytes,
-            }),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(store = %self.id, error = %e, "threshold not recorded"),
-        }
-    }
-
-    fn pending(&self) -> usize {
-        self.writer.as_ref().map_or(0, SegmentWriter::pending_bytes)
-    }
-}
-
-enum BodyEnd {
-    Complete,
-    /// Ended early or stalled: the client's fault.
-    Short(String),
-}
-
-async fn run_upload(
-    state: Arc<HttpState>,
-    store: Store,
-    len: u64,
-    threshold_bytes: Option<u64>,
-    body: Body,
-) -> Result<Store, ApiError> {
-    let id = store.id.clone();
-    let policy = state.upload;
-    let record_bytes = policy.record_bytes.clamp(1, MAX_PAYLOAD);
-    let writer = match store_dir(&state.data_dir, &id) {
-        Ok(dir) => {
-            match tokio::task::spawn_blocking(move || {
-                SegmentWriter::create(&dir, SegmentOptions::default())
-            })
-            .await
-            {
-                Ok(Ok(w)) => Some(w),
-                Ok(Err(e)) => {
-                    tracing::error!(store = %id, error = %e, "cannot create store log");
-                    None
-                }
-                Err(e) => {
-                    tracing::error!(store = %id, error = %e, "store log task failed");
-                    None
-                }
-            }
-        }
-        Err(e) => {
-            tracing::error!(store = %id, error = %e, "bad store directory");
-            None
-        }
-    };
-    let _live = writer
-        .as_ref()
-        .map(|w| state.live.register(&id, w.subscribe()));
-    let mut up = Upload {
-        state: Arc::clone(&state),
-        id: id.clone(),
-        policy,
-        threshold_bytes,
-        storage_failed: writer.is_none(),
-        writer,
-        committed: TailState::default(),
-        threshold_marked: false,
-        last_progress: Instant::now(),
-        records: 0,
-        offset: 0,
-        payload_type: store.payload_type.unwrap_or(UPLOAD_PAYLOAD_TYPE),
-    };
-
-    let mut stream = body.into_data_stream();
-    let mut carry: Vec<u8> = Vec::with_capacity(record_bytes);
-    let mut received: u64 = 0;
-    let mut last_data = Instant::now();
-    let end = loop {
-        if up.storage_failed {
-            break BodyEnd::Complete; // reported as a storage failure below
-        }
-        let wait = if up.pending() > 0 {
-            up.policy.commit_interval
-        } else {
-            up.policy.idle_timeout
-        };
-        let next = match tokio::time::timeout(wait, stream.next()).await {
-            Ok(n) => n,
-            Err(_) => {
-                if last_data.elapsed() >= up.policy.idle_timeout {
-                    break BodyEnd::Short("the body stalled".into());
-                }
-                up.commit(false).await;
-                continue;
-            }
-        };
-        let chunk = match next {
-            None => {
-                if received == len {
-                    break BodyEnd::Complete;
-                }
-                break BodyEnd::Short(format!("body ended after {received} of {len} bytes"));
-            }
-            Some(Err(e)) => break BodyEnd::Short(format!("body aborted: {e}")),
-            Some(Ok(c)) => c,
-        };
-        last_data = Instant::now();
-        // HTTP framing never delivers more than Content-Length; cap it anyway.
-        let room = usize::try_from(len - received).unwrap_or(usize::MAX);
-        let mut data = &chunk[..chunk.len().min(room)];
-        received += data.len() as u64;
-        if !carry.is_empty() {
-            let take = (record_bytes - carry.len()).min(data.len());
-            carry.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if carry.len() == record_bytes {
-                up.append(&carry);
-                carry.clear();
-            }
-        }
-        while data.len() >= record_bytes {
-            up.append(&data[..record_bytes]);
-            data = &data[record_bytes..];
-        }
-        carry.extend_from_slice(data);
-        if up.pending() >= up.policy.commit_bytes {
-            up.commit(false).await;
-        }
-    };
-    if !carry.is_empty() {
-        up.append(&carry);
-    }
-    up.commit(true).await;
-
-    let now = SystemTime::now();
-    let complete = matches!(end, BodyEnd::Complete) && !up.storage_failed;
-    let final_state = if complete {
-        StoreState::Complete
-    } else {
-        StoreState::Truncated
-    };
-    if complete && !up.threshold_marked {
-        // A whole file has reached any threshold (also an empty one, or threshold 0).
-        up.mark_threshold(now).await;
-    }
-    let stored = up.committed.payload_bytes;
-    let finished = state.stores.finish(&id, final_state, stored, now).await;
-    state.emit(HttpEvent::UploadFinished {
-        store_id: id.clone(),
-        state: final_state,
-        received_bytes: stored,
-    });
-    let finished = finished?;
-    tracing::info!(store = %id, state = %final_state, bytes = stored, "upload ended");
-    match end {
-        _ if up.storage_failed => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "storage-error",
-            format!("storing failed after {stored} bytes; the store is truncated"),
-        )),
-        BodyEnd::Short(why) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "truncated",
-            format!("{why}; the store is truncated"),
-        )),
-        BodyEnd::Complete => Ok(finished),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upload_formats() {
-        let mut h = HeaderMap::new();
-        assert_eq!(
-            upload_format(&h),
-            ("application/octet-stream".to_string(), 96)
-        );
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("audio/basic"));
-        assert_eq!(upload_format(&h), ("PCMU/8000".to_string(), 0));
-        h.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("Audio/PCMA; rate=8000"),
-        );
-        assert_eq!(upload_format(&h), ("PCMA/8000".to_string(), 8));
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/pdf"));
-        assert_eq!(upload_format(&h), ("application/pdf".to_string(), 96));
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("no slash"));
-        assert_eq!(upload_format(&h).0, "application/octet-stream");
-    }
-
-    #[test]
-    fn content_length_rules() {
-        let mut h = HeaderMap::new();
-        assert_eq!(
-            content_length(&h).unwrap_err().status,
-            StatusCode::LENGTH_REQUIRED
-        );
-        h.insert(CONTENT_LENGTH, HeaderValue::from_static("12"));
-        assert_eq!(content_length(&h).unwrap(), 12);
-        h.insert(CONTENT_LENGTH, HeaderValue::from_static("-1"));
-        assert_eq!(
-            content_length(&h).unwrap_err().status,
-            StatusCode::BAD_REQUEST
-        );
-    }
 }

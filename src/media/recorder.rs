@@ -51,10 +51,8 @@ const BUF_LEN: usize = 4096;
 /// Longest wait for room in the event channel (see `State::emit`).
 const EVENT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `declared + 5%` (rounded up): payload beyond this is dropped and the session ended.
-pub fn size_limit_for(declared: u64) -> u64 {
-    declared.saturating_add(declared.div_ceil(20))
-}
+/// `declared + 5%`: one rule for the recorder and the store lifecycle.
+pub use crate::storage::session::size_limit_for;
 
 /// How one store session records.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use sqlx::Row;
 use super::db::Db;
 use crate::config::PromptFormat;
 use crate::sip::auth::{self, Algorithm};
-use crate::storage::threshold::Threshold;
+use crate::storage::threshold::{Threshold, ThresholdLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
@@ -51,6 +51,8 @@ pub struct Account {
     pub prompt_format: Option<String>,
     /// Per-account default threshold (between the server's and a request's).
     pub threshold: Option<Threshold>,
+    /// Per-account cap on byte thresholds (tightens the server's `store.threshold_max_bytes`).
+    pub threshold_max_bytes: Option<u64>,
     /// HA1 = H(user:realm:password) per algorithm. Digest verification needs exactly this
     /// value (the password itself is never stored), so both are computed whenever the password
     /// is set. It is password-equivalent for this realm: treat it as a secret.
@@ -92,6 +94,14 @@ impl Account {
         self.quota_bytes
             .saturating_sub(self.used_bytes)
             .saturating_sub(self.reserved_bytes)
+    }
+
+    /// The server's threshold limits, tightened by this account's own.
+    pub fn threshold_limits(&self, server: &ThresholdLimits) -> ThresholdLimits {
+        server.tighten(&ThresholdLimits {
+            max_bytes: self.threshold_max_bytes,
+            ..ThresholdLimits::default()
+        })
     }
 
     pub fn view(&self) -> AccountView {
@@ -161,7 +171,7 @@ fn unix_now() -> i64 {
 
 const COLUMNS: &str =
     "username, realm, quota_bytes, used_bytes, reserved_bytes, prompt_format, threshold, \
-                       ha1_md5, ha1_sha256, password_hash, pin_hash";
+                       threshold_max_bytes, ha1_md5, ha1_sha256, password_hash, pin_hash";
 
 fn from_row(row: &AnyRow) -> Result<Account, AccountError> {
     let user: String = row.try_get("username")?;
@@ -183,6 +193,10 @@ fn from_row(row: &AnyRow) -> Result<Account, AccountError> {
             // An unreadable value falls back to the server default rather than locking the
             // account out of storage.
             t.and_then(|t| t.parse().ok())
+        },
+        threshold_max_bytes: {
+            let n: Option<i64> = row.try_get("threshold_max_bytes")?;
+            n.and_then(|n| u64::try_from(n).ok())
         },
         ha1_md5: row.try_get("ha1_md5")?,
         ha1_sha256: row.try_get("ha1_sha256")?,
@@ -287,6 +301,7 @@ impl Accounts {
             reserved_bytes: 0,
             prompt_format: None,
             threshold: None,
+            threshold_max_bytes: None,
             ha1_md5,
             ha1_sha256,
             password_hash,
@@ -412,6 +427,22 @@ impl Accounts {
                 .bind(user)
                 .bind(threshold.map(|t| t.to_string()))
                 .bind(unix_now());
+        self.update_one(user, q).await
+    }
+
+    /// None removes the account's own threshold limit (the server's limits stay).
+    pub async fn set_threshold_max_bytes(
+        &self,
+        user: &str,
+        max: Option<u64>,
+    ) -> Result<(), AccountError> {
+        let max = max.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let q = sqlx::query(
+            "UPDATE accounts SET threshold_max_bytes = $2, updated_at = $3 WHERE username = $1",
+        )
+        .bind(user)
+        .bind(max)
+        .bind(unix_now());
         self.update_one(user, q).await
     }
 
@@ -696,6 +727,30 @@ mod tests {
         );
         accs.set_threshold("1001", None).await.unwrap();
         assert_eq!(accs.require("1001").await.unwrap().threshold, None);
+        // The account's own limit only tightens the server's.
+        let server = ThresholdLimits {
+            max_bytes: Some(10_000),
+            ..ThresholdLimits::default()
+        };
+        let a = accs.require("1001").await.unwrap();
+        assert_eq!(a.threshold_limits(&server).max_bytes, Some(10_000));
+        accs.set_threshold_max_bytes("1001", Some(4800))
+            .await
+            .unwrap();
+        let a = accs.require("1001").await.unwrap();
+        assert_eq!(a.threshold_max_bytes, Some(4800));
+        assert_eq!(a.threshold_limits(&server).max_bytes, Some(4800));
+        // A looser account limit does not loosen the server's.
+        accs.set_threshold_max_bytes("1001", Some(1 << 30))
+            .await
+            .unwrap();
+        let a = accs.require("1001").await.unwrap();
+        assert_eq!(a.threshold_limits(&server).max_bytes, Some(10_000));
+        accs.set_threshold_max_bytes("1001", None).await.unwrap();
+        assert_eq!(
+            accs.require("1001").await.unwrap().threshold_max_bytes,
+            None
+        );
         assert!(matches!(
             accs.set_quota("ghost", 1).await,
             Err(AccountError::NotFound(_))

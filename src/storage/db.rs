@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "account threshold",
         include_str!("../../migrations/0004_account_threshold.sql"),
     ),
+    (
+        5,
+        "account threshold limit",
+        include_str!("../../migrations/0005_account_threshold_limit.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

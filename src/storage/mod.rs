@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod db;
 pub mod log_thread;
 pub mod segments;
+pub mod session;
 pub mod stores;
 pub mod threshold;
 

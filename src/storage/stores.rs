@@ -204,6 +204,18 @@ impl fmt::Debug for Store {
     }
 }
 
+/// A party as PROTOCOL.md 2.5 writes it everywhere: an AOR URI exactly as in the prompt
+/// (`sip:1001@example.com`). The database keeps `user@domain` (what the identity checks and
+/// the listing filter compare); rows written in either form read the same.
+pub fn party_uri(party: &str) -> String {
+    let lower = party.to_ascii_lowercase();
+    if lower.starts_with("sip:") || lower.starts_with("sips:") || lower.starts_with("tel:") {
+        party.to_string()
+    } else {
+        format!("sip:{party}")
+    }
+}
+
 /// The JSON of `GET /v1/stores/{id}` and of each item of `GET /v1/stores` (PROTOCOL 2.5, 5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoreView {
@@ -230,8 +242,8 @@ impl Store {
             store_id: self.id.clone(),
             kind: self.kind,
             state: self.state,
-            sender: self.sender.clone(),
-            receiver: self.receiver.clone(),
+            sender: party_uri(&self.sender),
+            receiver: party_uri(&self.receiver),
             call_id: self.call_id.clone(),
             format: self.format.clone(),
             declared_bytes: self.declared_bytes,
@@ -849,6 +861,14 @@ mod tests {
     use super::*;
     use crate::storage::accounts::Accounts;
     use crate::storage::segments::{RecordHeader, SegmentOptions, SegmentWriter};
+
+    #[test]
+    fn parties_read_as_aor_uris() {
+        // Rows of either form (older rows hold `user@domain`) read as the prompt writes them.
+        assert_eq!(party_uri("1002@example.com"), "sip:1002@example.com");
+        assert_eq!(party_uri("sip:1002@example.com"), "sip:1002@example.com");
+        assert_eq!(party_uri("SIPS:1002@example.com"), "SIPS:1002@example.com");
+    }
 
     async fn setup() -> (tempfile::TempDir, Stores, Accounts) {
         let dir = tempfile::tempdir().unwrap();

@@ -248,8 +248,11 @@ impl Transports {
         METRICS.sip_malformed_total.inc();
         tracing::debug!(peer = %peer.addr, error = %err, "malformed SIP message");
         if let Some(resp) = error_response_for(data, err) {
-            let resp =
-                crate::b2bua::errors::with_error_body(resp, "malformed-message", &err.to_string());
+            let resp = crate::b2bua::errors::with_error_body(
+                resp,
+                crate::error_code::ErrorCode::MalformedMessage,
+                &err.to_string(),
+            );
             self.send(Transmit {
                 peer,
                 data: Bytes::from(resp.to_bytes()),
@@ -266,7 +269,7 @@ impl Transports {
                 resp.headers.push("Retry-After", "2");
                 let resp = crate::b2bua::errors::with_error_body(
                     resp,
-                    "overloaded",
+                    crate::error_code::ErrorCode::Overloaded,
                     "server busy, retry later",
                 );
                 self.send(Transmit {

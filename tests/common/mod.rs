@@ -524,11 +524,11 @@ impl Server {
         account_add(&self.config_path, user, password, pin, quota);
     }
 
-    /// Stops the server (SIGTERM, 5 s grace, SIGKILL) and returns its exit status.
+    /// Stops the server (SIGTERM, 5 s grace, SIGKILL) and returns its exit status; `start`
+    /// may be called again afterwards.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| terminate(c, Duration::from_secs(5)))
+        let mut child = self.child.take()?;
+        terminate(&mut child, Duration::from_secs(5))
     }
 
     /// SIGKILL, no grace (crash tests); `start` may be called again afterwards.

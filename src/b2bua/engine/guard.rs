@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::{CallKey, CallState, Engine, MediaBackend};
 use crate::b2bua::errors::with_error_body;
+use crate::error_code::ErrorCode;
 use crate::config::SipConfig;
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sip::admission::{Admission, AdmissionConfig, Verdict};
@@ -136,7 +137,7 @@ impl<M: MediaBackend> Engine<M> {
             let mut resp = req.response(503, None);
             resp.ensure_to_tag(&tag);
             resp.headers.push("Retry-After", retry_after.to_string());
-            with_error_body(resp, "overloaded", detail)
+            with_error_body(resp, ErrorCode::Overloaded, detail)
         });
         None
     }
@@ -201,7 +202,7 @@ impl<M: MediaBackend> Engine<M> {
         resp.ensure_to_tag(&call.a.local_tag.clone());
         let resp = with_error_body(
             resp,
-            "timeout",
+            ErrorCode::Timeout,
             "the callee did not answer within ring_timeout_secs",
         );
         self.abandon_early(key, a_tx, resp, CallOutcome::Failed, now);

@@ -32,6 +32,7 @@ pub use sessions::{is_local_session_user, SessionKey};
 use super::errors::with_error_body;
 use super::media::{CallKey, Expect, MediaBackend, MediaError, PtSet, Side, StreamPorts};
 use crate::config::{Cidr, Transport};
+use crate::error_code::ErrorCode;
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
 use crate::sip::auth::{Algorithm, Credentials, Verdict, Verifier};
@@ -547,7 +548,7 @@ impl<M: MediaBackend> Engine<M> {
     /// RTP was silent on both sides of the call for `rtp_timeout`.
     pub fn handle_media_timeout(&mut self, call: CallKey, now: Instant) {
         tracing::info!(call, "RTP timeout, ending call");
-        self.hang_up(call, "rtp-timeout", CallOutcome::Timeout, now);
+        self.hang_up(call, ErrorCode::RtpTimeout, CallOutcome::Timeout, now);
         self.after(now);
     }
 
@@ -566,11 +567,11 @@ impl<M: MediaBackend> Engine<M> {
     pub fn shutdown(&mut self, now: Instant) {
         let keys: Vec<CallKey> = self.calls.keys().copied().collect();
         for k in keys {
-            self.hang_up(k, "shutdown", CallOutcome::Failed, now);
+            self.hang_up(k, ErrorCode::Shutdown, CallOutcome::Failed, now);
         }
         let sessions: Vec<SessionKey> = self.sessions.keys().copied().collect();
         for k in sessions {
-            self.end_session(k, Some("shutdown"), now);
+            self.end_session(k, Some(ErrorCode::Shutdown), now);
         }
         self.after(now);
     }
@@ -712,7 +713,7 @@ impl<M: MediaBackend> Engine<M> {
         tx: ServerTxId,
         req: &Request,
         status: u16,
-        code: &str,
+        code: ErrorCode,
         detail: &str,
         now: Instant,
     ) {
@@ -837,7 +838,7 @@ impl<M: MediaBackend> Engine<M> {
                 tx,
                 &req,
                 403,
-                "forbidden",
+                ErrorCode::Forbidden,
                 "To user differs from the authenticated user",
                 now,
             );
@@ -894,7 +895,7 @@ impl<M: MediaBackend> Engine<M> {
                 tx,
                 &req,
                 404,
-                "not-found",
+                ErrorCode::NotFound,
                 &format!("no registration or route for {user}"),
                 now,
             );
@@ -938,7 +939,7 @@ impl<M: MediaBackend> Engine<M> {
                 tx,
                 &req,
                 482,
-                "loop-detected",
+                ErrorCode::LoopDetected,
                 "the INVITE came back to callvault",
                 now,
             );
@@ -967,7 +968,7 @@ impl<M: MediaBackend> Engine<M> {
                 tx,
                 &req,
                 404,
-                "not-found",
+                ErrorCode::NotFound,
                 &format!("no registration or route for {callee}"),
                 now,
             );
@@ -1030,7 +1031,7 @@ impl<M: MediaBackend> Engine<M> {
                         tx,
                         &req,
                         400,
-                        "malformed-message",
+                        ErrorCode::MalformedMessage,
                         &format!("bad SDP: {e}"),
                         now,
                     );
@@ -1040,7 +1041,7 @@ impl<M: MediaBackend> Engine<M> {
                     let mut resp = req.response(503, None);
                     resp.ensure_to_tag(&self.token(10));
                     resp.headers.push("Retry-After", "5");
-                    let resp = with_error_body(resp, "overloaded", &e.to_string());
+                    let resp = with_error_body(resp, ErrorCode::Overloaded, &e.to_string());
                     return self.respond(tx, resp, now);
                 }
             }
@@ -1302,7 +1303,7 @@ impl<M: MediaBackend> Engine<M> {
                         if let Some(call) = self.calls.get_mut(&key) {
                             call.b.set_dialog(d);
                         }
-                        self.bye_leg(key, Side::B, Some("cancelled"), now);
+                        self.bye_leg(key, Side::B, Some(ErrorCode::Cancelled), now);
                     }
                 }
             }
@@ -1492,9 +1493,9 @@ impl<M: MediaBackend> Engine<M> {
                             "the callee could not be reached"
                         };
                         let code = if status == 408 {
-                            "timeout"
+                            ErrorCode::Timeout
                         } else {
-                            "unreachable"
+                            ErrorCode::Unreachable
                         };
                         self.reject(a_tx, &a_invite, status, code, detail, now);
                         self.end_call(key, CallOutcome::Failed);
@@ -1537,7 +1538,7 @@ impl<M: MediaBackend> Engine<M> {
             return;
         };
         tracing::info!(call = key, "no ACK for 2xx, ending call");
-        self.hang_up(key, "no-ack", CallOutcome::Timeout, now);
+        self.hang_up(key, ErrorCode::NoAck, CallOutcome::Timeout, now);
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1581,7 +1582,7 @@ impl<M: MediaBackend> Engine<M> {
                         server_tx,
                         &req,
                         488,
-                        "malformed-message",
+                        ErrorCode::MalformedMessage,
                         &format!("{e:?}"),
                         now,
                     );
@@ -1681,18 +1682,11 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// Refuses a request handed up in an event with our JSON error body and Warning.
-    pub fn reject_request(
-        &mut self,
-        tx: ServerTxId,
-        status: u16,
-        code: &str,
-        detail: &str,
-        now: Instant,
-    ) {
+    pub fn reject_request(&mut self, tx: ServerTxId, code: ErrorCode, detail: &str, now: Instant) {
         let Some(orig) = self.tx.server_request(tx).cloned() else {
             return;
         };
-        self.reject(tx, &orig, status, code, detail, now);
+        self.reject(tx, &orig, code.sip_status(), code, detail, now);
         self.after(now);
     }
 
@@ -1770,7 +1764,7 @@ impl<M: MediaBackend> Engine<M> {
         ids
     }
 
-    fn bye_leg(&mut self, key: CallKey, side: Side, reason: Option<&str>, now: Instant) {
+    fn bye_leg(&mut self, key: CallKey, side: Side, reason: Option<ErrorCode>, now: Instant) {
         let Some(call) = self.calls.get(&key) else {
             return;
         };
@@ -1816,7 +1810,7 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// Tears a call down from our side, whatever state it is in.
-    fn hang_up(&mut self, key: CallKey, reason: &str, outcome: CallOutcome, now: Instant) {
+    fn hang_up(&mut self, key: CallKey, reason: ErrorCode, outcome: CallOutcome, now: Instant) {
         let Some(call) = self.calls.get(&key) else {
             return;
         };
@@ -1838,7 +1832,8 @@ impl<M: MediaBackend> Engine<M> {
                     let mut resp = a_invite.response(503, None);
                     resp.ensure_to_tag(&call.a.local_tag.clone());
                     resp.headers.push("Retry-After", "5");
-                    let resp = with_error_body(resp, "overloaded", reason);
+                    let resp =
+                        with_error_body(resp, ErrorCode::Overloaded, reason.default_detail());
                     self.respond(a_tx, resp, now);
                 }
                 if let Some(b_tx) = b_tx {

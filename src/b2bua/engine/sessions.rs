@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::{Engine, EngineEvent};
 use crate::b2bua::errors::with_error_body;
 use crate::b2bua::media::MediaBackend;
+use crate::error_code::ErrorCode;
 use crate::sip::dialog::Dialog;
 use crate::sip::message::{HeaderAccess, Method, Request};
 use crate::sip::transaction::{Peer, ServerTxId};
@@ -111,8 +112,7 @@ impl<M: MediaBackend> Engine<M> {
     pub fn reject_session(
         &mut self,
         key: SessionKey,
-        status: u16,
-        code: &str,
+        code: ErrorCode,
         detail: &str,
         retry_after: Option<u32>,
         now: Instant,
@@ -122,7 +122,7 @@ impl<M: MediaBackend> Engine<M> {
         };
         if let Some(tx) = s.tx {
             self.session_invites.remove(&tx);
-            let mut resp = s.invite.response(status, None);
+            let mut resp = s.invite.response(code.sip_status(), None);
             resp.ensure_to_tag(&s.local_tag);
             if let Some(secs) = retry_after {
                 resp.headers.push("Retry-After", secs.to_string());
@@ -134,7 +134,7 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// Ends a session from our side: BYE (with a Reason) when up, 480 when still offered.
-    pub fn end_session(&mut self, key: SessionKey, reason: Option<&str>, now: Instant) {
+    pub fn end_session(&mut self, key: SessionKey, reason: Option<ErrorCode>, now: Instant) {
         let Some(mut s) = self.sessions.remove(&key) else {
             return;
         };
@@ -226,7 +226,7 @@ impl<M: MediaBackend> Engine<M> {
         let Some(key) = self.session_invites.remove(&invite_tx) else {
             return false;
         };
-        self.end_session(key, Some("no-ack"), now);
+        self.end_session(key, Some(ErrorCode::NoAck), now);
         self.events.push_back(EngineEvent::SessionEnded {
             session: key,
             by_remote: false,

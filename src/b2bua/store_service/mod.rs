@@ -6,6 +6,11 @@
 //! and spawns tasks for the database, argon2 and media work. Those tasks answer with
 //! [`Command`]s on a channel the core drains into [`StoreService::apply`], the only place that
 //! touches the engine again. So no lock is held across an await and the engine never blocks.
+//!
+//! The store lifecycle itself is not here: it is [`crate::storage::session::StoreSession`],
+//! which this service drives for RTP store sessions (`session.rs`) and whose ready notes it
+//! sends for uploads too ([`StoreService::on_http_event`]). At a clean shutdown
+//! [`StoreService::shutdown`] stops every session; the core waits for them to settle.
 
 mod lockout;
 mod request;
@@ -26,6 +31,7 @@ use super::engine::{Engine, EngineEvent, SessionKey};
 use super::media::{CallKey, MediaBackend, Side};
 use super::wire;
 use crate::config::{PromptFormat, PromptMethod, StoreConfig};
+use crate::error_code::{ErrorCode, Refusal};
 use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::sip::message::Method;
@@ -87,8 +93,7 @@ pub enum Command {
     },
     RejectRequest {
         tx: ServerTxId,
-        status: u16,
-        code: &'static str,
+        code: ErrorCode,
         detail: String,
     },
     Notify(Notification),
@@ -98,14 +103,11 @@ pub enum Command {
     },
     RejectSession {
         session: SessionKey,
-        status: u16,
-        code: &'static str,
-        detail: String,
-        retry_after: Option<u32>,
+        refusal: Refusal,
     },
     EndSession {
         session: SessionKey,
-        reason: Option<&'static str>,
+        reason: Option<ErrorCode>,
     },
     /// A session task ended: forget its runtime.
     SessionGone(SessionKey),
@@ -267,12 +269,9 @@ impl StoreService {
                 content_type,
                 body,
             } => engine.respond_request(tx, status, Some(content_type), Bytes::from(body), now),
-            Command::RejectRequest {
-                tx,
-                status,
-                code,
-                detail,
-            } => engine.reject_request(tx, status, code, &detail, now),
+            Command::RejectRequest { tx, code, detail } => {
+                engine.reject_request(tx, code, &detail, now)
+            }
             Command::Notify(n) => self.notify(engine, n, now),
             Command::AcceptSession { session, sdp } => {
                 if !engine.accept_session(session, Bytes::from(sdp), now) {
@@ -281,14 +280,14 @@ impl StoreService {
                     }
                 }
             }
-            Command::RejectSession {
-                session,
-                status,
-                code,
-                detail,
-                retry_after,
-            } => {
-                engine.reject_session(session, status, code, &detail, retry_after, now);
+            Command::RejectSession { session, refusal } => {
+                engine.reject_session(
+                    session,
+                    refusal.code,
+                    &refusal.detail,
+                    refusal.retry_after,
+                    now,
+                );
                 self.sessions.remove(&session);
             }
             Command::EndSession { session, reason } => engine.end_session(session, reason, now),
@@ -359,6 +358,41 @@ impl StoreService {
                 ..n
             }));
         }
+    }
+
+    /// An upload's event (`http/upload.rs`): at its threshold, the ready note to the receiver
+    /// like an RTP store's (in-dialog while the receiver's call lasts, else out of dialog).
+    pub fn on_http_event(&mut self, ev: crate::http::HttpEvent) {
+        let crate::http::HttpEvent::ThresholdReached {
+            store_id,
+            received_bytes,
+            state,
+        } = ev
+        else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            match ctx.stores.get(&store_id).await {
+                Ok(Some(store)) => session::ready(&ctx, &store, received_bytes, state),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(store = %store_id, error = %e, "ready note not sent"),
+            }
+        });
+    }
+
+    /// A clean shutdown (PROTOCOL.md 4): every store session stops and finishes `truncated`
+    /// with its committed data, every play session ends. Their tasks report
+    /// [`Command::SessionGone`]; [`StoreService::sessions_left`] counts who is still at it.
+    pub fn shutdown(&self) {
+        for rt in self.sessions.values() {
+            rt.shutdown();
+        }
+    }
+
+    /// Store and play sessions not finished yet.
+    pub fn sessions_left(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Whether the format setting asks for text by default.

@@ -8,9 +8,10 @@ use super::{Command, Ctx, Notification, Target};
 use crate::b2bua::media::{CallKey, Side};
 use crate::b2bua::wire::{self, Mode, Prompt, StoreAccepted, StoreRequest};
 use crate::config::PromptFormat;
+use crate::error_code::{ErrorCode, Refusal};
 use crate::sip::transaction::ServerTxId;
 use crate::sip::uri::Uri;
-use crate::storage::stores::{rfc3339, NewStore, StoreKind};
+use crate::storage::stores::{party_uri, rfc3339, NewStore, StoreKind};
 use crate::storage::threshold::Threshold;
 
 /// Codecs a store session accepts (PROTOCOL.md §2.3 `formats`).
@@ -33,18 +34,14 @@ pub(crate) struct Job {
     pub origin: Origin,
 }
 
-/// A refusal: status, `error` code, detail.
-struct Refusal(u16, &'static str, String);
-
 pub(crate) async fn handle(ctx: Ctx, job: Job) {
     match decide(&ctx, &job).await {
         Ok(()) => {}
-        Err(Refusal(status, code, detail)) => {
-            tracing::info!(receiver = %job.receiver, code, "store request refused");
+        Err(Refusal { code, detail, .. }) => {
+            tracing::info!(receiver = %job.receiver, %code, "store request refused");
             match &job.origin {
                 Origin::Sip { tx, .. } => ctx.send(Command::RejectRequest {
                     tx: *tx,
-                    status,
                     code,
                     detail,
                 }),
@@ -55,7 +52,7 @@ pub(crate) async fn handle(ctx: Ctx, job: Job) {
                         target: Target::InCall(job.call, job.side),
                         content_type: wire::ERROR,
                         json: crate::b2bua::errors::error_json(code, &detail),
-                        text: wire::error_text(code, &detail),
+                        text: wire::error_text(code.as_str(), &detail),
                         prefer_text,
                     }))
                 }
@@ -88,27 +85,30 @@ pub(crate) async fn prefers_text(ctx: &Ctx, user: &str) -> bool {
     format == PromptFormat::Text
 }
 
-async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
+/// Step 111 in the order of PROTOCOL.md 2.2: the request, the parties, the subscriber, the
+/// PIN (with its lockout) and free space. The request, the receiver's account and user.
+async fn validate(
+    ctx: &Ctx,
+    job: &Job,
+) -> Result<(StoreRequest, crate::storage::Account, String), Refusal> {
     let req = match &job.origin {
         Origin::Sip { body, .. } => {
-            StoreRequest::parse(body).map_err(|e| Refusal(400, "malformed-request", e))?
+            StoreRequest::parse(body).map_err(|e| Refusal::new(ErrorCode::MalformedRequest, e))?
         }
         Origin::Dtmf { pin } => StoreRequest::from_pin(pin),
     };
     if let Some(s) = &req.sender {
         if !same_party(s, &job.sender) {
-            return Err(Refusal(
-                404,
-                "not-in-call",
+            return Err(Refusal::new(
+                ErrorCode::NotInCall,
                 format!("{s} is not the other party of this call"),
             ));
         }
     }
     if let Some(r) = &req.receiver {
         if !same_party(r, &job.receiver) {
-            return Err(Refusal(
-                403,
-                "receiver-mismatch",
+            return Err(Refusal::new(
+                ErrorCode::ReceiverMismatch,
                 format!("{r} is not you ({})", job.receiver),
             ));
         }
@@ -118,40 +118,36 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
         .accounts
         .get(&user)
         .await
-        .map_err(|e| Refusal(500, "internal", e.to_string()))?
+        .map_err(Refusal::internal)?
         .ok_or_else(|| {
-            Refusal(
-                403,
-                "unknown-receiver",
+            Refusal::new(
+                ErrorCode::UnknownReceiver,
                 format!("{} is not a subscriber", job.receiver),
             )
         })?;
     if ctx.lockout().is_locked(&user, Instant::now()) {
-        return Err(Refusal(
-            403,
-            "locked-out",
-            "too many wrong PINs; try again later".into(),
-        ));
+        return Err(Refusal::bare(ErrorCode::LockedOut));
     }
     let ok = ctx
         .accounts
         .verify_pin(&user, &req.pin)
         .await
-        .map_err(|e| Refusal(500, "internal", e.to_string()))?;
+        .map_err(Refusal::internal)?;
     if !ok {
         ctx.lockout().failure(&user, Instant::now());
-        return Err(Refusal(403, "bad-pin", "wrong storage PIN".into()));
+        return Err(Refusal::bare(ErrorCode::BadPin));
     }
     ctx.lockout().success(&user);
-    let free = account.free_bytes();
-    if free == 0 {
-        return Err(Refusal(
-            403,
-            "quota-exhausted",
-            "no free storage space".into(),
-        ));
+    if account.free_bytes() == 0 {
+        return Err(Refusal::bare(ErrorCode::QuotaExhausted));
     }
+    Ok((req, account, user))
+}
 
+/// Validates, creates the store and sends the prompt (step 12).
+async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
+    let (req, account, user) = validate(ctx, job).await?;
+    let free = account.free_bytes();
     // The request's threshold, else the account's default, else the server's (§2.1).
     let requested = req.threshold.map(|t| match (t.percent, t.bytes) {
         (Some(p), _) => Threshold::Percent(p),
@@ -179,12 +175,12 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
             now,
         )
         .await
-        .map_err(|e| Refusal(500, "internal", e.to_string()))?;
+        .map_err(Refusal::internal)?;
 
     let host = ctx.cfg.host();
     let prompt = Prompt {
         store_id: store.id.clone(),
-        receiver: format!("sip:{}", job.receiver),
+        receiver: party_uri(&job.receiver),
         store_uri: format!("sip:{}@{}:{}", store.id, host, ctx.cfg.sip_port),
         ip: ctx.cfg.public_ip.to_string(),
         port: ctx.cfg.sip_port,
@@ -209,7 +205,7 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
             if let Origin::Sip { tx, .. } = origin {
                 let accepted = StoreAccepted {
                     store_id: store.id.clone(),
-                    prompted: format!("sip:{}", job.sender),
+                    prompted: party_uri(&job.sender),
                 };
                 ctx.send(Command::RespondRequest {
                     tx: *tx,

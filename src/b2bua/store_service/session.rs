@@ -1,7 +1,12 @@
 //! Store sessions (steps 21–23, 31/32: INVITE to the store URI, RTP into the segment log,
 //! threshold, ready note) and play sessions (332/333: INVITE to the play URI, the stored
 //! packets streamed from the start, following the live tail). One task per session; the
-//! engine's session events reach it through a [`Runtime`].
+//! engine's session events (and the server's shutdown) reach it through a [`Runtime`].
+//!
+//! A store session is the RTP ingest adapter of [`StoreSession`]: [`accept_store`] builds the
+//! step-211 snapshot and lets [`session::admit`] decide, the recorder is the ingest, and
+//! [`RtpDrive`] feeds the machine the recorder's committed bytes and end, runs its database
+//! effects ([`effects::run`]) and turns its notes into engine commands (BYE, ready note).
 //!
 //! Observability (issue 3 item 8): each task runs in a `store_session` or `play_session`
 //! tracing span carrying `store_id`, `sender` and `receiver` (the last two recorded once the
@@ -18,31 +23,41 @@
 //! and may be dropped.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use super::{Command, Ctx};
 use crate::b2bua::engine::SessionKey;
 use crate::b2bua::wire;
+use crate::error_code::{ErrorCode, Refusal};
 use crate::media::player::{Player, PlayerConfig, PlayerEventKind};
-use crate::media::recorder::{Recorder, RecorderConfig, RecorderEventKind};
+use crate::media::recorder::{
+    Recorder, RecorderConfig, RecorderEvent, RecorderEventKind, RecorderHandle,
+};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::sdp::{Codec, Direction, SessionDescription};
 use crate::sip::message::Request;
 use crate::storage::segments::{
-    pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter, TailState,
+    pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter,
 };
-use crate::storage::stores::{store_dir, StartSession, Store, StoreError, StoreKind, StoreState};
-use crate::storage::threshold::{clock_rate, playout_rate_for, ThresholdLimits, ThresholdTracker};
+use crate::storage::session::effects::{self, observe_first_packet, Note};
+use crate::storage::session::{
+    self, IngestEnd, Input, Phase, SessionConfig, Snapshot, StoreSession,
+};
+use crate::storage::stores::{store_dir, StartSession, Store, StoreError, StoreState};
+use crate::storage::threshold::{clock_rate, playout_rate_for, ThresholdTracker};
+use crate::storage::Account;
 
 /// What the engine tells a session task.
 #[derive(Debug, Clone, Copy)]
 enum Signal {
     Acked,
     Ended,
+    /// The server is stopping (PROTOCOL.md 4): finish now.
+    Shutdown,
 }
 
 /// The service's handle on a session task.
@@ -56,6 +71,9 @@ impl Runtime {
     }
     pub(crate) fn ended(&self) {
         let _ = self.signals.send(Signal::Ended);
+    }
+    pub(crate) fn shutdown(&self) {
+        let _ = self.signals.send(Signal::Shutdown);
     }
 }
 
@@ -97,14 +115,11 @@ pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Reques
             } else {
                 store(&ctx, key, &id, &identity, &invite, rx).await
             };
-            if let Err(Refusal(status, code, detail, retry_after)) = outcome {
-                tracing::info!(code, "session refused");
+            if let Err(refusal) = outcome {
+                tracing::info!(code = %refusal.code, "session refused");
                 ctx.send(Command::RejectSession {
                     session: key,
-                    status,
-                    code,
-                    detail,
-                    retry_after,
+                    refusal,
                 });
             }
             ctx.send(Command::SessionGone(key));
@@ -114,31 +129,24 @@ pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Reques
     Runtime { signals: tx }
 }
 
-/// A refusal of the INVITE: status, code, detail, Retry-After.
-struct Refusal(u16, &'static str, String, Option<u32>);
-
-fn refuse(status: u16, code: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal(status, code, detail.into(), None)
+fn refuse(code: ErrorCode, detail: impl Into<String>) -> Refusal {
+    Refusal::new(code, detail)
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
-    refuse(500, "internal", e.to_string())
+    Refusal::internal(e)
 }
 
 /// The offered SDP and its audio section.
 fn offer_sdp(invite: &Request) -> Result<(SessionDescription, usize), Refusal> {
     let text = std::str::from_utf8(&invite.body)
-        .map_err(|_| refuse(400, "malformed-message", "SDP is not UTF-8"))?;
+        .map_err(|_| refuse(ErrorCode::MalformedMessage, "SDP is not UTF-8"))?;
     let sdp = SessionDescription::parse(text)
-        .map_err(|e| refuse(400, "malformed-message", format!("bad SDP: {e}")))?;
+        .map_err(|e| refuse(ErrorCode::MalformedMessage, format!("bad SDP: {e}")))?;
     let idx = sdp
         .find_media("audio")
-        .ok_or_else(|| refuse(488, "unsupported-format", "no audio stream offered"))?;
+        .ok_or_else(|| refuse(ErrorCode::UnsupportedFormat, "no audio stream offered"))?;
     Ok((sdp, idx))
-}
-
-fn same_identity(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b)
 }
 
 /// Names the store's parties on the session's span (see the module doc).
@@ -148,69 +156,19 @@ fn record_parties(store: &Store) {
     span.record("receiver", store.receiver.as_str());
 }
 
-/// Resolves once the log holds committed payload (true), or when the writer is gone without
-/// any (false). Pending forever once `tail` is None, so a `select!` branch can be retired.
-async fn first_commit(tail: &mut Option<watch::Receiver<TailState>>) -> bool {
-    let Some(t) = tail.as_mut() else {
-        return std::future::pending().await;
-    };
-    loop {
-        if t.borrow_and_update().payload_bytes > 0 {
-            return true;
-        }
-        if t.changed().await.is_err() {
-            return t.borrow().payload_bytes > 0;
-        }
-    }
+/// What an INVITE to a store URI offers, read before step 211 decides.
+struct MediaOffer {
+    sdp: SessionDescription,
+    audio: usize,
+    codec: Codec,
+    te: Option<Codec>,
+    declared: Option<u64>,
 }
 
-/// `callvault_prompt_to_first_packet_seconds` for a store of step 2.3 (recorded calls and
-/// uploads have no prompt). Wall clock, since `created_at` is; a clock step backwards skips
-/// the sample rather than recording nonsense.
-fn observe_prompt_to_first_packet(store: &Store, at: SystemTime) {
-    if store.kind != StoreKind::InCall {
-        return;
-    }
-    if let Ok(d) = at.duration_since(store.created_at) {
-        METRICS.prompt_to_first_packet_seconds.observe_duration(d);
-    }
-}
-
-async fn store(
-    ctx: &Ctx,
-    key: SessionKey,
-    id: &str,
-    identity: &str,
-    invite: &Request,
-    mut signals: mpsc::UnboundedReceiver<Signal>,
-) -> Result<(), Refusal> {
-    // Step 211, in the order of PROTOCOL.md §2.4.
-    let unknown = || {
-        refuse(
-            404,
-            "unknown-store",
-            format!("{id} is unknown, used or expired"),
-        )
-    };
-    let store = ctx
-        .stores
-        .get(id)
-        .await
-        .map_err(internal)?
-        .ok_or_else(unknown)?;
-    record_parties(&store);
-    if !store.is_open(SystemTime::now()) {
-        return Err(unknown());
-    }
-    if !same_identity(identity, &store.sender) {
-        return Err(refuse(
-            403,
-            "not-sender",
-            format!("{identity} is not the sender this store was offered to"),
-        ));
-    }
-    let (offer, audio) = offer_sdp(invite)?;
-    let offered = offer.codecs(audio);
+/// The offered SDP, the first storable codec and `Callvault-Data-Size`.
+fn media_offer(invite: &Request) -> Result<MediaOffer, Refusal> {
+    let (sdp, audio) = offer_sdp(invite)?;
+    let offered = sdp.codecs(audio);
     let codec = offered
         .iter()
         .find(|c| {
@@ -221,8 +179,7 @@ async fn store(
         .cloned()
         .ok_or_else(|| {
             refuse(
-                488,
-                "unsupported-format",
+                ErrorCode::UnsupportedFormat,
                 "none of the offered codecs can be stored",
             )
         })?;
@@ -230,21 +187,79 @@ async fn store(
     let declared = match invite.headers.get("Callvault-Data-Size") {
         Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
             refuse(
-                400,
-                "malformed-request",
+                ErrorCode::MalformedRequest,
                 "Callvault-Data-Size is not a number",
             )
         })?),
         None => None,
     };
-    let cfg = &ctx.cfg;
-    let resolved = store.threshold.resolve(
+    Ok(MediaOffer {
+        sdp,
+        audio,
+        codec,
+        te,
         declared,
+    })
+}
+
+/// The owner's account (None: no owner, the operator's store).
+async fn owner_account(ctx: &Ctx, store: Option<&Store>) -> Result<Option<Account>, Refusal> {
+    let Some(owner) = store.and_then(|s| s.owner.as_deref()) else {
+        return Ok(None);
+    };
+    match ctx.accounts.get(owner).await.map_err(internal)? {
+        Some(a) => Ok(Some(a)),
+        None => Err(refuse(
+            ErrorCode::UnknownReceiver,
+            format!("{owner} is not a subscriber"),
+        )),
+    }
+}
+
+/// A store session accepted by step 211, its reservation made.
+struct Accepted {
+    store: Store,
+    offer: MediaOffer,
+    cfg: SessionConfig,
+}
+
+/// Step 211 and 22's reservation: the machine decides on a snapshot, the database reserves
+/// atomically (and may still refuse on a race).
+async fn accept_store(
+    ctx: &Ctx,
+    id: &str,
+    identity: &str,
+    invite: &Request,
+) -> Result<Accepted, Refusal> {
+    let found = ctx.stores.get(id).await.map_err(internal)?;
+    if let Some(s) = &found {
+        record_parties(s);
+    }
+    let offer = media_offer(invite);
+    let owner = owner_account(ctx, found.as_ref()).await?;
+    let admitted = session::admit(&Snapshot {
+        store: found.as_ref(),
+        wall: SystemTime::now(),
+        caller: Some(identity),
+        offer: offer.as_ref().map(|_| ()).map_err(Clone::clone),
+        declared: offer.as_ref().ok().and_then(|o| o.declared),
+        free_bytes: owner.as_ref().map(Account::free_bytes),
+    })?;
+    let (Some(store), Ok(offer)) = (found, offer) else {
+        return Err(Refusal::bare(ErrorCode::UnknownStore)); // admit checked both
+    };
+    let cfg = &ctx.cfg;
+    let server_limits = cfg.store.threshold_limits();
+    let limits = owner
+        .as_ref()
+        .map_or(server_limits, |a| a.threshold_limits(&server_limits));
+    let resolved = store.threshold.resolve(
+        offer.declared,
         cfg.store.fallback_bytes,
         cfg.store.threshold_percent,
-        &ThresholdLimits::default(),
+        &limits,
     );
-    let format = codec.format_name();
+    let format = offer.codec.format_name();
     let started = ctx
         .stores
         .start_session(
@@ -252,199 +267,274 @@ async fn store(
             &StartSession {
                 caller: identity,
                 format: &format,
-                payload_type: codec.pt,
-                declared_bytes: declared,
-                reserve_bytes: declared.unwrap_or(0),
+                payload_type: offer.codec.pt,
+                declared_bytes: offer.declared,
+                reserve_bytes: admitted.reserve_bytes,
                 threshold_bytes: resolved.fixed_bytes(),
             },
             SystemTime::now(),
         )
         .await
-        .map_err(|e| match e {
-            StoreError::UnknownStore(_) => unknown(),
-            StoreError::NotSender { .. } => refuse(403, "not-sender", e.to_string()),
-            StoreError::QuotaExceeded { .. } => refuse(403, "quota-exceeded", e.to_string()),
-            StoreError::NoOwner { .. } => refuse(403, "unknown-receiver", e.to_string()),
-            other => internal(other),
-        })?;
+        .map_err(store_refusal)?;
+    let cfg = SessionConfig {
+        admitted,
+        resolved,
+        playout_rate: playout_rate_for(&format),
+        // The recorder keeps the RTP timer (it sees every packet) and reports the timeout.
+        silence_timeout: None,
+    };
+    Ok(Accepted {
+        store: started,
+        offer,
+        cfg,
+    })
+}
 
-    // From here the store is `receiving`: every exit must finish it.
-    let _active = GaugeGuard::new(&METRICS.store_sessions_active);
-    let fail = |e: String| async move {
+/// A refusal for a database answer to step 211.
+fn store_refusal(e: StoreError) -> Refusal {
+    match e {
+        StoreError::UnknownStore(_) => Refusal::bare(ErrorCode::UnknownStore),
+        StoreError::NotSender { .. } => refuse(ErrorCode::NotSender, e.to_string()),
+        StoreError::QuotaExceeded { .. } => refuse(ErrorCode::QuotaExceeded, e.to_string()),
+        StoreError::NoOwner { .. } => refuse(ErrorCode::UnknownReceiver, e.to_string()),
+        other => internal(other),
+    }
+}
+
+/// The RTP ingest adapter: the recorder on its port, answered with `a=recvonly`. On failure
+/// the store is finished `rejected` (it is `receiving` already).
+async fn start_recorder(
+    ctx: &Ctx,
+    key: SessionKey,
+    acc: &Accepted,
+) -> Result<(RecorderHandle, mpsc::Receiver<RecorderEvent>), Refusal> {
+    let cfg = &ctx.cfg;
+    let id = acc.store.id.as_str();
+    let reject = |r: Refusal| async move {
         let _ = ctx
             .stores
             .finish(id, StoreState::Rejected, 0, SystemTime::now())
             .await;
-        internal(e)
+        r
     };
     let socket = match ctx.ports.allocate(cfg.public_ip) {
         Ok(s) => s,
         Err(e) => {
-            let _ = ctx
-                .stores
-                .finish(id, StoreState::Rejected, 0, SystemTime::now())
-                .await;
-            return Err(Refusal(503, "overloaded", e.to_string(), Some(5)));
+            return Err(reject(refuse(ErrorCode::Overloaded, e.to_string()).retry_after(5)).await)
         }
     };
-    let dir = store_dir(&cfg.data_dir, id).map_err(internal)?;
-    let writer = match SegmentWriter::create(&dir, SegmentOptions::default()) {
+    let writer = match store_dir(&cfg.data_dir, id)
+        .map_err(internal)
+        .and_then(|dir| SegmentWriter::create(&dir, SegmentOptions::default()).map_err(internal))
+    {
         Ok(w) => w,
-        Err(e) => return Err(fail(e.to_string()).await),
+        Err(r) => return Err(reject(r).await),
     };
     let (ingest, writer) = pipeline(writer, PipelineOptions::default());
-    let tracker = ThresholdTracker::new(resolved, playout_rate_for(&format));
-    let mut rc = RecorderConfig::new(codec.pt, declared, tracker);
+    let o = &acc.offer;
+    let format = o.codec.format_name();
+    let tracker = ThresholdTracker::new(acc.cfg.resolved, playout_rate_for(&format));
+    let mut rc = RecorderConfig::new(o.codec.pt, o.declared, tracker);
+    rc.size_limit = acc.cfg.admitted.limit;
     rc.rtp_timeout = cfg.rtp_timeout;
-    rc.telephone_event_pt = te.as_ref().map(|c| c.pt);
-    rc.clock_rate = Some(codec.clock_rate);
-    rc.source = offer.connection_for(audio);
-    let (ev_tx, mut events) = mpsc::channel(64);
+    rc.telephone_event_pt = o.te.as_ref().map(|c| c.pt);
+    rc.clock_rate = Some(o.codec.clock_rate);
+    rc.source = o.sdp.connection_for(o.audio);
+    let (ev_tx, events) = mpsc::channel(64);
     let recorder = Recorder::start(socket, ingest, writer, rc, ev_tx);
-    ctx.live.insert(id, recorder.tail());
-    // Watched until the first packet is committed, for the prompt-to-first-packet time.
-    let mut first_tail = Some(recorder.tail());
-
-    let mut accepted: Vec<Codec> = vec![codec.clone()];
-    accepted.extend(te);
-    let answer = match SessionDescription::answer(
-        &offer,
+    let mut accepted: Vec<Codec> = vec![o.codec.clone()];
+    accepted.extend(o.te.clone());
+    match SessionDescription::answer(
+        &o.sdp,
         cfg.public_ip,
         recorder.local_rtp_port(),
         &accepted,
         Direction::RecvOnly,
         key,
     ) {
-        Ok(a) => a,
+        Ok(answer) => {
+            ctx.send(Command::AcceptSession {
+                session: key,
+                sdp: answer.to_string(),
+            });
+            Ok((recorder, events))
+        }
         Err(e) => {
             recorder.finish().await;
-            ctx.live.remove(id);
-            return Err(fail(e.to_string()).await);
+            Err(reject(internal(e)).await)
         }
-    };
-    ctx.send(Command::AcceptSession {
-        session: key,
-        sdp: answer.to_string(),
-    });
-    tracing::info!(format = %format, declared = ?declared, "store session started");
+    }
+}
 
-    let mut reserved = declared.unwrap_or(0);
-    let mut ended_by_us: Option<(&'static str, StoreState)> = None;
-    loop {
-        tokio::select! {
-            s = signals.recv() => match s {
-                Some(Signal::Acked) => {}
-                Some(Signal::Ended) | None => break,
-            },
-            stored = first_commit(&mut first_tail), if first_tail.is_some() => {
-                first_tail = None;
-                if stored {
-                    observe_prompt_to_first_packet(&store, SystemTime::now());
-                }
-            }
-            ev = events.recv() => {
-                let Some(ev) = ev else { break };
-                match ev.kind {
-                    RecorderEventKind::ThresholdReached { received_bytes, after, by_finish } => {
-                        threshold_reached(ctx, &started, received_bytes, after, by_finish).await;
-                    }
-                    RecorderEventKind::Progress { received_bytes } => {
-                        let _ = ctx.stores.record_progress(id, received_bytes).await;
-                        // Without a declared size the reservation grows with the data; when the
-                        // quota cannot cover it the session ends.
-                        if received_bytes > reserved {
-                            let extra = received_bytes - reserved + 64 * 1024;
-                            if ctx.stores.extend_reservation(id, extra).await.unwrap_or(false) {
-                                reserved += extra;
-                            } else if ended_by_us.is_none() {
-                                ended_by_us = Some(("quota-exceeded", StoreState::Complete));
-                                break;
-                            }
-                        }
-                    }
-                    RecorderEventKind::SizeExceeded { .. } => {
-                        ended_by_us = Some(("size-exceeded", StoreState::Complete));
-                        break;
-                    }
-                    RecorderEventKind::Timeout { .. } => {
-                        ended_by_us = Some(("rtp-timeout", StoreState::Truncated));
-                        break;
-                    }
-                    RecorderEventKind::StorageFailed { .. } => {
-                        ended_by_us = Some(("storage-failed", StoreState::Truncated));
-                        break;
-                    }
-                    RecorderEventKind::Finished { .. } => break,
-                }
-            }
-        }
-    }
-    if let Some((reason, _)) = ended_by_us {
-        ctx.send(Command::EndSession {
-            session: key,
-            reason: Some(reason),
-        });
-    }
-    let totals = recorder.finish().await;
-    // The first packet was committed only as the session ended (e.g. the BYE overtook the
-    // commit tick): the sample is late by at most that tick.
-    if first_tail.is_some_and(|t| t.borrow().payload_bytes > 0) {
-        observe_prompt_to_first_packet(&store, SystemTime::now());
-    }
-    // The threshold is always reached by the end (a store shorter than its threshold).
-    while let Ok(ev) = events.try_recv() {
-        if let RecorderEventKind::ThresholdReached {
-            received_bytes,
-            after,
-            by_finish,
-        } = ev.kind
-        {
-            threshold_reached(ctx, &started, received_bytes, after, by_finish).await;
-        }
-    }
-    let state = ended_by_us.map_or(StoreState::Complete, |(_, s)| s);
-    if let Err(e) = ctx
-        .stores
-        .finish(id, state, totals.received_bytes, SystemTime::now())
-        .await
-    {
-        tracing::warn!(error = %e, "store not finished cleanly");
-    }
-    ctx.live.remove(id);
-    tracing::info!(bytes = totals.received_bytes, ?state, "store session ended");
+async fn store(
+    ctx: &Ctx,
+    key: SessionKey,
+    id: &str,
+    identity: &str,
+    invite: &Request,
+    signals: mpsc::UnboundedReceiver<Signal>,
+) -> Result<(), Refusal> {
+    let acc = accept_store(ctx, id, identity, invite).await?;
+    // From here the store is `receiving`: every exit finishes it.
+    let _active = GaugeGuard::new(&METRICS.store_sessions_active);
+    let (recorder, events) = start_recorder(ctx, key, &acc).await?;
+    tracing::info!(format = %acc.offer.codec.format_name(), declared = ?acc.offer.declared,
+        "store session started");
+    let session = StoreSession::start(acc.cfg.clone(), Instant::now());
+    let mut drive = RtpDrive {
+        ctx,
+        key,
+        store: acc.store,
+        session,
+        first_packet_seen: false,
+        how: IngestEnd::Done,
+    };
+    drive.run(recorder, events, signals).await;
     Ok(())
 }
 
-/// Step 32 reached (by the data or because the store finished): metric, metadata, ready note.
-async fn threshold_reached(
-    ctx: &Ctx,
-    store: &Store,
-    received_bytes: u64,
-    after: Duration,
-    by_finish: bool,
-) {
-    METRICS.threshold_seconds.observe_duration(after);
-    tracing::info!(
-        received_bytes,
-        after_ms = after.as_millis() as u64,
-        by_finish,
-        "threshold reached"
-    );
-    let _ = ctx
-        .stores
-        .mark_threshold(&store.id, SystemTime::now())
-        .await;
-    ready(ctx, store, received_bytes);
+/// The driver of one RTP store session: feeds the machine from the recorder and the engine,
+/// carries out its notes.
+struct RtpDrive<'a> {
+    ctx: &'a Ctx,
+    key: SessionKey,
+    store: Store,
+    session: StoreSession,
+    first_packet_seen: bool,
+    /// How the ingest ended, from the recorder's events.
+    how: IngestEnd,
 }
 
-/// Step 331: the ready note to the receiver.
-fn ready(ctx: &Ctx, store: &Store, received_bytes: u64) {
+impl RtpDrive<'_> {
+    async fn run(
+        &mut self,
+        recorder: RecorderHandle,
+        mut events: mpsc::Receiver<RecorderEvent>,
+        mut signals: mpsc::UnboundedReceiver<Signal>,
+    ) {
+        let id = self.store.id.clone();
+        let mut tail = recorder.tail();
+        self.ctx.live.insert(&id, tail.clone());
+        let mut tail_open = true;
+        loop {
+            tokio::select! {
+                s = signals.recv() => match s {
+                    Some(Signal::Acked) => {}
+                    Some(Signal::Shutdown) => self.feed(Input::Shutdown).await,
+                    Some(Signal::Ended) | None => break,
+                },
+                changed = tail.changed(), if tail_open => match changed {
+                    Ok(()) => {
+                        let n = tail.borrow_and_update().payload_bytes;
+                        self.committed(n).await;
+                    }
+                    Err(_) => tail_open = false,
+                },
+                ev = events.recv() => match ev.map(|e| e.kind) {
+                    Some(kind) => {
+                        if self.on_recorder(kind).await {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+            if self.session.phase() != Phase::Receiving {
+                break;
+            }
+        }
+        let totals = recorder.finish().await;
+        while let Ok(ev) = events.try_recv() {
+            self.on_recorder(ev.kind).await;
+        }
+        let last = tail.borrow().payload_bytes;
+        self.committed(last).await;
+        self.feed(Input::IngestEnded {
+            how: self.how,
+            stored: totals.received_bytes,
+        })
+        .await;
+        self.ctx.live.remove(&id);
+        tracing::info!(bytes = totals.received_bytes, phase = ?self.session.phase(),
+            "store session ended");
+    }
+
+    /// A recorder event; true when the ingest has stopped.
+    async fn on_recorder(&mut self, kind: RecorderEventKind) -> bool {
+        match kind {
+            RecorderEventKind::ThresholdReached {
+                received_bytes,
+                by_finish: false,
+                ..
+            } => self.feed(Input::IngestThreshold(received_bytes)).await,
+            RecorderEventKind::ThresholdReached { .. } => {}
+            RecorderEventKind::Progress { received_bytes } => {
+                let _ = self
+                    .ctx
+                    .stores
+                    .record_progress(&self.store.id, received_bytes)
+                    .await;
+            }
+            RecorderEventKind::SizeExceeded { .. } => {
+                self.how = IngestEnd::Overran;
+                self.stop_ingest(ErrorCode::SizeExceeded);
+                return true;
+            }
+            RecorderEventKind::Timeout { .. } => {
+                self.how = IngestEnd::TimedOut;
+                self.stop_ingest(ErrorCode::RtpTimeout);
+                return true;
+            }
+            RecorderEventKind::StorageFailed { .. } => {
+                self.how = IngestEnd::StorageFailed;
+                self.stop_ingest(ErrorCode::StorageFailed);
+                return true;
+            }
+            RecorderEventKind::Finished { .. } => return true,
+        }
+        false
+    }
+
+    async fn committed(&mut self, n: u64) {
+        if n > 0 && !self.first_packet_seen {
+            self.first_packet_seen = true;
+            observe_first_packet(&self.store, SystemTime::now());
+        }
+        self.feed(Input::Committed(n)).await;
+    }
+
+    async fn feed(&mut self, input: Input) {
+        self.session.handle(input, Instant::now());
+        let notes = effects::run(&mut self.session, &self.ctx.stores, &self.store.id).await;
+        for note in notes {
+            match note {
+                Note::Ready {
+                    received_bytes,
+                    state,
+                } => ready(self.ctx, &self.store, received_bytes, state),
+                Note::Stop(reason) => self.stop_ingest(reason),
+                Note::Finished(_) => {}
+            }
+        }
+    }
+
+    /// BYE to the sender (the engine ignores a session already gone).
+    fn stop_ingest(&self, reason: ErrorCode) {
+        self.ctx.send(Command::EndSession {
+            session: self.key,
+            reason: Some(reason),
+        });
+    }
+}
+
+/// Step 331: the ready note to the receiver, with the store's state.
+pub(crate) fn ready(ctx: &Ctx, store: &Store, received_bytes: u64, state: StoreState) {
     let host = ctx.cfg.host();
     let r = wire::Ready {
         store_id: store.id.clone(),
         play_uri: format!("sip:play-{}@{}:{}", store.id, host, ctx.cfg.sip_port),
         download_url: crate::http::download_url(&ctx.cfg.http_base, store),
-        state: "receiving".into(),
+        state: state.to_string(),
         received_bytes,
         declared_bytes: store.declared_bytes,
         format: store.format.clone().unwrap_or_default(),
@@ -468,27 +558,9 @@ async fn play(
         .get(id)
         .await
         .map_err(internal)?
-        .ok_or_else(|| refuse(404, "unknown-store", format!("{id} is unknown")))?;
+        .ok_or_else(|| refuse(ErrorCode::UnknownStore, format!("{id} is unknown")))?;
     record_parties(&store);
-    if !same_identity(identity, &store.receiver) {
-        return Err(refuse(
-            403,
-            "not-receiver",
-            format!("{identity} is not the receiver of {id}"),
-        ));
-    }
-    let finished = matches!(store.state, StoreState::Complete | StoreState::Truncated);
-    if store.threshold_at.is_none() && !finished {
-        if matches!(store.state, StoreState::Pending | StoreState::Receiving) {
-            return Err(Refusal(
-                480,
-                "not-ready",
-                "the threshold is not reached yet".into(),
-                Some(2),
-            ));
-        }
-        return Err(refuse(404, "unknown-store", format!("{id} holds no data")));
-    }
+    session::may_play(&store, identity)?;
     let (offer, audio) = offer_sdp(invite)?;
     let format = store.format.clone().unwrap_or_default();
     let codec = offer
@@ -497,8 +569,7 @@ async fn play(
         .find(|c| c.format_name().eq_ignore_ascii_case(&format))
         .ok_or_else(|| {
             refuse(
-                488,
-                "unsupported-format",
+                ErrorCode::UnsupportedFormat,
                 format!("the store is {format}; offer it to listen"),
             )
         })?;
@@ -506,7 +577,7 @@ async fn play(
     let socket = ctx
         .ports
         .allocate(ctx.cfg.public_ip)
-        .map_err(|e| Refusal(503, "overloaded", e.to_string(), Some(5)))?;
+        .map_err(|e| Refusal::new(ErrorCode::Overloaded, e.to_string()).retry_after(5))?;
     let answer = SessionDescription::answer(
         &offer,
         ctx.cfg.public_ip,
@@ -527,7 +598,7 @@ async fn play(
     // Stream from the ACK on.
     match signals.recv().await {
         Some(Signal::Acked) => {}
-        Some(Signal::Ended) | None => return Ok(()),
+        Some(Signal::Ended | Signal::Shutdown) | None => return Ok(()),
     }
     let dir = store_dir(&ctx.cfg.data_dir, id).map_err(internal)?;
     let reader = SegmentReader::open(&dir, 0, ctx.live.get(id));
@@ -543,7 +614,7 @@ async fn play(
         tokio::select! {
             s = signals.recv() => match s {
                 Some(Signal::Acked) => {}
-                Some(Signal::Ended) | None => break,
+                Some(Signal::Ended | Signal::Shutdown) | None => break,
             },
             ev = events.recv() => match ev.map(|e| e.kind) {
                 Some(PlayerEventKind::Started { first_packet_after }) => {
@@ -555,7 +626,7 @@ async fn play(
                     break;
                 }
                 Some(PlayerEventKind::Failed { .. }) | None => {
-                    ctx.send(Command::EndSession { session: key, reason: Some("play-failed") });
+                    ctx.send(Command::EndSession { session: key, reason: Some(ErrorCode::PlayFailed) });
                     break;
                 }
             },
