@@ -226,6 +226,7 @@ mod tests {
             public_ip: "127.0.0.1".parse().unwrap(),
             udp_port: Some(5060),
             tcp_port: None,
+            tls_port: None,
             digest_algorithms: vec![Algorithm::Md5],
             trusted: vec!["127.0.0.0/8".parse().unwrap()],
             routes: vec![RouteTarget {

@@ -84,6 +84,8 @@ pub struct EngineConfig {
     /// Our listening port per transport (Via and Contact).
     pub udp_port: Option<u16>,
     pub tcp_port: Option<u16>,
+    /// The `tls:` listener's port; None: callvault has no TLS listener.
+    pub tls_port: Option<u16>,
     pub digest_algorithms: Vec<Algorithm>,
     pub trusted: Vec<Cidr>,
     pub routes: Vec<RouteTarget>,
@@ -500,6 +502,7 @@ impl<M: MediaBackend> Engine<M> {
         match t {
             Transport::Udp => self.cfg.udp_port.or(self.cfg.tcp_port),
             Transport::Tcp => self.cfg.tcp_port.or(self.cfg.udp_port),
+            Transport::Tls => self.cfg.tls_port.or(Some(5061)),
         }
         .unwrap_or(5060)
     }
@@ -523,8 +526,8 @@ impl<M: MediaBackend> Engine<M> {
 
     fn contact(&self, t: Transport) -> NameAddr {
         let mut uri = Uri::sip(Some("callvault"), &self.host(), Some(self.local_port(t)));
-        if t == Transport::Tcp {
-            uri.set_param("transport", Some("tcp"));
+        if t != Transport::Udp {
+            uri.set_param("transport", Some(t.as_str()));
         }
         NameAddr::new(uri)
     }
@@ -731,6 +734,9 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
+        if self.refuse_insecure_sips(tx, &req, to_peer, now) {
+            return;
+        }
         self.forward_message(
             &req,
             target_uri,
@@ -819,6 +825,9 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
+        if self.refuse_insecure_sips(tx, &req, b_peer, now) {
+            return;
+        }
 
         let key = self.next_call;
         self.next_call += 1;
@@ -932,10 +941,42 @@ impl<M: MediaBackend> Engine<M> {
             .iter()
             .find(|r| user.starts_with(&r.prefix))?;
         let mut uri = format!("sip:{}@{}", user, route.host_port);
-        if route.peer.transport == Transport::Tcp {
-            uri.push_str(";transport=tcp");
+        if route.peer.transport != Transport::Udp {
+            uri.push_str(";transport=");
+            uri.push_str(route.peer.transport.as_str());
         }
         Some((uri, route.peer))
+    }
+
+    /// RFC 3261 §26.2.2 / RFC 5630 §3.1.3: a `sips:` Request-URI is only ever forwarded over
+    /// TLS. True (and the request answered) when `to` is not TLS: `416` when callvault has no
+    /// TLS at all, else `480` (the target is known, but not reachable securely).
+    fn refuse_insecure_sips(
+        &mut self,
+        tx: ServerTxId,
+        req: &Request,
+        to: Peer,
+        now: Instant,
+    ) -> bool {
+        let sips = req
+            .parsed_uri()
+            .is_ok_and(|u| u.scheme.eq_ignore_ascii_case("sips"));
+        if !sips || to.transport == Transport::Tls {
+            return false;
+        }
+        if self.cfg.tls_port.is_none() {
+            self.reply(tx, req, 416, now);
+        } else {
+            self.reject(
+                tx,
+                req,
+                480,
+                "sips-needs-tls",
+                "a sips: target is only reached over TLS, and this one is not",
+                now,
+            );
+        }
+        true
     }
 
     fn on_in_dialog(&mut self, tx: ServerTxId, req: Request, now: Instant) {
@@ -1524,6 +1565,14 @@ impl<M: MediaBackend> Engine<M> {
         self.calls.get(&call).map(|c| match side {
             Side::A => c.caller.clone(),
             Side::B => c.callee.clone(),
+        })
+    }
+
+    /// The transport `side`'s leg runs over (TLS decides `;transport=tls` in store URIs).
+    pub fn leg_transport(&self, call: CallKey, side: Side) -> Option<Transport> {
+        self.calls.get(&call).map(|c| match side {
+            Side::A => c.a.peer.transport,
+            Side::B => c.b.peer.transport,
         })
     }
 

@@ -439,10 +439,10 @@ async fn threshold_reached(
 
 /// Step 331: the ready note to the receiver.
 fn ready(ctx: &Ctx, store: &Store, received_bytes: u64) {
-    let host = ctx.cfg.host();
+    let secure = ctx.secure_store(&store.id, Some(false));
     let r = wire::Ready {
         store_id: store.id.clone(),
-        play_uri: format!("sip:play-{}@{}:{}", store.id, host, ctx.cfg.sip_port),
+        play_uri: ctx.cfg.session_uri(&format!("play-{}", store.id), secure),
         download_url: crate::http::download_url(&ctx.cfg.http_base, store),
         state: "receiving".into(),
         received_bytes,
