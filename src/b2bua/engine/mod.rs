@@ -734,9 +734,9 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
-        if self.refuse_insecure_sips(tx, &req, to_peer, now) {
+        let Some(target_uri) = self.secure_target(tx, &req, target_uri, to_peer, now) else {
             return;
-        }
+        };
         self.forward_message(
             &req,
             target_uri,
@@ -825,9 +825,9 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
-        if self.refuse_insecure_sips(tx, &req, b_peer, now) {
+        let Some(target_uri) = self.secure_target(tx, &req, target_uri, b_peer, now) else {
             return;
-        }
+        };
 
         let key = self.next_call;
         self.next_call += 1;
@@ -949,20 +949,28 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     /// RFC 3261 §26.2.2 / RFC 5630 §3.1.3: a `sips:` Request-URI is only ever forwarded over
-    /// TLS. True (and the request answered) when `to` is not TLS: `416` when callvault has no
-    /// TLS at all, else `480` (the target is known, but not reachable securely).
-    fn refuse_insecure_sips(
+    /// TLS, and stays `sips:`. Returns the target URI to use, or None (and the request
+    /// answered) when `to` is not TLS: `416` when callvault has no TLS at all, else `480`
+    /// (the target is known, but not reachable securely).
+    fn secure_target(
         &mut self,
         tx: ServerTxId,
         req: &Request,
+        target_uri: String,
         to: Peer,
         now: Instant,
-    ) -> bool {
+    ) -> Option<String> {
         let sips = req
             .parsed_uri()
             .is_ok_and(|u| u.scheme.eq_ignore_ascii_case("sips"));
-        if !sips || to.transport == Transport::Tls {
-            return false;
+        if !sips {
+            return Some(target_uri);
+        }
+        if to.transport == Transport::Tls {
+            return Some(match target_uri.strip_prefix("sip:") {
+                Some(rest) => format!("sips:{rest}"),
+                None => target_uri,
+            });
         }
         if self.cfg.tls_port.is_none() {
             self.reply(tx, req, 416, now);
@@ -976,7 +984,7 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         }
-        true
+        None
     }
 
     fn on_in_dialog(&mut self, tx: ServerTxId, req: Request, now: Instant) {
