@@ -116,6 +116,8 @@ pub struct MediaConfig {
     /// calls: -10 took p99 from 2.5 to 1.8–2.1 ms and CPU up ~15%; docs/BENCHMARKS.md).
     /// Needs CAP_SYS_NICE; without it the threads keep the process's value (logged once).
     pub thread_nice: i32,
+    /// SRTP handling (PROTOCOL.md section 7): terminated per leg, or relayed untouched.
+    pub srtp: SrtpMode,
 }
 
 impl Default for MediaConfig {
@@ -126,8 +128,20 @@ impl Default for MediaConfig {
             record_calls: false,
             threads: 0,
             thread_nice: 0,
+            srtp: SrtpMode::Terminate,
         }
     }
+}
+
+/// `[media] srtp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SrtpMode {
+    /// Each leg keeps what it offered; callvault decrypts and encrypts per leg with keys of
+    /// its own, so media is plain inside callvault (recording, stores, feature code work).
+    Terminate,
+    /// `a=crypto` relayed untouched end to end: media stays opaque to callvault.
+    Passthrough,
 }
 
 impl MediaConfig {

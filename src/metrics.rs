@@ -250,6 +250,10 @@ pub struct Metrics {
     pub prompt_to_first_packet_seconds: Histogram,
     /// Shared-data bytes by [`ShareSource`] (`callvault_share_bytes_total{source}`).
     share_bytes_total: [Counter; 2],
+    /// SRTP/SRTCP packets dropped: failed authentication, or replayed / too old
+    /// (`callvault_srtp_auth_failures_total{reason="auth"|"replay"}`).
+    pub srtp_auth_failures_total: Counter,
+    pub srtp_replay_failures_total: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -278,6 +282,8 @@ pub static METRICS: Metrics = Metrics {
     play_sessions_active: Gauge::new(),
     prompt_to_first_packet_seconds: Histogram::with_buckets(&HUMAN_BUCKETS),
     share_bytes_total: [Counter::new(), Counter::new()],
+    srtp_auth_failures_total: Counter::new(),
+    srtp_replay_failures_total: Counter::new(),
 };
 
 impl Metrics {
@@ -453,6 +459,20 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         ),
         "source",
         ShareSource::ALL.map(|s| (s.label(), m.share_bytes_total(s))),
+    );
+    labelled(
+        &mut out,
+        (
+            "callvault_srtp_auth_failures_total",
+            "counter",
+            "SRTP/SRTCP packets dropped, by reason (auth: failed authentication, replay: \
+             replayed or older than the replay window).",
+        ),
+        "reason",
+        [
+            ("auth", m.srtp_auth_failures_total.get()),
+            ("replay", m.srtp_replay_failures_total.get()),
+        ],
     );
     out
 }

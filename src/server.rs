@@ -156,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         registration_min_expires: config.sip.registration_min_expires,
         registration_max_expires: config.sip.registration_max_expires,
         feature_code: config.store.feature_code.clone(),
+        srtp: config.media.srtp,
     };
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -72,6 +72,7 @@ fn config() -> EngineConfig {
         registration_min_expires: 60,
         registration_max_expires: 3600,
         feature_code: "*7".into(),
+        srtp: crate::config::SrtpMode::Terminate,
     }
 }
 

@@ -136,6 +136,15 @@ pub enum SrtpError {
     NoRoom,
 }
 
+/// Counts one dropped packet in `callvault_srtp_auth_failures_total` (for media paths that
+/// see few such drops; the relay batches its counts instead).
+pub fn count_failure(e: SrtpError) {
+    match e {
+        SrtpError::Replay => crate::metrics::METRICS.srtp_replay_failures_total.inc(),
+        _ => crate::metrics::METRICS.srtp_auth_failures_total.inc(),
+    }
+}
+
 /// The session keys of one of SRTP or SRTCP (§4.3.1).
 #[derive(Clone)]
 struct SessionKeys {

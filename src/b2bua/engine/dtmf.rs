@@ -238,6 +238,7 @@ mod tests {
             registration_min_expires: 60,
             registration_max_expires: 3600,
             feature_code: "*7".into(),
+            srtp: crate::config::SrtpMode::Terminate,
         };
         let now = Instant::now();
         let verifier = Verifier::new(NonceKey::from_bytes([7; 32]), 300);

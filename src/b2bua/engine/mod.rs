@@ -19,12 +19,13 @@ use rand::{Rng, SeedableRng};
 mod dtmf;
 mod sessions;
 mod share;
+mod srtp;
 
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
 use super::media::{CallKey, MediaBackend, MediaError, Side, StreamPorts};
-use crate::config::{Cidr, Transport};
+use crate::config::{Cidr, SrtpMode, Transport};
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
 use crate::sip::auth::{Algorithm, Credentials, Verdict, Verifier};
@@ -94,6 +95,8 @@ pub struct EngineConfig {
     pub registration_max_expires: u32,
     /// DTMF feature code that starts a store request (`store.feature_code`, e.g. `*7`).
     pub feature_code: String,
+    /// `[media] srtp`: terminate SDES-SRTP per leg, or relay it untouched.
+    pub srtp: SrtpMode,
 }
 
 /// What digest needs to know about an account.
@@ -156,6 +159,8 @@ struct Call {
     digits: [dtmf::DigitGate; 2],
     /// The audio format of the answer (first codec that is not telephone-event), once known.
     format: Option<(String, u8)>,
+    /// SRTP state per media section (see [`srtp`]).
+    srtp: Vec<srtp::StreamCrypto>,
 }
 
 impl Call {
@@ -859,6 +864,7 @@ impl<M: MediaBackend> Engine<M> {
             caller: format!("{caller}@{}", self.cfg.domain),
             callee: format!("{callee}@{}", self.cfg.domain),
             format: None,
+            srtp: Vec::new(),
             digits: [
                 dtmf::DigitGate::new(&self.cfg.feature_code),
                 dtmf::DigitGate::new(&self.cfg.feature_code),
@@ -901,6 +907,17 @@ impl<M: MediaBackend> Engine<M> {
                         400,
                         "malformed-message",
                         &format!("bad SDP: {e}"),
+                        now,
+                    );
+                }
+                Err(AnchorError::NoCrypto) => {
+                    self.drop_call(key);
+                    return self.reject(
+                        tx,
+                        &req,
+                        488,
+                        "no-supported-crypto",
+                        "RTP/SAVP needs an a=crypto line with AES_CM_128_HMAC_SHA1_80 or _32",
                         now,
                     );
                 }
@@ -1758,6 +1775,9 @@ impl<M: MediaBackend> Engine<M> {
             std::str::from_utf8(body).map_err(|_| AnchorError::Sdp("SDP is not UTF-8".into()))?;
         let mut sdp =
             SessionDescription::parse(text).map_err(|e| AnchorError::Sdp(e.to_string()))?;
+        if self.calls.get(&key).is_some_and(|c| c.streams.is_empty()) {
+            self.note_srtp_passthrough(key, &sdp);
+        }
         let ip = self.cfg.public_ip;
         // Read every section's address first: rewriting one section rewrites the session-level
         // `c=` the later sections may inherit.
@@ -1791,6 +1811,8 @@ impl<M: MediaBackend> Engine<M> {
             if sdp.media(idx).is_some_and(|m| m.port == 0) {
                 continue;
             }
+            self.srtp_section(key, &mut sdp, idx, from)
+                .map_err(|_| AnchorError::NoCrypto)?;
             sdp.rewrite_for_anchor(idx, ip, ports.facing(from.other()))
                 .map_err(|e| AnchorError::Sdp(e.to_string()))?;
         }
@@ -1802,6 +1824,8 @@ impl<M: MediaBackend> Engine<M> {
 enum AnchorError {
     Sdp(String),
     Media(MediaError),
+    /// `RTP/SAVP` without a supported `a=crypto` line (PROTOCOL.md section 7: `488`).
+    NoCrypto,
 }
 
 fn call_caller(calls: &HashMap<CallKey, Call>, key: CallKey) -> String {

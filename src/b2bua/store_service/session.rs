@@ -29,8 +29,9 @@ use crate::b2bua::engine::SessionKey;
 use crate::b2bua::wire;
 use crate::media::player::{Player, PlayerConfig, PlayerEventKind};
 use crate::media::recorder::{Recorder, RecorderConfig, RecorderEventKind};
+use crate::media::srtp::{MasterKey, SrtpContext};
 use crate::metrics::{GaugeGuard, METRICS};
-use crate::sdp::{Codec, Direction, SessionDescription};
+use crate::sdp::{is_savp, Codec, CryptoLine, Direction, SessionDescription};
 use crate::sip::message::Request;
 use crate::storage::segments::{
     pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter, TailState,
@@ -125,6 +126,30 @@ fn internal(e: impl std::fmt::Display) -> Refusal {
     refuse(500, "internal", e.to_string())
 }
 
+/// SDES for a store or play session (PROTOCOL.md section 7): for an `RTP/SAVP` offer, the
+/// offerer's key and callvault's own (fresh, answered under the offer's tag); None for plain
+/// RTP; `488` when no crypto line callvault speaks is offered.
+fn session_crypto(
+    offer: &SessionDescription,
+    audio: usize,
+) -> Result<Option<(CryptoLine, CryptoLine)>, Refusal> {
+    if !offer.media(audio).is_some_and(|m| is_savp(&m.proto)) {
+        return Ok(None);
+    }
+    let theirs = offer.crypto(audio).into_iter().next().ok_or_else(|| {
+        refuse(
+            488,
+            "no-supported-crypto",
+            "RTP/SAVP needs an a=crypto line with AES_CM_128_HMAC_SHA1_80 or _32",
+        )
+    })?;
+    let ours = CryptoLine {
+        key: MasterKey::random(),
+        ..theirs.clone()
+    };
+    Ok(Some((theirs, ours)))
+}
+
 /// The offered SDP and its audio section.
 fn offer_sdp(invite: &Request) -> Result<(SessionDescription, usize), Refusal> {
     let text = std::str::from_utf8(&invite.body)
@@ -210,6 +235,7 @@ async fn store(
         ));
     }
     let (offer, audio) = offer_sdp(invite)?;
+    let crypto = session_crypto(&offer, audio)?;
     let offered = offer.codecs(audio);
     let codec = offered
         .iter()
@@ -299,6 +325,10 @@ async fn store(
     rc.telephone_event_pt = te.as_ref().map(|c| c.pt);
     rc.clock_rate = Some(codec.clock_rate);
     rc.source_ip = offer.connection_for(audio).map(|a| a.ip());
+    // What is stored is the decrypted payload.
+    rc.srtp = crypto
+        .as_ref()
+        .map(|(theirs, _)| SrtpContext::new(theirs.suite, &theirs.key));
     let (ev_tx, mut events) = mpsc::channel(64);
     let recorder = Recorder::start(socket, ingest, writer, rc, ev_tx);
     ctx.live.insert(id, recorder.tail());
@@ -314,7 +344,13 @@ async fn store(
         &accepted,
         Direction::RecvOnly,
         key,
-    ) {
+    )
+    .and_then(|mut a| {
+        if let Some((_, ours)) = &crypto {
+            a.set_crypto(audio, std::slice::from_ref(ours))?;
+        }
+        Ok(a)
+    }) {
         Ok(a) => a,
         Err(e) => {
             recorder.finish().await;
@@ -490,6 +526,7 @@ async fn play(
         return Err(refuse(404, "unknown-store", format!("{id} holds no data")));
     }
     let (offer, audio) = offer_sdp(invite)?;
+    let crypto = session_crypto(&offer, audio)?;
     let format = store.format.clone().unwrap_or_default();
     let codec = offer
         .codecs(audio)
@@ -515,6 +552,12 @@ async fn play(
         Direction::SendOnly,
         key,
     )
+    .and_then(|mut a| {
+        if let Some((_, ours)) = &crypto {
+            a.set_crypto(audio, std::slice::from_ref(ours))?;
+        }
+        Ok(a)
+    })
     .map_err(internal)?;
     ctx.send(Command::AcceptSession {
         session: key,
@@ -536,6 +579,9 @@ async fn play(
         clock_rate(&format).unwrap_or(8000),
     );
     pc.start = Instant::now();
+    pc.srtp = crypto
+        .as_ref()
+        .map(|(_, ours)| SrtpContext::new(ours.suite, &ours.key));
     let (ev_tx, mut events) = mpsc::channel(16);
     let target = target.unwrap_or_else(|| SocketAddr::new(ctx.cfg.public_ip, 9));
     let player = Player::start(socket, reader, target, pc, ev_tx);
