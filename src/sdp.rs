@@ -944,6 +944,49 @@ fn parse_rtcp(v: &str) -> Option<RtcpAttr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crypto_lines_parse_and_rewrite() {
+        let key = MasterKey::random();
+        let offer = format!(
+            "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n\
+             m=audio 4000 RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\n\
+             a=crypto:1 AEAD_AES_256_GCM inline:AAAA\r\n\
+             a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:{k}|2^20|1:4\r\n\
+             a=crypto:3 AES_CM_128_HMAC_SHA1_32 inline:{k}|2^31\r\n\
+             a=crypto:4 AES_CM_128_HMAC_SHA1_80 inline:{k} UNENCRYPTED_SRTP\r\n\
+             a=crypto:5 AES_CM_128_HMAC_SHA1_80 inline:{k}\r\n",
+            k = key.to_base64()
+        );
+        let mut sdp = SessionDescription::parse(&offer).unwrap();
+        // Unknown suite, MKI and session parameters are skipped; lifetimes are fine.
+        let lines = sdp.crypto(0);
+        assert_eq!(
+            lines.iter().map(|l| l.tag).collect::<Vec<_>>(),
+            vec![3, 5],
+            "{lines:?}"
+        );
+        assert_eq!(lines[0].suite, Suite::AesCm128HmacSha1_32);
+        assert_eq!(lines[1].key, key);
+        // Rewritten with one line of ours: SAVP, only that line.
+        let ours = CryptoLine {
+            tag: 5,
+            suite: Suite::AesCm128HmacSha1_80,
+            key: MasterKey::random(),
+        };
+        sdp.set_crypto(0, std::slice::from_ref(&ours)).unwrap();
+        let text = sdp.to_string();
+        assert_eq!(text.matches("a=crypto:").count(), 1, "{text}");
+        assert!(text.contains(&ours.to_string()), "{text}");
+        assert!(!text.contains(&key.to_base64()), "{text}");
+        assert_eq!(sdp.media(0).unwrap().proto, "RTP/SAVP");
+        // And made plain: AVP, no crypto.
+        sdp.set_crypto(0, &[]).unwrap();
+        let text = sdp.to_string();
+        assert!(!text.contains("a=crypto"), "{text}");
+        assert_eq!(sdp.media(0).unwrap().proto, "RTP/AVP");
+        assert!(is_savp("RTP/SAVPF") && !is_savp("RTP/AVP"));
+    }
     use std::net::Ipv6Addr;
 
     fn crlf(s: &str) -> String {

@@ -399,3 +399,54 @@ fn tls_route_carries_sips_requests_to_a_verified_gateway() {
         drop(server);
     });
 }
+
+/// With `[http] tls = true` the URLs callvault writes use https:// (here the prompt's
+/// `upload_url`), and the upload URL works over TLS with the same certificate.
+#[test]
+fn https_urls_in_prompts() {
+    let pki = Pki::new();
+    let (server, _port, _p) = tls_server(&pki, true, "");
+    server.account_add("1002", "pw", "4321", "10MiB");
+    let mut c = ua::Call::establish(server.sip_addr(), "1001", "1002");
+    let resp = c.b.in_dialog(
+        &mut c.bd,
+        Method::Message,
+        &[(
+            "Content-Type",
+            "application/vnd.callvault.store-request+json",
+        )],
+        br#"{"pin":"4321"}"#,
+    );
+    assert!(resp.status < 300, "{resp:?}");
+    let p = c.a.expect_request(
+        Method::Message,
+        Some("application/vnd.callvault.prompt+json"),
+        T,
+    );
+    c.a.respond(&p, 200, &[], b"");
+    let prompt: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+    let upload = prompt["upload_url"].as_str().unwrap().to_string();
+    let http = server.http_addr();
+    assert!(
+        upload.starts_with(&format!("https://127.0.0.1:{}/v1/stores/", http.port())),
+        "{upload}"
+    );
+    // The server behind those URLs speaks TLS: the store's metadata with the upload token.
+    let token = upload.split("token=").nth(1).unwrap().to_string();
+    let id = prompt["store_id"].as_str().unwrap().to_string();
+    runtime().block_on(async {
+        let mut s = connect(pki.client(), http.port(), "127.0.0.1").await.unwrap();
+        let req = format!(
+            "GET /v1/stores/{id}?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut body = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body))
+            .await
+            .unwrap()
+            .ok();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains(&id), "{text}");
+    });
+}
