@@ -204,3 +204,73 @@ fn savp_offer_without_a_supported_crypto_line_gets_488() {
         ))
         .is_none());
 }
+
+/// A plain phone calls an SRTP-only phone: the callee's `488` to the plain offer is retried
+/// once with `RTP/SAVP` and callvault's key (PROTOCOL.md section 7); audio flows both ways,
+/// plain on A's leg and SRTP on B's.
+#[test]
+fn plain_phone_calls_srtp_only_phone_after_a_488_retry() {
+    let server = Server::spawn(ServerConfig::new());
+    let mut b = Ua::new("2002", "example.com", server.sip_addr());
+    b.register();
+    let mut a = Ua::new("2001", "example.com", server.sip_addr());
+    let a_media = Rtp::bind();
+    let b_media = Rtp::bind();
+    let inv = a.invite_request(
+        "sip:2002@example.com",
+        &[],
+        &sdp(a_media.port, PCMU, "sendrecv"),
+    );
+    a.send(&inv);
+    // B refuses plain RTP.
+    let first = b.expect_request(Method::Invite, None, T);
+    assert_eq!(parse(&first.body).media(0).unwrap().proto, "RTP/AVP");
+    b.respond(&first, 488, &[], b"");
+    // The retry offers SRTP with callvault's keys.
+    let binv = b.expect_request(Method::Invite, None, T);
+    let offer = parse(&binv.body);
+    assert_eq!(offer.media(0).unwrap().proto, "RTP/SAVP");
+    let ours = offer.crypto(0);
+    let line = ours
+        .iter()
+        .find(|l| l.suite == Suite::AesCm128HmacSha1_80)
+        .expect("an AES_CM_128_HMAC_SHA1_80 line")
+        .clone();
+    let b_key = MasterKey::random();
+    let answer =
+        savp_sdp(b_media.port, &b_key).replace("a=crypto:1 ", &format!("a=crypto:{} ", line.tag));
+    let bd = b.accept_invite(&binv, &answer);
+    let (resp, ad) = a.finish_invite(&inv);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(ad.is_some());
+    let a_answer = parse(&resp.body);
+    assert_eq!(
+        a_answer.media(0).unwrap().proto,
+        "RTP/AVP",
+        "A's leg stays plain"
+    );
+    assert!(a_answer.crypto(0).is_empty());
+    let a_sends_to = a_answer.connection_for(0).unwrap();
+    let b_sends_to = offer.connection_for(0).unwrap();
+
+    // A (plain) -> B (SRTP with callvault's key for B).
+    let mut b_rx = SrtpContext::new(line.suite, &line.key);
+    for i in 0..10u16 {
+        a_media
+            .sock
+            .send_to(&rtp(i, 0xa1, &payload(u32::from(i))), a_sends_to)
+            .unwrap();
+        let mut got = recv_raw(&b_media, Duration::from_secs(2)).expect("B hears A");
+        let n = b_rx.unprotect_rtp(&mut got).expect("authentic SRTP to B");
+        assert_eq!(&got[12..n], &payload(u32::from(i))[..]);
+    }
+    // B (SRTP with its own key) -> A (plain).
+    let mut b_tx = SrtpContext::new(Suite::AesCm128HmacSha1_80, &b_key);
+    for i in 0..10u16 {
+        let p = protect(&mut b_tx, &rtp(i, 0xb2, &payload(500 + u32::from(i))));
+        b_media.sock.send_to(&p, b_sends_to).unwrap();
+        let got = a_media.recv(Duration::from_secs(2)).expect("A hears B");
+        assert_eq!(got.payload, payload(500 + u32::from(i)));
+    }
+    drop(bd);
+}

@@ -1283,6 +1283,12 @@ impl<M: MediaBackend> Engine<M> {
             self.media.arm_timeout(key);
             self.events.push_back(EngineEvent::CallAnswered(key));
             tracing::info!(call = key, "call answered");
+        } else if resp.status == 488
+            && invite_b
+                .as_ref()
+                .is_some_and(|inv| self.retry_other_profile(key, inv, now))
+        {
+            // Retried with the other RTP profile; the caller hears about the new answer.
         } else if resp.status >= 300 {
             let out = map_b_failure(out);
             self.respond(a_tx, out, now);

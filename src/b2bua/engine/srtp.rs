@@ -11,12 +11,17 @@
 //! `RTP/SAVP` when the callee's contact is reached over TLS. An `RTP/SAVP` SDP without a
 //! supported crypto line is refused (`488` for an offer).
 
-use super::{Call, Engine};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{Call, Engine, Pending};
 use crate::b2bua::media::{CallKey, MediaBackend, Side};
 use crate::config::{SrtpMode, Transport};
 use crate::media::relay::SrtpDir;
 use crate::media::srtp::{MasterKey, SrtpContext, Suite};
 use crate::sdp::{is_savp, CryptoLine, SessionDescription};
+use crate::sip::message::Request;
 
 /// What the engine knows about the SRTP of one leg of one media section.
 #[derive(Debug, Default, Clone)]
@@ -34,6 +39,8 @@ pub(super) struct LegCrypto {
 pub(super) struct StreamCrypto {
     legs: [LegCrypto; 2],
     offer_from: Option<Side>,
+    /// The callee's `488` was already answered by offering the other profile.
+    retried: bool,
 }
 
 /// Why an SDP cannot be anchored with SRTP.
@@ -133,15 +140,7 @@ impl<M: MediaBackend> Engine<M> {
             .unwrap_or(from_secure || (to == Side::B && to_over_tls));
         leg.secure = Some(to_secure);
         if to_secure && leg.local.is_empty() {
-            leg.local = Suite::ALL
-                .into_iter()
-                .zip(1..)
-                .map(|(suite, tag)| CryptoLine {
-                    tag,
-                    suite,
-                    key: MasterKey::random(),
-                })
-                .collect();
+            leg.local = fresh_offer();
         }
         let lines = if to_secure {
             leg.local.clone()
@@ -154,6 +153,67 @@ impl<M: MediaBackend> Engine<M> {
             self.media.set_srtp(key, stream, side, dir, ctx);
         }
         Ok(())
+    }
+
+    /// PROTOCOL.md section 7: a `488` to callvault's first offer to the callee is retried once
+    /// with the other profile (`RTP/AVP` <-> `RTP/SAVP`). True when the new INVITE was sent
+    /// (the `488` is then not relayed to the caller).
+    pub(super) fn retry_other_profile(
+        &mut self,
+        key: CallKey,
+        invite_b: &Request,
+        now: Instant,
+    ) -> bool {
+        if self.cfg.srtp == SrtpMode::Passthrough {
+            return false;
+        }
+        let Some(call) = self.calls.get_mut(&key) else {
+            return false;
+        };
+        if call.srtp.is_empty() || call.srtp.iter().any(|s| s.retried) {
+            return false;
+        }
+        let Ok(text) = std::str::from_utf8(&invite_b.body) else {
+            return false;
+        };
+        let Ok(mut sdp) = SessionDescription::parse(text) else {
+            return false;
+        };
+        for (stream, crypto) in call.srtp.iter_mut().enumerate() {
+            crypto.retried = true;
+            let leg = &mut crypto.legs[idx(Side::B)];
+            let secure = !leg.secure.unwrap_or(false);
+            leg.secure = Some(secure);
+            if secure && leg.local.is_empty() {
+                leg.local = fresh_offer();
+            }
+            let lines = if secure {
+                leg.local.clone()
+            } else {
+                Vec::new()
+            };
+            if sdp.media(stream).is_some_and(|m| m.port != 0 && m.is_rtp()) {
+                let _ = sdp.set_crypto(stream, &lines);
+            }
+        }
+        sdp.bump_version();
+        let peer = call.b.peer;
+        let mut inv = invite_b.clone();
+        inv.headers.remove("Via");
+        let via = self.new_via(peer.transport);
+        inv.headers.push_front("Via", via.to_string());
+        inv.headers.set("CSeq", "2 INVITE");
+        inv.body = Bytes::from(sdp.to_string());
+        let tx = self.tx.send_request(inv, peer, now);
+        self.pending.insert(tx, (Pending::BInvite(key), peer));
+        if let Some(c) = self.calls.get_mut(&key) {
+            c.b_invite_tx = Some(tx);
+        }
+        tracing::info!(
+            call = key,
+            "488 from the callee: offering the other RTP profile"
+        );
+        true
     }
 
     /// Logs once per call that SRTP is relayed untouched (PROTOCOL.md section 7).
@@ -174,4 +234,17 @@ fn stream_crypto(call: &mut Call, stream: usize) -> &mut StreamCrypto {
         call.srtp.resize(stream + 1, StreamCrypto::default());
     }
     &mut call.srtp[stream]
+}
+
+/// Callvault's offer to a leg: one line per suite, each with a fresh key.
+fn fresh_offer() -> Vec<CryptoLine> {
+    Suite::ALL
+        .into_iter()
+        .zip(1..)
+        .map(|(suite, tag)| CryptoLine {
+            tag,
+            suite,
+            key: MasterKey::random(),
+        })
+        .collect()
 }
