@@ -57,6 +57,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub share: ShareConfig,
     pub index: IndexConfig,
+    pub tls: TlsConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
     /// trusting loopback out of the box would switch digest auth off for every local test.
     pub trusted_peer: Vec<TrustedPeer>,
@@ -133,6 +134,8 @@ pub struct MediaConfig {
     /// calls: -10 took p99 from 2.5 to 1.8–2.1 ms and CPU up ~15%; docs/BENCHMARKS.md).
     /// Needs CAP_SYS_NICE; without it the threads keep the process's value (logged once).
     pub thread_nice: i32,
+    /// SRTP handling (PROTOCOL.md section 7): terminated per leg, or relayed untouched.
+    pub srtp: SrtpMode,
 }
 
 impl Default for MediaConfig {
@@ -143,8 +146,20 @@ impl Default for MediaConfig {
             record_calls: false,
             threads: 0,
             thread_nice: 0,
+            srtp: SrtpMode::Terminate,
         }
     }
+}
+
+/// `[media] srtp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SrtpMode {
+    /// Each leg keeps what it offered; callvault decrypts and encrypts per leg with keys of
+    /// its own, so media is plain inside callvault (recording, stores, feature code work).
+    Terminate,
+    /// `a=crypto` relayed untouched end to end: media stays opaque to callvault.
+    Passthrough,
 }
 
 impl MediaConfig {
@@ -159,6 +174,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Empty: the admin API is disabled.
     pub admin_token: String,
+    /// Serve HTTPS with `[tls]`'s certificate; URLs callvault writes then use `https://`.
+    pub tls: bool,
 }
 
 impl Default for HttpConfig {
@@ -166,8 +183,22 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             admin_token: String::new(),
+            tls: false,
         }
     }
+}
+
+/// `[tls]` (PROTOCOL.md section 7): the certificate of `tls:` listeners and of HTTPS, and the
+/// roots that servers callvault connects to over TLS are verified against.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// PEM roots for outbound TLS; empty: the system's roots.
+    pub ca_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -542,6 +573,18 @@ impl Config {
                 return Err(invalid(&format!("route[{i}].target"), "port 0"));
             }
         }
+        let serves_tls = self.http.tls
+            || self
+                .sip
+                .listen
+                .iter()
+                .any(|l| l.transport == Transport::Tls);
+        if serves_tls && (self.tls.cert_file.is_empty() || self.tls.key_file.is_empty()) {
+            return Err(invalid(
+                "tls.cert_file",
+                "a tls: listen address and http.tls need tls.cert_file and tls.key_file",
+            ));
+        }
         Ok(())
     }
 
@@ -798,6 +841,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         store: take(&mut table, "store", origin)?,
         share: take(&mut table, "share", origin)?,
         index: take(&mut table, "index", origin)?,
+        tls: take(&mut table, "tls", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,
     };
@@ -818,6 +862,8 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
 pub enum Transport {
     Udp,
     Tcp,
+    /// SIP over TLS (RFC 3261 §26.2, RFC 5630): a TCP connection carrying TLS 1.2/1.3.
+    Tls,
 }
 
 impl Transport {
@@ -825,6 +871,7 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         }
     }
 }
@@ -841,7 +888,8 @@ impl FromStr for Transport {
         match s.to_ascii_lowercase().as_str() {
             "udp" => Ok(Transport::Udp),
             "tcp" => Ok(Transport::Tcp),
-            _ => Err(format!("unknown transport {s:?} (udp or tcp)")),
+            "tls" => Ok(Transport::Tls),
+            _ => Err(format!("unknown transport {s:?} (udp, tcp or tls)")),
         }
     }
 }
@@ -857,7 +905,11 @@ pub struct ListenAddr {
 impl FromStr for ListenAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid listen address {s:?} (expected udp:IP:PORT or tcp:IP:PORT)");
+        let bad = || {
+            format!(
+                "invalid listen address {s:?} (expected udp:IP:PORT, tcp:IP:PORT or tls:IP:PORT)"
+            )
+        };
         let (t, a) = s.split_once(':').ok_or_else(bad)?;
         let transport = t.parse().map_err(|_| bad())?;
         let addr = a.parse().map_err(|_| bad())?;

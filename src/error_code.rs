@@ -69,11 +69,16 @@ pub enum ErrorCode {
     IncompleteBody,
     RangeNotSatisfiable,
     BadAnnounce,
+    // 7: TLS and SRTP.
+    /// A `sips:` target whose first hop is not TLS.
+    SipsNeedsTls,
+    /// An `RTP/SAVP` offer without a crypto line callvault supports.
+    NoSupportedCrypto,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 45] = [
+    pub const ALL: [ErrorCode; 47] = [
         ErrorCode::MalformedRequest,
         ErrorCode::UnknownReceiver,
         ErrorCode::BadPin,
@@ -119,6 +124,8 @@ impl ErrorCode {
         ErrorCode::IncompleteBody,
         ErrorCode::RangeNotSatisfiable,
         ErrorCode::BadAnnounce,
+        ErrorCode::SipsNeedsTls,
+        ErrorCode::NoSupportedCrypto,
     ];
 
     /// `(code string, SIP status, HTTP status, default detail)`. SIP status 200 marks a code
@@ -206,6 +213,18 @@ impl ErrorCode {
             IncompleteBody => ("incomplete-body", 400, 400, "the body ended early"),
             RangeNotSatisfiable => ("range-not-satisfiable", 416, 416, "range not satisfiable"),
             BadAnnounce => ("bad-announce", 400, 400, "bad announce"),
+            SipsNeedsTls => (
+                "sips-needs-tls",
+                480,
+                400,
+                "a sips: target is only reached over TLS",
+            ),
+            NoSupportedCrypto => (
+                "no-supported-crypto",
+                488,
+                400,
+                "no supported SRTP crypto line offered",
+            ),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod media;
 pub mod metrics;
 pub mod peer;
 pub mod sdp;
+pub mod secret;
 pub mod server;
 pub mod share;
 pub mod sip;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use callvault::config::{parse_bytes, Config, PromptFormat};
+use callvault::secret::{self, SecretError};
 use callvault::storage::{AccountError, Accounts, Db};
 
 #[derive(Debug, Parser)]
@@ -61,12 +62,8 @@ enum AccountCmd {
     /// Create an account.
     Add {
         user: String,
-        /// SIP password (digest and HTTP).
-        #[arg(long)]
-        password: String,
-        /// Storage PIN (digits).
-        #[arg(long)]
-        pin: String,
+        #[command(flatten)]
+        secrets: SecretArgs,
         /// Storage quota, e.g. 50MiB, 1GiB, 52428800.
         #[arg(long, value_parser = quantity)]
         quota: u64,
@@ -86,15 +83,11 @@ enum AccountCmd {
 #[derive(Debug, Args)]
 struct SetArgs {
     user: String,
-    /// New storage PIN (digits).
-    #[arg(long)]
-    pin: Option<String>,
+    #[command(flatten)]
+    secrets: SecretArgs,
     /// New quota, e.g. 50MiB; may be below what is used (free space is then 0).
     #[arg(long, value_parser = quantity)]
     quota: Option<u64>,
-    /// New SIP password (recomputes the digest secrets for the current sip.domain).
-    #[arg(long)]
-    password: Option<String>,
     /// text or json; `default` goes back to the server's store.prompt_format.
     #[arg(long, value_parser = prompt_format_or_default)]
     prompt_format: Option<FormatChoice>,
@@ -119,6 +112,49 @@ fn limit_or_default(s: &str) -> Result<LimitChoice, String> {
     callvault::config::parse_bytes(s)
         .map(|n| LimitChoice(Some(n)))
         .map_err(|e| e.to_string())
+}
+
+/// The account's password and PIN, each as a literal (visible in `ps`), a file (one trailing
+/// newline dropped) or an environment variable (PROTOCOL.md section 7, "Secrets").
+#[derive(Debug, Args)]
+struct SecretArgs {
+    /// SIP password (digest and HTTP); `set` recomputes the digest secrets for sip.domain.
+    #[arg(long)]
+    password: Option<String>,
+    /// Read the password from FILE (without one trailing newline).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the password from the environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+    /// Storage PIN (digits).
+    #[arg(long)]
+    pin: Option<String>,
+    /// Read the PIN from FILE (without one trailing newline).
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// Read the PIN from the environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    pin_env: Option<String>,
+}
+
+impl SecretArgs {
+    /// `(password, pin)`, each None when not given.
+    fn resolve(&self) -> Result<(Option<String>, Option<String>), SecretError> {
+        let password = secret::resolve(
+            "password",
+            self.password.as_deref(),
+            self.password_file.as_deref(),
+            self.password_env.as_deref(),
+        )?;
+        let pin = secret::resolve(
+            "pin",
+            self.pin.as_deref(),
+            self.pin_file.as_deref(),
+            self.pin_env.as_deref(),
+        )?;
+        Ok((password, pin))
+    }
 }
 
 /// `--threshold` of `set` (newtype for the same reason as [`FormatChoice`]).
@@ -181,6 +217,8 @@ fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Exactly one rustls crypto provider, before any TLS is set up (DESIGN.md).
+    callvault::transport::tls::install_crypto_provider();
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -221,11 +259,16 @@ async fn account_cmd(accounts: &Accounts, cmd: AccountCmd) -> anyhow::Result<()>
     match cmd {
         AccountCmd::Add {
             user,
-            password,
-            pin,
+            secrets,
             quota,
             prompt_format,
         } => {
+            let (Some(password), Some(pin)) = secrets.resolve()? else {
+                anyhow::bail!(
+                    "account add needs a password (--password, --password-file or \
+                     --password-env) and a PIN (--pin, --pin-file or --pin-env)"
+                );
+            };
             accounts.add(&user, &password, &pin, quota).await?;
             if prompt_format.is_some() {
                 accounts.set_prompt_format(&user, prompt_format).await?;
@@ -247,20 +290,21 @@ async fn account_cmd(accounts: &Accounts, cmd: AccountCmd) -> anyhow::Result<()>
         }
         AccountCmd::Set(args) => {
             // Check everything first so a bad value changes nothing.
+            let (password, pin) = args.secrets.resolve()?;
             accounts.require(&args.user).await?;
-            if let Some(pin) = &args.pin {
+            if let Some(pin) = &pin {
                 callvault::storage::accounts::validate_pin(pin)?;
             }
-            if args.password.as_deref() == Some("") {
+            if password.as_deref() == Some("") {
                 return Err(AccountError::InvalidPassword.into());
             }
-            if let Some(pin) = &args.pin {
+            if let Some(pin) = &pin {
                 accounts.set_pin(&args.user, pin).await?;
             }
             if let Some(q) = args.quota {
                 accounts.set_quota(&args.user, q).await?;
             }
-            if let Some(pw) = &args.password {
+            if let Some(pw) = &password {
                 accounts.set_password(&args.user, pw).await?;
             }
             if let Some(FormatChoice(f)) = args.prompt_format {

@@ -256,6 +256,10 @@ pub struct Metrics {
     /// RTP/RTCP datagrams refused by the source latch, by [`Refusal`]
     /// (`callvault_rtp_packets_refused_total{reason}`).
     rtp_packets_refused_total: [Counter; 3],
+    /// SRTP/SRTCP packets dropped: failed authentication, or replayed / too old
+    /// (`callvault_srtp_auth_failures_total{reason="auth"|"replay"}`).
+    pub srtp_auth_failures_total: Counter,
+    pub srtp_replay_failures_total: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -286,6 +290,8 @@ pub static METRICS: Metrics = Metrics {
     prompt_to_first_packet_seconds: Histogram::with_buckets(&HUMAN_BUCKETS),
     share_bytes_total: [Counter::new(), Counter::new()],
     rtp_packets_refused_total: [Counter::new(), Counter::new(), Counter::new()],
+    srtp_auth_failures_total: Counter::new(),
+    srtp_replay_failures_total: Counter::new(),
 };
 
 impl Metrics {
@@ -486,6 +492,20 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         ),
         "reason",
         Refusal::ALL.map(|r| (r.label(), m.rtp_packets_refused_total(r))),
+    );
+    labelled(
+        &mut out,
+        (
+            "callvault_srtp_auth_failures_total",
+            "counter",
+            "SRTP/SRTCP packets dropped, by reason (auth: failed authentication, replay: \
+             replayed or older than the replay window).",
+        ),
+        "reason",
+        [
+            ("auth", m.srtp_auth_failures_total.get()),
+            ("replay", m.srtp_replay_failures_total.get()),
+        ],
     );
     out
 }

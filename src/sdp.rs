@@ -4,6 +4,7 @@
 //! does not understand is written back byte-for-byte; accessors parse the lines they need on
 //! demand. Output always uses CRLF line ends; input may use CRLF or bare LF.
 
+use crate::media::srtp::{MasterKey, Suite};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -803,6 +804,98 @@ impl SessionDescription {
     }
 }
 
+/// A supported SDES `a=crypto` line (RFC 4568 §9.1): tag, suite and inline master key. Lines
+/// with a suite callvault does not speak, an MKI, several keys or session parameters are
+/// not represented (callvault cannot honour them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CryptoLine {
+    pub tag: u32,
+    pub suite: Suite,
+    pub key: MasterKey,
+}
+
+impl CryptoLine {
+    fn parse(value: &str) -> Option<CryptoLine> {
+        let mut it = value.split_ascii_whitespace();
+        let tag = it.next()?.parse().ok()?;
+        let suite = Suite::parse(it.next()?)?;
+        let key_params = it.next()?;
+        if it.next().is_some() || key_params.contains(';') {
+            return None;
+        }
+        let inline = key_params.strip_prefix("inline:")?;
+        let mut parts = inline.split('|');
+        let key = MasterKey::from_base64(parts.next()?)?;
+        // `|lifetime` is fine (callvault rekeys never and calls are far shorter); an MKI
+        // (`|n:len`) would put bytes in every packet that callvault does not write.
+        let rest: Vec<&str> = parts.collect();
+        if rest.iter().any(|p| p.contains(':')) || rest.len() > 1 {
+            return None;
+        }
+        Some(CryptoLine { tag, suite, key })
+    }
+}
+
+impl fmt::Display for CryptoLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "crypto:{} {} inline:{}",
+            self.tag,
+            self.suite.name(),
+            self.key.to_base64()
+        )
+    }
+}
+
+/// True for the SRTP profiles SDES applies to (`RTP/SAVP`, `RTP/SAVPF`).
+pub fn is_savp(proto: &str) -> bool {
+    proto == "RTP/SAVP" || proto == "RTP/SAVPF"
+}
+
+impl SessionDescription {
+    /// The supported `a=crypto` lines of section `idx`, in the order offered.
+    pub fn crypto(&self, idx: usize) -> Vec<CryptoLine> {
+        let Ok(range) = self.media_range(idx) else {
+            return Vec::new();
+        };
+        self.attrs(range)
+            .filter(|(_, n, _)| *n == "crypto")
+            .filter_map(|(_, _, v)| CryptoLine::parse(v?))
+            .collect()
+    }
+
+    /// Makes section `idx` plain `RTP/AVP(F)` without `a=crypto` (`lines` empty), or
+    /// `RTP/SAVP(F)` with exactly `lines`.
+    pub fn set_crypto(&mut self, idx: usize, lines: &[CryptoLine]) -> Result<(), SdpError> {
+        self.remove_attribute(idx, "crypto")?;
+        let range = self.media_range(idx)?;
+        let mut m = MediaLine::parse(&self.lines[range.start].value).ok_or(SdpError::BadLine {
+            line: range.start + 1,
+            reason: "malformed m= line",
+        })?;
+        let feedback = m.proto.ends_with('F');
+        m.proto = match (lines.is_empty(), feedback) {
+            (true, false) => "RTP/AVP",
+            (true, true) => "RTP/AVPF",
+            (false, false) => "RTP/SAVP",
+            (false, true) => "RTP/SAVPF",
+        }
+        .to_string();
+        self.lines[range.start].value = m.to_string();
+        for (n, line) in lines.iter().enumerate() {
+            self.insert_line(
+                range.end + n,
+                Line {
+                    kind: b'a',
+                    value: line.to_string(),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for SessionDescription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for l in &self.lines {
@@ -851,6 +944,49 @@ fn parse_rtcp(v: &str) -> Option<RtcpAttr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crypto_lines_parse_and_rewrite() {
+        let key = MasterKey::random();
+        let offer = format!(
+            "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n\
+             m=audio 4000 RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\n\
+             a=crypto:1 AEAD_AES_256_GCM inline:AAAA\r\n\
+             a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:{k}|2^20|1:4\r\n\
+             a=crypto:3 AES_CM_128_HMAC_SHA1_32 inline:{k}|2^31\r\n\
+             a=crypto:4 AES_CM_128_HMAC_SHA1_80 inline:{k} UNENCRYPTED_SRTP\r\n\
+             a=crypto:5 AES_CM_128_HMAC_SHA1_80 inline:{k}\r\n",
+            k = key.to_base64()
+        );
+        let mut sdp = SessionDescription::parse(&offer).unwrap();
+        // Unknown suite, MKI and session parameters are skipped; lifetimes are fine.
+        let lines = sdp.crypto(0);
+        assert_eq!(
+            lines.iter().map(|l| l.tag).collect::<Vec<_>>(),
+            vec![3, 5],
+            "{lines:?}"
+        );
+        assert_eq!(lines[0].suite, Suite::AesCm128HmacSha1_32);
+        assert_eq!(lines[1].key, key);
+        // Rewritten with one line of ours: SAVP, only that line.
+        let ours = CryptoLine {
+            tag: 5,
+            suite: Suite::AesCm128HmacSha1_80,
+            key: MasterKey::random(),
+        };
+        sdp.set_crypto(0, std::slice::from_ref(&ours)).unwrap();
+        let text = sdp.to_string();
+        assert_eq!(text.matches("a=crypto:").count(), 1, "{text}");
+        assert!(text.contains(&ours.to_string()), "{text}");
+        assert!(!text.contains(&key.to_base64()), "{text}");
+        assert_eq!(sdp.media(0).unwrap().proto, "RTP/SAVP");
+        // And made plain: AVP, no crypto.
+        sdp.set_crypto(0, &[]).unwrap();
+        let text = sdp.to_string();
+        assert!(!text.contains("a=crypto"), "{text}");
+        assert_eq!(sdp.media(0).unwrap().proto, "RTP/AVP");
+        assert!(is_savp("RTP/SAVPF") && !is_savp("RTP/AVP"));
+    }
     use std::net::Ipv6Addr;
 
     fn crlf(s: &str) -> String {

@@ -26,6 +26,7 @@ use crate::sip::transaction::TimerConfig;
 use crate::storage::accounts::Accounts;
 use crate::storage::db::Db;
 use crate::storage::stores::Stores;
+use crate::transport::tls::{self, HttpsListener, SipTls};
 use crate::transport::{TransportEvent, Transports};
 
 #[derive(Debug, Error)]
@@ -43,6 +44,8 @@ pub enum ServerError {
     Ports(String),
     #[error("route {0}: cannot resolve target")]
     Route(String),
+    #[error("{0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("cannot start {what}: {source}")]
@@ -64,7 +67,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.storage.data_dir)
+    crate::secret::create_private_dir_all(&config.storage.data_dir)
         .map_err(|e| ServerError::Db(e.to_string()))?;
     let db = Db::open(&config.storage.metadata)
         .await
@@ -84,11 +87,25 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Err(e) => return Err(ServerError::Db(e.to_string())),
     }
 
+    // TLS only when something uses it: a `tls:` listener, a TLS route or HTTPS.
+    let uses_tls = config.http.tls
+        || config
+            .sip
+            .listen
+            .iter()
+            .any(|l| l.transport == Transport::Tls)
+        || config.route.iter().any(|r| r.transport == Transport::Tls);
+    let sip_tls = if uses_tls {
+        Some(Arc::new(SipTls::from_config(&config.tls)?))
+    } else {
+        None
+    };
     let (sip_tx, sip_rx) = mpsc::channel(8192);
-    let transports = Transports::bind(
+    let transports = Transports::bind_with_tls(
         &config.sip.listen,
         sip_tx,
         Duration::from_secs(config.sip.tcp_idle_secs),
+        sip_tls.clone(),
     )
     .await?;
 
@@ -123,6 +140,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     for r in &config.route {
         let t = resolve_route(&r.prefix, &r.target.host, r.target.port, r.transport)
             .ok_or_else(|| ServerError::Route(format!("{}:{}", r.target.host, r.target.port)))?;
+        if let (Transport::Tls, Some(tls)) = (r.transport, &sip_tls) {
+            tls.set_name(t.peer.addr, &r.target.host);
+        }
         routes.push(t);
     }
     set_warn_agent(&config.sip.public_address.to_string());
@@ -131,6 +151,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         public_ip: config.sip.public_address,
         udp_port: transports.local_addr(Transport::Udp).map(|a| a.port()),
         tcp_port: transports.local_addr(Transport::Tcp).map(|a| a.port()),
+        tls_port: transports.local_addr(Transport::Tls).map(|a| a.port()),
         digest_algorithms: config.sip.digest_algorithms.clone(),
         trusted: config.trusted_peer.iter().map(|t| t.cidr).collect(),
         routes,
@@ -139,6 +160,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         registration_max_expires: config.sip.registration_max_expires,
         feature_code: config.store.feature_code.clone(),
         guard: GuardConfig::from(&config.sip),
+        srtp: config.media.srtp,
     };
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -174,9 +196,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     } else {
         http_addr.ip()
     };
+    // Every URL callvault writes (upload, download, manifest, index, server) starts here.
+    let scheme = if config.http.tls { "https" } else { "http" };
     let http_base = match http_host {
-        std::net::IpAddr::V6(v6) => format!("http://[{v6}]:{}", http_addr.port()),
-        v4 => format!("http://{v4}:{}", http_addr.port()),
+        std::net::IpAddr::V6(v6) => format!("{scheme}://[{v6}]:{}", http_addr.port()),
+        v4 => format!("{scheme}://{v4}:{}", http_addr.port()),
     };
     let live = Arc::new(LiveStores::new());
     let (service, commands) = StoreService::new(
@@ -184,6 +208,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             domain: config.sip.domain.clone(),
             public_ip: config.sip.public_address,
             sip_port,
+            tls_port: transports.local_addr(Transport::Tls).map(|a| a.port()),
             http_base: http_base.clone(),
             store: config.store.clone(),
             data_dir: config.storage.data_dir.clone(),
@@ -252,11 +277,26 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         accounts.clone(),
     );
     let app = crate::http::api_router(http_state);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, app).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
+    if config.http.tls {
+        let listener =
+            HttpsListener::new(http, tls::server_config(&config.tls)?).map_err(|source| {
+                ServerError::HttpBind {
+                    addr: config.http.listen,
+                    source,
+                }
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTPS server stopped");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, app).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
 
     let core = Core {
         engine,

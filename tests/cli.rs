@@ -139,3 +139,102 @@ fn sigterm_shuts_down_cleanly() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(server.log().contains("shutting down"), "{}", server.log());
 }
+
+/// PROTOCOL.md §7 "Secrets": a password read from a file and a PIN from the environment never
+/// show in the process list or the log (even at trace level), they are what the account
+/// holds, and the database file holding their hashes is private to its owner.
+#[test]
+fn account_secrets_stay_out_of_ps_and_log_and_db_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::prepare(ServerConfig::new());
+    let cfg = server.config_path.to_str().unwrap();
+    let password = "f1le-Secret-Quux";
+    let pin = "975318";
+    let pw_file = server.dir.path().join("pw.txt");
+    std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+    let mut child = Command::new(callvault_bin())
+        .args(["account", "add", "2001", "--password-file"])
+        .arg(&pw_file)
+        .args([
+            "--pin-env",
+            "CV_TEST_PIN",
+            "--quota",
+            "1MiB",
+            "--config",
+            cfg,
+        ])
+        .env_remove("CALLVAULT_CONFIG")
+        .env("CV_TEST_PIN", pin)
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What `ps` shows: the command line, read while the process runs.
+    let proc_cmdline = format!("/proc/{}/cmdline", child.id());
+    let mut seen = Vec::new();
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(c) = std::fs::read(&proc_cmdline) {
+            if !c.is_empty() {
+                seen.push(String::from_utf8_lossy(&c).replace('\0', " "));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    assert!(!seen.is_empty(), "the command line was never readable");
+    for c in &seen {
+        assert!(c.contains("--password-file"), "{c}");
+        assert!(
+            !c.contains(password) && !c.contains(pin),
+            "secret in ps: {c}"
+        );
+    }
+    assert!(
+        !log.contains(password) && !log.contains(pin),
+        "secret in log: {log}"
+    );
+
+    let db_file = server.dir.path().join("data/callvault.db");
+    let mode = std::fs::metadata(&db_file).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "database file mode {mode:o} is readable by others"
+    );
+
+    // The account holds exactly the file's content (one trailing newline dropped) and the PIN.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let url = format!("sqlite://{}", db_file.display());
+        let db = callvault::storage::Db::open(&url).await.unwrap();
+        let accounts = callvault::storage::Accounts::new(db.clone(), "example.com");
+        assert!(accounts.verify_password("2001", password).await.unwrap());
+        assert!(!accounts
+            .verify_password("2001", &format!("{password}\n"))
+            .await
+            .unwrap());
+        assert!(accounts.verify_pin("2001", pin).await.unwrap());
+        db.close().await;
+    });
+
+    // Two sources for one secret are refused with a one-line reason.
+    let (code, _, err) = run(&[
+        "account",
+        "set",
+        "2001",
+        "--password",
+        "x",
+        "--password-env",
+        "HOME",
+        "--config",
+        cfg,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("only one of"), "{err}");
+}

@@ -16,8 +16,9 @@ use crate::media::ports::{PortAllocator, PortsError};
 pub use crate::media::relay::Side;
 use crate::media::relay::{
     RecordCounters, RecordSinks, Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle,
-    RelayId,
+    RelayId, SrtpDir,
 };
+use crate::media::srtp::SrtpContext;
 use crate::media::threads::MediaThreads;
 
 /// Engine-wide call key.
@@ -61,6 +62,17 @@ pub trait MediaBackend: Send {
     fn set_feature_code(&mut self, code: &str);
     /// The call is answered: from now on RTP silence ends it.
     fn arm_timeout(&mut self, call: CallKey);
+    /// Installs (None: removes) the SRTP context of `side` for `dir` on a stream (SRTP
+    /// terminated per leg). Backends without SRTP ignore it.
+    fn set_srtp(
+        &mut self,
+        _call: CallKey,
+        _stream: usize,
+        _side: Side,
+        _dir: SrtpDir,
+        _ctx: Option<Box<SrtpContext>>,
+    ) {
+    }
     /// Stops every relay of the call and frees its ports.
     fn release(&mut self, call: CallKey);
     /// `callvault_rtp_ports_in_use`.
@@ -210,6 +222,19 @@ impl MediaBackend for RelayMedia {
 
     fn set_feature_code(&mut self, code: &str) {
         self.config.feature_code = code.to_string();
+    }
+
+    fn set_srtp(
+        &mut self,
+        call: CallKey,
+        stream: usize,
+        side: Side,
+        dir: SrtpDir,
+        ctx: Option<Box<SrtpContext>>,
+    ) {
+        if let Some(h) = self.calls.get(&call).and_then(|v| v.get(stream)) {
+            h.set_srtp(side, dir, ctx);
+        }
     }
 
     fn arm_timeout(&mut self, call: CallKey) {

@@ -61,6 +61,7 @@ fn config() -> EngineConfig {
         public_ip: "127.0.0.1".parse().unwrap(),
         udp_port: Some(5060),
         tcp_port: None,
+        tls_port: None,
         digest_algorithms: vec![Algorithm::Md5],
         trusted: vec!["127.0.0.0/8".parse().unwrap()],
         routes: vec![RouteTarget {
@@ -73,6 +74,7 @@ fn config() -> EngineConfig {
         registration_max_expires: 3600,
         feature_code: "*7".into(),
         guard: GuardConfig::default(),
+        srtp: crate::config::SrtpMode::Terminate,
     }
 }
 

@@ -14,5 +14,7 @@ pub mod recorder;
 pub mod relay;
 /// Zero-copy RTP header views (RFC 3550) and RTP/RTCP demultiplexing (RFC 5761).
 pub mod rtp;
+/// SRTP/SRTCP contexts (RFC 3711), AES_CM_128_HMAC_SHA1_80/_32, in place.
+pub mod srtp;
 /// Thread-per-core runtimes the call relays run on.
 pub mod threads;

@@ -47,6 +47,10 @@
 //! neither redirect the stream nor, after a pause, take it over. RTCP from the receiver is
 //! drained.
 
+use super::srtp::SrtpContext;
+
+/// Bytes kept free behind a packet for an SRTP authentication tag (80 bits).
+const SRTP_TAG_ROOM: usize = 10;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant as StdInstant};
@@ -83,6 +87,9 @@ pub struct PlayerConfig {
     /// The receiver's SDP address may not be where it sends from (NAT): its first valid RTP
     /// moves the target (also assumed for private addresses, [`Expect::from_sdp`]).
     pub nat: bool,
+    /// Callvault's SRTP key for the listener (an `RTP/SAVP` play session): every packet is
+    /// protected in the send buffer before it leaves.
+    pub srtp: Option<SrtpContext>,
 }
 
 impl PlayerConfig {
@@ -99,6 +106,7 @@ impl PlayerConfig {
             rebase_after: Duration::from_millis(10),
             max_gap: Duration::from_secs(10),
             nat: false,
+            srtp: None,
         }
     }
 }
@@ -373,7 +381,7 @@ async fn run(
     pair: PortPair,
     mut reader: SegmentReader,
     target: SocketAddr,
-    cfg: PlayerConfig,
+    mut cfg: PlayerConfig,
     events: mpsc::Sender<PlayerEvent>,
     mut ctrl: mpsc::UnboundedReceiver<Control>,
 ) -> PlayerTotals {
@@ -389,7 +397,8 @@ async fn run(
         rtcp_buf: vec![0u8; 2048].into_boxed_slice(),
     };
     // The only allocation of the packet path: the send buffer, for the whole session.
-    let mut out = vec![0u8; RTP_HEADER_LEN + MAX_PAYLOAD].into_boxed_slice();
+    // Room for an SRTP tag behind the largest packet.
+    let mut out = vec![0u8; RTP_HEADER_LEN + MAX_PAYLOAD + SRTP_TAG_ROOM].into_boxed_slice();
     let mut totals = PlayerTotals::default();
     let mut ts_map = TsMap::new(cfg.first_timestamp, cfg.clock_rate, cfg.max_gap);
     let mut ssrc = cfg.ssrc;
@@ -462,7 +471,15 @@ async fn run(
                 break Exit::Stopped;
             }
         }
-        if send(&pair.rtp, &out[..len], io.target.addr()).await {
+        let wire_len = match cfg.srtp.as_mut() {
+            None => Ok(len),
+            Some(ctx) => ctx.protect_rtp(&mut out, len),
+        };
+        let sent = match wire_len {
+            Ok(n) => send(&pair.rtp, &out[..n], io.target.addr()).await,
+            Err(_) => false,
+        };
+        if sent {
             totals.packets += 1;
             totals.bytes += (len - RTP_HEADER_LEN) as u64;
         } else {

@@ -27,6 +27,7 @@
 //! After a timeout or size overrun the task keeps draining the sockets (the sender is still
 //! sending until the BYE lands) until the handle is finished or dropped.
 
+use super::srtp::{count_failure, SrtpContext};
 use std::net::{IpAddr, SocketAddr};
 
 use super::latch::{Decision, Expect, Latch, PtSet, Refusal, RefusedCounts};
@@ -84,6 +85,9 @@ pub struct RecorderConfig {
     /// Timer tick: hands a quiet stream's batch to the writer, publishes counters, checks the
     /// timeout. About the pipeline's commit interval.
     pub flush_interval: Duration,
+    /// The sender's SRTP key (an `RTP/SAVP` store session): packets are unprotected before
+    /// anything else looks at them; those that fail are dropped and counted.
+    pub srtp: Option<SrtpContext>,
 }
 
 impl RecorderConfig {
@@ -106,6 +110,7 @@ impl RecorderConfig {
             source: None,
             signalling_ip: None,
             flush_interval: Duration::from_millis(20),
+            srtp: None,
         }
     }
 }
@@ -654,7 +659,17 @@ async fn run(
     loop {
         let stop = tokio::select! {
             r = pair.rtp.recv_from(&mut rtp_buf) => match r {
-                Ok((n, src)) => st.on_rtp(&rtp_buf[..n], n == rtp_buf.len(), src, Instant::now()),
+                Ok((n, src)) => {
+                    let cut = n == rtp_buf.len();
+                    let plain = match st.cfg.srtp.as_mut() {
+                        None => Some(n),
+                        Some(ctx) => ctx.unprotect_rtp(&mut rtp_buf[..n]).map_err(count_failure).ok(),
+                    };
+                    match plain {
+                        Some(n) => st.on_rtp(&rtp_buf[..n], cut, src, Instant::now()),
+                        None => None,
+                    }
+                }
                 // e.g. an ICMP error surfacing on the socket; the next packet may be fine.
                 Err(_) => None,
             },

@@ -14,6 +14,13 @@
 //! [`DtmfGate`] that holds back `*7` PIN `#` and reports it as [`RelayEvent::FeatureCode`];
 //! everything else of that side pays one payload-type compare.
 //!
+//! SRTP terminated per leg (PROTOCOL.md section 7): a side may have a context that
+//! unprotects what it sends ([`SrtpDir::FromSide`], before latching, the DTMF gate and the
+//! recording, which so see plain RTP) and one that protects what is sent to it
+//! ([`SrtpDir::ToSide`], into a scratch buffer made when SRTP is switched on). Packets that
+//! fail authentication or replay checks are dropped and counted
+//! (`callvault_srtp_auth_failures_total`). A call without SRTP pays one branch per packet.
+//!
 //! Packet path: one buffer per socket allocated at start, `try_send_to` (a full socket buffer
 //! drops the packet rather than stalling both directions), counters kept locally and flushed to
 //! the shared atomics every [`FLUSH_PACKETS`] packets or [`FLUSH_INTERVAL`], no locks, no logs.
@@ -36,6 +43,7 @@ use super::dtmf::DtmfGate;
 use super::latch::{Decision, Expect, Latch, PtSet, RefusedCounts};
 use super::ports::PortPair;
 use super::rtp::RtpPacket;
+use super::srtp::{SrtpContext, SrtpError};
 use crate::b2bua::feature_code::HOLD_TIMEOUT;
 use crate::metrics::METRICS;
 use crate::storage::segments::{Ingest, IngestError, RecordHeader};
@@ -267,8 +275,28 @@ fn now_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// Which packets of a side an SRTP context works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SrtpDir {
+    /// Unprotects what the side sends (its own key, from its `a=crypto`).
+    FromSide,
+    /// Protects what is sent to the side (callvault's key for that leg).
+    ToSide,
+}
+
+/// The SRTP state of a relay: contexts per side and direction, the scratch buffer packets are
+/// protected into, and drops not yet published.
+struct LegsSrtp {
+    from: [Option<SrtpContext>; 2],
+    to: [Option<SrtpContext>; 2],
+    scratch: [u8; BUF_LEN],
+    auth_failures: u64,
+    replays: u64,
+}
+
 enum Control {
     SetRemote(Side, Expect),
+    SetSrtp(Side, SrtpDir, Option<Box<SrtpContext>>),
     SetDtmfPt(Side, Option<u8>),
     ArmTimeout,
     SetInspector(Option<Inspector>),
@@ -318,6 +346,11 @@ impl RelayHandle {
     /// early media must not be ended by it); the engine arms it when the call is answered.
     pub fn arm_timeout(&self) {
         let _ = self.ctrl.send(Control::ArmTimeout);
+    }
+
+    /// Installs (or with None removes) the SRTP context of `side` for `dir`.
+    pub fn set_srtp(&self, side: Side, dir: SrtpDir, ctx: Option<Box<SrtpContext>>) {
+        let _ = self.ctrl.send(Control::SetSrtp(side, dir, ctx));
     }
 
     /// Installs or removes the per-packet inspector.
@@ -500,6 +533,8 @@ struct State {
     inspector: Option<Inspector>,
     /// Whole-call recording; None (the default) costs the packet path one branch.
     recording: Option<Box<Recording>>,
+    /// SRTP of either leg; None (plain calls) costs the packet path one branch.
+    srtp: Option<Box<LegsSrtp>>,
     /// Feature-code gate of the packets coming from each side; created when a
     /// telephone-event type becomes known (calls without one never allocate it).
     gates: [Option<Box<DtmfGate>>; 2],
@@ -541,7 +576,16 @@ impl State {
             self.after_packet(now);
             return;
         }
-        let sent = ok && send(out, pkt, self.peers[from.other().idx()].rtp_target());
+        let target = self.peers[from.other().idx()].rtp_target();
+        let sent = ok
+            && send_leg(
+                self.srtp.as_deref_mut(),
+                from.other(),
+                Kind::Rtp,
+                out,
+                pkt,
+                target,
+            );
         self.counts.count_sent(from.idx(), pkt.len(), sent);
         if sent {
             if let Some(rec) = self.recording.as_deref_mut() {
@@ -560,7 +604,16 @@ impl State {
                 .refused
                 .count(crate::media::latch::Refusal::ForeignSource);
         }
-        let sent = accepted && send(out, pkt, self.peers[from.other().idx()].rtcp_target());
+        let target = self.peers[from.other().idx()].rtcp_target();
+        let sent = accepted
+            && send_leg(
+                self.srtp.as_deref_mut(),
+                from.other(),
+                Kind::Rtcp,
+                out,
+                pkt,
+                target,
+            );
         if sent {
             self.counts.rtcp_packets[from.idx()] += 1;
             self.counts.rtcp_bytes[from.idx()] += pkt.len() as u64;
@@ -577,11 +630,13 @@ impl State {
         let i = from.idx();
         let target = self.peers[from.other().idx()].rtp_target();
         let counts = &mut self.counts;
+        let srtp = &mut self.srtp;
         let Some(gate) = self.gates[i].as_deref_mut() else {
             return;
         };
         let res = gate.on_packet(pkt, now.into_std(), &mut |p: &[u8]| {
-            counts.count_sent(i, p.len(), send(out, p, target));
+            let sent = send_leg(srtp.as_deref_mut(), from.other(), Kind::Rtp, out, p, target);
+            counts.count_sent(i, p.len(), sent);
         });
         self.counts.dropped += res.swallowed as u64;
         self.gates_changed = true;
@@ -607,11 +662,13 @@ impl State {
             let out = rtp[from.other().idx()];
             let target = self.peers[from.other().idx()].rtp_target();
             let counts = &mut self.counts;
+            let srtp = &mut self.srtp;
             let Some(gate) = self.gates[i].as_deref_mut() else {
                 continue;
             };
             let res = gate.handle_timeout(now.into_std(), &mut |p: &[u8]| {
-                counts.count_sent(i, p.len(), send(out, p, target));
+                let sent = send_leg(srtp.as_deref_mut(), from.other(), Kind::Rtp, out, p, target);
+                counts.count_sent(i, p.len(), sent);
                 counts.pending += 1;
             });
             self.counts.dropped += res.swallowed as u64;
@@ -690,8 +747,62 @@ impl State {
         }
     }
 
+    /// Unprotects an SRTP/SRTCP packet from `from` in place: its plain length, or None when
+    /// it is dropped (failed authentication or replay, counted).
+    #[inline]
+    fn unprotect(&mut self, from: Side, kind: Kind, pkt: &mut [u8], now: Instant) -> Option<usize> {
+        let Some(s) = self.srtp.as_deref_mut() else {
+            return Some(pkt.len());
+        };
+        let Some(ctx) = s.from[from.idx()].as_mut() else {
+            return Some(pkt.len());
+        };
+        let r = match kind {
+            Kind::Rtp => ctx.unprotect_rtp(pkt),
+            Kind::Rtcp => ctx.unprotect_rtcp(pkt),
+        };
+        match r {
+            Ok(n) => Some(n),
+            Err(e) => {
+                if e == SrtpError::Replay {
+                    s.replays += 1;
+                } else {
+                    s.auth_failures += 1;
+                }
+                self.counts.dropped += 1;
+                self.after_packet(now);
+                None
+            }
+        }
+    }
+
+    fn set_srtp(&mut self, side: Side, dir: SrtpDir, ctx: Option<Box<SrtpContext>>) {
+        let s = self.srtp.get_or_insert_with(|| {
+            Box::new(LegsSrtp {
+                from: [None, None],
+                to: [None, None],
+                scratch: [0; BUF_LEN],
+                auth_failures: 0,
+                replays: 0,
+            })
+        });
+        let slot = match dir {
+            SrtpDir::FromSide => &mut s.from[side.idx()],
+            SrtpDir::ToSide => &mut s.to[side.idx()],
+        };
+        *slot = ctx.map(|c| *c);
+    }
+
     fn flush(&mut self, now: Instant) {
         self.counts.flush(&self.counters);
+        if let Some(s) = self.srtp.as_deref_mut() {
+            if s.auth_failures + s.replays > 0 {
+                METRICS.srtp_auth_failures_total.add(s.auth_failures);
+                METRICS.srtp_replay_failures_total.add(s.replays);
+                s.auth_failures = 0;
+                s.replays = 0;
+            }
+        }
         if let Some(rec) = self.recording.as_deref_mut() {
             rec.flush();
         }
@@ -712,6 +823,7 @@ impl State {
                 }
             }
             Control::SetDtmfPt(side, pt) => self.set_dtmf_pt(side, pt),
+            Control::SetSrtp(side, dir, ctx) => self.set_srtp(side, dir, ctx),
             Control::SetInspector(i) => self.inspector = i,
             Control::Record(sinks, counters) => {
                 let RecordSinks { from_a, from_b } = *sinks;
@@ -737,6 +849,40 @@ fn send(out: &UdpSocket, pkt: &[u8], to: Option<SocketAddr>) -> bool {
     match to {
         Some(to) => out.try_send_to(pkt, to).is_ok(),
         None => false,
+    }
+}
+
+/// Sends `pkt` to the side `to`, protected with its SRTP context when it has one (copied into
+/// the scratch buffer first: the plain packet may still be recorded).
+#[inline]
+fn send_leg(
+    srtp: Option<&mut LegsSrtp>,
+    to: Side,
+    kind: Kind,
+    out: &UdpSocket,
+    pkt: &[u8],
+    target: Option<SocketAddr>,
+) -> bool {
+    let Some(LegsSrtp {
+        to: ctxs, scratch, ..
+    }) = srtp
+    else {
+        return send(out, pkt, target);
+    };
+    let Some(ctx) = ctxs[to.idx()].as_mut() else {
+        return send(out, pkt, target);
+    };
+    if target.is_none() || pkt.len() > scratch.len() {
+        return false;
+    }
+    scratch[..pkt.len()].copy_from_slice(pkt);
+    let protected = match kind {
+        Kind::Rtp => ctx.protect_rtp(scratch, pkt.len()),
+        Kind::Rtcp => ctx.protect_rtcp(scratch, pkt.len()),
+    };
+    match protected {
+        Ok(n) => send(out, &scratch[..n], target),
+        Err(_) => false,
     }
 }
 
@@ -790,6 +936,7 @@ async fn run(
         local_addrs,
         inspector: None,
         recording: None,
+        srtp: None,
         gates: [None, None],
         dtmf_pts: [None, None],
         gates_changed: false,
@@ -841,11 +988,18 @@ async fn run(
                 }
                 let buf = &mut bufs[i];
                 if let Poll::Ready(r) = poll_recv(sock, cx, buf) {
-                    match (r, kind) {
-                        (Ok((n, src)), Kind::Rtp) => st.on_rtp(from, &buf[..n], src, out, now),
-                        (Ok((n, src)), Kind::Rtcp) => st.on_rtcp(from, &buf[..n], src, out, now),
+                    match r {
+                        // SRTP legs are unprotected in place first; a dropped packet ends here.
+                        Ok((n, src)) => {
+                            if let Some(n) = st.unprotect(from, kind, &mut buf[..n], now) {
+                                match kind {
+                                    Kind::Rtp => st.on_rtp(from, &buf[..n], src, out, now),
+                                    Kind::Rtcp => st.on_rtcp(from, &buf[..n], src, out, now),
+                                }
+                            }
+                        }
                         // e.g. ICMP errors surfacing on the socket; the next packet may be fine.
-                        (Err(_), _) => st.recv_error(),
+                        Err(_) => st.recv_error(),
                     }
                     got[i] = true;
                 }

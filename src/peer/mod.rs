@@ -80,6 +80,8 @@ pub struct FetchArgs {
     pub user: Option<String>,
     #[arg(long)]
     pub password: Option<String>,
+    #[command(flatten)]
+    pub password_from: PasswordFrom,
     /// Output file.
     #[arg(long)]
     pub out: PathBuf,
@@ -141,8 +143,11 @@ pub struct ShareArgs {
     pub server: String,
     #[arg(long)]
     pub user: String,
-    #[arg(long)]
+    /// The account's password (or --password-file / --password-env).
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub password: String,
+    #[command(flatten)]
+    pub password_from: PasswordFrom,
     /// The folder whose files are shared.
     #[arg(long)]
     pub folder: PathBuf,
@@ -168,8 +173,11 @@ pub struct ServeArgs {
     pub transport: SipTransport,
     #[arg(long)]
     pub user: String,
-    #[arg(long)]
+    /// The account's password (or --password-file / --password-env).
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub password: String,
+    #[command(flatten)]
+    pub password_from: PasswordFrom,
     /// SIP domain [default: the host of --sip].
     #[arg(long)]
     pub domain: Option<String>,
@@ -196,11 +204,52 @@ pub struct ServeArgs {
     pub class: SourceClass,
 }
 
+/// `--password-file` / `--password-env`: the password kept off the command line, which `ps`
+/// shows to every user (PROTOCOL.md section 7, "Secrets").
+#[derive(Debug, Clone, Default, Args)]
+pub struct PasswordFrom {
+    /// Read the password from FILE (without one trailing newline).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Read the password from the environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
+}
+
+impl PasswordFrom {
+    /// The password: `literal` (None or empty when not given), else the file or variable.
+    fn resolve(&self, literal: Option<&str>) -> Result<Option<String>, PeerError> {
+        crate::secret::resolve(
+            "password",
+            literal.filter(|p| !p.is_empty()),
+            self.password_file.as_deref(),
+            self.password_env.as_deref(),
+        )
+        .map_err(|e| PeerError::Usage(e.to_string()))
+    }
+
+    /// A required password (`share`, `serve`).
+    fn require(&self, literal: &str) -> Result<String, PeerError> {
+        self.resolve(Some(literal))?.ok_or_else(|| {
+            PeerError::Usage("give --password, --password-file or --password-env".into())
+        })
+    }
+}
+
 /// Runs a `peer` subcommand (the binary's dispatch).
 pub async fn run(cmd: PeerCmd) -> Result<(), PeerError> {
     match cmd {
-        PeerCmd::Fetch(a) => fetch::run_cli(*a).await,
-        PeerCmd::Share(a) => publish::run_cli(a).await,
-        PeerCmd::Serve(a) => sip::run_cli(a).await,
+        PeerCmd::Fetch(mut a) => {
+            a.password = a.password_from.resolve(a.password.as_deref())?;
+            fetch::run_cli(*a).await
+        }
+        PeerCmd::Share(mut a) => {
+            a.password = a.password_from.require(&a.password)?;
+            publish::run_cli(a).await
+        }
+        PeerCmd::Serve(mut a) => {
+            a.password = a.password_from.require(&a.password)?;
+            sip::run_cli(a).await
+        }
     }
 }

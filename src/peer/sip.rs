@@ -191,7 +191,7 @@ pub fn answer(req: &Request, refuse: bool, tag: &str) -> Inbound {
             Some(SHARE_REQUEST) => {
                 tracing::info!(
                     from = ?req.headers.get("From"),
-                    body = %String::from_utf8_lossy(&req.body),
+                    body = %crate::secret::mask_tokens(&String::from_utf8_lossy(&req.body)),
                     refuse,
                     "share-request"
                 );
@@ -214,7 +214,8 @@ pub fn answer(req: &Request, refuse: bool, tag: &str) -> Inbound {
             _ => {
                 tracing::info!(
                     content_type = ?req.content_type(),
-                    body = %String::from_utf8_lossy(&req.body),
+                    // Prompts and ready notes carry upload/download tokens.
+                    body = %crate::secret::mask_tokens(&String::from_utf8_lossy(&req.body)),
                     "MESSAGE"
                 );
                 Inbound::Answered(reply(200))

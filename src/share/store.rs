@@ -719,7 +719,7 @@ struct ContentWriter {
 
 impl ContentWriter {
     fn create(dir: &Path, piece_size: u64) -> Result<ContentWriter, ShareError> {
-        std::fs::create_dir_all(dir)?;
+        crate::secret::create_private_dir_all(dir)?;
         let file = std::fs::File::create(dir.join("content"))?;
         Ok(ContentWriter {
             dir: dir.to_path_buf(),

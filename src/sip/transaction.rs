@@ -72,7 +72,7 @@ impl Peer {
 
     /// Reliable transports do their own retransmission (§17.1.1.2, §17.1.2.2).
     pub fn is_reliable(&self) -> bool {
-        matches!(self.transport, Transport::Tcp)
+        matches!(self.transport, Transport::Tcp | Transport::Tls)
     }
 }
 

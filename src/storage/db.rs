@@ -57,6 +57,12 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create the metadata database file {path} (mode 0600): {source}")]
+    CreateFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("metadata database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("metadata database: {0}")]
@@ -125,11 +131,19 @@ impl Db {
         let mut connect_url = url.to_string();
         if let Some(file) = &file {
             if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
-                    path: parent.to_path_buf(),
-                    source,
+                crate::secret::create_private_dir_all(parent).map_err(|source| {
+                    DbError::CreateDir {
+                        path: parent.to_path_buf(),
+                        source,
+                    }
                 })?;
             }
+            // The file holds password-equivalent digest hashes, PIN hashes and tokens:
+            // create it 0600 before SQLite does (SQLite gives its -wal/-shm the same mode).
+            crate::secret::ensure_private_file(file).map_err(|source| DbError::CreateFile {
+                path: file.clone(),
+                source,
+            })?;
             if !url.contains("mode=") {
                 // Read-write-create: a fresh install starts with an empty database.
                 connect_url.push(if url.contains('?') { '&' } else { '?' });
@@ -215,6 +229,16 @@ mod tests {
         let url = format!("sqlite://{}", path.display());
         let db = Db::open(&url).await.unwrap();
         assert!(path.exists());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+            assert_eq!(mode(&path) & 0o777, 0o600, "database file is private");
+            assert_eq!(
+                mode(path.parent().unwrap()) & 0o777,
+                0o700,
+                "its folder too"
+            );
+        }
         let mode: String = sqlx::query("PRAGMA journal_mode")
             .fetch_one(db.pool())
             .await

@@ -393,7 +393,7 @@ pub struct SegmentWriter {
 impl SegmentWriter {
     /// Starts a new, empty store log in `dir` (created if missing).
     pub fn create(dir: &Path, opts: SegmentOptions) -> Result<SegmentWriter, SegmentError> {
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        crate::secret::create_private_dir_all(dir).map_err(io_err("create", dir))?;
         if !list_segments(dir)?.is_empty() {
             return Err(SegmentError::NotEmpty(dir.to_path_buf()));
         }
@@ -412,7 +412,7 @@ impl SegmentWriter {
         dir: &Path,
         opts: SegmentOptions,
     ) -> Result<(SegmentWriter, Recovered), SegmentError> {
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        crate::secret::create_private_dir_all(dir).map_err(io_err("create", dir))?;
         let rec = recover(dir)?;
         let state = TailState {
             bytes: rec.bytes,

@@ -5,7 +5,10 @@
 //! message that cannot be parsed is answered `400` with the fault in the reason phrase right
 //! here when a response can be built (§21.4.1), else dropped. Outbound [`Transmit`]s go out of
 //! the UDP socket of the matching family, or the TCP connection to that peer (reused when the
-//! peer connected to us, RFC 5923-style; opened on demand otherwise).
+//! peer connected to us, RFC 5923-style; opened on demand otherwise). TLS connections
+//! ([`tls`]) are TCP connections with a handshake first and run the same framing loop.
+
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io;
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -32,6 +35,8 @@ pub enum TransportError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("tls:{0} needs [tls] cert_file and key_file")]
+    NoTlsCertificate(SocketAddr),
 }
 
 /// What the transports tell the core.
@@ -53,20 +58,35 @@ type ConnMap = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
 pub struct Transports {
     udp: Arc<Vec<(SocketAddr, Arc<UdpSocket>)>>,
     tcp_local: Arc<Vec<SocketAddr>>,
+    tls_local: Arc<Vec<SocketAddr>>,
+    /// None: no `[tls]` setup, TLS transmits fail as unreachable.
+    tls: Option<Arc<tls::SipTls>>,
     conns: ConnMap,
     events: mpsc::Sender<TransportEvent>,
     idle: Duration,
 }
 
 impl Transports {
-    /// Binds every listen address and starts the receive tasks.
+    /// Binds every listen address and starts the receive tasks (no TLS).
     pub async fn bind(
         listens: &[ListenAddr],
         events: mpsc::Sender<TransportEvent>,
         tcp_idle: Duration,
     ) -> Result<Transports, TransportError> {
+        Self::bind_with_tls(listens, events, tcp_idle, None).await
+    }
+
+    /// [`Transports::bind`] with TLS: `tls:` listeners accept with `tls`'s certificate and
+    /// outbound TLS connects with its roots.
+    pub async fn bind_with_tls(
+        listens: &[ListenAddr],
+        events: mpsc::Sender<TransportEvent>,
+        tcp_idle: Duration,
+        tls: Option<Arc<tls::SipTls>>,
+    ) -> Result<Transports, TransportError> {
         let mut udp = Vec::new();
         let mut tcp_listeners = Vec::new();
+        let mut tls_listeners = Vec::new();
         for l in listens {
             let bind_err = |source| TransportError::Bind {
                 transport: l.transport,
@@ -84,8 +104,20 @@ impl Transports {
                     let lis = TcpListener::bind(l.addr).await.map_err(bind_err)?;
                     tcp_listeners.push(lis);
                 }
+                Transport::Tls => {
+                    let acceptor = tls
+                        .as_ref()
+                        .and_then(|t| t.acceptor.clone())
+                        .ok_or(TransportError::NoTlsCertificate(l.addr))?;
+                    let lis = TcpListener::bind(l.addr).await.map_err(bind_err)?;
+                    tls_listeners.push((lis, acceptor));
+                }
             }
         }
+        let tls_local = tls_listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect();
         let tcp_local = tcp_listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
@@ -93,6 +125,8 @@ impl Transports {
         let t = Transports {
             udp: Arc::new(udp),
             tcp_local: Arc::new(tcp_local),
+            tls_local: Arc::new(tls_local),
+            tls,
             conns: Arc::new(Mutex::new(HashMap::new())),
             events,
             idle: tcp_idle,
@@ -103,6 +137,9 @@ impl Transports {
         for lis in tcp_listeners {
             tokio::spawn(accept_loop(lis, t.clone()));
         }
+        for (lis, acceptor) in tls_listeners {
+            tokio::spawn(tls_accept_loop(lis, acceptor, t.clone()));
+        }
         Ok(t)
     }
 
@@ -111,6 +148,7 @@ impl Transports {
         match transport {
             Transport::Udp => self.udp.first().map(|(a, _)| *a),
             Transport::Tcp => self.tcp_local.first().copied(),
+            Transport::Tls => self.tls_local.first().copied(),
         }
     }
 
@@ -118,6 +156,7 @@ impl Transports {
     pub fn bound(&self) -> Vec<(Transport, SocketAddr)> {
         let mut v: Vec<_> = self.udp.iter().map(|(a, _)| (Transport::Udp, *a)).collect();
         v.extend(self.tcp_local.iter().map(|a| (Transport::Tcp, *a)));
+        v.extend(self.tls_local.iter().map(|a| (Transport::Tls, *a)));
         v
     }
 
@@ -137,10 +176,12 @@ impl Transports {
                     }
                 }
             }
-            Transport::Tcp => self.send_tcp(t),
+            Transport::Tcp | Transport::Tls => self.send_tcp(t),
         }
     }
 
+    /// Sends on the connection to the peer, opening one (TCP, or TCP + TLS handshake) when
+    /// there is none.
     fn send_tcp(&self, t: Transmit) {
         let existing = lock(&self.conns).get(&t.peer.addr).cloned();
         if let Some(tx) = existing {
@@ -156,36 +197,62 @@ impl Transports {
         let this = self.clone();
         tokio::spawn(async move {
             let peer = t.peer;
-            match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer.addr)).await
-            {
-                Ok(Ok(stream)) => this.run_connection(stream, peer.addr, rx).await,
-                _ => {
-                    lock(&this.conns).remove(&peer.addr);
-                    let _ = this.events.send(TransportEvent::Unreachable(peer)).await;
+            let connected = match (peer.transport, this.tls.clone()) {
+                (Transport::Tls, Some(tls)) => {
+                    match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, tls.connect(peer.addr)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            this.run_connection(stream, peer, rx).await;
+                            true
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = %peer.addr, error = %e, "TLS connection failed");
+                            false
+                        }
+                        Err(_) => false,
+                    }
                 }
+                (Transport::Tls, None) => false,
+                _ => match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    TcpStream::connect(peer.addr),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        this.run_connection(stream, peer, rx).await;
+                        true
+                    }
+                    _ => false,
+                },
+            };
+            if !connected {
+                lock(&this.conns).remove(&peer.addr);
+                let _ = this.events.send(TransportEvent::Unreachable(peer)).await;
             }
         });
     }
 
-    async fn run_connection(
+    /// Frames and delivers what arrives on a stream (TCP, or TLS after its handshake) and
+    /// writes what is queued for it, until it closes or stays idle.
+    async fn run_connection<S>(
         &self,
-        stream: TcpStream,
-        remote: SocketAddr,
+        stream: S,
+        peer: Peer,
         mut outbound: mpsc::UnboundedReceiver<Bytes>,
-    ) {
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let remote = peer.addr;
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let writer = tokio::spawn(async move {
             while let Some(data) = outbound.recv().await {
-                if wr.write_all(&data).await.is_err() {
+                if wr.write_all(&data).await.is_err() || wr.flush().await.is_err() {
                     break;
                 }
             }
         });
-        let peer = Peer {
-            transport: Transport::Tcp,
-            addr: remote,
-        };
         let mut buf = BytesMut::with_capacity(8192);
         'conn: loop {
             let read = tokio::time::timeout(self.idle, rd.read_buf(&mut buf)).await;
@@ -338,7 +405,46 @@ async fn accept_loop(lis: TcpListener, t: Transports) {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&t.conns).insert(remote, tx);
         let t2 = t.clone();
-        tokio::spawn(async move { t2.run_connection(stream, remote, rx).await });
+        let _ = stream.set_nodelay(true);
+        let peer = Peer::new(Transport::Tcp, remote);
+        tokio::spawn(async move { t2.run_connection(stream, peer, rx).await });
+    }
+}
+
+/// Accepts TLS connections: the handshake runs in the connection's own task (bounded by
+/// [`tls::HANDSHAKE_TIMEOUT`]); the connection is usable for responses and requests to that
+/// peer once it is done.
+async fn tls_accept_loop(lis: TcpListener, acceptor: tokio_rustls::TlsAcceptor, t: Transports) {
+    loop {
+        let (stream, remote) = match lis.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "tls accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let t2 = t.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let stream =
+                match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(peer = %remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let (tx, rx) = mpsc::unbounded_channel();
+            lock(&t2.conns).insert(remote, tx);
+            t2.run_connection(stream, Peer::new(Transport::Tls, remote), rx)
+                .await;
+        });
     }
 }
 

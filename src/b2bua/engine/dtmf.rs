@@ -226,6 +226,7 @@ mod tests {
             public_ip: "127.0.0.1".parse().unwrap(),
             udp_port: Some(5060),
             tcp_port: None,
+            tls_port: None,
             digest_algorithms: vec![Algorithm::Md5],
             trusted: vec!["127.0.0.0/8".parse().unwrap()],
             routes: vec![RouteTarget {
@@ -238,6 +239,7 @@ mod tests {
             registration_max_expires: 3600,
             feature_code: "*7".into(),
             guard: Default::default(),
+            srtp: crate::config::SrtpMode::Terminate,
         };
         let now = Instant::now();
         let verifier = Verifier::new(NonceKey::from_bytes([7; 32]), 300);

@@ -26,12 +26,13 @@ mod dtmf;
 mod guard;
 mod sessions;
 mod share;
+mod srtp;
 
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
 use super::media::{CallKey, Expect, MediaBackend, MediaError, PtSet, Side, StreamPorts};
-use crate::config::{Cidr, Transport};
+use crate::config::{Cidr, SrtpMode, Transport};
 use crate::error_code::ErrorCode;
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
@@ -93,6 +94,8 @@ pub struct EngineConfig {
     /// Our listening port per transport (Via and Contact).
     pub udp_port: Option<u16>,
     pub tcp_port: Option<u16>,
+    /// The `tls:` listener's port; None: callvault has no TLS listener.
+    pub tls_port: Option<u16>,
     pub digest_algorithms: Vec<Algorithm>,
     pub trusted: Vec<Cidr>,
     pub routes: Vec<RouteTarget>,
@@ -103,6 +106,8 @@ pub struct EngineConfig {
     pub feature_code: String,
     /// Ring timeout and per-source admission (`guard` module).
     pub guard: GuardConfig,
+    /// `[media] srtp`: terminate SDES-SRTP per leg, or relay it untouched.
+    pub srtp: SrtpMode,
 }
 
 /// What digest needs to know about an account.
@@ -306,6 +311,8 @@ struct Call {
     digits: [dtmf::DigitGate; 2],
     /// The audio format of the answer (first codec that is not telephone-event), once known.
     format: Option<(String, u8)>,
+    /// SRTP state per media section (see [`srtp`]).
+    srtp: Vec<srtp::StreamCrypto>,
 }
 
 impl Call {
@@ -664,6 +671,7 @@ impl<M: MediaBackend> Engine<M> {
         match t {
             Transport::Udp => self.cfg.udp_port.or(self.cfg.tcp_port),
             Transport::Tcp => self.cfg.tcp_port.or(self.cfg.udp_port),
+            Transport::Tls => self.cfg.tls_port.or(Some(5061)),
         }
         .unwrap_or(5060)
     }
@@ -687,8 +695,8 @@ impl<M: MediaBackend> Engine<M> {
 
     fn contact(&self, t: Transport) -> NameAddr {
         let mut uri = Uri::sip(Some("callvault"), &self.host(), Some(self.local_port(t)));
-        if t == Transport::Tcp {
-            uri.set_param("transport", Some("tcp"));
+        if t != Transport::Udp {
+            uri.set_param("transport", Some(t.as_str()));
         }
         NameAddr::new(uri)
     }
@@ -900,6 +908,9 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
+        let Some(target) = self.secure_target(tx, &req, target, now) else {
+            return;
+        };
         self.forward_message(&req, &target, Pending::Standalone { server_tx: tx }, now);
     }
 
@@ -973,6 +984,9 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         };
+        let Some(target) = self.secure_target(tx, &req, target, now) else {
+            return;
+        };
 
         let b_peer = target.peer;
         let key = self.next_call;
@@ -993,6 +1007,7 @@ impl<M: MediaBackend> Engine<M> {
             caller: format!("{caller}@{}", self.cfg.domain),
             callee: format!("{callee}@{}", self.cfg.domain),
             format: None,
+            srtp: Vec::new(),
             digits: [
                 dtmf::DigitGate::new(&self.cfg.feature_code),
                 dtmf::DigitGate::new(&self.cfg.feature_code),
@@ -1036,6 +1051,17 @@ impl<M: MediaBackend> Engine<M> {
                         now,
                     );
                 }
+                Err(AnchorError::NoCrypto) => {
+                    self.drop_call(key);
+                    return self.reject(
+                        tx,
+                        &req,
+                        488,
+                        ErrorCode::NoSupportedCrypto,
+                        "RTP/SAVP needs an a=crypto line with AES_CM_128_HMAC_SHA1_80 or _32",
+                        now,
+                    );
+                }
                 Err(AnchorError::Media(e)) => {
                     self.drop_call(key);
                     let mut resp = req.response(503, None);
@@ -1071,10 +1097,49 @@ impl<M: MediaBackend> Engine<M> {
             .iter()
             .find(|r| user.starts_with(&r.prefix))?;
         let mut uri = format!("sip:{}@{}", user, route.host_port);
-        if route.peer.transport == Transport::Tcp {
-            uri.push_str(";transport=tcp");
+        if route.peer.transport != Transport::Udp {
+            uri.push_str(";transport=");
+            uri.push_str(route.peer.transport.as_str());
         }
         Some(Target::direct(uri, route.peer))
+    }
+
+    /// RFC 3261 §26.2.2 / RFC 5630 §3.1.3: a `sips:` Request-URI is only ever forwarded over
+    /// TLS, and stays `sips:`. Returns the target to use, or None (and the request
+    /// answered) when its first hop is not TLS: `416` when callvault has no TLS at all, else `480`
+    /// (the target is known, but not reachable securely).
+    fn secure_target(
+        &mut self,
+        tx: ServerTxId,
+        req: &Request,
+        mut target: Target,
+        now: Instant,
+    ) -> Option<Target> {
+        let sips = req
+            .parsed_uri()
+            .is_ok_and(|u| u.scheme.eq_ignore_ascii_case("sips"));
+        if !sips {
+            return Some(target);
+        }
+        if target.peer.transport == Transport::Tls {
+            if let Some(rest) = target.request_uri.strip_prefix("sip:") {
+                target.request_uri = format!("sips:{rest}");
+            }
+            return Some(target);
+        }
+        if self.cfg.tls_port.is_none() {
+            self.reply(tx, req, 416, now);
+        } else {
+            self.reject(
+                tx,
+                req,
+                480,
+                ErrorCode::SipsNeedsTls,
+                "a sips: target is only reached over TLS, and this one is not",
+                now,
+            );
+        }
+        None
     }
 
     fn on_in_dialog(&mut self, tx: ServerTxId, req: Request, now: Instant) {
@@ -1388,6 +1453,12 @@ impl<M: MediaBackend> Engine<M> {
             self.media.arm_timeout(key);
             self.events.push_back(EngineEvent::CallAnswered(key));
             tracing::info!(call = key, "call answered");
+        } else if resp.status == 488
+            && invite_b
+                .as_ref()
+                .is_some_and(|inv| self.retry_other_profile(key, inv, now))
+        {
+            // Retried with the other RTP profile; the caller hears about the new answer.
         } else if resp.status >= 300 {
             let out = map_b_failure(out);
             self.respond(a_tx, out, now);
@@ -1712,6 +1783,14 @@ impl<M: MediaBackend> Engine<M> {
         })
     }
 
+    /// The transport `side`'s leg runs over (TLS decides `;transport=tls` in store URIs).
+    pub fn leg_transport(&self, call: CallKey, side: Side) -> Option<Transport> {
+        self.calls.get(&call).map(|c| match side {
+            Side::A => c.a.peer.transport,
+            Side::B => c.b.peer.transport,
+        })
+    }
+
     /// True while both dialogs of the call are established.
     pub fn call_is_up(&self, call: CallKey) -> bool {
         self.calls
@@ -1883,6 +1962,9 @@ impl<M: MediaBackend> Engine<M> {
             std::str::from_utf8(body).map_err(|_| AnchorError::Sdp("SDP is not UTF-8".into()))?;
         let mut sdp =
             SessionDescription::parse(text).map_err(|e| AnchorError::Sdp(e.to_string()))?;
+        if self.calls.get(&key).is_some_and(|c| c.streams.is_empty()) {
+            self.note_srtp_passthrough(key, &sdp);
+        }
         let ip = self.cfg.public_ip;
         // Read every section's address first: rewriting one section rewrites the session-level
         // `c=` the later sections may inherit.
@@ -1917,6 +1999,8 @@ impl<M: MediaBackend> Engine<M> {
             if sdp.media(idx).is_some_and(|m| m.port == 0) {
                 continue;
             }
+            self.srtp_section(key, &mut sdp, idx, from)
+                .map_err(|_| AnchorError::NoCrypto)?;
             sdp.rewrite_for_anchor(idx, ip, ports.facing(from.other()))
                 .map_err(|e| AnchorError::Sdp(e.to_string()))?;
         }
@@ -1939,6 +2023,8 @@ fn media_expect(sdp: &SessionDescription, idx: usize, signalling: Option<IpAddr>
 enum AnchorError {
     Sdp(String),
     Media(MediaError),
+    /// `RTP/SAVP` without a supported `a=crypto` line (PROTOCOL.md section 7: `488`).
+    NoCrypto,
 }
 
 fn call_caller(calls: &HashMap<CallKey, Call>, key: CallKey) -> String {

@@ -30,7 +30,7 @@ pub use lockout::Lockout;
 use super::engine::{Engine, EngineEvent, SessionKey};
 use super::media::{CallKey, MediaBackend, Side};
 use super::wire;
-use crate::config::{PromptFormat, PromptMethod, StoreConfig};
+use crate::config::{PromptFormat, PromptMethod, StoreConfig, Transport};
 use crate::error_code::{ErrorCode, Refusal};
 use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
@@ -46,6 +46,9 @@ pub struct ServiceConfig {
     pub public_ip: IpAddr,
     /// Our SIP port (the store and play URIs carry it).
     pub sip_port: u16,
+    /// Our `tls:` port: store requests that came over TLS get store and play URIs with
+    /// `;transport=tls` and this port (PROTOCOL.md section 7).
+    pub tls_port: Option<u16>,
     /// `http://host:port` of the HTTP API, for upload and download URLs.
     pub http_base: String,
     pub store: StoreConfig,
@@ -59,6 +62,25 @@ impl ServiceConfig {
             IpAddr::V6(v6) => format!("[{v6}]"),
             v4 => v4.to_string(),
         }
+    }
+
+    /// The port a store or play URI names: the TLS port when the store was asked for over TLS
+    /// (and callvault has one), else the SIP port.
+    pub(crate) fn session_port(&self, secure: bool) -> u16 {
+        match (secure, self.tls_port) {
+            (true, Some(p)) => p,
+            _ => self.sip_port,
+        }
+    }
+
+    /// `sip:{user}@host:port`, with `;transport=tls` when `secure` (store and play URIs).
+    pub(crate) fn session_uri(&self, user: &str, secure: bool) -> String {
+        let port = self.session_port(secure);
+        let mut uri = format!("sip:{user}@{}:{port}", self.host());
+        if secure && self.tls_port.is_some() {
+            uri.push_str(";transport=tls");
+        }
+        uri
     }
 }
 
@@ -128,12 +150,27 @@ pub(crate) struct Ctx {
     pub commands: mpsc::UnboundedSender<Command>,
     pub ports: PortAllocator,
     pub live: Arc<LiveStores>,
+    /// Ids of stores asked for over TLS, until their ready note names a TLS play URI.
+    pub secure_stores: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Ctx {
     fn send(&self, c: Command) {
         // The core is gone only at shutdown; nothing left to do then.
         let _ = self.commands.send(c);
+    }
+
+    /// Records (`Some(true)`), forgets and reports whether a store was asked for over TLS.
+    pub(crate) fn secure_store(&self, id: &str, set: Option<bool>) -> bool {
+        let mut m = self.secure_stores.lock().unwrap_or_else(|p| p.into_inner());
+        match set {
+            Some(true) => {
+                m.insert(id.to_string());
+                true
+            }
+            Some(false) => m.remove(id),
+            None => m.contains(id),
+        }
     }
 
     fn lockout(&self) -> std::sync::MutexGuard<'_, Lockout> {
@@ -168,6 +205,7 @@ impl StoreService {
             commands: tx,
             ports,
             live,
+            secure_stores: Arc::default(),
         };
         (
             StoreService {
@@ -249,12 +287,14 @@ impl StoreService {
         else {
             return;
         };
+        let secure = engine.leg_transport(call, side) == Some(Transport::Tls);
         let job = request::Job {
             call,
             side,
             receiver,
             sender,
             origin,
+            secure,
         };
         let ctx = self.ctx.clone();
         tokio::spawn(async move { request::handle(ctx, job).await });

@@ -32,6 +32,8 @@ pub(crate) struct Job {
     pub receiver: String,
     pub sender: String,
     pub origin: Origin,
+    /// The receiver's leg runs over TLS: store and play URIs name the TLS port.
+    pub secure: bool,
 }
 
 pub(crate) async fn handle(ctx: Ctx, job: Job) {
@@ -177,13 +179,15 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
         .await
         .map_err(Refusal::internal)?;
 
-    let host = ctx.cfg.host();
+    if job.secure {
+        ctx.secure_store(&store.id, Some(true));
+    }
     let prompt = Prompt {
         store_id: store.id.clone(),
         receiver: party_uri(&job.receiver),
-        store_uri: format!("sip:{}@{}:{}", store.id, host, ctx.cfg.sip_port),
+        store_uri: ctx.cfg.session_uri(&store.id, job.secure),
         ip: ctx.cfg.public_ip.to_string(),
-        port: ctx.cfg.sip_port,
+        port: ctx.cfg.session_port(job.secure),
         space_bytes: free,
         expires_at: rfc3339(store.expires_at),
         formats: FORMATS.iter().map(|f| f.to_string()).collect(),

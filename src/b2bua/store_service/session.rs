@@ -38,7 +38,8 @@ use crate::media::recorder::{
     Recorder, RecorderConfig, RecorderEvent, RecorderEventKind, RecorderHandle,
 };
 use crate::metrics::{GaugeGuard, METRICS};
-use crate::sdp::{Codec, Direction, SessionDescription};
+use crate::media::srtp::{MasterKey, SrtpContext};
+use crate::sdp::{is_savp, Codec, CryptoLine, Direction, SessionDescription};
 use crate::sip::message::Request;
 use crate::storage::segments::{
     pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter,
@@ -137,6 +138,29 @@ fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::internal(e)
 }
 
+/// SDES for a store or play session (PROTOCOL.md section 7): for an `RTP/SAVP` offer, the
+/// offerer's key and callvault's own (fresh, answered under the offer's tag); None for plain
+/// RTP; `488` when no crypto line callvault speaks is offered.
+fn session_crypto(
+    offer: &SessionDescription,
+    audio: usize,
+) -> Result<Option<(CryptoLine, CryptoLine)>, Refusal> {
+    if !offer.media(audio).is_some_and(|m| is_savp(&m.proto)) {
+        return Ok(None);
+    }
+    let theirs = offer.crypto(audio).into_iter().next().ok_or_else(|| {
+        refuse(
+            ErrorCode::NoSupportedCrypto,
+            "RTP/SAVP needs an a=crypto line with AES_CM_128_HMAC_SHA1_80 or _32",
+        )
+    })?;
+    let ours = CryptoLine {
+        key: MasterKey::random(),
+        ..theirs.clone()
+    };
+    Ok(Some((theirs, ours)))
+}
+
 /// The offered SDP and its audio section.
 fn offer_sdp(invite: &Request) -> Result<(SessionDescription, usize), Refusal> {
     let text = std::str::from_utf8(&invite.body)
@@ -163,11 +187,14 @@ struct MediaOffer {
     codec: Codec,
     te: Option<Codec>,
     declared: Option<u64>,
+    /// The offerer's SDES key and callvault's answer (None: plain RTP).
+    crypto: Option<(CryptoLine, CryptoLine)>,
 }
 
 /// The offered SDP, the first storable codec and `Callvault-Data-Size`.
 fn media_offer(invite: &Request) -> Result<MediaOffer, Refusal> {
     let (sdp, audio) = offer_sdp(invite)?;
+    let crypto = session_crypto(&sdp, audio)?;
     let offered = sdp.codecs(audio);
     let codec = offered
         .iter()
@@ -199,6 +226,7 @@ fn media_offer(invite: &Request) -> Result<MediaOffer, Refusal> {
         codec,
         te,
         declared,
+        crypto,
     })
 }
 
@@ -340,6 +368,11 @@ async fn start_recorder(
     rc.telephone_event_pt = o.te.as_ref().map(|c| c.pt);
     rc.clock_rate = Some(o.codec.clock_rate);
     rc.source = o.sdp.connection_for(o.audio);
+    // What is stored is the decrypted payload.
+    rc.srtp = o
+        .crypto
+        .as_ref()
+        .map(|(theirs, _)| SrtpContext::new(theirs.suite, &theirs.key));
     let (ev_tx, events) = mpsc::channel(64);
     let recorder = Recorder::start(socket, ingest, writer, rc, ev_tx);
     let mut accepted: Vec<Codec> = vec![o.codec.clone()];
@@ -351,7 +384,13 @@ async fn start_recorder(
         &accepted,
         Direction::RecvOnly,
         key,
-    ) {
+    )
+    .and_then(|mut a| {
+        if let Some((_, ours)) = &o.crypto {
+            a.set_crypto(o.audio, std::slice::from_ref(ours))?;
+        }
+        Ok(a)
+    }) {
         Ok(answer) => {
             ctx.send(Command::AcceptSession {
                 session: key,
@@ -529,10 +568,10 @@ impl RtpDrive<'_> {
 
 /// Step 331: the ready note to the receiver, with the store's state.
 pub(crate) fn ready(ctx: &Ctx, store: &Store, received_bytes: u64, state: StoreState) {
-    let host = ctx.cfg.host();
+    let secure = ctx.secure_store(&store.id, Some(false));
     let r = wire::Ready {
         store_id: store.id.clone(),
-        play_uri: format!("sip:play-{}@{}:{}", store.id, host, ctx.cfg.sip_port),
+        play_uri: ctx.cfg.session_uri(&format!("play-{}", store.id), secure),
         download_url: crate::http::download_url(&ctx.cfg.http_base, store),
         state: state.to_string(),
         received_bytes,
@@ -562,6 +601,7 @@ async fn play(
     record_parties(&store);
     session::may_play(&store, identity)?;
     let (offer, audio) = offer_sdp(invite)?;
+    let crypto = session_crypto(&offer, audio)?;
     let format = store.format.clone().unwrap_or_default();
     let codec = offer
         .codecs(audio)
@@ -586,6 +626,12 @@ async fn play(
         Direction::SendOnly,
         key,
     )
+    .and_then(|mut a| {
+        if let Some((_, ours)) = &crypto {
+            a.set_crypto(audio, std::slice::from_ref(ours))?;
+        }
+        Ok(a)
+    })
     .map_err(internal)?;
     ctx.send(Command::AcceptSession {
         session: key,
@@ -607,6 +653,9 @@ async fn play(
         clock_rate(&format).unwrap_or(8000),
     );
     pc.start = Instant::now();
+    pc.srtp = crypto
+        .as_ref()
+        .map(|(_, ours)| SrtpContext::new(ours.suite, &ours.key));
     let (ev_tx, mut events) = mpsc::channel(16);
     let target = target.unwrap_or_else(|| SocketAddr::new(ctx.cfg.public_ip, 9));
     let player = Player::start(socket, reader, target, pc, ev_tx);
