@@ -6,6 +6,8 @@
 
 pub mod b2bua;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod media;
 pub mod metrics;

@@ -8,6 +8,8 @@
 //!   `513 Message Too Large` instead of 32 s of silence.
 
 mod common;
+#[path = "common/ua.rs"]
+mod ua;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 use callvault::sip::message::{
     frame_stream, parse, Frame, HeaderAccess, Method, Request, Response, SipMessage,
 };
-use common::ua::{self, sdp, Ua};
 use common::*;
+use ua::{sdp, Ua};
 
 const DOMAIN: &str = "example.com";
 
