@@ -19,8 +19,11 @@ use crate::share::manifest::Manifest;
 use crate::share::policy::{Policy, Requester};
 use crate::sip::auth::{Challenge, Credentials, NonceKey, Verifier};
 
+/// A target body: arbitrary bytes in, a panic only on a broken invariant.
+pub type Target = fn(&[u8]);
+
 /// The targets, by the name of their corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("sdp", sdp),
     ("rtp", rtp),
     ("digest", digest),

@@ -23,6 +23,7 @@ mod precheck;
 mod sessions;
 mod share;
 
+pub use msg_size::UDP_MTU_LIMIT;
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
