@@ -26,9 +26,9 @@ use callvault::sip::auth::{Challenge, Credentials};
 use callvault::sip::message::{error_response_for, frame_stream, parse};
 
 /// Lengths tried per seed (all of them for short seeds).
-const MAX_CUTS: usize = 400;
+const MAX_CUTS: usize = 200;
 /// Bit-flipped variants per seed (1 to 4 bits each).
-const FLIPS: usize = 300;
+const FLIPS: usize = 150;
 
 type Parser = fn(&[u8]) -> Result<(), String>;
 
@@ -258,7 +258,7 @@ fn every_parser_survives_truncated_and_bit_flipped_input() {
     let mut total = 0;
     for (name, seeds, parser) in plan {
         let n = sweep(name, &seeds, parser);
-        assert!(n > 500, "{name}: only {n} inputs");
+        assert!(n > 300, "{name}: only {n} inputs");
         total += n;
     }
     eprintln!("{total} malformed inputs in {:?}", started.elapsed());
