@@ -74,11 +74,13 @@ pub enum ErrorCode {
     SipsNeedsTls,
     /// An `RTP/SAVP` offer without a crypto line callvault supports.
     NoSupportedCrypto,
+    /// A request too big for UDP whose target takes no TCP (RFC 3261 §18.1.1).
+    MessageTooLarge,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 47] = [
+    pub const ALL: [ErrorCode; 48] = [
         ErrorCode::MalformedRequest,
         ErrorCode::UnknownReceiver,
         ErrorCode::BadPin,
@@ -126,6 +128,7 @@ impl ErrorCode {
         ErrorCode::BadAnnounce,
         ErrorCode::SipsNeedsTls,
         ErrorCode::NoSupportedCrypto,
+        ErrorCode::MessageTooLarge,
     ];
 
     /// `(code string, SIP status, HTTP status, default detail)`. SIP status 200 marks a code
@@ -224,6 +227,12 @@ impl ErrorCode {
                 488,
                 400,
                 "no supported SRTP crypto line offered",
+            ),
+            MessageTooLarge => (
+                "message-too-large",
+                513,
+                413,
+                "the message is too large for the transport",
             ),
         }
     }

@@ -7,6 +7,8 @@
 pub mod b2bua;
 pub mod config;
 pub mod error_code;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod media;
 pub mod metrics;

@@ -21,7 +21,7 @@ use crate::media::relay::{RelayCounters, RelayEvent};
 use crate::media::threads::MediaThreads;
 use crate::metrics::METRICS;
 use crate::sip::auth::{Algorithm, Credentials, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
-use crate::sip::message::{Request, SipMessage};
+use crate::sip::message::{HeaderAccess, Request, SipMessage};
 use crate::sip::transaction::TimerConfig;
 use crate::storage::accounts::Accounts;
 use crate::storage::db::Db;
@@ -555,10 +555,22 @@ async fn expire_pending_stores(stores: Stores) {
 }
 
 fn credential_users(req: &Request) -> Vec<String> {
-    req.headers
+    let mut users: Vec<String> = req
+        .headers
         .get_all("Authorization")
         .chain(req.headers.get_all("Proxy-Authorization"))
         .filter_map(|v| Credentials::parse(v).ok())
         .map(|c| c.username)
-        .collect()
+        .collect();
+    // With credentials, the From user too: the engine refuses a From naming another
+    // subscriber, and knows subscribers by their digest data (engine/identity.rs). Requests
+    // without credentials are only challenged, so they cost no lookup.
+    if !users.is_empty() {
+        if let Some(from) = req.from_hdr().and_then(|f| f.uri.user_unescaped()) {
+            if !users.contains(&from) {
+                users.push(from);
+            }
+        }
+    }
+    users
 }

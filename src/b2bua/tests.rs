@@ -2113,6 +2113,48 @@ fn call_facts_give_leg_a_call_id_and_answered_format() {
     assert_eq!(format.map(|f| f.0), Some("PCMU/8000".to_string()));
 }
 
+// ------------------------------------------------------------------------------------------
+// Requests too big for UDP (RFC 3261 §18.1.1, engine/msg_size.rs)
+
+/// An INVITE whose leg-B copy is over 1300 bytes (the pad is an end-to-end header).
+fn big_invite(call_id: &str) -> Request {
+    let mut inv = a_invite(call_id, "1002", Some(&sdp(A_MEDIA, "sendrecv", 1)));
+    inv.headers.push("X-Pad", "p".repeat(1400));
+    inv
+}
+
+#[test]
+fn oversized_invite_without_a_tcp_listener_is_answered_513() {
+    let mut net = Net::new(); // tcp_port: None
+    let out = net.req(a(), &big_invite("big-1@a"));
+    assert!(out.requests(b()).is_empty(), "went out over UDP anyway");
+    let resp = out.response(a(), 513);
+    assert_eq!(error_code(&resp), "message-too-large");
+    assert_eq!(net.eng.active_calls(), 0);
+}
+
+#[test]
+fn oversized_invite_goes_over_tcp_and_a_refused_connection_gives_513() {
+    let mut cfg = config();
+    cfg.tcp_port = Some(5062);
+    let mut net = Net::with(cfg, FakeMedia::new(16));
+    let tcp_b = Peer::new(Transport::Tcp, b().addr);
+    let out = net.req(a(), &big_invite("big-2@a"));
+    assert!(out.requests(b()).is_empty(), "went out over UDP anyway");
+    let inv = out.request(tcp_b, Method::Invite);
+    let via = inv.top_via().unwrap();
+    assert_eq!((via.transport.as_str(), via.port), ("TCP", Some(5062)));
+    assert!(inv.to_bytes().len() > super::engine::UDP_MTU_LIMIT);
+    // The callee does not take TCP: the caller hears 513 at once, not 480 or Timer B.
+    net.eng.handle_unreachable(tcp_b, net.now);
+    let resp = net.drain().response(a(), 513);
+    assert_eq!(error_code(&resp), "message-too-large");
+
+    // A small INVITE still goes over UDP.
+    let out = net.req(a(), &a_invite("small@a", "1002", None));
+    out.request(b(), Method::Invite);
+}
+
 mod routing;
 // ------------------------------------------------------------------------------------------
 // Ring timeout and per-source admission (engine::guard)

@@ -55,14 +55,9 @@ pub fn normalize_aor(s: &str, realm: &str) -> Option<String> {
         _ => s,
     };
     let s = s.trim();
-    let lower = s.get(..5).map(str::to_ascii_lowercase);
-    let rest = if lower.as_deref() == Some("sips:") {
-        &s[5..]
-    } else if lower.as_deref().and_then(|l| l.get(..4)) == Some("sip:") {
-        &s[4..]
-    } else {
-        s
-    };
+    let rest = strip_prefix_ci(s, "sips:")
+        .or_else(|| strip_prefix_ci(s, "sip:"))
+        .unwrap_or(s);
     let rest = rest.split([';', '?']).next().unwrap_or("");
     let (user, host) = match rest.rsplit_once('@') {
         Some((u, h)) => (u, h),
@@ -84,6 +79,16 @@ pub fn normalize_aor(s: &str, realm: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-_[]:".contains(&b));
     (user_ok && host_ok).then(|| format!("sip:{user}@{}", host.to_ascii_lowercase()))
+}
+
+/// `s` without the ASCII prefix `p`, compared case-insensitively by bytes (a `str` slice of
+/// the first bytes could end inside a multi-byte character: `sip:ñ` was not seen as `sip:`).
+fn strip_prefix_ci<'a>(s: &'a str, p: &str) -> Option<&'a str> {
+    let head = s.as_bytes().get(..p.len())?;
+    // Equal to ASCII bytes, so p.len() is a character boundary of s.
+    head.eq_ignore_ascii_case(p.as_bytes())
+        .then(|| s.get(p.len()..))
+        .flatten()
 }
 
 impl Policy {
@@ -169,6 +174,14 @@ mod tests {
             normalize_aor("sip:a@[::1]:5060", R).as_deref(),
             Some("sip:a@[::1]")
         );
+        // Found by the http_head fuzz target: a non-ASCII first character after `sip:` hid
+        // the scheme, so the stored policy did not parse back.
+        assert_eq!(
+            normalize_aor("sip:\u{28c}1002@example.com", R).as_deref(),
+            Some("sip:\u{28c}1002@example.com")
+        );
+        let p = Policy::parse(&format!("\u{28c}{}", "w".repeat(125)), R).unwrap();
+        assert_eq!(Policy::parse(&p.to_string(), R), Ok(p));
         assert_eq!(normalize_aor("", R), None);
         assert_eq!(normalize_aor("sip:@example.com", R), None);
         assert_eq!(normalize_aor("a b@example.com", R), None);

@@ -327,6 +327,30 @@ impl Transports {
         }
     }
 
+    /// Answers a datagram over [`MAX_UDP_MESSAGE`] with 513, built like a parse error's 400
+    /// (from the request's Via, From, To, Call-ID and CSeq; nothing for responses and ACKs).
+    fn too_large(&self, data: &[u8], peer: Peer) {
+        METRICS.sip_malformed_total.inc();
+        tracing::debug!(peer = %peer.addr, bytes = data.len(), "SIP datagram too large");
+        if let Some(mut resp) = error_response_for(data, &message::ParseError::TooLarge) {
+            resp.status = 513;
+            resp.reason = message::default_reason(513).to_string();
+            let detail = format!(
+                "a datagram of {} bytes is over the {MAX_UDP_MESSAGE} bytes accepted; use TCP",
+                data.len()
+            );
+            let resp = crate::b2bua::errors::with_error_body(
+                resp,
+                crate::error_code::ErrorCode::MessageTooLarge,
+                &detail,
+            );
+            self.send(Transmit {
+                peer,
+                data: Bytes::from(resp.to_bytes()),
+            });
+        }
+    }
+
     /// The core's queue is full: shed the request with 503 + Retry-After (PROTOCOL.md §5).
     fn overloaded(&self, msg: &SipMessage, peer: Peer) {
         METRICS.sip_overload_dropped_total.inc();
@@ -370,8 +394,16 @@ fn grow_buffers(sock: &UdpSocket) {
     }
 }
 
+/// Largest SIP datagram accepted: the most an IPv4 UDP datagram can carry. IPv6 can carry 20
+/// bytes more; such a datagram is answered `513 Message Too Large` (RFC 3261 §21.5.14) rather
+/// than parsed, so a sender never waits for an answer that cannot come.
+pub const MAX_UDP_MESSAGE: usize = 65_507;
+
+/// Receive buffer: larger than any UDP payload, so an oversized datagram is seen, not cut.
+const UDP_RECV_BUFFER: usize = 65_536;
+
 async fn udp_loop(sock: Arc<UdpSocket>, t: Transports) {
-    let mut buf = vec![0u8; 65535];
+    let mut buf = vec![0u8; UDP_RECV_BUFFER];
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -386,6 +418,10 @@ async fn udp_loop(sock: Arc<UdpSocket>, t: Transports) {
             transport: Transport::Udp,
             addr: from,
         };
+        if n > MAX_UDP_MESSAGE {
+            t.too_large(data, peer);
+            continue;
+        }
         if !t.deliver(data, peer).await {
             return;
         }
@@ -451,6 +487,46 @@ async fn tls_accept_loop(lis: TcpListener, acceptor: tokio_rustls::TlsAcceptor, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// IPv6 carries UDP payloads up to 65,527 bytes, 20 more than callvault accepts: such a
+    /// datagram is answered 513 (with the error body), not dropped.
+    #[tokio::test]
+    async fn oversized_udp_datagram_is_answered_513() {
+        let (events, _rx) = mpsc::channel(8);
+        let listens = [ListenAddr {
+            transport: Transport::Udp,
+            addr: "[::1]:0".parse().unwrap(),
+        }];
+        let Ok(t) = Transports::bind(&listens, events, Duration::from_secs(5)).await else {
+            eprintln!("no IPv6 loopback here: skipped");
+            return;
+        };
+        let server = t.local_addr(Transport::Udp).unwrap();
+        let client = UdpSocket::bind("[::1]:0").await.unwrap();
+        let port = client.local_addr().unwrap().port();
+        let head = format!(
+            "OPTIONS sip:x@[::1] SIP/2.0\r\nVia: SIP/2.0/UDP [::1]:{port};branch=z9hG4bKbig;rport\r\n\
+             From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: big\r\nCSeq: 1 OPTIONS\r\nX-Pad: "
+        );
+        let tail = "\r\nContent-Length: 0\r\n\r\n";
+        let size = MAX_UDP_MESSAGE + 13;
+        let mut msg = head.into_bytes();
+        msg.resize(size - tail.len(), b'p');
+        msg.extend_from_slice(tail.as_bytes());
+        client.send_to(&msg, server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), client.recv_from(&mut buf))
+            .await
+            .expect("an answer to the oversized datagram")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.starts_with("SIP/2.0 513 Message Too Large\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Call-ID: big\r\n"), "{text}");
+        assert!(text.contains("message-too-large"), "{text}");
+    }
 
     #[tokio::test]
     async fn sip_udp_sockets_get_a_large_receive_buffer() {

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use super::{CallKey, CallState, Engine, MediaBackend};
 use crate::b2bua::errors::with_error_body;
-use crate::error_code::ErrorCode;
 use crate::config::SipConfig;
+use crate::error_code::ErrorCode;
 use crate::metrics::{CallOutcome, METRICS};
 use crate::sip::admission::{Admission, AdmissionConfig, Verdict};
 use crate::sip::message::{HeaderAccess, Method, Request};

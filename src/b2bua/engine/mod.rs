@@ -24,10 +24,14 @@ use rand::{Rng, SeedableRng};
 
 mod dtmf;
 mod guard;
+mod identity;
+mod msg_size;
+mod precheck;
 mod sessions;
 mod share;
 mod srtp;
 
+pub use msg_size::UDP_MTU_LIMIT;
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
@@ -452,6 +456,8 @@ pub struct Engine<M: MediaBackend> {
     /// The out-of-dialog INFO-to-MESSAGE fallback was logged (once per process).
     ood_info_logged: bool,
     guard: guard::Guard,
+    /// Client transactions moved from UDP to TCP for their size (RFC 3261 §18.1.1).
+    size_switched: msg_size::Switched,
 }
 
 impl<M: MediaBackend> Engine<M> {
@@ -499,6 +505,7 @@ impl<M: MediaBackend> Engine<M> {
             epoch,
             next_sweep: None,
             ood_info_logged: false,
+            size_switched: Default::default(),
         }
     }
 
@@ -547,7 +554,8 @@ impl<M: MediaBackend> Engine<M> {
             .map(|(id, _)| *id)
             .collect();
         for id in failed {
-            self.fail_client(id, 480, now);
+            let status = self.unreachable_status(id, 480);
+            self.fail_client(id, status, now);
         }
         self.after(now);
     }
@@ -747,6 +755,9 @@ impl<M: MediaBackend> Engine<M> {
         if req.to_tag().is_some() {
             return self.on_in_dialog(tx, req, now);
         }
+        if self.refuse_early(tx, &req, now) {
+            return;
+        }
         match req.method {
             Method::Register => self.on_register(tx, req, peer, now),
             Method::Options => {
@@ -785,7 +796,13 @@ impl<M: MediaBackend> Engine<M> {
         now: Instant,
     ) -> Option<String> {
         if self.is_trusted(peer.addr.ip()) {
-            return req.from_hdr().and_then(|f| f.uri.user_unescaped());
+            let user = req.from_hdr().and_then(|f| f.uri.user_unescaped());
+            if user.is_none() {
+                // Answered, never dropped: the peer learns why (RFC 4475 §3.3.4).
+                let detail = "a trusted peer's From must name a user";
+                self.reject(tx, req, 403, ErrorCode::Forbidden, detail, now);
+            }
+            return user;
         }
         let register = req.method == Method::Register;
         let (cred_hdr, chal_hdr, status) = if register {
@@ -933,8 +950,12 @@ impl<M: MediaBackend> Engine<M> {
         out.headers.push("CSeq", "1 MESSAGE");
         copy_headers(&req.headers, &mut out.headers);
         out.body = req.body.clone();
-        let id = self.tx.send_request(out, to_peer, now);
-        self.pending.insert(id, (pending, to_peer));
+        match self.send_fitted(out, to_peer, now) {
+            Ok((id, to_peer)) => {
+                self.pending.insert(id, (pending, to_peer));
+            }
+            Err(e) => self.too_large(pending, &e, now),
+        }
     }
 
     fn on_invite(&mut self, tx: ServerTxId, req: Request, peer: Peer, now: Instant) {
@@ -955,21 +976,16 @@ impl<M: MediaBackend> Engine<M> {
                 now,
             );
         }
-        if let Some(req_ext) = req.headers.get("Require") {
-            let mut resp = req.response(420, None);
-            resp.ensure_to_tag(&self.token(10));
-            resp.headers.push("Unsupported", req_ext.to_string());
-            return self.respond(tx, resp, now);
-        }
+        // Scheme and Require were checked in `refuse_early`.
         let Ok(ruri) = req.parsed_uri() else {
             return self.reply(tx, &req, 416, now);
         };
-        if ruri.scheme != "sip" && ruri.scheme != "sips" {
-            return self.reply(tx, &req, 416, now);
-        }
         let Some(caller) = self.authenticate(tx, &req, peer, now) else {
             return;
         };
+        if self.refuse_spoofed_from(tx, &req, peer, &caller, now) {
+            return;
+        }
         let callee = ruri.user_unescaped().unwrap_or_default();
         if is_local_session_user(&callee) {
             return self.offer_session(tx, req, peer, caller);
@@ -1031,6 +1047,7 @@ impl<M: MediaBackend> Engine<M> {
             .push("Contact", self.contact(b_peer.transport).to_string());
         inv.headers.push("Recv-Info", "callvault");
         copy_headers(&req.headers, &mut inv.headers);
+        self.assert_identity(&mut inv, &req, peer, &caller);
         if !req.headers.has("Allow") {
             inv.headers.push("Allow", ALLOW);
         }
@@ -1072,7 +1089,20 @@ impl<M: MediaBackend> Engine<M> {
                 }
             }
         }
-        let b_tx = self.tx.send_request(inv, b_peer, now);
+        let (b_tx, b_peer) = match self.send_fitted(inv, b_peer, now) {
+            Ok(sent) => sent,
+            Err(e) => {
+                self.drop_call(key);
+                return self.reject(
+                    tx,
+                    &req,
+                    513,
+                    ErrorCode::MessageTooLarge,
+                    &e.to_string(),
+                    now,
+                );
+            }
+        };
         self.pending.insert(b_tx, (Pending::BInvite(key), b_peer));
         self.a_invites.insert(tx, key);
         self.own_call_ids.insert(b_call_id, key);
@@ -1558,15 +1588,10 @@ impl<M: MediaBackend> Engine<M> {
                 match (call.state, call.a_invite_tx) {
                     (CallState::Early, Some(a_tx)) => {
                         let a_invite = call.a_invite.clone();
-                        let detail = if status == 408 {
-                            "the callee did not answer in time"
-                        } else {
-                            "the callee could not be reached"
-                        };
-                        let code = if status == 408 {
-                            ErrorCode::Timeout
-                        } else {
-                            ErrorCode::Unreachable
+                        let (code, detail) = match status {
+                            408 => (ErrorCode::Timeout, "the callee did not answer in time"),
+                            513 => (ErrorCode::MessageTooLarge, msg_size::TOO_LARGE_FOR_CALLEE),
+                            _ => (ErrorCode::Unreachable, "the callee could not be reached"),
                         };
                         self.reject(a_tx, &a_invite, status, code, detail, now);
                         self.end_call(key, CallOutcome::Failed);
@@ -1662,7 +1687,19 @@ impl<M: MediaBackend> Engine<M> {
         }
         let cseq = out.cseq().map(|c| c.seq).unwrap_or(0);
         let method = req.method.clone();
-        let id = self.tx.send_request(out, peer, now);
+        let (id, peer) = match self.send_fitted(out, peer, now) {
+            Ok(sent) => sent,
+            Err(e) => {
+                return self.reject(
+                    server_tx,
+                    &req,
+                    513,
+                    ErrorCode::MessageTooLarge,
+                    &e.to_string(),
+                    now,
+                )
+            }
+        };
         self.pending.insert(
             id,
             (

@@ -37,8 +37,8 @@ use crate::media::player::{Player, PlayerConfig, PlayerEventKind};
 use crate::media::recorder::{
     Recorder, RecorderConfig, RecorderEvent, RecorderEventKind, RecorderHandle,
 };
-use crate::metrics::{GaugeGuard, METRICS};
 use crate::media::srtp::{MasterKey, SrtpContext};
+use crate::metrics::{GaugeGuard, METRICS};
 use crate::sdp::{is_savp, Codec, CryptoLine, Direction, SessionDescription};
 use crate::sip::message::Request;
 use crate::storage::segments::{

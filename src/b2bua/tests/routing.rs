@@ -168,7 +168,8 @@ fn store_and_play_session_200s_carry_the_record_route() {
     );
     // Our BYE follows the session's route set, in order, to its first hop.
     let now = net.now;
-    net.eng.end_session(key, Some(crate::error_code::ErrorCode::Shutdown), now);
+    net.eng
+        .end_session(key, Some(crate::error_code::ErrorCode::Shutdown), now);
     let bye = net.drain().request(peer(PA2), Method::Bye);
     assert_eq!(
         routes(&bye),
