@@ -6,6 +6,7 @@
 
 pub mod b2bua;
 pub mod config;
+pub(crate) mod guard;
 pub mod http;
 pub mod media;
 pub mod metrics;

@@ -22,6 +22,7 @@ pub mod auth;
 pub mod errors;
 pub mod index_role;
 pub mod media;
+pub(crate) mod serve;
 pub mod shares;
 pub mod stores;
 
@@ -69,6 +70,8 @@ pub struct HttpState {
     pub events: Option<mpsc::UnboundedSender<HttpEvent>>,
     /// Shared data (PROTOCOL 3); None: the share routes answer `503 shares-disabled`.
     pub shares: Option<crate::share::Shares>,
+    /// Lockouts and the cache of verified Basic credentials ([`auth`]).
+    pub(crate) auth_limits: Arc<auth::AuthLimits>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -108,6 +111,7 @@ impl HttpState {
             upload: UploadPolicy::default(),
             events: None,
             shares: None,
+            auth_limits: Arc::new(auth::AuthLimits::new()),
         }
     }
 

@@ -553,11 +553,19 @@ pub async fn put_data(
 ) -> Result<Response, ApiError> {
     let id = path_id(path)?;
     let now = SystemTime::now();
-    let store = match state.stores.get(&id).await? {
-        Some(s) if s.is_open(now) => s,
+    // Credentials first (issue 10): a stranger gets 401 whether the store exists or not, and a
+    // token that opens no open store is answered like a wrong one.
+    let caller = require_caller(&state, &method, &uri, &headers).await?;
+    let store = match (state.stores.get(&id).await?, &caller) {
+        (Some(s), _) if s.is_open(now) => s,
+        (Some(s), Caller::Token(t)) if upload_token_matches(&s, t) || s.token_matches(t) => {
+            return Err(unknown_store(&id))
+        }
+        (_, Caller::Token(_)) => {
+            return Err(unauthorized(&state, "token does not open this store"))
+        }
         _ => return Err(unknown_store(&id)),
     };
-    let caller = require_caller(&state, &method, &uri, &headers).await?;
     let sender = match &caller {
         Caller::Token(t) if upload_token_matches(&store, t) => true,
         Caller::Token(t) if store.token_matches(t) => false,

@@ -192,12 +192,24 @@ fn from_row(row: &AnyRow) -> Result<Account, AccountError> {
     })
 }
 
+/// Argon2 runs at once, all callers together. Each holds 8 MiB (see [`default_params`]), so
+/// this bounds what password checks can take however many arrive (issue 10, finding 4);
+/// about 100 checks per second per slot is plenty for logins.
+pub const HASHING_SLOTS: usize = 2;
+
+/// The right to run one Argon2 computation (see [`HASHING_SLOTS`]).
+#[derive(Debug)]
+pub struct HashSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Account operations over the metadata database. `realm` is `sip.domain`.
 #[derive(Debug, Clone)]
 pub struct Accounts {
     db: Db,
     realm: String,
     params: Params,
+    hashing: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Accounts {
@@ -206,6 +218,7 @@ impl Accounts {
             db,
             realm: realm.into(),
             params: default_params(),
+            hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHING_SLOTS)),
         }
     }
 
@@ -220,10 +233,32 @@ impl Accounts {
         &self.realm
     }
 
+    /// A hashing slot if one is free right now: HTTP Basic sheds load (503) instead of
+    /// queueing behind a flood.
+    pub fn try_hashing_slot(&self) -> Option<HashSlot> {
+        self.hashing
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| HashSlot { _permit: p })
+    }
+
+    /// Waits for a hashing slot.
+    async fn hashing_slot(&self) -> Result<HashSlot, AccountError> {
+        self.hashing
+            .clone()
+            .acquire_owned()
+            .await
+            .map(|p| HashSlot { _permit: p })
+            .map_err(|e| AccountError::Hash(e.to_string()))
+    }
+
     async fn hash(&self, secret: &str) -> Result<String, AccountError> {
         let params = self.params.clone();
         let secret = secret.to_string();
+        let slot = self.hashing_slot().await?;
         run_blocking(move || {
+            let _slot = slot;
             let salt = SaltString::generate(&mut rand::rngs::OsRng);
             Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
                 .hash_password(secret.as_bytes(), &salt)
@@ -424,13 +459,31 @@ impl Accounts {
     /// timing does not tell users apart. Lockout is the caller's business (PROTOCOL 5).
     pub async fn verify_pin(&self, user: &str, pin: &str) -> Result<bool, AccountError> {
         let hash = self.get(user).await?.map(|a| a.pin_hash);
-        verify_secret(hash, pin.to_string(), self.params.clone()).await
+        let slot = self.hashing_slot().await?;
+        verify_secret(slot, hash, pin.to_string(), self.params.clone()).await
     }
 
     /// Argon2 check of the SIP password (HTTP Basic).
     pub async fn verify_password(&self, user: &str, password: &str) -> Result<bool, AccountError> {
-        let hash = self.get(user).await?.map(|a| a.password_hash);
-        verify_secret(hash, password.to_string(), self.params.clone()).await
+        let hash = self.password_hash(user).await?;
+        let slot = self.hashing_slot().await?;
+        self.verify_password_hash(slot, hash, password).await
+    }
+
+    /// The stored Argon2 PHC string of `user`'s password (None: no such user).
+    pub async fn password_hash(&self, user: &str) -> Result<Option<String>, AccountError> {
+        Ok(self.get(user).await?.map(|a| a.password_hash))
+    }
+
+    /// Argon2 check of `password` against `hash` from [`Accounts::password_hash`] in `slot`;
+    /// `None` (unknown user) costs the same and is false.
+    pub async fn verify_password_hash(
+        &self,
+        slot: HashSlot,
+        hash: Option<String>,
+        password: &str,
+    ) -> Result<bool, AccountError> {
+        verify_secret(slot, hash, password.to_string(), self.params.clone()).await
     }
 
     /// Reserves `bytes` against the free space, atomically. False = not enough free space.
@@ -495,11 +548,14 @@ async fn run_blocking<T: Send + 'static>(
 }
 
 async fn verify_secret(
+    slot: HashSlot,
     hash: Option<String>,
     secret: String,
     params: Params,
 ) -> Result<bool, AccountError> {
     run_blocking(move || {
+        // Held until the computation ends, on the blocking thread.
+        let _slot = slot;
         let Some(hash) = hash else {
             // Unknown user: spend the same effort on a throwaway hash.
             let salt = SaltString::generate(&mut rand::rngs::OsRng);

@@ -6,6 +6,10 @@
 //! here when a response can be built (§21.4.1), else dropped. Outbound [`Transmit`]s go out of
 //! the UDP socket of the matching family, or the TCP connection to that peer (reused when the
 //! peer connected to us, RFC 5923-style; opened on demand otherwise).
+//!
+//! Inbound TCP is bounded ([`TcpLimits`], issue 10 finding 5): connections per listener and per
+//! source ([`crate::guard::ConnGate`], over the cap closed at once), bytes buffered for one
+//! message (more: `513`/`400` and close), time to complete a begun message, and idle time.
 
 use std::collections::HashMap;
 use std::io;
@@ -48,6 +52,18 @@ pub enum TransportEvent {
 
 type ConnMap = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
 
+/// Bounds on inbound SIP TCP connections (`[limits]` and `sip.tcp_idle_secs`).
+#[derive(Debug, Clone)]
+pub struct TcpLimits {
+    /// A connection with nothing to read this long is closed.
+    pub idle: Duration,
+    /// A message begun but not complete this long closes the connection.
+    pub message_timeout: Duration,
+    /// Bytes buffered for one incomplete message at most.
+    pub max_message_bytes: usize,
+    pub(crate) gate: Arc<crate::guard::ConnGate>,
+}
+
 /// Every bound SIP socket, cheap to clone.
 #[derive(Clone)]
 pub struct Transports {
@@ -55,7 +71,7 @@ pub struct Transports {
     tcp_local: Arc<Vec<SocketAddr>>,
     conns: ConnMap,
     events: mpsc::Sender<TransportEvent>,
-    idle: Duration,
+    tcp: Arc<TcpLimits>,
 }
 
 impl Transports {
@@ -63,7 +79,7 @@ impl Transports {
     pub async fn bind(
         listens: &[ListenAddr],
         events: mpsc::Sender<TransportEvent>,
-        tcp_idle: Duration,
+        tcp: TcpLimits,
     ) -> Result<Transports, TransportError> {
         let mut udp = Vec::new();
         let mut tcp_listeners = Vec::new();
@@ -95,7 +111,7 @@ impl Transports {
             tcp_local: Arc::new(tcp_local),
             conns: Arc::new(Mutex::new(HashMap::new())),
             events,
-            idle: tcp_idle,
+            tcp: Arc::new(tcp),
         };
         for (_, sock) in t.udp.iter() {
             tokio::spawn(udp_loop(sock.clone(), t.clone()));
@@ -158,7 +174,7 @@ impl Transports {
             let peer = t.peer;
             match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer.addr)).await
             {
-                Ok(Ok(stream)) => this.run_connection(stream, peer.addr, rx).await,
+                Ok(Ok(stream)) => this.run_connection(stream, peer.addr, rx, None).await,
                 _ => {
                     lock(&this.conns).remove(&peer.addr);
                     let _ = this.events.send(TransportEvent::Unreachable(peer)).await;
@@ -172,6 +188,8 @@ impl Transports {
         stream: TcpStream,
         remote: SocketAddr,
         mut outbound: mpsc::UnboundedReceiver<Bytes>,
+        // The inbound connection's place under the caps, given back when it ends.
+        _permit: Option<crate::guard::ConnPermit>,
     ) {
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
@@ -187,8 +205,15 @@ impl Transports {
             addr: remote,
         };
         let mut buf = BytesMut::with_capacity(8192);
+        let limits = Arc::clone(&self.tcp);
+        // When the incomplete message in `buf` began.
+        let mut begun: Option<Instant> = None;
         'conn: loop {
-            let read = tokio::time::timeout(self.idle, rd.read_buf(&mut buf)).await;
+            let wait = match begun {
+                Some(t) => limits.message_timeout.saturating_sub(t.elapsed()),
+                None => limits.idle,
+            };
+            let read = tokio::time::timeout(wait, rd.read_buf(&mut buf)).await;
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
                 Ok(Ok(_)) => {}
@@ -200,6 +225,7 @@ impl Transports {
                         let _ = buf.split_to(n);
                     }
                     Ok(Frame::Message(n)) => {
+                        begun = None;
                         let frame = buf.split_to(n);
                         if !self.deliver(&frame, peer).await {
                             break 'conn;
@@ -211,6 +237,14 @@ impl Transports {
                         break 'conn;
                     }
                 }
+            }
+            if buf.is_empty() {
+                begun = None;
+            } else if buf.len() > limits.max_message_bytes {
+                self.reject(&buf, &message::ParseError::TooLarge, peer);
+                break 'conn;
+            } else {
+                begun.get_or_insert_with(Instant::now);
             }
         }
         lock(&self.conns).remove(&remote);
@@ -332,10 +366,15 @@ async fn accept_loop(lis: TcpListener, t: Transports) {
                 continue;
             }
         };
+        let Some(permit) = t.tcp.gate.admit(remote.ip()) else {
+            // Over a cap: closed at once, before any buffer exists.
+            drop(stream);
+            continue;
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&t.conns).insert(remote, tx);
         let t2 = t.clone();
-        tokio::spawn(async move { t2.run_connection(stream, remote, rx).await });
+        tokio::spawn(async move { t2.run_connection(stream, remote, rx, Some(permit)).await });
     }
 }
 
