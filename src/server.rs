@@ -291,6 +291,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     )
     .await
     .map_err(|e| ServerError::Db(e.to_string()))?;
+    // Share uploads a crash interrupted: reservations back, staging folders gone.
+    shares
+        .recover_uploads()
+        .await
+        .map_err(|e| ServerError::Db(e.to_string()))?;
     http_state.shares = Some(shares.clone());
     // Share requests over SIP (PROTOCOL §3 steps 2–3); offers point at our HTTP API.
     let (share_service, share_commands) = ShareService::new(

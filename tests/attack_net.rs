@@ -556,3 +556,74 @@ async fn upload_url_answers_401_before_404() {
     let r = status_from([127, 0, 0, 1], http, &raw).await.unwrap();
     assert_eq!(r.status, 404);
 }
+
+/// `reserved_bytes` and `free_bytes` of `user` (Basic).
+async fn usage(http: SocketAddr, user: &str, pw: &str) -> (u64, u64) {
+    let r = status_from(
+        [127, 0, 0, 1],
+        http,
+        &get_raw(&format!("/v1/accounts/{user}"), Some(&basic(user, pw))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    (
+        j["reserved_bytes"].as_u64().unwrap(),
+        j["free_bytes"].as_u64().unwrap(),
+    )
+}
+
+fn staging_entries(srv: &Server) -> usize {
+    std::fs::read_dir(srv.dir.path().join("data/shares/.staging"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Finding 6: callvault killed (-9) during `PUT /v1/shares/...`: after the restart the
+/// upload's reservation is back, its staging folder is gone, and a publish that needs the
+/// space succeeds.
+#[tokio::test]
+async fn share_reservation_comes_back_after_a_crash_mid_upload() {
+    let mut srv = server_with(&[("1001", "pw1")], true, "");
+    let http = srv.http_addr();
+    let (_, free0) = usage(http, "1001", "pw1").await;
+    assert_eq!(free0, 1_000_000);
+    let mut up = connect_from([127, 0, 0, 1], http).await.unwrap();
+    let head = format!(
+        "PUT /v1/shares/1001/big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Length: 600000\r\n\r\n",
+        basic("1001", "pw1")
+    );
+    up.write_all(head.as_bytes()).await.unwrap();
+    up.write_all(&vec![7u8; 100_000]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while usage(http, "1001", "pw1").await.0 != 600_000 || staging_entries(&srv) == 0 {
+        assert!(Instant::now() < deadline, "upload never reserved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    srv.kill_hard();
+    drop(up);
+    assert_eq!(
+        staging_entries(&srv),
+        1,
+        "the crash left the staging folder"
+    );
+
+    srv.start();
+    assert_eq!(usage(http, "1001", "pw1").await, (0, 1_000_000));
+    assert_eq!(staging_entries(&srv), 0, "staging folder removed");
+    // The space is really free: a 700 kB share fits.
+    let body = vec![1u8; 700_000];
+    let raw_head = format!(
+        "PUT /v1/shares/1001/other.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: {}\r\nContent-Length: {}\r\n\r\n",
+        basic("1001", "pw1"),
+        body.len()
+    );
+    let mut raw = raw_head.into_bytes();
+    raw.extend_from_slice(&body);
+    let r = common::http::send_raw(http, &raw).await;
+    assert!(r.status == 200 || r.status == 201, "{r:?}");
+    assert_eq!(usage(http, "1001", "pw1").await, (0, 300_000));
+}

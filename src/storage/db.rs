@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "account threshold",
         include_str!("../../migrations/0004_account_threshold.sql"),
     ),
+    (
+        7,
+        "share uploads",
+        include_str!("../../migrations/0007_share_uploads.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
