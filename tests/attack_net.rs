@@ -627,3 +627,182 @@ async fn share_reservation_comes_back_after_a_crash_mid_upload() {
     assert!(r.status == 200 || r.status == 201, "{r:?}");
     assert_eq!(usage(http, "1001", "pw1").await, (0, 300_000));
 }
+
+const SHARE_REQUEST: &str = "application/vnd.callvault.share-request+json";
+const SHARE_OFFER: &str = "application/vnd.callvault.share-offer+json";
+
+/// `user` asks 1001 over SIP for `name`; the offer's token (the requester is trusted loopback:
+/// its identity is its From).
+fn offer_token_over_sip(srv: &Server, user: &str, name: &str) -> String {
+    let mut ua = Ua::new(user, "example.com", srv.sip_addr());
+    let mut req = Request::new(Method::Message, "sip:1001@example.com".to_string());
+    req.headers.push("Via", ua.new_via().to_string());
+    req.headers.push("Max-Forwards", "70");
+    req.headers.push("From", format!("<{}>;tag=s1", ua.aor()));
+    req.headers.push("To", "<sip:1001@example.com>");
+    req.headers
+        .push("Call-ID", format!("share-{user}-{name}@ua"));
+    req.headers.push("CSeq", "1 MESSAGE");
+    req.headers.push("Content-Type", SHARE_REQUEST);
+    req.body = bytes::Bytes::from(format!(r#"{{"name":"{name}"}}"#));
+    assert_eq!(ua.transact(&req).status, 200);
+    let m = ua.expect_request(Method::Message, Some(SHARE_OFFER), ua::T);
+    ua.respond(&m, 200, &[], b"");
+    let offer: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+    offer["token"].as_str().unwrap().to_string()
+}
+
+async fn publish(http: SocketAddr, name: &str, policy: &str, body: &[u8]) -> String {
+    let head = format!(
+        "PUT /v1/shares/1001/{name}?policy={policy} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: {}\r\nContent-Length: {}\r\n\r\n",
+        basic("1001", "pw1"),
+        body.len()
+    );
+    let mut raw = head.into_bytes();
+    raw.extend_from_slice(body);
+    let r = common::http::send_raw(http, &raw).await;
+    assert!(r.status == 200 || r.status == 201, "{r:?}");
+    r.json()["content_id"].as_str().unwrap().to_string()
+}
+
+async fn announce(
+    http: SocketAddr,
+    cid: &str,
+    token: Option<&str>,
+    peer: &str,
+    addr: &str,
+) -> Resp {
+    let body = format!(r#"{{"peer_id":"{peer}","address":"{addr}","have":"gA=="}}"#);
+    let mut raw = format!(
+        "POST /v1/index/{cid}/announce HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        raw.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    raw.push_str("\r\n");
+    raw.push_str(&body);
+    status_from([127, 0, 0, 1], http, &raw).await.unwrap()
+}
+
+/// Finding 9: an offer token works only while the current policy still allows the requester
+/// it was given to; narrowing the policy revokes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_tokens_follow_the_narrowed_policy() {
+    let srv = server_with(
+        &[("1001", "pw1"), ("1002", "pw2"), ("1003", "pw3")],
+        true,
+        "",
+    );
+    let http = srv.http_addr();
+    let cid = publish(http, "doc.txt", "subscribers", b"the plans").await;
+    let srv2 = &srv;
+    let (t2, t3) = tokio::task::block_in_place(|| {
+        (
+            offer_token_over_sip(srv2, "1002", "doc.txt"),
+            offer_token_over_sip(srv2, "1003", "doc.txt"),
+        )
+    });
+    let content = |t: &str| get_raw(&format!("/v1/content/{cid}?token={t}"), None);
+    let me = [127, 0, 0, 1];
+    assert_eq!(
+        status_from(me, http, &content(&t2)).await.unwrap().status,
+        200
+    );
+
+    // The owner narrows the policy to 1003 (same bytes and name: same content).
+    assert_eq!(
+        publish(http, "doc.txt", "sip:1003@example.com", b"the plans").await,
+        cid
+    );
+    let r = status_from(me, http, &content(&t2)).await.unwrap();
+    assert_eq!((r.status, r.error().as_str()), (403, "forbidden"));
+    let r = status_from(me, http, &content(&t3)).await.unwrap();
+    assert_eq!(r.status, 200, "1003 is still allowed");
+    // A forged holder (the MAC covers it) is refused.
+    let (mac, _) = t2.split_once('.').unwrap();
+    let forged = format!("{mac}.{}", {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("ssip:1003@example.com")
+    });
+    assert_eq!(
+        status_from(me, http, &content(&forged))
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+}
+
+/// Finding 9: announces need the offer token; nobody can move another announcer's peer, and
+/// one announcer cannot fill the index and push real peers out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announces_are_authenticated_and_holders_bounded() {
+    let srv = server_with(
+        &[("1001", "pw1"), ("1002", "pw2"), ("1003", "pw3")],
+        true,
+        "",
+    );
+    let http = srv.http_addr();
+    let cid = publish(http, "pub.bin", "public", b"x").await;
+    let srv2 = &srv;
+    let (real, attacker) = tokio::task::block_in_place(|| {
+        (
+            offer_token_over_sip(srv2, "1002", "pub.bin"),
+            offer_token_over_sip(srv2, "1003", "pub.bin"),
+        )
+    });
+
+    // Anonymous announce, even of public content: refused.
+    let r = announce(http, &cid, None, "anon", "127.0.0.9:1").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        announce(http, &cid, Some(&real), "real", "127.0.0.1:9000")
+            .await
+            .status,
+        200
+    );
+    // Another announcer cannot take the real peer's id to redirect its traffic.
+    let r = announce(http, &cid, Some(&attacker), "real", "127.0.0.9:6666").await;
+    assert_eq!((r.status, r.error().as_str()), (409, "peer-id-taken"));
+    // Nor flood the index: a few holders per announcer, then 429.
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..40 {
+        match announce(
+            http,
+            &cid,
+            Some(&attacker),
+            &format!("fake{i}"),
+            "127.0.0.9:1",
+        )
+        .await
+        .status
+        {
+            200 => accepted += 1,
+            429 => refused += 1,
+            s => panic!("announce answered {s}"),
+        }
+    }
+    assert_eq!((accepted, refused), (8, 32));
+    let r = status_from(
+        [127, 0, 0, 1],
+        http,
+        &get_raw(&format!("/v1/index/{cid}?token={real}"), None),
+    )
+    .await
+    .unwrap();
+    let holders = r.json()["holders"].as_array().unwrap().clone();
+    let real_entry = holders
+        .iter()
+        .find(|h| h["peer_id"] == "real")
+        .expect("real peer kept");
+    assert_eq!(real_entry["address"], "127.0.0.1:9000");
+    assert_eq!(
+        holders.len(),
+        1 + 1 + 8,
+        "server, the real peer and the capped fakes"
+    );
+}

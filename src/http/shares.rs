@@ -60,12 +60,13 @@ use super::auth::{authenticate, unauthorized, Caller};
 use super::errors::ApiError;
 use super::HttpState;
 use crate::metrics::ShareSource;
-use crate::share::index::Bitfield;
+use crate::share::index::{Bitfield, IndexError};
 use crate::share::manifest::{is_sha256_hex, percent_encode, piece_range, validate_name};
 use crate::share::rate::throttle;
 use crate::share::select::SourceClass;
-use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares};
+use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares, TokenGrant};
 use crate::storage::stores::rfc3339;
+use sha2::{Digest as _, Sha256};
 
 /// Largest read from the content file at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -147,6 +148,19 @@ pub(crate) async fn content_access(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<Share, ApiError> {
+    content_access_as(state, content_id, method, uri, headers)
+        .await
+        .map(|(share, _)| share)
+}
+
+/// [`content_access`], also giving who was let in.
+async fn content_access_as(
+    state: &HttpState,
+    content_id: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(Share, Option<Caller>), ApiError> {
     let sh = shares(state)?;
     let caller = authenticate(state, method, uri, headers).await?;
     let rows = if is_sha256_hex(content_id) {
@@ -155,9 +169,11 @@ pub(crate) async fn content_access(
         Vec::new()
     };
     authorize(state, sh, content_id, &rows, caller.as_ref())?;
-    rows.into_iter()
+    let share = rows
+        .into_iter()
         .next()
-        .ok_or_else(|| ApiError::not_found(format!("no shared content {content_id}")))
+        .ok_or_else(|| ApiError::not_found(format!("no shared content {content_id}")))?;
+    Ok((share, caller))
 }
 
 /// May `caller` read content `content_id`, given the shares naming it? Admin and a token for
@@ -178,8 +194,15 @@ fn authorize(
     let allowed = |r: Option<&Requester>| rows.iter().any(|s| sh.may_fetch(s, r));
     match caller {
         Some(Caller::Admin) => Ok(()),
-        Some(Caller::Token(t)) if sh.verify_offer_token(content_id, t) => Ok(()),
-        Some(Caller::Token(_)) => Err(unauthorized(state, "token does not open this content")),
+        // A token given under the policy is checked against the policy in force now.
+        Some(Caller::Token(t)) => match sh.offer_token_grant(content_id, t) {
+            Some(TokenGrant::Consent) => Ok(()),
+            Some(TokenGrant::Holder(r)) if allowed(r.as_ref()) => Ok(()),
+            Some(TokenGrant::Holder(_)) => Err(ApiError::forbidden(
+                "the sharing policy no longer includes this token's holder",
+            )),
+            None => Err(unauthorized(state, "token does not open this content")),
+        },
         Some(Caller::User(_)) if allowed(requester_of(state, caller).as_ref()) => Ok(()),
         Some(Caller::User(_)) => Err(ApiError::forbidden(
             "the sharing policy does not include you",
@@ -695,7 +718,19 @@ pub async fn post_announce(
         return Ok(r);
     }
     let content_id = path1(path)?;
-    let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let (share, caller) = content_access_as(&state, &content_id, &method, &uri, &headers).await?;
+    // Announces are authenticated (issue 10): the holder list steers other peers' traffic.
+    let announcer = match &caller {
+        None => {
+            return Err(unauthorized(
+                &state,
+                "announces need the offer token or an account",
+            ))
+        }
+        Some(Caller::Token(t)) => format!("token:{}", hex::encode(&Sha256::digest(t)[..16])),
+        Some(Caller::User(u)) => format!("user:{u}"),
+        Some(Caller::Admin) => "admin".to_string(),
+    };
     let bad = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "bad-announce", detail);
     let a: Announce = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
@@ -711,15 +746,30 @@ pub async fn post_announce(
     let have = Bitfield::from_base64(&a.have, pieces).map_err(|e| bad(e.to_string()))?;
     let sh = shares(&state)?;
     sh.index()
-        .announce(
+        .announce_as(
             &content_id,
             &a.peer_id,
             &a.address,
             class,
             have,
+            &announcer,
             SystemTime::now(),
         )
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| match e {
+            IndexError::PeerIdTaken(_) => {
+                ApiError::new(StatusCode::CONFLICT, "peer-id-taken", e.to_string())
+            }
+            IndexError::TooManyFromAnnouncer => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-holders",
+                e.to_string(),
+            ),
+            IndexError::Full => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "index-full", e.to_string())
+                    .with_retry_after(60)
+            }
+            _ => bad(e.to_string()),
+        })?;
     Ok(Json(index_view(sh, &share, &headers)).into_response())
 }
 

@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use rand::RngCore;
@@ -46,6 +48,17 @@ use crate::storage::{Accounts, Db};
 
 /// Bytes handed to the blocking writer at once: bounds what an upload holds in memory.
 const WRITE_BATCH: usize = 1024 * 1024;
+
+/// What a valid offer token opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenGrant {
+    /// Given with the sharer's consent (a forwarded request, [`Shares::offer`]): the content,
+    /// as long as it is shared.
+    Consent,
+    /// Given under the policy to this requester (None: anonymous, [`Shares::offer_to`]): the
+    /// content, as long as the current policy of some share of it allows that requester.
+    Holder(Option<Requester>),
+}
 
 /// Tunables, from `[share]` plus what the server knows about itself.
 #[derive(Debug, Clone)]
@@ -305,6 +318,65 @@ impl Shares {
     pub fn verify_offer_token(&self, content_id: &str, token: &str) -> bool {
         let want = self.issue_offer_token(content_id);
         want.len() == token.len() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
+    }
+
+    /// The token of an offer made under the policy to `requester` (None: anonymous):
+    /// `<mac>.<holder>`, the holder (`s`/`o` for subscriber or other, then the AOR) in
+    /// base64url. It names its holder so every use is checked against the policy *then in
+    /// force* ([`Shares::offer_token_grant`]): narrowing the policy revokes it (issue 10,
+    /// finding 9).
+    pub fn issue_offer_token_for(&self, content_id: &str, requester: Option<&Requester>) -> String {
+        let who = requester.map_or(String::new(), |r| {
+            format!("{}{}", if r.subscriber { 's' } else { 'o' }, r.aor)
+        });
+        format!(
+            "{}.{}",
+            self.holder_mac(content_id, &who),
+            URL_SAFE_NO_PAD.encode(&who)
+        )
+    }
+
+    fn holder_mac(&self, content_id: &str, who: &str) -> String {
+        let mut msg = b"callvault share offer holder\0".to_vec();
+        msg.extend_from_slice(content_id.as_bytes());
+        msg.push(0);
+        msg.extend_from_slice(who.as_bytes());
+        hex::encode(hmac_sha256(&self.inner.secret, &msg))
+    }
+
+    /// What `token` grants for `content_id`, if it is one of ours for it.
+    pub fn offer_token_grant(&self, content_id: &str, token: &str) -> Option<TokenGrant> {
+        let Some((mac, holder)) = token.split_once('.') else {
+            return self
+                .verify_offer_token(content_id, token)
+                .then_some(TokenGrant::Consent);
+        };
+        let who = String::from_utf8(URL_SAFE_NO_PAD.decode(holder).ok()?).ok()?;
+        let want = self.holder_mac(content_id, &who);
+        if want.len() != mac.len() || !bool::from(want.as_bytes().ct_eq(mac.as_bytes())) {
+            return None;
+        }
+        let requester = match who.split_at_checked(1) {
+            None | Some(("", _)) => None,
+            Some((kind, aor)) => Some(Requester {
+                aor: aor.to_string(),
+                subscriber: kind == "s",
+            }),
+        };
+        Some(TokenGrant::Holder(requester))
+    }
+
+    /// [`Shares::offer`] made under the policy to `requester`: its token is checked against
+    /// the policy on every use.
+    pub fn offer_to(
+        &self,
+        share: &Share,
+        server_url: &str,
+        requester: Option<&Requester>,
+    ) -> Offer {
+        let mut offer = self.offer(share, server_url);
+        offer.token = self.issue_offer_token_for(&share.content_id, requester);
+        offer
     }
 
     /// The step-3 offer for `share`, with URLs under `server_url` (e.g.
