@@ -353,6 +353,21 @@ async fn connection_flood_leaves_http_sip_and_calls_working() {
         "RSS {base} -> {peak} KiB"
     );
 
+    // A SIP message larger than the per-connection buffer limit: answered and closed.
+    let mut big = connect_from([127, 0, 0, 1], sip).await.unwrap();
+    let head = "MESSAGE sip:1002@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5;branch=z9hG4bKbig\r\n\
+                From: <sip:1001@example.com>;tag=b\r\nTo: <sip:1002@example.com>\r\nCall-ID: big\r\n\
+                CSeq: 1 MESSAGE\r\nContent-Length: 200000\r\n\r\n";
+    big.write_all(head.as_bytes()).await.unwrap();
+    let _ = big.write_all(&vec![b'x'; 70_000]).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("SIP/2.0 513") || text.starts_with("SIP/2.0 400"),
+        "oversized message answered and closed: {text:?}"
+    );
+
     // The connections that were let in are closed by the header/message timeouts (2 s).
     let mut closed = 0;
     for s in held_http.iter_mut().chain(held_sip.iter_mut()) {

@@ -10,7 +10,7 @@
 //! | `GET /v1/pieces/{content_id}/{n}` | content access |
 //! | `GET /v1/content/{content_id}` (Range) | content access |
 //! | `GET /v1/index/{content_id}` | content access |
-//! | `POST /v1/index/{content_id}/announce` | content access |
+//! | `POST /v1/index/{content_id}/announce` | content access with credentials (never anonymous) |
 //!
 //! The two index routes are also what `callvault index` serves ([`super::index_role`]), with
 //! the same handlers and the same [`content_access`] over the same database. When the index
@@ -21,7 +21,14 @@
 //! Content access: the content's offer token (`?token=` or Bearer), the Basic/Digest of a
 //! user some share of the content allows (its owner always), admin, or nobody at all when a
 //! share of it is `public`. A token for other content is `401` (the server cannot tell it
-//! from garbage), an authenticated user the policy refuses `403`.
+//! from garbage), an authenticated user the policy refuses `403`. A token given under the
+//! policy names its holder and is checked against the policy in force
+//! ([`crate::share::TokenGrant`]): after the owner narrows the policy it is `403`.
+//!
+//! Announces (issue 10, finding 9) also need credentials (the offer token or an account): the
+//! holder list steers other peers' traffic. Each holder is recorded under its announcer (a
+//! digest of the token, or the user): `409 peer-id-taken` for another's peer id, `429
+//! too-many-holders` past the per-announcer cap, `503 index-full` when the content is full.
 //!
 //! `/v1/shares/{content_id}/manifest` and `/v1/shares/{user}/{name}` have the same shape: a
 //! GET whose first segment is 64 lowercase hex digits and whose second is `manifest` is the

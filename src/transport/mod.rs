@@ -52,6 +52,9 @@ pub enum TransportEvent {
 
 type ConnMap = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
 
+/// How long a closing connection's writer may take to send what is queued.
+const WRITER_DRAIN: Duration = Duration::from_secs(1);
+
 /// Bounds on inbound SIP TCP connections (`[limits]` and `sip.tcp_idle_secs`).
 #[derive(Debug, Clone)]
 pub struct TcpLimits {
@@ -248,7 +251,12 @@ impl Transports {
             }
         }
         lock(&self.conns).remove(&remote);
-        writer.abort();
+        // What is queued (the answer to a refused message) still goes out, briefly: the map
+        // held the only sender, so the writer ends once it has drained its queue.
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(WRITER_DRAIN, writer).await.is_err() {
+            abort.abort();
+        }
     }
 
     /// Parses one message and hands it to the core. False when the core is gone.
