@@ -801,7 +801,8 @@ async fn announces_are_authenticated_and_holders_bounded() {
             s => panic!("announce answered {s}"),
         }
     }
-    assert_eq!((accepted, refused), (8, 32));
+    let cap = callvault::share::index::MAX_HOLDERS_PER_ANNOUNCER;
+    assert_eq!((accepted, refused), (cap, 40 - cap));
     let r = status_from(
         [127, 0, 0, 1],
         http,
@@ -817,7 +818,7 @@ async fn announces_are_authenticated_and_holders_bounded() {
     assert_eq!(real_entry["address"], "127.0.0.1:9000");
     assert_eq!(
         holders.len(),
-        1 + 1 + 8,
+        1 + 1 + cap,
         "server, the real peer and the capped fakes"
     );
 }

@@ -237,8 +237,9 @@ pub trait PieceIndex: Send + Sync + std::fmt::Debug {
 /// (existing ones are never pushed out by newcomers).
 pub const MAX_HOLDERS_PER_CONTENT: usize = 4096;
 
-/// Holders one announcer may keep per content (a terminal or two with spare ids).
-pub const MAX_HOLDERS_PER_ANNOUNCER: usize = 8;
+/// Holders one announcer may keep per content: a token shared by a household of terminals,
+/// each restarted once or twice within the holder TTL.
+pub const MAX_HOLDERS_PER_ANNOUNCER: usize = 16;
 
 /// A holder and who announced it.
 #[derive(Debug, Clone)]
