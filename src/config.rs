@@ -58,6 +58,7 @@ pub struct Config {
     pub share: ShareConfig,
     pub index: IndexConfig,
     pub tls: TlsConfig,
+    pub limits: LimitsConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
     /// trusting loopback out of the box would switch digest auth off for every local test.
     pub trusted_peer: Vec<TrustedPeer>,
@@ -199,6 +200,43 @@ pub struct TlsConfig {
     pub key_file: String,
     /// PEM roots for outbound TLS; empty: the system's roots.
     pub ca_file: String,
+}
+
+/// Connection caps and timeouts of the HTTP and SIP TCP listeners (issue 10, finding 5). A
+/// connection over a cap is closed at once; `*_per_source` counts one address (IPv6: one /64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub http_max_connections: usize,
+    pub http_max_connections_per_source: usize,
+    /// A request head not complete this long after the connection (or the previous request)
+    /// closes the connection.
+    pub http_header_timeout_secs: u64,
+    pub sip_tcp_max_connections: usize,
+    pub sip_tcp_max_connections_per_source: usize,
+    /// Bytes one SIP TCP connection may buffer for a message not yet complete; more gets
+    /// `400`/`513` and the connection closed.
+    pub sip_tcp_max_message_bytes: usize,
+    /// A SIP message begun but not complete this long closes the connection.
+    pub sip_tcp_message_timeout_secs: u64,
+    /// File descriptors kept back for everything that is neither a connection nor an RTP port
+    /// (database, logs, data files); see [`crate::server`] for the whole budget.
+    pub fd_reserve: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            http_max_connections: 1024,
+            http_max_connections_per_source: 128,
+            http_header_timeout_secs: 10,
+            sip_tcp_max_connections: 1024,
+            sip_tcp_max_connections_per_source: 64,
+            sip_tcp_max_message_bytes: 65536,
+            sip_tcp_message_timeout_secs: 10,
+            fd_reserve: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,6 +498,37 @@ impl Config {
 
     /// Cross-field checks that the types alone do not express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.http_max_connections", l.http_max_connections),
+            (
+                "limits.http_max_connections_per_source",
+                l.http_max_connections_per_source,
+            ),
+            ("limits.sip_tcp_max_connections", l.sip_tcp_max_connections),
+            (
+                "limits.sip_tcp_max_connections_per_source",
+                l.sip_tcp_max_connections_per_source,
+            ),
+            (
+                "limits.http_header_timeout_secs",
+                l.http_header_timeout_secs as usize,
+            ),
+            (
+                "limits.sip_tcp_message_timeout_secs",
+                l.sip_tcp_message_timeout_secs as usize,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if l.sip_tcp_max_message_bytes < 4096 {
+            return Err(invalid(
+                "limits.sip_tcp_max_message_bytes",
+                "must be at least 4096 (a SIP message with SDP)",
+            ));
+        }
         if self.sip.listen.is_empty() {
             return Err(invalid(
                 "sip.listen",
@@ -842,6 +911,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         share: take(&mut table, "share", origin)?,
         index: take(&mut table, "index", origin)?,
         tls: take(&mut table, "tls", origin)?,
+        limits: take(&mut table, "limits", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,
     };

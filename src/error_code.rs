@@ -76,11 +76,20 @@ pub enum ErrorCode {
     NoSupportedCrypto,
     /// A request too big for UDP whose target takes no TCP (RFC 3261 §18.1.1).
     MessageTooLarge,
+    // Defences (issue 10): login lockouts and the piece index's bounds.
+    /// Too many failed logins (HTTP Basic, SIP digest) of a user or from a source.
+    LoginLockedOut,
+    /// An announce for a peer id another announcer holds.
+    PeerIdTaken,
+    /// One announcer's holders per content are at their bound.
+    TooManyHolders,
+    /// A content's holder table is full.
+    IndexFull,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 48] = [
+    pub const ALL: [ErrorCode; 52] = [
         ErrorCode::MalformedRequest,
         ErrorCode::UnknownReceiver,
         ErrorCode::BadPin,
@@ -129,6 +138,10 @@ impl ErrorCode {
         ErrorCode::SipsNeedsTls,
         ErrorCode::NoSupportedCrypto,
         ErrorCode::MessageTooLarge,
+        ErrorCode::LoginLockedOut,
+        ErrorCode::PeerIdTaken,
+        ErrorCode::TooManyHolders,
+        ErrorCode::IndexFull,
     ];
 
     /// `(code string, SIP status, HTTP status, default detail)`. SIP status 200 marks a code
@@ -234,6 +247,27 @@ impl ErrorCode {
                 413,
                 "the message is too large for the transport",
             ),
+            // SIP 503 + Retry-After, not 403: a 403 must not be retried (RFC 3261 21.4.4),
+            // which would strand a phone locked out by someone else's guesses.
+            LoginLockedOut => (
+                "login-locked-out",
+                503,
+                429,
+                "too many failed logins; retry later",
+            ),
+            PeerIdTaken => (
+                "peer-id-taken",
+                409,
+                409,
+                "the peer id belongs to another announcer",
+            ),
+            TooManyHolders => (
+                "too-many-holders",
+                429,
+                429,
+                "too many holders from one announcer",
+            ),
+            IndexFull => ("index-full", 503, 503, "the content's holder list is full"),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error_code;
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod guard;
 pub mod http;
 pub mod media;
 pub mod metrics;

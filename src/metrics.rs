@@ -507,7 +507,177 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
             ("replay", m.srtp_replay_failures_total.get()),
         ],
     );
+    DEFENCE.render(&mut out);
     out
+}
+
+/// Which password check a guard counts for (label `protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthProto {
+    Http,
+    Sip,
+}
+
+impl AuthProto {
+    const ALL: [AuthProto; 2] = [AuthProto::Http, AuthProto::Sip];
+    fn label(self) -> &'static str {
+        match self {
+            AuthProto::Http => "http",
+            AuthProto::Sip => "sip",
+        }
+    }
+}
+
+/// A listener whose connections are capped (label `listener`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Http,
+    SipTcp,
+}
+
+impl Listener {
+    const ALL: [Listener; 2] = [Listener::Http, Listener::SipTcp];
+    fn label(self) -> &'static str {
+        match self {
+            Listener::Http => "http",
+            Listener::SipTcp => "sip_tcp",
+        }
+    }
+}
+
+/// Defences against floods and guessing (issue 10): kept apart from [`Metrics`] so they read
+/// as one group.
+#[derive(Default)]
+pub struct DefenceMetrics {
+    auth_failures: [Counter; 2],
+    auth_user_lockouts: [Counter; 2],
+    auth_source_lockouts: [Counter; 2],
+    auth_refused_locked: [Counter; 2],
+    /// HTTP Basic attempts answered 503 because every password-hashing slot was busy.
+    pub auth_hash_busy: Counter,
+    /// HTTP Basic checks answered from the cache of recent successes (no Argon2 run).
+    pub auth_cache_hits: Counter,
+    connections_active: [Gauge; 2],
+    connections_refused: [Counter; 2],
+}
+
+pub static DEFENCE: DefenceMetrics = DefenceMetrics {
+    auth_failures: [Counter::new(), Counter::new()],
+    auth_user_lockouts: [Counter::new(), Counter::new()],
+    auth_source_lockouts: [Counter::new(), Counter::new()],
+    auth_refused_locked: [Counter::new(), Counter::new()],
+    auth_hash_busy: Counter::new(),
+    auth_cache_hits: Counter::new(),
+    connections_active: [Gauge::new(), Gauge::new()],
+    connections_refused: [Counter::new(), Counter::new()],
+};
+
+impl DefenceMetrics {
+    pub fn auth_failure(&self, p: AuthProto) {
+        self.auth_failures[p as usize].inc();
+    }
+    /// `key`: "user" or "source".
+    pub fn auth_lockout(&self, p: AuthProto, key: &str) {
+        match key {
+            "user" => self.auth_user_lockouts[p as usize].inc(),
+            _ => self.auth_source_lockouts[p as usize].inc(),
+        }
+    }
+    pub fn auth_refused_locked(&self, p: AuthProto) {
+        self.auth_refused_locked[p as usize].inc();
+    }
+    pub fn connection_opened(&self, l: Listener) {
+        self.connections_active[l as usize].inc();
+    }
+    pub fn connection_closed(&self, l: Listener) {
+        self.connections_active[l as usize].dec();
+    }
+    pub fn connection_refused(&self, l: Listener) {
+        self.connections_refused[l as usize].inc();
+    }
+
+    fn render(&self, out: &mut String) {
+        let per_proto = |c: &[Counter; 2]| AuthProto::ALL.map(|p| (p.label(), c[p as usize].get()));
+        labelled(
+            out,
+            (
+                "callvault_auth_failures_total",
+                "counter",
+                "Wrong passwords or unknown users, by protocol.",
+            ),
+            "protocol",
+            per_proto(&self.auth_failures),
+        );
+        labelled(
+            out,
+            (
+                "callvault_auth_user_lockouts_total",
+                "counter",
+                "User names locked out after repeated failures, by protocol.",
+            ),
+            "protocol",
+            per_proto(&self.auth_user_lockouts),
+        );
+        labelled(
+            out,
+            (
+                "callvault_auth_source_lockouts_total",
+                "counter",
+                "Source addresses locked out after repeated failures, by protocol.",
+            ),
+            "protocol",
+            per_proto(&self.auth_source_lockouts),
+        );
+        labelled(
+            out,
+            (
+                "callvault_auth_refused_locked_total",
+                "counter",
+                "Authentication attempts refused unchecked during a lockout, by protocol.",
+            ),
+            "protocol",
+            per_proto(&self.auth_refused_locked),
+        );
+        labelled(
+            out,
+            (
+                "callvault_auth_hash_busy_total",
+                "counter",
+                "HTTP Basic attempts answered 503 because every password-hashing slot was busy.",
+            ),
+            "protocol",
+            [("http", self.auth_hash_busy.get())],
+        );
+        labelled(
+            out,
+            (
+                "callvault_auth_cache_hits_total",
+                "counter",
+                "HTTP Basic checks answered from the cache of recent successes.",
+            ),
+            "protocol",
+            [("http", self.auth_cache_hits.get())],
+        );
+        let per_listener = Listener::ALL.map(|l| {
+            (
+                l.label(),
+                u64::try_from(self.connections_active[l as usize].get()).unwrap_or(0),
+            )
+        });
+        labelled(
+            out,
+            (
+                "callvault_connections_active",
+                "gauge",
+                "Open inbound connections, by listener.",
+            ),
+            "listener",
+            per_listener,
+        );
+        labelled(out, ("callvault_connections_refused_total", "counter",
+            "Inbound connections closed at once because a connection cap was reached, by listener."),
+            "listener", Listener::ALL.map(|l| (l.label(), self.connections_refused[l as usize].get())));
+    }
 }
 
 /// One family with a single label: `(name, type, help)`, then a sample per label value.

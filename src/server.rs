@@ -1,7 +1,6 @@
 //! `callvault serve`: binds everything, then runs the core task that feeds the sans-IO
 //! engine with transport events, relay events and timers, and sends what it returns.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,19 +14,20 @@ use crate::b2bua::recording::{self, RecordingService};
 use crate::b2bua::share_service::{self, ShareService, ShareServiceConfig};
 use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
+use crate::guard::{ConnGate, ExpiringMap, FdBudget};
 use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::media::relay::{RelayCounters, RelayEvent};
 use crate::media::threads::MediaThreads;
-use crate::metrics::METRICS;
+use crate::metrics::{Listener, METRICS};
 use crate::sip::auth::{Algorithm, Credentials, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
 use crate::sip::message::{HeaderAccess, Request, SipMessage};
 use crate::sip::transaction::TimerConfig;
 use crate::storage::accounts::Accounts;
 use crate::storage::db::Db;
 use crate::storage::stores::Stores;
-use crate::transport::tls::{self, HttpsListener, SipTls};
-use crate::transport::{TransportEvent, Transports};
+use crate::transport::tls::{self, SipTls};
+use crate::transport::{TcpLimits, TransportEvent, Transports};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -58,6 +58,8 @@ pub enum ServerError {
 /// How long an account's digest data is trusted before it is read again from the database
 /// (so `callvault account set --password` takes effect on a running server).
 const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(5);
+/// User names remembered as looked up at most (see `Core::account_seen`).
+const ACCOUNT_CACHE_CAPACITY: usize = 4096;
 
 /// Queued SIP events the core handles in one go before flushing transmits.
 const CORE_BATCH: usize = 63;
@@ -65,8 +67,59 @@ const CORE_BATCH: usize = 63;
 /// How long a clean shutdown waits for stores to finish and settle (PROTOCOL.md 4).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (capped at 2^20, Linux's usual
+/// `fs.nr_open`); returns the soft limit in force afterwards.
+pub(crate) fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur < want {
+        let new = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            return want;
+        }
+        tracing::warn!(
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            "could not raise the open-file limit"
+        );
+    }
+    lim.rlim_cur
+}
+
+/// Descriptors inbound connections may hold: of `nofile`, `reserve` stays for files and the
+/// database, then one per RTP port (at most half of the rest: a port range larger than the
+/// limit could never be used in full anyway), and connections get what remains. So a flood of
+/// connections is refused before RTP ports could fail for want of descriptors.
+pub(crate) fn connection_fd_budget(nofile: u64, rtp_ports: usize, reserve: usize) -> usize {
+    let after_reserve = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(reserve);
+    after_reserve - rtp_ports.min(after_reserve / 2)
+}
+
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
+    let nofile = raise_nofile_limit();
+    let [lo, hi] = config.media.rtp_ports;
+    let fd_budget = connection_fd_budget(
+        nofile,
+        usize::from(hi.saturating_sub(lo)) + 1,
+        config.limits.fd_reserve,
+    );
+    tracing::info!(nofile, connections = fd_budget, "descriptor budget");
+    let fds = FdBudget::new(fd_budget);
+    let lim = &config.limits;
     crate::secret::create_private_dir_all(&config.storage.data_dir)
         .map_err(|e| ServerError::Db(e.to_string()))?;
     let db = Db::open(&config.storage.metadata)
@@ -104,7 +157,17 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let transports = Transports::bind_with_tls(
         &config.sip.listen,
         sip_tx,
-        Duration::from_secs(config.sip.tcp_idle_secs),
+        TcpLimits {
+            idle: Duration::from_secs(config.sip.tcp_idle_secs),
+            message_timeout: Duration::from_secs(lim.sip_tcp_message_timeout_secs),
+            max_message_bytes: lim.sip_tcp_max_message_bytes,
+            gate: ConnGate::new(
+                Listener::SipTcp,
+                lim.sip_tcp_max_connections,
+                lim.sip_tcp_max_connections_per_source,
+                fds.clone(),
+            ),
+        },
         sip_tls.clone(),
     )
     .await?;
@@ -120,7 +183,6 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         source,
     })?;
 
-    let [lo, hi] = config.media.rtp_ports;
     let ports = PortAllocator::new(lo, hi).map_err(|e| ServerError::Ports(e.to_string()))?;
     let counters = Arc::new(RelayCounters::default());
     let (media, relay_rx) = RelayMedia::new(
@@ -265,6 +327,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     )
     .await
     .map_err(|e| ServerError::Db(e.to_string()))?;
+    // Share uploads a crash interrupted: reservations back, staging folders gone.
+    shares
+        .recover_uploads()
+        .await
+        .map_err(|e| ServerError::Db(e.to_string()))?;
     http_state.shares = Some(shares.clone());
     // Share requests over SIP (PROTOCOL §3 steps 2–3); offers point at our HTTP API.
     let (share_service, share_commands) = ShareService::new(
@@ -277,26 +344,26 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         accounts.clone(),
     );
     let app = crate::http::api_router(http_state);
-    if config.http.tls {
-        let listener =
-            HttpsListener::new(http, tls::server_config(&config.tls)?).map_err(|source| {
-                ServerError::HttpBind {
-                    addr: config.http.listen,
-                    source,
-                }
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "HTTPS server stopped");
-            }
-        });
+    let https = if config.http.tls {
+        Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            &config.tls,
+        )?))
     } else {
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(http, app).await {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
-        });
-    }
+        None
+    };
+    let http_gate = ConnGate::new(
+        Listener::Http,
+        lim.http_max_connections,
+        lim.http_max_connections_per_source,
+        fds,
+    );
+    tokio::spawn(crate::http::serve::serve(
+        http,
+        app,
+        http_gate,
+        Duration::from_secs(lim.http_header_timeout_secs),
+        https,
+    ));
 
     let core = Core {
         engine,
@@ -305,7 +372,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         recorder,
         transports,
         accounts,
-        account_seen: HashMap::new(),
+        account_seen: ExpiringMap::new(ACCOUNT_CACHE_CAPACITY),
         counters,
         live,
         stop_uploads,
@@ -348,7 +415,9 @@ struct Core {
     recorder: Option<RecordingService>,
     transports: Transports,
     accounts: Accounts,
-    account_seen: HashMap<String, Instant>,
+    /// User names whose digest data the engine got recently (bounded, expiring: the names
+    /// come from requests, issue 10 finding 7).
+    account_seen: ExpiringMap<String, ()>,
     counters: Arc<RelayCounters>,
     /// Stores being written (RTP, uploads, recordings): a shutdown waits for them.
     live: Arc<LiveStores>,
@@ -510,11 +579,11 @@ impl Core {
             return;
         };
         for user in credential_users(req) {
-            let fresh = self
-                .account_seen
-                .get(&user)
-                .is_some_and(|t| t.elapsed() < ACCOUNT_CACHE_TTL);
-            if fresh {
+            // No account can have this name: nothing to look up or remember.
+            if crate::storage::accounts::validate_user(&user).is_err() {
+                continue;
+            }
+            if self.account_seen.get(&user, Instant::now()).is_some() {
                 continue;
             }
             let auth = match self.accounts.get(&user).await {
@@ -538,7 +607,10 @@ impl Core {
                 }
             };
             self.engine.set_account(&user, auth);
-            self.account_seen.insert(user, Instant::now());
+            let now = Instant::now();
+            // Full of fresh names (a spray): this one is simply looked up again next time.
+            self.account_seen
+                .insert(user, (), now + ACCOUNT_CACHE_TTL, now);
         }
     }
 }
@@ -573,4 +645,32 @@ fn credential_users(req: &Request) -> Vec<String> {
         }
     }
     users
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_budget_keeps_rtp_ports_and_reserve() {
+        // Plenty: every RTP port and the reserve, connections the rest.
+        assert_eq!(connection_fd_budget(40_000, 10_000, 256), 29_744);
+        assert_eq!(connection_fd_budget(20_000, 10_000, 256), 9_872);
+        // The old default of 1024 with a large port range: half of what is left each.
+        assert_eq!(connection_fd_budget(1024, 10_000, 256), 384);
+        assert_eq!(connection_fd_budget(100, 10, 256), 0);
+    }
+
+    #[test]
+    fn nofile_limit_is_raised_to_the_hard_limit() {
+        let soft = raise_nofile_limit();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct we own.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(lim.rlim_cur, soft);
+        assert_eq!(soft, lim.rlim_max.min(1 << 20));
+    }
 }

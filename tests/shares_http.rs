@@ -538,14 +538,29 @@ async fn index_lists_server_and_announced_holders() {
     have.set(9, true);
     let ann =
         serde_json::json!({"peer_id":"peer-a","address":"127.0.0.1:9101","have":have.to_base64()});
+    // Announces are authenticated (issue 10), even for public content.
+    let anon = request(
+        a,
+        "POST",
+        &format!("{url}/announce"),
+        &[("Content-Type", "application/json")],
+        ann.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(anon.status, 401);
+    let auth = basic("1003", "pw3");
     let post = |body: serde_json::Value| {
         let url = format!("{url}/announce");
+        let auth = auth.clone();
         async move {
             request(
                 a,
                 "POST",
                 &url,
-                &[("Content-Type", "application/json")],
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Authorization", &auth),
+                ],
                 body.to_string().as_bytes(),
             )
             .await

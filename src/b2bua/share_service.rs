@@ -233,8 +233,13 @@ impl Ctx {
             .map_err(|e| e.to_string())
     }
 
-    fn offer(&self, job: Job, share: &Share) {
-        let offer = self.shares.offer(share, &self.cfg.http_base);
+    /// `holder`: the requester the policy allowed (its token is bound to it); None when the
+    /// sharer consented (a token for the content).
+    fn offer(&self, job: Job, share: &Share, holder: Option<Option<&Requester>>) {
+        let offer = match holder {
+            Some(r) => self.shares.offer_to(share, &self.cfg.http_base, r),
+            None => self.shares.offer(share, &self.cfg.http_base),
+        };
         match serde_json::to_string(&offer) {
             Ok(body) => {
                 tracing::info!(requester = %job.requester, sharer = %job.sharer,
@@ -266,20 +271,23 @@ impl Ctx {
             Ok(None) => return self.unknown(&job),
             Ok(Some(share)) => share,
         };
-        if !sharer_consented {
-            let requester = match self.requester(&job.requester).await {
-                Ok(r) => r,
-                Err(e) => return self.reject(job.tx, ErrorCode::Internal, e),
-            };
-            if !self.shares.may_fetch(&share, requester.as_ref()) {
-                return self.reject(
-                    job.tx,
-                    ErrorCode::ShareDenied,
-                    format!("{} may not fetch {:?}", job.requester, job.name),
-                );
-            }
+        if sharer_consented {
+            return self.offer(job, &share, None);
         }
-        self.offer(job, &share);
+        let requester = match self.requester(&job.requester).await {
+            Ok(r) => r,
+            Err(e) => return self.reject(job.tx, ErrorCode::Internal, e),
+        };
+        if !self.shares.may_fetch(&share, requester.as_ref()) {
+            return self.reject(
+                job.tx,
+                ErrorCode::ShareDenied,
+                format!("{} may not fetch {:?}", job.requester, job.name),
+            );
+        }
+        // Offered under the policy: the token names the requester and is checked against
+        // the policy on every use.
+        self.offer(job, &share, Some(requester.as_ref()));
     }
 
     async fn list(self, tx: ServerTxId, requester: String, sharer: String) {

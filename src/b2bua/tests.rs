@@ -1060,6 +1060,33 @@ fn invite_is_challenged_then_proceeds_with_right_credentials() {
     assert_eq!(net.eng.active_calls(), 1);
 }
 
+/// Issue 10: ten wrong digest answers lock the user for 60 s (503 + Retry-After, even with
+/// the right password), with simulated time; then the right password proceeds again.
+#[test]
+fn digest_guessing_locks_the_user_out_for_a_while() {
+    let mut net = untrusted(vec![Algorithm::Md5]);
+    let inv = a_invite("call-guess@a", "1002", None);
+    let c407 = net.req(a(), &inv).response(a(), 407);
+    let ch = challenges(&c407, "Proxy-Authenticate");
+    let attempt = |net: &mut Net, n: u32, pw: &str| {
+        let mut again = a_invite(&format!("call-guess-{n}@a"), "1002", None);
+        let creds = auth::respond(&ch[0], "1001", pw, "INVITE", &again.uri, "cn", n).unwrap();
+        again.headers.push("Proxy-Authorization", creds);
+        net.req(a(), &again)
+    };
+    for n in 1..=10 {
+        let out = attempt(&mut net, n, "guess");
+        assert_eq!(out.statuses(a()).last(), Some(&407), "guess {n}");
+    }
+    let r = attempt(&mut net, 11, "alice-pw").response(a(), 503);
+    assert_eq!(r.headers.get("Retry-After"), Some("60"));
+    assert_eq!(net.eng.active_calls(), 0);
+    net.now += Duration::from_secs(61);
+    let out = attempt(&mut net, 12, "alice-pw");
+    assert_eq!(out.statuses(a()), vec![100]);
+    assert_eq!(net.eng.active_calls(), 1);
+}
+
 #[test]
 fn wrong_password_is_challenged_again() {
     let mut net = untrusted(vec![Algorithm::Md5]);

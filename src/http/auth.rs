@@ -4,8 +4,18 @@
 //!
 //! This module only authenticates. What a token opens is decided by the handler that knows
 //! the resource (see [`crate::http`]).
+//!
+//! Guessing and floods (issue 10, finding 4): failures of Basic and Digest are counted per user
+//! and per source ([`crate::guard::AuthGuard`]); a locked user or source gets `429 locked-out`
+//! with `Retry-After` before any password work (RFC 6585 4: the client sent too many requests).
+//! Argon2 for Basic runs in one of [`crate::storage::accounts::HASHING_SLOTS`] slots; when all
+//! are busy the attempt gets `503 overloaded` with `Retry-After` instead of queueing. A right
+//! password is remembered for [`VERIFIED_TTL`] under a key that includes the stored hash, so a
+//! changed password (new hash) is never answered from the cache.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, Method, Uri};
@@ -14,7 +24,78 @@ use subtle::ConstantTimeEq;
 
 use super::errors::ApiError;
 use super::HttpState;
-use crate::sip::auth::{Credentials, Verdict};
+use crate::error_code::ErrorCode;
+use crate::guard::{Admit, AuthGuard, ExpiringMap, GuardPolicy};
+use crate::metrics::{AuthProto, DEFENCE};
+use crate::sip::auth::{hmac_sha256, Credentials, Verdict};
+
+/// How long a right Basic password is remembered (no Argon2 for repeated requests).
+pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// Remembered Basic successes at most.
+const VERIFIED_CAPACITY: usize = 4096;
+
+/// Lockout tables and the cache of verified Basic credentials, shared by every request.
+pub(crate) struct AuthLimits {
+    guard: Mutex<AuthGuard>,
+    verified: Mutex<ExpiringMap<[u8; 32], ()>>,
+    /// Random per process: cache keys reveal nothing about passwords.
+    cache_secret: [u8; 32],
+}
+
+impl AuthLimits {
+    pub(crate) fn new() -> AuthLimits {
+        AuthLimits {
+            guard: Mutex::new(AuthGuard::new(AuthProto::Http, GuardPolicy::default())),
+            verified: Mutex::new(ExpiringMap::new(VERIFIED_CAPACITY)),
+            cache_secret: rand::random(),
+        }
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, AuthGuard> {
+        // Every operation is one call: the tables stay consistent even after a panic.
+        self.guard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn verified(&self) -> std::sync::MutexGuard<'_, ExpiringMap<[u8; 32], ()>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cache_key(&self, user: &str, password: &str, stored_hash: &str) -> [u8; 32] {
+        let mut msg = Vec::with_capacity(user.len() + password.len() + stored_hash.len() + 2);
+        for part in [user, password, stored_hash] {
+            msg.extend_from_slice(part.as_bytes());
+            msg.push(0);
+        }
+        hmac_sha256(&self.cache_secret, &msg)
+    }
+
+    /// `429 login-locked-out` when `user` or `source` is locked out.
+    fn admit(&self, user: &str, source: Option<IpAddr>) -> Result<(), ApiError> {
+        match self.guard().check(user, source, Instant::now()) {
+            Admit::Go => Ok(()),
+            locked => Err(ApiError::new(
+                ErrorCode::LoginLockedOut,
+                "too many failed logins; retry later",
+            )
+            .with_retry_after(u32::try_from(locked.retry_after_secs()).unwrap_or(u32::MAX))),
+        }
+    }
+
+    fn outcome(&self, user: &str, source: Option<IpAddr>, ok: bool) {
+        let now = Instant::now();
+        if ok {
+            self.guard().success(user, now);
+        } else {
+            self.guard().failure(user, source, now);
+        }
+    }
+}
+
+impl std::fmt::Debug for AuthLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthLimits").finish_non_exhaustive()
+    }
+}
 
 /// An authenticated caller.
 #[derive(Clone, PartialEq, Eq)]
@@ -152,14 +233,43 @@ async fn basic(state: &HttpState, b64: &str) -> Result<Caller, ApiError> {
     let Some((user, password)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
         return Err(unauthorized(state, "malformed Basic credentials"));
     };
-    // Argon2 runs on the blocking pool inside verify_password; unknown users cost the same.
-    match state.accounts.verify_password(user, password).await {
-        Ok(true) => Ok(Caller::User(user.to_string())),
-        Ok(false) => Err(unauthorized(state, "wrong user or password")),
-        Err(e) => {
-            tracing::error!(error = %e, "HTTP Basic check failed");
-            Err(ApiError::internal("account database error"))
+    let db_error = |e: crate::storage::AccountError| {
+        tracing::error!(error = %e, "HTTP Basic check failed");
+        ApiError::internal("account database error")
+    };
+    let limits = &state.auth_limits;
+    let source = super::serve::peer_ip();
+    let hash = state.accounts.password_hash(user).await.map_err(db_error)?;
+    // A remembered success skips the lockout too: the password is proven, a guesser's
+    // failures against the same name must not lock its owner's working client out.
+    let key = hash.as_deref().map(|h| limits.cache_key(user, password, h));
+    if key.is_some_and(|k| limits.verified().get(&k, Instant::now()).is_some()) {
+        DEFENCE.auth_cache_hits.inc();
+        return Ok(Caller::User(user.to_string()));
+    }
+    limits.admit(user, source)?;
+    let Some(slot) = state.accounts.try_hashing_slot() else {
+        DEFENCE.auth_hash_busy.inc();
+        return Err(ApiError::new(
+            ErrorCode::Overloaded,
+            "too many password checks at once; retry later",
+        )
+        .with_retry_after(1));
+    };
+    // Argon2 runs on the blocking pool, in the slot; unknown users cost the same.
+    let ok = state
+        .accounts
+        .verify_password_hash(slot, hash, password)
+        .await
+        .map_err(db_error)?;
+    limits.outcome(user, source, ok);
+    match key {
+        Some(k) if ok => {
+            let now = Instant::now();
+            limits.verified().insert(k, (), now + VERIFIED_TTL, now);
+            Ok(Caller::User(user.to_string()))
         }
+        _ => Err(unauthorized(state, "wrong user or password")),
     }
 }
 
@@ -176,11 +286,14 @@ async fn digest(
     if !state.digest_algorithms.contains(&creds.algorithm) {
         return Err(unauthorized(state, "digest algorithm not offered"));
     }
-    // RFC 7616 3.4: `uri` must name this request's target.
+    // RFC 7616 3.4: `uri` must name this request's target, query included (else a response
+    // computed for `/x?a` would open `/x?b`).
     let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    if creds.uri != target && creds.uri != uri.path() {
+    if creds.uri != target {
         return Err(unauthorized(state, "digest uri does not match the request"));
     }
+    let source = super::serve::peer_ip();
+    state.auth_limits.admit(&creds.username, source)?;
     let ha1 = match state.accounts.ha1(&creds.username, creds.algorithm).await {
         Ok(h) => h,
         Err(e) => {
@@ -194,6 +307,13 @@ async fn digest(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .verify(&creds, &state.realm, ha1.as_deref(), method.as_str(), now);
+    match verdict {
+        Verdict::Ok | Verdict::BadResponse | Verdict::UnknownUser => {
+            let ok = verdict == Verdict::Ok;
+            state.auth_limits.outcome(&creds.username, source, ok);
+        }
+        _ => {}
+    }
     match verdict {
         Verdict::Ok => Ok(Caller::User(creds.username)),
         Verdict::Stale => {

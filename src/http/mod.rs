@@ -22,6 +22,7 @@ pub mod auth;
 pub mod errors;
 pub mod index_role;
 pub mod media;
+pub(crate) mod serve;
 pub mod shares;
 pub mod stores;
 pub mod upload;
@@ -73,6 +74,8 @@ pub struct HttpState {
     pub shares: Option<crate::share::Shares>,
     /// Set to true at a clean shutdown: uploads in flight stop and finish `truncated`.
     pub stop: Arc<watch::Sender<bool>>,
+    /// Lockouts and the cache of verified Basic credentials ([`auth`]).
+    pub(crate) auth_limits: Arc<auth::AuthLimits>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -113,6 +116,7 @@ impl HttpState {
             events: None,
             shares: None,
             stop: Arc::new(watch::channel(false).0),
+            auth_limits: Arc::new(auth::AuthLimits::new()),
         }
     }
 

@@ -10,7 +10,7 @@
 //! | `GET /v1/pieces/{content_id}/{n}` | content access |
 //! | `GET /v1/content/{content_id}` (Range) | content access |
 //! | `GET /v1/index/{content_id}` | content access |
-//! | `POST /v1/index/{content_id}/announce` | content access |
+//! | `POST /v1/index/{content_id}/announce` | content access with credentials (never anonymous) |
 //!
 //! The two index routes are also what `callvault index` serves ([`super::index_role`]), with
 //! the same handlers and the same [`content_access`] over the same database. When the index
@@ -21,7 +21,14 @@
 //! Content access: the content's offer token (`?token=` or Bearer), the Basic/Digest of a
 //! user some share of the content allows (its owner always), admin, or nobody at all when a
 //! share of it is `public`. A token for other content is `401` (the server cannot tell it
-//! from garbage), an authenticated user the policy refuses `403`.
+//! from garbage), an authenticated user the policy refuses `403`. A token given under the
+//! policy names its holder and is checked against the policy in force
+//! ([`crate::share::TokenGrant`]): after the owner narrows the policy it is `403`.
+//!
+//! Announces (issue 10, finding 9) also need credentials (the offer token or an account): the
+//! holder list steers other peers' traffic. Each holder is recorded under its announcer (a
+//! digest of the token, or the user): `409 peer-id-taken` for another's peer id, `429
+//! too-many-holders` past the per-announcer cap, `503 index-full` when the content is full.
 //!
 //! `/v1/shares/{content_id}/manifest` and `/v1/shares/{user}/{name}` have the same shape: a
 //! GET whose first segment is 64 lowercase hex digits and whose second is `manifest` is the
@@ -61,12 +68,13 @@ use super::auth::{authenticate, unauthorized, Caller};
 use super::errors::ApiError;
 use super::HttpState;
 use crate::metrics::ShareSource;
-use crate::share::index::Bitfield;
+use crate::share::index::{Bitfield, IndexError};
 use crate::share::manifest::{is_sha256_hex, percent_encode, piece_range, validate_name};
 use crate::share::rate::throttle;
 use crate::share::select::SourceClass;
-use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares};
+use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares, TokenGrant};
 use crate::storage::stores::rfc3339;
+use sha2::{Digest as _, Sha256};
 
 /// Largest read from the content file at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -135,6 +143,19 @@ pub(crate) async fn content_access(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<Share, ApiError> {
+    content_access_as(state, content_id, method, uri, headers)
+        .await
+        .map(|(share, _)| share)
+}
+
+/// [`content_access`], also giving who was let in.
+async fn content_access_as(
+    state: &HttpState,
+    content_id: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(Share, Option<Caller>), ApiError> {
     let sh = shares(state)?;
     let caller = authenticate(state, method, uri, headers).await?;
     let rows = if is_sha256_hex(content_id) {
@@ -143,9 +164,11 @@ pub(crate) async fn content_access(
         Vec::new()
     };
     authorize(state, sh, content_id, &rows, caller.as_ref())?;
-    rows.into_iter()
+    let share = rows
+        .into_iter()
         .next()
-        .ok_or_else(|| ApiError::not_found(format!("no shared content {content_id}")))
+        .ok_or_else(|| ApiError::not_found(format!("no shared content {content_id}")))?;
+    Ok((share, caller))
 }
 
 /// May `caller` read content `content_id`, given the shares naming it? Admin and a token for
@@ -166,8 +189,15 @@ fn authorize(
     let allowed = |r: Option<&Requester>| rows.iter().any(|s| sh.may_fetch(s, r));
     match caller {
         Some(Caller::Admin) => Ok(()),
-        Some(Caller::Token(t)) if sh.verify_offer_token(content_id, t) => Ok(()),
-        Some(Caller::Token(_)) => Err(unauthorized(state, "token does not open this content")),
+        // A token given under the policy is checked against the policy in force now.
+        Some(Caller::Token(t)) => match sh.offer_token_grant(content_id, t) {
+            Some(TokenGrant::Consent) => Ok(()),
+            Some(TokenGrant::Holder(r)) if allowed(r.as_ref()) => Ok(()),
+            Some(TokenGrant::Holder(_)) => Err(ApiError::forbidden(
+                "the sharing policy no longer includes this token's holder",
+            )),
+            None => Err(unauthorized(state, "token does not open this content")),
+        },
         Some(Caller::User(_)) if allowed(requester_of(state, caller).as_ref()) => Ok(()),
         Some(Caller::User(_)) => Err(ApiError::forbidden(
             "the sharing policy does not include you",
@@ -681,7 +711,19 @@ pub async fn post_announce(
         return Ok(r);
     }
     let content_id = path1(path)?;
-    let share = content_access(&state, &content_id, &method, &uri, &headers).await?;
+    let (share, caller) = content_access_as(&state, &content_id, &method, &uri, &headers).await?;
+    // Announces are authenticated (issue 10): the holder list steers other peers' traffic.
+    let announcer = match &caller {
+        None => {
+            return Err(unauthorized(
+                &state,
+                "announces need the offer token or an account",
+            ))
+        }
+        Some(Caller::Token(t)) => format!("token:{}", hex::encode(&Sha256::digest(t)[..16])),
+        Some(Caller::User(u)) => format!("user:{u}"),
+        Some(Caller::Admin) => "admin".to_string(),
+    };
     let bad = |detail: String| ApiError::new(ErrorCode::BadAnnounce, detail);
     let a: Announce = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
@@ -697,15 +739,25 @@ pub async fn post_announce(
     let have = Bitfield::from_base64(&a.have, pieces).map_err(|e| bad(e.to_string()))?;
     let sh = shares(&state)?;
     sh.index()
-        .announce(
+        .announce_as(
             &content_id,
             &a.peer_id,
             &a.address,
             class,
             have,
+            &announcer,
             SystemTime::now(),
         )
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| match e {
+            IndexError::PeerIdTaken(_) => ApiError::new(ErrorCode::PeerIdTaken, e.to_string()),
+            IndexError::TooManyFromAnnouncer => {
+                ApiError::new(ErrorCode::TooManyHolders, e.to_string())
+            }
+            IndexError::Full => {
+                ApiError::new(ErrorCode::IndexFull, e.to_string()).with_retry_after(60)
+            }
+            _ => bad(e.to_string()),
+        })?;
     Ok(Json(index_view(sh, &share, &headers)).into_response())
 }
 

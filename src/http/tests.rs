@@ -720,7 +720,8 @@ async fn upload_error_rows() {
     let a = h.addr;
     let put = |s: &Store| format!("/v1/stores/{}/data?token={}", s.id, upload_token(s));
 
-    // Unknown and expired stores: 404 unknown-store (before anything else).
+    // Unknown stores: 401 to strangers (issue 10: ids cannot be probed), 404 to an account;
+    // an expired store with its own token: 404 unknown-store.
     let r = request(
         a,
         "PUT",
@@ -729,8 +730,17 @@ async fn upload_error_rows() {
         b"abc",
     )
     .await;
-    assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
+    assert_eq!((r.status, r.error().as_str()), (401, "unauthorized"));
     let r = request(a, "PUT", "/v1/stores/garbage/data", &[], b"abc").await;
+    assert_eq!((r.status, r.error().as_str()), (401, "unauthorized"));
+    let r = request(
+        a,
+        "PUT",
+        "/v1/stores/garbage/data",
+        &[("Authorization", &basic("1001", "pw1"))],
+        b"abc",
+    )
+    .await;
     assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
     let expired = pending_store(&h, "1001", "1002", Duration::ZERO).await;
     let r = request(a, "PUT", &put(&expired), &[], b"abc").await;

@@ -120,11 +120,19 @@ pub async fn put_data(
 ) -> Result<Response, ApiError> {
     let id = path_id(path)?;
     let now = SystemTime::now();
-    let found = state.stores.get(&id).await?;
-    let Some(store) = found.filter(|s| s.is_open(now)) else {
-        return Err(Refusal::bare(ErrorCode::UnknownStore).into());
-    };
+    // Credentials first (issue 10): a stranger gets 401 whether the store exists or not, and a
+    // token that opens no open store is answered like a wrong one.
     let caller = require_caller(&state, &method, &uri, &headers).await?;
+    let store = match (state.stores.get(&id).await?, &caller) {
+        (Some(s), _) if s.is_open(now) => s,
+        (Some(s), Caller::Token(t)) if upload_token_matches(&s, t) || s.token_matches(t) => {
+            return Err(Refusal::bare(ErrorCode::UnknownStore).into())
+        }
+        (_, Caller::Token(_)) => {
+            return Err(unauthorized(&state, "token does not open this store"))
+        }
+        _ => return Err(Refusal::bare(ErrorCode::UnknownStore).into()),
+    };
     check_sender(&state, &caller, &store)?;
     let len = content_length(&headers)?;
     let (format, payload_type) = upload_format(&headers);

@@ -31,6 +31,15 @@ pub enum IndexError {
     BadPeerId,
     #[error("address must be host:port")]
     BadAddress,
+    /// Another announcer holds this peer id (until it expires): nobody may move a peer.
+    #[error("peer_id {0:?} is announced by someone else")]
+    PeerIdTaken(String),
+    /// This announcer has [`MAX_HOLDERS_PER_ANNOUNCER`] holders of the content already.
+    #[error("at most {MAX_HOLDERS_PER_ANNOUNCER} holders per announcer and content")]
+    TooManyFromAnnouncer,
+    /// [`MAX_HOLDERS_PER_CONTENT`] live holders: new ones wait until some expire.
+    #[error("the index of this content is full")]
+    Full,
 }
 
 /// Which pieces a holder has.
@@ -183,7 +192,25 @@ pub fn validate_address(addr: &str) -> Result<(), IndexError> {
 
 /// Where holders are recorded. Implementations must be cheap to call from async handlers.
 pub trait PieceIndex: Send + Sync + std::fmt::Debug {
-    /// Records (or refreshes) what `peer_id` at `address`, of `class`, holds of `content_id`.
+    /// Records (or refreshes) what `peer_id` at `address`, of `class`, holds of `content_id`,
+    /// on behalf of `announcer` (who proved it: a token digest, a user). A peer id belongs to
+    /// the announcer who first announced it until it expires; an announcer has at most
+    /// [`MAX_HOLDERS_PER_ANNOUNCER`] holders per content; a full content refuses new holders
+    /// rather than evicting live ones (issue 10, finding 9).
+    #[allow(clippy::too_many_arguments)]
+    fn announce_as(
+        &self,
+        content_id: &str,
+        peer_id: &str,
+        address: &str,
+        class: SourceClass,
+        have: Bitfield,
+        announcer: &str,
+        now: SystemTime,
+    ) -> Result<(), IndexError>;
+
+    /// [`announce_as`](Self::announce_as) with the peer as its own announcer (in-process
+    /// callers that need no proof).
     fn announce(
         &self,
         content_id: &str,
@@ -192,7 +219,9 @@ pub trait PieceIndex: Send + Sync + std::fmt::Debug {
         class: SourceClass,
         have: Bitfield,
         now: SystemTime,
-    ) -> Result<(), IndexError>;
+    ) -> Result<(), IndexError> {
+        self.announce_as(content_id, peer_id, address, class, have, peer_id, now)
+    }
 
     /// Holders heard from within the TTL, by peer id; expired ones are dropped.
     fn holders(&self, content_id: &str, now: SystemTime) -> Vec<Holder>;
@@ -204,15 +233,28 @@ pub trait PieceIndex: Send + Sync + std::fmt::Debug {
     fn forget_content(&self, content_id: &str);
 }
 
-/// Upper bound on holders kept per content: an announcer flood evicts the stalest, never
-/// grows memory without bound.
+/// Upper bound on live holders kept per content; when reached, new holders are refused
+/// (existing ones are never pushed out by newcomers).
 pub const MAX_HOLDERS_PER_CONTENT: usize = 4096;
+
+/// Holders one announcer may keep per content: a token shared by a household of terminals,
+/// each restarted once or twice within the holder TTL.
+pub const MAX_HOLDERS_PER_ANNOUNCER: usize = 16;
+
+/// A holder and who announced it.
+#[derive(Debug, Clone)]
+struct Entry {
+    holder: Holder,
+    announcer: String,
+}
+
+type ContentMap = HashMap<String, HashMap<String, Entry>>;
 
 /// The index inside callvault: a map behind a mutex.
 #[derive(Debug)]
 pub struct MemoryIndex {
     ttl: Duration,
-    map: Mutex<HashMap<String, HashMap<String, Holder>>>,
+    map: Mutex<ContentMap>,
 }
 
 impl MemoryIndex {
@@ -223,7 +265,7 @@ impl MemoryIndex {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Holder>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ContentMap> {
         // Every operation leaves the map consistent, so a poisoned lock is still usable.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -239,7 +281,7 @@ impl MemoryIndex {
         let mut contents = 0;
         let mut holders = 0;
         for hs in map.values() {
-            let live = hs.values().filter(|h| self.live(h, now)).count();
+            let live = hs.values().filter(|e| self.live(&e.holder, now)).count();
             holders += live;
             contents += usize::from(live > 0);
         }
@@ -250,20 +292,21 @@ impl MemoryIndex {
     pub fn sweep(&self, now: SystemTime) {
         let mut map = self.lock();
         map.retain(|_, holders| {
-            holders.retain(|_, h| self.live(h, now));
+            holders.retain(|_, e| self.live(&e.holder, now));
             !holders.is_empty()
         });
     }
 }
 
 impl PieceIndex for MemoryIndex {
-    fn announce(
+    fn announce_as(
         &self,
         content_id: &str,
         peer_id: &str,
         address: &str,
         class: SourceClass,
         have: Bitfield,
+        announcer: &str,
         now: SystemTime,
     ) -> Result<(), IndexError> {
         validate_peer_id(peer_id)?;
@@ -274,24 +317,36 @@ impl PieceIndex for MemoryIndex {
         validate_address(address)?;
         let mut map = self.lock();
         let holders = map.entry(content_id.to_string()).or_default();
-        holders.retain(|_, h| self.live(h, now));
-        if !holders.contains_key(peer_id) && holders.len() >= MAX_HOLDERS_PER_CONTENT {
-            if let Some(oldest) = holders
-                .values()
-                .min_by_key(|h| h.last_seen)
-                .map(|h| h.peer_id.clone())
-            {
-                holders.remove(&oldest);
+        holders.retain(|_, e| self.live(&e.holder, now));
+        match holders.get(peer_id) {
+            Some(e) if e.announcer != announcer => {
+                return Err(IndexError::PeerIdTaken(peer_id.to_string()))
+            }
+            Some(_) => {}
+            None => {
+                if holders.len() >= MAX_HOLDERS_PER_CONTENT {
+                    return Err(IndexError::Full);
+                }
+                let mine = holders
+                    .values()
+                    .filter(|e| e.announcer == announcer)
+                    .count();
+                if mine >= MAX_HOLDERS_PER_ANNOUNCER {
+                    return Err(IndexError::TooManyFromAnnouncer);
+                }
             }
         }
         holders.insert(
             peer_id.to_string(),
-            Holder {
-                peer_id: peer_id.to_string(),
-                address: address.to_string(),
-                class,
-                have,
-                last_seen: now,
+            Entry {
+                holder: Holder {
+                    peer_id: peer_id.to_string(),
+                    address: address.to_string(),
+                    class,
+                    have,
+                    last_seen: now,
+                },
+                announcer: announcer.to_string(),
             },
         );
         Ok(())
@@ -302,8 +357,8 @@ impl PieceIndex for MemoryIndex {
         let Some(holders) = map.get_mut(content_id) else {
             return Vec::new();
         };
-        holders.retain(|_, h| self.live(h, now));
-        let mut out: Vec<Holder> = holders.values().cloned().collect();
+        holders.retain(|_, e| self.live(&e.holder, now));
+        let mut out: Vec<Holder> = holders.values().map(|e| e.holder.clone()).collect();
         if holders.is_empty() {
             map.remove(content_id);
         }
@@ -443,24 +498,52 @@ mod tests {
     }
 
     #[test]
-    fn holder_count_is_bounded() {
+    fn holder_count_is_bounded_without_evicting_live_holders() {
         let idx = MemoryIndex::new(Duration::from_secs(600));
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        for i in 0..MAX_HOLDERS_PER_CONTENT + 1 {
-            peer(
-                &idx,
-                "c",
-                &format!("p{i}"),
-                Bitfield::empty(1),
-                t0 + Duration::from_millis(i as u64),
-            )
-            .unwrap();
+        for i in 0..MAX_HOLDERS_PER_CONTENT {
+            peer(&idx, "c", &format!("p{i}"), Bitfield::empty(1), t0).unwrap();
         }
+        assert_eq!(
+            peer(&idx, "c", "late", Bitfield::empty(1), t0),
+            Err(IndexError::Full)
+        );
         let h = idx.holders("c", t0 + Duration::from_secs(1));
         assert_eq!(h.len(), MAX_HOLDERS_PER_CONTENT);
-        assert!(
-            h.iter().all(|h| h.peer_id != "p0"),
-            "the stalest is evicted"
+        assert!(h.iter().any(|h| h.peer_id == "p0"), "nobody is pushed out");
+        // Once they expire there is room again.
+        let later = t0 + Duration::from_secs(601);
+        peer(&idx, "c", "late", Bitfield::empty(1), later).unwrap();
+    }
+
+    #[test]
+    fn peer_ids_belong_to_their_announcer_and_announcers_are_capped() {
+        let idx = MemoryIndex::new(Duration::from_secs(600));
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let a = |id: &str, addr: &str, who: &str| {
+            idx.announce_as(
+                "c",
+                id,
+                addr,
+                SourceClass::Peer,
+                Bitfield::empty(1),
+                who,
+                t0,
+            )
+        };
+        a("real", "127.0.0.1:9000", "alice").unwrap();
+        assert_eq!(
+            a("real", "127.0.0.9:6666", "mallory"),
+            Err(IndexError::PeerIdTaken("real".into()))
+        );
+        a("real", "127.0.0.1:9001", "alice").unwrap();
+        assert_eq!(idx.holders("c", t0)[0].address, "127.0.0.1:9001");
+        for i in 0..MAX_HOLDERS_PER_ANNOUNCER {
+            a(&format!("m{i}"), "127.0.0.9:1", "mallory").unwrap();
+        }
+        assert_eq!(
+            a("one-more", "127.0.0.9:1", "mallory"),
+            Err(IndexError::TooManyFromAnnouncer)
         );
     }
 

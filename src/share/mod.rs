@@ -19,7 +19,7 @@ pub use index::{Bitfield, Holder, IndexError, MemoryIndex, PieceIndex};
 pub use manifest::{Manifest, NameError};
 pub use policy::{Policy, PolicyError, Requester};
 pub use select::{CostModel, CostParams, Source, SourceClass};
-pub use store::{Offer, Share, ShareSettings, ShareView, Shares};
+pub use store::{Offer, Share, ShareSettings, ShareView, Shares, TokenGrant};
 
 /// Content type of a share request (step 2).
 pub const SHARE_REQUEST_TYPE: &str = "application/vnd.callvault.share-request+json";

@@ -11,7 +11,8 @@
 //! in the manifest) share one directory; it is deleted when the last row naming it goes.
 //!
 //! Quota: publishing reserves the declared size on the owner's account before the first byte
-//! is stored and, in the same database transaction that records the share, settles it (the
+//! is stored (journaled in `share_uploads` in the same transaction, so start-up recovery can
+//! give back what a crash interrupted: [`Shares::recover_uploads`]) and, in the same database transaction that records the share, settles it (the
 //! reservation off, the actual size on) and gives back the size of the share it replaces.
 //! The reservation is taken in full even when replacing: the old file is still served until
 //! the new one is complete.
@@ -25,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use rand::RngCore;
@@ -45,6 +48,17 @@ use crate::storage::{Accounts, Db};
 
 /// Bytes handed to the blocking writer at once: bounds what an upload holds in memory.
 const WRITE_BATCH: usize = 1024 * 1024;
+
+/// What a valid offer token opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenGrant {
+    /// Given with the sharer's consent (a forwarded request, [`Shares::offer`]): the content,
+    /// as long as it is shared.
+    Consent,
+    /// Given under the policy to this requester (None: anonymous, [`Shares::offer_to`]): the
+    /// content, as long as the current policy of some share of it allows that requester.
+    Holder(Option<Requester>),
+}
 
 /// Tunables, from `[share]` plus what the server knows about itself.
 #[derive(Debug, Clone)]
@@ -306,6 +320,65 @@ impl Shares {
         want.len() == token.len() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
     }
 
+    /// The token of an offer made under the policy to `requester` (None: anonymous):
+    /// `<mac>.<holder>`, the holder (`s`/`o` for subscriber or other, then the AOR) in
+    /// base64url. It names its holder so every use is checked against the policy *then in
+    /// force* ([`Shares::offer_token_grant`]): narrowing the policy revokes it (issue 10,
+    /// finding 9).
+    pub fn issue_offer_token_for(&self, content_id: &str, requester: Option<&Requester>) -> String {
+        let who = requester.map_or(String::new(), |r| {
+            format!("{}{}", if r.subscriber { 's' } else { 'o' }, r.aor)
+        });
+        format!(
+            "{}.{}",
+            self.holder_mac(content_id, &who),
+            URL_SAFE_NO_PAD.encode(&who)
+        )
+    }
+
+    fn holder_mac(&self, content_id: &str, who: &str) -> String {
+        let mut msg = b"callvault share offer holder\0".to_vec();
+        msg.extend_from_slice(content_id.as_bytes());
+        msg.push(0);
+        msg.extend_from_slice(who.as_bytes());
+        hex::encode(hmac_sha256(&self.inner.secret, &msg))
+    }
+
+    /// What `token` grants for `content_id`, if it is one of ours for it.
+    pub fn offer_token_grant(&self, content_id: &str, token: &str) -> Option<TokenGrant> {
+        let Some((mac, holder)) = token.split_once('.') else {
+            return self
+                .verify_offer_token(content_id, token)
+                .then_some(TokenGrant::Consent);
+        };
+        let who = String::from_utf8(URL_SAFE_NO_PAD.decode(holder).ok()?).ok()?;
+        let want = self.holder_mac(content_id, &who);
+        if want.len() != mac.len() || !bool::from(want.as_bytes().ct_eq(mac.as_bytes())) {
+            return None;
+        }
+        let requester = match who.split_at_checked(1) {
+            None | Some(("", _)) => None,
+            Some((kind, aor)) => Some(Requester {
+                aor: aor.to_string(),
+                subscriber: kind == "s",
+            }),
+        };
+        Some(TokenGrant::Holder(requester))
+    }
+
+    /// [`Shares::offer`] made under the policy to `requester`: its token is checked against
+    /// the policy on every use.
+    pub fn offer_to(
+        &self,
+        share: &Share,
+        server_url: &str,
+        requester: Option<&Requester>,
+    ) -> Offer {
+        let mut offer = self.offer(share, server_url);
+        offer.token = self.issue_offer_token_for(&share.content_id, requester);
+        offer
+    }
+
     /// The step-3 offer for `share`, with URLs under `server_url` (e.g.
     /// `http://192.0.2.10:8080`, no trailing slash needed).
     pub fn offer(&self, share: &Share, server_url: &str) -> Offer {
@@ -442,31 +515,133 @@ impl Shares {
     {
         validate_name(name)?;
         let declared_i = bytes_i64(declared)?;
-        match self.inner.accounts.reserve(owner, declared).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(ShareError::QuotaExceeded {
-                    owner: owner.to_string(),
-                    bytes: declared,
-                })
-            }
-            Err(crate::storage::AccountError::NotFound(u)) => return Err(ShareError::NoAccount(u)),
-            Err(e) => return Err(e.into()),
+        let upload_id = random_hex(16);
+        let staging = self.root().join(".staging").join(&upload_id);
+        // The folder before the journal row, so a row always has its folder on this node
+        // ([`Shares::recover_uploads`]).
+        tokio::fs::create_dir_all(&staging).await?;
+        let reserved = self.reserve_upload(owner, declared_i, &upload_id).await;
+        if let Err(e) = reserved {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(e);
         }
-        let staging = self.root().join(".staging").join(random_hex(16));
         let result = self
             .receive_and_commit(
-                owner, name, policy, declared, declared_i, &staging, &mut body,
+                owner, name, policy, declared, declared_i, &upload_id, &mut body,
             )
             .await;
         if result.is_err() {
-            if let Err(e) = self.inner.accounts.settle(owner, declared, 0).await {
+            if let Err(e) = self.release_upload(owner, declared_i, &upload_id).await {
                 tracing::error!(owner, error = %e, "share reservation not released");
             }
         }
         // Gone already when it was moved into place.
         let _ = tokio::fs::remove_dir_all(&staging).await;
         result
+    }
+
+    fn staging_root(&self) -> PathBuf {
+        self.root().join(".staging")
+    }
+
+    /// Reserves `bytes` on `owner`'s free space and journals the upload `id`, in one
+    /// transaction: a crash can never leave a reservation nobody knows about.
+    async fn reserve_upload(&self, owner: &str, bytes: i64, id: &str) -> Result<(), ShareError> {
+        let mut tx = self.inner.db.pool().begin().await?;
+        // Same statement as Accounts::reserve, inside this transaction.
+        let done = sqlx::query(
+            "UPDATE accounts SET reserved_bytes = reserved_bytes + $2, updated_at = $3 \
+             WHERE username = $1 AND quota_bytes - used_bytes - reserved_bytes >= $2",
+        )
+        .bind(owner)
+        .bind(bytes)
+        .bind(to_ms(SystemTime::now()).div_euclid(1000))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Err(match self.inner.accounts.get(owner).await? {
+                None => ShareError::NoAccount(owner.to_string()),
+                Some(_) => ShareError::QuotaExceeded {
+                    owner: owner.to_string(),
+                    bytes: u64::try_from(bytes).unwrap_or(0),
+                },
+            });
+        }
+        sqlx::query(
+            "INSERT INTO share_uploads (id, owner, reserved, started_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(bytes)
+        .bind(to_ms(SystemTime::now()))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends the upload `id` without a share: its reservation back, its journal row gone, in one
+    /// transaction. Nothing happens when the row is gone already (never released twice).
+    async fn release_upload(&self, owner: &str, bytes: i64, id: &str) -> Result<(), ShareError> {
+        let mut tx = self.inner.db.pool().begin().await?;
+        let gone = sqlx::query("DELETE FROM share_uploads WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() == 1 {
+            // Same arithmetic as Accounts::settle with nothing used.
+            sqlx::query(
+                "UPDATE accounts SET \
+                 reserved_bytes = CASE WHEN reserved_bytes >= $2 THEN reserved_bytes - $2 ELSE 0 END, \
+                 updated_at = $3 WHERE username = $1",
+            )
+            .bind(owner)
+            .bind(bytes)
+            .bind(to_ms(SystemTime::now()).div_euclid(1000))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Start-up recovery of uploads a crash interrupted (issue 10, finding 6): every journal
+    /// row whose staging folder is on this node gets its reservation back, and every staging
+    /// folder is removed (nothing is in flight before the server serves). Rows without a local
+    /// folder belong to another node sharing the database and are left alone. Returns the
+    /// recovered `(id, owner, bytes)`.
+    pub async fn recover_uploads(&self) -> Result<Vec<(String, String, u64)>, ShareError> {
+        let staging = self.staging_root();
+        let mut local = std::collections::HashSet::new();
+        match tokio::fs::read_dir(&staging).await {
+            Ok(mut dir) => {
+                while let Some(e) = dir.next_entry().await? {
+                    local.insert(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let rows = sqlx::query("SELECT id, owner, reserved FROM share_uploads")
+            .fetch_all(self.inner.db.pool())
+            .await?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            if !local.contains(&id) {
+                continue;
+            }
+            let owner: String = row.try_get("owner")?;
+            let reserved: i64 = row.try_get("reserved")?;
+            self.release_upload(&owner, reserved, &id).await?;
+            tracing::info!(owner = %owner, bytes = reserved, "interrupted share upload: reservation released");
+            out.push((id, owner, u64::try_from(reserved).unwrap_or(0)));
+        }
+        for name in local {
+            tokio::fs::remove_dir_all(staging.join(name)).await?;
+        }
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -477,7 +652,7 @@ impl Shares {
         policy: Policy,
         declared: u64,
         declared_i: i64,
-        staging: &Path,
+        upload_id: &str,
         body: &mut S,
     ) -> Result<Share, ShareError>
     where
@@ -485,7 +660,8 @@ impl Shares {
         E: fmt::Display,
     {
         let piece_size = self.inner.settings.piece_size;
-        let dir = staging.to_path_buf();
+        let staging = self.staging_root().join(upload_id);
+        let dir = staging.clone();
         let mut writer = blocking(move || ContentWriter::create(&dir, piece_size)).await?;
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
@@ -545,7 +721,7 @@ impl Shares {
             // A leftover partial directory (crash mid-rename is not possible, but a manual
             // copy might be) is replaced.
             let _ = tokio::fs::remove_dir_all(&target).await;
-            tokio::fs::rename(staging, &target).await?;
+            tokio::fs::rename(&staging, &target).await?;
         }
         // Millisecond precision, as stored, so the value returned equals the one read back.
         let now = from_ms(to_ms(SystemTime::now()));
@@ -559,7 +735,7 @@ impl Shares {
             policy,
             created_at: now,
         };
-        let replaced = match self.record(&share, declared_i, now).await {
+        let replaced = match self.record(&share, declared_i, upload_id, now).await {
             Ok(r) => r,
             Err(e) => {
                 self.collect(&content_id).await;
@@ -579,6 +755,7 @@ impl Shares {
         &self,
         share: &Share,
         reserved: i64,
+        upload_id: &str,
         now: SystemTime,
     ) -> Result<Option<String>, ShareError> {
         let mut tx = self.inner.db.pool().begin().await?;
@@ -623,6 +800,11 @@ impl Shares {
             tx.rollback().await?;
             return Err(ShareError::NoAccount(share.owner.clone()));
         }
+        // The upload is over: its journal row goes with the reservation it recorded.
+        sqlx::query("DELETE FROM share_uploads WHERE id = $1")
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(old_id)
     }

@@ -1,6 +1,7 @@
 //! Subscriber accounts: SIP credentials, storage PIN, quota and its use.
 //!
-//! Argon2 work runs on the blocking pool so a PIN check never stalls the SIP event loop.
+//! Argon2 work runs on a few threads of its own (bounded: [`HASHING_SLOTS`]) so a PIN check
+//! never stalls the SIP event loop and a password flood cannot take memory without bound.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -206,12 +207,24 @@ fn from_row(row: &AnyRow) -> Result<Account, AccountError> {
     })
 }
 
+/// Argon2 runs at once, all callers together. Each holds 8 MiB (see [`default_params`]), so
+/// this bounds what password checks can take however many arrive (issue 10, finding 4);
+/// about 100 checks per second per slot is plenty for logins.
+pub const HASHING_SLOTS: usize = 2;
+
+/// The right to run one Argon2 computation (see [`HASHING_SLOTS`]).
+#[derive(Debug)]
+pub struct HashSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Account operations over the metadata database. `realm` is `sip.domain`.
 #[derive(Debug, Clone)]
 pub struct Accounts {
     db: Db,
     realm: String,
     params: Params,
+    hashing: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Accounts {
@@ -220,6 +233,7 @@ impl Accounts {
             db,
             realm: realm.into(),
             params: default_params(),
+            hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHING_SLOTS)),
         }
     }
 
@@ -234,10 +248,32 @@ impl Accounts {
         &self.realm
     }
 
+    /// A hashing slot if one is free right now: HTTP Basic sheds load (503) instead of
+    /// queueing behind a flood.
+    pub fn try_hashing_slot(&self) -> Option<HashSlot> {
+        self.hashing
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| HashSlot { _permit: p })
+    }
+
+    /// Waits for a hashing slot.
+    async fn hashing_slot(&self) -> Result<HashSlot, AccountError> {
+        self.hashing
+            .clone()
+            .acquire_owned()
+            .await
+            .map(|p| HashSlot { _permit: p })
+            .map_err(|e| AccountError::Hash(e.to_string()))
+    }
+
     async fn hash(&self, secret: &str) -> Result<String, AccountError> {
         let params = self.params.clone();
         let secret = secret.to_string();
+        let slot = self.hashing_slot().await?;
         run_blocking(move || {
+            let _slot = slot;
             let salt = SaltString::generate(&mut rand::rngs::OsRng);
             Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
                 .hash_password(secret.as_bytes(), &salt)
@@ -455,13 +491,31 @@ impl Accounts {
     /// timing does not tell users apart. Lockout is the caller's business (PROTOCOL 5).
     pub async fn verify_pin(&self, user: &str, pin: &str) -> Result<bool, AccountError> {
         let hash = self.get(user).await?.map(|a| a.pin_hash);
-        verify_secret(hash, pin.to_string(), self.params.clone()).await
+        let slot = self.hashing_slot().await?;
+        verify_secret(slot, hash, pin.to_string(), self.params.clone()).await
     }
 
     /// Argon2 check of the SIP password (HTTP Basic).
     pub async fn verify_password(&self, user: &str, password: &str) -> Result<bool, AccountError> {
-        let hash = self.get(user).await?.map(|a| a.password_hash);
-        verify_secret(hash, password.to_string(), self.params.clone()).await
+        let hash = self.password_hash(user).await?;
+        let slot = self.hashing_slot().await?;
+        self.verify_password_hash(slot, hash, password).await
+    }
+
+    /// The stored Argon2 PHC string of `user`'s password (None: no such user).
+    pub async fn password_hash(&self, user: &str) -> Result<Option<String>, AccountError> {
+        Ok(self.get(user).await?.map(|a| a.password_hash))
+    }
+
+    /// Argon2 check of `password` against `hash` from [`Accounts::password_hash`] in `slot`;
+    /// `None` (unknown user) costs the same and is false.
+    pub async fn verify_password_hash(
+        &self,
+        slot: HashSlot,
+        hash: Option<String>,
+        password: &str,
+    ) -> Result<bool, AccountError> {
+        verify_secret(slot, hash, password.to_string(), self.params.clone()).await
     }
 
     /// Reserves `bytes` against the free space, atomically. False = not enough free space.
@@ -517,20 +571,85 @@ fn default_params() -> Params {
     Params::new(8 * 1024, 2, 1, None).unwrap_or_default()
 }
 
+/// One piece of Argon2 work for [`hashing_threads`].
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// The threads Argon2 runs on: [`HASHING_SLOTS`] of them, for the whole process. Not tokio's
+/// blocking pool: glibc gives each allocating thread an arena of its own and keeps freed
+/// 8 MiB blocks there, so hashing spread over hundreds of blocking threads pins hundreds of
+/// times 8 MiB (issue 10, finding 4: measured 93 MB after a dozen checks). Fed only by holders
+/// of a [`HashSlot`], so the queue is never longer than the slots.
+fn hashing_threads(
+) -> Result<&'static std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>, AccountError> {
+    static POOL: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..HASHING_SLOTS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || loop {
+                    // Poisoning cannot leave the receiver inconsistent: take it anyway.
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => {
+                            job();
+                            give_back_freed_memory();
+                        }
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-hashing thread");
+                return None;
+            }
+        }
+        Some(std::sync::Mutex::new(tx))
+    })
+    .as_ref()
+    .ok_or_else(|| AccountError::Hash("no password-hashing thread".into()))
+}
+
+/// Returns the freed Argon2 blocks to the system. glibc keeps a freed 8 MiB block in the
+/// thread's arena for reuse, and interleaved small allocations fragment it: measured 40-50 MB
+/// held per hashing thread after a flood without this. One trim per hash costs far less than
+/// the hash.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 async fn run_blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AccountError> + Send + 'static,
 ) -> Result<T, AccountError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AccountError::Hash(format!("hashing task failed: {e}")))?
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: HashJob = Box::new(move || {
+        // The waiter may be gone (client hung up): the result is simply dropped.
+        let _ = tx.send(f());
+    });
+    hashing_threads()?
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .map_err(|_| AccountError::Hash("password-hashing threads stopped".into()))?;
+    rx.await
+        .map_err(|_| AccountError::Hash("hashing task failed".into()))?
 }
 
 async fn verify_secret(
+    slot: HashSlot,
     hash: Option<String>,
     secret: String,
     params: Params,
 ) -> Result<bool, AccountError> {
     run_blocking(move || {
+        // Held until the computation ends, on the blocking thread.
+        let _slot = slot;
         let Some(hash) = hash else {
             // Unknown user: spend the same effort on a throwaway hash.
             let salt = SaltString::generate(&mut rand::rngs::OsRng);

@@ -39,6 +39,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "account threshold limit",
         include_str!("../../migrations/0005_account_threshold_limit.sql"),
     ),
+    (
+        6,
+        "share uploads",
+        include_str!("../../migrations/0006_share_uploads.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

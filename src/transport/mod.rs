@@ -7,6 +7,11 @@
 //! the UDP socket of the matching family, or the TCP connection to that peer (reused when the
 //! peer connected to us, RFC 5923-style; opened on demand otherwise). TLS connections
 //! ([`tls`]) are TCP connections with a handshake first and run the same framing loop.
+//!
+//! Inbound TCP and TLS are bounded ([`TcpLimits`], issue 10 finding 5): connections per
+//! listener and per source ([`crate::guard::ConnGate`], over the cap closed at once), bytes
+//! buffered for one message (more: `513`/`400` and close), time to complete a begun message,
+//! and idle time.
 
 pub mod tls;
 
@@ -53,6 +58,21 @@ pub enum TransportEvent {
 
 type ConnMap = Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Bytes>>>>;
 
+/// How long a closing connection's writer may take to send what is queued.
+const WRITER_DRAIN: Duration = Duration::from_secs(1);
+
+/// Bounds on inbound SIP TCP/TLS connections (`[limits]` and `sip.tcp_idle_secs`).
+#[derive(Debug, Clone)]
+pub struct TcpLimits {
+    /// A connection with nothing to read this long is closed.
+    pub idle: Duration,
+    /// A message begun but not complete this long closes the connection.
+    pub message_timeout: Duration,
+    /// Bytes buffered for one incomplete message at most.
+    pub max_message_bytes: usize,
+    pub(crate) gate: Arc<crate::guard::ConnGate>,
+}
+
 /// Every bound SIP socket, cheap to clone.
 #[derive(Clone)]
 pub struct Transports {
@@ -63,7 +83,7 @@ pub struct Transports {
     tls: Option<Arc<tls::SipTls>>,
     conns: ConnMap,
     events: mpsc::Sender<TransportEvent>,
-    idle: Duration,
+    tcp: Arc<TcpLimits>,
 }
 
 impl Transports {
@@ -71,9 +91,9 @@ impl Transports {
     pub async fn bind(
         listens: &[ListenAddr],
         events: mpsc::Sender<TransportEvent>,
-        tcp_idle: Duration,
+        tcp: TcpLimits,
     ) -> Result<Transports, TransportError> {
-        Self::bind_with_tls(listens, events, tcp_idle, None).await
+        Self::bind_with_tls(listens, events, tcp, None).await
     }
 
     /// [`Transports::bind`] with TLS: `tls:` listeners accept with `tls`'s certificate and
@@ -81,7 +101,7 @@ impl Transports {
     pub async fn bind_with_tls(
         listens: &[ListenAddr],
         events: mpsc::Sender<TransportEvent>,
-        tcp_idle: Duration,
+        tcp: TcpLimits,
         tls: Option<Arc<tls::SipTls>>,
     ) -> Result<Transports, TransportError> {
         let mut udp = Vec::new();
@@ -129,7 +149,7 @@ impl Transports {
             tls,
             conns: Arc::new(Mutex::new(HashMap::new())),
             events,
-            idle: tcp_idle,
+            tcp: Arc::new(tcp),
         };
         for (_, sock) in t.udp.iter() {
             tokio::spawn(udp_loop(sock.clone(), t.clone()));
@@ -202,7 +222,7 @@ impl Transports {
                     match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, tls.connect(peer.addr)).await
                     {
                         Ok(Ok(stream)) => {
-                            this.run_connection(stream, peer, rx).await;
+                            this.run_connection(stream, peer, rx, None).await;
                             true
                         }
                         Ok(Err(e)) => {
@@ -221,7 +241,7 @@ impl Transports {
                 {
                     Ok(Ok(stream)) => {
                         let _ = stream.set_nodelay(true);
-                        this.run_connection(stream, peer, rx).await;
+                        this.run_connection(stream, peer, rx, None).await;
                         true
                     }
                     _ => false,
@@ -241,6 +261,8 @@ impl Transports {
         stream: S,
         peer: Peer,
         mut outbound: mpsc::UnboundedReceiver<Bytes>,
+        // The inbound connection's place under the caps, given back when it ends.
+        _permit: Option<crate::guard::ConnPermit>,
     ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -254,8 +276,15 @@ impl Transports {
             }
         });
         let mut buf = BytesMut::with_capacity(8192);
+        let limits = Arc::clone(&self.tcp);
+        // When the incomplete message in `buf` began.
+        let mut begun: Option<Instant> = None;
         'conn: loop {
-            let read = tokio::time::timeout(self.idle, rd.read_buf(&mut buf)).await;
+            let wait = match begun {
+                Some(t) => limits.message_timeout.saturating_sub(t.elapsed()),
+                None => limits.idle,
+            };
+            let read = tokio::time::timeout(wait, rd.read_buf(&mut buf)).await;
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
                 Ok(Ok(_)) => {}
@@ -267,6 +296,7 @@ impl Transports {
                         let _ = buf.split_to(n);
                     }
                     Ok(Frame::Message(n)) => {
+                        begun = None;
                         let frame = buf.split_to(n);
                         if !self.deliver(&frame, peer).await {
                             break 'conn;
@@ -279,9 +309,22 @@ impl Transports {
                     }
                 }
             }
+            if buf.is_empty() {
+                begun = None;
+            } else if buf.len() > limits.max_message_bytes {
+                self.reject(&buf, &message::ParseError::TooLarge, peer);
+                break 'conn;
+            } else {
+                begun.get_or_insert_with(Instant::now);
+            }
         }
         lock(&self.conns).remove(&remote);
-        writer.abort();
+        // What is queued (the answer to a refused message) still goes out, briefly: the map
+        // held the only sender, so the writer ends once it has drained its queue.
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(WRITER_DRAIN, writer).await.is_err() {
+            abort.abort();
+        }
     }
 
     /// Parses one message and hands it to the core. False when the core is gone.
@@ -438,12 +481,17 @@ async fn accept_loop(lis: TcpListener, t: Transports) {
                 continue;
             }
         };
+        let Some(permit) = t.tcp.gate.admit(remote.ip()) else {
+            // Over a cap: closed at once, before any buffer exists.
+            drop(stream);
+            continue;
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&t.conns).insert(remote, tx);
         let t2 = t.clone();
         let _ = stream.set_nodelay(true);
         let peer = Peer::new(Transport::Tcp, remote);
-        tokio::spawn(async move { t2.run_connection(stream, peer, rx).await });
+        tokio::spawn(async move { t2.run_connection(stream, peer, rx, Some(permit)).await });
     }
 }
 
@@ -459,6 +507,11 @@ async fn tls_accept_loop(lis: TcpListener, acceptor: tokio_rustls::TlsAcceptor, 
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // TLS connections share the SIP TCP caps: a handshake costs more than a TCP accept.
+        let Some(permit) = t.tcp.gate.admit(remote.ip()) else {
+            drop(stream);
+            continue;
         };
         let t2 = t.clone();
         let acceptor = acceptor.clone();
@@ -478,7 +531,7 @@ async fn tls_accept_loop(lis: TcpListener, acceptor: tokio_rustls::TlsAcceptor, 
                 };
             let (tx, rx) = mpsc::unbounded_channel();
             lock(&t2.conns).insert(remote, tx);
-            t2.run_connection(stream, Peer::new(Transport::Tls, remote), rx)
+            t2.run_connection(stream, Peer::new(Transport::Tls, remote), rx, Some(permit))
                 .await;
         });
     }
@@ -487,6 +540,20 @@ async fn tls_accept_loop(lis: TcpListener, acceptor: tokio_rustls::TlsAcceptor, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_limits() -> TcpLimits {
+        TcpLimits {
+            idle: Duration::from_secs(5),
+            message_timeout: Duration::from_secs(5),
+            max_message_bytes: 65536,
+            gate: crate::guard::ConnGate::new(
+                crate::metrics::Listener::SipTcp,
+                16,
+                16,
+                crate::guard::FdBudget::new(64),
+            ),
+        }
+    }
 
     /// IPv6 carries UDP payloads up to 65,527 bytes, 20 more than callvault accepts: such a
     /// datagram is answered 513 (with the error body), not dropped.
@@ -497,7 +564,7 @@ mod tests {
             transport: Transport::Udp,
             addr: "[::1]:0".parse().unwrap(),
         }];
-        let Ok(t) = Transports::bind(&listens, events, Duration::from_secs(5)).await else {
+        let Ok(t) = Transports::bind(&listens, events, test_limits()).await else {
             eprintln!("no IPv6 loopback here: skipped");
             return;
         };

@@ -514,6 +514,23 @@ impl Server {
         SocketAddr::from(([127, 0, 0, 1], self.config.http_port()))
     }
 
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the running server in KiB (`VmRSS` of /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("server running");
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
     /// Everything the server printed so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
@@ -536,11 +553,6 @@ impl Server {
         let mut child = self.child.take()?;
         let _ = child.kill();
         child.wait().ok()
-    }
-
-    /// The server process's id, while it runs (e.g. to read /proc/PID/status).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     pub fn metrics(&self) -> String {

@@ -38,7 +38,8 @@ use super::errors::with_error_body;
 use super::media::{CallKey, Expect, MediaBackend, MediaError, PtSet, Side, StreamPorts};
 use crate::config::{Cidr, SrtpMode, Transport};
 use crate::error_code::ErrorCode;
-use crate::metrics::{CallOutcome, METRICS};
+use crate::guard::{Admit, AuthGuard, GuardPolicy};
+use crate::metrics::{AuthProto, CallOutcome, METRICS};
 use crate::sdp::SessionDescription;
 use crate::sip::auth::{Algorithm, Credentials, Verdict, Verifier};
 use crate::sip::dialog::{route_request, Dialog};
@@ -434,6 +435,8 @@ pub struct Engine<M: MediaBackend> {
     tx: TransactionLayer,
     registrar: Registrar,
     verifier: Verifier,
+    /// Digest failures per user and per source; lockouts (issue 10, finding 4).
+    auth_guard: AuthGuard,
     accounts: HashMap<String, AccountAuth>,
     media: M,
     calls: HashMap<CallKey, Call>,
@@ -488,6 +491,7 @@ impl<M: MediaBackend> Engine<M> {
             cfg,
             registrar,
             verifier,
+            auth_guard: AuthGuard::new(AuthProto::Sip, GuardPolicy::default()),
             accounts: HashMap::new(),
             media,
             calls: HashMap::new(),
@@ -812,6 +816,7 @@ impl<M: MediaBackend> Engine<M> {
         };
         let unix = self.unix(now);
         let mut stale = false;
+        let source = Some(peer.addr.ip());
         let creds: Vec<Credentials> = req
             .headers
             .get_all(cred_hdr)
@@ -821,6 +826,22 @@ impl<M: MediaBackend> Engine<M> {
         for c in creds {
             if !self.cfg.digest_algorithms.contains(&c.algorithm) {
                 continue;
+            }
+            // A locked user or source is refused before any check: 503 with Retry-After
+            // (RFC 3261 21.5.4) tells a UA to come back later, where 403 would say never.
+            let admit = self.auth_guard.check(&c.username, source, now);
+            if admit != Admit::Go {
+                let mut resp = req.response(503, None);
+                resp.ensure_to_tag(&self.token(10));
+                resp.headers
+                    .push("Retry-After", admit.retry_after_secs().to_string());
+                let resp = with_error_body(
+                    resp,
+                    ErrorCode::LoginLockedOut,
+                    "too many failed authentications; retry later",
+                );
+                self.respond(tx, resp, now);
+                return None;
             }
             let ha1 = self
                 .accounts
@@ -833,9 +854,17 @@ impl<M: MediaBackend> Engine<M> {
                 req.method.as_str(),
                 unix,
             ) {
-                Verdict::Ok => return Some(c.username),
+                Verdict::Ok => {
+                    self.auth_guard.success(&c.username, now);
+                    return Some(c.username);
+                }
                 Verdict::Stale => stale = true,
-                v => tracing::debug!(user = %c.username, verdict = ?v, "digest rejected"),
+                v => {
+                    if matches!(v, Verdict::BadResponse | Verdict::UnknownUser) {
+                        self.auth_guard.failure(&c.username, source, now);
+                    }
+                    tracing::debug!(user = %c.username, verdict = ?v, "digest rejected");
+                }
             }
         }
         let mut resp = req.response(status, None);
