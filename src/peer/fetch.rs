@@ -3,6 +3,8 @@
 //! manifest's SHA-256 and written at its offset in the output file. Alongside, an index task
 //! announces what this agent holds (with the address its [`PieceServer`] listens on) and
 //! keeps the holders list fresh; the announce answer is the index, so one request does both.
+//! With the index on the terminals ([`IndexChoice::Terminals`]) that task is a
+//! [`TerminalIndex`] instead: a DHT lookup plus the holders' bitfields, no index server.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::os::unix::fs::FileExt as _;
@@ -19,6 +21,7 @@ use super::http::{basic_auth, Client, Request, Url};
 use super::plan::{Assignment, Outcome, PlanConfig, Scheduler, Tally};
 use super::serve::{PieceServer, Served};
 use super::state::{Progress, ResumeState};
+use super::terminals::TerminalIndex;
 use super::{FetchArgs, PeerError};
 use crate::share::index::{Bitfield, Holder};
 use crate::share::manifest::{content_id_of, is_sha256_hex, Manifest};
@@ -63,7 +66,22 @@ pub struct FetchOptions {
     pub progress: ProgressMode,
     /// What this agent announces itself as (`peer` or `mobile`).
     pub class: SourceClass,
+    /// Which index finds the holders.
+    pub index: IndexChoice,
 }
+
+/// Where an agent learns who holds which pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexChoice {
+    /// The index at `index_url` (in serve, or the `callvault index` role; claims 6–7).
+    Server,
+    /// The index on the terminals (claim 8): a DHT bootstrapped from these `ip:port`
+    /// nodes, plus the holders' bitfields.
+    Terminals { bootstrap: Vec<String> },
+}
+
+/// How long a holder the DHT stops naming is kept: the server's default `holder_ttl_secs`.
+pub const TERMINAL_HOLDER_TTL: Duration = Duration::from_secs(600);
 
 /// The share-offer body (PROTOCOL 3 step 3); only what a fetch uses is required.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +96,12 @@ pub struct OfferBody {
     pub index_url: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// `"terminals"`: the index lives on the agents (an addition to PROTOCOL §3).
+    #[serde(default)]
+    pub index: Option<String>,
+    /// DHT nodes to bootstrap from with `index = "terminals"`.
+    #[serde(default)]
+    pub dht_bootstrap: Vec<String>,
 }
 
 impl FetchOptions {
@@ -104,6 +128,36 @@ impl FetchOptions {
             server_only: false,
             progress: ProgressMode::Off,
             class: SourceClass::Peer,
+            index: if offer.index.as_deref() == Some("terminals") {
+                IndexChoice::Terminals {
+                    bootstrap: offer.dht_bootstrap.clone(),
+                }
+            } else {
+                IndexChoice::Server
+            },
+        }
+    }
+}
+
+impl FetchOptions {
+    /// `--index server|terminals|URL` over what the offer says, and `--dht-bootstrap`
+    /// nodes added to the offer's for the terminal index.
+    pub fn choose_index(&mut self, offer: &OfferBody, index: Option<&str>, extra: &[String]) {
+        match index {
+            None => {}
+            Some("server") => self.index = IndexChoice::Server,
+            Some("terminals") => {
+                self.index = IndexChoice::Terminals {
+                    bootstrap: offer.dht_bootstrap.clone(),
+                }
+            }
+            Some(url) => {
+                self.index_url = url.to_string();
+                self.index = IndexChoice::Server;
+            }
+        }
+        if let IndexChoice::Terminals { bootstrap } = &mut self.index {
+            bootstrap.extend(extra.iter().cloned());
         }
     }
 }
@@ -523,6 +577,20 @@ pub async fn fetch(
     let client = Client::default();
     Url::parse(&o.server_url)?;
     let index_url = Url::parse(&o.index_url)?;
+    // Started first: the node bootstraps while the manifest is fetched.
+    let dht_node = match &o.index {
+        IndexChoice::Server => None,
+        IndexChoice::Terminals { bootstrap } => {
+            let boot = crate::share::dht::parse_bootstrap(bootstrap)?;
+            if boot.is_empty() {
+                tracing::warn!("terminal index without DHT bootstrap nodes: only agents that bootstrap from this one will find it");
+            }
+            let ip = advertise
+                .parse::<std::net::SocketAddr>()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            Some(crate::share::dht::start_node((ip, 0).into(), &boot).await?)
+        }
+    };
     let m = get_manifest(&client, o).await?;
     let n = m.pieces.len();
     let lens: Vec<u64> = (0..n as u64)
@@ -557,23 +625,44 @@ pub async fn fetch(
         size: m.size,
         piece_size: m.piece_size,
         have: RwLock::new(have.clone()),
+        peer_id: o.peer_id.clone(),
+        class: o.class,
     });
     pieces_srv.add(&o.content_id, served.clone());
 
     let (have_tx, have_rx) = watch::channel(have.clone());
     let (holders_tx, mut holders_rx) = watch::channel(Arc::new(Vec::<Holder>::new()));
-    let task = IndexTask {
-        client: client.clone(),
-        url: index_url,
-        auth: o.auth.clone(),
-        peer_id: o.peer_id.clone(),
-        address: advertise.to_string(),
-        class: o.class,
-        pieces: n,
-        announce: !o.server_only,
+    let task = match dht_node {
+        None => tokio::spawn(
+            IndexTask {
+                client: client.clone(),
+                url: index_url,
+                auth: o.auth.clone(),
+                peer_id: o.peer_id.clone(),
+                address: advertise.to_string(),
+                class: o.class,
+                pieces: n,
+                announce: !o.server_only,
+            }
+            .run(have_rx, holders_tx),
+        ),
+        // The piece server answers the bitfield itself: nothing to push on `have_rx`.
+        Some(node) => tokio::spawn(
+            TerminalIndex {
+                client: client.clone(),
+                node,
+                content_id: o.content_id.clone(),
+                peer_id: o.peer_id.clone(),
+                address: advertise.to_string(),
+                pieces: n,
+                ttl: TERMINAL_HOLDER_TTL,
+                announce: !o.server_only,
+            }
+            .run(holders_tx),
+        ),
     };
     let announcer = Announcer {
-        task: tokio::spawn(task.run(have_rx, holders_tx)),
+        task,
         _have: have_tx.clone(),
     };
 
@@ -740,6 +829,8 @@ pub fn options_from_args(a: &FetchArgs) -> Result<FetchOptions, PeerError> {
             manifest_url: None,
             index_url: None,
             token: None,
+            index: None,
+            dht_bootstrap: Vec::new(),
         },
     };
     if let Some(t) = &a.token {
@@ -749,9 +840,7 @@ pub fn options_from_args(a: &FetchArgs) -> Result<FetchOptions, PeerError> {
         offer.server_url = s.clone();
     }
     let mut o = FetchOptions::from_offer(&offer, a.out.clone(), &peer_id);
-    if let Some(ix) = &a.index {
-        o.index_url = ix.clone();
-    }
+    o.choose_index(&offer, a.index.as_deref(), &a.dht_bootstrap);
     match (&a.user, &a.password) {
         (Some(u), Some(p)) => o.auth = Some(basic_auth(u, p)),
         (None, None) => {}

@@ -78,7 +78,7 @@ pub fn to_publish(
 
 /// Percent-encodes a path segment (unreserved characters kept).
 pub fn encode_segment(s: &str) -> String {
-    percent_encode(s, b"-._~")
+    percent_encode(s, crate::share::manifest::UNRESERVED)
 }
 
 struct Publisher {
