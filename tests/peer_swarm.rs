@@ -31,8 +31,15 @@ struct Setup {
 }
 
 fn setup(rate_bytes_per_sec: u64) -> Setup {
+    setup_with(&format!(
+        "[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\n"
+    ))
+}
+
+/// A server whose config ends with `extra` (a `[share]` section).
+fn setup_with(extra: &str) -> Setup {
     let mut cfg = ServerConfig::new();
-    cfg.extra = format!("[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\n");
+    cfg.extra = extra.to_string();
     let mut server = Server::prepare(cfg);
     server.account_add("1001", "pw1", "1111", "2GiB");
     server.start();
@@ -103,10 +110,17 @@ struct Peer {
 impl Peer {
     fn spawn(s: &Setup, cid: &str, token: &str, id: &str, extra: &[&str]) -> Peer {
         let out = s.out(&format!("{id}.bin"));
+        // Any port, unless `extra` names one.
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(common::callvault_bin())
             .args(["peer", "fetch", "--server", &s.url, "--content", cid])
             .args(["--token", token, "--peer-id", id, "--json"])
-            .args(["--listen", "127.0.0.1:0", "--out"])
+            .args(listen)
+            .arg("--out")
             .arg(&out)
             .args(extra)
             .env(
@@ -373,6 +387,212 @@ fn an_interrupted_fetch_resumes() {
         size as u64 - num(&r, "resumed_pieces") * 262_144
     );
     assert_eq!(sha256_file(&p.out), want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The piece index on the terminals (claim 8, issue 16)
+
+/// A server with `[share] index = "terminals"`, its DHT node on a known port, and an offer
+/// file naming it (as the share-offer MESSAGE would).
+struct Terminals {
+    s: Setup,
+    dht: String,
+    _dht_port: common::PortBlock,
+}
+
+fn terminals(rate_bytes_per_sec: u64) -> Terminals {
+    let port = common::free_port();
+    let dht = format!("127.0.0.1:{}", port.port(0));
+    let s = setup_with(&format!(
+        "[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\nindex = \"terminals\"\ndht_port = {}\n",
+        port.port(0)
+    ));
+    Terminals {
+        s,
+        dht,
+        _dht_port: port,
+    }
+}
+
+impl Terminals {
+    /// Writes the offer of `cid` (index on the terminals) and returns the arguments that
+    /// make a fetch use it.
+    fn offer_args(&self, cid: &str, token: &str) -> Vec<String> {
+        let path = self.s.work.path().join(format!("{cid}.offer.json"));
+        let offer = serde_json::json!({
+            "content_id": cid,
+            "server_url": self.s.url,
+            "token": token,
+            "index": "terminals",
+            "dht_bootstrap": [self.dht],
+        });
+        std::fs::write(&path, offer.to_string()).unwrap();
+        vec!["--offer".into(), path.to_str().unwrap().into()]
+    }
+
+    /// Serve keeps no index: its index endpoint answers 503.
+    fn assert_index_off(&self, cid: &str) {
+        let (status, body) =
+            common::http_get(self.s.server.http_addr(), &format!("/v1/index/{cid}")).unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("index-on-terminals"), "{body}");
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// 1 sharer + 8 agents, 64 MiB, the index on the terminals and serve's index endpoint
+/// answering 503, the server's egress paced: every copy exact, most bytes from peers.
+///
+/// A debug build (SHA-256 unoptimized, 2 shared cores) takes about 90 s for 64 MiB, so
+/// there the file is 16 MiB and the server's pace a quarter; `--release`, or
+/// `TERMINAL_SWARM_MIB=64`, runs the full size.
+#[test]
+fn terminal_index_eight_agents_fetch_with_the_server_index_off() {
+    let mib: usize = std::env::var("TERMINAL_SWARM_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if cfg!(debug_assertions) { 16 } else { 64 });
+    let size = mib * MIB;
+    // The server could send one copy in 4 s: the swarm has to do the rest.
+    let t = terminals(size as u64 / 4);
+    let s = &t.s;
+    let (cid, token, want) = s.share("big.bin", &pseudo_random(size, 11));
+    t.assert_index_off(&cid);
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.push("--seed");
+    let before = s.server_egress();
+    let started = Instant::now();
+    let mut peers: Vec<Peer> = (0..8)
+        .map(|i| Peer::spawn(s, &cid, &token, &format!("t{i}"), &args))
+        .collect();
+    let by = started + Duration::from_secs(120);
+    let reports: Vec<serde_json::Value> = peers.iter_mut().map(|p| p.report(by)).collect();
+    let elapsed = started.elapsed();
+    let egress = s.server_egress() - before;
+    let from_peers: u64 = reports.iter().map(|r| num(r, "from_peers")).sum();
+    let total = 8 * size as u64;
+    println!(
+        "terminal index: 8 agents x {} MiB in {elapsed:.2?}; server egress {egress} B ({:.2}x the file); from peers {:.1}% of the bytes",
+        size / MIB,
+        egress as f64 / size as f64,
+        100.0 * from_peers as f64 / total as f64
+    );
+    for (p, r) in peers.iter().zip(&reports) {
+        println!("  {}", summary(p, r));
+        assert_eq!(num(r, "from_server") + num(r, "from_peers"), size as u64);
+    }
+    drop(peers);
+    for i in 0..8 {
+        assert_eq!(sha256_file(&s.out(&format!("t{i}.bin"))), want, "t{i}");
+    }
+    t.assert_index_off(&cid);
+    assert!(
+        from_peers as f64 > 0.5 * total as f64,
+        "only {from_peers} of {total} B from peers"
+    );
+    assert!(egress < 3 * size as u64, "server egress {egress}");
+}
+
+/// An agent that joins after the others completed finds them through the DHT and their
+/// bitfields alone (serve's index answers 503) and takes the pieces from them.
+#[test]
+fn terminal_index_a_late_agent_finds_holders() {
+    let t = terminals(MIB as u64);
+    let s = &t.s;
+    let size = 4 * MIB;
+    let (cid, token, want) = s.share("late.bin", &pseudo_random(size, 12));
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.push("--seed");
+    let mut early: Vec<Peer> = (0..2)
+        .map(|i| Peer::spawn(s, &cid, &token, &format!("early{i}"), &args))
+        .collect();
+    let by = Instant::now() + Duration::from_secs(60);
+    for p in &mut early {
+        p.report(by);
+    }
+    t.assert_index_off(&cid);
+    let mut late = Peer::spawn(s, &cid, &token, "late", &strs(&offer));
+    let r = late.report(Instant::now() + Duration::from_secs(30));
+    println!("{}", summary(&late, &r));
+    assert_eq!(sha256_file(&late.out), want);
+    // The server sends 1 MiB/s: at most a few pieces can have come from it.
+    assert!(
+        num(&r, "from_peers") >= 3 * MIB as u64,
+        "the late agent found no holders: {r}"
+    );
+    let by_source = r["by_source"].as_object().unwrap();
+    assert!(
+        by_source.keys().any(|k| k.starts_with("early")),
+        "{by_source:?}"
+    );
+}
+
+/// The server goes away once an agent has started: the agents holding every piece between
+/// them still complete it (the DHT and the bitfields need no server).
+#[test]
+fn terminal_index_completes_with_the_server_gone() {
+    let mut t = terminals(4 * MIB as u64);
+    let size = 32 * MIB;
+    let (cid, token, want) = t.s.share("gone.bin", &pseudo_random(size, 13));
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.push("--seed");
+    let mut holders: Vec<Peer> = (0..2)
+        .map(|i| Peer::spawn(&t.s, &cid, &token, &format!("h{i}"), &args))
+        .collect();
+    let by = Instant::now() + Duration::from_secs(60);
+    for p in &mut holders {
+        p.report(by);
+    }
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{}", port.port(0));
+    let mut args = strs(&offer);
+    args.extend(["--parallel", "1"]);
+    drop(port);
+    let late_args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["--listen".to_string(), listen.clone()])
+        .collect();
+    let mut c = Peer::spawn(&t.s, &cid, &token, "c", &strs(&late_args));
+    // Once c holds a piece (it has found holders), the server dies.
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let held_at_kill = loop {
+        assert!(Instant::now() < end, "c never held a piece");
+        if let Ok((200, body)) = common::http_get(addr, &format!("/v1/pieces/{cid}")) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            use base64::Engine as _;
+            let held: u32 = base64::engine::general_purpose::STANDARD
+                .decode(v["have"].as_str().unwrap())
+                .unwrap()
+                .iter()
+                .map(|b| b.count_ones())
+                .sum();
+            if held >= 1 {
+                break held;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    t.s.server.kill_hard();
+    let pieces = (size / 262_144) as u32;
+    assert!(
+        held_at_kill < pieces,
+        "c was complete before the server died"
+    );
+    let r = c.report(Instant::now() + Duration::from_secs(60));
+    println!(
+        "held {held_at_kill}/{pieces} when the server died; {}",
+        summary(&c, &r)
+    );
+    assert_eq!(sha256_file(&c.out), want);
+    assert!(num(&r, "from_peers") > 0);
 }
 
 // ---------------------------------------------------------------------------------------------
