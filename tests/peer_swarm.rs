@@ -109,6 +109,19 @@ struct Peer {
 
 impl Peer {
     fn spawn(s: &Setup, cid: &str, token: &str, id: &str, extra: &[&str]) -> Peer {
+        Peer::spawn_env(s, cid, token, id, extra, &[])
+    }
+
+    /// With `env` set for the child; `--server` and `--listen` in `extra` replace the
+    /// defaults (the setup's URL, any port).
+    fn spawn_env(
+        s: &Setup,
+        cid: &str,
+        token: &str,
+        id: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Peer {
         let out = s.out(&format!("{id}.bin"));
         // Any port, unless `extra` names one.
         let listen: &[&str] = if extra.contains(&"--listen") {
@@ -116,8 +129,15 @@ impl Peer {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
+        let server: &[&str] = if extra.contains(&"--server") {
+            &[]
+        } else {
+            &["--server", &s.url]
+        };
         let mut child = Command::new(common::callvault_bin())
-            .args(["peer", "fetch", "--server", &s.url, "--content", cid])
+            .args(["peer", "fetch"])
+            .args(server)
+            .args(["--content", cid])
             .args(["--token", token, "--peer-id", id, "--json"])
             .args(listen)
             .arg("--out")
@@ -128,6 +148,7 @@ impl Peer {
                 std::env::var("PEER_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .env_remove("CALLVAULT_CONFIG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -593,6 +614,108 @@ fn terminal_index_completes_with_the_server_gone() {
     );
     assert_eq!(sha256_file(&c.out), want);
     assert!(num(&r, "from_peers") > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS to the server (issue 16 item 5)
+
+/// A TLS front for `backend` on 127.0.0.1 (a test CA's certificate for `localhost` and
+/// `127.0.0.1`): each connection is decrypted and copied to callvault's plain HTTP. Returns
+/// the port and the CA certificate's PEM file; runs until the process ends.
+fn tls_front(backend: std::net::SocketAddr, dir: &Path) -> (u16, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "callvault test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+
+    #[allow(deprecated)] // the crate's one provider (see src/peer/http.rs)
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if let Ok(mut back) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                    }
+                });
+            }
+        });
+    });
+    (port, ca_pem)
+}
+
+/// The agent fetches from an `https://` server URL, verifying the certificate: with the
+/// test CA as its trust root the copy is exact; with the system's roots it refuses.
+#[test]
+fn the_agent_fetches_over_https_with_the_certificate_verified() {
+    let s = setup(0);
+    let size = MIB + 17;
+    let (cid, token, want) = s.share("tls.bin", &pseudo_random(size, 14));
+    let (port, ca) = tls_front(s.server.http_addr(), s.work.path());
+    let url = format!("https://localhost:{port}");
+    let ca = ca.to_str().unwrap();
+    let mut p = Peer::spawn_env(
+        &s,
+        &cid,
+        &token,
+        "tls",
+        &["--server", &url],
+        &[("SSL_CERT_FILE", ca)],
+    );
+    let r = p.report(Instant::now() + Duration::from_secs(30));
+    assert_eq!(num(&r, "from_server"), size as u64, "{r}");
+    assert_eq!(sha256_file(&p.out), want);
+    // Without the CA the server's certificate is not trusted: nothing is fetched.
+    let empty = s.work.path().join("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let mut untrusted = Peer::spawn_env(
+        &s,
+        &cid,
+        &token,
+        "untrusted",
+        &["--server", &url],
+        &[("SSL_CERT_FILE", empty.to_str().unwrap())],
+    );
+    assert!(!untrusted.wait_exit(Duration::from_secs(20)).success());
+    let log = untrusted.log.lock().unwrap().clone();
+    assert!(log.contains("certificate"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::http::{basic_auth, Client, Request, Url};
+use super::http::{authority, basic_auth, join, parse_url, Client, Request, Url};
 use super::plan::{Assignment, Outcome, PlanConfig, Scheduler, Tally};
 use super::serve::{PieceServer, Served};
 use super::state::{Progress, ResumeState};
@@ -304,42 +304,21 @@ const MAX_INDEX_REDIRECTS: usize = 3;
 
 /// `{index}/announce` for an index URL, keeping its query (a `?token=` stays at the end).
 pub fn announce_url(index: &Url) -> Url {
-    let (path, query) = match index.path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (index.path.as_str(), None),
-    };
-    let mut p = format!("{}/announce", path.trim_end_matches('/'));
-    if let Some(q) = query {
-        p.push('?');
-        p.push_str(q);
-    }
-    Url {
-        authority: index.authority.clone(),
-        path: p,
-    }
+    let mut u = index.clone();
+    u.set_path(&format!("{}/announce", index.path().trim_end_matches('/')));
+    u
 }
 
-/// The index URL behind a redirect's `Location` (absolute, or a path on `from`'s host); for
-/// an announce, the `/announce` is taken off again.
+/// The index URL behind a redirect's `Location` (absolute, or relative to `from`); for an
+/// announce, the `/announce` is taken off again.
 pub fn index_url_from_location(from: &Url, location: &str, was_announce: bool) -> Option<Url> {
-    let mut u = if location.starts_with('/') {
-        Url {
-            authority: from.authority.clone(),
-            path: location.to_string(),
-        }
-    } else {
-        Url::parse(location).ok()?
-    };
+    let mut u = from.join(location).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
     if was_announce {
-        let (path, query) = match u.path.split_once('?') {
-            Some((p, q)) => (p.to_string(), Some(q.to_string())),
-            None => (u.path.clone(), None),
-        };
-        let base = path.strip_suffix("/announce")?;
-        u.path = match query {
-            Some(q) => format!("{base}?{q}"),
-            None => base.to_string(),
-        };
+        let base = u.path().strip_suffix("/announce")?.to_string();
+        u.set_path(&base);
     }
     Some(u)
 }
@@ -368,8 +347,8 @@ impl IndexTask {
                         r.describe()
                     ))
                 })?;
-            tracing::info!(from = %format!("{}{}", self.url.authority, self.url.path.split('?').next().unwrap_or("")),
-                to = %format!("{}{}", next.authority, next.path.split('?').next().unwrap_or("")), "index moved");
+            tracing::info!(from = %format!("{}{}", authority(&self.url), self.url.path()),
+                to = %format!("{}{}", authority(&next), next.path()), "index moved");
             self.url = next;
         }
         Err(PeerError::Http("too many index redirects".into()))
@@ -439,7 +418,7 @@ pub async fn get_manifest(client: &Client, o: &FetchOptions) -> Result<Manifest,
     if let Some(a) = &o.auth {
         req = req.header("Authorization", a.clone());
     }
-    let r = client.send(&Url::parse(&o.manifest_url)?, &req).await?;
+    let r = client.send(&parse_url(&o.manifest_url)?, &req).await?;
     if !r.is_success() {
         return Err(PeerError::Server {
             what: "manifest".into(),
@@ -575,8 +554,8 @@ pub async fn fetch(
 ) -> Result<(FetchReport, Announcer), PeerError> {
     let started = Instant::now();
     let client = Client::default();
-    Url::parse(&o.server_url)?;
-    let index_url = Url::parse(&o.index_url)?;
+    parse_url(&o.server_url)?;
+    let index_url = parse_url(&o.index_url)?;
     // Started first: the node bootstraps while the manifest is fetched.
     let dht_node = match &o.index {
         IndexChoice::Server => None,
@@ -697,7 +676,7 @@ pub async fn fetch(
         while let Some(a) = sched.next(&holders, now) {
             let (url, auth) = match &a.source {
                 Source::Server => (
-                    Url::join(
+                    join(
                         &o.server_url,
                         &format!("/v1/pieces/{}/{}", o.content_id, a.piece),
                     ),
@@ -709,7 +688,7 @@ pub async fn fetch(
                         .find(|h| &h.peer_id == id)
                         .ok_or_else(|| PeerError::Http(format!("{id} left the index")))
                         .and_then(|h| {
-                            Url::parse(&format!(
+                            parse_url(&format!(
                                 "http://{}/v1/pieces/{}/{}",
                                 h.address, o.content_id, a.piece
                             ))
@@ -954,28 +933,33 @@ mod tests {
 
     #[test]
     fn index_urls_announce_and_redirects() {
-        let ix = Url::parse("http://127.0.0.1:8080/v1/index/abc?token=t").unwrap();
-        assert_eq!(announce_url(&ix).path, "/v1/index/abc/announce?token=t");
-        let plain = Url::parse("http://127.0.0.1:8080/v1/index/abc/").unwrap();
-        assert_eq!(announce_url(&plain).path, "/v1/index/abc/announce");
+        let pq = |u: &Url| match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_string(),
+        };
+        let ix = parse_url("http://127.0.0.1:8080/v1/index/abc?token=t").unwrap();
+        assert_eq!(pq(&announce_url(&ix)), "/v1/index/abc/announce?token=t");
+        let plain = parse_url("http://127.0.0.1:8080/v1/index/abc/").unwrap();
+        assert_eq!(pq(&announce_url(&plain)), "/v1/index/abc/announce");
         // serve's 307 for a GET: the role's index URL as it is.
         let to = index_url_from_location(&ix, "http://127.0.0.1:8081/v1/index/abc?token=t", false)
             .unwrap();
-        assert_eq!(to.authority, "127.0.0.1:8081");
-        assert_eq!(to.path, "/v1/index/abc?token=t");
+        assert_eq!(authority(&to), "127.0.0.1:8081");
+        assert_eq!(pq(&to), "/v1/index/abc?token=t");
         // ...for an announce: back to the index URL, so later GETs go there too.
         let ann = announce_url(&ix);
         let to = index_url_from_location(
             &ann,
-            "http://127.0.0.1:8081/v1/index/abc/announce?token=t",
+            "https://127.0.0.1:8081/v1/index/abc/announce?token=t",
             true,
         )
         .unwrap();
-        assert_eq!(to.path, "/v1/index/abc?token=t");
-        assert_eq!(announce_url(&to).path, "/v1/index/abc/announce?token=t");
+        assert_eq!(to.scheme(), "https");
+        assert_eq!(pq(&to), "/v1/index/abc?token=t");
+        assert_eq!(pq(&announce_url(&to)), "/v1/index/abc/announce?token=t");
         let to = index_url_from_location(&ix, "/elsewhere/v1/index/abc", false).unwrap();
-        assert_eq!(to.authority, "127.0.0.1:8080");
-        assert_eq!(to.path, "/elsewhere/v1/index/abc");
+        assert_eq!(authority(&to), "127.0.0.1:8080");
+        assert_eq!(pq(&to), "/elsewhere/v1/index/abc");
         assert!(index_url_from_location(&ix, "ftp://x/y", false).is_none());
         assert!(index_url_from_location(&ann, "http://h:1/v1/index/abc", true).is_none());
     }

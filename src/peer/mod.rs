@@ -23,13 +23,10 @@ pub use fetch::{FetchOptions, FetchReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("bad URL {0:?} (want http://host[:port][/path])")]
+    #[error("bad URL {0:?} (want http(s)://host[:port][/path])")]
     BadUrl(String),
     #[error("{0}")]
     Http(String),
-    /// A pooled connection was closed before use (retried internally).
-    #[error("stale connection")]
-    Stale,
     #[error("{what}: {detail}")]
     Server { what: String, detail: String },
     #[error("manifest: {0}")]

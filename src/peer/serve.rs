@@ -188,7 +188,7 @@ async fn get_piece(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peer::http::{Client, Url};
+    use crate::peer::http::{parse_url, Client};
     use std::io::Write as _;
 
     #[tokio::test]
@@ -219,11 +219,7 @@ mod tests {
                 let client = client.clone();
                 async move {
                     client
-                        .get(
-                            &Url::parse(&format!("http://{addr}{p}")).unwrap(),
-                            &[],
-                            1000,
-                        )
+                        .get(&parse_url(&format!("http://{addr}{p}")).unwrap(), &[], 1000)
                         .await
                         .unwrap()
                 }

@@ -25,7 +25,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::http::{Client, Url};
+use super::http::{parse_url, Client};
 use super::serve::BitfieldView;
 use crate::share::dht::Node;
 use crate::share::index::{Bitfield, Holder, MemoryIndex, PieceIndex};
@@ -183,7 +183,7 @@ impl TerminalIndex {
 
 /// One bitfield request.
 async fn probe(client: &Client, url: &str) -> Result<BitfieldView, String> {
-    let url = Url::parse(url).map_err(|e| e.to_string())?;
+    let url = parse_url(url).map_err(|e| e.to_string())?;
     let r = tokio::time::timeout(PROBE_TIMEOUT, client.get(&url, &[], MAX_BITFIELD))
         .await
         .map_err(|_| "bitfield request timed out".to_string())?
