@@ -1,13 +1,17 @@
 //! `callvault peer` against a real `callvault serve` (PROTOCOL 3, issue 4 item 6): a folder
 //! published by `peer share`, receivers as `peer fetch` child processes on their own
 //! 127.0.0.1 ports, trading pieces through the index; a rate-limited server; a piece only
-//! the server has; a peer serving corrupt pieces; an interrupted fetch resumed.
+//! the server has; a peer serving corrupt pieces; an interrupted fetch resumed. With the
+//! index on the terminals (issue 16, `[share] index = "terminals"`): a swarm with serve's
+//! index answering 503, a late agent, a lying holder, the server gone mid-fetch; and a fetch
+//! over HTTPS through a TLS front with the certificate verified.
 //!
 //! The offer token is the server's own (`Shares::issue_offer_token` over the server's
 //! database), as the share-offer MESSAGE would carry it.
 //!
 //! `cargo test --release --test peer_swarm -- --ignored --nocapture` runs the benchmark
-//! (8 receivers of 64 MiB, peer mode vs server-only) whose figures are in docs/BENCHMARKS.md.
+//! (8 receivers of 64 MiB, peer mode vs server-only, and server index vs terminal index)
+//! whose figures are in docs/BENCHMARKS.md.
 //! `PEER_LOG=callvault::peer=debug PEER_LOG_PRINT=1` shows every piece decision of the agents.
 
 mod common;
@@ -553,6 +557,30 @@ fn terminal_index_a_late_agent_finds_holders() {
     );
 }
 
+/// A holder found through the terminal index that serves corrupt pieces is caught by the
+/// piece hash and bypassed, as with the server index.
+#[test]
+fn terminal_index_a_lying_holder_is_banned() {
+    let t = terminals(4 * MIB as u64);
+    let s = &t.s;
+    let size = 4 * MIB;
+    let (cid, token, want) = s.share("lie.bin", &pseudo_random(size, 15));
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.extend(["--seed", "--corrupt-pieces"]);
+    let mut liar = Peer::spawn(s, &cid, &token, "liar", &args);
+    liar.report(Instant::now() + Duration::from_secs(30));
+    let mut honest = Peer::spawn(s, &cid, &token, "honest", &strs(&offer));
+    let r = honest.report(Instant::now() + Duration::from_secs(40));
+    println!("{}", summary(&honest, &r));
+    assert!(
+        num(&r, "hash_mismatches") >= 1,
+        "the liar was never tried: {r}"
+    );
+    assert_eq!(num(&r, "from_peers"), 0);
+    assert_eq!(sha256_file(&honest.out), want);
+}
+
 /// The server goes away once an agent has started: the agents holding every piece between
 /// them still complete it (the DHT and the bitfields need no server).
 #[test]
@@ -722,13 +750,24 @@ fn the_agent_fetches_over_https_with_the_certificate_verified() {
 // Benchmark (release): `cargo test --release --test peer_swarm -- --ignored --nocapture`
 
 fn bench_round(s: &Setup, cid: &str, token: &str, want: &str, server_only: bool) -> (f64, u64) {
+    let tag = if server_only { "so" } else { "pm" };
+    let extra: &[&str] = if server_only { &["--server-only"] } else { &[] };
+    bench_round_with(s, cid, token, want, tag, extra)
+}
+
+/// 8 receivers started together with `extra` arguments: (completion s, server egress B).
+fn bench_round_with(
+    s: &Setup,
+    cid: &str,
+    token: &str,
+    want: &str,
+    tag: &str,
+    extra_args: &[&str],
+) -> (f64, u64) {
     let before = s.server_egress();
     let started = Instant::now();
-    let tag = if server_only { "so" } else { "pm" };
     let mut extra = vec!["--seed", "--quiet"];
-    if server_only {
-        extra.push("--server-only");
-    }
+    extra.extend_from_slice(extra_args);
     let mut peers: Vec<Peer> = (0..8)
         .map(|i| Peer::spawn(s, cid, token, &format!("{tag}{i}"), &extra))
         .collect();
@@ -784,6 +823,48 @@ fn bench_eight_receivers_peer_mode_vs_server_only() {
     for (mode, t, e, ratio) in &rows {
         println!(
             "| {mode} | {t:.1} | {:.1} | {:.2} | {ratio:.3} |",
+            *e as f64 / MIB as f64,
+            *e as f64 / size as f64
+        );
+    }
+}
+
+/// The same 8 receivers with the index in serve and with the index on the terminals (a
+/// server of each kind, same rate and file).
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn bench_eight_receivers_server_index_vs_terminal_index() {
+    let rate: u64 = std::env::var("BENCH_SERVER_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * MIB as u64);
+    let size = 64 * MIB;
+    let bytes = pseudo_random(size, 9);
+    println!(
+        "8 receivers, {} MiB file, server rate {} MiB/s",
+        size / MIB,
+        rate as f64 / MIB as f64
+    );
+    let mut rows = Vec::new();
+    {
+        let s = setup(rate);
+        let (cid, token, want) = s.share("bench.bin", &bytes);
+        let (t, egress) = bench_round_with(&s, &cid, &token, &want, "si", &[]);
+        rows.push(("server index", t, egress));
+    }
+    {
+        let t = terminals(rate);
+        let (cid, token, want) = t.s.share("bench.bin", &bytes);
+        t.assert_index_off(&cid);
+        let offer = t.offer_args(&cid, &token);
+        let (secs, egress) = bench_round_with(&t.s, &cid, &token, &want, "ti", &strs(&offer));
+        rows.push(("terminal index", secs, egress));
+    }
+    println!("| index | completion (s) | server egress (MiB) | egress / file |");
+    println!("| --- | --- | --- | --- |");
+    for (mode, t, e) in &rows {
+        println!(
+            "| {mode} | {t:.1} | {:.1} | {:.2} |",
             *e as f64 / MIB as f64,
             *e as f64 / size as f64
         );

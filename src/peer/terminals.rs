@@ -138,7 +138,10 @@ impl TerminalIndex {
             let url = format!("http://{a}/v1/pieces/{}", self.content_id);
             probes.spawn(async move { (a, probe(&client, &url).await) });
         }
-        while let Some(Ok((addr, answer))) = probes.join_next().await {
+        while let Some(joined) = probes.join_next().await {
+            let Ok((addr, answer)) = joined else {
+                continue;
+            };
             let address = addr.to_string();
             let ok = answer.and_then(|v| self.accept(cache, &address, v));
             if let Err(why) = ok {
