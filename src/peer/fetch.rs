@@ -965,6 +965,43 @@ mod tests {
     }
 
     #[test]
+    fn the_offer_and_index_flag_choose_the_index() {
+        let offer: OfferBody = serde_json::from_value(serde_json::json!({
+            "content_id": "ab".repeat(32), "server_url": "http://127.0.0.1:8080",
+            "index": "terminals", "dht_bootstrap": ["127.0.0.1:6881"]
+        }))
+        .unwrap();
+        let o = FetchOptions::from_offer(&offer, "/tmp/x".into(), "me");
+        let boot = |b: &[&str]| IndexChoice::Terminals {
+            bootstrap: b.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(o.index, boot(&["127.0.0.1:6881"]));
+        let extra = ["127.0.0.1:7000".to_string()];
+        let mut c = o.clone();
+        c.choose_index(&offer, None, &extra);
+        assert_eq!(c.index, boot(&["127.0.0.1:6881", "127.0.0.1:7000"]));
+        let mut c = o.clone();
+        c.choose_index(&offer, Some("server"), &extra);
+        assert_eq!(c.index, IndexChoice::Server);
+        let mut c = o.clone();
+        c.choose_index(&offer, Some("http://127.0.0.1:9/v1/index/x"), &[]);
+        assert_eq!(
+            (c.index, c.index_url.as_str()),
+            (IndexChoice::Server, "http://127.0.0.1:9/v1/index/x")
+        );
+        // An offer without the fields: the server index, unless asked otherwise.
+        let plain = OfferBody {
+            index: None,
+            dht_bootstrap: Vec::new(),
+            ..offer.clone()
+        };
+        let mut c = FetchOptions::from_offer(&plain, "/tmp/x".into(), "me");
+        assert_eq!(c.index, IndexChoice::Server);
+        c.choose_index(&plain, Some("terminals"), &extra);
+        assert_eq!(c.index, boot(&["127.0.0.1:7000"]));
+    }
+
+    #[test]
     fn holder_classes_are_read_from_the_index() {
         let e = Bitfield::empty(1).to_base64();
         let body = serde_json::json!({"holders": [
