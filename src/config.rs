@@ -357,6 +357,25 @@ pub struct ShareConfig {
     /// Server-side upload pacing for pieces; 0 = unlimited.
     #[serde(deserialize_with = "de_bytes")]
     pub server_rate_bytes_per_sec: u64,
+    /// Where the piece index lives (claims 6–8).
+    pub index: IndexPlacement,
+    /// With `index = "terminals"`: the UDP port of serve's DHT node, the agents' bootstrap
+    /// node (on the HTTP listen address); 0 = any free port.
+    pub dht_port: u16,
+}
+
+/// `[share] index`: which index offers name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexPlacement {
+    /// Inside `callvault serve` (claim 6).
+    #[default]
+    Server,
+    /// The `callvault index` role at `[index] url` (claim 7).
+    Role,
+    /// On the terminals: a DHT among the agents plus their bitfields (claim 8); serve's
+    /// `/v1/index/...` answers 503.
+    Terminals,
 }
 
 impl Default for ShareConfig {
@@ -365,6 +384,8 @@ impl Default for ShareConfig {
             piece_size: 262_144,
             holder_ttl_secs: 600,
             server_rate_bytes_per_sec: 0,
+            index: IndexPlacement::Server,
+            dht_port: 0,
         }
     }
 }
@@ -633,6 +654,21 @@ impl Config {
                 "share.piece_size",
                 "must be within 1 byte..=64 MiB",
             ));
+        }
+        match (self.share.index, self.index.base()) {
+            (IndexPlacement::Role, None) => {
+                return Err(invalid(
+                    "share.index",
+                    "\"role\" needs [index] url (the callvault index role's base URL)",
+                ))
+            }
+            (IndexPlacement::Terminals, Some(_)) => {
+                return Err(invalid(
+                    "share.index",
+                    "\"terminals\" has no index server: leave [index] url empty",
+                ))
+            }
+            _ => {}
         }
         if let Some(url) = self.index.base() {
             validate_index_url(url).map_err(|m| invalid("index.url", m))?;
@@ -1606,6 +1642,31 @@ transport = "tcp"
         if std::env::var("CALLVAULT_SIP_DOMAIN").is_err() {
             assert_eq!(c.sip.domain, "lab.test");
         }
+    }
+
+    #[test]
+    fn share_index_placement() {
+        let c = Config::from_toml_str("", no_env).unwrap();
+        assert_eq!(c.share.index, IndexPlacement::Server);
+        let c = Config::from_toml_str("[share]\nindex = \"terminals\"\ndht_port = 6881\n", no_env)
+            .unwrap();
+        assert_eq!(c.share.index, IndexPlacement::Terminals);
+        assert_eq!(c.share.dht_port, 6881);
+        let c = Config::from_toml_str(
+            "[share]\nindex = \"role\"\n[index]\nurl = \"http://127.0.0.1:8081\"\n",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.share.index, IndexPlacement::Role);
+        let e = err_text("[share]\nindex = \"role\"\n", no_env);
+        assert!(e.contains("share.index"), "{e}");
+        let e = err_text(
+            "[share]\nindex = \"terminals\"\n[index]\nurl = \"http://a:1\"\n",
+            no_env,
+        );
+        assert!(e.contains("share.index"), "{e}");
+        let e = err_text("[share]\nindex = \"dht\"\n", no_env);
+        assert!(e.contains("index"), "{e}");
     }
 
     #[test]

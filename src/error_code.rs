@@ -85,11 +85,13 @@ pub enum ErrorCode {
     TooManyHolders,
     /// A content's holder table is full.
     IndexFull,
+    /// `[share] index = "terminals"`: serve keeps no piece index.
+    IndexOnTerminals,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 52] = [
+    pub const ALL: [ErrorCode; 53] = [
         ErrorCode::MalformedRequest,
         ErrorCode::UnknownReceiver,
         ErrorCode::BadPin,
@@ -142,6 +144,7 @@ impl ErrorCode {
         ErrorCode::PeerIdTaken,
         ErrorCode::TooManyHolders,
         ErrorCode::IndexFull,
+        ErrorCode::IndexOnTerminals,
     ];
 
     /// `(code string, SIP status, HTTP status, default detail)`. SIP status 200 marks a code
@@ -268,6 +271,12 @@ impl ErrorCode {
                 "too many holders from one announcer",
             ),
             IndexFull => ("index-full", 503, 503, "the content's holder list is full"),
+            IndexOnTerminals => (
+                "index-on-terminals",
+                503,
+                503,
+                "the piece index lives on the terminals",
+            ),
         }
     }
 

@@ -46,6 +46,8 @@ pub enum ServerError {
     Route(String),
     #[error("{0}")]
     Tls(#[from] crate::transport::tls::TlsError),
+    #[error("terminal index: {0}")]
+    Dht(#[from] crate::share::dht::DhtError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("cannot start {what}: {source}")]
@@ -319,6 +321,20 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
     // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
     share_settings.index_base = config.index.base().map(str::to_string);
+    // `[share] index = "terminals"`: serve runs the DHT node the agents bootstrap from
+    // (claim 8); it lives as long as `run`.
+    let _dht_node = if config.share.index == crate::config::IndexPlacement::Terminals {
+        let bind = std::net::SocketAddr::new(http_addr.ip(), config.share.dht_port);
+        let node = crate::share::dht::start_node(bind, &[])
+            .await
+            .map_err(ServerError::Dht)?;
+        let offered = std::net::SocketAddr::new(http_host, node.addr.port());
+        tracing::info!(dht = %offered, "piece index on the terminals: DHT bootstrap node up");
+        share_settings.terminal_index = Some(vec![offered.to_string()]);
+        Some(node)
+    } else {
+        None
+    };
     let shares = crate::share::Shares::open(
         db.clone(),
         config.storage.data_dir.clone(),
