@@ -222,6 +222,9 @@ pub struct StoreConfig {
     pub feature_code: String,
     pub store_expiry_secs: u64,
     pub prompt_format: PromptFormat,
+    /// Finished stores older than this many days are deleted (media, metadata, quota);
+    /// 0 keeps them forever (PROTOCOL 8).
+    pub retention_days: u32,
 }
 
 impl Default for StoreConfig {
@@ -233,6 +236,7 @@ impl Default for StoreConfig {
             feature_code: "*7".into(),
             store_expiry_secs: 300,
             prompt_format: PromptFormat::Json,
+            retention_days: 0,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::b2bua::recording::{self, RecordingService};
 use crate::b2bua::share_service::{self, ShareService, ShareServiceConfig};
 use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
+use crate::http::admin::{remove_store, AdminCommand};
 use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::media::relay::{RelayCounters, RelayEvent};
@@ -217,6 +218,16 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     http_state.digest_algorithms = config.sip.digest_algorithms.clone();
     http_state.realm = config.sip.domain.clone();
     http_state.live = live.clone();
+    let (admin, admin_rx) = crate::http::admin::AdminHandle::new(config.media.record_calls);
+    http_state.admin = Some(admin);
+    if config.store.retention_days > 0 {
+        tokio::spawn(retention(
+            stores.clone(),
+            accounts.clone(),
+            config.storage.data_dir.clone(),
+            config.store.retention_days,
+        ));
+    }
     let mut share_settings = crate::share::ShareSettings::from_config(&config.share);
     share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
     // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
@@ -264,6 +275,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             commands,
             share_commands,
             record_commands,
+            admin_rx,
             term,
             int,
         })
@@ -280,6 +292,8 @@ struct Inbox {
     share_commands: mpsc::UnboundedReceiver<share_service::Command>,
     /// None when `media.record_calls` is off.
     record_commands: Option<mpsc::UnboundedReceiver<recording::Command>>,
+    /// The HTTP admin API's questions (PROTOCOL 8).
+    admin_rx: mpsc::Receiver<AdminCommand>,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
@@ -304,6 +318,7 @@ impl Core {
             mut commands,
             mut share_commands,
             record_commands,
+            mut admin_rx,
             mut term,
             mut int,
         } = inbox;
@@ -340,6 +355,7 @@ impl Core {
                         r.apply(self.engine.media_mut(), cmd);
                     }
                 }
+                Some(cmd) = admin_rx.recv() => self.on_admin(cmd),
                 Some(ev) = relay_rx.recv() => match self.engine.media_mut().on_relay_event(ev) {
                     Some(MediaEvent::Timeout(call)) => {
                         self.engine.handle_media_timeout(call, Instant::now());
@@ -405,6 +421,26 @@ impl Core {
             .set(self.counters.rtp_packets_total());
     }
 
+    /// Answers the admin API from the engine (the oneshot's receiver may have gone: a client
+    /// that hung up does not care).
+    fn on_admin(&mut self, cmd: AdminCommand) {
+        let now = Instant::now();
+        match cmd {
+            AdminCommand::Calls(tx) => {
+                let _ = tx.send(self.engine.calls_snapshot());
+            }
+            AdminCommand::EndCall(id, tx) => {
+                let _ = tx.send(self.engine.end_call_by_operator(id, now));
+            }
+            AdminCommand::Registrations(tx) => {
+                let _ = tx.send(self.engine.registrations_snapshot(now));
+            }
+            AdminCommand::EndStore(id, tx) => {
+                let _ = tx.send(self.engine.end_store_sessions(&id, now));
+            }
+        }
+    }
+
     /// Makes sure the engine has fresh digest data for the user a request authenticates as.
     async fn load_accounts(&mut self, msg: &SipMessage) {
         let SipMessage::Request(req) = msg else {
@@ -451,6 +487,32 @@ async fn expire_pending_stores(stores: Stores) {
         tick.tick().await;
         if let Err(e) = stores.expire_pending(SystemTime::now()).await {
             tracing::warn!(error = %e, "expiring pending stores failed");
+        }
+    }
+}
+
+/// `store.retention_days`: once an hour (and at start), deletes finished stores older than
+/// that, like `DELETE /v1/stores/{id}` does.
+async fn retention(stores: Stores, accounts: Accounts, data_dir: std::path::PathBuf, days: u32) {
+    let keep = Duration::from_secs(u64::from(days) * 86_400);
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let Some(cutoff) = SystemTime::now().checked_sub(keep) else {
+            continue;
+        };
+        let ids = match stores.finished_before(cutoff).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: listing old stores failed");
+                continue;
+            }
+        };
+        for id in ids {
+            match remove_store(&stores, &accounts, &data_dir, &id).await {
+                Ok(_) => tracing::info!(store = %id, days, "store deleted by retention"),
+                Err(e) => tracing::warn!(store = %id, error = %e, "retention: delete failed"),
+            }
         }
     }
 }

@@ -22,10 +22,12 @@ use rand::distributions::Alphanumeric;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod admin;
 mod dtmf;
 mod sessions;
 mod share;
 
+pub use admin::{CallSnapshot, LegSnapshot, RegistrationSnapshot, RtpSnapshot, OPERATOR_REASON};
 pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
@@ -301,6 +303,9 @@ struct Call {
     digits: [dtmf::DigitGate; 2],
     /// The audio format of the answer (first codec that is not telephone-event), once known.
     format: Option<(String, u8)>,
+    /// When the caller's INVITE arrived and when the call was answered (admin listing).
+    started: Instant,
+    answered: Option<Instant>,
 }
 
 impl Call {
@@ -983,6 +988,8 @@ impl<M: MediaBackend> Engine<M> {
                 dtmf::DigitGate::new(&self.cfg.feature_code),
                 dtmf::DigitGate::new(&self.cfg.feature_code),
             ],
+            started: now,
+            answered: None,
         };
 
         // Leg B's INVITE.
@@ -1343,6 +1350,7 @@ impl<M: MediaBackend> Engine<M> {
                 return;
             };
             call.state = CallState::Up;
+            call.answered = Some(now);
             call.a_invite_tx = None;
             call.a.awaiting_ack = Some(1);
             call.format = answer_format(&resp);
@@ -1739,6 +1747,12 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     fn bye_leg(&mut self, key: CallKey, side: Side, reason: Option<&str>, now: Instant) {
+        let reason = reason.map(|r| format!("SIP;cause=200;text=\"{r}\""));
+        self.bye_leg_with(key, side, reason, now);
+    }
+
+    /// BYE on one leg with `reason` as the whole `Reason` header value, if any.
+    fn bye_leg_with(&mut self, key: CallKey, side: Side, reason: Option<String>, now: Instant) {
         let Some(call) = self.calls.get(&key) else {
             return;
         };
@@ -1754,8 +1768,7 @@ impl<M: MediaBackend> Engine<M> {
         };
         let mut bye = dialog.new_request(Method::Bye, &contact, via);
         if let Some(r) = reason {
-            bye.headers
-                .push("Reason", format!("SIP;cause=200;text=\"{r}\""));
+            bye.headers.push("Reason", r);
         }
         let id = self.tx.send_request(bye, peer, now);
         self.pending
