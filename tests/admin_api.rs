@@ -60,6 +60,54 @@ async fn send(a: SocketAddr, method: &str, path: &str, auth: Option<&str>, body:
     request(a, method, path, &headers, body.as_bytes()).await
 }
 
+/// One Server-Sent Event as read: when, `event:` and the `data:` JSON.
+type Sse = (Instant, String, Value);
+
+/// Opens `GET /v1/events` with `auth` and forwards every event; the status line is checked.
+async fn events(a: SocketAddr, auth: &str) -> tokio::sync::mpsc::UnboundedReceiver<Sse> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    let req = format!("GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nAccept: text/event-stream\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(s).lines();
+    let status = lines.next_line().await.unwrap().unwrap_or_default();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut name = String::new();
+        // Chunked framing lines (sizes, blanks) are skipped: only `event:`/`data:` count.
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(d).expect("event data is JSON");
+                if tx.send((Instant::now(), name.clone(), v)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The next event named `name` for which `pred` holds, within 10 s.
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Sse>,
+    name: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Sse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {name} event in time"))
+            .expect("event stream open");
+        if ev.1 == name && pred(&ev.2) {
+            return ev;
+        }
+    }
+}
+
 /// Polls `GET /v1/calls` (admin) until `pred` holds for the list, or panics after 10 s.
 async fn calls_until(a: SocketAddr, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -155,6 +203,18 @@ async fn live_call_is_listed_with_counters_and_ended_by_the_operator() {
         401
     );
 
+    // The event stream: the call is there at once; a user's credentials are refused.
+    let r = get(a, "/v1/events", &[("Authorization", &basic("1001", "pw1"))]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(get(a, "/v1/events", &[]).await.status, 401);
+    let mut ev = events(a, &bearer()).await;
+    let first = next_event(&mut ev, "call", |v| v["id"] == id.as_str()).await;
+    assert_eq!(first.2["state"], "up");
+    assert_eq!(
+        first.2["legs"]["b"]["call_id"],
+        call["legs"]["b"]["call_id"]
+    );
+
     // Ending: a user may not, an unknown id is 404, the admin gets 204.
     let path = format!("/v1/calls/{id}");
     let r = send(a, "DELETE", &path, Some(&basic("1001", "pw1")), "").await;
@@ -167,6 +227,16 @@ async fn live_call_is_listed_with_counters_and_ended_by_the_operator() {
     let r = send(a, "DELETE", &path, Some(&bearer()), "").await;
     assert_eq!(r.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
     calls_until(a, "no call after the operator ended it", |l| l.is_empty()).await;
+    let last = next_event(&mut ev, "call", |v| {
+        v["id"] == id.as_str() && v["state"] == "ended"
+    })
+    .await;
+    assert!(
+        last.2["ended_at"].as_str().unwrap_or("").ends_with('Z'),
+        "{:?}",
+        last.2
+    );
+    assert_eq!(last.2["legs"]["a"]["call_id"], call["legs"]["a"]["call_id"]);
     let r = send(a, "DELETE", &path, Some(&bearer()), "").await;
     assert_eq!(r.status, 404, "ended twice");
 
@@ -448,4 +518,80 @@ async fn deleting_a_store_removes_media_metadata_and_quota() {
     assert_eq!(send(a, "DELETE", &p, Some(&bearer()), "").await.status, 404);
     let r = send(a, "DELETE", "/v1/stores/st_nonsense", Some(&bearer()), "").await;
     assert_eq!(r.status, 404);
+}
+
+/// A store receiving an upload over 2 s: `store` events come at least every 500 ms (plus
+/// slack for a loaded machine) with growing `received_bytes`, then one with the final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_report_store_progress_while_it_receives() {
+    use tokio::io::AsyncWriteExt;
+    let server = server(ServerConfig::new());
+    let a = server.http_addr();
+    let data: PathBuf = server.dir.path().join("data");
+    let db = Db::open(&format!("sqlite://{}", data.join("callvault.db").display()))
+        .await
+        .unwrap();
+    let stores = Stores::new(db);
+    let s = stores
+        .create(
+            NewStore {
+                kind: StoreKind::InCall,
+                sender: "sip:1001@example.com".into(),
+                receiver: "sip:1002@example.com".into(),
+                owner: Some("1002".into()),
+                call_id: Some("ops-upload".into()),
+                threshold: Threshold::Percent(30),
+                ttl: Duration::from_secs(300),
+            },
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
+    let mut ev = events(a, &bearer()).await;
+
+    // 40 KB in 2 KB pieces, one every 100 ms.
+    const TOTAL: usize = 40_000;
+    let mut up = tokio::net::TcpStream::connect(a).await.unwrap();
+    let head = format!(
+        "PUT /v1/stores/{}/data?token={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {TOTAL}\r\n\r\n",
+        s.id,
+        callvault::http::upload_token(&s)
+    );
+    up.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        for _ in 0..TOTAL / 2000 {
+            up.write_all(&[0x42; 2000]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        up
+    });
+
+    let id = s.id.clone();
+    let mine = |v: &Value| v["store_id"] == id.as_str();
+    let mut progress: Vec<(Instant, u64)> = Vec::new();
+    let last = loop {
+        let (t, _, v) = next_event(&mut ev, "store", mine).await;
+        assert_eq!(v["declared_bytes"], json!(TOTAL));
+        assert!(
+            v.get("threshold_bytes").is_some() && v["ready"].is_boolean(),
+            "{v}"
+        );
+        if v["state"] != "receiving" {
+            break v;
+        }
+        progress.push((t, v["received_bytes"].as_u64().unwrap()));
+    };
+    let _ = writer.await.unwrap();
+    assert_eq!(last["state"], "complete", "{last}");
+    assert_eq!(last["received_bytes"], json!(TOTAL));
+    assert_eq!(last["ready"], true);
+    assert!(progress.len() >= 4, "{progress:?}");
+    assert!(
+        progress.windows(2).all(|w| w[1].1 >= w[0].1),
+        "{progress:?}"
+    );
+    let distinct: std::collections::BTreeSet<u64> = progress.iter().map(|p| p.1).collect();
+    assert!(distinct.len() >= 3, "the bar must move: {progress:?}");
+    let gap = progress.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap();
+    assert!(gap <= Duration::from_millis(700), "largest gap {gap:?}");
 }

@@ -104,7 +104,7 @@ async fn caller(
     }
 }
 
-async fn require_admin(
+pub(crate) async fn require_admin(
     state: &HttpState,
     method: &Method,
     uri: &Uri,

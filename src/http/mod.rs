@@ -11,6 +11,7 @@
 //! | `PUT /v1/stores/{id}/data` | the sender: the upload token, or the sender's Basic/Digest |
 //! | `DELETE /v1/stores/{id}` | the receiver or admin ([`admin`]) |
 //! | `GET /v1/calls`, `GET /v1/registrations` | admin: all; an account: its own ([`admin`]) |
+//! | `GET /v1/events` (Server-Sent Events) | admin ([`events`]) |
 //! | `DELETE /v1/calls/{id}`, `POST /v1/accounts`, `PATCH`/`DELETE /v1/accounts/{user}` | admin |
 //!
 //! Tokens: a store has one secret (`Store::token`). The *download token* (in `download_url`,
@@ -25,6 +26,7 @@ pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod errors;
+pub mod events;
 pub mod index_role;
 pub mod media;
 pub mod shares;
@@ -296,6 +298,7 @@ pub fn api_router(state: HttpState) -> Router {
         .route("/v1/calls", get(admin::list_calls))
         .route("/v1/calls/{id}", delete(admin::delete_call))
         .route("/v1/registrations", get(admin::list_registrations))
+        .route("/v1/events", get(events::events))
         .route("/v1/stores", get(stores::list_stores))
         .route(
             "/v1/stores/{id}",
