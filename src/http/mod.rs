@@ -12,6 +12,7 @@
 //! | `DELETE /v1/stores/{id}` | the receiver or admin ([`admin`]) |
 //! | `GET /v1/calls`, `GET /v1/registrations` | admin: all; an account: its own ([`admin`]) |
 //! | `GET /v1/events` (Server-Sent Events) | admin ([`events`]) |
+//! | `GET /console`, `/console/console.js` | anyone (the page then needs the admin token) |
 //! | `DELETE /v1/calls/{id}`, `POST /v1/accounts`, `PATCH`/`DELETE /v1/accounts/{user}` | admin |
 //!
 //! Tokens: a store has one secret (`Store::token`). The *download token* (in `download_url`,
@@ -25,6 +26,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod console;
 pub mod errors;
 pub mod events;
 pub mod index_role;
@@ -299,6 +301,8 @@ pub fn api_router(state: HttpState) -> Router {
         .route("/v1/calls/{id}", delete(admin::delete_call))
         .route("/v1/registrations", get(admin::list_registrations))
         .route("/v1/events", get(events::events))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
         .route("/v1/stores", get(stores::list_stores))
         .route(
             "/v1/stores/{id}",
