@@ -57,6 +57,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub share: ShareConfig,
     pub index: IndexConfig,
+    /// `[log]` (PROTOCOL 8).
+    pub log: crate::logging::LogConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
     /// trusting loopback out of the box would switch digest auth off for every local test.
     pub trusted_peer: Vec<TrustedPeer>,
@@ -454,6 +456,9 @@ impl Config {
                 "must be within 0..=256 (0: one per core)",
             ));
         }
+        if let Err((key, message)) = self.log.validate() {
+            return Err(invalid(key, message));
+        }
         if self.storage.metadata.is_empty() {
             return Err(invalid("storage.metadata", "a database URL is needed"));
         }
@@ -744,6 +749,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         store: take(&mut table, "store", origin)?,
         share: take(&mut table, "share", origin)?,
         index: take(&mut table, "index", origin)?,
+        log: take(&mut table, "log", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,
     };

@@ -7,6 +7,7 @@
 pub mod b2bua;
 pub mod config;
 pub mod http;
+pub mod logging;
 pub mod media;
 pub mod metrics;
 pub mod peer;

@@ -1,6 +1,5 @@
 //! The `callvault` command line (PROTOCOL.md section 4).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -139,16 +138,6 @@ fn prompt_format_or_default(s: &str) -> Result<FormatChoice, String> {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
     // One line, whatever the error text contains.
     let text = msg.to_string().replace('\n', " ");
@@ -163,11 +152,12 @@ fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The config says how to log; its own errors go to stderr as one line (`fail`).
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    callvault::logging::init(&config.log);
     match cli.command {
         Command::Serve => match callvault::server::run(config).await {
             Ok(()) => ExitCode::SUCCESS,

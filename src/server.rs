@@ -22,7 +22,7 @@ use crate::media::relay::{RelayCounters, RelayEvent};
 use crate::media::threads::MediaThreads;
 use crate::metrics::METRICS;
 use crate::sip::auth::{Algorithm, Credentials, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
-use crate::sip::message::{Request, SipMessage};
+use crate::sip::message::{HeaderAccess, Request, SipMessage};
 use crate::sip::transaction::TimerConfig;
 use crate::storage::accounts::Accounts;
 use crate::storage::db::Db;
@@ -267,6 +267,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         accounts,
         account_seen: HashMap::new(),
         counters,
+        tracer: crate::logging::SipTracer::new(&config.log),
     };
     let result = core
         .run(Inbox {
@@ -308,6 +309,8 @@ struct Core {
     accounts: Accounts,
     account_seen: HashMap<String, Instant>,
     counters: Arc<RelayCounters>,
+    /// `[log] sip_trace` and `[log] hep`.
+    tracer: crate::logging::SipTracer,
 }
 
 impl Core {
@@ -384,7 +387,18 @@ impl Core {
     async fn on_transport_event(&mut self, ev: TransportEvent) {
         match ev {
             TransportEvent::Message { msg, peer, .. } => {
+                self.trace(true, peer, &msg.to_bytes());
                 self.load_accounts(&msg).await;
+                // Every line logged while handling names both legs' Call-IDs (PROTOCOL 8).
+                let call_id = match &msg {
+                    SipMessage::Request(r) => r.call_id(),
+                    SipMessage::Response(r) => r.call_id(),
+                };
+                let (a, b) = call_id
+                    .map(|id| self.engine.leg_call_ids(id))
+                    .unwrap_or_default();
+                let span = tracing::info_span!("sip", call_a = a.as_deref(), call_b = b.as_deref());
+                let _in = span.enter();
                 self.engine.handle_message(msg, peer, Instant::now());
             }
             TransportEvent::Unreachable(peer) => {
@@ -393,9 +407,31 @@ impl Core {
         }
     }
 
+    /// Traces one SIP message (log and HEP) when `[log]` asks for it.
+    fn trace(&self, received: bool, peer: crate::sip::transaction::Peer, data: &[u8]) {
+        if !self.tracer.is_on() {
+            return;
+        }
+        let local = self
+            .transports
+            .local_addr(peer.transport)
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (src, dst) = if received {
+            (peer.addr, local)
+        } else {
+            (local, peer.addr)
+        };
+        self.tracer.trace(received, src, dst, peer.transport, data);
+    }
+
+    fn send(&self, t: crate::sip::transaction::Transmit) {
+        self.trace(false, t.peer, &t.data);
+        self.transports.send(t);
+    }
+
     fn flush(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
-            self.transports.send(t);
+            self.send(t);
         }
         while let Some(ev) = self.engine.poll_event() {
             if let Some(r) = self.recorder.as_mut() {
@@ -406,7 +442,7 @@ impl Core {
                 .on_event(&mut self.engine, &ev, Instant::now());
         }
         while let Some(t) = self.engine.poll_transmit() {
-            self.transports.send(t);
+            self.send(t);
         }
         let stats = self.engine.tx_stats();
         METRICS

@@ -612,6 +612,13 @@ impl Drop for Server {
 /// addresses (`key=value` words) or nothing, e.g.
 /// `INFO callvault::server: ready sip=udp:127.0.0.1:5060 http=127.0.0.1:8080`.
 pub fn is_ready_line(line: &str) -> bool {
+    // `[log] format = "json"`: the message field carries the same text.
+    if line.starts_with('{') {
+        return serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(is_ready_line))
+            .unwrap_or(false);
+    }
     let words: Vec<&str> = line.split_whitespace().collect();
     words
         .iter()

@@ -181,4 +181,19 @@ impl<M: MediaBackend> Engine<M> {
         }
         keys.len()
     }
+
+    /// Both legs' Call-IDs of the call a message with `call_id` belongs to (for log spans):
+    /// `(Some(a), Some(b))` for a call's leg, `(Some(call_id), None)` for anything else.
+    pub(crate) fn leg_call_ids(&self, call_id: &str) -> (Option<String>, Option<String>) {
+        let key = self.own_call_ids.get(call_id).copied().or_else(|| {
+            self.calls
+                .iter()
+                .find(|(_, c)| c.a.call_id == call_id)
+                .map(|(k, _)| *k)
+        });
+        match key.and_then(|k| self.calls.get(&k)) {
+            Some(c) => (Some(c.a.call_id.clone()), Some(c.b.call_id.clone())),
+            None => (Some(call_id.to_string()), None),
+        }
+    }
 }
