@@ -346,6 +346,17 @@ fn default_route_transport() -> Transport {
 impl Config {
     /// Loads `path`, or [`DEFAULT_CONFIG_PATH`] when `None` (a missing default file means
     /// defaults; a missing explicit file is an error), then applies the process environment.
+    /// The effective config as TOML (`callvault config check`), with the admin token and
+    /// any password in the metadata URL replaced by `***`.
+    pub fn masked_toml(&self) -> Result<String, String> {
+        let mut c = self.clone();
+        if !c.http.admin_token.is_empty() {
+            c.http.admin_token = "***".into();
+        }
+        c.storage.metadata = mask_url_password(&c.storage.metadata);
+        toml::to_string(&c).map_err(|e| e.to_string())
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
@@ -561,6 +572,20 @@ fn default_value() -> toml::Table {
     match toml::Table::try_from(Config::default()) {
         Ok(t) => t,
         Err(_) => toml::Table::new(),
+    }
+}
+
+/// `scheme://user:password@host/...` with the password masked; anything else unchanged.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
     }
 }
 

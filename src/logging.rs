@@ -76,23 +76,62 @@ impl LogConfig {
     }
 }
 
+/// Changes the log filter of the running subscriber (SIGHUP); set by [`init`].
+type Reloader = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static RELOAD: std::sync::OnceLock<Reloader> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber: `RUST_LOG` if set, else `level`; text or JSON on stderr.
 pub fn init(cfg: &LogConfig) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.level))
+    let filter = rust_log()
+        .ok_or(())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).map_err(|_| ()))
+        .or_else(|()| tracing_subscriber::EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match cfg.format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+    // The two formats are different types; each keeps its own reload handle.
+    let reloader: Reloader = match cfg.format {
+        LogFormat::Text => {
+            let b = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |f| h.reload(f).map_err(|e| e.to_string()))
+        }
+        LogFormat::Json => {
+            let b = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |f| h.reload(f).map_err(|e| e.to_string()))
+        }
+    };
+    let _ = RELOAD.set(reloader);
+}
+
+/// `RUST_LOG` when set and not empty (an empty one means "not set").
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// Applies `[log] level` again (SIGHUP). `RUST_LOG`, when set, still wins.
+pub fn reload_level(level: &str) -> Result<(), String> {
+    if rust_log().is_some() {
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    match RELOAD.get() {
+        Some(r) => r(filter),
+        None => Ok(()), // no subscriber of ours (tests, library use)
     }
 }
 

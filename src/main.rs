@@ -38,6 +38,16 @@ enum Command {
     /// The piece index as a role of its own, on index.listen (same database as serve; set
     /// index.url for serve and the peers to use it).
     Index,
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Load the config (file, defaults, environment), check it, and print the effective
+    /// config as TOML with secrets masked. Exits 2 with the reason when it is invalid.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,7 +169,7 @@ async fn main() -> ExitCode {
     };
     callvault::logging::init(&config.log);
     match cli.command {
-        Command::Serve => match callvault::server::run(config).await {
+        Command::Serve => match callvault::server::run_from(config, cli.config.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e, 1),
         },
@@ -170,6 +180,13 @@ async fn main() -> ExitCode {
         Command::Share(cmd) => match share(&config, cmd).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}"), 1),
+        },
+        Command::Config(ConfigCmd::Check) => match config.masked_toml() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
         },
         Command::Index => match callvault::http::index_role::run(config).await {
             Ok(()) => ExitCode::SUCCESS,

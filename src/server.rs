@@ -61,6 +61,14 @@ const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(5);
 const CORE_BATCH: usize = 63;
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    run_from(config, None).await
+}
+
+/// [`run`], with the config file SIGHUP reads again (None: the default path).
+pub async fn run_from(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), ServerError> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.storage.data_dir)
         .map_err(|e| ServerError::Db(e.to_string()))?;
@@ -117,12 +125,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         })?;
     let media = media.with_threads(Arc::new(media_threads));
 
-    let mut routes = Vec::new();
-    for r in &config.route {
-        let t = resolve_route(&r.prefix, &r.target.host, r.target.port, r.transport)
-            .ok_or_else(|| ServerError::Route(format!("{}:{}", r.target.host, r.target.port)))?;
-        routes.push(t);
-    }
+    let routes = resolve_routes(&config)?;
     set_warn_agent(&config.sip.public_address.to_string());
     let engine_cfg = EngineConfig {
         domain: config.sip.domain.clone(),
@@ -153,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
 
     let listen: Vec<String> = transports
         .bound()
@@ -268,6 +272,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         account_seen: HashMap::new(),
         counters,
         tracer: crate::logging::SipTracer::new(&config.log),
+        config_path,
     };
     let result = core
         .run(Inbox {
@@ -279,6 +284,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             admin_rx,
             term,
             int,
+            hup,
         })
         .await;
     db.close().await;
@@ -297,6 +303,8 @@ struct Inbox {
     admin_rx: mpsc::Receiver<AdminCommand>,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// SIGHUP: reload what can change live.
+    hup: tokio::signal::unix::Signal,
 }
 
 struct Core {
@@ -311,6 +319,8 @@ struct Core {
     counters: Arc<RelayCounters>,
     /// `[log] sip_trace` and `[log] hep`.
     tracer: crate::logging::SipTracer,
+    /// Read again on SIGHUP.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Core {
@@ -324,6 +334,7 @@ impl Core {
             mut admin_rx,
             mut term,
             mut int,
+            mut hup,
         } = inbox;
         let recording_on = record_commands.is_some();
         // Without recording, a receiver nobody sends to keeps the select arm idle.
@@ -371,6 +382,7 @@ impl Core {
                 _ = tokio::time::sleep_until(deadline) => {
                     self.engine.handle_timeout(Instant::now());
                 }
+                _ = hup.recv() => self.reload(),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -404,6 +416,39 @@ impl Core {
             TransportEvent::Unreachable(peer) => {
                 self.engine.handle_unreachable(peer, Instant::now());
             }
+        }
+    }
+
+    /// SIGHUP: reads the config file again and applies routes, trusted peers and the log
+    /// level. Anything else changed in the file needs a restart; a file that does not load
+    /// changes nothing.
+    fn reload(&mut self) {
+        let loaded = Config::load(self.config_path.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                resolve_routes(&c)
+                    .map(|r| (c, r))
+                    .map_err(|e| e.to_string())
+            });
+        let (config, routes) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: config not reloaded");
+                return;
+            }
+        };
+        let trusted = config.trusted_peer.iter().map(|t| t.cidr).collect();
+        let n = routes.len();
+        self.engine.reconfigure(routes, trusted);
+        // Logged before the new level applies, so a quieter level still shows the reload.
+        tracing::info!(
+            routes = n,
+            trusted_peers = config.trusted_peer.len(),
+            level = %config.log.level,
+            "SIGHUP: config reloaded"
+        );
+        if let Err(e) = crate::logging::reload_level(&config.log.level) {
+            tracing::warn!(error = %e, "SIGHUP: log level not changed");
         }
     }
 
@@ -514,6 +559,17 @@ impl Core {
             self.account_seen.insert(user, Instant::now());
         }
     }
+}
+
+fn resolve_routes(config: &Config) -> Result<Vec<crate::b2bua::engine::RouteTarget>, ServerError> {
+    config
+        .route
+        .iter()
+        .map(|r| {
+            resolve_route(&r.prefix, &r.target.host, r.target.port, r.transport)
+                .ok_or_else(|| ServerError::Route(format!("{}:{}", r.target.host, r.target.port)))
+        })
+        .collect()
 }
 
 /// Marks store ids that were never used `expired`, once a minute.

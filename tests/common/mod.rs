@@ -524,6 +524,11 @@ impl Server {
         account_add(&self.config_path, user, password, pin, quota);
     }
 
+    /// Sends `sig` (e.g. `libc::SIGHUP`) to the running server.
+    pub fn signal(&self, sig: libc::c_int) {
+        send_signal(self.child.as_ref().expect("server running"), sig);
+    }
+
     /// Stops the server (SIGTERM, 5 s grace, SIGKILL) and returns its exit status.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         self.child

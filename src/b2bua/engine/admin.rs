@@ -182,6 +182,17 @@ impl<M: MediaBackend> Engine<M> {
         keys.len()
     }
 
+    /// New routes and trusted peers from a reloaded config (SIGHUP); calls in progress keep
+    /// the targets they were set up with.
+    pub(crate) fn reconfigure(
+        &mut self,
+        routes: Vec<super::RouteTarget>,
+        trusted: Vec<crate::config::Cidr>,
+    ) {
+        self.cfg.routes = routes;
+        self.cfg.trusted = trusted;
+    }
+
     /// Both legs' Call-IDs of the call a message with `call_id` belongs to (for log spans):
     /// `(Some(a), Some(b))` for a call's leg, `(Some(call_id), None)` for anything else.
     pub(crate) fn leg_call_ids(&self, call_id: &str) -> (Option<String>, Option<String>) {
