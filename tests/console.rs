@@ -286,6 +286,26 @@ async fn console_shows_live_call_moving_store_bar_player_and_ends_the_call() {
         let state = format!("document.querySelector('[data-store=\"{id}\"] .state').textContent");
         assert!(b.eval(&state).as_str().unwrap().starts_with("receiving"));
 
+        // `CALLVAULT_CONSOLE_SCREENSHOT=FILE` keeps a picture of the page (the README's).
+        if let Some(path) = std::env::var_os("CALLVAULT_CONSOLE_SCREENSHOT") {
+            let session = b.session.clone();
+            b.call(
+                Some(&session),
+                "Emulation.setDeviceMetricsOverride",
+                json!({ "width": 1280, "height": 720, "deviceScaleFactor": 1, "mobile": false }),
+            );
+            let shot = b.call(
+                Some(&session),
+                "Page.captureScreenshot",
+                json!({ "format": "png" }),
+            );
+            use base64::Engine as _;
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(shot["data"].as_str().unwrap_or(""))
+                .unwrap();
+            std::fs::write(path, png).unwrap();
+        }
+
         // The player, started while the store receives: its clock and bytes advance.
         b.eval(&format!(
             "document.querySelector('[data-store=\"{id}\"] button.play').click()"
