@@ -595,3 +595,103 @@ async fn events_report_store_progress_while_it_receives() {
     let gap = progress.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap();
     assert!(gap <= Duration::from_millis(700), "largest gap {gap:?}");
 }
+
+/// `DELETE /v1/stores/{id}` on a store still receiving over SIP (SIPp's store session): the
+/// session is ended first (BYE to the sender), then the store is gone with its media and the
+/// quota it reserved or used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_receiving_store_ends_its_session_first() {
+    if !tool_available("sipp") {
+        return;
+    }
+    let ports = PortBlock::reserve(20);
+    let mut cfg = ServerConfig::new();
+    cfg.route_to = Some((ports.port(1), common::Transport::Udp));
+    let mut server = Server::prepare(cfg);
+    let toml = std::fs::read_to_string(&server.config_path).unwrap();
+    let toml = toml.replacen(
+        "[http]\n",
+        &format!("[http]\nadmin_token = \"{ADMIN}\"\n"),
+        1,
+    );
+    std::fs::write(&server.config_path, toml).unwrap();
+    server.set_env("CALLVAULT_MEDIA_RTP_TIMEOUT_SECS", "60");
+    server.account_add("1001", "secret", "4321", "50MiB");
+    server.account_add("1002", "secret", "4321", "50MiB");
+    server.start();
+    let a_http = server.http_addr();
+    let files = tempfile::tempdir().unwrap();
+    let store_file = files.path().join("store_id");
+    let play_file = files.path().join("play_uri");
+    let b = Sipp::uas("storage_callee")
+        .port(ports.port(1))
+        .media_port(ports.port(8))
+        .timeout(Duration::from_secs(40))
+        .arg("-key")
+        .arg("play_file")
+        .arg(&play_file.display().to_string())
+        .spawn();
+    let a = Sipp::uac("storage_caller", server.sip_addr())
+        .port(ports.port(0))
+        .media_port(ports.port(4))
+        .service("1002")
+        .timeout(Duration::from_secs(40))
+        .arg("-key")
+        .arg("store_file")
+        .arg(&store_file.display().to_string())
+        .spawn();
+    let sf = store_file.clone();
+    let store_id =
+        tokio::task::spawn_blocking(move || common::wait_file(&sf, Duration::from_secs(15)))
+            .await
+            .unwrap()
+            .expect("a prompt reached A");
+    let store = Sipp::uac("storage_store", server.sip_addr())
+        .port(ports.port(2))
+        .media_port(ports.port(12))
+        .service(&store_id)
+        .timeout(Duration::from_secs(40))
+        .spawn();
+    let p = format!("/v1/stores/{store_id}");
+    // Wait until it receives, with some bytes in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(a_http, &p, &[("Authorization", &bearer())]).await;
+        let v = r.json();
+        if v["state"] == "receiving" && v["received_bytes"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = send(a_http, "DELETE", &p, Some(&bearer()), "").await;
+    assert_eq!(r.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        get(a_http, &p, &[("Authorization", &bearer())])
+            .await
+            .status,
+        404
+    );
+    let data = server.dir.path().join("data");
+    assert!(
+        !store_dir(&data, &store_id).unwrap().exists(),
+        "media removed"
+    );
+    let acct = get(a_http, "/v1/accounts/1002", &[("Authorization", &bearer())]).await;
+    let acct = acct.json();
+    assert_eq!(
+        (acct["used_bytes"].as_u64(), acct["reserved_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{acct}"
+    );
+    // The sender's store session got callvault's BYE (its scenario expected to hang up itself).
+    let store = tokio::task::spawn_blocking(move || store.wait())
+        .await
+        .unwrap();
+    assert!(
+        store.messages.contains("BYE sip:") && store.messages.contains("store deleted by operator"),
+        "{}",
+        store.messages
+    );
+    drop((a, b));
+}

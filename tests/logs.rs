@@ -9,21 +9,8 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{tool_available, PortBlock, Server, ServerConfig, Sipp};
+use common::{tool_available, wait_file, PortBlock, Server, ServerConfig, Sipp};
 use serde_json::Value;
-
-fn wait_file(path: &std::path::Path, timeout: Duration) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return Some(s.trim().to_string());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
 
 /// The value of the first `NAME: value` header line in a SIPp message trace.
 fn header_in(trace: &str, name: &str) -> String {
