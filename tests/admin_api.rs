@@ -695,3 +695,107 @@ async fn deleting_a_receiving_store_ends_its_session_first() {
     );
     drop((a, b));
 }
+
+/// `[store] retention_days`: a finished store older than that is deleted when the server
+/// starts (and hourly after), media and quota included; a recent one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_finished_stores() {
+    let mut cfg = ServerConfig::new();
+    cfg.extra = "[store]\nretention_days = 2\n".into();
+    let mut server = Server::prepare(cfg);
+    let toml = std::fs::read_to_string(&server.config_path).unwrap();
+    let toml = toml.replacen(
+        "[http]\n",
+        &format!("[http]\nadmin_token = \"{ADMIN}\"\n"),
+        1,
+    );
+    std::fs::write(&server.config_path, toml).unwrap();
+    server.account_add("1002", "pw2", "2222", "1000000");
+    let data: PathBuf = server.dir.path().join("data");
+    let db = Db::open(&format!("sqlite://{}", data.join("callvault.db").display()))
+        .await
+        .unwrap();
+    let stores = Stores::new(db);
+    let mut ids = Vec::new();
+    for age_days in [3u64, 1] {
+        let then = SystemTime::now() - Duration::from_secs(age_days * 86_400);
+        let s = stores
+            .create(
+                NewStore {
+                    kind: StoreKind::InCall,
+                    sender: "sip:1001@example.com".into(),
+                    receiver: "sip:1002@example.com".into(),
+                    owner: Some("1002".into()),
+                    call_id: None,
+                    threshold: Threshold::Percent(30),
+                    ttl: Duration::from_secs(300),
+                },
+                then,
+            )
+            .await
+            .unwrap();
+        let s = stores
+            .start_session(
+                &s.id,
+                &StartSession {
+                    caller: "sip:1001@example.com",
+                    format: "PCMU/8000",
+                    payload_type: 0,
+                    declared_bytes: Some(500),
+                    reserve_bytes: 500,
+                    threshold_bytes: Some(0),
+                },
+                then,
+            )
+            .await
+            .unwrap();
+        let mut w =
+            SegmentWriter::create(&store_dir(&data, &s.id).unwrap(), SegmentOptions::default())
+                .unwrap();
+        let h = RecordHeader {
+            arrival_us: 1,
+            seq: 1,
+            timestamp: 0,
+            ssrc: 1,
+            payload_type: 0,
+            marker: true,
+        };
+        w.append(&h, &[0x55; 500]).unwrap();
+        let st = w.finish().unwrap();
+        stores
+            .finish(&s.id, StoreState::Complete, st.payload_bytes, then)
+            .await
+            .unwrap();
+        ids.push(s.id);
+    }
+    server.start();
+    let a = server.http_addr();
+    let (old, recent) = (&ids[0], &ids[1]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(
+        a,
+        &format!("/v1/stores/{old}"),
+        &[("Authorization", &bearer())],
+    )
+    .await
+    .status
+        != 404
+    {
+        assert!(Instant::now() < deadline, "the old store is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!store_dir(&data, old).unwrap().exists());
+    let r = get(
+        a,
+        &format!("/v1/stores/{recent}"),
+        &[("Authorization", &bearer())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "the recent store stays");
+    let acct = get(a, "/v1/accounts/1002", &[("Authorization", &bearer())]).await;
+    assert_eq!(
+        acct.json()["used_bytes"],
+        500,
+        "only the recent store's bytes remain"
+    );
+}
