@@ -59,6 +59,8 @@ pub struct Config {
     pub index: IndexConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
+    /// `[log]` (PROTOCOL 8).
+    pub log: crate::logging::LogConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
     /// trusting loopback out of the box would switch digest auth off for every local test.
     pub trusted_peer: Vec<TrustedPeer>,
@@ -317,6 +319,9 @@ pub struct StoreConfig {
     pub threshold_max_bytes: u64,
     /// ...and with false, `adaptive` becomes `threshold_percent`.
     pub threshold_adaptive: bool,
+    /// Finished stores older than this many days are deleted (media, metadata, quota);
+    /// 0 keeps them forever (PROTOCOL 8).
+    pub retention_days: u32,
 }
 
 impl StoreConfig {
@@ -343,6 +348,7 @@ impl Default for StoreConfig {
             threshold_max_percent: 100,
             threshold_max_bytes: 0,
             threshold_adaptive: true,
+            retention_days: 0,
         }
     }
 }
@@ -471,6 +477,17 @@ fn default_route_transport() -> Transport {
 impl Config {
     /// Loads `path`, or [`DEFAULT_CONFIG_PATH`] when `None` (a missing default file means
     /// defaults; a missing explicit file is an error), then applies the process environment.
+    /// The effective config as TOML (`callvault config check`), with the admin token and
+    /// any password in the metadata URL replaced by `***`.
+    pub fn masked_toml(&self) -> Result<String, String> {
+        let mut c = self.clone();
+        if !c.http.admin_token.is_empty() {
+            c.http.admin_token = "***".into();
+        }
+        c.storage.metadata = mask_url_password(&c.storage.metadata);
+        toml::to_string(&c).map_err(|e| e.to_string())
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
@@ -623,6 +640,9 @@ impl Config {
                 "must be within 0..=256 (0: one per core)",
             ));
         }
+        if let Err((key, message)) = self.log.validate() {
+            return Err(invalid(key, message));
+        }
         if self.storage.metadata.is_empty() {
             return Err(invalid("storage.metadata", "a database URL is needed"));
         }
@@ -758,6 +778,20 @@ fn default_value() -> toml::Table {
     match toml::Table::try_from(Config::default()) {
         Ok(t) => t,
         Err(_) => toml::Table::new(),
+    }
+}
+
+/// `scheme://user:password@host/...` with the password masked; anything else unchanged.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
     }
 }
 
@@ -948,6 +982,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         index: take(&mut table, "index", origin)?,
         tls: take(&mut table, "tls", origin)?,
         limits: take(&mut table, "limits", origin)?,
+        log: take(&mut table, "log", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,
     };

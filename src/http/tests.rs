@@ -439,6 +439,18 @@ async fn download_raw_wav_pcap_of_a_finished_store() {
     assert_eq!(le32(p, 0), 0xa1b2_c3d4);
     assert_eq!(le32(p, 20), 101);
     let mut at = 24;
+    // First the store session's INVITE and 200 (SIP on port 5060, with SDP), then the RTP.
+    for start in ["INVITE sip:", "SIP/2.0 200 OK"] {
+        let incl = le32(p, at + 8) as usize;
+        let pkt = &p[at + 16..at + 16 + incl];
+        assert_eq!(u16::from_be_bytes([pkt[20], pkt[21]]), 5060);
+        let sip = std::str::from_utf8(&pkt[28..]).unwrap();
+        assert!(
+            sip.starts_with(start) && sip.contains("m=audio 5004 RTP/AVP"),
+            "{sip}"
+        );
+        at += 16 + incl;
+    }
     let mut n = 0;
     while at < p.len() {
         let incl = le32(p, at + 8) as usize;
@@ -457,7 +469,7 @@ async fn download_raw_wav_pcap_of_a_finished_store() {
         n += 1;
     }
     assert_eq!(n, recs.len());
-    // tshark reads it as RTP when told the port (skip when absent).
+    // tshark reads it as RTP without being told the port (skip when absent).
     if std::process::Command::new("tshark")
         .arg("-v")
         .output()
@@ -469,8 +481,8 @@ async fn download_raw_wav_pcap_of_a_finished_store() {
             .args([
                 "-r",
                 f.to_str().unwrap(),
-                "-d",
-                "udp.port==5004,rtp",
+                "-Y",
+                "rtp",
                 "-T",
                 "fields",
                 "-e",

@@ -22,6 +22,7 @@ use rand::distributions::Alphanumeric;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod admin;
 mod dtmf;
 mod guard;
 mod identity;
@@ -31,6 +32,7 @@ mod sessions;
 mod share;
 mod srtp;
 
+pub use admin::{CallSnapshot, LegSnapshot, RegistrationSnapshot, RtpSnapshot, OPERATOR_REASON};
 pub use msg_size::UDP_MTU_LIMIT;
 pub use sessions::{is_local_session_user, SessionKey};
 
@@ -318,6 +320,9 @@ struct Call {
     format: Option<(String, u8)>,
     /// SRTP state per media section (see [`srtp`]).
     srtp: Vec<srtp::StreamCrypto>,
+    /// When the caller's INVITE arrived and when the call was answered (admin listing).
+    started: Instant,
+    answered: Option<Instant>,
 }
 
 impl Call {
@@ -1057,6 +1062,8 @@ impl<M: MediaBackend> Engine<M> {
                 dtmf::DigitGate::new(&self.cfg.feature_code),
                 dtmf::DigitGate::new(&self.cfg.feature_code),
             ],
+            started: now,
+            answered: None,
         };
 
         // Leg B's INVITE.
@@ -1500,6 +1507,7 @@ impl<M: MediaBackend> Engine<M> {
                 return;
             };
             call.state = CallState::Up;
+            call.answered = Some(now);
             call.a_invite_tx = None;
             call.a.awaiting_ack = Some(1);
             call.format = answer_format(&resp);
@@ -1910,6 +1918,12 @@ impl<M: MediaBackend> Engine<M> {
     }
 
     fn bye_leg(&mut self, key: CallKey, side: Side, reason: Option<ErrorCode>, now: Instant) {
+        let reason = reason.map(|r| format!("SIP;cause=200;text=\"{r}\""));
+        self.bye_leg_with(key, side, reason, now);
+    }
+
+    /// BYE on one leg with `reason` as the whole `Reason` header value, if any.
+    fn bye_leg_with(&mut self, key: CallKey, side: Side, reason: Option<String>, now: Instant) {
         let Some(call) = self.calls.get(&key) else {
             return;
         };
@@ -1925,8 +1939,7 @@ impl<M: MediaBackend> Engine<M> {
         };
         let mut bye = dialog.new_request(Method::Bye, &contact, via);
         if let Some(r) = reason {
-            bye.headers
-                .push("Reason", format!("SIP;cause=200;text=\"{r}\""));
+            bye.headers.push("Reason", r);
         }
         let id = self.tx.send_request(bye, peer, now);
         self.pending
