@@ -6,6 +6,7 @@
 
 pub mod b2bua;
 pub mod config;
+pub mod digest;
 pub mod error_code;
 #[doc(hidden)]
 pub mod fuzzing;

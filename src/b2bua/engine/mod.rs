@@ -36,7 +36,7 @@ pub use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
 use super::media::{CallKey, Expect, MediaBackend, MediaError, PtSet, Side, StreamPorts};
-use crate::config::{Cidr, SrtpMode, Transport};
+use crate::config::{Cidr, SrtpMode};
 use crate::error_code::ErrorCode;
 use crate::guard::{Admit, AuthGuard, GuardPolicy};
 use crate::metrics::{AuthProto, CallOutcome, METRICS};
@@ -49,6 +49,7 @@ use crate::sip::transaction::{
     ClientInput, ClientTxId, Peer, ServerInput, ServerTxId, TimerConfig, TransactionLayer,
     Transmit, TxEvent,
 };
+use crate::sip::transport::Transport;
 use crate::sip::uri::{NameAddr, Uri, Via};
 pub use guard::GuardConfig;
 

@@ -572,7 +572,7 @@ pub(crate) fn ready(ctx: &Ctx, store: &Store, received_bytes: u64, state: StoreS
     let r = wire::Ready {
         store_id: store.id.clone(),
         play_uri: ctx.cfg.session_uri(&format!("play-{}", store.id), secure),
-        download_url: crate::http::download_url(&ctx.cfg.http_base, store),
+        download_url: crate::storage::capability::download_url(&ctx.cfg.http_base, store),
         state: state.to_string(),
         received_bytes,
         declared_bytes: store.declared_bytes,
