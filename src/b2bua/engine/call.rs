@@ -305,7 +305,7 @@ impl HasBody for Response {
 
 /// What section `idx` of an SDP from a party whose signalling came from `signalling` says
 /// about where its media comes from: address, payload types (any when none are listed), NAT.
-pub(super) fn media_expect(
+fn media_expect(
     sdp: &SessionDescription,
     idx: usize,
     signalling: Option<IpAddr>,
@@ -330,7 +330,7 @@ pub(super) fn is_sdp<T: HeaderAccess + HasBody>(m: &T) -> bool {
 }
 
 /// The first audio codec of an SDP answer that is not telephone-event, e.g. `PCMU/8000`.
-pub(super) fn answer_format(resp: &Response) -> Option<(String, u8)> {
+fn answer_format(resp: &Response) -> Option<(String, u8)> {
     if !is_sdp(resp) {
         return None;
     }
@@ -431,7 +431,7 @@ pub(super) fn recv_info_callvault(m: &impl HeaderAccess) -> Option<bool> {
 }
 
 /// An INFO of the `callvault` Info-Package (its Info-Package header).
-pub(super) fn is_callvault_info(method: &Method, headers: &[(&str, &str)]) -> bool {
+fn is_callvault_info(method: &Method, headers: &[(&str, &str)]) -> bool {
     *method == Method::Info
         && headers.iter().any(|(n, v)| {
             same_header(n, "Info-Package")
@@ -452,7 +452,7 @@ pub(super) fn as_message<'a>(headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'
 }
 /// An in-dialog MESSAGE, or an INFO of the `callvault` Info-Package (or legacy INFO without
 /// one, RFC 6086 §4.3.1 aside), whose body is a store request.
-pub(super) fn is_store_request(req: &Request) -> bool {
+fn is_store_request(req: &Request) -> bool {
     let ct_ok = req
         .content_type()
         .is_some_and(|ct| crate::b2bua::wire::is_consumed(&ct));

@@ -56,7 +56,10 @@ use crate::sip::transaction::{
 };
 use crate::sip::transport::Transport;
 use crate::sip::uri::{NameAddr, Uri, Via};
-use call::*;
+use call::{
+    call_caller, copy_headers, is_sdp, map_b_failure, recv_info_callvault, route_peer, AnchorError,
+    Call, CallState, Leg,
+};
 pub use guard::GuardConfig;
 
 /// Methods we answer or relay (Allow header).

@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Call, Engine, Pending};
+use super::call::Call;
+use super::{Engine, Pending};
 use crate::b2bua::media::{CallKey, MediaBackend, Side};
 use crate::config::SrtpMode;
 use crate::media::relay::SrtpDir;
