@@ -305,11 +305,7 @@ impl HasBody for Response {
 
 /// What section `idx` of an SDP from a party whose signalling came from `signalling` says
 /// about where its media comes from: address, payload types (any when none are listed), NAT.
-fn media_expect(
-    sdp: &SessionDescription,
-    idx: usize,
-    signalling: Option<IpAddr>,
-) -> Expect {
+fn media_expect(sdp: &SessionDescription, idx: usize, signalling: Option<IpAddr>) -> Expect {
     let pts = sdp
         .media(idx)
         .map(|m| PtSet::of(m.payload_types()))
