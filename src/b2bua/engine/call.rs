@@ -277,6 +277,20 @@ impl Call {
             self.leg_mut(origin).awaiting_ack = Some(cseq);
         }
     }
+    /// A final answer of ours to the caller's INVITE (leg A's To tag), e.g. 487 after CANCEL.
+    pub(super) fn a_answer(&self, status: u16) -> Response {
+        let mut resp = self.a_invite.response(status, None);
+        resp.ensure_to_tag(&self.a.local_tag);
+        resp
+    }
+
+    /// `side` no longer owes us the ACK for a 2xx we relayed to it (its ACK came, or it is
+    /// going away): the CSeq of the INVITE on the other leg whose 2xx we ACK now, and where
+    /// that ACK goes.
+    pub(super) fn take_owed_ack(&mut self, side: Side) -> Option<(u32, Peer)> {
+        let cseq = self.leg_mut(side).awaiting_ack.take()?;
+        Some((cseq, self.leg(side.other()).peer))
+    }
 }
 
 #[derive(Debug)]
@@ -539,13 +553,13 @@ impl<M: MediaBackend> Engine<M> {
             self.call_settled(call_key);
         }
         let other = side.other();
-        let Some(call) = self.calls.get_mut(&call_key) else {
+        let Some((cseq, peer)) = self
+            .calls
+            .get_mut(&call_key)
+            .and_then(|c| c.take_owed_ack(side))
+        else {
             return;
         };
-        let Some(cseq) = call.leg_mut(side).awaiting_ack.take() else {
-            return;
-        };
-        let peer = call.leg(other).peer;
         let via = self.new_via(peer.transport);
         let Some(call) = self.calls.get_mut(&call_key) else {
             return;
@@ -583,8 +597,7 @@ impl<M: MediaBackend> Engine<M> {
         if call.state != CallState::Early {
             return;
         }
-        let mut resp = call.a_invite.response(487, None);
-        resp.ensure_to_tag(&call.a.local_tag.clone());
+        let resp = call.a_answer(487);
         self.abandon_early(key, invite_tx, resp, CallOutcome::Cancelled, now);
     }
 
@@ -991,13 +1004,10 @@ impl<M: MediaBackend> Engine<M> {
     /// `side` owes us an ACK for a 2xx we relayed to it: ACK, on the other leg, the 2xx that
     /// answered the INVITE we sent there, since no ACK from `side` will come now.
     pub(super) fn ack_pending_2xx(&mut self, key: CallKey, side: Side) {
-        let Some(call) = self.calls.get_mut(&key) else {
+        let Some((cseq, peer)) = self.calls.get_mut(&key).and_then(|c| c.take_owed_ack(side))
+        else {
             return;
         };
-        let Some(cseq) = call.leg_mut(side).awaiting_ack.take() else {
-            return;
-        };
-        let peer = call.leg(side.other()).peer;
         let via = self.new_via(peer.transport);
         let Some(ack) = self
             .calls
@@ -1031,12 +1041,10 @@ impl<M: MediaBackend> Engine<M> {
                 self.end_call(key, outcome);
             }
             CallState::Early => {
-                let a_invite = call.a_invite.clone();
                 let a_tx = call.a_invite_tx;
                 let b_tx = call.b_invite_tx;
                 if let Some(a_tx) = a_tx {
-                    let mut resp = a_invite.response(503, None);
-                    resp.ensure_to_tag(&call.a.local_tag.clone());
+                    let mut resp = call.a_answer(503);
                     resp.headers.push("Retry-After", "5");
                     let resp =
                         with_error_body(resp, ErrorCode::Overloaded, reason.default_detail());
