@@ -61,6 +61,8 @@ pub struct Config {
     pub index: IndexConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
+    /// `[log]` (PROTOCOL 8).
+    pub log: crate::logging::LogConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
     /// trusting loopback out of the box would switch digest auth off for every local test.
     pub trusted_peer: Vec<TrustedPeer>,
@@ -319,6 +321,9 @@ pub struct StoreConfig {
     pub threshold_max_bytes: u64,
     /// ...and with false, `adaptive` becomes `threshold_percent`.
     pub threshold_adaptive: bool,
+    /// Finished stores older than this many days are deleted (media, metadata, quota);
+    /// 0 keeps them forever (PROTOCOL 8).
+    pub retention_days: u32,
 }
 
 impl StoreConfig {
@@ -345,6 +350,7 @@ impl Default for StoreConfig {
             threshold_max_percent: 100,
             threshold_max_bytes: 0,
             threshold_adaptive: true,
+            retention_days: 0,
         }
     }
 }
@@ -359,6 +365,25 @@ pub struct ShareConfig {
     /// Server-side upload pacing for pieces; 0 = unlimited.
     #[serde(deserialize_with = "de_bytes")]
     pub server_rate_bytes_per_sec: u64,
+    /// Where the piece index lives (claims 6–8).
+    pub index: IndexPlacement,
+    /// With `index = "terminals"`: the UDP port of serve's DHT node, the agents' bootstrap
+    /// node (on the HTTP listen address); 0 = any free port.
+    pub dht_port: u16,
+}
+
+/// `[share] index`: which index offers name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexPlacement {
+    /// Inside `callvault serve` (claim 6).
+    #[default]
+    Server,
+    /// The `callvault index` role at `[index] url` (claim 7).
+    Role,
+    /// On the terminals: a DHT among the agents plus their bitfields (claim 8); serve's
+    /// `/v1/index/...` answers 503.
+    Terminals,
 }
 
 impl Default for ShareConfig {
@@ -367,6 +392,8 @@ impl Default for ShareConfig {
             piece_size: 262_144,
             holder_ttl_secs: 600,
             server_rate_bytes_per_sec: 0,
+            index: IndexPlacement::Server,
+            dht_port: 0,
         }
     }
 }
@@ -452,6 +479,17 @@ fn default_route_transport() -> Transport {
 impl Config {
     /// Loads `path`, or [`DEFAULT_CONFIG_PATH`] when `None` (a missing default file means
     /// defaults; a missing explicit file is an error), then applies the process environment.
+    /// The effective config as TOML (`callvault config check`), with the admin token and
+    /// any password in the metadata URL replaced by `***`.
+    pub fn masked_toml(&self) -> Result<String, String> {
+        let mut c = self.clone();
+        if !c.http.admin_token.is_empty() {
+            c.http.admin_token = "***".into();
+        }
+        c.storage.metadata = mask_url_password(&c.storage.metadata);
+        toml::to_string(&c).map_err(|e| e.to_string())
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
@@ -604,6 +642,9 @@ impl Config {
                 "must be within 0..=256 (0: one per core)",
             ));
         }
+        if let Err((key, message)) = self.log.validate() {
+            return Err(invalid(key, message));
+        }
         if self.storage.metadata.is_empty() {
             return Err(invalid("storage.metadata", "a database URL is needed"));
         }
@@ -635,6 +676,21 @@ impl Config {
                 "share.piece_size",
                 "must be within 1 byte..=64 MiB",
             ));
+        }
+        match (self.share.index, self.index.base()) {
+            (IndexPlacement::Role, None) => {
+                return Err(invalid(
+                    "share.index",
+                    "\"role\" needs [index] url (the callvault index role's base URL)",
+                ))
+            }
+            (IndexPlacement::Terminals, Some(_)) => {
+                return Err(invalid(
+                    "share.index",
+                    "\"terminals\" has no index server: leave [index] url empty",
+                ))
+            }
+            _ => {}
         }
         if let Some(url) = self.index.base() {
             validate_index_url(url).map_err(|m| invalid("index.url", m))?;
@@ -724,6 +780,20 @@ fn default_value() -> toml::Table {
     match toml::Table::try_from(Config::default()) {
         Ok(t) => t,
         Err(_) => toml::Table::new(),
+    }
+}
+
+/// `scheme://user:password@host/...` with the password masked; anything else unchanged.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
     }
 }
 
@@ -914,6 +984,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         index: take(&mut table, "index", origin)?,
         tls: take(&mut table, "tls", origin)?,
         limits: take(&mut table, "limits", origin)?,
+        log: take(&mut table, "log", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,
     };
@@ -1571,6 +1642,31 @@ transport = "tcp"
         if std::env::var("CALLVAULT_SIP_DOMAIN").is_err() {
             assert_eq!(c.sip.domain, "lab.test");
         }
+    }
+
+    #[test]
+    fn share_index_placement() {
+        let c = Config::from_toml_str("", no_env).unwrap();
+        assert_eq!(c.share.index, IndexPlacement::Server);
+        let c = Config::from_toml_str("[share]\nindex = \"terminals\"\ndht_port = 6881\n", no_env)
+            .unwrap();
+        assert_eq!(c.share.index, IndexPlacement::Terminals);
+        assert_eq!(c.share.dht_port, 6881);
+        let c = Config::from_toml_str(
+            "[share]\nindex = \"role\"\n[index]\nurl = \"http://127.0.0.1:8081\"\n",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.share.index, IndexPlacement::Role);
+        let e = err_text("[share]\nindex = \"role\"\n", no_env);
+        assert!(e.contains("share.index"), "{e}");
+        let e = err_text(
+            "[share]\nindex = \"terminals\"\n[index]\nurl = \"http://a:1\"\n",
+            no_env,
+        );
+        assert!(e.contains("share.index"), "{e}");
+        let e = err_text("[share]\nindex = \"dht\"\n", no_env);
+        assert!(e.contains("index"), "{e}");
     }
 
     #[test]

@@ -85,11 +85,22 @@ pub enum ErrorCode {
     TooManyHolders,
     /// A content's holder table is full.
     IndexFull,
+    /// `[share] index = "terminals"`: serve keeps no piece index.
+    IndexOnTerminals,
+    // 8: the admin API.
+    /// Ended or deleted by the operator (a BYE's `Reason` text).
+    EndedByOperator,
+    /// A store still receiving over HTTP cannot be deleted yet.
+    StoreReceiving,
+    /// The server runs no SIP core to answer for calls and registrations.
+    AdminUnavailable,
+    /// `POST /v1/accounts` for a user that exists.
+    AccountExists,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 52] = [
+    pub const ALL: [ErrorCode; 57] = [
         ErrorCode::MalformedRequest,
         ErrorCode::UnknownReceiver,
         ErrorCode::BadPin,
@@ -142,6 +153,11 @@ impl ErrorCode {
         ErrorCode::PeerIdTaken,
         ErrorCode::TooManyHolders,
         ErrorCode::IndexFull,
+        ErrorCode::IndexOnTerminals,
+        ErrorCode::EndedByOperator,
+        ErrorCode::StoreReceiving,
+        ErrorCode::AdminUnavailable,
+        ErrorCode::AccountExists,
     ];
 
     /// `(code string, SIP status, HTTP status, default detail)`. SIP status 200 marks a code
@@ -268,6 +284,26 @@ impl ErrorCode {
                 "too many holders from one announcer",
             ),
             IndexFull => ("index-full", 503, 503, "the content's holder list is full"),
+            IndexOnTerminals => (
+                "index-on-terminals",
+                503,
+                503,
+                "the piece index lives on the terminals",
+            ),
+            EndedByOperator => ("ended-by-operator", 200, 410, "ended by operator"),
+            StoreReceiving => (
+                "store-receiving",
+                409,
+                409,
+                "the store is still receiving; try again",
+            ),
+            AdminUnavailable => (
+                "admin-unavailable",
+                503,
+                503,
+                "this server runs no SIP core",
+            ),
+            AccountExists => ("account-exists", 409, 409, "the account exists"),
         }
     }
 

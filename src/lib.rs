@@ -16,6 +16,7 @@ pub mod error_code;
 pub mod fuzzing;
 pub(crate) mod guard;
 pub mod http;
+pub mod logging;
 pub mod media;
 pub mod metrics;
 pub mod peer;

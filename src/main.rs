@@ -4,7 +4,6 @@
 // says why in an `#[allow]`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -44,6 +43,16 @@ enum Command {
     /// The piece index as a role of its own, on index.listen (same database as serve; set
     /// index.url for serve and the peers to use it).
     Index,
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Load the config (file, defaults, environment), check it, and print the effective
+    /// config as TOML with secrets masked. Exits 2 with the reason when it is invalid.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,16 +205,6 @@ fn prompt_format_or_default(s: &str) -> Result<FormatChoice, String> {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
     // One line, whatever the error text contains.
     let text = msg.to_string().replace('\n', " ");
@@ -220,15 +219,16 @@ fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The config says how to log; its own errors go to stderr as one line (`fail`).
     // Exactly one rustls crypto provider, before any TLS is set up (DESIGN.md).
     callvault::transport::tls::install_crypto_provider();
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    callvault::logging::init(&config.log);
     match cli.command {
-        Command::Serve => match callvault::server::run(config).await {
+        Command::Serve => match callvault::server::run_from(config, cli.config.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e, 1),
         },
@@ -239,6 +239,13 @@ async fn main() -> ExitCode {
         Command::Share(cmd) => match share(&config, cmd).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}"), 1),
+        },
+        Command::Config(ConfigCmd::Check) => match config.masked_toml() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
         },
         Command::Index => match callvault::http::index_role::run(config).await {
             Ok(()) => ExitCode::SUCCESS,

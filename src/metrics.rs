@@ -508,6 +508,7 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         ],
     );
     DEFENCE.render(&mut out);
+    process_and_build(&mut out);
     out
 }
 
@@ -678,6 +679,117 @@ impl DefenceMetrics {
             "Inbound connections closed at once because a connection cap was reached, by listener."),
             "listener", Listener::ALL.map(|l| (l.label(), self.connections_refused[l as usize].get())));
     }
+}
+
+/// `callvault_build_info` and the standard `process_*` family (the names the Prometheus
+/// client libraries use), read from `/proc/self` at scrape time; a value that cannot be read
+/// (not Linux) is left out.
+fn process_and_build(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP callvault_build_info The running build (value 1).
+         # TYPE callvault_build_info gauge
+         callvault_build_info{{version=\"{}\",profile=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+    );
+    for (name, kind, help, value) in process_values() {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
+
+fn process_values() -> Vec<(&'static str, &'static str, &'static str, String)> {
+    let mut v = Vec::new();
+    // SAFETY: sysconf has no preconditions.
+    let (tick, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`, which may contain spaces: state is field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    if let (Some(ut), Some(st)) = (field(14), field(15)) {
+        if tick > 0 {
+            let secs = (ut + st) as f64 / tick as f64;
+            v.push((
+                "process_cpu_seconds_total",
+                "counter",
+                "User and system CPU time spent in seconds.",
+                format!("{secs}"),
+            ));
+        }
+    }
+    if let Some(rss) = field(24).filter(|_| page > 0) {
+        v.push((
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            (rss * page as u64).to_string(),
+        ));
+    }
+    if let Some(vsize) = field(23) {
+        v.push((
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            vsize.to_string(),
+        ));
+    }
+    if let (Some(start), Some(boot)) = (field(22), boot_time()) {
+        if tick > 0 {
+            let t = boot as f64 + start as f64 / tick as f64;
+            v.push((
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since the Unix epoch in seconds.",
+                format!("{t}"),
+            ));
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        v.push((
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            dir.count().to_string(),
+        ));
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        v.push((
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            lim.rlim_cur.to_string(),
+        ));
+    }
+    v
+}
+
+/// `btime` of /proc/stat: boot time in Unix seconds.
+fn boot_time() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// One family with a single label: `(name, type, help)`, then a sample per label value.

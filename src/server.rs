@@ -15,6 +15,7 @@ use crate::b2bua::share_service::{self, ShareService, ShareServiceConfig};
 use crate::b2bua::store_service::{Command, ServiceConfig, StoreService};
 use crate::config::{Config, Transport};
 use crate::guard::{ConnGate, ExpiringMap, FdBudget};
+use crate::http::admin::{remove_store, AdminCommand};
 use crate::media::ports::PortAllocator;
 use crate::media::relay::{RelayCounters, RelayEvent};
 use crate::media::threads::MediaThreads;
@@ -46,6 +47,8 @@ pub enum ServerError {
     Route(String),
     #[error("{0}")]
     Tls(#[from] crate::transport::tls::TlsError),
+    #[error("terminal index: {0}")]
+    Dht(#[from] crate::share::dht::DhtError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("cannot start {what}: {source}")]
@@ -109,6 +112,14 @@ pub(crate) fn connection_fd_budget(nofile: u64, rtp_ports: usize, reserve: usize
 }
 
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    run_from(config, None).await
+}
+
+/// [`run`], with the config file SIGHUP reads again (None: the default path).
+pub async fn run_from(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), ServerError> {
     let config = Arc::new(config);
     let nofile = raise_nofile_limit();
     let [lo, hi] = config.media.rtp_ports;
@@ -198,15 +209,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         })?;
     let media = media.with_threads(Arc::new(media_threads));
 
-    let mut routes = Vec::new();
-    for r in &config.route {
-        let t = resolve_route(&r.prefix, &r.target.host, r.target.port, r.transport)
-            .ok_or_else(|| ServerError::Route(format!("{}:{}", r.target.host, r.target.port)))?;
-        if let (Transport::Tls, Some(tls)) = (r.transport, &sip_tls) {
-            tls.set_name(t.peer.addr, &r.target.host);
-        }
-        routes.push(t);
-    }
+    let routes = resolve_routes(&config, sip_tls.as_deref())?;
     set_warn_agent(&config.sip.public_address.to_string());
     let engine_cfg = EngineConfig {
         domain: config.sip.domain.clone(),
@@ -240,6 +243,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let hup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
 
     let listen: Vec<String> = transports
         .bound()
@@ -315,10 +319,34 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let (http_tx, http_events) = mpsc::unbounded_channel();
     http_state.events = Some(http_tx);
     let stop_uploads = http_state.stop.clone();
+    let (admin, admin_rx) = crate::http::admin::AdminHandle::new(config.media.record_calls);
+    http_state.admin = Some(admin);
+    if config.store.retention_days > 0 {
+        tokio::spawn(retention(
+            stores.clone(),
+            accounts.clone(),
+            config.storage.data_dir.clone(),
+            config.store.retention_days,
+        ));
+    }
     let mut share_settings = crate::share::ShareSettings::from_config(&config.share);
     share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
     // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
     share_settings.index_base = config.index.base().map(str::to_string);
+    // `[share] index = "terminals"`: serve runs the DHT node the agents bootstrap from
+    // (claim 8); it lives as long as `run`.
+    let _dht_node = if config.share.index == crate::config::IndexPlacement::Terminals {
+        let bind = std::net::SocketAddr::new(http_addr.ip(), config.share.dht_port);
+        let node = crate::share::dht::start_node(bind, &[])
+            .await
+            .map_err(ServerError::Dht)?;
+        let offered = std::net::SocketAddr::new(http_host, node.addr.port());
+        tracing::info!(dht = %offered, "piece index on the terminals: DHT bootstrap node up");
+        share_settings.terminal_index = Some(vec![offered.to_string()]);
+        Some(node)
+    } else {
+        None
+    };
     let shares = crate::share::Shares::open(
         db.clone(),
         config.storage.data_dir.clone(),
@@ -376,6 +404,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         counters,
         live,
         stop_uploads,
+        tracer: crate::logging::SipTracer::new(&config.log),
+        config_path,
     };
     let result = core
         .run(Inbox {
@@ -385,8 +415,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             share_commands,
             record_commands,
             http_events,
+            admin_rx,
             term,
             int,
+            hup,
         })
         .await;
     db.close().await;
@@ -403,8 +435,12 @@ struct Inbox {
     record_commands: Option<mpsc::UnboundedReceiver<recording::Command>>,
     /// Uploads' events (their ready notes).
     http_events: mpsc::UnboundedReceiver<crate::http::HttpEvent>,
+    /// The HTTP admin API's questions (PROTOCOL 8).
+    admin_rx: mpsc::Receiver<AdminCommand>,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// SIGHUP: reload what can change live.
+    hup: tokio::signal::unix::Signal,
 }
 
 struct Core {
@@ -423,6 +459,10 @@ struct Core {
     live: Arc<LiveStores>,
     /// Tells uploads in flight to stop.
     stop_uploads: Arc<tokio::sync::watch::Sender<bool>>,
+    /// `[log] sip_trace` and `[log] hep`.
+    tracer: crate::logging::SipTracer,
+    /// Read again on SIGHUP.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Core {
@@ -434,8 +474,10 @@ impl Core {
             mut share_commands,
             record_commands,
             mut http_events,
+            mut admin_rx,
             mut term,
             mut int,
+            mut hup,
         } = inbox;
         let recording_on = record_commands.is_some();
         // Without recording, a receiver nobody sends to keeps the select arm idle.
@@ -471,6 +513,7 @@ impl Core {
                         r.apply(self.engine.media_mut(), cmd);
                     }
                 }
+                Some(cmd) = admin_rx.recv() => self.on_admin(cmd),
                 Some(ev) = relay_rx.recv() => match self.engine.media_mut().on_relay_event(ev) {
                     Some(MediaEvent::Timeout(call)) => {
                         self.engine.handle_media_timeout(call, Instant::now());
@@ -483,6 +526,7 @@ impl Core {
                 _ = tokio::time::sleep_until(deadline) => {
                     self.engine.handle_timeout(Instant::now());
                 }
+                _ = hup.recv() => self.reload(),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -536,7 +580,18 @@ impl Core {
     async fn on_transport_event(&mut self, ev: TransportEvent) {
         match ev {
             TransportEvent::Message { msg, peer, .. } => {
+                self.trace(true, peer, &msg.to_bytes());
                 self.load_accounts(&msg).await;
+                // Every line logged while handling names both legs' Call-IDs (PROTOCOL 8).
+                let call_id = match &msg {
+                    SipMessage::Request(r) => r.call_id(),
+                    SipMessage::Response(r) => r.call_id(),
+                };
+                let (a, b) = call_id
+                    .map(|id| self.engine.leg_call_ids(id))
+                    .unwrap_or_default();
+                let span = tracing::info_span!("sip", call_a = a.as_deref(), call_b = b.as_deref());
+                let _in = span.enter();
                 self.engine.handle_message(msg, peer, Instant::now());
             }
             TransportEvent::Unreachable(peer) => {
@@ -545,9 +600,64 @@ impl Core {
         }
     }
 
+    /// SIGHUP: reads the config file again and applies routes, trusted peers and the log
+    /// level. Anything else changed in the file needs a restart; a file that does not load
+    /// changes nothing.
+    fn reload(&mut self) {
+        let loaded = Config::load(self.config_path.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                resolve_routes(&c, self.transports.tls())
+                    .map(|r| (c, r))
+                    .map_err(|e| e.to_string())
+            });
+        let (config, routes) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: config not reloaded");
+                return;
+            }
+        };
+        let trusted = config.trusted_peer.iter().map(|t| t.cidr).collect();
+        let n = routes.len();
+        self.engine.reconfigure(routes, trusted);
+        // Logged before the new level applies, so a quieter level still shows the reload.
+        tracing::info!(
+            routes = n,
+            trusted_peers = config.trusted_peer.len(),
+            level = %config.log.level,
+            "SIGHUP: config reloaded"
+        );
+        if let Err(e) = crate::logging::reload_level(&config.log.level) {
+            tracing::warn!(error = %e, "SIGHUP: log level not changed");
+        }
+    }
+
+    /// Traces one SIP message (log and HEP) when `[log]` asks for it.
+    fn trace(&self, received: bool, peer: crate::sip::transaction::Peer, data: &[u8]) {
+        if !self.tracer.is_on() {
+            return;
+        }
+        let local = self
+            .transports
+            .local_addr(peer.transport)
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (src, dst) = if received {
+            (peer.addr, local)
+        } else {
+            (local, peer.addr)
+        };
+        self.tracer.trace(received, src, dst, peer.transport, data);
+    }
+
+    fn send(&self, t: crate::sip::transaction::Transmit) {
+        self.trace(false, t.peer, &t.data);
+        self.transports.send(t);
+    }
+
     fn flush(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
-            self.transports.send(t);
+            self.send(t);
         }
         while let Some(ev) = self.engine.poll_event() {
             if let Some(r) = self.recorder.as_mut() {
@@ -558,7 +668,7 @@ impl Core {
                 .on_event(&mut self.engine, &ev, Instant::now());
         }
         while let Some(t) = self.engine.poll_transmit() {
-            self.transports.send(t);
+            self.send(t);
         }
         let stats = self.engine.tx_stats();
         METRICS
@@ -571,6 +681,26 @@ impl Core {
         METRICS
             .rtp_packets_relayed_total
             .set(self.counters.rtp_packets_total());
+    }
+
+    /// Answers the admin API from the engine (the oneshot's receiver may have gone: a client
+    /// that hung up does not care).
+    fn on_admin(&mut self, cmd: AdminCommand) {
+        let now = Instant::now();
+        match cmd {
+            AdminCommand::Calls(tx) => {
+                let _ = tx.send(self.engine.calls_snapshot());
+            }
+            AdminCommand::EndCall(id, tx) => {
+                let _ = tx.send(self.engine.end_call_by_operator(id, now));
+            }
+            AdminCommand::Registrations(tx) => {
+                let _ = tx.send(self.engine.registrations_snapshot(now));
+            }
+            AdminCommand::EndStore(id, tx) => {
+                let _ = tx.send(self.engine.end_store_sessions(&id, now));
+            }
+        }
     }
 
     /// Makes sure the engine has fresh digest data for the user a request authenticates as.
@@ -615,6 +745,24 @@ impl Core {
     }
 }
 
+/// The `[[route]]` targets, resolved to addresses; a TLS route's host name is what its
+/// server's certificate is verified against (SNI).
+fn resolve_routes(
+    config: &Config,
+    tls: Option<&SipTls>,
+) -> Result<Vec<crate::b2bua::engine::RouteTarget>, ServerError> {
+    let mut routes = Vec::new();
+    for r in &config.route {
+        let t = resolve_route(&r.prefix, &r.target.host, r.target.port, r.transport)
+            .ok_or_else(|| ServerError::Route(format!("{}:{}", r.target.host, r.target.port)))?;
+        if let (Transport::Tls, Some(tls)) = (r.transport, tls) {
+            tls.set_name(t.peer.addr, &r.target.host);
+        }
+        routes.push(t);
+    }
+    Ok(routes)
+}
+
 /// Marks store ids that were never used `expired`, once a minute.
 async fn expire_pending_stores(stores: Stores) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -622,6 +770,32 @@ async fn expire_pending_stores(stores: Stores) {
         tick.tick().await;
         if let Err(e) = stores.expire_pending(SystemTime::now()).await {
             tracing::warn!(error = %e, "expiring pending stores failed");
+        }
+    }
+}
+
+/// `store.retention_days`: once an hour (and at start), deletes finished stores older than
+/// that, like `DELETE /v1/stores/{id}` does.
+async fn retention(stores: Stores, accounts: Accounts, data_dir: std::path::PathBuf, days: u32) {
+    let keep = Duration::from_secs(u64::from(days) * 86_400);
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let Some(cutoff) = SystemTime::now().checked_sub(keep) else {
+            continue;
+        };
+        let ids = match stores.finished_before(cutoff).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: listing old stores failed");
+                continue;
+            }
+        };
+        for id in ids {
+            match remove_store(&stores, &accounts, &data_dir, &id).await {
+                Ok(_) => tracing::info!(store = %id, days, "store deleted by retention"),
+                Err(e) => tracing::warn!(store = %id, error = %e, "retention: delete failed"),
+            }
         }
     }
 }

@@ -321,7 +321,8 @@ async fn downloads_raw_wav_pcap_and_live_tail() {
         let out = std::process::Command::new("tshark")
             .arg("-r")
             .arg(&pcap)
-            .args(["-d", "udp.port==5004,rtp", "-T", "fields"])
+            // No "Decode As": the SIP INVITE/200 at the start carry the SDP that makes it RTP.
+            .args(["-Y", "rtp", "-T", "fields"])
             .args(["-e", "rtp.seq", "-e", "rtp.p_type", "-e", "rtp.ssrc"])
             .output()
             .unwrap();
@@ -334,6 +335,28 @@ async fn downloads_raw_wav_pcap_and_live_tail() {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 50);
         assert!(lines[0].starts_with("500\t0\t0xabcd0001"), "{}", lines[0]);
+        let sip = std::process::Command::new("tshark")
+            .arg("-r")
+            .arg(&pcap)
+            .args([
+                "-Y",
+                "sip",
+                "-T",
+                "fields",
+                "-e",
+                "sip.Method",
+                "-e",
+                "sip.Status-Code",
+            ])
+            .args(["-e", "sdp.media.port"])
+            .output()
+            .unwrap();
+        let sip = String::from_utf8_lossy(&sip.stdout);
+        assert_eq!(
+            sip.lines().collect::<Vec<_>>(),
+            ["INVITE\t\t5004", "\t200\t5004"],
+            "{sip}"
+        );
     }
 
     // Who may download.

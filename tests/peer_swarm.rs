@@ -1,13 +1,17 @@
 //! `callvault peer` against a real `callvault serve` (PROTOCOL 3, issue 4 item 6): a folder
 //! published by `peer share`, receivers as `peer fetch` child processes on their own
 //! 127.0.0.1 ports, trading pieces through the index; a rate-limited server; a piece only
-//! the server has; a peer serving corrupt pieces; an interrupted fetch resumed.
+//! the server has; a peer serving corrupt pieces; an interrupted fetch resumed. With the
+//! index on the terminals (issue 16, `[share] index = "terminals"`): a swarm with serve's
+//! index answering 503, a late agent, a lying holder, the server gone mid-fetch; and a fetch
+//! over HTTPS through a TLS front with the certificate verified.
 //!
 //! The offer token is the server's own (`Shares::issue_offer_token` over the server's
 //! database), as the share-offer MESSAGE would carry it.
 //!
 //! `cargo test --release --test peer_swarm -- --ignored --nocapture` runs the benchmark
-//! (8 receivers of 64 MiB, peer mode vs server-only) whose figures are in docs/BENCHMARKS.md.
+//! (8 receivers of 64 MiB, peer mode vs server-only, and server index vs terminal index)
+//! whose figures are in docs/BENCHMARKS.md.
 //! `PEER_LOG=callvault::peer=debug PEER_LOG_PRINT=1` shows every piece decision of the agents.
 
 mod common;
@@ -31,8 +35,15 @@ struct Setup {
 }
 
 fn setup(rate_bytes_per_sec: u64) -> Setup {
+    setup_with(&format!(
+        "[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\n"
+    ))
+}
+
+/// A server whose config ends with `extra` (a `[share]` section).
+fn setup_with(extra: &str) -> Setup {
     let mut cfg = ServerConfig::new();
-    cfg.extra = format!("[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\n");
+    cfg.extra = extra.to_string();
     let mut server = Server::prepare(cfg);
     server.account_add("1001", "pw1", "1111", "2GiB");
     server.start();
@@ -102,11 +113,38 @@ struct Peer {
 
 impl Peer {
     fn spawn(s: &Setup, cid: &str, token: &str, id: &str, extra: &[&str]) -> Peer {
+        Peer::spawn_env(s, cid, token, id, extra, &[])
+    }
+
+    /// With `env` set for the child; `--server` and `--listen` in `extra` replace the
+    /// defaults (the setup's URL, any port).
+    fn spawn_env(
+        s: &Setup,
+        cid: &str,
+        token: &str,
+        id: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Peer {
         let out = s.out(&format!("{id}.bin"));
+        // Any port, unless `extra` names one.
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
+        let server: &[&str] = if extra.contains(&"--server") {
+            &[]
+        } else {
+            &["--server", &s.url]
+        };
         let mut child = Command::new(common::callvault_bin())
-            .args(["peer", "fetch", "--server", &s.url, "--content", cid])
+            .args(["peer", "fetch"])
+            .args(server)
+            .args(["--content", cid])
             .args(["--token", token, "--peer-id", id, "--json"])
-            .args(["--listen", "127.0.0.1:0", "--out"])
+            .args(listen)
+            .arg("--out")
             .arg(&out)
             .args(extra)
             .env(
@@ -114,6 +152,7 @@ impl Peer {
                 std::env::var("PEER_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .env_remove("CALLVAULT_CONFIG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -376,16 +415,359 @@ fn an_interrupted_fetch_resumes() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The piece index on the terminals (claim 8, issue 16)
+
+/// A server with `[share] index = "terminals"`, its DHT node on a known port, and an offer
+/// file naming it (as the share-offer MESSAGE would).
+struct Terminals {
+    s: Setup,
+    dht: String,
+    _dht_port: common::PortBlock,
+}
+
+fn terminals(rate_bytes_per_sec: u64) -> Terminals {
+    let port = common::free_port();
+    let dht = format!("127.0.0.1:{}", port.port(0));
+    let s = setup_with(&format!(
+        "[share]\nserver_rate_bytes_per_sec = {rate_bytes_per_sec}\nindex = \"terminals\"\ndht_port = {}\n",
+        port.port(0)
+    ));
+    Terminals {
+        s,
+        dht,
+        _dht_port: port,
+    }
+}
+
+impl Terminals {
+    /// Writes the offer of `cid` (index on the terminals) and returns the arguments that
+    /// make a fetch use it.
+    fn offer_args(&self, cid: &str, token: &str) -> Vec<String> {
+        let path = self.s.work.path().join(format!("{cid}.offer.json"));
+        let offer = serde_json::json!({
+            "content_id": cid,
+            "server_url": self.s.url,
+            "token": token,
+            "index": "terminals",
+            "dht_bootstrap": [self.dht],
+        });
+        std::fs::write(&path, offer.to_string()).unwrap();
+        vec!["--offer".into(), path.to_str().unwrap().into()]
+    }
+
+    /// Serve keeps no index: its index endpoint answers 503.
+    fn assert_index_off(&self, cid: &str) {
+        let (status, body) =
+            common::http_get(self.s.server.http_addr(), &format!("/v1/index/{cid}")).unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("index-on-terminals"), "{body}");
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// 1 sharer + 8 agents, 64 MiB, the index on the terminals and serve's index endpoint
+/// answering 503, the server's egress paced: every copy exact, most bytes from peers.
+///
+/// A debug build (SHA-256 unoptimized, 2 shared cores) takes about 90 s for 64 MiB, so
+/// there the file is 16 MiB and the server's pace a quarter; `--release`, or
+/// `TERMINAL_SWARM_MIB=64`, runs the full size.
+#[test]
+fn terminal_index_eight_agents_fetch_with_the_server_index_off() {
+    let mib: usize = std::env::var("TERMINAL_SWARM_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if cfg!(debug_assertions) { 16 } else { 64 });
+    let size = mib * MIB;
+    // The server could send one copy in 4 s: the swarm has to do the rest.
+    let t = terminals(size as u64 / 4);
+    let s = &t.s;
+    let (cid, token, want) = s.share("big.bin", &pseudo_random(size, 11));
+    t.assert_index_off(&cid);
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.push("--seed");
+    let before = s.server_egress();
+    let started = Instant::now();
+    let mut peers: Vec<Peer> = (0..8)
+        .map(|i| Peer::spawn(s, &cid, &token, &format!("t{i}"), &args))
+        .collect();
+    let by = started + Duration::from_secs(120);
+    let reports: Vec<serde_json::Value> = peers.iter_mut().map(|p| p.report(by)).collect();
+    let elapsed = started.elapsed();
+    let egress = s.server_egress() - before;
+    let from_peers: u64 = reports.iter().map(|r| num(r, "from_peers")).sum();
+    let total = 8 * size as u64;
+    println!(
+        "terminal index: 8 agents x {} MiB in {elapsed:.2?}; server egress {egress} B ({:.2}x the file); from peers {:.1}% of the bytes",
+        size / MIB,
+        egress as f64 / size as f64,
+        100.0 * from_peers as f64 / total as f64
+    );
+    for (p, r) in peers.iter().zip(&reports) {
+        println!("  {}", summary(p, r));
+        assert_eq!(num(r, "from_server") + num(r, "from_peers"), size as u64);
+    }
+    drop(peers);
+    for i in 0..8 {
+        assert_eq!(sha256_file(&s.out(&format!("t{i}.bin"))), want, "t{i}");
+    }
+    t.assert_index_off(&cid);
+    assert!(
+        from_peers as f64 > 0.5 * total as f64,
+        "only {from_peers} of {total} B from peers"
+    );
+    assert!(egress < 3 * size as u64, "server egress {egress}");
+}
+
+/// An agent that joins after the others completed finds them through the DHT and their
+/// bitfields alone (serve's index answers 503) and takes the pieces from them.
+#[test]
+fn terminal_index_a_late_agent_finds_holders() {
+    let t = terminals(MIB as u64);
+    let s = &t.s;
+    let size = 4 * MIB;
+    let (cid, token, want) = s.share("late.bin", &pseudo_random(size, 12));
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.push("--seed");
+    let mut early: Vec<Peer> = (0..2)
+        .map(|i| Peer::spawn(s, &cid, &token, &format!("early{i}"), &args))
+        .collect();
+    let by = Instant::now() + Duration::from_secs(60);
+    for p in &mut early {
+        p.report(by);
+    }
+    t.assert_index_off(&cid);
+    let mut late = Peer::spawn(s, &cid, &token, "late", &strs(&offer));
+    let r = late.report(Instant::now() + Duration::from_secs(30));
+    println!("{}", summary(&late, &r));
+    assert_eq!(sha256_file(&late.out), want);
+    // The server sends 1 MiB/s: at most a few pieces can have come from it.
+    assert!(
+        num(&r, "from_peers") >= 3 * MIB as u64,
+        "the late agent found no holders: {r}"
+    );
+    let by_source = r["by_source"].as_object().unwrap();
+    assert!(
+        by_source.keys().any(|k| k.starts_with("early")),
+        "{by_source:?}"
+    );
+}
+
+/// A holder found through the terminal index that serves corrupt pieces is caught by the
+/// piece hash and bypassed, as with the server index.
+#[test]
+fn terminal_index_a_lying_holder_is_banned() {
+    let t = terminals(4 * MIB as u64);
+    let s = &t.s;
+    let size = 4 * MIB;
+    let (cid, token, want) = s.share("lie.bin", &pseudo_random(size, 15));
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.extend(["--seed", "--corrupt-pieces"]);
+    let mut liar = Peer::spawn(s, &cid, &token, "liar", &args);
+    liar.report(Instant::now() + Duration::from_secs(30));
+    let mut honest = Peer::spawn(s, &cid, &token, "honest", &strs(&offer));
+    let r = honest.report(Instant::now() + Duration::from_secs(40));
+    println!("{}", summary(&honest, &r));
+    assert!(
+        num(&r, "hash_mismatches") >= 1,
+        "the liar was never tried: {r}"
+    );
+    assert_eq!(num(&r, "from_peers"), 0);
+    assert_eq!(sha256_file(&honest.out), want);
+}
+
+/// The server goes away once an agent has started: the agents holding every piece between
+/// them still complete it (the DHT and the bitfields need no server).
+#[test]
+fn terminal_index_completes_with_the_server_gone() {
+    let mut t = terminals(4 * MIB as u64);
+    let size = 32 * MIB;
+    let (cid, token, want) = t.s.share("gone.bin", &pseudo_random(size, 13));
+    let offer = t.offer_args(&cid, &token);
+    let mut args = strs(&offer);
+    args.push("--seed");
+    let mut holders: Vec<Peer> = (0..2)
+        .map(|i| Peer::spawn(&t.s, &cid, &token, &format!("h{i}"), &args))
+        .collect();
+    let by = Instant::now() + Duration::from_secs(60);
+    for p in &mut holders {
+        p.report(by);
+    }
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{}", port.port(0));
+    let mut args = strs(&offer);
+    args.extend(["--parallel", "1"]);
+    drop(port);
+    let late_args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["--listen".to_string(), listen.clone()])
+        .collect();
+    let mut c = Peer::spawn(&t.s, &cid, &token, "c", &strs(&late_args));
+    // Once c holds a piece (it has found holders), the server dies.
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let held_at_kill = loop {
+        assert!(Instant::now() < end, "c never held a piece");
+        if let Ok((200, body)) = common::http_get(addr, &format!("/v1/pieces/{cid}")) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            use base64::Engine as _;
+            let held: u32 = base64::engine::general_purpose::STANDARD
+                .decode(v["have"].as_str().unwrap())
+                .unwrap()
+                .iter()
+                .map(|b| b.count_ones())
+                .sum();
+            if held >= 1 {
+                break held;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    t.s.server.kill_hard();
+    let pieces = (size / 262_144) as u32;
+    assert!(
+        held_at_kill < pieces,
+        "c was complete before the server died"
+    );
+    let r = c.report(Instant::now() + Duration::from_secs(60));
+    println!(
+        "held {held_at_kill}/{pieces} when the server died; {}",
+        summary(&c, &r)
+    );
+    assert_eq!(sha256_file(&c.out), want);
+    assert!(num(&r, "from_peers") > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS to the server (issue 16 item 5)
+
+/// A TLS front for `backend` on 127.0.0.1 (a test CA's certificate for `localhost` and
+/// `127.0.0.1`): each connection is decrypted and copied to callvault's plain HTTP. Returns
+/// the port and the CA certificate's PEM file; runs until the process ends.
+fn tls_front(backend: std::net::SocketAddr, dir: &Path) -> (u16, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "callvault test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+
+    #[allow(deprecated)] // the crate's one provider (see src/peer/http.rs)
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if let Ok(mut back) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                    }
+                });
+            }
+        });
+    });
+    (port, ca_pem)
+}
+
+/// The agent fetches from an `https://` server URL, verifying the certificate: with the
+/// test CA as its trust root the copy is exact; with the system's roots it refuses.
+#[test]
+fn the_agent_fetches_over_https_with_the_certificate_verified() {
+    let s = setup(0);
+    let size = MIB + 17;
+    let (cid, token, want) = s.share("tls.bin", &pseudo_random(size, 14));
+    let (port, ca) = tls_front(s.server.http_addr(), s.work.path());
+    let url = format!("https://localhost:{port}");
+    let ca = ca.to_str().unwrap();
+    let mut p = Peer::spawn_env(
+        &s,
+        &cid,
+        &token,
+        "tls",
+        &["--server", &url],
+        &[("SSL_CERT_FILE", ca)],
+    );
+    let r = p.report(Instant::now() + Duration::from_secs(30));
+    assert_eq!(num(&r, "from_server"), size as u64, "{r}");
+    assert_eq!(sha256_file(&p.out), want);
+    // Without the CA the server's certificate is not trusted: nothing is fetched.
+    let empty = s.work.path().join("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let mut untrusted = Peer::spawn_env(
+        &s,
+        &cid,
+        &token,
+        "untrusted",
+        &["--server", &url],
+        &[("SSL_CERT_FILE", empty.to_str().unwrap())],
+    );
+    assert!(!untrusted.wait_exit(Duration::from_secs(20)).success());
+    let log = untrusted.log.lock().unwrap().clone();
+    assert!(log.contains("certificate"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Benchmark (release): `cargo test --release --test peer_swarm -- --ignored --nocapture`
 
 fn bench_round(s: &Setup, cid: &str, token: &str, want: &str, server_only: bool) -> (f64, u64) {
+    let tag = if server_only { "so" } else { "pm" };
+    let extra: &[&str] = if server_only { &["--server-only"] } else { &[] };
+    bench_round_with(s, cid, token, want, tag, extra)
+}
+
+/// 8 receivers started together with `extra` arguments: (completion s, server egress B).
+fn bench_round_with(
+    s: &Setup,
+    cid: &str,
+    token: &str,
+    want: &str,
+    tag: &str,
+    extra_args: &[&str],
+) -> (f64, u64) {
     let before = s.server_egress();
     let started = Instant::now();
-    let tag = if server_only { "so" } else { "pm" };
     let mut extra = vec!["--seed", "--quiet"];
-    if server_only {
-        extra.push("--server-only");
-    }
+    extra.extend_from_slice(extra_args);
     let mut peers: Vec<Peer> = (0..8)
         .map(|i| Peer::spawn(s, cid, token, &format!("{tag}{i}"), &extra))
         .collect();
@@ -441,6 +823,48 @@ fn bench_eight_receivers_peer_mode_vs_server_only() {
     for (mode, t, e, ratio) in &rows {
         println!(
             "| {mode} | {t:.1} | {:.1} | {:.2} | {ratio:.3} |",
+            *e as f64 / MIB as f64,
+            *e as f64 / size as f64
+        );
+    }
+}
+
+/// The same 8 receivers with the index in serve and with the index on the terminals (a
+/// server of each kind, same rate and file).
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn bench_eight_receivers_server_index_vs_terminal_index() {
+    let rate: u64 = std::env::var("BENCH_SERVER_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * MIB as u64);
+    let size = 64 * MIB;
+    let bytes = pseudo_random(size, 9);
+    println!(
+        "8 receivers, {} MiB file, server rate {} MiB/s",
+        size / MIB,
+        rate as f64 / MIB as f64
+    );
+    let mut rows = Vec::new();
+    {
+        let s = setup(rate);
+        let (cid, token, want) = s.share("bench.bin", &bytes);
+        let (t, egress) = bench_round_with(&s, &cid, &token, &want, "si", &[]);
+        rows.push(("server index", t, egress));
+    }
+    {
+        let t = terminals(rate);
+        let (cid, token, want) = t.s.share("bench.bin", &bytes);
+        t.assert_index_off(&cid);
+        let offer = t.offer_args(&cid, &token);
+        let (secs, egress) = bench_round_with(&t.s, &cid, &token, &want, "ti", &strs(&offer));
+        rows.push(("terminal index", secs, egress));
+    }
+    println!("| index | completion (s) | server egress (MiB) | egress / file |");
+    println!("| --- | --- | --- | --- |");
+    for (mode, t, e) in &rows {
+        println!(
+            "| {mode} | {t:.1} | {:.1} | {:.2} |",
             *e as f64 / MIB as f64,
             *e as f64 / size as f64
         );

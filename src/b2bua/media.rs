@@ -48,7 +48,20 @@ impl StreamPorts {
     }
 }
 
+/// What the admin listing shows of one stream: the remote each side's SDP announced and the
+/// RTP packets relayed from each side (index 0 = A).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    pub remote: [Option<SocketAddr>; 2],
+    pub packets_from: [u64; 2],
+}
+
 pub trait MediaBackend: Send {
+    /// Remotes and packet counts of one stream of `call` (None: no such stream, or a backend
+    /// that does not count).
+    fn stream_stats(&self, _call: CallKey, _stream: usize) -> Option<StreamStats> {
+        None
+    }
     /// Binds one more relay for `call` (media section `stream`, in SDP order).
     fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError>;
     /// What one side's SDP says about its media in a stream (address, payload types, NAT):
@@ -92,6 +105,9 @@ pub enum MediaEvent {
     },
 }
 
+/// One relay's own counters and the remotes announced for sides A and B.
+type RelayStats = (Arc<RelayCounters>, [Option<SocketAddr>; 2]);
+
 /// Real relays on real sockets.
 pub struct RelayMedia {
     ip: IpAddr,
@@ -103,6 +119,8 @@ pub struct RelayMedia {
     threads: Option<Arc<MediaThreads>>,
     calls: HashMap<CallKey, Vec<RelayHandle>>,
     owners: HashMap<RelayId, CallKey>,
+    /// Per stream of a call: its relay's own counters and the announced remotes (admin API).
+    stats: HashMap<CallKey, Vec<RelayStats>>,
 }
 
 impl RelayMedia {
@@ -127,6 +145,7 @@ impl RelayMedia {
                 threads: None,
                 calls: HashMap::new(),
                 owners: HashMap::new(),
+                stats: HashMap::new(),
             },
             rx,
         )
@@ -177,6 +196,14 @@ impl RelayMedia {
 }
 
 impl MediaBackend for RelayMedia {
+    fn stream_stats(&self, call: CallKey, stream: usize) -> Option<StreamStats> {
+        let (c, remote) = self.stats.get(&call)?.get(stream)?;
+        Some(StreamStats {
+            remote: *remote,
+            packets_from: [c.rtp_packets_from(Side::A), c.rtp_packets_from(Side::B)],
+        })
+    }
+
     fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError> {
         let map = |e: PortsError| match e {
             PortsError::PortsExhausted => MediaError::Exhausted,
@@ -191,14 +218,19 @@ impl MediaBackend for RelayMedia {
         };
         let a = self.ports.allocate_on(self.ip, &rt).map_err(map)?;
         let b = self.ports.allocate_on(self.ip, &rt).map_err(map)?;
+        let own = Arc::new(RelayCounters::with_parent(self.counters.clone()));
         let handle = Relay::start_on(
             &rt,
             a,
             b,
             self.config.clone(),
-            self.counters.clone(),
+            own.clone(),
             self.relay_events.clone(),
         );
+        self.stats
+            .entry(call)
+            .or_default()
+            .push((own, [None, None]));
         let ports = StreamPorts {
             a: handle.local_rtp_port(Side::A),
             b: handle.local_rtp_port(Side::B),
@@ -211,6 +243,9 @@ impl MediaBackend for RelayMedia {
     fn set_remote(&mut self, call: CallKey, stream: usize, side: Side, expect: Expect) {
         if let Some(h) = self.calls.get(&call).and_then(|v| v.get(stream)) {
             h.set_expect(side, expect);
+        }
+        if let Some((_, remote)) = self.stats.get_mut(&call).and_then(|v| v.get_mut(stream)) {
+            remote[usize::from(side == Side::B)] = expect.addr;
         }
     }
 
@@ -244,6 +279,7 @@ impl MediaBackend for RelayMedia {
     }
 
     fn release(&mut self, call: CallKey) {
+        self.stats.remove(&call);
         for h in self.calls.remove(&call).unwrap_or_default() {
             self.owners.remove(&h.id());
             // Stopping waits for the task to flush counters and free ports; do it off the core.

@@ -166,39 +166,129 @@ fn ip_checksum(h: &[u8]) -> u16 {
 /// A payload too large for one IPv4 packet is cut to [`PCAP_MAX_PAYLOAD`].
 pub fn pcap_packet(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8], ip_id: u16) {
     let payload = &payload[..payload.len().min(PCAP_MAX_PAYLOAD)];
-    let ip_len = IP_HEADER + UDP_HEADER + RTP_HEADER + payload.len();
-    let ts_sec = u32::try_from(h.arrival_us / 1_000_000).unwrap_or(u32::MAX);
-    let ts_usec = (h.arrival_us % 1_000_000) as u32;
-    out.extend_from_slice(&ts_sec.to_le_bytes());
-    out.extend_from_slice(&ts_usec.to_le_bytes());
-    out.extend_from_slice(&(ip_len as u32).to_le_bytes());
-    out.extend_from_slice(&(ip_len as u32).to_le_bytes());
+    let mut rtp = [0u8; RTP_HEADER];
+    rtp[0] = 0x80;
+    rtp[1] = (u8::from(h.marker) << 7) | (h.payload_type & 0x7f);
+    rtp[2..4].copy_from_slice(&h.seq.to_be_bytes());
+    rtp[4..8].copy_from_slice(&h.timestamp.to_be_bytes());
+    rtp[8..12].copy_from_slice(&h.ssrc.to_be_bytes());
+    udp_packet(
+        out,
+        h.arrival_us,
+        (SRC, PORT),
+        (DST, PORT),
+        &[&rtp, payload],
+        ip_id,
+    );
+}
 
+/// Microseconds since the Unix epoch (0 before it), the pcap clock.
+pub fn unix_us(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// SIP signalling port of the capture's two parties.
+const SIP_PORT: u16 = 5060;
+
+/// The global header plus a SIP INVITE (from the sender, `SRC`) and its 200 OK (from the
+/// receiver, `DST`), each with SDP naming the RTP address and port the capture's packets
+/// use, timestamped just before the media at `start_us`. Wireshark and tshark set up the
+/// RTP conversation from that SDP, so the capture reads as RTP without "Decode As".
+/// `format` is the store's `ENCODING/RATE` (e.g. `PCMU/8000`), `pt` its payload type.
+pub fn pcap_preamble(
+    store_id: &str,
+    format: Option<&str>,
+    pt: Option<u8>,
+    start_us: u64,
+) -> Vec<u8> {
+    let mut out = pcap_global_header().to_vec();
+    let pt = pt.unwrap_or(0) & 0x7f;
+    let rtpmap = match format.filter(|f| f.contains('/') && !f.contains(['\r', '\n'])) {
+        Some(f) => format!("a=rtpmap:{pt} {f}\r\n"),
+        None => String::new(),
+    };
+    let sdp = |ip: [u8; 4]| {
+        let ip = std::net::Ipv4Addr::from(ip);
+        format!(
+            "v=0\r\no=callvault 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+             m=audio {PORT} RTP/AVP {pt}\r\n{rtpmap}"
+        )
+    };
+    let (src, dst) = (std::net::Ipv4Addr::from(SRC), std::net::Ipv4Addr::from(DST));
+    let dialog = |to_tag: &str| {
+        format!(
+            "Via: SIP/2.0/UDP {src}:{SIP_PORT};branch=z9hG4bK-{store_id}\r\n\
+             From: <sip:sender@{src}>;tag=s\r\nTo: <sip:{store_id}@{dst}>{to_tag}\r\n\
+             Call-ID: {store_id}@callvault\r\nCSeq: 1 INVITE\r\n"
+        )
+    };
+    let offer = sdp(SRC);
+    let invite = format!(
+        "INVITE sip:{store_id}@{dst} SIP/2.0\r\n{}Contact: <sip:sender@{src}>\r\n\
+         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+        dialog(""),
+        offer.len()
+    );
+    let answer = sdp(DST);
+    let ok = format!(
+        "SIP/2.0 200 OK\r\n{}Contact: <sip:{store_id}@{dst}>\r\n\
+         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}",
+        dialog(";tag=r"),
+        answer.len()
+    );
+    let t = start_us.saturating_sub(2000);
+    let sip = [(SRC, DST, invite), (DST, SRC, ok)];
+    for (i, (from, to, msg)) in sip.iter().enumerate() {
+        let at = t + 1000 * i as u64;
+        udp_packet(
+            &mut out,
+            at,
+            (*from, SIP_PORT),
+            (*to, SIP_PORT),
+            &[msg.as_bytes()],
+            i as u16,
+        );
+    }
+    out
+}
+
+/// Appends one pcap record of an IPv4/UDP datagram carrying `parts` one after the other.
+fn udp_packet(
+    out: &mut Vec<u8>,
+    at_us: u64,
+    from: ([u8; 4], u16),
+    to: ([u8; 4], u16),
+    parts: &[&[u8]],
+    ip_id: u16,
+) {
+    // Callers keep a datagram within one IPv4 packet (PCAP_MAX_PAYLOAD, short SIP).
+    let data_len: usize = parts.iter().map(|p| p.len()).sum();
+    let ip_len = IP_HEADER + UDP_HEADER + data_len;
+    let ts_sec = u32::try_from(at_us / 1_000_000).unwrap_or(u32::MAX);
+    out.extend_from_slice(&ts_sec.to_le_bytes());
+    out.extend_from_slice(&((at_us % 1_000_000) as u32).to_le_bytes());
+    out.extend_from_slice(&(ip_len as u32).to_le_bytes());
+    out.extend_from_slice(&(ip_len as u32).to_le_bytes());
     let mut ip = [0u8; IP_HEADER];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
     ip[4..6].copy_from_slice(&ip_id.to_be_bytes());
-    ip[6] = 0x40; // don't fragment
-    ip[8] = 64; // TTL
-    ip[9] = 17; // UDP
-    ip[12..16].copy_from_slice(&SRC);
-    ip[16..20].copy_from_slice(&DST);
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&from.0);
+    ip[16..20].copy_from_slice(&to.0);
     let sum = ip_checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     out.extend_from_slice(&ip);
-
-    let udp_len = (UDP_HEADER + RTP_HEADER + payload.len()) as u16;
-    out.extend_from_slice(&PORT.to_be_bytes());
-    out.extend_from_slice(&PORT.to_be_bytes());
-    out.extend_from_slice(&udp_len.to_be_bytes());
+    out.extend_from_slice(&from.1.to_be_bytes());
+    out.extend_from_slice(&to.1.to_be_bytes());
+    out.extend_from_slice(&((UDP_HEADER + data_len) as u16).to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
-
-    out.push(0x80);
-    out.push((u8::from(h.marker) << 7) | (h.payload_type & 0x7f));
-    out.extend_from_slice(&h.seq.to_be_bytes());
-    out.extend_from_slice(&h.timestamp.to_be_bytes());
-    out.extend_from_slice(&h.ssrc.to_be_bytes());
-    out.extend_from_slice(payload);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The HTTP API (axum): `/metrics`, accounts and stores (PROTOCOL 2.4, 2.5, 5).
+//! The HTTP API (axum): `/metrics`, accounts and stores (PROTOCOL 2.4, 2.5, 5), the operator's
+//! API (PROTOCOL 8).
 //!
 //! | route | who |
 //! | --- | --- |
@@ -8,6 +9,11 @@
 //! | `GET /v1/stores/{id}` | sender, receiver or owner; the store's download or upload token; admin |
 //! | `GET /v1/stores/{id}/media?format=raw\|wav\|pcap` | receiver or owner; the download token; admin |
 //! | `PUT /v1/stores/{id}/data` | the sender: the upload token, or the sender's Basic/Digest |
+//! | `DELETE /v1/stores/{id}` | the receiver or admin ([`admin`]) |
+//! | `GET /v1/calls`, `GET /v1/registrations` | admin: all; an account: its own ([`admin`]) |
+//! | `GET /v1/events` (Server-Sent Events) | admin ([`events`]) |
+//! | `GET /console`, `/console/console.js` | anyone (the page then needs the admin token) |
+//! | `DELETE /v1/calls/{id}`, `POST /v1/accounts`, `PATCH`/`DELETE /v1/accounts/{user}` | admin |
 //!
 //! Tokens: a store has one secret (`Store::token`). The *download token* (in `download_url`,
 //! given to the receiver with the ready note) is that secret; the *upload token* (in
@@ -18,8 +24,11 @@
 //! does for an invalid token: the server cannot tell a token of another store from garbage.
 
 pub mod accounts;
+pub mod admin;
 pub mod auth;
+pub mod console;
 pub mod errors;
+pub mod events;
 pub mod index_role;
 pub mod media;
 pub(crate) mod serve;
@@ -33,7 +42,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
-use axum::routing::{get, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tokio::sync::{mpsc, watch};
 
@@ -78,6 +87,9 @@ pub struct HttpState {
     pub stop: Arc<watch::Sender<bool>>,
     /// Lockouts and the cache of verified Basic credentials ([`auth`]).
     pub(crate) auth_limits: Arc<auth::AuthLimits>,
+    /// The SIP core's admin channel (PROTOCOL 8); None: calls and registrations answer
+    /// `503 admin-unavailable`.
+    pub admin: Option<admin::AdminHandle>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -119,6 +131,7 @@ impl HttpState {
             shares: None,
             stop: Arc::new(watch::channel(false).0),
             auth_limits: Arc::new(auth::AuthLimits::new()),
+            admin: None,
         }
     }
 
@@ -184,9 +197,24 @@ pub enum HttpEvent {
 pub fn api_router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics_with_stores))
-        .route("/v1/accounts/{user}", get(accounts::get_account))
+        .route("/v1/accounts", post(admin::post_account))
+        .route(
+            "/v1/accounts/{user}",
+            get(accounts::get_account)
+                .patch(admin::patch_account)
+                .delete(admin::delete_account),
+        )
+        .route("/v1/calls", get(admin::list_calls))
+        .route("/v1/calls/{id}", delete(admin::delete_call))
+        .route("/v1/registrations", get(admin::list_registrations))
+        .route("/v1/events", get(events::events))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
         .route("/v1/stores", get(stores::list_stores))
-        .route("/v1/stores/{id}", get(stores::get_store))
+        .route(
+            "/v1/stores/{id}",
+            get(stores::get_store).delete(admin::delete_store),
+        )
         .route("/v1/stores/{id}/media", get(stores::get_media))
         .route("/v1/stores/{id}/data", put(upload::put_data))
         .route("/v1/shares/{user}", get(shares::list_shares))
@@ -201,7 +229,7 @@ pub fn api_router(state: HttpState) -> Router {
         .route("/v1/index/{content_id}", get(shares::get_index))
         .route(
             "/v1/index/{content_id}/announce",
-            axum::routing::post(shares::post_announce),
+            post(shares::post_announce),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

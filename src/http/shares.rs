@@ -588,7 +588,7 @@ pub async fn get_content(
 
 /// RFC 8187 value encoding (attr-char kept, everything else %XX).
 fn rfc8187_value(s: &str) -> String {
-    percent_encode(s, b"!#$&+-.^_`|~")
+    percent_encode(s, crate::share::manifest::ATTR_CHAR)
 }
 
 /// One holder in the index JSON.
@@ -650,8 +650,18 @@ fn index_view(sh: &Shares, share: &Share, headers: &HeaderMap) -> IndexView {
     }
 }
 
-/// With the index in a role of its own: `307` to the same path and query there.
+/// With the index in a role of its own: `307` to the same path and query there. With the
+/// index on the terminals (claim 8): `503`, serve keeps none.
 fn index_redirect(state: &HttpState, uri: &Uri) -> Option<Response> {
+    if state.shares.as_ref()?.settings().terminal_index.is_some() {
+        return Some(
+            ApiError::new(
+                ErrorCode::IndexOnTerminals,
+                "the piece index lives on the terminals: use the offer's dht_bootstrap",
+            )
+            .into_response(),
+        );
+    }
     let base = state.shares.as_ref()?.settings().index_base.as_deref()?;
     let mut location = format!("{}{}", base.trim_end_matches('/'), uri.path());
     if let Some(q) = uri.query() {

@@ -283,7 +283,12 @@ pub async fn get_media(
             };
             Some(Bytes::copy_from_slice(&media::wav_header(tag, len)))
         }
-        (MediaFormat::Pcap, _) => Some(Bytes::copy_from_slice(&media::pcap_global_header())),
+        (MediaFormat::Pcap, _) => Some(Bytes::from(media::pcap_preamble(
+            &store.id,
+            store.format.as_deref(),
+            store.payload_type,
+            store.started_at.map_or(0, media::unix_us),
+        ))),
         _ => None,
     };
 

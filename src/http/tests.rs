@@ -401,6 +401,18 @@ fn check_pcap(p: &[u8], recs: &[(RecordHeader, Vec<u8>)], dir: &std::path::Path)
     assert_eq!(le32(p, 0), 0xa1b2_c3d4);
     assert_eq!(le32(p, 20), 101);
     let mut at = 24;
+    // First the store session's INVITE and 200 (SIP on port 5060, with SDP), then the RTP.
+    for start in ["INVITE sip:", "SIP/2.0 200 OK"] {
+        let incl = le32(p, at + 8) as usize;
+        let pkt = &p[at + 16..at + 16 + incl];
+        assert_eq!(u16::from_be_bytes([pkt[20], pkt[21]]), 5060);
+        let sip = std::str::from_utf8(&pkt[28..]).unwrap();
+        assert!(
+            sip.starts_with(start) && sip.contains("m=audio 5004 RTP/AVP"),
+            "{sip}"
+        );
+        at += 16 + incl;
+    }
     let mut n = 0;
     while at < p.len() {
         let incl = le32(p, at + 8) as usize;
@@ -419,7 +431,7 @@ fn check_pcap(p: &[u8], recs: &[(RecordHeader, Vec<u8>)], dir: &std::path::Path)
         n += 1;
     }
     assert_eq!(n, recs.len());
-    // tshark reads it as RTP when told the port (skip when absent).
+    // tshark reads it as RTP without being told the port (skip when absent).
     if std::process::Command::new("tshark")
         .arg("-v")
         .output()
@@ -431,8 +443,8 @@ fn check_pcap(p: &[u8], recs: &[(RecordHeader, Vec<u8>)], dir: &std::path::Path)
             .args([
                 "-r",
                 f.to_str().unwrap(),
-                "-d",
-                "udp.port==5004,rtp",
+                "-Y",
+                "rtp",
                 "-T",
                 "fields",
                 "-e",

@@ -141,9 +141,27 @@ pub struct RelayCounters {
     /// Packets not forwarded: unknown target, foreign source, inspector drop, send failure,
     /// feature-code packets swallowed.
     pub dropped: AtomicU64,
+    /// Counters that get the same additions (a relay's own counters feed the server-wide
+    /// ones, so one relay's packets can be listed without a second pass on the packet path).
+    pub parent: Option<Arc<RelayCounters>>,
 }
 
 impl RelayCounters {
+    /// Fresh counters of one relay whose additions also go to `parent`.
+    pub fn with_parent(parent: Arc<RelayCounters>) -> RelayCounters {
+        RelayCounters {
+            parent: Some(parent),
+            ..RelayCounters::default()
+        }
+    }
+
+    /// RTP packets relayed from `side` so far (published every flush).
+    pub fn rtp_packets_from(&self, side: Side) -> u64 {
+        self.direction_from(side)
+            .rtp_packets
+            .load(Ordering::Relaxed)
+    }
+
     /// Counters of packets coming from `side`.
     pub fn direction_from(&self, side: Side) -> &DirectionCounters {
         match side {
@@ -505,10 +523,18 @@ impl LocalCounts {
         }
     }
 
-    fn flush(&mut self, c: &RelayCounters) {
+    fn flush(&mut self, counters: &RelayCounters) {
         if self.pending == 0 {
             return;
         }
+        for c in std::iter::successors(Some(counters), |c| c.parent.as_deref()) {
+            self.publish(c);
+        }
+        self.refused.flush();
+        *self = LocalCounts::default();
+    }
+
+    fn publish(&self, c: &RelayCounters) {
         for side in [Side::A, Side::B] {
             let i = side.idx();
             let d = c.direction_from(side);
@@ -521,8 +547,6 @@ impl LocalCounts {
                 .fetch_add(self.rtcp_bytes[i], Ordering::Relaxed);
         }
         c.dropped.fetch_add(self.dropped, Ordering::Relaxed);
-        self.refused.flush();
-        *self = LocalCounts::default();
     }
 }
 

@@ -3,6 +3,8 @@
 //! manifest's SHA-256 and written at its offset in the output file. Alongside, an index task
 //! announces what this agent holds (with the address its [`PieceServer`] listens on) and
 //! keeps the holders list fresh; the announce answer is the index, so one request does both.
+//! With the index on the terminals ([`IndexChoice::Terminals`]) that task is a
+//! [`TerminalIndex`] instead: a DHT lookup plus the holders' bitfields, no index server.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::os::unix::fs::FileExt as _;
@@ -15,10 +17,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::http::{basic_auth, Client, Request, Url};
+use super::http::{authority, basic_auth, join, parse_url, Client, Request, Url};
 use super::plan::{Assignment, Outcome, PlanConfig, Scheduler, Tally};
 use super::serve::{PieceServer, Served};
 use super::state::{Progress, ResumeState};
+use super::terminals::TerminalIndex;
 use super::{FetchArgs, PeerError};
 use crate::share::index::{Bitfield, Holder};
 use crate::share::manifest::{content_id_of, is_sha256_hex, Manifest};
@@ -63,7 +66,22 @@ pub struct FetchOptions {
     pub progress: ProgressMode,
     /// What this agent announces itself as (`peer` or `mobile`).
     pub class: SourceClass,
+    /// Which index finds the holders.
+    pub index: IndexChoice,
 }
+
+/// Where an agent learns who holds which pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexChoice {
+    /// The index at `index_url` (in serve, or the `callvault index` role; claims 6–7).
+    Server,
+    /// The index on the terminals (claim 8): a DHT bootstrapped from these `ip:port`
+    /// nodes, plus the holders' bitfields.
+    Terminals { bootstrap: Vec<String> },
+}
+
+/// How long a holder the DHT stops naming is kept: the server's default `holder_ttl_secs`.
+pub const TERMINAL_HOLDER_TTL: Duration = Duration::from_secs(600);
 
 /// The share-offer body (PROTOCOL 3 step 3); only what a fetch uses is required.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +96,12 @@ pub struct OfferBody {
     pub index_url: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
+    /// `"terminals"`: the index lives on the agents (an addition to PROTOCOL §3).
+    #[serde(default)]
+    pub index: Option<String>,
+    /// DHT nodes to bootstrap from with `index = "terminals"`.
+    #[serde(default)]
+    pub dht_bootstrap: Vec<String>,
 }
 
 impl FetchOptions {
@@ -104,6 +128,36 @@ impl FetchOptions {
             server_only: false,
             progress: ProgressMode::Off,
             class: SourceClass::Peer,
+            index: if offer.index.as_deref() == Some("terminals") {
+                IndexChoice::Terminals {
+                    bootstrap: offer.dht_bootstrap.clone(),
+                }
+            } else {
+                IndexChoice::Server
+            },
+        }
+    }
+}
+
+impl FetchOptions {
+    /// `--index server|terminals|URL` over what the offer says, and `--dht-bootstrap`
+    /// nodes added to the offer's for the terminal index.
+    pub fn choose_index(&mut self, offer: &OfferBody, index: Option<&str>, extra: &[String]) {
+        match index {
+            None => {}
+            Some("server") => self.index = IndexChoice::Server,
+            Some("terminals") => {
+                self.index = IndexChoice::Terminals {
+                    bootstrap: offer.dht_bootstrap.clone(),
+                }
+            }
+            Some(url) => {
+                self.index_url = url.to_string();
+                self.index = IndexChoice::Server;
+            }
+        }
+        if let IndexChoice::Terminals { bootstrap } = &mut self.index {
+            bootstrap.extend(extra.iter().cloned());
         }
     }
 }
@@ -250,42 +304,21 @@ const MAX_INDEX_REDIRECTS: usize = 3;
 
 /// `{index}/announce` for an index URL, keeping its query (a `?token=` stays at the end).
 pub fn announce_url(index: &Url) -> Url {
-    let (path, query) = match index.path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (index.path.as_str(), None),
-    };
-    let mut p = format!("{}/announce", path.trim_end_matches('/'));
-    if let Some(q) = query {
-        p.push('?');
-        p.push_str(q);
-    }
-    Url {
-        authority: index.authority.clone(),
-        path: p,
-    }
+    let mut u = index.clone();
+    u.set_path(&format!("{}/announce", index.path().trim_end_matches('/')));
+    u
 }
 
-/// The index URL behind a redirect's `Location` (absolute, or a path on `from`'s host); for
-/// an announce, the `/announce` is taken off again.
+/// The index URL behind a redirect's `Location` (absolute, or relative to `from`); for an
+/// announce, the `/announce` is taken off again.
 pub fn index_url_from_location(from: &Url, location: &str, was_announce: bool) -> Option<Url> {
-    let mut u = if location.starts_with('/') {
-        Url {
-            authority: from.authority.clone(),
-            path: location.to_string(),
-        }
-    } else {
-        Url::parse(location).ok()?
-    };
+    let mut u = from.join(location).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
     if was_announce {
-        let (path, query) = match u.path.split_once('?') {
-            Some((p, q)) => (p.to_string(), Some(q.to_string())),
-            None => (u.path.clone(), None),
-        };
-        let base = path.strip_suffix("/announce")?;
-        u.path = match query {
-            Some(q) => format!("{base}?{q}"),
-            None => base.to_string(),
-        };
+        let base = u.path().strip_suffix("/announce")?.to_string();
+        u.set_path(&base);
     }
     Some(u)
 }
@@ -314,8 +347,8 @@ impl IndexTask {
                         r.describe()
                     ))
                 })?;
-            tracing::info!(from = %format!("{}{}", self.url.authority, self.url.path.split('?').next().unwrap_or("")),
-                to = %format!("{}{}", next.authority, next.path.split('?').next().unwrap_or("")), "index moved");
+            tracing::info!(from = %format!("{}{}", authority(&self.url), self.url.path()),
+                to = %format!("{}{}", authority(&next), next.path()), "index moved");
             self.url = next;
         }
         Err(PeerError::Http("too many index redirects".into()))
@@ -385,7 +418,7 @@ pub async fn get_manifest(client: &Client, o: &FetchOptions) -> Result<Manifest,
     if let Some(a) = &o.auth {
         req = req.header("Authorization", a.clone());
     }
-    let r = client.send(&Url::parse(&o.manifest_url)?, &req).await?;
+    let r = client.send(&parse_url(&o.manifest_url)?, &req).await?;
     if !r.is_success() {
         return Err(PeerError::Server {
             what: "manifest".into(),
@@ -521,8 +554,22 @@ pub async fn fetch(
 ) -> Result<(FetchReport, Announcer), PeerError> {
     let started = Instant::now();
     let client = Client::default();
-    Url::parse(&o.server_url)?;
-    let index_url = Url::parse(&o.index_url)?;
+    parse_url(&o.server_url)?;
+    let index_url = parse_url(&o.index_url)?;
+    // Started first: the node bootstraps while the manifest is fetched.
+    let dht_node = match &o.index {
+        IndexChoice::Server => None,
+        IndexChoice::Terminals { bootstrap } => {
+            let boot = crate::share::dht::parse_bootstrap(bootstrap)?;
+            if boot.is_empty() {
+                tracing::warn!("terminal index without DHT bootstrap nodes: only agents that bootstrap from this one will find it");
+            }
+            let ip = advertise
+                .parse::<std::net::SocketAddr>()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            Some(crate::share::dht::start_node((ip, 0).into(), &boot).await?)
+        }
+    };
     let m = get_manifest(&client, o).await?;
     let n = m.pieces.len();
     let lens: Vec<u64> = (0..n as u64)
@@ -557,23 +604,44 @@ pub async fn fetch(
         size: m.size,
         piece_size: m.piece_size,
         have: RwLock::new(have.clone()),
+        peer_id: o.peer_id.clone(),
+        class: o.class,
     });
     pieces_srv.add(&o.content_id, served.clone());
 
     let (have_tx, have_rx) = watch::channel(have.clone());
     let (holders_tx, mut holders_rx) = watch::channel(Arc::new(Vec::<Holder>::new()));
-    let task = IndexTask {
-        client: client.clone(),
-        url: index_url,
-        auth: o.auth.clone(),
-        peer_id: o.peer_id.clone(),
-        address: advertise.to_string(),
-        class: o.class,
-        pieces: n,
-        announce: !o.server_only,
+    let task = match dht_node {
+        None => tokio::spawn(
+            IndexTask {
+                client: client.clone(),
+                url: index_url,
+                auth: o.auth.clone(),
+                peer_id: o.peer_id.clone(),
+                address: advertise.to_string(),
+                class: o.class,
+                pieces: n,
+                announce: !o.server_only,
+            }
+            .run(have_rx, holders_tx),
+        ),
+        // The piece server answers the bitfield itself: nothing to push on `have_rx`.
+        Some(node) => tokio::spawn(
+            TerminalIndex {
+                client: client.clone(),
+                node,
+                content_id: o.content_id.clone(),
+                peer_id: o.peer_id.clone(),
+                address: advertise.to_string(),
+                pieces: n,
+                ttl: TERMINAL_HOLDER_TTL,
+                announce: !o.server_only,
+            }
+            .run(holders_tx),
+        ),
     };
     let announcer = Announcer {
-        task: tokio::spawn(task.run(have_rx, holders_tx)),
+        task,
         _have: have_tx.clone(),
     };
 
@@ -608,7 +676,7 @@ pub async fn fetch(
         while let Some(a) = sched.next(&holders, now) {
             let (url, auth) = match &a.source {
                 Source::Server => (
-                    Url::join(
+                    join(
                         &o.server_url,
                         &format!("/v1/pieces/{}/{}", o.content_id, a.piece),
                     ),
@@ -620,7 +688,7 @@ pub async fn fetch(
                         .find(|h| &h.peer_id == id)
                         .ok_or_else(|| PeerError::Http(format!("{id} left the index")))
                         .and_then(|h| {
-                            Url::parse(&format!(
+                            parse_url(&format!(
                                 "http://{}/v1/pieces/{}/{}",
                                 h.address, o.content_id, a.piece
                             ))
@@ -740,6 +808,8 @@ pub fn options_from_args(a: &FetchArgs) -> Result<FetchOptions, PeerError> {
             manifest_url: None,
             index_url: None,
             token: None,
+            index: None,
+            dht_bootstrap: Vec::new(),
         },
     };
     if let Some(t) = &a.token {
@@ -749,9 +819,7 @@ pub fn options_from_args(a: &FetchArgs) -> Result<FetchOptions, PeerError> {
         offer.server_url = s.clone();
     }
     let mut o = FetchOptions::from_offer(&offer, a.out.clone(), &peer_id);
-    if let Some(ix) = &a.index {
-        o.index_url = ix.clone();
-    }
+    o.choose_index(&offer, a.index.as_deref(), &a.dht_bootstrap);
     match (&a.user, &a.password) {
         (Some(u), Some(p)) => o.auth = Some(basic_auth(u, p)),
         (None, None) => {}
@@ -865,30 +933,72 @@ mod tests {
 
     #[test]
     fn index_urls_announce_and_redirects() {
-        let ix = Url::parse("http://127.0.0.1:8080/v1/index/abc?token=t").unwrap();
-        assert_eq!(announce_url(&ix).path, "/v1/index/abc/announce?token=t");
-        let plain = Url::parse("http://127.0.0.1:8080/v1/index/abc/").unwrap();
-        assert_eq!(announce_url(&plain).path, "/v1/index/abc/announce");
+        let pq = |u: &Url| match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_string(),
+        };
+        let ix = parse_url("http://127.0.0.1:8080/v1/index/abc?token=t").unwrap();
+        assert_eq!(pq(&announce_url(&ix)), "/v1/index/abc/announce?token=t");
+        let plain = parse_url("http://127.0.0.1:8080/v1/index/abc/").unwrap();
+        assert_eq!(pq(&announce_url(&plain)), "/v1/index/abc/announce");
         // serve's 307 for a GET: the role's index URL as it is.
         let to = index_url_from_location(&ix, "http://127.0.0.1:8081/v1/index/abc?token=t", false)
             .unwrap();
-        assert_eq!(to.authority, "127.0.0.1:8081");
-        assert_eq!(to.path, "/v1/index/abc?token=t");
+        assert_eq!(authority(&to), "127.0.0.1:8081");
+        assert_eq!(pq(&to), "/v1/index/abc?token=t");
         // ...for an announce: back to the index URL, so later GETs go there too.
         let ann = announce_url(&ix);
         let to = index_url_from_location(
             &ann,
-            "http://127.0.0.1:8081/v1/index/abc/announce?token=t",
+            "https://127.0.0.1:8081/v1/index/abc/announce?token=t",
             true,
         )
         .unwrap();
-        assert_eq!(to.path, "/v1/index/abc?token=t");
-        assert_eq!(announce_url(&to).path, "/v1/index/abc/announce?token=t");
+        assert_eq!(to.scheme(), "https");
+        assert_eq!(pq(&to), "/v1/index/abc?token=t");
+        assert_eq!(pq(&announce_url(&to)), "/v1/index/abc/announce?token=t");
         let to = index_url_from_location(&ix, "/elsewhere/v1/index/abc", false).unwrap();
-        assert_eq!(to.authority, "127.0.0.1:8080");
-        assert_eq!(to.path, "/elsewhere/v1/index/abc");
+        assert_eq!(authority(&to), "127.0.0.1:8080");
+        assert_eq!(pq(&to), "/elsewhere/v1/index/abc");
         assert!(index_url_from_location(&ix, "ftp://x/y", false).is_none());
         assert!(index_url_from_location(&ann, "http://h:1/v1/index/abc", true).is_none());
+    }
+
+    #[test]
+    fn the_offer_and_index_flag_choose_the_index() {
+        let offer: OfferBody = serde_json::from_value(serde_json::json!({
+            "content_id": "ab".repeat(32), "server_url": "http://127.0.0.1:8080",
+            "index": "terminals", "dht_bootstrap": ["127.0.0.1:6881"]
+        }))
+        .unwrap();
+        let o = FetchOptions::from_offer(&offer, "/tmp/x".into(), "me");
+        let boot = |b: &[&str]| IndexChoice::Terminals {
+            bootstrap: b.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(o.index, boot(&["127.0.0.1:6881"]));
+        let extra = ["127.0.0.1:7000".to_string()];
+        let mut c = o.clone();
+        c.choose_index(&offer, None, &extra);
+        assert_eq!(c.index, boot(&["127.0.0.1:6881", "127.0.0.1:7000"]));
+        let mut c = o.clone();
+        c.choose_index(&offer, Some("server"), &extra);
+        assert_eq!(c.index, IndexChoice::Server);
+        let mut c = o.clone();
+        c.choose_index(&offer, Some("http://127.0.0.1:9/v1/index/x"), &[]);
+        assert_eq!(
+            (c.index, c.index_url.as_str()),
+            (IndexChoice::Server, "http://127.0.0.1:9/v1/index/x")
+        );
+        // An offer without the fields: the server index, unless asked otherwise.
+        let plain = OfferBody {
+            index: None,
+            dht_bootstrap: Vec::new(),
+            ..offer.clone()
+        };
+        let mut c = FetchOptions::from_offer(&plain, "/tmp/x".into(), "me");
+        assert_eq!(c.index, IndexChoice::Server);
+        c.choose_index(&plain, Some("terminals"), &extra);
+        assert_eq!(c.index, boot(&["127.0.0.1:7000"]));
     }
 
     #[test]

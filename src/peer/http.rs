@@ -1,77 +1,68 @@
-//! A small HTTP/1.1 client for the agent: GET/POST/PUT with keep-alive connections pooled
-//! per `host:port`, bodies by `Content-Length` or chunked, and the timings the cost model
-//! needs (request written → first response byte, first byte → last byte).
+//! The agent's HTTP client: hyper-util's pooled client (HTTP/1.1, keep-alive per host) over
+//! hyper-rustls for `https://` URLs, with what the agent needs on top: bodies read in full
+//! under a size cap, a timeout per connect and per read, and the timings the cost model
+//! needs (request sent → response head, head → last body byte).
 //!
-//! Hand-written rather than a client crate: the agent talks only to callvault and to other
-//! agents (both axum), needs per-request timing, and the crate keeps its dependency list
-//! short.
+//! TLS is rustls 0.23 with the `ring` provider, given explicitly (the server side uses the
+//! same one); certificates are verified against the system's roots
+//! (`rustls-native-certs`: `SSL_CERT_FILE` / `SSL_CERT_DIR` override them) or the roots a
+//! caller passes to [`Client::with_roots`].
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::{Body as _, Frame};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncReadExt as _;
 
 use super::PeerError;
 
-/// Largest response header block accepted.
-const MAX_HEAD: usize = 64 * 1024;
-/// Idle connections kept per address.
-const MAX_IDLE_PER_HOST: usize = 8;
+pub use url::Url;
 
-/// An `http://` URL split into what a request needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    /// `host:port` (port filled in, 80 by default).
-    pub authority: String,
-    /// Path and query, starting with `/`.
-    pub path: String,
+/// Idle connections kept per host.
+const MAX_IDLE_PER_HOST: usize = 8;
+/// Idle pooled connections are closed after this long (servers time them out too).
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Bytes read from a file per body frame of [`Client::send_file`].
+const FILE_FRAME: usize = 256 * 1024;
+
+type ReqBody = BoxBody<Bytes, std::io::Error>;
+
+/// Parses an `http://` or `https://` URL with a host and no user info.
+pub fn parse_url(s: &str) -> Result<Url, PeerError> {
+    let bad = || PeerError::BadUrl(s.to_string());
+    let u = Url::parse(s.trim()).map_err(|_| bad())?;
+    let ok = matches!(u.scheme(), "http" | "https")
+        && u.host_str().is_some_and(|h| !h.is_empty())
+        && u.username().is_empty()
+        && u.password().is_none();
+    ok.then_some(u).ok_or_else(bad)
 }
 
-impl Url {
-    /// Parses `http://host[:port][/path]`; `https` is refused (no TLS in the agent).
-    pub fn parse(s: &str) -> Result<Url, PeerError> {
-        let bad = || PeerError::BadUrl(s.to_string());
-        let rest = s.trim().strip_prefix("http://").ok_or_else(bad)?;
-        let (auth, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if auth.is_empty() || auth.contains('@') {
-            return Err(bad());
-        }
-        let host_end = if auth.starts_with('[') {
-            auth.find(']').ok_or_else(bad)? + 1
-        } else {
-            auth.find(':').unwrap_or(auth.len())
-        };
-        let (host, port) = auth.split_at(host_end);
-        let has_port = match port.strip_prefix(':') {
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => true,
-            None if port.is_empty() => false,
-            _ => return Err(bad()),
-        };
-        if host.is_empty() || host == "[]" {
-            return Err(bad());
-        }
-        let authority = if has_port {
-            auth.to_string()
-        } else {
-            format!("{auth}:80")
-        };
-        Ok(Url {
-            authority,
-            path: path.to_string(),
-        })
-    }
+/// The URL for `path` (with its query, if any) under a base like `http://host:port[/prefix]`.
+pub fn join(base: &str, path: &str) -> Result<Url, PeerError> {
+    let mut u = parse_url(base)?;
+    let (p, q) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let prefix = u.path().trim_end_matches('/').to_string();
+    u.set_path(&format!("{prefix}{p}"));
+    u.set_query(q);
+    Ok(u)
+}
 
-    /// The URL for `path` on a base like `http://host:port[/prefix]`.
-    pub fn join(base: &str, path: &str) -> Result<Url, PeerError> {
-        let mut u = Url::parse(base)?;
-        let prefix = u.path.trim_end_matches('/');
-        u.path = format!("{prefix}{path}");
-        Ok(u)
+/// `host:port` of a URL (the port filled in from the scheme), for messages and logs.
+pub fn authority(u: &Url) -> String {
+    let host = u.host_str().unwrap_or("");
+    match u.port_or_known_default() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
     }
 }
 
@@ -81,9 +72,9 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    /// Request written → first byte of the response.
+    /// Request sent → response head received.
     pub rtt: Duration,
-    /// First byte → last byte of the body.
+    /// Response head → last byte of the body.
     pub transfer: Duration,
 }
 
@@ -132,11 +123,36 @@ impl<'a> Request<'a> {
     }
 }
 
-/// Connection pool and timeouts; clones share the pool.
+/// rustls' `ring` provider: the one crypto provider of the crate (the server's TLS uses it
+/// too). rustls 0.23.48 deprecates it for lacking post-quantum key exchange; the choice of
+/// provider is the project's, made once, so the warning is silenced here only.
+#[allow(deprecated)]
+fn ring_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// The system's roots, read once per process.
+fn native_roots() -> Arc<rustls::RootCertStore> {
+    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "loading the system's CA certificates");
+            }
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::debug!(added, ignored, "system CA certificates");
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// Pooled connections and timeouts; clones share the pool.
 #[derive(Debug, Clone)]
 pub struct Client {
-    idle: Arc<Mutex<HashMap<String, Vec<TcpStream>>>>,
-    /// Connect timeout, and the longest wait for any single read.
+    inner: hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, ReqBody>,
+    /// Connect timeout, and the longest wait for the response head or any body frame.
     pub io_timeout: Duration,
 }
 
@@ -147,48 +163,58 @@ impl Default for Client {
 }
 
 impl Client {
+    /// A client verifying `https://` servers against the system's roots.
     pub fn new(io_timeout: Duration) -> Client {
-        Client {
-            idle: Arc::new(Mutex::new(HashMap::new())),
-            io_timeout,
-        }
+        Client::with_roots(io_timeout, native_roots())
     }
 
-    fn take_idle(&self, authority: &str) -> Option<TcpStream> {
-        self.idle.lock().ok()?.get_mut(authority)?.pop()
-    }
-
-    fn put_idle(&self, authority: &str, s: TcpStream) {
-        if let Ok(mut m) = self.idle.lock() {
-            let v = m.entry(authority.to_string()).or_default();
-            if v.len() < MAX_IDLE_PER_HOST {
-                v.push(s);
+    /// A client verifying `https://` servers against `roots` only.
+    pub fn with_roots(io_timeout: Duration, roots: Arc<rustls::RootCertStore>) -> Client {
+        let provider = Arc::new(ring_provider());
+        // The process default too, for any rustls user that does not name one; failing
+        // means one is installed already, which is fine.
+        let _ = ring_provider().install_default();
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+        let tls = match tls {
+            Ok(t) => t,
+            // ring supports the default versions: unreachable in practice, and then only
+            // https:// fails (no roots), with a clear error.
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS client configuration");
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
             }
-        }
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(io_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_idle_timeout(POOL_IDLE)
+            .build(https);
+        Client { inner, io_timeout }
     }
 
-    /// Sends `req` to `url`. A pooled connection that turns out closed is retried once on a
-    /// fresh one (the server may have timed it out between requests).
+    /// Sends `req` to `url` and reads the answer in full.
     pub async fn send(&self, url: &Url, req: &Request<'_>) -> Result<Response, PeerError> {
-        if let Some(s) = self.take_idle(&url.authority) {
-            match self.exchange(s, url, req).await {
-                Ok(r) => return Ok(r),
-                Err(PeerError::Stale) => {}
-                Err(e) => return Err(e),
-            }
+        let body = Full::new(Bytes::from(req.body.clone()))
+            .map_err(|never| match never {})
+            .boxed();
+        let mut headers = req.headers.clone();
+        if req.method != "GET" || !req.body.is_empty() {
+            headers.push(("Content-Length".into(), req.body.len().to_string()));
         }
-        let s = tokio::time::timeout(self.io_timeout, TcpStream::connect(&url.authority))
+        self.exchange(url, req.method, &headers, body, req.max_body)
             .await
-            .map_err(|_| PeerError::Http(format!("connect to {} timed out", url.authority)))?
-            .map_err(|e| PeerError::Http(format!("connect to {}: {e}", url.authority)))?;
-        let _ = s.set_nodelay(true);
-        match self.exchange(s, url, req).await {
-            Err(PeerError::Stale) => Err(PeerError::Http(format!(
-                "{} closed the connection",
-                url.authority
-            ))),
-            r => r,
-        }
     }
 
     pub async fn get(
@@ -206,45 +232,7 @@ impl Client {
         self.send(url, &req).await
     }
 
-    async fn exchange(
-        &self,
-        mut s: TcpStream,
-        url: &Url,
-        req: &Request<'_>,
-    ) -> Result<Response, PeerError> {
-        let mut head = format!(
-            "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: callvault-peer\r\n",
-            req.method, url.path, url.authority
-        );
-        for (k, v) in &req.headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if req.method != "GET" || !req.body.is_empty() {
-            head.push_str(&format!("Content-Length: {}\r\n", req.body.len()));
-        }
-        head.push_str("\r\n");
-        let io_err = |e: std::io::Error| PeerError::Http(format!("{}: {e}", url.authority));
-        let mut out = head.into_bytes();
-        out.extend_from_slice(&req.body);
-        // A write error on a pooled connection means it was closed under us.
-        if let Err(e) = s.write_all(&out).await {
-            return Err(match e.kind() {
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                    PeerError::Stale
-                }
-                _ => io_err(e),
-            });
-        }
-        let sent = Instant::now();
-        let (resp, reusable) =
-            read_response(&mut s, req, sent, self.io_timeout, &url.authority).await?;
-        if reusable {
-            self.put_idle(&url.authority, s);
-        }
-        Ok(resp)
-    }
-
-    /// PUT (or POST) of a file, streamed from disk on a fresh connection.
+    /// PUT (or POST) of a file, streamed from disk.
     pub async fn send_file(
         &self,
         url: &Url,
@@ -253,257 +241,112 @@ impl Client {
         path: &std::path::Path,
         max_body: usize,
     ) -> Result<Response, PeerError> {
-        let mut file = tokio::fs::File::open(path).await?;
+        let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
-        let mut s = tokio::time::timeout(self.io_timeout, TcpStream::connect(&url.authority))
+        let shown = path.display().to_string();
+        // Frames of the file, and an error if it ends before `len` bytes.
+        let frames = futures_util::stream::unfold((file.take(len), 0u64), move |(mut f, sent)| {
+            let shown = shown.clone();
+            async move {
+                let mut buf = Vec::with_capacity(FILE_FRAME);
+                match (&mut f).take(FILE_FRAME as u64).read_to_end(&mut buf).await {
+                    Ok(0) if sent == len => None,
+                    Ok(0) => Some((
+                        Err(std::io::Error::other(format!(
+                            "{shown}: the file shrank while being sent"
+                        ))),
+                        (f, len),
+                    )),
+                    Ok(n) => Some((Ok(Frame::data(Bytes::from(buf))), (f, sent + n as u64))),
+                    Err(e) => Some((Err(e), (f, len))),
+                }
+            }
+        });
+        let mut all = headers.to_vec();
+        all.push(("Content-Length".into(), len.to_string()));
+        self.exchange(url, method, &all, StreamBody::new(frames).boxed(), max_body)
             .await
-            .map_err(|_| PeerError::Http(format!("connect to {} timed out", url.authority)))?
-            .map_err(|e| PeerError::Http(format!("connect to {}: {e}", url.authority)))?;
-        let mut head = format!(
-            "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: callvault-peer\r\nContent-Length: {len}\r\n",
-            url.path, url.authority
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        let io_err = |e: std::io::Error| PeerError::Http(format!("{}: {e}", url.authority));
-        s.write_all(head.as_bytes()).await.map_err(io_err)?;
-        let copied = tokio::io::copy(&mut (&mut file).take(len), &mut s)
-            .await
-            .map_err(io_err)?;
-        if copied != len {
-            return Err(PeerError::Http(format!(
-                "{}: the file shrank while being sent",
-                path.display()
-            )));
-        }
-        let req = Request {
-            method,
-            headers: Vec::new(),
-            body: Vec::new(),
-            max_body,
-        };
-        let (resp, _) = read_response(
-            &mut s,
-            &req,
-            Instant::now(),
-            self.io_timeout,
-            &url.authority,
-        )
-        .await?;
-        Ok(resp)
     }
-}
 
-/// Reads one response; `reusable` when the connection can carry another request.
-async fn read_response(
-    s: &mut TcpStream,
-    req: &Request<'_>,
-    sent: Instant,
-    timeout: Duration,
-    authority: &str,
-) -> Result<(Response, bool), PeerError> {
-    let mut reader = Reader::new(s, timeout);
-    let (status, headers, first) = match reader.read_head().await {
-        Ok(h) => h,
-        // Nothing at all came back: the connection was dead before we used it.
-        Err(ReadError::Closed) if reader.total == 0 => return Err(PeerError::Stale),
-        Err(e) => return Err(e.into_peer(authority)),
-    };
-    let rtt = first.saturating_duration_since(sent);
-    let find = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.as_str())
-    };
-    let close = find("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    let chunked =
-        find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    let length = find("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-    let no_body =
-        req.method == "HEAD" || status == 204 || status == 304 || (100..200).contains(&status);
-    let body = if no_body {
-        Ok(Vec::new())
-    } else if chunked {
-        reader.read_chunked(req.max_body).await
-    } else if let Some(n) = length {
-        if n > req.max_body {
-            return Err(PeerError::Http(format!(
-                "{authority}: body of {n} bytes exceeds {}",
-                req.max_body
-            )));
+    async fn exchange(
+        &self,
+        url: &Url,
+        method: &str,
+        headers: &[(String, String)],
+        body: ReqBody,
+        max_body: usize,
+    ) -> Result<Response, PeerError> {
+        let who = authority(url);
+        let fail = |what: String| PeerError::Http(format!("{who}: {what}"));
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(url.as_str())
+            .header("User-Agent", "callvault-peer");
+        for (k, v) in headers {
+            b = b.header(k.as_str(), v.as_str());
         }
-        reader.read_exact_len(n).await
-    } else {
-        reader.read_to_close(req.max_body).await
-    }
-    .map_err(|e| e.into_peer(authority))?;
-    let transfer = first.elapsed();
-    let reusable = !close && (chunked || length.is_some() || no_body) && reader.buf.is_empty();
-    Ok((
-        Response {
+        let request = b
+            .body(body)
+            .map_err(|e| fail(format!("bad request: {e}")))?;
+        let sent = Instant::now();
+        let resp = tokio::time::timeout(self.io_timeout, self.inner.request(request))
+            .await
+            .map_err(|_| fail("no answer in time".into()))?
+            .map_err(|e| fail(error_chain(&e)))?;
+        let head = Instant::now();
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let mut incoming = resp.into_body();
+        if incoming
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > max_body as u64)
+        {
+            return Err(fail(format!("body exceeds {max_body} bytes")));
+        }
+        let mut body = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(self.io_timeout, incoming.frame())
+                .await
+                .map_err(|_| fail("read timed out".into()))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| fail(error_chain(&e)))?;
+            if let Ok(data) = frame.into_data() {
+                if body.len().saturating_add(data.len()) > max_body {
+                    return Err(fail(format!("body exceeds {max_body} bytes")));
+                }
+                body.extend_from_slice(&data);
+            }
+        }
+        Ok(Response {
             status,
             headers,
             body,
-            rtt,
-            transfer,
-        },
-        reusable,
-    ))
-}
-
-#[derive(Debug)]
-enum ReadError {
-    Closed,
-    Timeout,
-    TooLarge,
-    Malformed(&'static str),
-    Io(std::io::Error),
-}
-
-impl ReadError {
-    fn into_peer(self, who: &str) -> PeerError {
-        PeerError::Http(match self {
-            ReadError::Closed => format!("{who}: connection closed early"),
-            ReadError::Timeout => format!("{who}: read timed out"),
-            ReadError::TooLarge => format!("{who}: response too large"),
-            ReadError::Malformed(m) => format!("{who}: malformed response ({m})"),
-            ReadError::Io(e) => format!("{who}: {e}"),
+            rtt: head.saturating_duration_since(sent),
+            transfer: head.elapsed(),
         })
     }
 }
 
-/// Buffered reads with a timeout per read.
-struct Reader<'s, S> {
-    s: &'s mut S,
-    buf: Vec<u8>,
-    timeout: Duration,
-    total: usize,
-}
-
-impl<'s, S: AsyncRead + Unpin> Reader<'s, S> {
-    fn new(s: &'s mut S, timeout: Duration) -> Self {
-        Reader {
-            s,
-            buf: Vec::new(),
-            timeout,
-            total: 0,
-        }
+/// An error with its causes (a TLS failure is only named deep in the chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
     }
-
-    /// Reads more into `buf`; Closed at EOF.
-    async fn fill(&mut self) -> Result<(), ReadError> {
-        // Into the heap buffer directly: a 64 KiB array here would sit in every future.
-        self.buf.reserve(64 * 1024);
-        let n = tokio::time::timeout(self.timeout, self.s.read_buf(&mut self.buf))
-            .await
-            .map_err(|_| ReadError::Timeout)?
-            .map_err(ReadError::Io)?;
-        if n == 0 {
-            return Err(ReadError::Closed);
-        }
-        self.total += n;
-        Ok(())
-    }
-
-    /// Status, headers and when the first byte arrived; skips `100 Continue`.
-    async fn read_head(&mut self) -> Result<(u16, Vec<(String, String)>, Instant), ReadError> {
-        let mut first: Option<Instant> = None;
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                let head: Vec<u8> = self.buf.drain(..end + 4).collect();
-                let text = std::str::from_utf8(&head[..end])
-                    .map_err(|_| ReadError::Malformed("head is not UTF-8"))?;
-                let mut lines = text.split("\r\n");
-                let status_line = lines.next().unwrap_or("");
-                let mut parts = status_line.splitn(3, ' ');
-                let version = parts.next().unwrap_or("");
-                if !version.starts_with("HTTP/1.") {
-                    return Err(ReadError::Malformed("status line"));
-                }
-                let status: u16 = parts
-                    .next()
-                    .and_then(|c| c.parse().ok())
-                    .ok_or(ReadError::Malformed("status code"))?;
-                if status == 100 {
-                    continue;
-                }
-                let headers = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                    .collect();
-                return Ok((status, headers, first.unwrap_or_else(Instant::now)));
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(ReadError::TooLarge);
-            }
-            self.fill().await?;
-            first.get_or_insert_with(Instant::now);
-        }
-    }
-
-    async fn read_exact_len(&mut self, n: usize) -> Result<Vec<u8>, ReadError> {
-        while self.buf.len() < n {
-            self.fill().await?;
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
-    async fn read_line(&mut self) -> Result<String, ReadError> {
-        loop {
-            if let Some(i) = find(&self.buf, b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
-                return String::from_utf8(line[..i].to_vec())
-                    .map_err(|_| ReadError::Malformed("chunk line"));
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(ReadError::TooLarge);
-            }
-            self.fill().await?;
-        }
-    }
-
-    async fn read_chunked(&mut self, max: usize) -> Result<Vec<u8>, ReadError> {
-        let mut out = Vec::new();
-        loop {
-            let line = self.read_line().await?;
-            let size_text = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .map_err(|_| ReadError::Malformed("chunk size"))?;
-            if size == 0 {
-                // Trailers, up to the empty line.
-                loop {
-                    if self.read_line().await?.is_empty() {
-                        return Ok(out);
-                    }
-                }
-            }
-            if out.len().saturating_add(size) > max {
-                return Err(ReadError::TooLarge);
-            }
-            let data = self.read_exact_len(size + 2).await?;
-            out.extend_from_slice(&data[..size]);
-        }
-    }
-
-    async fn read_to_close(&mut self, max: usize) -> Result<Vec<u8>, ReadError> {
-        loop {
-            if self.buf.len() > max {
-                return Err(ReadError::TooLarge);
-            }
-            match self.fill().await {
-                Ok(()) => {}
-                Err(ReadError::Closed) => return Ok(std::mem::take(&mut self.buf)),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    s
 }
 
 /// `Authorization: Basic ...`.
@@ -521,46 +364,74 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u = Url::parse("http://127.0.0.1:8080").unwrap();
-        assert_eq!(u.authority, "127.0.0.1:8080");
-        assert_eq!(u.path, "/");
-        let u = Url::parse("http://example.com/v1/index/ab?x=1").unwrap();
-        assert_eq!(u.authority, "example.com:80");
-        assert_eq!(u.path, "/v1/index/ab?x=1");
-        let u = Url::parse("http://[::1]:9000/a").unwrap();
-        assert_eq!(u.authority, "[::1]:9000");
-        let u = Url::parse("http://[::1]/a").unwrap();
-        assert_eq!(u.authority, "[::1]:80");
-        assert!(Url::parse("https://x/").is_err());
-        assert!(Url::parse("http:///x").is_err());
-        assert!(Url::parse("http://u:p@x/").is_err());
-        let j = Url::join("http://h:1/base/", "/v1/pieces/c/3").unwrap();
-        assert_eq!(j.path, "/base/v1/pieces/c/3");
-        assert_eq!(Url::join("http://h:1", "/v1/x").unwrap().path, "/v1/x");
+        let u = parse_url("http://127.0.0.1:8080").unwrap();
+        assert_eq!(authority(&u), "127.0.0.1:8080");
+        assert_eq!(u.path(), "/");
+        let u = parse_url("http://example.com/v1/index/ab?x=1").unwrap();
+        assert_eq!(authority(&u), "example.com:80");
+        assert_eq!((u.path(), u.query()), ("/v1/index/ab", Some("x=1")));
+        assert_eq!(
+            authority(&parse_url("http://[::1]:9000/a").unwrap()),
+            "[::1]:9000"
+        );
+        assert_eq!(authority(&parse_url("https://h/").unwrap()), "h:443");
+        assert!(parse_url("ftp://x/").is_err());
+        assert!(parse_url("http://").is_err());
+        assert!(parse_url("http://u:p@x/").is_err());
+        assert!(parse_url("nope").is_err());
+        let j = join("http://h:1/base/", "/v1/pieces/c/3").unwrap();
+        assert_eq!(j.path(), "/base/v1/pieces/c/3");
+        assert_eq!(join("http://h:1", "/v1/x").unwrap().path(), "/v1/x");
+        let q = join("https://h:1", "/v1/x?token=t").unwrap();
+        assert_eq!((q.path(), q.query()), ("/v1/x", Some("token=t")));
     }
 
+    /// Bodies by length and chunked, the size cap, a connection refused.
     #[tokio::test]
-    async fn chunked_and_length_bodies() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno";
-        let mut src: &[u8] = raw;
-        let mut r = Reader::new(&mut src, Duration::from_secs(1));
-        let (st, h, _) = r.read_head().await.unwrap();
-        assert_eq!(st, 200);
-        assert_eq!(h[0].0, "Transfer-Encoding");
-        assert_eq!(r.read_chunked(100).await.unwrap(), b"abcde");
-        let (st, _, _) = r.read_head().await.unwrap();
-        assert_eq!(st, 404);
-        assert_eq!(r.read_exact_len(2).await.unwrap(), b"no");
-        // Limits hold.
-        let mut src: &[u8] = b"5\r\nabcde\r\n0\r\n\r\n";
-        let mut r = Reader::new(&mut src, Duration::from_secs(1));
-        assert!(matches!(r.read_chunked(4).await, Err(ReadError::TooLarge)));
-        let mut src: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc";
-        let mut r = Reader::new(&mut src, Duration::from_secs(1));
-        r.read_head().await.unwrap();
-        assert!(matches!(r.read_exact_len(9).await, Err(ReadError::Closed)));
-        let mut src: &[u8] = b"garbage\r\n\r\n";
-        let mut r = Reader::new(&mut src, Duration::from_secs(1));
-        assert!(matches!(r.read_head().await, Err(ReadError::Malformed(_))));
+    async fn bodies_limits_and_errors() {
+        use axum::routing::{get, put};
+        let app = axum::Router::new()
+            .route("/len", get(|| async { "hello" }))
+            .route(
+                "/chunked",
+                get(|| async {
+                    let parts = futures_util::stream::iter(
+                        ["ab", "cd", "e"].map(|p| Ok::<_, std::io::Error>(Bytes::from(p))),
+                    );
+                    axum::body::Body::from_stream(parts)
+                }),
+            )
+            .route(
+                "/echo",
+                put(|b: Bytes| async move { format!("{}", b.len()) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let c = Client::default();
+        let url = |p: &str| parse_url(&format!("http://{addr}{p}")).unwrap();
+        let r = c.get(&url("/len"), &[], 100).await.unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+        let r = c.get(&url("/chunked"), &[], 100).await.unwrap();
+        assert_eq!(r.body, b"abcde");
+        assert!(c.get(&url("/len"), &[], 4).await.is_err());
+        assert!(c.get(&url("/chunked"), &[], 4).await.is_err());
+        assert_eq!(c.get(&url("/nope"), &[], 100).await.unwrap().status, 404);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, vec![7u8; 600_000]).unwrap();
+        let r = c
+            .send_file(&url("/echo"), "PUT", &[], &f, 100)
+            .await
+            .unwrap();
+        assert_eq!(r.body, b"600000");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let e = c
+            .get(&parse_url(&format!("http://{gone}/")).unwrap(), &[], 10)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(&gone.to_string()), "{e}");
     }
 }

@@ -11,6 +11,7 @@ pub mod publish;
 pub mod serve;
 pub mod sip;
 pub mod state;
+pub mod terminals;
 
 use std::path::PathBuf;
 
@@ -22,13 +23,10 @@ pub use fetch::{FetchOptions, FetchReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("bad URL {0:?} (want http://host[:port][/path])")]
+    #[error("bad URL {0:?} (want http(s)://host[:port][/path])")]
     BadUrl(String),
     #[error("{0}")]
     Http(String),
-    /// A pooled connection was closed before use (retried internally).
-    #[error("stale connection")]
-    Stale,
     #[error("{what}: {detail}")]
     Server { what: String, detail: String },
     #[error("manifest: {0}")]
@@ -45,6 +43,8 @@ pub enum PeerError {
     Io(#[from] std::io::Error),
     #[error("SIP: {0}")]
     Sip(String),
+    #[error(transparent)]
+    Dht(#[from] crate::share::dht::DhtError),
 }
 
 /// `callvault peer ...`.
@@ -72,9 +72,15 @@ pub struct FetchArgs {
     /// An offer JSON file (share-offer body) instead of --server/--content/--token.
     #[arg(long, value_name = "FILE")]
     pub offer: Option<PathBuf>,
-    /// Index URL [default: the offer's index_url, or {server}/v1/index/{content}].
-    #[arg(long)]
+    /// Which index finds holders: `server` (the index at the offer's index_url, or
+    /// {server}/v1/index/{content}), `terminals` (a DHT among the agents plus their
+    /// bitfields, claim 8), or an index URL [default: what the offer says].
+    #[arg(long, value_name = "server|terminals|URL")]
     pub index: Option<String>,
+    /// DHT nodes (`ip:port`) to bootstrap from with the terminal index, besides the
+    /// offer's `dht_bootstrap`.
+    #[arg(long, value_delimiter = ',')]
+    pub dht_bootstrap: Vec<String>,
     /// Account credentials instead of a token (HTTP Basic).
     #[arg(long)]
     pub user: Option<String>,
@@ -202,6 +208,31 @@ pub struct ServeArgs {
     /// What this agent announces itself as when it fetches: peer or mobile.
     #[arg(long, default_value = "peer", value_parser = parse_class)]
     pub class: SourceClass,
+    /// Which index finds holders [default: what each offer says].
+    #[arg(long, value_enum)]
+    pub index: Option<IndexArg>,
+    /// DHT nodes (`ip:port`) to bootstrap from with the terminal index, besides the
+    /// offer's `dht_bootstrap`.
+    #[arg(long, value_delimiter = ',')]
+    pub dht_bootstrap: Vec<String>,
+}
+
+/// `peer serve --index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IndexArg {
+    /// The offer's index_url (serve's index or the `callvault index` role).
+    Server,
+    /// The agents' own index: a DHT plus their bitfields (claim 8).
+    Terminals,
+}
+
+impl IndexArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexArg::Server => "server",
+            IndexArg::Terminals => "terminals",
+        }
+    }
 }
 
 /// `--password-file` / `--password-env`: the password kept off the command line, which `ps`

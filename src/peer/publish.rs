@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use super::http::{basic_auth, Client, Request, Url};
+use super::http::{basic_auth, join, parse_url, Client, Request};
 use super::{PeerError, ShareArgs};
 use crate::share::manifest::{percent_encode, validate_name};
 
@@ -78,7 +78,7 @@ pub fn to_publish(
 
 /// Percent-encodes a path segment (unreserved characters kept).
 pub fn encode_segment(s: &str) -> String {
-    percent_encode(s, b"-._~")
+    percent_encode(s, crate::share::manifest::UNRESERVED)
 }
 
 struct Publisher {
@@ -91,7 +91,7 @@ struct Publisher {
 
 impl Publisher {
     async fn listed(&self) -> Result<HashMap<String, u64>, PeerError> {
-        let url = Url::join(
+        let url = join(
             &self.server,
             &format!("/v1/shares/{}", encode_segment(&self.user)),
         )?;
@@ -121,7 +121,7 @@ impl Publisher {
         if let Some(p) = &self.policy {
             path.push_str(&format!("?policy={}", encode_segment(p)));
         }
-        let url = Url::join(&self.server, &path)?;
+        let url = join(&self.server, &path)?;
         let headers = vec![
             ("Authorization".to_string(), self.auth.clone()),
             (
@@ -171,7 +171,7 @@ impl Publisher {
 
 /// `callvault peer share`.
 pub async fn run_cli(a: ShareArgs) -> Result<(), PeerError> {
-    Url::parse(&a.server)?;
+    parse_url(&a.server)?;
     if !a.folder.is_dir() {
         return Err(PeerError::Usage(format!(
             "{} is not a folder",

@@ -1,6 +1,9 @@
 //! The agent's piece server: `GET /v1/pieces/{content_id}/{n}` for the pieces it has
-//! verified, read from its output file. No authentication between peers: a piece is only
-//! useful to someone holding the manifest, and every fetcher verifies it against the hash.
+//! verified, read from its output file, and `GET /v1/pieces/{content_id}` for its bitfield
+//! (the terminal index's "which pieces", claim 8: fetchers poll it, as BitTorrent peers
+//! send `have`s, and it answers what the fetch loop has verified up to that moment). No
+//! authentication between peers: a piece is only useful to someone holding the manifest,
+//! and every fetcher verifies it against the hash.
 //!
 //! `corrupt` (the hidden `--corrupt-pieces` test mode) serves each piece with its first
 //! byte flipped, so fetchers can be tested against a bad peer.
@@ -20,6 +23,7 @@ use axum::Router;
 
 use super::PeerError;
 use crate::share::index::Bitfield;
+use crate::share::select::SourceClass;
 
 /// One content this agent serves.
 #[derive(Debug)]
@@ -29,6 +33,9 @@ pub struct Served {
     pub piece_size: u64,
     /// Verified pieces (the fetch loop sets them).
     pub have: RwLock<Bitfield>,
+    /// This agent's id and class for this content, as its bitfield answer names them.
+    pub peer_id: String,
+    pub class: SourceClass,
 }
 
 impl Served {
@@ -72,6 +79,7 @@ impl PieceServer {
 
     pub fn router(&self) -> Router {
         Router::new()
+            .route("/v1/pieces/{content_id}", get(get_bitfield))
             .route("/v1/pieces/{content_id}/{n}", get(get_piece))
             .with_state(self.clone())
     }
@@ -94,6 +102,37 @@ impl PieceServer {
 
 fn plain(status: StatusCode, text: &'static str) -> Response {
     (status, text).into_response()
+}
+
+/// The bitfield answer: one holder as in the index JSON (PROTOCOL 5), plus the piece count.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BitfieldView {
+    pub content_id: String,
+    pub pieces: usize,
+    pub peer_id: String,
+    pub class: String,
+    pub have: String,
+}
+
+async fn get_bitfield(State(srv): State<PieceServer>, Path(content_id): Path<String>) -> Response {
+    let Some(c) = srv.lookup(&content_id) else {
+        return plain(StatusCode::NOT_FOUND, "unknown content\n");
+    };
+    let Ok(have) = c.have.read().map(|h| h.clone()) else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "bitfield unavailable\n");
+    };
+    let view = BitfieldView {
+        content_id,
+        pieces: have.len(),
+        peer_id: c.peer_id.clone(),
+        class: c.class.as_str().to_string(),
+        have: have.to_base64(),
+    };
+    let mut resp = axum::Json(view).into_response();
+    // Polled for freshness: never cached.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 async fn get_piece(
@@ -149,7 +188,7 @@ async fn get_piece(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peer::http::{Client, Url};
+    use crate::peer::http::{parse_url, Client};
     use std::io::Write as _;
 
     #[tokio::test]
@@ -169,6 +208,8 @@ mod tests {
                 size: 250,
                 piece_size: 100,
                 have: RwLock::new(Bitfield::empty(3)),
+                peer_id: "p1".into(),
+                class: SourceClass::Peer,
             });
             srv.add(&cid, served.clone());
             served.set_have(2);
@@ -178,11 +219,7 @@ mod tests {
                 let client = client.clone();
                 async move {
                     client
-                        .get(
-                            &Url::parse(&format!("http://{addr}{p}")).unwrap(),
-                            &[],
-                            1000,
-                        )
+                        .get(&parse_url(&format!("http://{addr}{p}")).unwrap(), &[], 1000)
                         .await
                         .unwrap()
                 }
@@ -202,6 +239,20 @@ mod tests {
                 404
             );
             assert_eq!(srv.served_bytes(), 50);
+            // The bitfield answer follows what is held.
+            let r = get(format!("/v1/pieces/{cid}")).await;
+            assert_eq!(r.status, 200);
+            let v: BitfieldView = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!((v.peer_id.as_str(), v.pieces), ("p1", 3));
+            assert_eq!(Bitfield::from_base64(&v.have, 3).unwrap().count(), 1);
+            served.set_have(0);
+            let v: BitfieldView =
+                serde_json::from_slice(&get(format!("/v1/pieces/{cid}")).await.body).unwrap();
+            assert!(Bitfield::from_base64(&v.have, 3).unwrap().get(0));
+            assert_eq!(
+                get(format!("/v1/pieces/{}", "d".repeat(64))).await.status,
+                404
+            );
         }
     }
 }

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::fetch::{advertised, fetch, random_peer_id, Announcer, FetchOptions, OfferBody};
 use super::serve::PieceServer;
+use super::IndexArg;
 use super::{PeerError, ServeArgs, SipTransport};
 use crate::sip::auth;
 use crate::sip::message::{
@@ -719,6 +720,7 @@ fn start_fetch(
     let out = download_path(&a.downloads, &offer);
     let mut o = FetchOptions::from_offer(&offer, out, peer_id);
     o.class = a.class;
+    o.choose_index(&offer, a.index.map(IndexArg::as_str), &a.dht_bootstrap);
     let pieces = pieces.clone();
     let advertise = advertise.to_string();
     tokio::spawn(async move {

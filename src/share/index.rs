@@ -1,8 +1,9 @@
 //! The piece index (claims 2, 6–8): which holders have which pieces of a content, each with
 //! `last_seen`; holders not heard from for `share.holder_ttl_secs` are dropped.
 //!
-//! [`PieceIndex`] is the seam for other placements (the `callvault index` role, an index
-//! spread over the terminals); [`MemoryIndex`] is the in-process one. Calls are synchronous
+//! [`PieceIndex`] is the seam for other placements (the `callvault index` role, and the
+//! index on the terminals, where each agent keeps a [`MemoryIndex`] of the holders it found
+//! through the DHT, [`crate::peer::terminals`]); [`MemoryIndex`] is the in-process one. Calls are synchronous
 //! and cheap (a map behind a mutex): an index elsewhere is reached by peers over HTTP, not
 //! through this trait, so nothing here needs to wait on I/O.
 //!

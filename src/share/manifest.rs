@@ -6,6 +6,7 @@
 //! fly; it never holds more than the bytes of the piece being hashed (and not even those: the
 //! SHA-256 state is incremental).
 
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -69,18 +70,28 @@ impl Manifest {
     }
 }
 
-/// Percent-encodes `s` for a URL or header: ASCII alphanumerics and the bytes of `keep`
+/// What stays unencoded in a URL path segment: RFC 3986 unreserved characters.
+pub const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// What stays unencoded in an RFC 8187 `value-chars` (`filename*`): attr-char.
+pub const ATTR_CHAR: &AsciiSet = &UNRESERVED
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'^')
+    .remove(b'`')
+    .remove(b'|');
+
+/// Percent-encodes `s` for a URL or header: ASCII alphanumerics and what `keep` spares
 /// stay, every other byte is `%XX` (share names travel in paths and `filename*`).
-pub fn percent_encode(s: &str, keep: &[u8]) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || keep.contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+pub fn percent_encode(s: &str, keep: &'static AsciiSet) -> String {
+    utf8_percent_encode(s, keep).to_string()
 }
 
 /// Lowercase hex SHA-256 of `bytes`: the content id of manifest bytes.
@@ -173,10 +184,12 @@ mod tests {
 
     #[test]
     fn percent_encode_keeps_only_alphanumerics_and_keep() {
-        assert_eq!(percent_encode("a b/c~d", b"-._~"), "a%20b%2Fc~d");
-        assert_eq!(percent_encode("a b/c~d", b""), "a%20b%2Fc%7Ed");
-        assert_eq!(percent_encode("é", b"-"), "%C3%A9");
-        assert_eq!(percent_encode("", b"-"), "");
+        assert_eq!(percent_encode("a b/c~d", UNRESERVED), "a%20b%2Fc~d");
+        assert_eq!(percent_encode("a b/c~d", NON_ALPHANUMERIC), "a%20b%2Fc%7Ed");
+        assert_eq!(percent_encode("é", UNRESERVED), "%C3%A9");
+        assert_eq!(percent_encode("", UNRESERVED), "");
+        assert_eq!(percent_encode("a!b c|d", ATTR_CHAR), "a!b%20c|d");
+        assert_eq!(percent_encode("a!b", UNRESERVED), "a%21b");
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Shared data (PROTOCOL 3, seed CN101247316A), the server side: publishing files in pieces
 //! with a manifest and `content_id` ([`manifest`], [`store`]), who may fetch them
 //! ([`policy`]), the piece index ([`index`]), source choice per piece for fetchers
-//! ([`select`], sans-IO) and the server's egress pacing ([`rate`]).
+//! ([`select`], sans-IO), the server's egress pacing ([`rate`]) and the DHT that finds holders
+//! when the index lives on the terminals ([`dht`], claim 8).
 //!
 //! The SIP side (share requests and offers) and the `callvault peer` agent use [`Shares`]:
 //! [`Shares::get_by_name`] / [`Shares::list_visible`] / [`Shares::may_fetch`] to answer a
 //! request, [`Shares::offer`] to build the offer body, and the HTTP routes of
 //! [`crate::http::shares`] to move the bytes.
 
+pub mod dht;
 pub mod index;
 pub mod manifest;
 pub mod policy;

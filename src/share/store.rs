@@ -74,6 +74,9 @@ pub struct ShareSettings {
     pub server_address: Option<String>,
     /// Base URL of the index when it runs as its own role; None: this server's `/v1/index`.
     pub index_base: Option<String>,
+    /// Set when the index lives on the terminals (claim 8): the DHT nodes offers name for
+    /// the agents to bootstrap from (serve's own node). Serve's `/v1/index` then answers 503.
+    pub terminal_index: Option<Vec<String>>,
 }
 
 impl Default for ShareSettings {
@@ -91,6 +94,7 @@ impl ShareSettings {
             idle_timeout: Duration::from_secs(30),
             server_address: None,
             index_base: None,
+            terminal_index: None,
         }
     }
 }
@@ -149,6 +153,13 @@ pub struct Offer {
     pub index_url: String,
     pub server_url: String,
     pub token: String,
+    /// `"terminals"` when the index lives on the agents (claim 8; absent otherwise): an
+    /// addition to PROTOCOL §3's offer, see docs/ARCHITECTURE.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<&'static str>,
+    /// With `index = "terminals"`: DHT nodes (`ip:port`, UDP) to bootstrap from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dht_bootstrap: Vec<String>,
 }
 
 /// Shared files: database rows, content on disk, the piece index, offer tokens and the
@@ -399,6 +410,18 @@ impl Shares {
             index_url: format!("{index_base}/v1/index/{}", share.content_id),
             server_url: base.to_string(),
             token: self.issue_offer_token(&share.content_id),
+            index: self
+                .inner
+                .settings
+                .terminal_index
+                .as_ref()
+                .map(|_| "terminals"),
+            dht_bootstrap: self
+                .inner
+                .settings
+                .terminal_index
+                .clone()
+                .unwrap_or_default(),
         }
     }
 

@@ -11,7 +11,7 @@ use std::fmt;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 /// How long an issued nonce stays fresh, by default.
@@ -326,22 +326,16 @@ pub fn respond(
 // ---------------------------------------------------------------------------------------------
 // Nonces
 
-/// HMAC-SHA256 (RFC 2104), written out because it is ten lines over `sha2`. Also the MAC of
-/// share offer tokens ([`crate::share::Shares::issue_offer_token`]).
+/// HMAC-SHA256 (RFC 2104) through the `hmac` crate. Also the MAC of share offer tokens
+/// ([`crate::share::Shares::issue_offer_token`]).
 pub(crate) fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(k.map(|b| b ^ 0x36));
-    inner.update(msg);
-    let mut outer = Sha256::new();
-    outer.update(k.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
+    use hmac::Mac as _;
+    // HMAC takes keys of any length: `new_from_slice` cannot fail for it.
+    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(key) else {
+        unreachable!("HMAC accepts keys of every length")
+    };
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

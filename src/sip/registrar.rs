@@ -397,6 +397,15 @@ impl Registrar {
         out
     }
 
+    /// Every live binding with its AOR (the admin listing), in no particular order.
+    pub fn all_live(&self, now: Instant) -> Vec<(&str, &Binding)> {
+        self.aors
+            .iter()
+            .flat_map(|(aor, l)| l.iter().map(move |b| (aor.as_str(), b)))
+            .filter(|(_, b)| b.is_live(now))
+            .collect()
+    }
+
     /// Drops every binding expired at `now`; returns how many went.
     pub fn expire(&mut self, now: Instant) -> usize {
         let mut gone = 0;

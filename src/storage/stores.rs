@@ -798,6 +798,34 @@ impl Stores {
         }
     }
 
+    /// Removes a store's row (admin `DELETE /v1/stores/{id}`); returns what it was, None when
+    /// there was no such store. The caller removes the media and releases the quota.
+    pub async fn delete(&self, id: &str) -> Result<Option<Store>, StoreError> {
+        let Some(store) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let done = sqlx::query("DELETE FROM stores WHERE id = $1")
+            .bind(id)
+            .execute(self.db.pool())
+            .await?;
+        Ok((done.rows_affected() == 1).then_some(store))
+    }
+
+    /// Ids of the stores created before `cutoff` that are no longer pending or receiving
+    /// (`store.retention_days`).
+    pub async fn finished_before(&self, cutoff: SystemTime) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM stores WHERE created_at < $1 AND state <> 'pending' \
+             AND state <> 'receiving'",
+        )
+        .bind(to_ms(cutoff))
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
+    }
+
     /// Marks every `pending` store past its expiry `expired`; returns how many.
     pub async fn expire_pending(&self, now: SystemTime) -> Result<u64, StoreError> {
         let done = sqlx::query(

@@ -87,6 +87,11 @@ pub struct Transports {
 }
 
 impl Transports {
+    /// The TLS client and server setup, when `[tls]` is in use.
+    pub(crate) fn tls(&self) -> Option<&tls::SipTls> {
+        self.tls.as_deref()
+    }
+
     /// Binds every listen address and starts the receive tasks (no TLS).
     pub async fn bind(
         listens: &[ListenAddr],

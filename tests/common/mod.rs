@@ -541,6 +541,11 @@ impl Server {
         account_add(&self.config_path, user, password, pin, quota);
     }
 
+    /// Sends `sig` (e.g. `libc::SIGHUP`) to the running server.
+    pub fn signal(&self, sig: libc::c_int) {
+        send_signal(self.child.as_ref().expect("server running"), sig);
+    }
+
     /// Stops the server (SIGTERM, 5 s grace, SIGKILL) and returns its exit status; `start`
     /// may be called again afterwards.
     pub fn stop(&mut self) -> Option<ExitStatus> {
@@ -628,7 +633,29 @@ impl Drop for Server {
 /// The server's "ready" line (PROTOCOL.md 4): the word `ready` followed by its listen
 /// addresses (`key=value` words) or nothing, e.g.
 /// `INFO callvault::server: ready sip=udp:127.0.0.1:5060 http=127.0.0.1:8080`.
+/// The trimmed contents of `path` once it is non-empty (a SIPp scenario writes a value there),
+/// or None after `timeout`.
+pub fn wait_file(path: &Path, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(s) = fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return Some(s.trim().to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 pub fn is_ready_line(line: &str) -> bool {
+    // `[log] format = "json"`: the message field carries the same text.
+    if line.starts_with('{') {
+        return serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(is_ready_line))
+            .unwrap_or(false);
+    }
     let words: Vec<&str> = line.split_whitespace().collect();
     words
         .iter()

@@ -99,6 +99,9 @@ pub(super) struct Call {
     pub(super) format: Option<(String, u8)>,
     /// SRTP state per media section (see [`srtp`]).
     pub(super) srtp: Vec<srtp::StreamCrypto>,
+    /// When the caller's INVITE arrived and when the call was answered (admin listing).
+    pub(super) started: Instant,
+    pub(super) answered: Option<Instant>,
 }
 
 impl Call {
@@ -111,6 +114,7 @@ impl Call {
         a_tx: ServerTxId,
         (caller, callee): (String, String),
         feature_code: &str,
+        now: Instant,
     ) -> Call {
         Call {
             a,
@@ -128,6 +132,8 @@ impl Call {
                 dtmf::DigitGate::new(feature_code),
                 dtmf::DigitGate::new(feature_code),
             ],
+            started: now,
+            answered: None,
         }
     }
 
@@ -181,8 +187,10 @@ impl Call {
         &mut self,
         resp: &Response,
         contact: &NameAddr,
+        now: Instant,
     ) -> Option<(String, String)> {
         self.state = CallState::Up;
+        self.answered = Some(now);
         self.a_invite_tx = None;
         self.a.awaiting_ack = Some(1);
         self.format = answer_format(resp);
@@ -206,20 +214,19 @@ impl Call {
             Side::B => &self.callee,
         }
     }
-    /// A BYE in `side`'s dialog (our `contact`, a fresh `via`), with a Reason header when we
-    /// end the call for one of our error codes.
+    /// A BYE in `side`'s dialog (our `contact`, a fresh `via`), with `reason` as its whole
+    /// Reason header value when there is one.
     pub(super) fn bye(
         &mut self,
         side: Side,
-        reason: Option<ErrorCode>,
+        reason: Option<String>,
         contact: &NameAddr,
         via: Via,
     ) -> Option<Request> {
         let dialog = self.leg_mut(side).dialog.as_mut()?;
         let mut bye = dialog.new_request(Method::Bye, contact, via);
         if let Some(r) = reason {
-            bye.headers
-                .push("Reason", format!("SIP;cause=200;text=\"{r}\""));
+            bye.headers.push("Reason", r);
         }
         Some(bye)
     }
@@ -691,7 +698,7 @@ impl<M: MediaBackend> Engine<M> {
             let Some(call) = self.calls.get_mut(&key) else {
                 return;
             };
-            if let Some(k) = call.answered(&resp, &contact) {
+            if let Some(k) = call.answered(&resp, &contact, now) {
                 self.dialogs.insert(k, (key, Side::A));
             }
             self.respond(a_tx, out, now);
@@ -976,11 +983,25 @@ impl<M: MediaBackend> Engine<M> {
             .max_by_key(|(k, _)| *k)
     }
 
+    /// BYE on one leg, with `Reason: SIP;cause=200;text="CODE"` when we end the call for one
+    /// of our error codes.
     pub(super) fn bye_leg(
         &mut self,
         key: CallKey,
         side: Side,
         reason: Option<ErrorCode>,
+        now: Instant,
+    ) {
+        let reason = reason.map(|r| format!("SIP;cause=200;text=\"{r}\""));
+        self.bye_leg_with(key, side, reason, now);
+    }
+
+    /// BYE on one leg with `reason` as the whole `Reason` header value, if any.
+    pub(super) fn bye_leg_with(
+        &mut self,
+        key: CallKey,
+        side: Side,
+        reason: Option<String>,
         now: Instant,
     ) {
         let Some(call) = self.calls.get(&key) else {

@@ -27,6 +27,7 @@ use rand::distributions::Alphanumeric;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod admin;
 mod call;
 mod dtmf;
 mod guard;
@@ -37,6 +38,7 @@ mod sessions;
 mod share;
 mod srtp;
 
+pub use admin::{CallSnapshot, LegSnapshot, RegistrationSnapshot, RtpSnapshot, OPERATOR_REASON};
 pub use msg_size::UDP_MTU_LIMIT;
 pub use sessions::{is_local_session_user, SessionKey};
 
@@ -903,7 +905,7 @@ impl<M: MediaBackend> Engine<M> {
             format!("{callee}@{}", self.cfg.domain),
         );
         let inv = self.b_invite(&req, &ruri, &target, (&a, &b), &caller);
-        let call = Call::new(a, b, req.clone(), tx, parties, &self.cfg.feature_code);
+        let call = Call::new(a, b, req.clone(), tx, parties, &self.cfg.feature_code, now);
         if !self.place_call(key, call, inv, now) {
             return;
         }
