@@ -4,8 +4,13 @@
 //! core, `transport` and `media` own sockets, `b2bua` ties calls together, `storage` holds
 //! accounts and stores, `http` serves the API and metrics.
 
+// Bad input gets an error, never a panic: no unwrap/expect outside tests (an infallible case
+// says why in an `#[allow]`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod b2bua;
 pub mod config;
+pub mod digest;
 pub mod error_code;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,5 +1,9 @@
 //! The `callvault` command line (PROTOCOL.md section 4).
 
+// Bad input gets an error, never a panic: no unwrap/expect outside tests (an infallible case
+// says why in an `#[allow]`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

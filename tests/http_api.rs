@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use callvault::http::upload_token;
 use callvault::sip::auth::respond;
+use callvault::storage::capability::upload_token;
 use callvault::storage::segments::{RecordHeader, SegmentOptions, SegmentWriter};
 use callvault::storage::stores::{
     store_dir, NewStore, StartSession, Store, StoreKind, StoreState, Stores,

@@ -3,7 +3,6 @@
 
 pub mod engine;
 pub mod errors;
-pub mod feature_code;
 pub mod media;
 pub mod recording;
 pub mod share_service;

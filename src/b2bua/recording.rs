@@ -18,9 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::engine::{Engine, EngineEvent};
 use super::media::{CallKey, MediaBackend, RelayMedia};
-use crate::http::LiveStores;
 use crate::media::relay::{RecordCounters, RecordSinks};
 use crate::storage::accounts::Accounts;
+use crate::storage::live::LiveStores;
 use crate::storage::log_thread::LogThread;
 use crate::storage::segments::{
     pipeline, Durability, Ingest, PipelineOptions, SegmentError, SegmentOptions, SegmentWriter,

@@ -12,13 +12,13 @@ use bytes::Bytes;
 use super::engine::{AccountAuth, Engine, EngineConfig, EngineEvent, GuardConfig, RouteTarget};
 use super::errors::ERROR_CONTENT_TYPE;
 use super::media::{CallKey, FakeMedia, Side};
-use crate::config::Transport;
 use crate::metrics::CallOutcome;
 use crate::sdp::SessionDescription;
 use crate::sip::auth::{self, Algorithm, NonceKey, Verifier};
 use crate::sip::dialog::Dialog;
 use crate::sip::message::{parse, HeaderAccess, Method, Request, Response, SipMessage};
 use crate::sip::transaction::{build_ack, build_cancel, Peer, TimerConfig};
+use crate::sip::transport::Transport;
 use crate::sip::uri::{NameAddr, Via};
 
 // ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@
 //! Tokens: a store has one secret (`Store::token`). The *download token* (in `download_url`,
 //! given to the receiver with the ready note) is that secret; the *upload token* (in
 //! `upload_url`, given to the sender with the prompt) is derived from it one-way
-//! ([`upload_token`]), so the sender's URL cannot download and the receiver's cannot upload.
+//! ([`crate::storage::capability::upload_token`]), so the sender's URL cannot download and the receiver's cannot upload.
 //! The admin token is accepted only as `Authorization: Bearer` (never in a URL, which ends up
 //! in logs). A token that does not open the addressed resource is answered `401`, as RFC 6750
 //! does for an invalid token: the server cannot tell a token of another store from garbage.
@@ -37,7 +37,6 @@ pub mod stores;
 pub mod upload;
 
 use crate::error_code::ErrorCode;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -45,16 +44,19 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use crate::sip::auth::{Algorithm, NonceKey, Verifier, DEFAULT_NONCE_TTL_SECS};
-use crate::storage::segments::TailState;
-use crate::storage::stores::{Store, StoreState, Stores};
+use crate::storage::stores::{StoreState, Stores};
 use crate::storage::threshold::ThresholdLimits;
 use crate::storage::Accounts;
 
 pub use errors::ApiError;
+
+// The store capabilities the API checks, and the live-tail registry its readers follow, are
+// storage's; re-exported here for the API's callers.
+pub use crate::storage::capability::{download_token, download_url, upload_token, upload_url};
+pub use crate::storage::live::{LiveGuard, LiveStores};
 
 /// Everything the handlers need; build with [`HttpState::new`], adjust the public fields,
 /// then [`api_router`].
@@ -189,112 +191,6 @@ pub enum HttpEvent {
         state: StoreState,
         received_bytes: u64,
     },
-}
-
-/// Registry of stores being written, so a reader of a `receiving` store can follow its live
-/// tail. The store-session code registers the writer's watch when the session starts and
-/// removes it after the log is finished (or holds a [`LiveGuard`], which removes it on drop).
-/// A `receiving` store that is not registered is read by polling the disk and the database.
-#[derive(Debug, Default)]
-pub struct LiveStores {
-    map: Mutex<HashMap<String, watch::Receiver<TailState>>>,
-}
-
-impl LiveStores {
-    pub fn new() -> LiveStores {
-        LiveStores::default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<TailState>>> {
-        // The map stays consistent even if a holder panicked: every operation is one call.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn insert(&self, store_id: &str, tail: watch::Receiver<TailState>) {
-        self.lock().insert(store_id.to_string(), tail);
-    }
-
-    pub fn remove(&self, store_id: &str) {
-        self.lock().remove(store_id);
-    }
-
-    /// A receiver of the store's committed state, if it is being written.
-    pub fn get(&self, store_id: &str) -> Option<watch::Receiver<TailState>> {
-        self.lock().get(store_id).cloned()
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
-    /// Registers `tail` until the returned guard is dropped.
-    pub fn register(
-        self: &Arc<Self>,
-        store_id: &str,
-        tail: watch::Receiver<TailState>,
-    ) -> LiveGuard {
-        self.insert(store_id, tail);
-        LiveGuard {
-            live: Arc::clone(self),
-            store_id: store_id.to_string(),
-        }
-    }
-}
-
-/// Removes its store from [`LiveStores`] when dropped.
-#[derive(Debug)]
-pub struct LiveGuard {
-    live: Arc<LiveStores>,
-    store_id: String,
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.live.remove(&self.store_id);
-    }
-}
-
-/// The token of `download_url` (receiver's capability): the store's secret itself.
-pub fn download_token(store: &Store) -> &str {
-    &store.token
-}
-
-/// The token of `upload_url` (sender's capability): 160 bits of SHA-256 over a label and the
-/// store's secret, hex. One-way, so holding it does not give the download token.
-pub fn upload_token(store: &Store) -> String {
-    upload_token_of(&store.token)
-}
-
-fn upload_token_of(secret: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(b"callvault upload token\0");
-    h.update(secret.as_bytes());
-    hex::encode(&h.finalize()[..20])
-}
-
-/// `{base}/v1/stores/{id}/data?token=...` (the prompt's `upload_url`); `base` like
-/// `http://192.0.2.10:8080`, without a trailing slash.
-pub fn upload_url(base: &str, store: &Store) -> String {
-    format!(
-        "{}/v1/stores/{}/data?token={}",
-        base.trim_end_matches('/'),
-        store.id,
-        upload_token(store)
-    )
-}
-
-/// `{base}/v1/stores/{id}/media?token=...` (the ready note's `download_url`).
-pub fn download_url(base: &str, store: &Store) -> String {
-    format!(
-        "{}/v1/stores/{}/media?token={}",
-        base.trim_end_matches('/'),
-        store.id,
-        download_token(store)
-    )
 }
 
 /// The whole API, `/metrics` included.

@@ -395,6 +395,76 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
 
+/// A pcap download holds every record, in order, as RTP with its arrival time; tshark (when
+/// installed) reads it as RTP too.
+fn check_pcap(p: &[u8], recs: &[(RecordHeader, Vec<u8>)], dir: &std::path::Path) {
+    assert_eq!(le32(p, 0), 0xa1b2_c3d4);
+    assert_eq!(le32(p, 20), 101);
+    let mut at = 24;
+    // First the store session's INVITE and 200 (SIP on port 5060, with SDP), then the RTP.
+    for start in ["INVITE sip:", "SIP/2.0 200 OK"] {
+        let incl = le32(p, at + 8) as usize;
+        let pkt = &p[at + 16..at + 16 + incl];
+        assert_eq!(u16::from_be_bytes([pkt[20], pkt[21]]), 5060);
+        let sip = std::str::from_utf8(&pkt[28..]).unwrap();
+        assert!(
+            sip.starts_with(start) && sip.contains("m=audio 5004 RTP/AVP"),
+            "{sip}"
+        );
+        at += 16 + incl;
+    }
+    let mut n = 0;
+    while at < p.len() {
+        let incl = le32(p, at + 8) as usize;
+        let pkt = &p[at + 16..at + 16 + incl];
+        let (hd, pl) = &recs[n];
+        assert_eq!(
+            u64::from(le32(p, at)) * 1_000_000 + u64::from(le32(p, at + 4)),
+            hd.arrival_us
+        );
+        let rtp = &pkt[28..];
+        assert_eq!(rtp[1] & 0x7f, hd.payload_type);
+        assert_eq!(rtp[1] >> 7, u8::from(hd.marker));
+        assert_eq!(u16::from_be_bytes([rtp[2], rtp[3]]), hd.seq);
+        assert_eq!(&rtp[12..], &pl[..]);
+        at += 16 + incl;
+        n += 1;
+    }
+    assert_eq!(n, recs.len());
+    // tshark reads it as RTP without being told the port (skip when absent).
+    if std::process::Command::new("tshark")
+        .arg("-v")
+        .output()
+        .is_ok()
+    {
+        let f = dir.join("x.pcap");
+        std::fs::write(&f, p).unwrap();
+        let out = std::process::Command::new("tshark")
+            .args([
+                "-r",
+                f.to_str().unwrap(),
+                "-Y",
+                "rtp",
+                "-T",
+                "fields",
+                "-e",
+                "rtp.seq",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seqs: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        assert_eq!(seqs, recs.iter().map(|(h, _)| h.seq).collect::<Vec<_>>());
+    }
+}
+
 #[tokio::test]
 async fn download_raw_wav_pcap_of_a_finished_store() {
     let h = harness().await;
@@ -435,72 +505,7 @@ async fn download_raw_wav_pcap_of_a_finished_store() {
 
     let r = get(a, &media("pcap"), &[]).await;
     assert_eq!(r.status, 200);
-    let p = &r.body;
-    assert_eq!(le32(p, 0), 0xa1b2_c3d4);
-    assert_eq!(le32(p, 20), 101);
-    let mut at = 24;
-    // First the store session's INVITE and 200 (SIP on port 5060, with SDP), then the RTP.
-    for start in ["INVITE sip:", "SIP/2.0 200 OK"] {
-        let incl = le32(p, at + 8) as usize;
-        let pkt = &p[at + 16..at + 16 + incl];
-        assert_eq!(u16::from_be_bytes([pkt[20], pkt[21]]), 5060);
-        let sip = std::str::from_utf8(&pkt[28..]).unwrap();
-        assert!(
-            sip.starts_with(start) && sip.contains("m=audio 5004 RTP/AVP"),
-            "{sip}"
-        );
-        at += 16 + incl;
-    }
-    let mut n = 0;
-    while at < p.len() {
-        let incl = le32(p, at + 8) as usize;
-        let pkt = &p[at + 16..at + 16 + incl];
-        let (hd, pl) = &recs[n];
-        assert_eq!(
-            u64::from(le32(p, at)) * 1_000_000 + u64::from(le32(p, at + 4)),
-            hd.arrival_us
-        );
-        let rtp = &pkt[28..];
-        assert_eq!(rtp[1] & 0x7f, hd.payload_type);
-        assert_eq!(rtp[1] >> 7, u8::from(hd.marker));
-        assert_eq!(u16::from_be_bytes([rtp[2], rtp[3]]), hd.seq);
-        assert_eq!(&rtp[12..], &pl[..]);
-        at += 16 + incl;
-        n += 1;
-    }
-    assert_eq!(n, recs.len());
-    // tshark reads it as RTP without being told the port (skip when absent).
-    if std::process::Command::new("tshark")
-        .arg("-v")
-        .output()
-        .is_ok()
-    {
-        let f = h._dir.path().join("x.pcap");
-        std::fs::write(&f, p).unwrap();
-        let out = std::process::Command::new("tshark")
-            .args([
-                "-r",
-                f.to_str().unwrap(),
-                "-Y",
-                "rtp",
-                "-T",
-                "fields",
-                "-e",
-                "rtp.seq",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let seqs: Vec<u16> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().parse().unwrap())
-            .collect();
-        assert_eq!(seqs, recs.iter().map(|(h, _)| h.seq).collect::<Vec<_>>());
-    }
+    check_pcap(&r.body, &recs, h._dir.path());
 
     // Who may download: receiver, its token, admin; not the sender, not the upload token.
     let plain = format!("/v1/stores/{}/media", s.id);
@@ -690,8 +695,13 @@ async fn upload_happy_path() {
     let r = request(h.addr, "PUT", &url, &[], &body).await;
     assert_eq!((r.status, r.error().as_str()), (404, "unknown-store"));
 
-    // The sender's own credentials work too; any Content-Type is kept as the format.
-    let s2 = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
+    upload_as_sender_and_empty(&h).await;
+}
+
+/// The sender's own credentials upload too, any Content-Type kept as the format; an empty
+/// file is a complete store.
+async fn upload_as_sender_and_empty(h: &H) {
+    let s2 = pending_store(h, "1001", "1002", Duration::from_secs(300)).await;
     let r = request(
         h.addr,
         "PUT",
@@ -713,7 +723,7 @@ async fn upload_happy_path() {
     .await;
     assert_eq!(r.status, 415);
     // An empty file is a complete store.
-    let s3 = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
+    let s3 = pending_store(h, "1001", "1002", Duration::from_secs(300)).await;
     let r = request(
         h.addr,
         "PUT",
@@ -812,27 +822,34 @@ async fn upload_error_rows() {
     );
     assert_eq!(usage(&h, "1002").await, (0, 0));
 
+    upload_cut_short(&h, &s).await;
+}
+
+/// A client that hangs up mid-body, and one that stalls: both stores end `truncated`.
+async fn upload_cut_short(h: &H, s: &Store) {
+    let a = h.addr;
+    let put = |s: &Store| format!("/v1/stores/{}/data?token={}", s.id, upload_token(s));
     // A client that sends 3000 of 10000 bytes and hangs up: truncated, quota settled.
     let mut c = TcpStream::connect(a).await.unwrap();
     let head = format!(
         "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n",
-        put(&s)
+        put(s)
     );
     c.write_all(head.as_bytes()).await.unwrap();
     c.write_all(&[7u8; 3000]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(c);
-    let st = wait_finished(&h, &s.id).await;
+    let st = wait_finished(h, &s.id).await;
     assert_eq!((st.state, st.received_bytes), (StoreState::Truncated, 3000));
-    assert_eq!(usage(&h, "1002").await, (3000, 0));
+    assert_eq!(usage(h, "1002").await, (3000, 0));
     assert!(h.state.live.is_empty());
 
     // A client that stalls with the connection open: truncated after the idle timeout.
-    let s = pending_store(&h, "1001", "1002", Duration::from_secs(300)).await;
+    let s = &pending_store(h, "1001", "1002", Duration::from_secs(300)).await;
     let mut c = TcpStream::connect(a).await.unwrap();
     let head = format!(
         "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
-        put(&s)
+        put(s)
     );
     c.write_all(head.as_bytes()).await.unwrap();
     c.write_all(&[1u8; 1300]).await.unwrap();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::rtp::RtpPacket;
-use crate::b2bua::feature_code::{Decision, FeatureCode};
+use crate::media::feature_code::{Decision, FeatureCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum DtmfError {

@@ -2,6 +2,8 @@
 
 /// RFC 4733 telephone-event payloads and a once-per-key-press detector (sans-IO).
 pub mod dtmf;
+/// The `*7 PIN #` feature-code detector (sans-IO), shared by INFO digits and RFC 4733 events.
+pub mod feature_code;
 /// Strict-source RTP latching policy (RTP-bleed defence) shared by relay, recorder, player.
 pub mod latch;
 /// Paced playback of a store to its receiver, following the live tail (step 333).

@@ -44,7 +44,7 @@ use super::latch::{Decision, Expect, Latch, PtSet, RefusedCounts};
 use super::ports::PortPair;
 use super::rtp::RtpPacket;
 use super::srtp::{SrtpContext, SrtpError};
-use crate::b2bua::feature_code::HOLD_TIMEOUT;
+use crate::media::feature_code::HOLD_TIMEOUT;
 use crate::metrics::METRICS;
 use crate::storage::segments::{Ingest, IngestError, RecordHeader};
 

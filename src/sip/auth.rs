@@ -7,13 +7,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::str::FromStr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use md5::Md5;
 use rand::RngCore;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 /// How long an issued nonce stays fresh, by default.
@@ -26,59 +24,11 @@ const NONCE_RANDOM_LEN: usize = 12;
 const NONCE_MAC_LEN: usize = 16;
 const NONCE_LEN: usize = 8 + NONCE_RANDOM_LEN + NONCE_MAC_LEN;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum Algorithm {
-    Md5,
-    Sha256,
-}
+pub use crate::digest::{ha1, Algorithm, UnsupportedAlgorithm};
 
-impl Algorithm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::Md5 => "MD5",
-            Algorithm::Sha256 => "SHA-256",
-        }
-    }
-
-    /// Lowercase hex digest of `data`.
-    pub fn hash_hex(self, data: &[u8]) -> String {
-        match self {
-            Algorithm::Md5 => hex::encode(Md5::digest(data)),
-            Algorithm::Sha256 => hex::encode(Sha256::digest(data)),
-        }
-    }
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Algorithm {
-    type Err = AuthError;
-    fn from_str(s: &str) -> Result<Self, AuthError> {
-        if s.eq_ignore_ascii_case("MD5") {
-            Ok(Algorithm::Md5)
-        } else if s.eq_ignore_ascii_case("SHA-256") {
-            Ok(Algorithm::Sha256)
-        } else {
-            Err(AuthError::UnsupportedAlgorithm(s.to_string()))
-        }
-    }
-}
-
-impl TryFrom<String> for Algorithm {
-    type Error = AuthError;
-    fn try_from(s: String) -> Result<Self, AuthError> {
-        s.parse()
-    }
-}
-
-impl From<Algorithm> for String {
-    fn from(a: Algorithm) -> String {
-        a.as_str().to_string()
+impl From<UnsupportedAlgorithm> for AuthError {
+    fn from(e: UnsupportedAlgorithm) -> AuthError {
+        AuthError::UnsupportedAlgorithm(e.0)
     }
 }
 
@@ -98,11 +48,6 @@ pub enum AuthError {
     UnsupportedQop(String),
     #[error("invalid nonce count {0:?}")]
     BadNonceCount(String),
-}
-
-/// H(username:realm:password), the value stored per account and algorithm.
-pub fn ha1(alg: Algorithm, username: &str, realm: &str, password: &str) -> String {
-    alg.hash_hex(format!("{username}:{realm}:{password}").as_bytes())
 }
 
 /// The `response` parameter for `qop=auth`: H(HA1:nonce:nc:cnonce:qop:H(method:uri)).

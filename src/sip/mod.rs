@@ -1,4 +1,5 @@
-//! SIP itself, free of I/O: messages, URIs, transactions, dialogs, digest auth, registrar.
+//! SIP itself, free of I/O: messages, URIs, transactions, dialogs, digest auth, registrar,
+//! the transports.
 
 pub mod admission;
 pub mod auth;
@@ -6,4 +7,5 @@ pub mod dialog;
 pub mod message;
 pub mod registrar;
 pub mod transaction;
+pub mod transport;
 pub mod uri;

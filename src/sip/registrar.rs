@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::config::Transport;
 use crate::sip::message::{HeaderAccess, Method, Request, Response};
+use crate::sip::transport::Transport;
 use crate::sip::uri::{split_outside_quotes, unescape, NameAddr, Uri};
 
 /// Most bindings one AOR may hold; more is refused so one account cannot grow the table

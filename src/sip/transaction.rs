@@ -53,7 +53,7 @@ use thiserror::Error;
 
 use super::message::{HeaderAccess, Method, Request, Response};
 use super::uri::Via;
-use crate::config::Transport;
+use crate::sip::transport::Transport;
 
 /// RFC 3261 branch prefix (§8.1.1.7).
 pub const MAGIC_COOKIE: &str = "z9hG4bK";

@@ -14,7 +14,7 @@ use sqlx::Row;
 
 use super::db::Db;
 use crate::config::PromptFormat;
-use crate::sip::auth::{self, Algorithm};
+use crate::digest::{self, Algorithm};
 use crate::storage::threshold::{Threshold, ThresholdLimits};
 
 #[derive(Debug, thiserror::Error)]
@@ -285,8 +285,8 @@ impl Accounts {
 
     fn ha1s(&self, user: &str, password: &str) -> (String, String) {
         (
-            auth::ha1(Algorithm::Md5, user, &self.realm, password),
-            auth::ha1(Algorithm::Sha256, user, &self.realm, password),
+            digest::ha1(Algorithm::Md5, user, &self.realm, password),
+            digest::ha1(Algorithm::Sha256, user, &self.realm, password),
         )
     }
 
@@ -696,11 +696,11 @@ mod tests {
         assert_eq!(got.quota_bytes, 52_428_800);
         assert_eq!(
             got.ha1_md5,
-            auth::ha1(Algorithm::Md5, "1001", "example.com", "secret")
+            digest::ha1(Algorithm::Md5, "1001", "example.com", "secret")
         );
         assert_eq!(
             got.ha1_sha256,
-            auth::ha1(Algorithm::Sha256, "1001", "example.com", "secret")
+            digest::ha1(Algorithm::Sha256, "1001", "example.com", "secret")
         );
         assert!(got.password_hash.starts_with("$argon2id$"));
         assert_ne!(got.pin_hash, got.password_hash);
@@ -803,7 +803,7 @@ mod tests {
         assert!(accs.verify_password("1002", "new").await.unwrap());
         assert_eq!(
             accs.ha1("1002", Algorithm::Sha256).await.unwrap().unwrap(),
-            auth::ha1(Algorithm::Sha256, "1002", "example.com", "new")
+            digest::ha1(Algorithm::Sha256, "1002", "example.com", "new")
         );
         assert!(accs.ha1("ghost", Algorithm::Md5).await.unwrap().is_none());
     }
@@ -818,7 +818,7 @@ mod tests {
         moved.set_password("1001", "secret").await.unwrap();
         assert_eq!(
             moved.ha1("1001", Algorithm::Md5).await.unwrap().unwrap(),
-            auth::ha1(Algorithm::Md5, "1001", "other.org", "secret")
+            digest::ha1(Algorithm::Md5, "1001", "other.org", "secret")
         );
     }
 

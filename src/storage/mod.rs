@@ -1,7 +1,9 @@
 //! Persistent state: the metadata database and the accounts in it (stores and objects follow).
 
 pub mod accounts;
+pub mod capability;
 pub mod db;
+pub mod live;
 pub mod log_thread;
 pub mod segments;
 pub mod session;

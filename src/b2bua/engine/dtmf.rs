@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use super::{Engine, EngineEvent};
-use crate::b2bua::feature_code::{Decision, FeatureCode};
 use crate::b2bua::media::{CallKey, MediaBackend, Side};
+use crate::media::feature_code::{Decision, FeatureCode};
 use crate::sip::message::{HeaderAccess, Request};
 use crate::sip::transaction::ServerTxId;
 
@@ -215,9 +215,9 @@ mod tests {
     fn rtp_feature_code_becomes_engine_event() {
         use crate::b2bua::engine::{EngineConfig, RouteTarget};
         use crate::b2bua::media::FakeMedia;
-        use crate::config::Transport;
         use crate::sip::auth::{Algorithm, NonceKey, Verifier};
         use crate::sip::transaction::{Peer, TimerConfig};
+        use crate::sip::transport::Transport;
 
         let a = Peer::new(Transport::Udp, "127.0.0.1:5061".parse().unwrap());
         let b = Peer::new(Transport::Udp, "127.0.0.1:5070".parse().unwrap());

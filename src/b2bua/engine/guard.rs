@@ -21,7 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::{CallKey, CallState, Engine, MediaBackend};
+use super::call::CallState;
+use super::{CallKey, Engine, MediaBackend};
 use crate::b2bua::errors::with_error_body;
 use crate::config::SipConfig;
 use crate::error_code::ErrorCode;

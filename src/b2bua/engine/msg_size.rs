@@ -13,9 +13,9 @@ use bytes::Bytes;
 
 use super::{Engine, EngineEvent, Pending};
 use crate::b2bua::media::MediaBackend;
-use crate::config::Transport;
 use crate::sip::message::{HeaderAccess, Request};
 use crate::sip::transaction::{ClientTxId, Peer};
+use crate::sip::transport::Transport;
 
 /// Largest request sent over UDP (RFC 3261 §18.1.1, path MTU unknown).
 pub const UDP_MTU_LIMIT: usize = 1300;

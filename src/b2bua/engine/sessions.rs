@@ -96,7 +96,7 @@ impl<M: MediaBackend> Engine<M> {
                     s.local_tag.clone(),
                 );
                 // The session's requests (our BYE) follow its route set (§12.2.1.1).
-                s.peer = super::route_peer(&d.route_set, s.peer);
+                s.peer = super::call::route_peer(&d.route_set, s.peer);
                 s.dialog = Some(d);
                 s.state = SessionState::Up;
                 self.session_dialogs.insert(id, key);

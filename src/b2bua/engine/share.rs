@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{as_message, Engine, EngineEvent, Pending, Target};
+use super::call::as_message;
+use super::{Engine, EngineEvent, Pending, Target};
 use crate::b2bua::media::MediaBackend;
 use crate::b2bua::wire;
 use crate::sip::message::{HeaderAccess, Method, Request, Response};

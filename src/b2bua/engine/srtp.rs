@@ -15,13 +15,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Call, Engine, Pending};
+use super::call::Call;
+use super::{Engine, Pending};
 use crate::b2bua::media::{CallKey, MediaBackend, Side};
-use crate::config::{SrtpMode, Transport};
+use crate::config::SrtpMode;
 use crate::media::relay::SrtpDir;
 use crate::media::srtp::{MasterKey, SrtpContext, Suite};
 use crate::sdp::{is_savp, CryptoLine, SessionDescription};
 use crate::sip::message::Request;
+use crate::sip::transport::Transport;
 
 /// What the engine knows about the SRTP of one leg of one media section.
 #[derive(Debug, Default, Clone)]

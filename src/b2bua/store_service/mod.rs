@@ -30,13 +30,14 @@ pub use lockout::Lockout;
 use super::engine::{Engine, EngineEvent, SessionKey};
 use super::media::{CallKey, MediaBackend, Side};
 use super::wire;
-use crate::config::{PromptFormat, PromptMethod, StoreConfig, Transport};
+use crate::config::{PromptFormat, PromptMethod, StoreConfig};
 use crate::error_code::{ErrorCode, Refusal};
-use crate::http::LiveStores;
 use crate::media::ports::PortAllocator;
 use crate::sip::message::Method;
 use crate::sip::transaction::{ClientTxId, ServerTxId};
+use crate::sip::transport::Transport;
 use crate::storage::accounts::Accounts;
+use crate::storage::live::LiveStores;
 use crate::storage::stores::Stores;
 
 /// What the service needs to know about the server.

@@ -191,7 +191,7 @@ async fn decide(ctx: &Ctx, job: &Job) -> Result<(), Refusal> {
         space_bytes: free,
         expires_at: rfc3339(store.expires_at),
         formats: FORMATS.iter().map(|f| f.to_string()).collect(),
-        upload_url: crate::http::upload_url(&ctx.cfg.http_base, &store),
+        upload_url: crate::storage::capability::upload_url(&ctx.cfg.http_base, &store),
     };
     let prompt_json = serde_json::to_string(&prompt).unwrap_or_default();
     tracing::info!(store = %store.id, receiver = %job.receiver, sender = %job.sender, "store accepted");

@@ -33,7 +33,7 @@ use super::{Command, Ctx};
 use crate::b2bua::engine::SessionKey;
 use crate::b2bua::wire;
 use crate::error_code::{ErrorCode, Refusal};
-use crate::media::player::{Player, PlayerConfig, PlayerEventKind};
+use crate::media::player::{Player, PlayerConfig, PlayerEvent, PlayerEventKind, PlayerHandle};
 use crate::media::recorder::{
     Recorder, RecorderConfig, RecorderEvent, RecorderEventKind, RecorderHandle,
 };
@@ -572,7 +572,7 @@ pub(crate) fn ready(ctx: &Ctx, store: &Store, received_bytes: u64, state: StoreS
     let r = wire::Ready {
         store_id: store.id.clone(),
         play_uri: ctx.cfg.session_uri(&format!("play-{}", store.id), secure),
-        download_url: crate::http::download_url(&ctx.cfg.http_base, store),
+        download_url: crate::storage::capability::download_url(&ctx.cfg.http_base, store),
         state: state.to_string(),
         received_bytes,
         declared_bytes: store.declared_bytes,
@@ -656,9 +656,22 @@ async fn play(
     pc.srtp = crypto
         .as_ref()
         .map(|(_, ours)| SrtpContext::new(ours.suite, &ours.key));
-    let (ev_tx, mut events) = mpsc::channel(16);
+    let (ev_tx, events) = mpsc::channel(16);
     let target = target.unwrap_or_else(|| SocketAddr::new(ctx.cfg.public_ip, 9));
     let player = Player::start(socket, reader, target, pc, ev_tx);
+    drive_player(ctx, key, player, events, &mut signals).await;
+    Ok(())
+}
+
+/// Follows a started player until it is done, fails, or the session ends: ends the session
+/// on the player's account, records the time to the first packet.
+async fn drive_player(
+    ctx: &Ctx,
+    key: SessionKey,
+    player: PlayerHandle,
+    mut events: mpsc::Receiver<PlayerEvent>,
+    signals: &mut mpsc::UnboundedReceiver<Signal>,
+) {
     loop {
         tokio::select! {
             s = signals.recv() => match s {
@@ -692,5 +705,4 @@ async fn play(
         }
     }
     tracing::info!(packets = totals.packets, "play session ended");
-    Ok(())
 }
