@@ -7,11 +7,14 @@
 // Bad input gets an error, never a panic: no unwrap/expect outside tests (an infallible case
 // says why in an `#[allow]`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// `pub` only for the crate's API (the binary, the integration tests, the fuzz targets); the
+// rest is `pub(crate)`.
+#![warn(unreachable_pub)]
 
 pub mod b2bua;
 pub mod config;
-pub mod digest;
-pub mod error_code;
+pub(crate) mod digest;
+pub(crate) mod error_code;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod guard;

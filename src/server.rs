@@ -271,7 +271,6 @@ pub async fn run_from(
     let live = Arc::new(LiveStores::new());
     let (service, commands) = StoreService::new(
         ServiceConfig {
-            domain: config.sip.domain.clone(),
             public_ip: config.sip.public_address,
             sip_port,
             tls_port: transports.local_addr(Transport::Tls).map(|a| a.port()),

@@ -786,7 +786,10 @@ async fn retention_deletes_old_finished_stores() {
     }
     // The metadata goes first, the media right after it.
     while store_dir(&data, old).unwrap().exists() {
-        assert!(Instant::now() < deadline, "the old store's media is still there");
+        assert!(
+            Instant::now() < deadline,
+            "the old store's media is still there"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let r = get(

@@ -8,12 +8,12 @@ use bytes::Bytes;
 use crate::error_code::ErrorCode;
 use crate::sip::message::Response;
 
-pub const ERROR_CONTENT_TYPE: &str = "application/vnd.callvault.error+json";
+pub(crate) const ERROR_CONTENT_TYPE: &str = "application/vnd.callvault.error+json";
 
 static WARN_AGENT: OnceLock<String> = OnceLock::new();
 
 /// Sets the warn-agent written in `Warning: 399 <agent> "CODE"` (the public address).
-pub fn set_warn_agent(agent: &str) {
+pub(crate) fn set_warn_agent(agent: &str) {
     let _ = WARN_AGENT.set(agent.to_string());
 }
 
@@ -22,12 +22,12 @@ fn warn_agent() -> &'static str {
 }
 
 /// `{"error": code, "detail": detail}`.
-pub fn error_json(code: ErrorCode, detail: &str) -> String {
+pub(crate) fn error_json(code: ErrorCode, detail: &str) -> String {
     serde_json::json!({ "error": code.as_str(), "detail": detail }).to_string()
 }
 
 /// Adds the error body and the Warning header to a response callvault itself decided.
-pub fn with_error_body(mut resp: Response, code: ErrorCode, detail: &str) -> Response {
+pub(crate) fn with_error_body(mut resp: Response, code: ErrorCode, detail: &str) -> Response {
     resp.headers
         .push("Warning", format!("399 {} \"{}\"", warn_agent(), code));
     resp.headers.set("Content-Type", ERROR_CONTENT_TYPE);

@@ -11,9 +11,9 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-pub use crate::media::latch::{Expect, PtSet};
+pub(crate) use crate::media::latch::{Expect, PtSet};
 use crate::media::ports::{PortAllocator, PortsError};
-pub use crate::media::relay::Side;
+pub(crate) use crate::media::relay::Side;
 use crate::media::relay::{
     RecordCounters, RecordSinks, Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle,
     RelayId, SrtpDir,
@@ -22,7 +22,7 @@ use crate::media::srtp::SrtpContext;
 use crate::media::threads::MediaThreads;
 
 /// Engine-wide call key.
-pub type CallKey = u64;
+pub(crate) type CallKey = u64;
 
 #[derive(Debug, Error)]
 pub enum MediaError {
@@ -94,7 +94,7 @@ pub trait MediaBackend: Send {
 
 /// Reported to the core by the relays of a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MediaEvent {
+pub(crate) enum MediaEvent {
     /// No RTP from either side for `rtp_timeout`.
     Timeout(CallKey),
     /// `*7 PIN #` keyed by the party on `side` as RFC 4733 telephone-events (swallowed).
@@ -109,7 +109,7 @@ pub enum MediaEvent {
 type RelayStats = (Arc<RelayCounters>, [Option<SocketAddr>; 2]);
 
 /// Real relays on real sockets.
-pub struct RelayMedia {
+pub(crate) struct RelayMedia {
     ip: IpAddr,
     ports: PortAllocator,
     config: RelayConfig,
@@ -125,7 +125,7 @@ pub struct RelayMedia {
 
 impl RelayMedia {
     /// Also returns the receiver the core must drain through [`RelayMedia::on_relay_event`].
-    pub fn new(
+    pub(crate) fn new(
         ip: IpAddr,
         ports: PortAllocator,
         rtp_timeout: Duration,
@@ -152,7 +152,7 @@ impl RelayMedia {
     }
 
     /// Runs the relays on `threads` instead of the current runtime.
-    pub fn with_threads(mut self, threads: Arc<MediaThreads>) -> RelayMedia {
+    pub(crate) fn with_threads(mut self, threads: Arc<MediaThreads>) -> RelayMedia {
         self.threads = Some(threads);
         self
     }
@@ -160,7 +160,7 @@ impl RelayMedia {
     /// Records the call's first media section into `sinks` (whole-call recording) until the
     /// call is released. False (and the sinks dropped, so their writers finish empty) when the
     /// call has no relay any more.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         call: CallKey,
         sinks: RecordSinks,
@@ -177,7 +177,7 @@ impl RelayMedia {
 
     /// Maps a relay's own event to the call it belongs to. A call whose relay timed out is
     /// reported once, however many streams it had; events of released calls are dropped.
-    pub fn on_relay_event(&mut self, ev: RelayEvent) -> Option<MediaEvent> {
+    pub(crate) fn on_relay_event(&mut self, ev: RelayEvent) -> Option<MediaEvent> {
         match ev {
             RelayEvent::Timeout { relay } => {
                 let call = self.owners.remove(&relay)?;
@@ -293,11 +293,13 @@ impl MediaBackend for RelayMedia {
 }
 
 /// A fake stream: its ports and the remote announced by each side (A, B).
-pub type FakeStream = (StreamPorts, [Option<SocketAddr>; 2]);
+#[cfg(test)]
+pub(crate) type FakeStream = (StreamPorts, [Option<SocketAddr>; 2]);
 
 /// In-memory stand-in for engine tests: hands out fake port numbers, records remotes.
+#[cfg(test)]
 #[derive(Debug, Default)]
-pub struct FakeMedia {
+pub(crate) struct FakeMedia {
     next_port: u16,
     pub capacity: usize,
     pub streams: HashMap<CallKey, Vec<FakeStream>>,
@@ -307,8 +309,9 @@ pub struct FakeMedia {
     pub feature_code: String,
 }
 
+#[cfg(test)]
 impl FakeMedia {
-    pub fn new(capacity: usize) -> FakeMedia {
+    pub(crate) fn new(capacity: usize) -> FakeMedia {
         FakeMedia {
             next_port: 40000,
             capacity,
@@ -319,7 +322,7 @@ impl FakeMedia {
         }
     }
 
-    pub fn remote(&self, call: CallKey, stream: usize, side: Side) -> Option<SocketAddr> {
+    pub(crate) fn remote(&self, call: CallKey, stream: usize, side: Side) -> Option<SocketAddr> {
         let s = self.streams.get(&call)?.get(stream)?;
         s.1[match side {
             Side::A => 0,
@@ -328,6 +331,7 @@ impl FakeMedia {
     }
 }
 
+#[cfg(test)]
 impl MediaBackend for FakeMedia {
     fn add_stream(&mut self, call: CallKey) -> Result<StreamPorts, MediaError> {
         let used: usize = self.streams.values().map(Vec::len).sum();

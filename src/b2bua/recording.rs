@@ -34,15 +34,15 @@ use crate::storage::stores::{
 use crate::storage::threshold::{Resolved, Threshold};
 
 /// Used when the answer's codec cannot be read.
-pub const DEFAULT_FORMAT: (&str, u8) = ("PCMU/8000", 0);
+pub(crate) const DEFAULT_FORMAT: (&str, u8) = ("PCMU/8000", 0);
 /// How long a recording store id may wait for its session (it starts at once).
 const STORE_TTL: Duration = Duration::from_secs(60);
 /// A recording's batch is handed to the log writer this long after its first packet at most,
 /// and the writer thread writes every log once per [`LOG_TICK`]: a recording is readable live
 /// about a second behind. Longer than an in-call store's 20 ms: nobody waits on a
 /// recording's threshold, and thousands of recorded directions share one writer thread.
-pub const RECORD_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
-pub const LOG_TICK: Duration = Duration::from_millis(250);
+pub(crate) const RECORD_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const LOG_TICK: Duration = Duration::from_millis(250);
 
 /// Log settings of a recording: synced at segment ends and at the end of the call, not at
 /// every commit (see [`Durability::AtSegmentEnd`]).
@@ -60,7 +60,7 @@ fn record_log_options() -> (SegmentOptions, PipelineOptions) {
 }
 
 #[derive(Debug, Error)]
-pub enum RecordingError {
+pub(crate) enum RecordingError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("store log: {0}")]
@@ -69,7 +69,7 @@ pub enum RecordingError {
 
 /// Sent by recording tasks to the core.
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// The logs of a call are open: hand them to the call's relay.
     Attach { call: CallKey, sinks: RecordSinks },
 }
@@ -93,12 +93,12 @@ struct Ctx {
 }
 
 /// The recording side of the core; exists only when `record_calls` is on.
-pub struct RecordingService {
+pub(crate) struct RecordingService {
     ctx: Ctx,
 }
 
 impl RecordingService {
-    pub fn new(
+    pub(crate) fn new(
         data_dir: PathBuf,
         accounts: Accounts,
         stores: Stores,
@@ -119,7 +119,7 @@ impl RecordingService {
     }
 
     /// Starts recording a call when it is answered.
-    pub fn on_event<M: MediaBackend>(&mut self, engine: &Engine<M>, ev: &EngineEvent) {
+    pub(crate) fn on_event<M: MediaBackend>(&mut self, engine: &Engine<M>, ev: &EngineEvent) {
         let EngineEvent::CallAnswered(call) = ev else {
             return;
         };
@@ -139,12 +139,12 @@ impl RecordingService {
     }
 
     /// A clean shutdown: every recording in progress ends `truncated` when its call is hung up.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let _ = self.ctx.stop.send(true);
     }
 
     /// Applies a command to the relays.
-    pub fn apply(&mut self, media: &mut RelayMedia, cmd: Command) {
+    pub(crate) fn apply(&mut self, media: &mut RelayMedia, cmd: Command) {
         match cmd {
             Command::Attach { call, sinks } => {
                 if !media.record(call, sinks, self.ctx.counters.clone()) {

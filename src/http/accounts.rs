@@ -11,7 +11,7 @@ use super::errors::ApiError;
 use super::HttpState;
 use crate::storage::AccountView;
 
-pub async fn get_account(
+pub(crate) async fn get_account(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     method: Method,

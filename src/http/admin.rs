@@ -119,7 +119,7 @@ pub(crate) async fn require_admin(
 
 /// One call of `GET /v1/calls` (PROTOCOL 8).
 #[derive(Debug, Clone, Serialize)]
-pub struct CallView {
+pub(crate) struct CallView {
     pub id: String,
     pub state: &'static str,
     pub from: String,
@@ -132,13 +132,13 @@ pub struct CallView {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Legs {
+pub(crate) struct Legs {
     pub a: LegView,
     pub b: LegView,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct LegView {
+pub(crate) struct LegView {
     pub call_id: String,
     /// `transport:address` of the leg's SIP peer.
     pub remote: String,
@@ -146,7 +146,7 @@ pub struct LegView {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RtpView {
+pub(crate) struct RtpView {
     pub local_port: u16,
     pub remote: Option<String>,
     pub packets_in: u64,
@@ -167,7 +167,7 @@ fn leg_view(l: &LegSnapshot) -> LegView {
 }
 
 /// The listing JSON of one call (also the payload of `call` events).
-pub fn call_view(c: &CallSnapshot, record_calls: bool, stores: Vec<String>) -> CallView {
+pub(crate) fn call_view(c: &CallSnapshot, record_calls: bool, stores: Vec<String>) -> CallView {
     CallView {
         id: c.id.to_string(),
         state: if c.up { "up" } else { "ringing" },
@@ -228,7 +228,7 @@ pub(crate) async fn visible_calls(
         .collect())
 }
 
-pub async fn list_calls(
+pub(crate) async fn list_calls(
     State(state): State<Arc<HttpState>>,
     method: Method,
     uri: Uri,
@@ -238,7 +238,7 @@ pub async fn list_calls(
     Ok(Json(visible_calls(&state, &who).await?))
 }
 
-pub async fn delete_call(
+pub(crate) async fn delete_call(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,
@@ -264,7 +264,7 @@ pub async fn delete_call(
 
 /// One binding of `GET /v1/registrations`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RegistrationView {
+pub(crate) struct RegistrationView {
     pub aor: String,
     pub contact: String,
     pub source: String,
@@ -274,7 +274,7 @@ pub struct RegistrationView {
     pub user_agent: Option<String>,
 }
 
-pub fn registration_view(r: &RegistrationSnapshot) -> RegistrationView {
+pub(crate) fn registration_view(r: &RegistrationSnapshot) -> RegistrationView {
     RegistrationView {
         aor: format!("sip:{}", r.aor),
         contact: r.contact.clone(),
@@ -298,7 +298,7 @@ pub(crate) async fn visible_registrations(
     Ok(regs.iter().map(registration_view).collect())
 }
 
-pub async fn list_registrations(
+pub(crate) async fn list_registrations(
     State(state): State<Arc<HttpState>>,
     method: Method,
     uri: Uri,
@@ -329,14 +329,14 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 /// Body of `POST /v1/accounts`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewAccount {
+pub(crate) struct NewAccount {
     user: String,
     password: String,
     pin: String,
     quota_bytes: u64,
 }
 
-pub async fn post_account(
+pub(crate) async fn post_account(
     State(state): State<Arc<HttpState>>,
     method: Method,
     uri: Uri,
@@ -358,7 +358,7 @@ pub async fn post_account(
 /// take `null` or `"default"` to go back to the server's setting.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AccountPatch {
+pub(crate) struct AccountPatch {
     password: Option<String>,
     pin: Option<String>,
     quota_bytes: Option<u64>,
@@ -378,7 +378,7 @@ fn or_default(v: Option<String>) -> Option<String> {
     v.filter(|s| s != "default")
 }
 
-pub async fn patch_account(
+pub(crate) async fn patch_account(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,
@@ -440,7 +440,7 @@ pub async fn patch_account(
     Ok(Json(account.view()))
 }
 
-pub async fn delete_account(
+pub(crate) async fn delete_account(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,
@@ -461,7 +461,7 @@ pub async fn delete_account(
 /// session.
 const END_STORE_WAIT: Duration = Duration::from_secs(5);
 
-pub async fn delete_store(
+pub(crate) async fn delete_store(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,

@@ -30,7 +30,7 @@ use crate::metrics::{AuthProto, DEFENCE};
 use crate::sip::auth::{hmac_sha256, Credentials, Verdict};
 
 /// How long a right Basic password is remembered (no Argon2 for repeated requests).
-pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
+pub(crate) const VERIFIED_TTL: Duration = Duration::from_secs(60);
 /// Remembered Basic successes at most.
 const VERIFIED_CAPACITY: usize = 4096;
 
@@ -99,7 +99,7 @@ impl std::fmt::Debug for AuthLimits {
 
 /// An authenticated caller.
 #[derive(Clone, PartialEq, Eq)]
-pub enum Caller {
+pub(crate) enum Caller {
     /// `Authorization: Bearer <admin_token>`.
     Admin,
     /// An account, proven by Basic or Digest.
@@ -121,13 +121,13 @@ impl std::fmt::Debug for Caller {
 }
 
 /// `sip:<user>@<realm>`, an account's AOR.
-pub fn aor_of(user: &str, realm: &str) -> String {
+pub(crate) fn aor_of(user: &str, realm: &str) -> String {
     format!("sip:{user}@{realm}")
 }
 
 /// Does the stored party `aor` (e.g. `sip:1001@example.com`, maybe `<...>`-wrapped or with
 /// parameters) name `user` at `realm`? User part exact, host case-insensitive.
-pub fn is_party(aor: &str, user: &str, realm: &str) -> bool {
+pub(crate) fn is_party(aor: &str, user: &str, realm: &str) -> bool {
     let s = aor.trim().trim_start_matches('<').trim_end_matches('>');
     let rest = s
         .strip_prefix("sip:")
@@ -150,7 +150,7 @@ fn now_secs() -> u64 {
 
 /// The `WWW-Authenticate` values of a 401: one Digest per offered algorithm (in order), then
 /// Basic.
-pub fn challenges(state: &HttpState, stale: bool) -> Vec<String> {
+pub(crate) fn challenges(state: &HttpState, stale: bool) -> Vec<String> {
     let now = now_secs();
     let v = state.digest.lock().unwrap_or_else(|e| e.into_inner());
     let mut out: Vec<String> = v
@@ -167,7 +167,7 @@ pub fn challenges(state: &HttpState, stale: bool) -> Vec<String> {
 }
 
 /// `401 unauthorized` with fresh challenges.
-pub fn unauthorized(state: &HttpState, detail: &str) -> ApiError {
+pub(crate) fn unauthorized(state: &HttpState, detail: &str) -> ApiError {
     ApiError::unauthorized(detail).with_challenges(challenges(state, false))
 }
 
@@ -185,7 +185,7 @@ fn token_from_query(uri: &Uri) -> Option<String> {
 
 /// Authenticates the request. `Ok(None)`: no credentials at all (the handler answers 401
 /// or lets a public resource through). Credentials that are present but wrong are a 401 here.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     state: &HttpState,
     method: &Method,
     uri: &Uri,

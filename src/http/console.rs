@@ -24,10 +24,10 @@ fn headers(content_type: &'static str) -> [(HeaderName, &'static str); 3] {
     ]
 }
 
-pub async fn page() -> impl IntoResponse {
+pub(crate) async fn page() -> impl IntoResponse {
     (headers("text/html; charset=utf-8"), INDEX)
 }
 
-pub async fn script() -> impl IntoResponse {
+pub(crate) async fn script() -> impl IntoResponse {
     (headers("text/javascript; charset=utf-8"), SCRIPT)
 }

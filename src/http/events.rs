@@ -33,12 +33,12 @@ use super::HttpState;
 use crate::storage::stores::{rfc3339, ListFilter, Store, StoreState};
 
 /// How often a connection looks for changes.
-pub const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 
 /// One event: its name and JSON data.
 type Out = (&'static str, Value);
 
-pub async fn events(
+pub(crate) async fn events(
     State(state): State<Arc<HttpState>>,
     method: Method,
     uri: Uri,
@@ -146,7 +146,7 @@ async fn changes(state: &HttpState, seen: &mut Seen) -> Result<Vec<Out>, ApiErro
 
 /// A store's metadata (PROTOCOL 2.5) plus `ready`; while it is written, `received_bytes`
 /// comes from the writer's committed tail when that is further along than the database.
-pub fn store_event(state: &HttpState, s: &Store) -> Value {
+pub(crate) fn store_event(state: &HttpState, s: &Store) -> Value {
     let mut v = serde_json::to_value(s.view()).unwrap_or(Value::Null);
     if let Some(tail) = state.live.get(&s.id) {
         let live = tail.borrow().payload_bytes;

@@ -20,7 +20,7 @@ use crate::storage::segments::RecordHeader;
 
 /// `?format=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MediaFormat {
+pub(crate) enum MediaFormat {
     Raw,
     Wav,
     Pcap,
@@ -39,7 +39,7 @@ impl FromStr for MediaFormat {
 }
 
 impl MediaFormat {
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             MediaFormat::Raw => "application/octet-stream",
             MediaFormat::Wav => "audio/wav",
@@ -47,7 +47,7 @@ impl MediaFormat {
         }
     }
 
-    pub fn extension(self) -> &'static str {
+    pub(crate) fn extension(self) -> &'static str {
         match self {
             MediaFormat::Raw => "raw",
             MediaFormat::Wav => "wav",
@@ -56,14 +56,14 @@ impl MediaFormat {
     }
 }
 
-pub const WAVE_FORMAT_ALAW: u16 = 6;
-pub const WAVE_FORMAT_MULAW: u16 = 7;
-pub const WAV_HEADER_LEN: usize = 58;
+pub(crate) const WAVE_FORMAT_ALAW: u16 = 6;
+pub(crate) const WAVE_FORMAT_MULAW: u16 = 7;
+pub(crate) const WAV_HEADER_LEN: usize = 58;
 /// Size fields of a WAV whose length is not known yet.
-pub const WAV_UNKNOWN_SIZE: u32 = 0xFFFF_FFFF;
+pub(crate) const WAV_UNKNOWN_SIZE: u32 = 0xFFFF_FFFF;
 
 /// The WAV format tag for a store format like `PCMU/8000` (G.711 only).
-pub fn g711_format_tag(format: &str) -> Option<u16> {
+pub(crate) fn g711_format_tag(format: &str) -> Option<u16> {
     let mut parts = format.split('/');
     let name = parts.next()?;
     let rate = parts.next().unwrap_or("8000");
@@ -80,7 +80,7 @@ pub fn g711_format_tag(format: &str) -> Option<u16> {
 }
 
 /// The 58-byte header; `data_len` None = unknown (live store).
-pub fn wav_header(format_tag: u16, data_len: Option<u64>) -> [u8; WAV_HEADER_LEN] {
+pub(crate) fn wav_header(format_tag: u16, data_len: Option<u64>) -> [u8; WAV_HEADER_LEN] {
     // Header bytes counted by the RIFF size: "WAVE" + fmt (8+18) + fact (8+4) + data (8).
     const RIFF_OVERHEAD: u64 = 4 + 26 + 12 + 8;
     let known = data_len.filter(|n| *n <= u64::from(u32::MAX) - RIFF_OVERHEAD);
@@ -128,19 +128,19 @@ impl Writer<'_> {
     }
 }
 
-pub const LINKTYPE_RAW: u32 = 101;
+pub(crate) const LINKTYPE_RAW: u32 = 101;
 const PCAP_SNAPLEN: u32 = 65_535;
 const IP_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
 const RTP_HEADER: usize = 12;
 /// Largest payload that fits one IPv4 packet with these headers.
-pub const PCAP_MAX_PAYLOAD: usize = 65_535 - IP_HEADER - UDP_HEADER - RTP_HEADER;
+pub(crate) const PCAP_MAX_PAYLOAD: usize = 65_535 - IP_HEADER - UDP_HEADER - RTP_HEADER;
 const SRC: [u8; 4] = [192, 0, 2, 1];
 const DST: [u8; 4] = [192, 0, 2, 2];
 const PORT: u16 = 5004;
 
 /// The 24-byte pcap global header.
-pub fn pcap_global_header() -> [u8; 24] {
+pub(crate) fn pcap_global_header() -> [u8; 24] {
     let mut h = [0u8; 24];
     h[0..4].copy_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
     h[4..6].copy_from_slice(&2u16.to_le_bytes());
@@ -164,7 +164,7 @@ fn ip_checksum(h: &[u8]) -> u16 {
 
 /// Appends one pcap record (IPv4/UDP/RTP) for a stored record. `ip_id` numbers the packets.
 /// A payload too large for one IPv4 packet is cut to [`PCAP_MAX_PAYLOAD`].
-pub fn pcap_packet(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8], ip_id: u16) {
+pub(crate) fn pcap_packet(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8], ip_id: u16) {
     let payload = &payload[..payload.len().min(PCAP_MAX_PAYLOAD)];
     let mut rtp = [0u8; RTP_HEADER];
     rtp[0] = 0x80;
@@ -183,7 +183,7 @@ pub fn pcap_packet(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8], ip_id: u
 }
 
 /// Microseconds since the Unix epoch (0 before it), the pcap clock.
-pub fn unix_us(t: std::time::SystemTime) -> u64 {
+pub(crate) fn unix_us(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
@@ -196,7 +196,7 @@ const SIP_PORT: u16 = 5060;
 /// use, timestamped just before the media at `start_us`. Wireshark and tshark set up the
 /// RTP conversation from that SDP, so the capture reads as RTP without "Decode As".
 /// `format` is the store's `ENCODING/RATE` (e.g. `PCMU/8000`), `pt` its payload type.
-pub fn pcap_preamble(
+pub(crate) fn pcap_preamble(
     store_id: &str,
     format: Option<&str>,
     pt: Option<u8>,

@@ -246,7 +246,7 @@ fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
 }
 
 /// `PUT /v1/shares/{user}/{name}[?policy=public|subscribers|AOR,AOR]`.
-pub async fn put_share(
+pub(crate) async fn put_share(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: QueryArg,
@@ -283,7 +283,7 @@ pub async fn put_share(
 }
 
 /// `GET /v1/shares/{user}/{name}` (metadata) or `GET /v1/shares/{content_id}/manifest`.
-pub async fn get_share_or_manifest(
+pub(crate) async fn get_share_or_manifest(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     method: Method,
@@ -324,7 +324,7 @@ pub async fn get_share_or_manifest(
 }
 
 /// `GET /v1/shares/{user}`: what the caller may fetch of `user`'s shares, by name.
-pub async fn list_shares(
+pub(crate) async fn list_shares(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,
@@ -349,7 +349,7 @@ pub async fn list_shares(
 }
 
 /// `DELETE /v1/shares/{user}/{name}`.
-pub async fn delete_share(
+pub(crate) async fn delete_share(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     method: Method,
@@ -458,7 +458,7 @@ fn octet_response(
 }
 
 /// `GET /v1/pieces/{content_id}/{n}`.
-pub async fn get_piece(
+pub(crate) async fn get_piece(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     method: Method,
@@ -481,7 +481,7 @@ pub async fn get_piece(
 
 /// What a `Range` header asks of a `size`-byte body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeAsk {
+pub(crate) enum RangeAsk {
     /// No (usable) Range: the whole body, `200`.
     Whole,
     /// `206` with `(first, last)` inclusive.
@@ -492,7 +492,7 @@ pub enum RangeAsk {
 
 /// Single ranges only (`bytes=a-b`, `a-`, `-n`); a multi-range or malformed header is
 /// ignored (RFC 9110 14.2 lets a server serve the whole representation instead).
-pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
+pub(crate) fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
     let Some(h) = header else {
         return RangeAsk::Whole;
     };
@@ -541,7 +541,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
 }
 
 /// `GET /v1/content/{content_id}` with HTTP Range.
-pub async fn get_content(
+pub(crate) async fn get_content(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,
@@ -593,7 +593,7 @@ fn rfc8187_value(s: &str) -> String {
 
 /// One holder in the index JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HolderView {
+pub(crate) struct HolderView {
     pub peer_id: String,
     pub address: String,
     pub have: String,
@@ -604,7 +604,7 @@ pub struct HolderView {
 
 /// The index JSON (`GET index_url`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct IndexView {
+pub(crate) struct IndexView {
     pub content_id: String,
     pub pieces: u64,
     pub holders: Vec<HolderView>,
@@ -682,7 +682,7 @@ fn index_redirect(state: &HttpState, uri: &Uri) -> Option<Response> {
 }
 
 /// `GET /v1/index/{content_id}`.
-pub async fn get_index(
+pub(crate) async fn get_index(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,
@@ -709,7 +709,7 @@ struct Announce {
 
 /// `POST /v1/index/{content_id}/announce {"peer_id","address","have"[,"class"]}`; answers
 /// the index.
-pub async fn post_announce(
+pub(crate) async fn post_announce(
     State(state): State<Arc<HttpState>>,
     path: Result<Path<String>, PathRejection>,
     method: Method,

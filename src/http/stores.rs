@@ -39,10 +39,10 @@ use crate::storage::segments::{RecordHeader, SegmentError, SegmentReader, TailSt
 use crate::storage::stores::{store_dir, ListFilter, Party, Store, StoreState, StoreView};
 
 /// How often a `receiving` store without a registered writer is polled.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// A polled `receiving` store that grows no further for this long ends the download (its
 /// writer is gone; start-up recovery will settle it).
-pub const POLL_IDLE_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const POLL_IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// Largest body chunk handed to the HTTP layer at once.
 const MAX_CHUNK: usize = 64 * 1024;
 
@@ -128,7 +128,7 @@ fn check_access(
 }
 
 /// `GET /v1/stores/{id}`.
-pub async fn get_store(
+pub(crate) async fn get_store(
     State(state): State<Arc<HttpState>>,
     path: PathArg,
     method: Method,
@@ -143,7 +143,7 @@ pub async fn get_store(
 }
 
 /// `GET /v1/stores[?state=..][&limit=N]`, newest first.
-pub async fn list_stores(
+pub(crate) async fn list_stores(
     State(state): State<Arc<HttpState>>,
     query: QueryArg,
     method: Method,
@@ -245,7 +245,7 @@ fn readiness(state: &HttpState, store: &Store, format: MediaFormat) -> Result<Re
 }
 
 /// `GET /v1/stores/{id}/media?format=raw|wav|pcap`.
-pub async fn get_media(
+pub(crate) async fn get_media(
     State(state): State<Arc<HttpState>>,
     path: PathArg,
     query: QueryArg,

@@ -16,6 +16,8 @@ use crate::storage::stores::{store_dir, NewStore, StartSession, Store, StoreKind
 use crate::storage::threshold::Threshold;
 
 // The integration tests' HTTP client: a self-contained file (nothing else of tests/common).
+// Its items are `pub` for the integration tests that include it too.
+#[allow(unreachable_pub)]
 #[path = "../../tests/common/http.rs"]
 mod http_client;
 use http_client::{basic, get, parse, request, send_raw, Resp};

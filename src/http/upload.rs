@@ -49,7 +49,7 @@ use crate::storage::stores::{store_dir, StartSession, Store};
 use crate::storage::threshold::Threshold;
 
 /// Payload type of uploads that are not G.711 (a dynamic one; only pcap shows it).
-pub const UPLOAD_PAYLOAD_TYPE: u8 = 96;
+pub(crate) const UPLOAD_PAYLOAD_TYPE: u8 = 96;
 
 fn content_length(headers: &HeaderMap) -> Result<u64, ApiError> {
     let Some(v) = headers.get(CONTENT_LENGTH) else {
@@ -110,7 +110,7 @@ fn check_sender(state: &HttpState, caller: &Caller, store: &Store) -> Result<(),
 }
 
 /// `PUT /v1/stores/{id}/data` (the prompt's `upload_url`).
-pub async fn put_data(
+pub(crate) async fn put_data(
     State(state): State<Arc<HttpState>>,
     path: PathArg,
     method: Method,

@@ -9,12 +9,12 @@
 use std::time::{Duration, Instant};
 
 /// Held digits with no further digit for this long are released to the other party.
-pub const HOLD_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const HOLD_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest PIN accepted by the feature code (matches the account PIN limit).
 const MAX_PIN: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Not part of a feature code: relay it.
     Forward,
     /// Held back until the code is decided.
@@ -27,7 +27,7 @@ pub enum Decision {
 }
 
 #[derive(Debug, Clone)]
-pub struct FeatureCode {
+pub(crate) struct FeatureCode {
     code: Vec<char>,
     held: Vec<char>,
     last: Option<Instant>,
@@ -35,7 +35,7 @@ pub struct FeatureCode {
 
 impl FeatureCode {
     /// `code` is `store.feature_code`, e.g. `*7`. An empty code disables detection.
-    pub fn new(code: &str) -> FeatureCode {
+    pub(crate) fn new(code: &str) -> FeatureCode {
         FeatureCode {
             code: code.chars().collect(),
             held: Vec::new(),
@@ -43,11 +43,11 @@ impl FeatureCode {
         }
     }
 
-    pub fn is_holding(&self) -> bool {
+    pub(crate) fn is_holding(&self) -> bool {
         !self.held.is_empty()
     }
 
-    pub fn on_digit(&mut self, digit: char, now: Instant) -> Decision {
+    pub(crate) fn on_digit(&mut self, digit: char, now: Instant) -> Decision {
         if self.code.is_empty() {
             return Decision::Forward;
         }
@@ -87,12 +87,12 @@ impl FeatureCode {
         Decision::Release(std::mem::take(&mut self.held))
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.last.map(|t| t + HOLD_TIMEOUT)
     }
 
     /// Releases the held digits when they have waited too long.
-    pub fn handle_timeout(&mut self, now: Instant) -> Option<Vec<char>> {
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> Option<Vec<char>> {
         match self.poll_timeout() {
             Some(t) if t <= now && !self.held.is_empty() => match self.release() {
                 Decision::Release(d) => Some(d),

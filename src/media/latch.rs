@@ -154,7 +154,7 @@ impl Refusal {
 
 /// The policy's answer for one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// From the latched source: take it.
     Accept,
     /// Take it; the source is now latched (first datagram, or first after new signalling).
@@ -164,21 +164,21 @@ pub enum Decision {
 
 impl Decision {
     #[inline]
-    pub fn is_ok(self) -> bool {
+    pub(crate) fn is_ok(self) -> bool {
         !matches!(self, Decision::Refuse(_))
     }
 }
 
 /// The latch state of one port (or one side of a relay).
 #[derive(Debug, Clone, Copy)]
-pub struct Latch {
+pub(crate) struct Latch {
     expect: Expect,
     latched: Option<SocketAddr>,
     ssrc: Option<u32>,
 }
 
 impl Latch {
-    pub fn new(expect: Expect) -> Latch {
+    pub(crate) fn new(expect: Expect) -> Latch {
         Latch {
             expect,
             latched: None,
@@ -187,34 +187,36 @@ impl Latch {
     }
 
     /// New signalling (re-INVITE, SDP answer): the new expectation, latching re-opened.
-    pub fn expect(&mut self, expect: Expect) {
+    pub(crate) fn expect(&mut self, expect: Expect) {
         *self = Latch::new(expect);
     }
 
     /// New payload types without new addressing (the other side's SDP arrived): the latch stays.
-    pub fn set_pts(&mut self, pts: PtSet) {
+    pub(crate) fn set_pts(&mut self, pts: PtSet) {
         self.expect.pts = pts;
     }
 
     /// Where this party's media should go: the latched source, else the SDP address.
     #[inline]
-    pub fn target(&self) -> Option<SocketAddr> {
+    pub(crate) fn target(&self) -> Option<SocketAddr> {
         self.latched.or(self.expect.addr)
     }
 
-    pub fn latched(&self) -> Option<SocketAddr> {
+    #[cfg(test)]
+    pub(crate) fn latched(&self) -> Option<SocketAddr> {
         self.latched
     }
 
     /// The SSRC of the latched stream, once an RTP packet was taken.
-    pub fn ssrc(&self) -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn ssrc(&self) -> Option<u32> {
         self.ssrc
     }
 
     /// The decision for one datagram of `pkt` bytes from `src` on the RTP port. The latched
     /// source's datagrams are taken without parsing (the fast path of a running stream).
     #[inline]
-    pub fn on_rtp(&mut self, src: SocketAddr, pkt: &[u8]) -> Decision {
+    pub(crate) fn on_rtp(&mut self, src: SocketAddr, pkt: &[u8]) -> Decision {
         if self.latched == Some(src) {
             self.note_ssrc(pkt);
             return Decision::Accept;
@@ -258,7 +260,7 @@ impl Latch {
     /// RTCP follows RTP: taken from the host RTP is latched to (any port: RTCP may come from
     /// another NAT binding), or before that from the SDP host in strict mode.
     #[inline]
-    pub fn rtcp_ok(&self, src: SocketAddr) -> bool {
+    pub(crate) fn rtcp_ok(&self, src: SocketAddr) -> bool {
         match (self.latched, self.expect.addr) {
             (Some(l), _) => l.ip() == src.ip(),
             (None, Some(a)) if !self.expect.nat => a.ip() == src.ip(),
@@ -269,20 +271,21 @@ impl Latch {
 
 /// Refusals not yet published, kept on the packet path's stack.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct RefusedCounts([u64; 3]);
+pub(crate) struct RefusedCounts([u64; 3]);
 
 impl RefusedCounts {
     #[inline]
-    pub fn count(&mut self, r: Refusal) {
+    pub(crate) fn count(&mut self, r: Refusal) {
         self.0[r as usize] += 1;
     }
 
-    pub fn total(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> u64 {
         self.0.iter().sum()
     }
 
     /// Adds the counts to `/metrics` and zeroes them.
-    pub fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         for r in Refusal::ALL {
             let n = std::mem::take(&mut self.0[r as usize]);
             if n > 0 {

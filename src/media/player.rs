@@ -67,7 +67,7 @@ use crate::storage::segments::{RecordHeader, SegmentReader, MAX_PAYLOAD};
 
 /// How one play session sends.
 #[derive(Debug, Clone)]
-pub struct PlayerConfig {
+pub(crate) struct PlayerConfig {
     /// Our SSRC; if it happens to equal the stored stream's, it is inverted.
     pub ssrc: u32,
     /// The store's media payload type (the play SDP offers the same number).
@@ -94,7 +94,7 @@ pub struct PlayerConfig {
 
 impl PlayerConfig {
     /// Random SSRC, first sequence number and timestamp; starts now.
-    pub fn new(payload_type: u8, clock_rate: u32) -> PlayerConfig {
+    pub(crate) fn new(payload_type: u8, clock_rate: u32) -> PlayerConfig {
         PlayerConfig {
             ssrc: rand::random(),
             payload_type,
@@ -113,16 +113,16 @@ impl PlayerConfig {
 
 /// Identifies a player in [`PlayerEvent`]s when several share one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PlayerId(pub u64);
+pub(crate) struct PlayerId(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlayerEvent {
+pub(crate) struct PlayerEvent {
     pub player: PlayerId,
     pub kind: PlayerEventKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PlayerEventKind {
+pub(crate) enum PlayerEventKind {
     /// The first packet went out, this long after `start` (`callvault_play_start_seconds`).
     Started { first_packet_after: Duration },
     /// The store is finished and every record was sent: the caller sends BYE. `bytes` is
@@ -138,7 +138,7 @@ pub enum PlayerEventKind {
 
 /// A session's outcome, returned by [`PlayerHandle::stop`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PlayerTotals {
+pub(crate) struct PlayerTotals {
     pub packets: u64,
     /// Payload bytes sent.
     pub bytes: u64,
@@ -154,44 +154,20 @@ pub struct PlayerTotals {
 }
 
 enum Control {
-    SetTarget(SocketAddr),
     Stop,
 }
 
 /// Controls a running player. Dropping it stops the player.
 #[derive(Debug)]
-pub struct PlayerHandle {
-    id: PlayerId,
+pub(crate) struct PlayerHandle {
     ctrl: mpsc::UnboundedSender<Control>,
     task: JoinHandle<PlayerTotals>,
-    rtp_port: u16,
 }
 
 impl PlayerHandle {
-    pub fn id(&self) -> PlayerId {
-        self.id
-    }
-
-    /// Our RTP port (what goes into the play SDP).
-    pub fn local_rtp_port(&self) -> u16 {
-        self.rtp_port
-    }
-
-    /// A new SDP address for the receiver (re-INVITE); re-opens latching.
-    pub fn set_target(&self, addr: SocketAddr) {
-        // A send error only means the task already ended.
-        let _ = self.ctrl.send(Control::SetTarget(addr));
-    }
-
-    /// True once the task has ended: stopped, or the handle dropped. After Done or Failed the
-    /// task keeps the port (draining the receiver's packets) until then.
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
-
     /// Stops sending (BYE from the receiver, or after Done) and returns the totals once the
     /// task has ended and its ports are free.
-    pub async fn stop(self) -> PlayerTotals {
+    pub(crate) async fn stop(self) -> PlayerTotals {
         let _ = self.ctrl.send(Control::Stop);
         match self.task.await {
             Ok(t) => t,
@@ -204,12 +180,12 @@ impl PlayerHandle {
 }
 
 /// Entry point; see the module doc.
-pub struct Player;
+pub(crate) struct Player;
 
 impl Player {
     /// Spawns the play task (inside a tokio runtime). `reader` starts at offset 0 with the
     /// store's live tail watch (or none for a store finished earlier).
-    pub fn start(
+    pub(crate) fn start(
         socket: PortPair,
         reader: SegmentReader,
         target: SocketAddr,
@@ -219,14 +195,8 @@ impl Player {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = PlayerId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
-        let rtp_port = socket.rtp_port;
         let task = tokio::spawn(run(id, socket, reader, target, config, events, ctrl_rx));
-        PlayerHandle {
-            id,
-            ctrl,
-            task,
-            rtp_port,
-        }
+        PlayerHandle { ctrl, task }
     }
 }
 
@@ -364,7 +334,6 @@ impl Io<'_> {
                 // Receiver reports are not acted upon; drained so they cannot pile up.
                 _ = self.pair.rtcp.recv_from(&mut self.rtcp_buf) => {}
                 c = self.ctrl.recv() => match c {
-                    Some(Control::SetTarget(a)) => self.target.set(a),
                     Some(Control::Stop) | None => return None,
                 },
             }

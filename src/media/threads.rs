@@ -15,7 +15,7 @@ use tokio::runtime::{Builder, Handle};
 
 /// The pool of media threads; cheap to share behind an `Arc`.
 #[derive(Debug)]
-pub struct MediaThreads {
+pub(crate) struct MediaThreads {
     handles: Vec<Handle>,
     next: AtomicUsize,
 }
@@ -23,7 +23,7 @@ pub struct MediaThreads {
 impl MediaThreads {
     /// Starts `count` media threads (0: one per available core) at nice value `nice`. They
     /// run until the process exits.
-    pub fn start(count: usize, nice: i32) -> io::Result<MediaThreads> {
+    pub(crate) fn start(count: usize, nice: i32) -> io::Result<MediaThreads> {
         let count = if count == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -54,17 +54,14 @@ impl MediaThreads {
     }
 
     /// The thread for the next relay (round-robin).
-    pub fn pick(&self) -> Handle {
+    pub(crate) fn pick(&self) -> Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.handles[i].clone()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 }
 

@@ -201,8 +201,8 @@ impl FetchReport {
             peer_id: o.peer_id.clone(),
             address: addr.to_string(),
             elapsed_secs: el.as_secs_f64(),
-            from_server: t.from_server(),
-            from_peers: t.from_peers(),
+            from_server: t.server_bytes(),
+            from_peers: t.peer_bytes(),
             by_source: t.by_source.clone(),
             hash_mismatches: t.hash_mismatches,
             failures: t.failures,
@@ -658,8 +658,8 @@ pub async fn fetch(
         pieces: n,
         bytes_done: s.bytes_done(),
         bytes: m.size,
-        from_server: s.tally().from_server(),
-        from_peers: s.tally().from_peers(),
+        from_server: s.tally().server_bytes(),
+        from_peers: s.tally().peer_bytes(),
         elapsed: started.elapsed(),
     };
 

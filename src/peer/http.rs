@@ -22,7 +22,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::PeerError;
 
-pub use url::Url;
+pub(crate) use url::Url;
 
 /// Idle connections kept per host.
 const MAX_IDLE_PER_HOST: usize = 8;
@@ -34,7 +34,7 @@ const FILE_FRAME: usize = 256 * 1024;
 type ReqBody = BoxBody<Bytes, std::io::Error>;
 
 /// Parses an `http://` or `https://` URL with a host and no user info.
-pub fn parse_url(s: &str) -> Result<Url, PeerError> {
+pub(crate) fn parse_url(s: &str) -> Result<Url, PeerError> {
     let bad = || PeerError::BadUrl(s.to_string());
     let u = Url::parse(s.trim()).map_err(|_| bad())?;
     let ok = matches!(u.scheme(), "http" | "https")
@@ -45,7 +45,7 @@ pub fn parse_url(s: &str) -> Result<Url, PeerError> {
 }
 
 /// The URL for `path` (with its query, if any) under a base like `http://host:port[/prefix]`.
-pub fn join(base: &str, path: &str) -> Result<Url, PeerError> {
+pub(crate) fn join(base: &str, path: &str) -> Result<Url, PeerError> {
     let mut u = parse_url(base)?;
     let (p, q) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -58,7 +58,7 @@ pub fn join(base: &str, path: &str) -> Result<Url, PeerError> {
 }
 
 /// `host:port` of a URL (the port filled in from the scheme), for messages and logs.
-pub fn authority(u: &Url) -> String {
+pub(crate) fn authority(u: &Url) -> String {
     let host = u.host_str().unwrap_or("");
     match u.port_or_known_default() {
         Some(p) => format!("{host}:{p}"),
@@ -350,7 +350,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// `Authorization: Basic ...`.
-pub fn basic_auth(user: &str, password: &str) -> String {
+pub(crate) fn basic_auth(user: &str, password: &str) -> String {
     use base64::Engine as _;
     format!(
         "Basic {}",

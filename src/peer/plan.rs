@@ -32,9 +32,9 @@ use crate::share::index::{Bitfield, Holder};
 use crate::share::select::{CostModel, Source};
 
 /// Tries per piece before the fetch gives up.
-pub const MAX_ATTEMPTS: u32 = 12;
+pub(crate) const MAX_ATTEMPTS: u32 = 12;
 /// Hash mismatches after which a peer is never asked again.
-pub const BAN_AFTER_MISMATCHES: u32 = 2;
+pub(crate) const BAN_AFTER_MISMATCHES: u32 = 2;
 /// Backoff after a transport failure: doubles per consecutive failure up to the cap.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
@@ -44,7 +44,7 @@ const OTHERS_GRACE_MAX: f64 = 60.0;
 
 /// One piece to fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
+pub(crate) struct Assignment {
     pub piece: usize,
     pub source: Source,
     /// The piece's length in bytes.
@@ -53,7 +53,7 @@ pub struct Assignment {
 
 /// How a fetch went.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Verified and written; timings for the cost model.
     Ok {
         rtt: Duration,
@@ -68,7 +68,7 @@ pub enum Outcome {
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
-pub struct PlanConfig {
+pub(crate) struct PlanConfig {
     /// This agent's peer id: its own index entry is never a source.
     pub self_id: String,
     /// Concurrent fetches.
@@ -88,7 +88,7 @@ pub struct PlanConfig {
 }
 
 impl PlanConfig {
-    pub fn new(self_id: &str, parallel: usize) -> PlanConfig {
+    pub(crate) fn new(self_id: &str, parallel: usize) -> PlanConfig {
         let parallel = parallel.max(1);
         PlanConfig {
             self_id: self_id.to_string(),
@@ -122,7 +122,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// An agent's piece order: deterministic for a seed, unrelated between seeds.
-pub fn piece_order(seed: Option<u64>, pieces: usize) -> Vec<usize> {
+pub(crate) fn piece_order(seed: Option<u64>, pieces: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..pieces).collect();
     if let Some(seed) = seed {
         order.sort_by_key(|&i| (mix(seed ^ mix(i as u64)), i));
@@ -132,18 +132,18 @@ pub fn piece_order(seed: Option<u64>, pieces: usize) -> Vec<usize> {
 
 /// Bytes fetched per source (verified pieces only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub by_source: BTreeMap<String, u64>,
     pub hash_mismatches: u64,
     pub failures: u64,
 }
 
 impl Tally {
-    pub fn from_server(&self) -> u64 {
+    pub(crate) fn server_bytes(&self) -> u64 {
         self.by_source.get("server").copied().unwrap_or(0)
     }
 
-    pub fn from_peers(&self) -> u64 {
+    pub(crate) fn peer_bytes(&self) -> u64 {
         self.by_source
             .iter()
             .filter(|(k, _)| k.as_str() != "server")
@@ -152,7 +152,7 @@ impl Tally {
     }
 }
 
-pub fn source_name(s: &Source) -> &str {
+pub(crate) fn source_name(s: &Source) -> &str {
     match s {
         Source::Server => "server",
         Source::Peer(id) => id,
@@ -167,7 +167,7 @@ pub enum PlanError {
 
 /// The fetch plan of one content.
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     cfg: PlanConfig,
     lens: Vec<u64>,
     order: Vec<usize>,
@@ -188,7 +188,12 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// `lens[i]` is piece i's length; `have` what is already verified (resume).
-    pub fn new(cfg: PlanConfig, lens: Vec<u64>, have: Bitfield, model: CostModel) -> Scheduler {
+    pub(crate) fn new(
+        cfg: PlanConfig,
+        lens: Vec<u64>,
+        have: Bitfield,
+        model: CostModel,
+    ) -> Scheduler {
         let n = lens.len();
         Scheduler {
             order: piece_order(cfg.order_seed, n),
@@ -208,32 +213,33 @@ impl Scheduler {
         }
     }
 
-    pub fn have(&self) -> &Bitfield {
+    pub(crate) fn have(&self) -> &Bitfield {
         &self.have
     }
 
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.have.is_complete()
     }
 
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
-    pub fn tally(&self) -> &Tally {
+    pub(crate) fn tally(&self) -> &Tally {
         &self.tally
     }
 
-    pub fn model(&self) -> &CostModel {
+    pub(crate) fn model(&self) -> &CostModel {
         &self.model
     }
 
-    pub fn is_banned(&self, s: &Source) -> bool {
+    pub(crate) fn is_banned(&self, s: &Source) -> bool {
         self.banned.contains(s)
     }
 
     /// Bytes verified so far.
-    pub fn bytes_done(&self) -> u64 {
+    pub(crate) fn bytes_done(&self) -> u64 {
         (0..self.lens.len())
             .filter(|&i| self.have.get(i))
             .map(|i| self.lens[i])
@@ -250,7 +256,7 @@ impl Scheduler {
 
     /// The next fetch to start, or None (all slots busy, nothing pending, or every useful
     /// source is busy or backing off: ask again after the next outcome or holders change).
-    pub fn next(&mut self, holders: &[Holder], now: Instant) -> Option<Assignment> {
+    pub(crate) fn next(&mut self, holders: &[Holder], now: Instant) -> Option<Assignment> {
         if self.in_flight.len() >= self.cfg.parallel {
             return None;
         }
@@ -379,7 +385,7 @@ impl Scheduler {
     }
 
     /// Records how an assignment went. Err when a piece has used up its attempts.
-    pub fn complete(
+    pub(crate) fn complete(
         &mut self,
         piece: usize,
         source: &Source,
@@ -448,7 +454,7 @@ impl Scheduler {
     }
 
     /// When the soonest backoff ends (for the caller's wait), if any source is backing off.
-    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         self.down_until
             .values()
             .filter(|t| **t > now)
@@ -553,8 +559,8 @@ mod tests {
         let log = run(&mut s, &[], |_, _| ok(1)).unwrap();
         assert_eq!(log.len(), 5);
         assert!(log.iter().all(|(_, src)| *src == Source::Server));
-        assert_eq!(s.tally().from_server(), 5 * P);
-        assert_eq!(s.tally().from_peers(), 0);
+        assert_eq!(s.tally().server_bytes(), 5 * P);
+        assert_eq!(s.tally().peer_bytes(), 0);
         assert_eq!(s.bytes_done(), 5 * P);
     }
 
@@ -579,7 +585,7 @@ mod tests {
         // Unknown peer vs unknown server tie → server first; after that, the peer.
         assert_eq!(log[0].1, Source::Server);
         assert!(log[1..].iter().all(|(_, src)| *src == peer("a")), "{log:?}");
-        assert_eq!(s.tally().from_peers(), 5 * P);
+        assert_eq!(s.tally().peer_bytes(), 5 * P);
     }
 
     #[test]
@@ -598,8 +604,8 @@ mod tests {
         assert_eq!(from_bad, BAN_AFTER_MISMATCHES as usize, "{log:?}");
         assert!(s.is_banned(&peer("bad")));
         assert_eq!(s.tally().hash_mismatches, 2);
-        assert_eq!(s.tally().from_server(), 4 * P);
-        assert_eq!(s.tally().from_peers(), 0);
+        assert_eq!(s.tally().server_bytes(), 4 * P);
+        assert_eq!(s.tally().peer_bytes(), 0);
         // The peer was tried on two different pieces (peer pieces go first), each of which
         // then came from the server.
         assert_eq!(

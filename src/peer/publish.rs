@@ -24,7 +24,7 @@ struct Listed {
 
 /// A file of the folder that is a candidate for sharing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub name: String,
     pub path: PathBuf,
     pub size: u64,
@@ -32,7 +32,7 @@ pub struct Candidate {
 }
 
 /// Regular, non-hidden files with valid share names, sorted by name.
-pub fn scan(folder: &Path) -> Result<Vec<Candidate>, PeerError> {
+pub(crate) fn scan(folder: &Path) -> Result<Vec<Candidate>, PeerError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(folder)? {
         let entry = entry?;
@@ -60,7 +60,7 @@ pub fn scan(folder: &Path) -> Result<Vec<Candidate>, PeerError> {
 }
 
 /// What to upload: not on the server with this size, or changed since `seen`.
-pub fn to_publish(
+pub(crate) fn to_publish(
     files: &[Candidate],
     on_server: &HashMap<String, u64>,
     seen: &HashMap<String, Option<SystemTime>>,
@@ -77,7 +77,7 @@ pub fn to_publish(
 }
 
 /// Percent-encodes a path segment (unreserved characters kept).
-pub fn encode_segment(s: &str) -> String {
+pub(crate) fn encode_segment(s: &str) -> String {
     percent_encode(s, crate::share::manifest::UNRESERVED)
 }
 
@@ -170,7 +170,7 @@ impl Publisher {
 }
 
 /// `callvault peer share`.
-pub async fn run_cli(a: ShareArgs) -> Result<(), PeerError> {
+pub(crate) async fn run_cli(a: ShareArgs) -> Result<(), PeerError> {
     parse_url(&a.server)?;
     if !a.folder.is_dir() {
         return Err(PeerError::Usage(format!(

@@ -106,7 +106,7 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
 
 /// The bitfield answer: one holder as in the index JSON (PROTOCOL 5), plus the piece count.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct BitfieldView {
+pub(crate) struct BitfieldView {
     pub content_id: String,
     pub pieces: usize,
     pub peer_id: String,

@@ -34,8 +34,8 @@ use crate::sip::message::{
     frame_stream, parse, Frame, HeaderAccess, Method, Request, Response, SipMessage,
 };
 
-pub const SHARE_REQUEST: &str = "application/vnd.callvault.share-request+json";
-pub const SHARE_OFFER: &str = "application/vnd.callvault.share-offer+json";
+pub(crate) const SHARE_REQUEST: &str = "application/vnd.callvault.share-request+json";
+pub(crate) const SHARE_OFFER: &str = "application/vnd.callvault.share-offer+json";
 
 /// REGISTER is resent this often until answered (UDP loses datagrams).
 const REG_RETRANSMIT: Duration = Duration::from_millis(500);
@@ -52,7 +52,7 @@ const ANSWER_CACHE: usize = 256;
 
 /// Who this agent is and where it is reached.
 #[derive(Debug, Clone)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub user: String,
     pub domain: String,
     /// The local SIP socket (written into Via and Contact).
@@ -61,13 +61,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn aor(&self) -> String {
+    pub(crate) fn aor(&self) -> String {
         format!("sip:{}@{}", self.user, self.domain)
     }
-    pub fn registrar_uri(&self) -> String {
+    pub(crate) fn registrar_uri(&self) -> String {
         format!("sip:{}", self.domain)
     }
-    pub fn contact(&self) -> String {
+    pub(crate) fn contact(&self) -> String {
         match self.transport {
             SipTransport::Udp => format!("<sip:{}@{}>", self.user, self.local),
             SipTransport::Tcp => format!("<sip:{}@{};transport=tcp>", self.user, self.local),
@@ -83,7 +83,7 @@ impl Identity {
 
 /// One REGISTER: the fields that change between sends.
 #[derive(Debug, Clone)]
-pub struct RegisterParams<'a> {
+pub(crate) struct RegisterParams<'a> {
     pub call_id: &'a str,
     pub from_tag: &'a str,
     pub cseq: u32,
@@ -94,7 +94,7 @@ pub struct RegisterParams<'a> {
 
 /// The REGISTER of `id` (RFC 3261 10.2): same Call-ID and From tag for every refresh,
 /// a new branch and CSeq per request.
-pub fn register_request(id: &Identity, p: &RegisterParams<'_>) -> Request {
+pub(crate) fn register_request(id: &Identity, p: &RegisterParams<'_>) -> Request {
     let aor = id.aor();
     let mut req = Request::new(Method::Register, id.registrar_uri());
     req.headers.push(
@@ -123,7 +123,7 @@ pub fn register_request(id: &Identity, p: &RegisterParams<'_>) -> Request {
 
 /// The lifetime the registrar granted our contact: its `expires` param in the 200's Contact
 /// list, else the Expires header, else what we asked for.
-pub fn granted_expires(resp: &Response, id: &Identity, asked: u32) -> u32 {
+pub(crate) fn granted_expires(resp: &Response, id: &Identity, asked: u32) -> u32 {
     let ours = format!("{}", id.local);
     resp.contacts()
         .iter()
@@ -144,7 +144,7 @@ fn expires_param(p: &str) -> Option<u32> {
 
 /// The `Authorization` for a 401/407 to a REGISTER: the first challenge we can answer
 /// (callvault lists the strongest first).
-pub fn answer_challenge(
+pub(crate) fn answer_challenge(
     resp: &Response,
     user: &str,
     password: &str,
@@ -170,7 +170,7 @@ pub fn answer_challenge(
 
 /// What an incoming request asks of the agent.
 #[derive(Debug)]
-pub enum Inbound {
+pub(crate) enum Inbound {
     /// Answer and nothing else.
     Answered(Response),
     /// Answered 200; fetch this offer.
@@ -180,7 +180,7 @@ pub enum Inbound {
 }
 
 /// Answers an incoming request (`tag` is the To tag for out-of-dialog answers).
-pub fn answer(req: &Request, refuse: bool, tag: &str) -> Inbound {
+pub(crate) fn answer(req: &Request, refuse: bool, tag: &str) -> Inbound {
     let reply = |status: u16| {
         let mut r = req.response(status, None);
         r.ensure_to_tag(tag);
@@ -232,7 +232,7 @@ pub fn answer(req: &Request, refuse: bool, tag: &str) -> Inbound {
 }
 
 /// The file an offer is written to: its name's last path component, else the content id.
-pub fn download_path(dir: &Path, offer: &OfferBody) -> PathBuf {
+pub(crate) fn download_path(dir: &Path, offer: &OfferBody) -> PathBuf {
     let name = offer
         .name
         .as_deref()
@@ -249,7 +249,7 @@ fn token() -> String {
 /// Registration progress (pure: [`RegState::request`] builds the next REGISTER,
 /// [`RegState::on_response`] says what an answer means).
 #[derive(Debug)]
-pub struct RegState {
+pub(crate) struct RegState {
     call_id: String,
     from_tag: String,
     cseq: u32,
@@ -266,7 +266,7 @@ pub struct RegState {
 
 /// What an answer to our REGISTER asks of the loop.
 #[derive(Debug, PartialEq, Eq)]
-pub enum RegStep {
+pub(crate) enum RegStep {
     /// Not ours, or provisional.
     Ignore,
     /// Registered for this many seconds (0: the binding is removed).
@@ -278,7 +278,7 @@ pub enum RegStep {
 }
 
 impl RegState {
-    pub fn new(local: SocketAddr, now: Instant) -> RegState {
+    pub(crate) fn new(local: SocketAddr, now: Instant) -> RegState {
         RegState {
             call_id: format!("{}@{}", token(), local.ip()),
             from_tag: token(),
@@ -293,7 +293,7 @@ impl RegState {
 
     /// The next REGISTER (same Call-ID and From tag, CSeq + 1), recorded as in flight.
     /// Over a reliable transport it is never resent, only timed out.
-    pub fn request(
+    pub(crate) fn request(
         &mut self,
         id: &Identity,
         expires: u32,
@@ -324,7 +324,7 @@ impl RegState {
     }
 
     /// Handles a response; `user`/`password` answer a challenge (once per attempt).
-    pub fn on_response(
+    pub(crate) fn on_response(
         &mut self,
         id: &Identity,
         user: &str,
@@ -496,7 +496,7 @@ async fn send_on(link: &mut Option<Link>, bytes: &[u8], to: SocketAddr) {
 }
 
 /// `callvault peer serve`.
-pub async fn run_cli(a: ServeArgs) -> Result<(), PeerError> {
+pub(crate) async fn run_cli(a: ServeArgs) -> Result<(), PeerError> {
     use tokio::signal::unix::{signal, SignalKind};
     let target = tokio::net::lookup_host(&a.sip)
         .await

@@ -23,26 +23,27 @@ struct StateFile {
 
 /// Where one content's resume state lives.
 #[derive(Debug, Clone)]
-pub struct ResumeState {
+pub(crate) struct ResumeState {
     path: PathBuf,
     content_id: String,
 }
 
 impl ResumeState {
-    pub fn new(dir: &Path, content_id: &str) -> ResumeState {
+    pub(crate) fn new(dir: &Path, content_id: &str) -> ResumeState {
         ResumeState {
             path: dir.join(format!("{content_id}.json")),
             content_id: content_id.to_string(),
         }
     }
 
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The saved bitfield; None when there is no state, or it is for other content or
     /// unreadable (a fresh start is always safe).
-    pub fn load(&self, pieces: usize) -> Option<Bitfield> {
+    pub(crate) fn load(&self, pieces: usize) -> Option<Bitfield> {
         let bytes = std::fs::read(&self.path).ok()?;
         let st: StateFile = serde_json::from_slice(&bytes).ok()?;
         if st.content_id != self.content_id || st.pieces != pieces {
@@ -52,7 +53,7 @@ impl ResumeState {
     }
 
     /// Saves `have` atomically (a crash leaves the old state or the new one, never half).
-    pub fn save(&self, have: &Bitfield) -> Result<(), PeerError> {
+    pub(crate) fn save(&self, have: &Bitfield) -> Result<(), PeerError> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -74,7 +75,7 @@ impl ResumeState {
 
 /// Progress figures and their one-line rendering.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Progress {
+pub(crate) struct Progress {
     pub pieces_done: usize,
     pub pieces: usize,
     pub bytes_done: u64,
@@ -85,7 +86,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn fraction(&self) -> f64 {
+    pub(crate) fn fraction(&self) -> f64 {
         if self.bytes == 0 {
             1.0
         } else {
@@ -94,7 +95,7 @@ impl Progress {
     }
 
     /// `[#####.....]  50.0% 3/6 pieces 1.5/3.0 MiB 1.2 MiB/s (server 1.0 MiB, peers 0.5 MiB)`.
-    pub fn bar(&self, width: usize) -> String {
+    pub(crate) fn bar(&self, width: usize) -> String {
         let filled = ((self.fraction() * width as f64).round() as usize).min(width);
         format!(
             "[{}{}] {}",
@@ -105,7 +106,7 @@ impl Progress {
     }
 
     /// The bar's text without the bar (for plain, non-terminal output).
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         let secs = self.elapsed.as_secs_f64();
         let rate = if secs > 0.0 {
             self.bytes_done as f64 / secs

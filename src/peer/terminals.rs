@@ -32,9 +32,9 @@ use crate::share::index::{Bitfield, Holder, MemoryIndex, PieceIndex};
 use crate::share::select::SourceClass;
 
 /// How often the DHT is asked who holds the content.
-pub const LOOKUP_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const LOOKUP_EVERY: Duration = Duration::from_secs(2);
 /// How often known holders are asked for their bitfield.
-pub const POLL_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const POLL_EVERY: Duration = Duration::from_millis(500);
 /// How often this agent re-announces itself (and retries a failed announce sooner).
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(30);
 const ANNOUNCE_RETRY: Duration = Duration::from_secs(2);
@@ -48,7 +48,7 @@ type Found = Arc<Mutex<HashMap<SocketAddrV4, Instant>>>;
 
 /// The terminal index of one content for one fetch; [`TerminalIndex::run`] until dropped.
 #[derive(Debug)]
-pub struct TerminalIndex {
+pub(crate) struct TerminalIndex {
     pub client: Client,
     pub node: Node,
     pub content_id: String,
@@ -65,7 +65,7 @@ pub struct TerminalIndex {
 
 impl TerminalIndex {
     /// Announces, looks up and probes until dropped, publishing the live holders.
-    pub async fn run(self, holders_tx: watch::Sender<Arc<Vec<Holder>>>) {
+    pub(crate) async fn run(self, holders_tx: watch::Sender<Arc<Vec<Holder>>>) {
         let key = crate::share::dht::content_key(&self.content_id);
         let found: Found = Arc::default();
         // Dropped with this future: the announce and lookup loops end with it.

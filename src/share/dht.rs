@@ -32,7 +32,7 @@ pub enum DhtError {
 }
 
 /// The DHT key of a content.
-pub fn content_key(content_id: &str) -> Id {
+pub(crate) fn content_key(content_id: &str) -> Id {
     let mut h = Sha256::new();
     h.update(b"callvault terminal index\0");
     h.update(content_id.as_bytes());
@@ -44,7 +44,7 @@ pub fn content_key(content_id: &str) -> Id {
 
 /// Parses bootstrap entries (`ip:port`, IPv4): names would need a resolver and the public
 /// DHT is never wanted.
-pub fn parse_bootstrap(list: &[String]) -> Result<Vec<SocketAddr>, DhtError> {
+pub(crate) fn parse_bootstrap(list: &[String]) -> Result<Vec<SocketAddr>, DhtError> {
     list.iter()
         .map(|s| {
             s.trim()
@@ -58,14 +58,17 @@ pub fn parse_bootstrap(list: &[String]) -> Result<Vec<SocketAddr>, DhtError> {
 
 /// A running DHT node and the UDP address it answers on.
 #[derive(Debug, Clone)]
-pub struct Node {
+pub(crate) struct Node {
     pub dht: AsyncDht,
     pub addr: SocketAddr,
 }
 
 /// Starts a server-mode node on `bind` (port 0: any), bootstrapping from `bootstrap` only
 /// (none: the first node of a swarm).
-pub async fn start_node(bind: SocketAddr, bootstrap: &[SocketAddr]) -> Result<Node, DhtError> {
+pub(crate) async fn start_node(
+    bind: SocketAddr,
+    bootstrap: &[SocketAddr],
+) -> Result<Node, DhtError> {
     let ip = match bind.ip() {
         IpAddr::V4(ip) => ip,
         other => return Err(DhtError::NotIpv4(other)),

@@ -16,11 +16,11 @@ use futures_util::{Stream, StreamExt};
 use crate::metrics::{ShareSource, METRICS};
 
 /// Largest slice sent in one go: keeps pacing smooth at low rates.
-pub const MAX_SLICE: usize = 16 * 1024;
+pub(crate) const MAX_SLICE: usize = 16 * 1024;
 
 /// Token bucket with debt. `rate` 0 = unlimited.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -29,7 +29,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// `burst` is what may go out without waiting after a quiet period.
-    pub fn new(rate_bytes_per_sec: u64, burst: u64, now: Instant) -> TokenBucket {
+    pub(crate) fn new(rate_bytes_per_sec: u64, burst: u64, now: Instant) -> TokenBucket {
         TokenBucket {
             rate: rate_bytes_per_sec as f64,
             burst: burst as f64,
@@ -39,17 +39,17 @@ impl TokenBucket {
     }
 
     /// A bucket for `rate`: a tenth of a second's worth of burst, at least one slice.
-    pub fn for_rate(rate_bytes_per_sec: u64, now: Instant) -> TokenBucket {
+    pub(crate) fn for_rate(rate_bytes_per_sec: u64, now: Instant) -> TokenBucket {
         let burst = (rate_bytes_per_sec / 10).max(MAX_SLICE as u64);
         TokenBucket::new(rate_bytes_per_sec, burst, now)
     }
 
-    pub fn is_unlimited(&self) -> bool {
+    pub(crate) fn is_unlimited(&self) -> bool {
         self.rate <= 0.0
     }
 
     /// Takes `n` bytes at `now`; returns how long the sender must wait before sending them.
-    pub fn take(&mut self, n: u64, now: Instant) -> Duration {
+    pub(crate) fn take(&mut self, n: u64, now: Instant) -> Duration {
         if self.is_unlimited() {
             return Duration::ZERO;
         }
@@ -105,7 +105,7 @@ impl RateLimiter {
 
 /// Paces `body` through `limiter` (in slices of at most [`MAX_SLICE`]) and counts what goes
 /// out in `callvault_share_bytes_total{source}`.
-pub fn throttle<S>(
+pub(crate) fn throttle<S>(
     body: S,
     limiter: RateLimiter,
     source: ShareSource,

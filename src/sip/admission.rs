@@ -30,7 +30,7 @@ pub struct AdmissionConfig {
 
 /// What to do with one new request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Admit,
     /// Over its share: refuse, asking the source to wait this many seconds.
     Reject {
@@ -80,7 +80,7 @@ impl Bucket {
 
 /// The table of source buckets.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     cfg: AdmissionConfig,
     sources: HashMap<IpAddr, Bucket>,
     overflow: Option<Bucket>,
@@ -91,7 +91,7 @@ pub struct Admission {
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Admission {
-    pub fn new(cfg: AdmissionConfig) -> Admission {
+    pub(crate) fn new(cfg: AdmissionConfig) -> Admission {
         Admission {
             cfg,
             sources: HashMap::new(),
@@ -100,17 +100,18 @@ impl Admission {
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.cfg.rate > 0.0
     }
 
     /// Sources currently tracked (bounded by `max_sources`).
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
         self.sources.len()
     }
 
     /// Charges one new request to `ip`.
-    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+    pub(crate) fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
         if !self.enabled() {
             return Verdict::Admit;
         }

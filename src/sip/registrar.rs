@@ -23,18 +23,18 @@ use crate::sip::uri::{split_outside_quotes, unescape, NameAddr, Uri};
 
 /// Most bindings one AOR may hold; more is refused so one account cannot grow the table
 /// without bound.
-pub const MAX_BINDINGS_PER_AOR: usize = 32;
+pub(crate) const MAX_BINDINGS_PER_AOR: usize = 32;
 
 /// Where a REGISTER came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Source {
+pub(crate) struct Source {
     pub transport: Transport,
     pub addr: SocketAddr,
 }
 
 /// One contact registered for an address-of-record.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Binding {
+pub(crate) struct Binding {
     /// The Contact value as registered, without its `expires` parameter.
     pub contact: NameAddr,
     /// Where the REGISTER that created or last refreshed it came from.
@@ -52,19 +52,20 @@ pub struct Binding {
 }
 
 impl Binding {
-    pub fn uri(&self) -> &Uri {
+    #[cfg(test)]
+    pub(crate) fn uri(&self) -> &Uri {
         &self.contact.uri
     }
 
     /// Seconds left, rounded up (a binding registered for 3600 s says 3600, not 3599).
-    pub fn expires_in(&self, now: Instant) -> u32 {
+    pub(crate) fn expires_in(&self, now: Instant) -> u32 {
         let left = self.expires_at.saturating_duration_since(now);
         let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
         u32::try_from(secs).unwrap_or(u32::MAX)
     }
 
     /// The Contact value echoed in a 200 to REGISTER: the contact with `;expires=N` (§10.3 step 8).
-    pub fn contact_value(&self, now: Instant) -> String {
+    pub(crate) fn contact_value(&self, now: Instant) -> String {
         let mut c = self.contact.clone();
         c.set_param("expires", Some(&self.expires_in(now).to_string()));
         c.to_string()
@@ -77,7 +78,7 @@ impl Binding {
 
 /// What a successful REGISTER did, and the bindings to echo.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RegisterOutcome {
+pub(crate) struct RegisterOutcome {
     /// Every live binding of the AOR after the update, in lookup order.
     pub bindings: Vec<Binding>,
     pub added: usize,
@@ -92,7 +93,7 @@ pub struct RegisterOutcome {
 
 impl RegisterOutcome {
     /// The Contact values for the 200, one per binding, each with `;expires=N`.
-    pub fn contacts(&self) -> Vec<String> {
+    pub(crate) fn contacts(&self) -> Vec<String> {
         self.bindings
             .iter()
             .map(|b| b.contact_value(self.at))
@@ -101,7 +102,8 @@ impl RegisterOutcome {
 
     /// `200 OK` carrying one Contact per current binding with its remaining `expires`.
     /// The engine adds the To tag (and anything else it owns).
-    pub fn response(&self, req: &Request, now: Instant) -> Response {
+    #[cfg(test)]
+    pub(crate) fn response(&self, req: &Request, now: Instant) -> Response {
         let mut resp = req.response(200, None);
         for b in &self.bindings {
             resp.headers.push("Contact", b.contact_value(now));
@@ -114,7 +116,7 @@ impl RegisterOutcome {
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum RegisterError {
+pub(crate) enum RegisterError {
     #[error("not a REGISTER request")]
     NotRegister,
     #[error("missing or bad {0} header")]
@@ -134,7 +136,7 @@ pub enum RegisterError {
 }
 
 impl RegisterError {
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             RegisterError::IntervalTooBrief { .. } => 423,
             // §10.3 step 7 only says the request "fails"; 500 tells the UA to retry later.
@@ -145,7 +147,7 @@ impl RegisterError {
     }
 
     /// The error response: the reason names the fault; a 423 carries `Min-Expires`.
-    pub fn response(&self, req: &Request) -> Response {
+    pub(crate) fn response(&self, req: &Request) -> Response {
         let status = self.status();
         let reason = match self {
             RegisterError::IntervalTooBrief { .. } => "Interval Too Brief".to_string(),
@@ -168,7 +170,7 @@ impl RegisterError {
 
 /// The location service: AOR -> bindings.
 #[derive(Debug, Clone)]
-pub struct Registrar {
+pub(crate) struct Registrar {
     min_expires: u32,
     max_expires: u32,
     default_expires: u32,
@@ -185,7 +187,7 @@ struct Update {
 impl Registrar {
     /// `default_expires` applies when neither the contact nor the request says (3600 in
     /// RFC 3261 §10.2.1.1); it is clamped into `[min_expires, max_expires]`.
-    pub fn new(min_expires: u32, max_expires: u32, default_expires: u32) -> Registrar {
+    pub(crate) fn new(min_expires: u32, max_expires: u32, default_expires: u32) -> Registrar {
         let max_expires = max_expires.max(min_expires).max(1);
         Registrar {
             min_expires,
@@ -195,19 +197,11 @@ impl Registrar {
         }
     }
 
-    pub fn min_expires(&self) -> u32 {
-        self.min_expires
-    }
-
-    pub fn max_expires(&self) -> u32 {
-        self.max_expires
-    }
-
     /// Applies a REGISTER for `aor` (the caller's canonical key, e.g. `Uri::aor()` of the To
     /// URI, after authentication). Every Contact is validated before anything changes, so a
     /// failed request leaves the bindings as they were (§10.3 step 7). A REGISTER without
     /// Contact is a query and only returns the current bindings.
-    pub fn register(
+    pub(crate) fn register(
         &mut self,
         aor: &str,
         req: &Request,
@@ -387,7 +381,7 @@ impl Registrar {
     }
 
     /// Live bindings of `aor`, highest q first, then most recently refreshed first.
-    pub fn lookup(&self, aor: &str, now: Instant) -> Vec<Binding> {
+    pub(crate) fn lookup(&self, aor: &str, now: Instant) -> Vec<Binding> {
         let mut out: Vec<Binding> = self
             .aors
             .get(aor)
@@ -398,7 +392,7 @@ impl Registrar {
     }
 
     /// Every live binding with its AOR (the admin listing), in no particular order.
-    pub fn all_live(&self, now: Instant) -> Vec<(&str, &Binding)> {
+    pub(crate) fn all_live(&self, now: Instant) -> Vec<(&str, &Binding)> {
         self.aors
             .iter()
             .flat_map(|(aor, l)| l.iter().map(move |b| (aor.as_str(), b)))
@@ -407,7 +401,7 @@ impl Registrar {
     }
 
     /// Drops every binding expired at `now`; returns how many went.
-    pub fn expire(&mut self, now: Instant) -> usize {
+    pub(crate) fn expire(&mut self, now: Instant) -> usize {
         let mut gone = 0;
         self.aors.retain(|_, list| {
             let before = list.len();
@@ -419,12 +413,13 @@ impl Registrar {
     }
 
     /// Bindings held (live ones after [`Registrar::expire`]); feeds `callvault_registrations_active`.
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.aors.values().map(Vec::len).sum()
     }
 
     /// When the next binding expires: the engine arms its sweep timer for this.
-    pub fn next_expiry(&self) -> Option<Instant> {
+    #[cfg(test)]
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
         self.aors.values().flatten().map(|b| b.expires_at).min()
     }
 }
@@ -495,7 +490,7 @@ fn parse_q(v: &str) -> Option<u16> {
 /// (unescaped, case-sensitive), password, host (case-insensitive) and port compare; the
 /// `transport`, `user`, `ttl`, `method` and `maddr` parameters must agree when either side
 /// has them; other parameters only when both have them.
-pub fn uri_matches(a: &Uri, b: &Uri) -> bool {
+pub(crate) fn uri_matches(a: &Uri, b: &Uri) -> bool {
     let unesc = |u: &Option<String>| {
         u.as_deref()
             .map(|s| unescape(s).unwrap_or_else(|_| s.to_string()))

@@ -56,7 +56,7 @@ use super::uri::Via;
 use crate::sip::transport::Transport;
 
 /// RFC 3261 branch prefix (§8.1.1.7).
-pub const MAGIC_COOKIE: &str = "z9hG4bK";
+pub(crate) const MAGIC_COOKIE: &str = "z9hG4bK";
 
 /// The far end of a hop: transport and address (for TCP the connection's remote address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,7 +131,7 @@ impl ServerTxId {
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum TxError {
+pub(crate) enum TxError {
     #[error("no such transaction")]
     UnknownTransaction,
     #[error("status code {0} out of range")]
@@ -146,7 +146,7 @@ pub enum TxError {
 
 /// What a received request means for the TU.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ServerInput {
+pub(crate) enum ServerInput {
     /// A new server transaction. For INVITE, `100 Trying` is already queued.
     New(ServerTxId, Request),
     /// A retransmission (last response re-sent, if any) or an ACK for a non-2xx final.
@@ -165,7 +165,7 @@ pub enum ServerInput {
 
 /// What a received response means for the TU.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClientInput {
+pub(crate) enum ClientInput {
     /// Provisional or final response. Non-2xx finals to INVITE are already ACKed.
     Response(ClientTxId, Response),
     /// A 2xx for an INVITE already in Accepted (Timer M running): the TU re-sends its ACK
@@ -179,7 +179,7 @@ pub enum ClientInput {
 
 /// Things that happen on timers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxEvent {
+pub(crate) enum TxEvent {
     /// Timer B / F fired (or no final within 64*T1 of a CANCEL): the TU treats it as 408.
     Timeout(ClientTxId),
     /// A 2xx was sent and no ACK came within 64*T1 (Timer L, §13.3.1.4): the TU should BYE.
@@ -367,7 +367,7 @@ struct ServerTx {
 }
 
 /// The transaction layer: every client and server transaction of one SIP endpoint.
-pub struct TransactionLayer {
+pub(crate) struct TransactionLayer {
     cfg: TimerConfig,
     next_id: u64,
     clients: HashMap<u64, ClientTx>,
@@ -381,7 +381,7 @@ pub struct TransactionLayer {
 }
 
 impl TransactionLayer {
-    pub fn new(cfg: TimerConfig) -> Self {
+    pub(crate) fn new(cfg: TimerConfig) -> Self {
         TransactionLayer {
             cfg,
             next_id: 1,
@@ -396,10 +396,6 @@ impl TransactionLayer {
         }
     }
 
-    pub fn config(&self) -> &TimerConfig {
-        &self.cfg
-    }
-
     fn alloc_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -410,7 +406,7 @@ impl TransactionLayer {
     // Server side
 
     /// Feeds a received request (§17.2.3 matching, §9.2 CANCEL, §8.2.2.2 merge detection).
-    pub fn on_request(&mut self, mut req: Request, from: Peer, now: Instant) -> ServerInput {
+    pub(crate) fn on_request(&mut self, mut req: Request, from: Peer, now: Instant) -> ServerInput {
         let Some(key) = server_key(&req) else {
             return ServerInput::Dropped;
         };
@@ -473,7 +469,7 @@ impl TransactionLayer {
 
     /// True when `req` would start a new server transaction: not an ACK or CANCEL, and no
     /// transaction matches it (a retransmission matches the one it started).
-    pub fn is_new_request(&self, req: &Request) -> bool {
+    pub(crate) fn is_new_request(&self, req: &Request) -> bool {
         if matches!(req.method, Method::Ack | Method::Cancel) {
             return false;
         }
@@ -484,7 +480,7 @@ impl TransactionLayer {
     /// from the request with its top Via stamped (`received`/`rport`), which goes where a
     /// transaction's would (§18.2.2). Nothing is kept: a retransmission is simply answered
     /// again.
-    pub fn respond_stateless(
+    pub(crate) fn respond_stateless(
         &mut self,
         mut req: Request,
         from: Peer,
@@ -611,7 +607,12 @@ impl TransactionLayer {
     }
 
     /// Sends a response on a server transaction (§17.2.1 / §17.2.2 / RFC 6026).
-    pub fn respond(&mut self, tx: ServerTxId, resp: Response, now: Instant) -> Result<(), TxError> {
+    pub(crate) fn respond(
+        &mut self,
+        tx: ServerTxId,
+        resp: Response,
+        now: Instant,
+    ) -> Result<(), TxError> {
         self.respond_inner(tx.0, resp, now)
     }
 
@@ -695,7 +696,7 @@ impl TransactionLayer {
     }
 
     /// The request that created a server transaction.
-    pub fn server_request(&self, tx: ServerTxId) -> Option<&Request> {
+    pub(crate) fn server_request(&self, tx: ServerTxId) -> Option<&Request> {
         self.servers.get(&tx.0).map(|t| &t.request)
     }
 
@@ -705,12 +706,12 @@ impl TransactionLayer {
     /// Starts a client transaction. `req` must carry its top Via with a `z9hG4bK` branch.
     /// An ACK creates no transaction: it is sent as by [`Self::send_ack`] and the id returned
     /// matches nothing.
-    pub fn send_request(&mut self, req: Request, to: Peer, now: Instant) -> ClientTxId {
+    pub(crate) fn send_request(&mut self, req: Request, to: Peer, now: Instant) -> ClientTxId {
         self.start_client(req, to, now, false)
     }
 
     /// Sends an ACK for a 2xx (or any stateless request) once.
-    pub fn send_ack(&mut self, ack: &Request, to: Peer) {
+    pub(crate) fn send_ack(&mut self, ack: &Request, to: Peer) {
         self.out.send(to, Bytes::from(ack.to_bytes()));
     }
 
@@ -786,7 +787,7 @@ impl TransactionLayer {
 
     /// Cancels a client INVITE (§9.1). Sent at once in Proceeding, or with the first
     /// provisional response while Calling. Idempotent until a final response arrives.
-    pub fn cancel(&mut self, tx: ClientTxId, now: Instant) -> Result<(), TxError> {
+    pub(crate) fn cancel(&mut self, tx: ClientTxId, now: Instant) -> Result<(), TxError> {
         let t = self
             .clients
             .get_mut(&tx.0)
@@ -826,12 +827,12 @@ impl TransactionLayer {
     }
 
     /// The request of a client INVITE transaction (kept to build ACK and CANCEL).
-    pub fn client_request(&self, tx: ClientTxId) -> Option<&Request> {
+    pub(crate) fn client_request(&self, tx: ClientTxId) -> Option<&Request> {
         self.clients.get(&tx.0).and_then(|t| t.request.as_deref())
     }
 
     /// Feeds a received response (§17.1.3 matching: top Via branch + CSeq method).
-    pub fn on_response(&mut self, resp: Response, _from: Peer, now: Instant) -> ClientInput {
+    pub(crate) fn on_response(&mut self, resp: Response, _from: Peer, now: Instant) -> ClientInput {
         let branch = resp.top_via().and_then(|v| v.branch().map(str::to_string));
         let (Some(branch), Some(cseq)) = (branch, resp.cseq()) else {
             return ClientInput::Unmatched(resp);
@@ -930,21 +931,21 @@ impl TransactionLayer {
     // --------------------------------------------------------------------------------------
     // Driving
 
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.transmits.pop_front()
     }
 
-    pub fn poll_event(&mut self) -> Option<TxEvent> {
+    pub(crate) fn poll_event(&mut self) -> Option<TxEvent> {
         self.out.events.pop_front()
     }
 
     /// The earliest armed timer.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.timers.map.first_key_value().map(|((at, _), _)| *at)
     }
 
     /// Fires every timer due at `now`, in deadline order.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
         while let Some(entry) = self.timers.map.first_entry() {
             if entry.key().0 > now {
                 break;
@@ -1080,11 +1081,12 @@ impl TransactionLayer {
     }
 
     /// Live (client, server) transactions, including the layer's own CANCEL/481/482 ones.
-    pub fn counts(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (usize, usize) {
         (self.clients.len(), self.servers.len())
     }
 
-    pub fn stats(&self) -> TxStats {
+    pub(crate) fn stats(&self) -> TxStats {
         self.out.stats
     }
 }
@@ -1210,13 +1212,13 @@ fn replace_top_via(req: &mut Request, via: &Via) {
 
 /// ACK for a non-2xx final (§17.1.1.3): same Request-URI, top Via, From, Call-ID, CSeq number
 /// and Route as the INVITE, To from the response.
-pub fn build_ack(invite: &Request, resp: &Response) -> Request {
+pub(crate) fn build_ack(invite: &Request, resp: &Response) -> Request {
     let to = resp.headers.get("To").or_else(|| invite.headers.get("To"));
     build_like(invite, Method::Ack, to)
 }
 
 /// CANCEL for a client INVITE (§9.1).
-pub fn build_cancel(invite: &Request) -> Request {
+pub(crate) fn build_cancel(invite: &Request) -> Request {
     build_like(invite, Method::Cancel, invite.headers.get("To"))
 }
 

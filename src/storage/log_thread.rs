@@ -18,7 +18,7 @@ use super::segments::{Pumped, SegmentError, TailState, WriterTask};
 /// Why [`LogThread::adopt`] could not take a log.
 #[derive(Debug, thiserror::Error)]
 #[error("the log writer thread has stopped")]
-pub struct LogThreadGone;
+pub(crate) struct LogThreadGone;
 
 struct Adopted {
     task: WriterTask,
@@ -27,13 +27,13 @@ struct Adopted {
 
 /// Handle of the writer thread; dropping every handle ends the thread once its logs finish.
 #[derive(Debug, Clone)]
-pub struct LogThread {
+pub(crate) struct LogThread {
     tx: std_mpsc::Sender<Adopted>,
 }
 
 impl LogThread {
     /// Starts the thread; every log is written once per `tick`.
-    pub fn start(name: &str, tick: Duration) -> std::io::Result<LogThread> {
+    pub(crate) fn start(name: &str, tick: Duration) -> std::io::Result<LogThread> {
         let (tx, rx) = std_mpsc::channel::<Adopted>();
         std::thread::Builder::new()
             .name(name.to_string())
@@ -44,7 +44,7 @@ impl LogThread {
     /// Hands a log to the thread; the receiver gets the log's end (what
     /// [`WriterTask::run`] would have returned) once the ingest end is closed and everything
     /// is written.
-    pub fn adopt(
+    pub(crate) fn adopt(
         &self,
         task: WriterTask,
     ) -> Result<oneshot::Receiver<Result<TailState, SegmentError>>, LogThreadGone> {

@@ -41,7 +41,7 @@ use crate::error_code::{ErrorCode, Refusal};
 use crate::storage::stores::{Store, StoreState};
 use crate::storage::threshold::{Reached, Resolved, ThresholdTracker};
 
-pub mod effects;
+pub(crate) mod effects;
 
 /// `declared + 5%` (rounded up): payload beyond this ends the session (PROTOCOL.md 2.5).
 pub fn size_limit_for(declared: u64) -> u64 {
@@ -51,7 +51,7 @@ pub fn size_limit_for(declared: u64) -> u64 {
 /// What the driver knows when a store session is asked for (step 211): the store row, who
 /// asks, what it offers and the receiver's account at that moment.
 #[derive(Debug, Clone)]
-pub struct Snapshot<'a> {
+pub(crate) struct Snapshot<'a> {
     /// The store as read (None: no such id).
     pub store: Option<&'a Store>,
     /// Wall time of the request, for the store's expiry.
@@ -69,7 +69,7 @@ pub struct Snapshot<'a> {
 
 /// What step 211 decided: how much to reserve and the most the store may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     pub reserve_bytes: u64,
     /// Payload accepted at most (declared + 5%, else the free space); None: unlimited.
     pub limit: Option<u64>,
@@ -84,7 +84,7 @@ fn same_identity(a: &str, b: &str) -> bool {
 
 /// Step 211 in the order of PROTOCOL.md 2.4. Decides without changing anything; the driver
 /// then reserves atomically (which may still refuse `quota-exceeded` on a race).
-pub fn admit(s: &Snapshot<'_>) -> Result<Admitted, Refusal> {
+pub(crate) fn admit(s: &Snapshot<'_>) -> Result<Admitted, Refusal> {
     let Some(store) = s.store.filter(|st| st.is_open(s.wall)) else {
         return Err(Refusal::bare(ErrorCode::UnknownStore));
     };
@@ -125,7 +125,7 @@ pub fn admit(s: &Snapshot<'_>) -> Result<Admitted, Refusal> {
 }
 
 /// Step 333: may `caller` play the store now? (`GET media` answers the same way.)
-pub fn may_play(store: &Store, caller: &str) -> Result<(), Refusal> {
+pub(crate) fn may_play(store: &Store, caller: &str) -> Result<(), Refusal> {
     if !same_identity(caller, &store.receiver) {
         return Err(Refusal::new(
             ErrorCode::NotReceiver,
@@ -147,7 +147,7 @@ pub fn may_play(store: &Store, caller: &str) -> Result<(), Refusal> {
 
 /// How an ingest ended, as its adapter saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IngestEnd {
+pub(crate) enum IngestEnd {
     /// The sender ended normally: BYE, the whole body, the recorded call's end.
     Done,
     /// The body ended short or the sender aborted.
@@ -161,7 +161,7 @@ pub enum IngestEnd {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Input {
+pub(crate) enum Input {
     /// The log has committed (made durable and readable) this many payload bytes.
     Committed(u64),
     /// The ingest's own threshold tracker (fed per packet, so it knows the playout rate of a
@@ -176,7 +176,7 @@ pub enum Input {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Step 32: note `threshold_at`; `after` from the first stored bytes
     /// (`callvault_threshold_seconds`); `by_finish`: reached only because the store ended.
     MarkThreshold {
@@ -198,7 +198,7 @@ pub enum Action {
 
 /// Where the session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     Receiving,
     /// Stopped by us (or shut down); waiting for the ingest to report its end. The state it
     /// will finish in.
@@ -208,7 +208,7 @@ pub enum Phase {
 
 /// Settings of one session.
 #[derive(Debug, Clone)]
-pub struct SessionConfig {
+pub(crate) struct SessionConfig {
     pub admitted: Admitted,
     /// The threshold bound to the declared size (Threshold::resolve).
     pub resolved: Resolved,
@@ -221,7 +221,7 @@ pub struct SessionConfig {
 
 /// One store's lifecycle from acceptance to its final state.
 #[derive(Debug)]
-pub struct StoreSession {
+pub(crate) struct StoreSession {
     cfg: SessionConfig,
     phase: Phase,
     tracker: ThresholdTracker,
@@ -233,7 +233,7 @@ pub struct StoreSession {
 
 impl StoreSession {
     /// The session of an admitted store whose reservation succeeded, started at `now`.
-    pub fn start(cfg: SessionConfig, now: Instant) -> StoreSession {
+    pub(crate) fn start(cfg: SessionConfig, now: Instant) -> StoreSession {
         let tracker = ThresholdTracker::new(cfg.resolved, cfg.playout_rate);
         StoreSession {
             cfg,
@@ -246,32 +246,28 @@ impl StoreSession {
         }
     }
 
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         self.phase
     }
 
-    pub fn committed(&self) -> u64 {
+    pub(crate) fn committed(&self) -> u64 {
         self.committed
     }
 
-    pub fn threshold_reached(&self) -> bool {
-        self.threshold.is_some()
-    }
-
     /// The next action to carry out, in order.
-    pub fn poll_action(&mut self) -> Option<Action> {
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
     /// When the driver must feed [`Input::Tick`] next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         match (self.phase, self.cfg.silence_timeout) {
             (Phase::Receiving, Some(t)) => Some(self.last_data + t),
             _ => None,
         }
     }
 
-    pub fn handle(&mut self, input: Input, now: Instant) {
+    pub(crate) fn handle(&mut self, input: Input, now: Instant) {
         match input {
             Input::Committed(n) => self.on_committed(n, now),
             Input::IngestThreshold(n) => {

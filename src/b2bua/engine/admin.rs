@@ -17,7 +17,7 @@ use crate::sip::transaction::Peer;
 
 /// `Reason` of the BYEs an operator's `DELETE /v1/calls/{id}` sends (PROTOCOL 8; Q.850
 /// cause 16 = normal call clearing).
-pub const OPERATOR_REASON: &str = "Q.850;cause=16;text=\"ended by operator\"";
+pub(crate) const OPERATOR_REASON: &str = "Q.850;cause=16;text=\"ended by operator\"";
 
 /// One call as `GET /v1/calls` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,7 +31,7 @@ impl DigitGate {
 }
 
 /// The digit an INFO carries, if it is a DTMF INFO.
-pub fn info_digit(req: &Request) -> Option<char> {
+pub(super) fn info_digit(req: &Request) -> Option<char> {
     let ct = req.content_type()?;
     let body = std::str::from_utf8(&req.body).ok()?;
     let d = match ct.as_str() {

@@ -38,9 +38,8 @@ mod sessions;
 mod share;
 mod srtp;
 
-pub use admin::{CallSnapshot, LegSnapshot, RegistrationSnapshot, RtpSnapshot, OPERATOR_REASON};
-pub use msg_size::UDP_MTU_LIMIT;
-pub use sessions::{is_local_session_user, SessionKey};
+pub(crate) use admin::{CallSnapshot, LegSnapshot, RegistrationSnapshot};
+pub(crate) use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
 use super::media::{CallKey, MediaBackend, Side};
@@ -62,10 +61,10 @@ use call::{
     call_caller, copy_headers, is_sdp, map_b_failure, recv_info_callvault, route_peer, AnchorError,
     Call, CallState, Leg,
 };
-pub use guard::GuardConfig;
+pub(crate) use guard::GuardConfig;
 
 /// Methods we answer or relay (Allow header).
-pub const ALLOW: &str =
+pub(crate) const ALLOW: &str =
     "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, NOTIFY, REGISTER";
 
 /// More media sections than this in one offer are refused (port 0) rather than anchored.
@@ -1265,7 +1264,7 @@ impl<M: MediaBackend> Engine<M> {
 }
 
 /// Resolves a configured route target (`host:port`) once at start-up.
-pub fn resolve_route(
+pub(crate) fn resolve_route(
     prefix: &str,
     host: &str,
     port: u16,

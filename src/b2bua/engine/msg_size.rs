@@ -18,7 +18,7 @@ use crate::sip::transaction::{ClientTxId, Peer};
 use crate::sip::transport::Transport;
 
 /// Largest request sent over UDP (RFC 3261 §18.1.1, path MTU unknown).
-pub const UDP_MTU_LIMIT: usize = 1300;
+pub(crate) const UDP_MTU_LIMIT: usize = 1300;
 
 /// The 513's detail when the TCP connection for a too-large request could not be opened.
 pub(super) const TOO_LARGE_FOR_CALLEE: &str =

@@ -15,10 +15,10 @@ use crate::sip::dialog::Dialog;
 use crate::sip::message::{HeaderAccess, Method, Request};
 use crate::sip::transaction::{Peer, ServerTxId};
 
-pub type SessionKey = u64;
+pub(crate) type SessionKey = u64;
 
 /// Request-URI users that are sessions with callvault rather than calls through it.
-pub fn is_local_session_user(user: &str) -> bool {
+pub(crate) fn is_local_session_user(user: &str) -> bool {
     user.starts_with("st_") || user.starts_with("play-")
 }
 

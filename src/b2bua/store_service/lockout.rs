@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub const WINDOW: Duration = Duration::from_secs(600);
-pub const LOCK_FOR: Duration = Duration::from_secs(600);
-pub const MAX_FAILURES: usize = 5;
+pub(super) const WINDOW: Duration = Duration::from_secs(600);
+pub(super) const LOCK_FOR: Duration = Duration::from_secs(600);
+pub(super) const MAX_FAILURES: usize = 5;
 
 #[derive(Debug, Default)]
-pub struct Lockout {
+pub(crate) struct Lockout {
     users: HashMap<String, Entry>,
 }
 
@@ -22,7 +22,7 @@ struct Entry {
 }
 
 impl Lockout {
-    pub fn is_locked(&self, user: &str, now: Instant) -> bool {
+    pub(crate) fn is_locked(&self, user: &str, now: Instant) -> bool {
         self.users
             .get(user)
             .and_then(|e| e.locked_until)
@@ -30,7 +30,7 @@ impl Lockout {
     }
 
     /// Records a wrong PIN; the fifth in the window locks the PIN.
-    pub fn failure(&mut self, user: &str, now: Instant) {
+    pub(crate) fn failure(&mut self, user: &str, now: Instant) {
         let e = self.users.entry(user.to_string()).or_default();
         e.failures.retain(|t| now.duration_since(*t) < WINDOW);
         e.failures.push(now);
@@ -40,12 +40,13 @@ impl Lockout {
         }
     }
 
-    pub fn success(&mut self, user: &str) {
+    pub(crate) fn success(&mut self, user: &str) {
         self.users.remove(user);
     }
 
     /// Forgets entries with nothing left to remember.
-    pub fn sweep(&mut self, now: Instant) {
+    #[cfg(test)]
+    pub(crate) fn sweep(&mut self, now: Instant) {
         self.users.retain(|_, e| {
             e.failures.retain(|t| now.duration_since(*t) < WINDOW);
             e.locked_until.is_some_and(|t| now < t) || !e.failures.is_empty()

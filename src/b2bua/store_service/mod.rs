@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-pub use lockout::Lockout;
+pub(crate) use lockout::Lockout;
 
 use super::engine::{Engine, EngineEvent, SessionKey};
 use super::media::{CallKey, MediaBackend, Side};
 use super::wire;
-use crate::config::{PromptFormat, PromptMethod, StoreConfig};
+use crate::config::{PromptMethod, StoreConfig};
 use crate::error_code::{ErrorCode, Refusal};
 use crate::media::ports::PortAllocator;
 use crate::sip::message::Method;
@@ -42,8 +42,7 @@ use crate::storage::stores::Stores;
 
 /// What the service needs to know about the server.
 #[derive(Debug, Clone)]
-pub struct ServiceConfig {
-    pub domain: String,
+pub(crate) struct ServiceConfig {
     pub public_ip: IpAddr,
     /// Our SIP port (the store and play URIs carry it).
     pub sip_port: u16,
@@ -87,7 +86,7 @@ impl ServiceConfig {
 
 /// Where a notification goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
+pub(crate) enum Target {
     /// In the call's dialog on that side.
     InCall(CallKey, Side),
     /// Out of dialog, to every registered contact of the user.
@@ -96,7 +95,7 @@ pub enum Target {
 
 /// A notification in both forms; which one goes out depends on the UA (§5 "Softphones").
 #[derive(Debug, Clone)]
-pub struct Notification {
+pub(crate) struct Notification {
     pub target: Target,
     pub content_type: &'static str,
     pub json: String,
@@ -107,7 +106,7 @@ pub struct Notification {
 
 /// Work for the engine, produced by the service's tasks.
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     RespondRequest {
         tx: ServerTxId,
         status: u16,
@@ -180,7 +179,7 @@ impl Ctx {
     }
 }
 
-pub struct StoreService {
+pub(crate) struct StoreService {
     ctx: Ctx,
     /// JSON notifications in flight, for the text fallback.
     sent: HashMap<ClientTxId, Notification>,
@@ -190,7 +189,7 @@ pub struct StoreService {
 }
 
 impl StoreService {
-    pub fn new(
+    pub(crate) fn new(
         cfg: ServiceConfig,
         accounts: Accounts,
         stores: Stores,
@@ -220,7 +219,7 @@ impl StoreService {
     }
 
     /// Reacts to an engine event (reads the engine, spawns the work).
-    pub fn on_event<M: MediaBackend>(&mut self, engine: &Engine<M>, ev: &EngineEvent) {
+    pub(crate) fn on_event<M: MediaBackend>(&mut self, engine: &Engine<M>, ev: &EngineEvent) {
         match ev {
             EngineEvent::StoreRequest {
                 call,
@@ -302,7 +301,12 @@ impl StoreService {
     }
 
     /// Applies a command to the engine.
-    pub fn apply<M: MediaBackend>(&mut self, engine: &mut Engine<M>, cmd: Command, now: Instant) {
+    pub(crate) fn apply<M: MediaBackend>(
+        &mut self,
+        engine: &mut Engine<M>,
+        cmd: Command,
+        now: Instant,
+    ) {
         match cmd {
             Command::RespondRequest {
                 tx,
@@ -403,7 +407,7 @@ impl StoreService {
 
     /// An upload's event (`http/upload.rs`): at its threshold, the ready note to the receiver
     /// like an RTP store's (in-dialog while the receiver's call lasts, else out of dialog).
-    pub fn on_http_event(&mut self, ev: crate::http::HttpEvent) {
+    pub(crate) fn on_http_event(&mut self, ev: crate::http::HttpEvent) {
         let crate::http::HttpEvent::ThresholdReached {
             store_id,
             received_bytes,
@@ -425,19 +429,14 @@ impl StoreService {
     /// A clean shutdown (PROTOCOL.md 4): every store session stops and finishes `truncated`
     /// with its committed data, every play session ends. Their tasks report
     /// [`Command::SessionGone`]; [`StoreService::sessions_left`] counts who is still at it.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         for rt in self.sessions.values() {
             rt.shutdown();
         }
     }
 
     /// Store and play sessions not finished yet.
-    pub fn sessions_left(&self) -> usize {
+    pub(crate) fn sessions_left(&self) -> usize {
         self.sessions.len()
-    }
-
-    /// Whether the format setting asks for text by default.
-    pub fn default_text(&self) -> bool {
-        self.ctx.cfg.store.prompt_format == PromptFormat::Text
     }
 }

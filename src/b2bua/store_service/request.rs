@@ -15,7 +15,7 @@ use crate::storage::stores::{party_uri, rfc3339, NewStore, StoreKind};
 use crate::storage::threshold::Threshold;
 
 /// Codecs a store session accepts (PROTOCOL.md §2.3 `formats`).
-pub const FORMATS: [&str; 4] = ["PCMU/8000", "PCMA/8000", "G722/8000", "opus/48000/2"];
+pub(super) const FORMATS: [&str; 4] = ["PCMU/8000", "PCMA/8000", "G722/8000", "opus/48000/2"];
 
 pub(crate) enum Origin {
     /// In-dialog MESSAGE/INFO: answered with a status.

@@ -13,7 +13,7 @@ use crate::storage::stores::{Store, StoreKind, StoreState, Stores};
 
 /// What the driver must do after [`run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Note {
+pub(crate) enum Note {
     /// Send the ready note (step 331).
     Ready {
         received_bytes: u64,
@@ -26,7 +26,7 @@ pub enum Note {
 }
 
 /// Runs the queued actions of `session` for store `id`, in order.
-pub async fn run(session: &mut StoreSession, stores: &Stores, id: &str) -> Vec<Note> {
+pub(crate) async fn run(session: &mut StoreSession, stores: &Stores, id: &str) -> Vec<Note> {
     let mut notes = Vec::new();
     while let Some(action) = session.poll_action() {
         match action {
@@ -73,7 +73,7 @@ pub async fn run(session: &mut StoreSession, stores: &Stores, id: &str) -> Vec<N
 /// prompt): from the store's creation (the prompt follows it at once) to the first commit of
 /// its log that holds payload, i.e. the first packet *stored* in the sense of step 31. Wall
 /// clock, since `created_at` is; a clock step backwards skips the sample.
-pub fn observe_first_packet(store: &Store, at: SystemTime) {
+pub(crate) fn observe_first_packet(store: &Store, at: SystemTime) {
     if store.kind != StoreKind::InCall {
         return;
     }
