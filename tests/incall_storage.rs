@@ -1185,7 +1185,64 @@ fn sipp_full_flow_bytes_equal() {
         assert_eq!(got.len(), sent.len(), "packets played to B");
         assert!(got == sent, "played payloads differ from the pcap's");
     }
+    assert_store_pcap_on_real_addresses(&server, &st, ports.port(12));
     server.stop();
+}
+
+/// The store's `format=pcap` download carries its SIP INVITE/200 and its RTP on the addresses
+/// really used: from the sender's media port to callvault's RTP port (PROTOCOL 2.5, issue 13).
+fn assert_store_pcap_on_real_addresses(server: &Server, st: &Store, sender_port: u16) {
+    let local = st.rtp_local.expect("callvault's RTP address recorded");
+    let source = st.rtp_source.expect("the sender's RTP source recorded");
+    assert_eq!(source.port(), sender_port, "{st:?}");
+    let (status, body) = common::http_get_bytes(
+        server.http_addr(),
+        &format!("/v1/stores/{}/media?format=pcap&token={}", st.id, st.token),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    if !common::tool_available("tshark") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("store.pcap");
+    std::fs::write(&pcap, &body).unwrap();
+    let tshark = |filter: &str, fields: &[&str]| {
+        let mut cmd = std::process::Command::new("tshark");
+        cmd.arg("-r")
+            .arg(&pcap)
+            .args(["-Y", filter, "-T", "fields"]);
+        for f in fields {
+            cmd.args(["-e", f]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rtp = tshark("rtp", &["ip.src", "udp.srcport", "ip.dst", "udp.dstport"]);
+    let want = format!(
+        "{}\t{}\t{}\t{}",
+        source.ip(),
+        sender_port,
+        local.ip(),
+        local.port()
+    );
+    let lines: Vec<&str> = rtp.lines().collect();
+    assert_eq!(lines.len(), 500, "every stored packet reads as RTP");
+    assert!(lines.iter().all(|l| *l == want), "{want} vs {:?}", lines[0]);
+    let sip = tshark("sip", &["sip.Method", "sip.Status-Code", "sdp.media.port"]);
+    assert_eq!(
+        sip.lines().collect::<Vec<_>>(),
+        [
+            format!("INVITE\t\t{sender_port}"),
+            format!("\t200\t{}", local.port())
+        ],
+        "{sip}"
+    );
 }
 
 #[test]

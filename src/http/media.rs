@@ -9,11 +9,15 @@
 //! its real sizes.
 //!
 //! pcap: magic `a1b2c3d4` (microseconds), link type 101 (`LINKTYPE_RAW`, packets start with
-//! the IPv4 header). Each record becomes one IPv4/UDP packet from `192.0.2.1:5004` to
-//! `192.0.2.2:5004` carrying an RTP header rebuilt from the record (version 2, marker, payload
-//! type, sequence number, timestamp, SSRC) and the payload, timestamped with the record's
-//! arrival time. The UDP checksum is 0 (allowed on IPv4); the IP header checksum is set.
+//! the IPv4 header). Each record becomes one IPv4/UDP packet from the sender's RTP source to
+//! callvault's RTP address and port as the store session really used them ([`PcapEnds`]; for
+//! uploads, rows from before they were recorded, or IPv6, the documentation addresses
+//! `192.0.2.1:5004` to `192.0.2.2:5004`) carrying an RTP header rebuilt from the record
+//! (version 2, marker, payload type, sequence number, timestamp, SSRC) and the payload,
+//! timestamped with the record's arrival time. The UDP checksum is 0 (allowed on IPv4); the
+//! IP header checksum is set.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 use crate::storage::segments::RecordHeader;
@@ -135,9 +139,33 @@ const UDP_HEADER: usize = 8;
 const RTP_HEADER: usize = 12;
 /// Largest payload that fits one IPv4 packet with these headers.
 pub(crate) const PCAP_MAX_PAYLOAD: usize = 65_535 - IP_HEADER - UDP_HEADER - RTP_HEADER;
-const SRC: [u8; 4] = [192, 0, 2, 1];
-const DST: [u8; 4] = [192, 0, 2, 2];
-const PORT: u16 = 5004;
+const DOC_SRC: [u8; 4] = [192, 0, 2, 1];
+const DOC_DST: [u8; 4] = [192, 0, 2, 2];
+const DOC_PORT: u16 = 5004;
+
+/// The two RTP endpoints a capture shows: the sender's source and callvault's receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PcapEnds {
+    pub(crate) src: ([u8; 4], u16),
+    pub(crate) dst: ([u8; 4], u16),
+}
+
+impl PcapEnds {
+    /// The addresses a store session recorded; the documentation addresses when either is
+    /// unknown or not IPv4 (the capture's link type carries IPv4 only).
+    pub(crate) fn new(source: Option<SocketAddr>, local: Option<SocketAddr>) -> PcapEnds {
+        match (source, local) {
+            (Some(SocketAddr::V4(s)), Some(SocketAddr::V4(l))) => PcapEnds {
+                src: (s.ip().octets(), s.port()),
+                dst: (l.ip().octets(), l.port()),
+            },
+            _ => PcapEnds {
+                src: (DOC_SRC, DOC_PORT),
+                dst: (DOC_DST, DOC_PORT),
+            },
+        }
+    }
+}
 
 /// The 24-byte pcap global header.
 pub(crate) fn pcap_global_header() -> [u8; 24] {
@@ -164,7 +192,13 @@ fn ip_checksum(h: &[u8]) -> u16 {
 
 /// Appends one pcap record (IPv4/UDP/RTP) for a stored record. `ip_id` numbers the packets.
 /// A payload too large for one IPv4 packet is cut to [`PCAP_MAX_PAYLOAD`].
-pub(crate) fn pcap_packet(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8], ip_id: u16) {
+pub(crate) fn pcap_packet(
+    out: &mut Vec<u8>,
+    ends: PcapEnds,
+    h: &RecordHeader,
+    payload: &[u8],
+    ip_id: u16,
+) {
     let payload = &payload[..payload.len().min(PCAP_MAX_PAYLOAD)];
     let mut rtp = [0u8; RTP_HEADER];
     rtp[0] = 0x80;
@@ -175,8 +209,8 @@ pub(crate) fn pcap_packet(out: &mut Vec<u8>, h: &RecordHeader, payload: &[u8], i
     udp_packet(
         out,
         h.arrival_us,
-        (SRC, PORT),
-        (DST, PORT),
+        ends.src,
+        ends.dst,
         &[&rtp, payload],
         ip_id,
     );
@@ -191,12 +225,13 @@ pub(crate) fn unix_us(t: std::time::SystemTime) -> u64 {
 /// SIP signalling port of the capture's two parties.
 const SIP_PORT: u16 = 5060;
 
-/// The global header plus a SIP INVITE (from the sender, `SRC`) and its 200 OK (from the
-/// receiver, `DST`), each with SDP naming the RTP address and port the capture's packets
+/// The global header plus a SIP INVITE (from the sender, `ends.src`) and its 200 OK (from the
+/// receiver, `ends.dst`), each with SDP naming the RTP address and port the capture's packets
 /// use, timestamped just before the media at `start_us`. Wireshark and tshark set up the
 /// RTP conversation from that SDP, so the capture reads as RTP without "Decode As".
 /// `format` is the store's `ENCODING/RATE` (e.g. `PCMU/8000`), `pt` its payload type.
 pub(crate) fn pcap_preamble(
+    ends: PcapEnds,
     store_id: &str,
     format: Option<&str>,
     pt: Option<u8>,
@@ -208,14 +243,14 @@ pub(crate) fn pcap_preamble(
         Some(f) => format!("a=rtpmap:{pt} {f}\r\n"),
         None => String::new(),
     };
-    let sdp = |ip: [u8; 4]| {
-        let ip = std::net::Ipv4Addr::from(ip);
+    let sdp = |(ip, port): ([u8; 4], u16)| {
+        let ip = Ipv4Addr::from(ip);
         format!(
             "v=0\r\no=callvault 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
-             m=audio {PORT} RTP/AVP {pt}\r\n{rtpmap}"
+             m=audio {port} RTP/AVP {pt}\r\n{rtpmap}"
         )
     };
-    let (src, dst) = (std::net::Ipv4Addr::from(SRC), std::net::Ipv4Addr::from(DST));
+    let (src, dst) = (Ipv4Addr::from(ends.src.0), Ipv4Addr::from(ends.dst.0));
     let dialog = |to_tag: &str| {
         format!(
             "Via: SIP/2.0/UDP {src}:{SIP_PORT};branch=z9hG4bK-{store_id}\r\n\
@@ -223,14 +258,14 @@ pub(crate) fn pcap_preamble(
              Call-ID: {store_id}@callvault\r\nCSeq: 1 INVITE\r\n"
         )
     };
-    let offer = sdp(SRC);
+    let offer = sdp(ends.src);
     let invite = format!(
         "INVITE sip:{store_id}@{dst} SIP/2.0\r\n{}Contact: <sip:sender@{src}>\r\n\
          Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
         dialog(""),
         offer.len()
     );
-    let answer = sdp(DST);
+    let answer = sdp(ends.dst);
     let ok = format!(
         "SIP/2.0 200 OK\r\n{}Contact: <sip:{store_id}@{dst}>\r\n\
          Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}",
@@ -238,7 +273,10 @@ pub(crate) fn pcap_preamble(
         answer.len()
     );
     let t = start_us.saturating_sub(2000);
-    let sip = [(SRC, DST, invite), (DST, SRC, ok)];
+    let sip = [
+        (ends.src.0, ends.dst.0, invite),
+        (ends.dst.0, ends.src.0, ok),
+    ];
     for (i, (from, to, msg)) in sip.iter().enumerate() {
         let at = t + 1000 * i as u64;
         udp_packet(
@@ -350,7 +388,11 @@ mod tests {
             marker: true,
         };
         let mut out = Vec::new();
-        pcap_packet(&mut out, &h, &[9; 160], 7);
+        let ends = PcapEnds::new(
+            Some("10.1.2.3:40000".parse().unwrap()),
+            Some("127.0.0.1:20002".parse().unwrap()),
+        );
+        pcap_packet(&mut out, ends, &h, &[9; 160], 7);
         assert_eq!(le32(&out, 0), 1_700_000_000);
         assert_eq!(le32(&out, 4), 123_456);
         assert_eq!(le32(&out, 8), 200);
@@ -360,6 +402,10 @@ mod tests {
         assert_eq!(ip[0], 0x45);
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 200);
         assert_eq!(ip_checksum(&ip[..20]), 0, "header checksum verifies");
+        assert_eq!(&ip[12..16], &[10, 1, 2, 3], "the sender's real source");
+        assert_eq!(&ip[16..20], &[127, 0, 0, 1], "callvault's RTP address");
+        assert_eq!(u16::from_be_bytes([ip[20], ip[21]]), 40000);
+        assert_eq!(u16::from_be_bytes([ip[22], ip[23]]), 20002);
         assert_eq!(u16::from_be_bytes([ip[24], ip[25]]), 180, "UDP length");
         let rtp = &ip[28..];
         assert_eq!(rtp[0], 0x80);
@@ -370,7 +416,19 @@ mod tests {
         assert_eq!(&rtp[12..], &[9; 160]);
 
         let mut big = Vec::new();
-        pcap_packet(&mut big, &h, &vec![0; 65_536], 1);
+        pcap_packet(&mut big, ends, &h, &vec![0; 65_536], 1);
         assert_eq!(le32(&big, 8) as usize, 65_535);
+    }
+
+    #[test]
+    fn pcap_ends_fall_back_to_documentation_addresses() {
+        let doc = PcapEnds::new(None, None);
+        assert_eq!(doc.src, ([192, 0, 2, 1], 5004));
+        assert_eq!(doc.dst, ([192, 0, 2, 2], 5004));
+        let v6 = PcapEnds::new(
+            Some("[::1]:4000".parse().unwrap()),
+            Some("127.0.0.1:20002".parse().unwrap()),
+        );
+        assert_eq!(v6, doc, "IPv6 does not fit LINKTYPE_RAW's IPv4 packets");
     }
 }

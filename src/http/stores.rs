@@ -268,6 +268,7 @@ pub(crate) async fn get_media(
     let (receiving, wav_tag, tail) = readiness(&state, &store, format)?;
     let dir = store_dir(&state.data_dir, &store.id)?;
 
+    let ends = media::PcapEnds::new(store.rtp_source, store.rtp_local);
     // Only the store's own codec goes into a WAV (a telephone-event would be noise).
     let pt_filter = wav_tag.and(store.payload_type);
     let header = match (format, wav_tag) {
@@ -284,6 +285,7 @@ pub(crate) async fn get_media(
             Some(Bytes::copy_from_slice(&media::wav_header(tag, len)))
         }
         (MediaFormat::Pcap, _) => Some(Bytes::from(media::pcap_preamble(
+            ends,
             &store.id,
             store.format.as_deref(),
             store.payload_type,
@@ -303,7 +305,7 @@ pub(crate) async fn get_media(
         last_data: Instant::now(),
     };
     let (tx, rx) = mpsc::channel(32);
-    tokio::spawn(produce(follow, format, pt_filter, header, tx));
+    tokio::spawn(produce(follow, format, ends, pt_filter, header, tx));
 
     let mut resp = Response::new(body_from(rx));
     let h = resp.headers_mut();
@@ -398,6 +400,7 @@ impl Follow {
 async fn produce(
     mut follow: Follow,
     format: MediaFormat,
+    ends: media::PcapEnds,
     pt_filter: Option<u8>,
     header: Option<Bytes>,
     tx: mpsc::Sender<Result<Bytes, io::Error>>,
@@ -425,7 +428,7 @@ async fn produce(
                 }
                 MediaFormat::Pcap => {
                     let mut out = Vec::with_capacity(16 + 40 + payload.len());
-                    media::pcap_packet(&mut out, &h, &payload, ip_id);
+                    media::pcap_packet(&mut out, ends, &h, &payload, ip_id);
                     ip_id = ip_id.wrapping_add(1);
                     Bytes::from(out)
                 }

@@ -44,6 +44,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "share uploads",
         include_str!("../../migrations/0006_share_uploads.sql"),
     ),
+    (
+        7,
+        "store rtp endpoints",
+        include_str!("../../migrations/0007_store_rtp_endpoints.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

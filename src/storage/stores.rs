@@ -13,6 +13,7 @@
 //! Times are kept as Unix milliseconds; the JSON view renders them as RFC 3339.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -183,6 +184,10 @@ pub struct Store {
     pub started_at: Option<SystemTime>,
     pub threshold_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
+    /// The sender's RTP source as its offer named it (None: upload, or not recorded).
+    pub rtp_source: Option<SocketAddr>,
+    /// callvault's RTP address and port that received the session (None: as `rtp_source`).
+    pub rtp_local: Option<SocketAddr>,
 }
 
 // Hand-written so the token never ends up in logs.
@@ -404,7 +409,7 @@ fn bytes_i64(n: u64) -> Result<i64, StoreError> {
 
 const COLUMNS: &str = "id, token, kind, sender, receiver, owner, call_id, threshold, format, \
     payload_type, declared_bytes, received_bytes, reserved_bytes, threshold_bytes, state, \
-    created_at, expires_at, started_at, threshold_at, finished_at";
+    created_at, expires_at, started_at, threshold_at, finished_at, rtp_source, rtp_local";
 
 fn from_row(row: &AnyRow) -> Result<Store, StoreError> {
     let id: String = row.try_get("id")?;
@@ -424,6 +429,10 @@ fn from_row(row: &AnyRow) -> Result<Store, StoreError> {
     let time = |field: &'static str| -> Result<Option<SystemTime>, StoreError> {
         let v: Option<i64> = row.try_get(field)?;
         Ok(v.map(from_ms))
+    };
+    let addr = |field: &'static str| -> Result<Option<SocketAddr>, StoreError> {
+        let v: Option<String> = row.try_get(field)?;
+        v.map(|v| v.parse().map_err(|_| corrupt(field))).transpose()
     };
     let kind: String = row.try_get("kind")?;
     let state: String = row.try_get("state")?;
@@ -451,6 +460,8 @@ fn from_row(row: &AnyRow) -> Result<Store, StoreError> {
         started_at: time("started_at")?,
         threshold_at: time("threshold_at")?,
         finished_at: time("finished_at")?,
+        rtp_source: addr("rtp_source")?,
+        rtp_local: addr("rtp_local")?,
         id,
     })
 }
@@ -493,6 +504,8 @@ impl Stores {
             started_at: None,
             threshold_at: None,
             finished_at: None,
+            rtp_source: None,
+            rtp_local: None,
         };
         sqlx::query(
             "INSERT INTO stores (id, token, kind, sender, receiver, owner, call_id, threshold, \
@@ -730,6 +743,23 @@ impl Stores {
         .execute(self.db.pool())
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the RTP addresses a store session uses (the sender's source and callvault's
+    /// receiving socket), for the pcap download.
+    pub async fn set_rtp_endpoints(
+        &self,
+        id: &str,
+        source: Option<SocketAddr>,
+        local: SocketAddr,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE stores SET rtp_source = $2, rtp_local = $3 WHERE id = $1")
+            .bind(id)
+            .bind(source.map(|a| a.to_string()))
+            .bind(local.to_string())
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
     }
 
     /// Ends a `receiving` store in `state` with `received` bytes stored, settling the quota in

@@ -696,6 +696,12 @@ pub fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let (status, body) = http_get_bytes(addr, path)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// [`http_get`] keeping the body's bytes (pcap, WAV).
+pub fn http_get_bytes(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -707,10 +713,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    parse_http_response(&raw)
+    parse_http_response_bytes(&raw)
 }
 
 pub fn parse_http_response(raw: &[u8]) -> Result<(u16, String), String> {
+    let (status, body) = parse_http_response_bytes(raw)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+pub fn parse_http_response_bytes(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -730,7 +741,7 @@ pub fn parse_http_response(raw: &[u8]) -> Result<(u16, String), String> {
     if chunked {
         body = dechunk(&body)?;
     }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, body))
 }
 
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {

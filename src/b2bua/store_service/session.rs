@@ -392,6 +392,13 @@ async fn start_recorder(
         Ok(a)
     }) {
         Ok(answer) => {
+            // Where the media really flows, for the pcap download; a failure costs the pcap
+            // its real addresses, not the session.
+            let local = SocketAddr::new(cfg.public_ip, recorder.local_rtp_port());
+            let source = o.sdp.connection_for(o.audio);
+            if let Err(e) = ctx.stores.set_rtp_endpoints(id, source, local).await {
+                tracing::warn!(error = %e, "store RTP addresses not recorded");
+            }
             ctx.send(Command::AcceptSession {
                 session: key,
                 sdp: answer.to_string(),

@@ -34,6 +34,8 @@ fn store(state: StoreState) -> Store {
         started_at: None,
         threshold_at: None,
         finished_at: None,
+        rtp_source: None,
+        rtp_local: None,
     }
 }
 
