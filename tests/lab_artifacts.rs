@@ -103,6 +103,21 @@ fn compose_wires_monitoring_and_freeswitch_to_files_that_exist() {
         job["static_configs"][0]["targets"][0].as_str(),
         Some(format!("{ip}:8080").as_str())
     );
+    // callvault routes 5xxx to the FreeSWITCH trunk profile's address and port.
+    let fs_ip = compose["services"]["freeswitch"]["networks"]["lab"]["ipv4_address"]
+        .as_str()
+        .expect("freeswitch address");
+    let profile =
+        std::fs::read_to_string(repo("config/freeswitch/sip_profiles/callvault.xml")).unwrap();
+    let port = profile
+        .split("name=\"sip-port\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("sip-port in the FreeSWITCH profile");
+    assert!(
+        lab.contains(&format!("target = \"{fs_ip}:{port}\"")),
+        "the lab config routes to FreeSWITCH at {fs_ip}:{port}"
+    );
     // Grafana's data source is the prometheus service.
     let prom_ip = compose["services"]["prometheus"]["networks"]["lab"]["ipv4_address"]
         .as_str()
