@@ -286,7 +286,10 @@ async fn registrations_listed_for_admin_and_own_user() {
     assert_eq!(b["transport"], "udp");
     assert!(b["contact"].as_str().unwrap().contains(&format!(":{port}")));
     assert!(b["expires_at"].as_str().unwrap().ends_with('Z'));
-    assert!(b.get("user_agent").is_some());
+    assert_eq!(
+        b["user_agent"], "callvault-sipp",
+        "the REGISTER's User-Agent is kept"
+    );
 
     let own = get(
         a,

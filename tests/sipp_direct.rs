@@ -323,6 +323,6 @@ fn example_configs_load() {
         |_| None,
     )
     .unwrap();
-    assert_eq!(lab.route.len(), 2);
-    assert_eq!(lab.trusted_peer.len(), 2);
+    assert_eq!(lab.route.len(), 3, "asterisk, sipp, freeswitch");
+    assert_eq!(lab.trusted_peer.len(), 3, "asterisk, sipp, freeswitch");
 }

@@ -270,7 +270,7 @@ pub(crate) struct RegistrationView {
     pub source: String,
     pub transport: String,
     pub expires_at: String,
-    /// Not kept by the registrar yet: always null.
+    /// The REGISTER's User-Agent (at most 256 bytes); null when it sent none.
     pub user_agent: Option<String>,
 }
 
@@ -281,7 +281,7 @@ pub(crate) fn registration_view(r: &RegistrationSnapshot) -> RegistrationView {
         source: r.source.to_string(),
         transport: r.transport.to_string(),
         expires_at: rfc3339(r.expires_at),
-        user_agent: None,
+        user_agent: r.user_agent.clone(),
     }
 }
 

@@ -25,6 +25,10 @@ use crate::sip::uri::{split_outside_quotes, unescape, NameAddr, Uri};
 /// without bound.
 pub(crate) const MAX_BINDINGS_PER_AOR: usize = 32;
 
+/// Most bytes of a REGISTER's User-Agent kept with its bindings (longer is cut at a character
+/// boundary): the value is only shown to operators, and a UA must not grow the table with it.
+pub(crate) const MAX_USER_AGENT_BYTES: usize = 256;
+
 /// Where a REGISTER came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Source {
@@ -49,6 +53,9 @@ pub(crate) struct Binding {
     pub cseq: u32,
     /// When it was last registered or refreshed (orders equal-q bindings, newest first).
     pub updated_at: Instant,
+    /// The User-Agent of that REGISTER, at most [`MAX_USER_AGENT_BYTES`] (shown in the admin
+    /// API's registration listing).
+    pub user_agent: Option<String>,
 }
 
 impl Binding {
@@ -217,6 +224,7 @@ impl Registrar {
             .to_string();
         let cseq = req.cseq().ok_or(RegisterError::BadHeader("CSeq"))?.seq;
         let path = path_of(req)?;
+        let user_agent = user_agent_of(req);
         let header_expires = match req.headers.get("Expires") {
             Some(v) => Some(parse_delta(v).ok_or(RegisterError::BadHeader("Expires"))?),
             None => None,
@@ -279,11 +287,20 @@ impl Registrar {
                 }
                 (None, 0) => {}
                 (Some(i), _) => {
-                    next[i] = new_binding(u, &call_id, cseq, source, &path, now);
+                    next[i] =
+                        new_binding(u, &call_id, cseq, source, &path, user_agent.clone(), now);
                     refreshed += 1;
                 }
                 (None, _) => {
-                    next.push(new_binding(u, &call_id, cseq, source, &path, now));
+                    next.push(new_binding(
+                        u,
+                        &call_id,
+                        cseq,
+                        source,
+                        &path,
+                        user_agent.clone(),
+                        now,
+                    ));
                     added += 1;
                 }
             }
@@ -430,6 +447,7 @@ fn new_binding(
     cseq: u32,
     source: Source,
     path: &[NameAddr],
+    user_agent: Option<String>,
     now: Instant,
 ) -> Binding {
     Binding {
@@ -441,7 +459,22 @@ fn new_binding(
         call_id: call_id.to_string(),
         cseq,
         updated_at: now,
+        user_agent,
     }
+}
+
+/// The REGISTER's User-Agent (RFC 3261 §20.41), cut to [`MAX_USER_AGENT_BYTES`] at a character
+/// boundary; `None` when absent or blank.
+fn user_agent_of(req: &Request) -> Option<String> {
+    let v = req.headers.get("User-Agent")?.trim_matches([' ', '\t']);
+    if v.is_empty() {
+        return None;
+    }
+    let mut end = v.len().min(MAX_USER_AGENT_BYTES);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(v[..end].to_string())
 }
 
 /// Every Path value of a REGISTER in order (RFC 3327 §4: name-addrs, comma-separated or on
@@ -550,6 +583,38 @@ mod tests {
 
     fn reg() -> Registrar {
         Registrar::new(60, 7200, 3600)
+    }
+
+    #[test]
+    fn user_agent_kept_bounded_and_replaced_on_refresh() {
+        let mut r = reg();
+        let t0 = Instant::now();
+        let c = "Contact: <sip:1001@10.0.0.5:5060>\r\n";
+        let out = r
+            .register(
+                AOR,
+                &register("u1", 1, &format!("{c}User-Agent: Linphone/5.2\r\n")),
+                src(1),
+                t0,
+            )
+            .unwrap();
+        assert_eq!(out.bindings[0].user_agent.as_deref(), Some("Linphone/5.2"));
+        // A refresh without User-Agent forgets the old one (the binding is the new REGISTER's).
+        let out = r.register(AOR, &register("u1", 2, c), src(1), t0).unwrap();
+        assert_eq!(out.bindings[0].user_agent, None);
+        // Too long: cut at MAX_USER_AGENT_BYTES on a character boundary ('é' is 2 bytes).
+        let long = format!("x{}", "é".repeat(300));
+        let out = r
+            .register(
+                AOR,
+                &register("u1", 3, &format!("{c}User-Agent: {long}\r\n")),
+                src(1),
+                t0,
+            )
+            .unwrap();
+        let ua = out.bindings[0].user_agent.as_deref().unwrap();
+        assert_eq!(ua.len(), MAX_USER_AGENT_BYTES - 1);
+        assert!(long.starts_with(ua));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct RegistrationSnapshot {
     pub source: SocketAddr,
     pub transport: Transport,
     pub expires_at: SystemTime,
+    /// The registering REGISTER's User-Agent, when it sent one.
+    pub user_agent: Option<String>,
 }
 
 impl<M: MediaBackend> Engine<M> {
@@ -123,6 +125,7 @@ impl<M: MediaBackend> Engine<M> {
                 source: b.source.addr,
                 transport: b.source.transport,
                 expires_at: self.wall(b.expires_at),
+                user_agent: b.user_agent.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.contact.cmp(&b.contact)));
