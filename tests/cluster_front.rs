@@ -1,8 +1,9 @@
 //! The cluster front (PROTOCOL.md section 6, issue 11): the repository's own
 //! `config/kamailio/kamailio.cfg`, run by Debian's Kamailio 5.6 with a dispatcher list of
 //! stand-in nodes (SIPp UASs on 127.0.0.1), spreads new INVITEs round robin, stays in the
-//! dialog (Record-Route; ACK and BYE follow the route set), and fails over to the next node
-//! when one answers 503 or does not answer at all. The same file fronts real callvault nodes
+//! dialog (Record-Route; ACK and BYE follow the route set), sends a request whose
+//! Request-URI names a node (a prompt's `store_uri`, a `play_uri`) to that node alone, and
+//! fails over to the next node when one answers 503 or does not answer at all. The same file fronts real callvault nodes
 //! in tests/cluster.rs; here the nodes are SIPp so the front's policy is checked alone.
 //!
 //! A missing `kamailio` or `sipp` skips with a SKIPPED line, unless
@@ -98,5 +99,37 @@ fn front_fails_over_on_503_and_on_a_silent_node() {
     assert_eq!(
         b.created, 1,
         "the 503 node must be tried once, then skipped: {b:?}"
+    );
+}
+
+#[test]
+fn front_sends_a_request_uri_naming_a_node_to_that_node() {
+    let ports = PortBlock::reserve(2);
+    let dir = tempfile::tempdir().unwrap();
+    let Some(k) = front(&[ports.port(0), ports.port(1)], &dir) else {
+        return;
+    };
+    let named = std::net::SocketAddr::from(([127, 0, 0, 1], ports.port(1)));
+    // Node 1 would take half the calls by round robin; it must take none.
+    let n1 = node("front_uas.xml", ports.port(0), 1)
+        .timeout(Duration::from_secs(3))
+        .spawn();
+    let n2 = node("front_uas.xml", named.port(), 4).spawn();
+    // The Request-URI names node 2 (`-s` user @ node 2), the datagrams go to the front (-rsa).
+    let caller = Sipp::uac("front", named)
+        .calls(4)
+        .rate(5.0)
+        .timeout(Duration::from_secs(20))
+        .arg("-rsa")
+        .arg(&k.addr.to_string())
+        .run();
+    caller.assert_successful(4);
+    n2.wait().assert_successful(4);
+    let r1 = n1.wait();
+    assert_eq!(r1.created, 0, "a call for node 2 reached node 1: {r1:?}");
+    assert!(
+        caller.messages.contains(&format!("Record-Route: <sip:{}", k.addr)),
+        "the front must stay in the dialog: {}",
+        caller.messages
     );
 }
