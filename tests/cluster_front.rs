@@ -128,7 +128,9 @@ fn front_sends_a_request_uri_naming_a_node_to_that_node() {
     let r1 = n1.wait();
     assert_eq!(r1.created, 0, "a call for node 2 reached node 1: {r1:?}");
     assert!(
-        caller.messages.contains(&format!("Record-Route: <sip:{}", k.addr)),
+        caller
+            .messages
+            .contains(&format!("Record-Route: <sip:{}", k.addr)),
         "the front must stay in the dialog: {}",
         caller.messages
     );
