@@ -507,4 +507,41 @@ fn whole_call_pcap_and_stereo_wav_of_a_recorded_call() {
         &format!("/v1/stores/{a_id}/media?format=raw&call=both"),
     );
     assert_eq!(status, 400);
+    // A direction's download token opens that direction, not the whole call.
+    let token = store_token(&server, a_id);
+    let get = |q: &str| {
+        common::http_get_bytes(http, &format!("/v1/stores/{a_id}/media?{q}&token={token}"))
+            .unwrap()
+            .0
+    };
+    assert_eq!(get("format=wav"), 200);
+    assert_eq!(get("format=wav&call=both"), 403);
+    // Without credentials: nothing.
+    let (status, _) = common::http_get_bytes(
+        http,
+        &format!("/v1/stores/{a_id}/media?format=pcap&call=both"),
+    )
+    .unwrap();
+    assert_eq!(status, 401);
+}
+
+/// A store's download token, read from the server's database.
+fn store_token(server: &Server, id: &str) -> String {
+    let db = server.dir.path().join("data").join("callvault.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = callvault::storage::Db::open(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let st = callvault::storage::stores::Stores::new(db.clone())
+            .get(id)
+            .await
+            .unwrap()
+            .expect("the store");
+        db.close().await;
+        st.token
+    })
 }

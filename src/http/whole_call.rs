@@ -56,6 +56,14 @@ async fn both_directions(
         .recording_sibling(&store)
         .await?
         .ok_or_else(|| ApiError::not_found("the other direction of this call is gone"))?;
+    if let Caller::Token(t) = caller {
+        if !other.token_matches(t) {
+            return Err(ApiError::forbidden(
+                "a download token opens only its own direction: call=both needs the admin \
+                 or the owner's credentials",
+            ));
+        }
+    }
     check_access(state, caller, &other, Need::Media)?;
     let pair = if store.direction == Some(Direction::AToB) {
         [store, other]
