@@ -1073,6 +1073,65 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn recording_directions_pair_up_and_keep_their_session_ends() {
+        let (_dir, stores, _) = setup().await;
+        let rec = |call_id: &str| NewStore {
+            kind: StoreKind::CallRecording,
+            sender: "1001@example.com".into(),
+            receiver: "1002@example.com".into(),
+            owner: None,
+            call_id: Some(call_id.into()),
+            threshold: Threshold::Bytes(0),
+            ttl: Duration::from_secs(60),
+        };
+        let a = stores.create(rec("c1@h"), t(0)).await.unwrap();
+        let b = stores.create(rec("c1@h"), t(0)).await.unwrap();
+        // The same Call-ID again, an hour later (another call).
+        let later = stores.create(rec("c1@h"), t(3600)).await.unwrap();
+        let other = stores.create(new_in_call("1002"), t(0)).await.unwrap();
+        stores.set_direction(&a.id, Direction::AToB).await.unwrap();
+        stores.set_direction(&b.id, Direction::BToA).await.unwrap();
+        stores
+            .set_direction(&later.id, Direction::BToA)
+            .await
+            .unwrap();
+        let ends = SessionEnds {
+            rtp_source: Some("127.0.0.1:40000".parse().unwrap()),
+            rtp_local: Some("127.0.0.1:20000".parse().unwrap()),
+            sip_remote: Some("127.0.0.1:15061".parse().unwrap()),
+            sip_local: Some("127.0.0.1:15060".parse().unwrap()),
+            sip_call_id: Some("c1@h".into()),
+        };
+        stores.set_session_ends(&a.id, &ends).await.unwrap();
+
+        let a = stores.get(&a.id).await.unwrap().unwrap();
+        assert_eq!(a.direction, Some(Direction::AToB));
+        assert_eq!(a.view().direction, Some(Direction::AToB));
+        assert_eq!(
+            (a.rtp_source, a.rtp_local, a.sip_remote, a.sip_local),
+            (
+                ends.rtp_source,
+                ends.rtp_local,
+                ends.sip_remote,
+                ends.sip_local
+            )
+        );
+        assert_eq!(a.sip_call_id.as_deref(), Some("c1@h"));
+        let sib = stores.recording_sibling(&a).await.unwrap().unwrap();
+        assert_eq!(
+            sib.id, b.id,
+            "the other direction of the same call, not the later one"
+        );
+        let back = stores.recording_sibling(&sib).await.unwrap().unwrap();
+        assert_eq!(back.id, a.id);
+        assert!(stores.recording_sibling(&other).await.unwrap().is_none());
+        let json = serde_json::to_value(a.view()).unwrap();
+        assert_eq!(json["direction"], "a");
+        let json = serde_json::to_value(other.view()).unwrap();
+        assert!(json.get("direction").is_none(), "in-call stores have none");
+    }
+
     fn start(declared: u64) -> StartSession<'static> {
         StartSession {
             caller: "sip:1001@example.com",
