@@ -343,7 +343,7 @@ async fn console_shows_live_call_moving_store_bar_player_and_ends_the_call() {
             b.call(
                 Some(&session),
                 "Emulation.setDeviceMetricsOverride",
-                json!({ "width": 1280, "height": 720, "deviceScaleFactor": 1, "mobile": false }),
+                json!({ "width": 1280, "height": 640, "deviceScaleFactor": 1, "mobile": false }),
             );
             let shot = b.call(
                 Some(&session),
