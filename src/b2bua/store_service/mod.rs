@@ -271,7 +271,8 @@ impl StoreService {
             // Share events belong to the share service.
             EngineEvent::CallAnswered(_)
             | EngineEvent::ShareRequest { .. }
-            | EngineEvent::ShareRelayAnswered { .. } => {}
+            | EngineEvent::ShareRelayAnswered { .. }
+            | EngineEvent::BindingsChanged { .. } => {}
         }
     }
 
