@@ -541,6 +541,10 @@ impl Core {
                     }
                 }
                 Some(cmd) = commands.recv() => {
+                    if let Some(user) = StoreService::notified_user(&cmd) {
+                        let aor = format!("{user}@{}", self.accounts.realm());
+                        self.load_remote_aor(&aor).await;
+                    }
                     self.service.apply(&mut self.engine, cmd, Instant::now());
                 }
                 Some(ev) = http_events.recv() => self.service.on_http_event(ev),
@@ -767,6 +771,16 @@ impl Core {
         let records = cluster.remote_bindings(&aor).await;
         self.engine
             .set_remote_bindings(&aor, &records, Instant::now());
+    }
+
+    /// Cluster: refreshes the engine's view of `aor`'s bindings on other nodes.
+    async fn load_remote_aor(&mut self, aor: &str) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let records = cluster.remote_bindings(aor).await;
+        self.engine
+            .set_remote_bindings(aor, &records, Instant::now());
     }
 
     /// Makes sure the engine has fresh digest data for the user a request authenticates as.

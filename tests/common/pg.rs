@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL 15 (Debian's `postgresql` package) for tests: `initdb` in a temp
+//! A throwaway PostgreSQL 15 (Debian's `postgresql` package) for tests: `initdb --no-sync` in a temp
 //! dir, `pg_ctl start` on a free loopback port with its socket in that dir, one database per
 //! caller, `pg_ctl stop -m fast` when the last holder drops it. Nothing here uses the system
 //! cluster Debian may have started.
@@ -128,7 +128,17 @@ impl PgServer {
         let data = pg.data();
         let out = pg.run(
             "initdb",
-            &["-D", &data, "-U", "postgres", "-E", "UTF8", "-A", "trust"],
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
         );
         assert!(
             out.status.success(),

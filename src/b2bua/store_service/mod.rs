@@ -362,6 +362,18 @@ impl StoreService {
         }
     }
 
+    /// The user a command notifies out of dialog (to its registered contacts), if any: on a
+    /// cluster the core reads that user's bindings on other nodes first.
+    pub(crate) fn notified_user(cmd: &Command) -> Option<&str> {
+        match cmd {
+            Command::Notify(Notification {
+                target: Target::User(user),
+                ..
+            }) => Some(user),
+            _ => None,
+        }
+    }
+
     /// Sends a notification as JSON (MESSAGE or INFO, `prompt_method`) or as text/plain
     /// MESSAGE when the UA wants text.
     fn notify<M: MediaBackend>(&mut self, engine: &mut Engine<M>, n: Notification, now: Instant) {
