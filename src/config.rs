@@ -61,6 +61,8 @@ pub struct Config {
     pub index: IndexConfig,
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
+    /// `[cluster]` (PROTOCOL 6): this node's name and lease among nodes sharing PostgreSQL.
+    pub cluster: ClusterConfig,
     /// `[log]` (PROTOCOL 8).
     pub log: crate::logging::LogConfig,
     /// Empty by default: the `[[trusted_peer]]` in PROTOCOL.md is an example entry, and
@@ -255,6 +257,30 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("./data"),
             metadata: "sqlite://./data/callvault.db".into(),
+        }
+    }
+}
+
+/// `[cluster]` (PROTOCOL 6). Only used when `storage.metadata` is a PostgreSQL URL: with the
+/// embedded SQLite there is one node and no lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Unique per node; empty = host name + ":" + SIP port.
+    pub node_id: String,
+    /// Base URL other nodes reach this node's HTTP at; empty = `http://<http.listen>`.
+    pub http_advertise: String,
+    /// A node whose lease has not been renewed for this long is dead; others finish its
+    /// stores. Renewed every `lease_secs / 3`.
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: String::new(),
+            http_advertise: String::new(),
+            lease_secs: 10,
         }
     }
 }
@@ -645,6 +671,9 @@ impl Config {
         if let Err((key, message)) = self.log.validate() {
             return Err(invalid(key, message));
         }
+        if self.cluster.lease_secs < 2 || self.cluster.lease_secs > 3600 {
+            return Err(invalid("cluster.lease_secs", "2 to 3600 seconds"));
+        }
         if self.storage.metadata.is_empty() {
             return Err(invalid("storage.metadata", "a database URL is needed"));
         }
@@ -784,7 +813,7 @@ fn default_value() -> toml::Table {
 }
 
 /// `scheme://user:password@host/...` with the password masked; anything else unchanged.
-fn mask_url_password(url: &str) -> String {
+pub(crate) fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -984,6 +1013,7 @@ fn deserialize_sections(mut table: toml::Table, origin: &str) -> Result<Config, 
         index: take(&mut table, "index", origin)?,
         tls: take(&mut table, "tls", origin)?,
         limits: take(&mut table, "limits", origin)?,
+        cluster: take(&mut table, "cluster", origin)?,
         log: take(&mut table, "log", origin)?,
         trusted_peer: take(&mut table, "trusted_peer", origin)?,
         route: take(&mut table, "route", origin)?,

@@ -12,6 +12,7 @@
 #![warn(unreachable_pub)]
 
 pub mod b2bua;
+pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod digest;
 pub(crate) mod error_code;

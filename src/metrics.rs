@@ -236,6 +236,8 @@ pub struct Metrics {
     pub recording_packets_refused_total: Counter,
     /// Set by the core after each batch of events (the registrar owns the number).
     pub registrations_active: Gauge,
+    /// Nodes with a live lease, this one included (PROTOCOL 6); 1 on the embedded SQLite.
+    pub cluster_nodes_alive: Gauge,
     /// Kept by the port allocator as pairs are bound and closed.
     pub rtp_ports_in_use: Gauge,
     /// First stored packet to threshold (step 32).
@@ -281,6 +283,7 @@ pub static METRICS: Metrics = Metrics {
     rtp_bytes_stored_total: Counter::new(),
     recording_packets_refused_total: Counter::new(),
     registrations_active: Gauge::new(),
+    cluster_nodes_alive: Gauge::new(),
     rtp_ports_in_use: Gauge::new(),
     threshold_seconds: Histogram::new(),
     play_start_seconds: Histogram::new(),
@@ -381,6 +384,12 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         "gauge",
         "Registered contacts.",
         m.registrations_active.get().to_string(),
+    );
+    one(
+        "callvault_cluster_nodes_alive",
+        "gauge",
+        "Nodes with a live lease in the shared metadata database, this one included.",
+        m.cluster_nodes_alive.get().to_string(),
     );
     one(
         "callvault_rtp_ports_in_use",
@@ -819,6 +828,7 @@ mod tests {
             "callvault_sip_transactions_total ",
             "callvault_sip_retransmissions_total ",
             "callvault_registrations_active ",
+            "callvault_cluster_nodes_alive ",
             "callvault_rtp_ports_in_use ",
             "callvault_rtp_packets_relayed_total ",
             "callvault_share_bytes_total{source=\"server\"} ",

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::b2bua::engine::{resolve_route, AccountAuth, Engine, EngineConfig, GuardConfig};
+use crate::b2bua::engine::{
+    resolve_route, AccountAuth, Engine, EngineConfig, EngineEvent, GuardConfig,
+};
 use crate::b2bua::errors::set_warn_agent;
 use crate::b2bua::media::{MediaEvent, RelayMedia};
 use crate::b2bua::recording::{self, RecordingService};
@@ -137,7 +139,21 @@ pub async fn run_from(
         .await
         .map_err(|e| ServerError::Db(e.to_string()))?;
     let accounts = Accounts::new(db.clone(), config.sip.domain.clone());
-    let stores = Stores::new(db.clone());
+    // Every store issued or received here carries this node's id (PROTOCOL 6).
+    let node_id = crate::cluster::node_id(&config);
+    let stores = Stores::new(db.clone()).with_node(node_id.clone());
+    let shared_db = db.backend().is_shared();
+    // Digest nonces must verify on every node behind the front proxy: one key in the shared
+    // database; a single node keeps a per-process key (a restart makes old nonces stale).
+    let nonce_key = if shared_db {
+        NonceKey::from_bytes(
+            crate::storage::nodes::shared_secret(&db, "sip-nonce")
+                .await
+                .map_err(|e| ServerError::Db(e.to_string()))?,
+        )
+    } else {
+        NonceKey::random()
+    };
     // Stores interrupted by a crash or restart: cut to their last good record, `truncated`.
     match stores
         .recover_on_startup(&config.storage.data_dir, SystemTime::now())
@@ -231,10 +247,10 @@ pub async fn run_from(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         engine_cfg,
         media,
-        Verifier::new(NonceKey::random(), DEFAULT_NONCE_TTL_SECS),
+        Verifier::new(nonce_key, DEFAULT_NONCE_TTL_SECS),
         (Instant::now(), unix),
         rand::random(),
     );
@@ -267,6 +283,27 @@ pub async fn run_from(
     let http_base = match http_host {
         std::net::IpAddr::V6(v6) => format!("{scheme}://[{v6}]:{}", http_addr.port()),
         v4 => format!("{scheme}://{v4}:{}", http_addr.port()),
+    };
+    let cluster = if shared_db {
+        let node = crate::storage::nodes::NodeInfo {
+            node_id: node_id.clone(),
+            http_advertise: crate::cluster::http_advertise(&config, &http_base),
+            lease: Duration::from_secs(config.cluster.lease_secs),
+            started_at: SystemTime::now(),
+        };
+        let c = crate::cluster::Cluster::start(
+            db.clone(),
+            stores.clone(),
+            config.storage.data_dir.clone(),
+            node,
+        )
+        .await
+        .map_err(|e| ServerError::Db(e.to_string()))?;
+        engine.share_registrations(true);
+        Some(c)
+    } else {
+        METRICS.cluster_nodes_alive.set(1);
+        None
     };
     let live = Arc::new(LiveStores::new());
     let (service, commands) = StoreService::new(
@@ -405,6 +442,7 @@ pub async fn run_from(
         stop_uploads,
         tracer: crate::logging::SipTracer::new(&config.log),
         config_path,
+        cluster,
     };
     let result = core
         .run(Inbox {
@@ -462,6 +500,8 @@ struct Core {
     tracer: crate::logging::SipTracer,
     /// Read again on SIGHUP.
     config_path: Option<std::path::PathBuf>,
+    /// Shared PostgreSQL: leases, takeover, registrations in the table (PROTOCOL 6).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Core {
@@ -501,6 +541,10 @@ impl Core {
                     }
                 }
                 Some(cmd) = commands.recv() => {
+                    if let Some(user) = StoreService::notified_user(&cmd) {
+                        let aor = format!("{user}@{}", self.accounts.realm());
+                        self.load_remote_aor(&aor).await;
+                    }
                     self.service.apply(&mut self.engine, cmd, Instant::now());
                 }
                 Some(ev) = http_events.recv() => self.service.on_http_event(ev),
@@ -581,6 +625,7 @@ impl Core {
             TransportEvent::Message { msg, peer, .. } => {
                 self.trace(true, peer, &msg.to_bytes());
                 self.load_accounts(&msg).await;
+                self.load_remote_bindings(&msg).await;
                 // Every line logged while handling names both legs' Call-IDs (PROTOCOL 8).
                 let call_id = match &msg {
                     SipMessage::Request(r) => r.call_id(),
@@ -662,6 +707,18 @@ impl Core {
             if let Some(r) = self.recorder.as_mut() {
                 r.on_event(&self.engine, &ev);
             }
+            if let (
+                Some(c),
+                EngineEvent::BindingsChanged {
+                    aor,
+                    changed,
+                    removed,
+                    all_removed,
+                },
+            ) = (&self.cluster, &ev)
+            {
+                c.bindings_changed(aor, changed, removed, *all_removed);
+            }
             self.service.on_event(&self.engine, &ev);
             self.share_service
                 .on_event(&mut self.engine, &ev, Instant::now());
@@ -700,6 +757,30 @@ impl Core {
                 let _ = tx.send(self.engine.end_store_sessions(&id, now));
             }
         }
+    }
+
+    /// Cluster: before a request that looks an AOR up, hands the engine that AOR's bindings
+    /// other nodes hold (the engine stays sans-IO; this is its async step at the edge).
+    async fn load_remote_bindings(&mut self, msg: &SipMessage) {
+        let (Some(cluster), SipMessage::Request(req)) = (&self.cluster, msg) else {
+            return;
+        };
+        let Some(aor) = self.engine.lookup_aor(req) else {
+            return;
+        };
+        let records = cluster.remote_bindings(&aor).await;
+        self.engine
+            .set_remote_bindings(&aor, &records, Instant::now());
+    }
+
+    /// Cluster: refreshes the engine's view of `aor`'s bindings on other nodes.
+    async fn load_remote_aor(&mut self, aor: &str) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let records = cluster.remote_bindings(aor).await;
+        self.engine
+            .set_remote_bindings(aor, &records, Instant::now());
     }
 
     /// Makes sure the engine has fresh digest data for the user a request authenticates as.

@@ -49,7 +49,7 @@ impl Api {
         server.account_add("1003", "pw3", "3333", "1000000");
         server.start();
         let data = server.dir.path().join("data");
-        let url = format!("sqlite://{}", data.join("callvault.db").display());
+        let url = server.metadata_url();
         let db = Db::open(&url).await.unwrap();
         let api = Api {
             server,

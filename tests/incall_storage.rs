@@ -167,15 +167,7 @@ fn account(server: &Server, user: &str) -> Value {
 }
 
 fn db_url(server: &Server) -> String {
-    format!(
-        "sqlite://{}",
-        server
-            .dir
-            .path()
-            .join("data")
-            .join("callvault.db")
-            .display()
-    )
+    server.metadata_url()
 }
 
 /// A store's metadata, read from the server's SQLite database (the HTTP API is another

@@ -47,13 +47,24 @@ fn data(n: usize, seed: u32) -> Vec<u8> {
 
 struct Api {
     _dir: tempfile::TempDir,
+    /// The metadata URL (SQLite in `_dir`, or PostgreSQL under the test matrix).
+    url: String,
+    _pg: Option<common::pg::PgDb>,
     addr: SocketAddr,
     accounts: Accounts,
 }
 
 async fn api(piece_size: u64, rate: u64) -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/meta/cv.db", dir.path().display());
+    let pg = if common::pg::matrix_wants_postgres() {
+        common::pg::PgDb::fresh()
+    } else {
+        None
+    };
+    let url = match &pg {
+        Some(pg) => pg.url.clone(),
+        None => format!("sqlite://{}/meta/cv.db", dir.path().display()),
+    };
     let db = Db::open(&url).await.unwrap();
     let params = argon2::Params::new(256, 1, 1, None).unwrap();
     let accounts = Accounts::new(db.clone(), "example.com").with_argon2_params(params);
@@ -87,6 +98,8 @@ async fn api(piece_size: u64, rate: u64) -> Api {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Api {
         _dir: dir,
+        url,
+        _pg: pg,
         addr,
         accounts,
     }
@@ -455,12 +468,7 @@ async fn policies_tokens_and_listing() {
 
     // Offer tokens: open their content only, in the query or as Bearer.
     let shares = Shares::open(
-        Db::open(&format!(
-            "sqlite://{}/meta/cv.db",
-            api._dir.path().display()
-        ))
-        .await
-        .unwrap(),
+        Db::open(&api.url).await.unwrap(),
         api._dir.path().join("data"),
         "example.com",
         ShareSettings::default(),

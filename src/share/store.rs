@@ -975,7 +975,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     struct T {
-        _dir: tempfile::TempDir,
+        _dir: crate::storage::TestDb,
         data: PathBuf,
         db: Db,
         accounts: Accounts,
@@ -983,9 +983,7 @@ mod tests {
     }
 
     async fn setup(piece_size: u64) -> T {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/meta/cv.db", dir.path().display());
-        let db = Db::open(&url).await.unwrap();
+        let (dir, db) = crate::storage::test_db().await;
         let params = argon2::Params::new(256, 1, 1, None).unwrap();
         let accounts = Accounts::new(db.clone(), "example.com").with_argon2_params(params);
         accounts.add("1001", "pw", "1", 10_000).await.unwrap();

@@ -10,6 +10,12 @@
 //! not the UA listed `path` in Supported (the proxies asked for them). Requests to the contact
 //! then carry them as a preloaded route set (RFC 3327 §5.3, RFC 3261 §8.1.2). The 200 echoes
 //! them (and the engine adds `Supported: path`) only to a UA that listed `path`.
+//!
+//! Cluster (PROTOCOL.md 6): bindings other nodes took live in the shared database. The
+//! registrar keeps them as a cache beside its own ([`Registrar::set_remote`], replaced per AOR
+//! by the edge after an async read, before the request that needs them is handled);
+//! [`Registrar::lookup`] merges both, its own first for the same contact. What it changes of
+//! its own goes out as [`BindingRecord`]s (plain data the edge writes to the table).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,7 +64,68 @@ pub(crate) struct Binding {
     pub user_agent: Option<String>,
 }
 
+/// A binding as plain data, for the shared database (PROTOCOL.md 6): what the engine reports
+/// after a REGISTER, and what the edge hands back from other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingRecord {
+    /// The Contact value without `expires`.
+    pub contact: String,
+    /// The Contact's URI: the key of the binding within its AOR.
+    pub contact_uri: String,
+    /// Path values in order (the preloaded route set), empty when none.
+    pub path: Vec<String>,
+    pub transport: Transport,
+    pub source: SocketAddr,
+    /// `q` in thousandths.
+    pub q: u16,
+    pub call_id: String,
+    pub cseq: u32,
+    pub user_agent: Option<String>,
+    /// Time left at the moment of the report.
+    pub expires_in: Duration,
+}
+
 impl Binding {
+    /// This binding as plain data at `now`.
+    pub(crate) fn record(&self, now: Instant) -> BindingRecord {
+        BindingRecord {
+            contact: self.contact.to_string(),
+            contact_uri: self.contact.uri.to_string(),
+            path: self.path.iter().map(ToString::to_string).collect(),
+            transport: self.source.transport,
+            source: self.source.addr,
+            q: self.q,
+            call_id: self.call_id.clone(),
+            cseq: self.cseq,
+            user_agent: self.user_agent.clone(),
+            expires_in: self.expires_at.saturating_duration_since(now),
+        }
+    }
+
+    /// A binding from a record read at `now`; None when its contact or Path does not parse.
+    pub(crate) fn from_record(r: &BindingRecord, now: Instant) -> Option<Binding> {
+        let path = r
+            .path
+            .iter()
+            .map(|p| NameAddr::parse(p).ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(Binding {
+            contact: NameAddr::parse(&r.contact).ok()?,
+            source: Source {
+                transport: r.transport,
+                addr: r.source,
+            },
+            path,
+            q: r.q,
+            expires_at: now + r.expires_in,
+            call_id: r.call_id.clone(),
+            cseq: r.cseq,
+            // Other nodes' bindings sort after ours of the same q.
+            updated_at: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
+            user_agent: r.user_agent.clone(),
+        })
+    }
+
     #[cfg(test)]
     pub(crate) fn uri(&self) -> &Uri {
         &self.contact.uri
@@ -96,6 +163,11 @@ pub(crate) struct RegisterOutcome {
     /// The REGISTER's Path values to echo in the 200 (RFC 3327 §5.3): set only when the UA
     /// listed `path` in Supported.
     pub echo_path: Vec<NameAddr>,
+    /// Contact URIs the REGISTER asked to remove (`expires=0`), whether or not we held them
+    /// (another node may: the shared table drops them too).
+    pub removed_uris: Vec<String>,
+    /// `Contact: *`: every binding of the AOR goes, on every node.
+    pub all_removed: bool,
 }
 
 impl RegisterOutcome {
@@ -182,6 +254,8 @@ pub(crate) struct Registrar {
     max_expires: u32,
     default_expires: u32,
     aors: HashMap<String, Vec<Binding>>,
+    /// Other nodes' bindings per AOR (cluster), as the edge last read them.
+    remote: HashMap<String, Vec<Binding>>,
 }
 
 /// One Contact of a REGISTER, validated, before anything is changed.
@@ -201,6 +275,16 @@ impl Registrar {
             max_expires,
             default_expires: default_expires.clamp(min_expires.max(1), max_expires),
             aors: HashMap::new(),
+            remote: HashMap::new(),
+        }
+    }
+
+    /// Replaces the cached bindings other nodes hold for `aor` (an empty list forgets it).
+    pub(crate) fn set_remote(&mut self, aor: &str, bindings: Vec<Binding>) {
+        if bindings.is_empty() {
+            self.remote.remove(aor);
+        } else {
+            self.remote.insert(aor.to_string(), bindings);
         }
     }
 
@@ -275,11 +359,15 @@ impl Registrar {
             .cloned()
             .collect();
         let (mut added, mut refreshed, mut removed) = (0, 0, 0);
+        let mut removed_uris = Vec::new();
         let mut next = live.clone();
         for u in updates {
             let pos = next
                 .iter()
                 .position(|b| uri_matches(&b.contact.uri, &u.contact.uri));
+            if u.expires == 0 {
+                removed_uris.push(u.contact.uri.to_string());
+            }
             match (pos, u.expires) {
                 (Some(i), 0) => {
                     next.remove(i);
@@ -322,6 +410,8 @@ impl Registrar {
             removed,
             at: now,
             echo_path,
+            removed_uris,
+            all_removed: false,
         })
     }
 
@@ -343,6 +433,7 @@ impl Registrar {
         }
         let removed = list.iter().filter(|b| b.is_live(now)).count();
         self.aors.remove(aor);
+        self.remote.remove(aor);
         Ok(RegisterOutcome {
             bindings: Vec::new(),
             added: 0,
@@ -350,6 +441,8 @@ impl Registrar {
             removed,
             at: now,
             echo_path: Vec::new(),
+            removed_uris: Vec::new(),
+            all_removed: true,
         })
     }
 
@@ -404,8 +497,30 @@ impl Registrar {
             .get(aor)
             .map(|l| l.iter().filter(|b| b.is_live(now)).cloned().collect())
             .unwrap_or_default();
+        if let Some(remote) = self.remote.get(aor) {
+            for b in remote.iter().filter(|b| b.is_live(now)) {
+                if !out
+                    .iter()
+                    .any(|o| uri_matches(&o.contact.uri, &b.contact.uri))
+                {
+                    out.push(b.clone());
+                }
+            }
+        }
         out.sort_by(|a, b| b.q.cmp(&a.q).then(b.updated_at.cmp(&a.updated_at)));
         out
+    }
+
+    /// This node's live bindings of `aor` that a REGISTER at `at` created or refreshed.
+    pub(crate) fn changed_at(&self, aor: &str, at: Instant) -> Vec<&Binding> {
+        self.aors
+            .get(aor)
+            .map(|l| {
+                l.iter()
+                    .filter(|b| b.updated_at == at && b.is_live(at))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Every live binding with its AOR (the admin listing), in no particular order.
@@ -420,6 +535,10 @@ impl Registrar {
     /// Drops every binding expired at `now`; returns how many went.
     pub(crate) fn expire(&mut self, now: Instant) -> usize {
         let mut gone = 0;
+        self.remote.retain(|_, list| {
+            list.retain(|b| b.is_live(now));
+            !list.is_empty()
+        });
         self.aors.retain(|_, list| {
             let before = list.len();
             list.retain(|b| b.is_live(now));
@@ -919,6 +1038,67 @@ mod tests {
         .unwrap();
         let b = &r.lookup(AOR, t1)[0];
         assert_eq!((b.source, b.cseq, b.updated_at), (src(40001), 3, t1));
+    }
+
+    #[test]
+    fn other_nodes_bindings_round_trip_and_merge_after_ours() {
+        let mut r = reg();
+        let t0 = Instant::now();
+        let req = register(
+            "c1",
+            1,
+            "Path: <sip:10.0.0.9:5070;lr>\r\nContact: <sip:1001@10.0.0.5>;q=0.5\r\n",
+        );
+        r.register(AOR, &req, src(5080), t0).unwrap();
+        let rec = r.lookup(AOR, t0)[0].record(t0);
+        assert_eq!(rec.path, ["<sip:10.0.0.9:5070;lr>"]);
+        assert_eq!(
+            (rec.q, rec.cseq, rec.expires_in),
+            (500, 1, Duration::from_secs(3600))
+        );
+        // Another node's registrar reads the record back: same contact, Path, source, expiry.
+        let mut other = reg();
+        let t1 = t0 + Duration::from_secs(10);
+        let b = Binding::from_record(&rec, t1).unwrap();
+        assert_eq!(b.path, r.lookup(AOR, t0)[0].path);
+        assert_eq!(
+            (b.source, b.expires_at),
+            (src(5080), t1 + Duration::from_secs(3600))
+        );
+        other.set_remote(AOR, vec![b.clone()]);
+        assert_eq!(other.lookup(AOR, t1).len(), 1);
+        assert_eq!(other.count(), 0, "the cache is not our registrations");
+        // Our own binding of the same contact wins over the cached one; others merge by q.
+        other
+            .register(
+                AOR,
+                &register("c9", 1, "Contact: <sip:1001@10.0.0.5>\r\n"),
+                src(1),
+                t1,
+            )
+            .unwrap();
+        let got = other.lookup(AOR, t1);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].path.is_empty());
+        let mut far = rec.clone();
+        far.contact = "<sip:1001@10.0.0.6>".into();
+        far.q = 1000;
+        other.set_remote(AOR, vec![Binding::from_record(&far, t1).unwrap()]);
+        let got = other.lookup(AOR, t1);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[0].contact.uri.host, "10.0.0.5",
+            "ours first among equal q"
+        );
+        assert_eq!(got[1].contact.uri.host, "10.0.0.6");
+        // Expired cache entries go with the sweep; an empty list forgets the AOR.
+        assert_eq!(other.lookup(AOR, t1 + Duration::from_secs(4000)).len(), 0);
+        other.set_remote(AOR, Vec::new());
+        assert_eq!(other.lookup(AOR, t1).len(), 1);
+        // A record that does not parse is refused, not half-used.
+        let mut bad = rec;
+        bad.path = vec!["<sip:broken".into()];
+        assert!(Binding::from_record(&bad, t1).is_none());
     }
 
     #[test]

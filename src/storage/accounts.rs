@@ -670,10 +670,8 @@ async fn verify_secret(
 mod tests {
     use super::*;
 
-    async fn accounts() -> (tempfile::TempDir, Accounts) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/meta/cv.db", dir.path().display());
-        let db = Db::open(&url).await.unwrap();
+    async fn accounts() -> (crate::storage::TestDb, Accounts) {
+        let (dir, db) = crate::storage::test_db().await;
         // Cheap Argon2 keeps debug-build tests fast; the code path is the same.
         let params = Params::new(256, 1, 1, None).unwrap();
         (

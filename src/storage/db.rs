@@ -1,5 +1,23 @@
 //! The metadata database: a sqlx `Any` pool so the same SQL text (with `$N` placeholders) runs
-//! on SQLite now and PostgreSQL later. Schema changes are embedded sqlx migrations.
+//! on the embedded SQLite and on PostgreSQL (`postgres://`, several nodes, PROTOCOL.md 6).
+//! Schema changes are embedded sqlx migrations.
+//!
+//! Dialects: every statement is written once in the subset both engines read alike — `$N`
+//! placeholders, BIGINT counters and times (Unix milliseconds), TEXT, no booleans (the `Any`
+//! driver cannot read SQLite's), no `SUM` (NUMERIC on PostgreSQL, which `Any` cannot decode),
+//! `INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING` for upserts (SQLite 3.24+ and PostgreSQL
+//! alike), no AUTOINCREMENT/serial (keys are random text or natural), no datetime functions
+//! (times come from the caller). The migration files 0001.. follow the same subset and run
+//! unchanged on both; [`MIGRATIONS`] has room for a PostgreSQL variant of a file (its fourth
+//! field, `migrations/postgres/NNNN_*.sql`) should a later change need different DDL. What
+//! differs per engine lives here only: SQLite's file creation, WAL and single in-memory
+//! connection; PostgreSQL's pool size.
+//!
+//! Concurrent start: sqlx's migrator takes `pg_advisory_lock` (keyed by the database name)
+//! before it reads `_sqlx_migrations` and releases it after the last file, so nodes starting
+//! together apply each migration once and the others wait, then see it applied
+//! (`tests::pg::migrations_run_once_under_concurrent_starts`). SQLite serialises writers on
+//! its file lock.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -11,43 +29,59 @@ use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::AnyPool;
 
-/// Migrations compiled into the binary, `(version, description, sql)`. Add new files under
-/// `migrations/` and list them here; applied versions must never be edited.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+// Add new files under `migrations/` and list them here; applied versions must never be edited.
+type MigrationFile = (i64, &'static str, &'static str, Option<&'static str>);
+
+/// Migrations compiled into the binary, `(version, description, sql, PostgreSQL variant)`.
+/// The variant is None while the portable file serves both engines (so far every file).
+const MIGRATIONS: &[MigrationFile] = &[
     (
         1,
         "accounts",
         include_str!("../../migrations/0001_accounts.sql"),
+        None,
     ),
     (
         2,
         "stores",
         include_str!("../../migrations/0002_stores.sql"),
+        None,
     ),
     (
         3,
         "shares",
         include_str!("../../migrations/0003_shares.sql"),
+        None,
     ),
     (
         4,
         "account threshold",
         include_str!("../../migrations/0004_account_threshold.sql"),
+        None,
     ),
     (
         5,
         "account threshold limit",
         include_str!("../../migrations/0005_account_threshold_limit.sql"),
+        None,
     ),
     (
         6,
         "share uploads",
         include_str!("../../migrations/0006_share_uploads.sql"),
+        None,
     ),
     (
         7,
         "store rtp endpoints",
         include_str!("../../migrations/0007_store_rtp_endpoints.sql"),
+        None,
+    ),
+    (
+        9,
+        "cluster",
+        include_str!("../../migrations/0009_cluster.sql"),
+        None,
     ),
     (
         8,
@@ -64,7 +98,7 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("metadata database {url}: backend not supported by this build (sqlite:// only)")]
+    #[error("metadata database {url}: not a sqlite:// or postgres:// URL")]
     UnsupportedBackend { url: String },
     #[error("cannot create directory {path} for the metadata database: {source}")]
     CreateDir {
@@ -86,7 +120,28 @@ pub enum DbError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// The embedded default: one node.
     Sqlite,
+    /// Shared by every node of a cluster (PROTOCOL.md 6).
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a URL names, None for anything else.
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// Several nodes may share this database (leases, registrations in the table).
+    pub fn is_shared(self) -> bool {
+        self == Backend::Postgres
+    }
 }
 
 /// A handle on the metadata database; cheap to clone (the pool is shared).
@@ -96,17 +151,23 @@ pub struct Db {
     backend: Backend,
 }
 
+/// The embedded migrations for one backend.
 #[derive(Debug)]
-struct Embedded;
+struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(
         self,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 's>> {
-        Box::pin(async {
+        let backend = self.0;
+        Box::pin(async move {
             Ok(MIGRATIONS
                 .iter()
-                .map(|(v, desc, sql)| {
+                .map(|(v, desc, sql, pg)| {
+                    let sql = match (backend, pg) {
+                        (Backend::Postgres, Some(pg)) => pg,
+                        _ => sql,
+                    };
                     Migration::new(
                         *v,
                         Cow::Borrowed(*desc),
@@ -137,11 +198,36 @@ impl Db {
     /// Opens (creating if missing) the database at `url` and brings its schema up to date.
     pub async fn open(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
-        if !url.starts_with("sqlite:") {
-            return Err(DbError::UnsupportedBackend {
+        match Backend::of_url(url) {
+            Some(Backend::Sqlite) => Db::open_sqlite(url).await,
+            Some(Backend::Postgres) => Db::open_postgres(url).await,
+            None => Err(DbError::UnsupportedBackend {
                 url: url.to_string(),
-            });
+            }),
         }
+    }
+
+    /// A PostgreSQL pool; the server keeps the secrets (nothing to create on disk here).
+    async fn open_postgres(url: &str) -> Result<Db, DbError> {
+        let pool = AnyPoolOptions::new()
+            .max_connections(16)
+            .min_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: crate::config::mask_url_password(url),
+                source,
+            })?;
+        let db = Db {
+            pool,
+            backend: Backend::Postgres,
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn open_sqlite(url: &str) -> Result<Db, DbError> {
         let file = sqlite_file(url);
         let mut connect_url = url.to_string();
         if let Some(file) = &file {
@@ -200,7 +286,7 @@ impl Db {
     }
 
     pub async fn migrate(&self) -> Result<(), DbError> {
-        let migrator = Migrator::new(Embedded).await?;
+        let migrator = Migrator::new(Embedded(self.backend)).await?;
         migrator.run(&self.pool).await?;
         Ok(())
     }

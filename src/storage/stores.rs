@@ -542,11 +542,78 @@ fn from_row(row: &AnyRow) -> Result<Store, StoreError> {
 #[derive(Debug, Clone)]
 pub struct Stores {
     db: Db,
+    /// This node's `[cluster] node_id`, written into the `node` column of the stores it
+    /// issues and receives (None: the column stays NULL, e.g. CLI commands).
+    node: Option<String>,
+}
+
+/// The media length of store `id` that reached shared storage and will be kept: what a
+/// takeover or a start-up recovery finishes the store with.
+///
+/// The seam between metadata and objects: today the objects are the local segment logs under
+/// `data_dir` (`objects = "file"`), so this cuts the store's log back to its last good record
+/// ([`segments::recover`]) and returns the payload bytes left. With an object store it must
+/// read the committed length from there instead (the dead node's disk is out of reach).
+pub async fn committed_len(data_dir: &Path, id: &str) -> Result<Recovered, StoreError> {
+    let dir = store_dir(data_dir, id)?;
+    let rec = tokio::task::spawn_blocking(move || segments::recover(&dir))
+        .await
+        .map_err(|e| SegmentError::Task(e.to_string()))??;
+    Ok(rec)
 }
 
 impl Stores {
     pub fn new(db: Db) -> Stores {
-        Stores { db }
+        Stores { db, node: None }
+    }
+
+    /// The database these stores live in.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Stores this handle creates or starts are marked as this node's (`stores.node`).
+    pub fn with_node(mut self, node: impl Into<String>) -> Stores {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// The node a store was issued on or is receiving on.
+    pub async fn node_of(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT node FROM stores WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.db.pool())
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("node")?,
+            None => None,
+        })
+    }
+
+    /// Ids of the `receiving` stores of `node` (a takeover finishes them).
+    pub async fn receiving_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM stores WHERE state = 'receiving' AND node = $1")
+            .bind(node)
+            .fetch_all(self.db.pool())
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Finishes a dead node's `receiving` store `id` as `truncated` with what reached shared
+    /// storage ([`committed_len`]), settling its quota. Conditional on the store still
+    /// receiving, so a store the node itself (restarted) or another taker finished first is
+    /// left as it is (`WrongState`).
+    pub async fn take_over(
+        &self,
+        data_dir: &Path,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<Store, StoreError> {
+        let rec = committed_len(data_dir, id).await?;
+        self.finish(id, StoreState::Truncated, rec.payload_bytes, now)
+            .await
     }
 
     /// Creates a `pending` store with a fresh id and token, expiring after `new.ttl`.
@@ -585,8 +652,8 @@ impl Stores {
         };
         sqlx::query(
             "INSERT INTO stores (id, token, kind, sender, receiver, owner, call_id, threshold, \
-             received_bytes, reserved_bytes, state, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 0, $9, $10, $11)",
+             received_bytes, reserved_bytes, state, created_at, expires_at, node) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 0, $9, $10, $11, $12)",
         )
         .bind(&store.id)
         .bind(&store.token)
@@ -599,6 +666,7 @@ impl Stores {
         .bind(store.state.as_str())
         .bind(to_ms(store.created_at))
         .bind(to_ms(store.expires_at))
+        .bind(self.node.clone())
         .execute(self.db.pool())
         .await?;
         Ok(store)
@@ -691,7 +759,7 @@ impl Stores {
         let claimed = sqlx::query(
             "UPDATE stores SET state = 'receiving', started_at = $2, format = $3, \
              payload_type = $4, declared_bytes = $5, reserved_bytes = $6, threshold_bytes = $7, \
-             received_bytes = 0 \
+             received_bytes = 0, node = COALESCE($9, node) \
              WHERE id = $1 AND state = 'pending' AND expires_at > $2 AND sender = $8",
         )
         .bind(id)
@@ -702,6 +770,7 @@ impl Stores {
         .bind(reserve)
         .bind(threshold)
         .bind(s.caller)
+        .bind(self.node.clone())
         .execute(&mut *tx)
         .await?;
         if claimed.rows_affected() == 0 {
@@ -997,7 +1066,16 @@ impl Stores {
         now: SystemTime,
     ) -> Result<Vec<RecoveredStore>, StoreError> {
         self.expire_pending(now).await?;
-        let ids: Vec<String> = sqlx::query("SELECT id FROM stores WHERE state = 'receiving'")
+        // On a shared database only this node's stores (and rows from before nodes were
+        // recorded): another node's receiving stores are alive, or its takeover's business.
+        let query = match (&self.node, self.db.backend().is_shared()) {
+            (Some(node), true) => sqlx::query(
+                "SELECT id FROM stores WHERE state = 'receiving' AND (node = $1 OR node IS NULL)",
+            )
+            .bind(node.clone()),
+            _ => sqlx::query("SELECT id FROM stores WHERE state = 'receiving'"),
+        };
+        let ids: Vec<String> = query
             .fetch_all(self.db.pool())
             .await?
             .iter()
@@ -1024,10 +1102,7 @@ impl Stores {
         id: &str,
         now: SystemTime,
     ) -> Result<Recovered, StoreError> {
-        let dir = store_dir(data_dir, id)?;
-        let rec = tokio::task::spawn_blocking(move || segments::recover(&dir))
-            .await
-            .map_err(|e| SegmentError::Task(e.to_string()))??;
+        let rec = committed_len(data_dir, id).await?;
         self.finish(id, StoreState::Truncated, rec.payload_bytes, now)
             .await?;
         Ok(rec)
@@ -1048,10 +1123,8 @@ mod tests {
         assert_eq!(party_uri("SIPS:1002@example.com"), "SIPS:1002@example.com");
     }
 
-    async fn setup() -> (tempfile::TempDir, Stores, Accounts) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/meta/cv.db", dir.path().display());
-        let db = Db::open(&url).await.unwrap();
+    async fn setup() -> (crate::storage::TestDb, Stores, Accounts) {
+        let (dir, db) = crate::storage::test_db().await;
         let params = argon2::Params::new(256, 1, 1, None).unwrap();
         let accounts = Accounts::new(db.clone(), "example.com").with_argon2_params(params);
         (dir, Stores::new(db), accounts)

@@ -21,6 +21,7 @@
 
 pub mod http;
 pub mod kamailio;
+pub mod pg;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -319,6 +320,13 @@ pub struct ServerConfig {
     pub ports: PortBlock,
     /// callvault's RTP range (even start, 200 ports = 100 calls' worth of legs).
     pub rtp: PortBlock,
+    /// `storage.metadata`; None = SQLite in the server's temp dir. `ServerConfig::new()` sets
+    /// a fresh PostgreSQL database under `CALLVAULT_TEST_METADATA=postgres` (the test matrix).
+    pub metadata: Option<String>,
+    /// `storage.data_dir`; None = `data` in the server's temp dir.
+    pub data_dir: Option<PathBuf>,
+    /// Keeps the throwaway PostgreSQL of `metadata` running as long as the config lives.
+    pub pg: Option<pg::PgDb>,
 }
 
 impl Default for ServerConfig {
@@ -336,7 +344,45 @@ impl ServerConfig {
             extra: String::new(),
             ports: PortBlock::reserve(2),
             rtp: PortBlock::reserve(200),
+            metadata: None,
+            data_dir: None,
+            pg: None,
         }
+        .with_matrix_metadata()
+    }
+
+    /// Under `CALLVAULT_TEST_METADATA=postgres`, metadata in a fresh PostgreSQL database.
+    fn with_matrix_metadata(mut self) -> ServerConfig {
+        if pg::matrix_wants_postgres() {
+            if let Some(db) = pg::PgDb::fresh() {
+                self.metadata = Some(db.url.clone());
+                self.pg = Some(db);
+            }
+        }
+        self
+    }
+
+    /// Metadata in `db` (a cluster test's shared PostgreSQL).
+    pub fn on_postgres(mut self, db: &pg::PgDb) -> ServerConfig {
+        self.metadata = Some(db.url.clone());
+        self.pg = Some(db.clone());
+        self
+    }
+
+    /// The `storage.metadata` URL the server under `dir` uses.
+    pub fn metadata_url(&self, dir: &Path) -> String {
+        match &self.metadata {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.data_path(dir).join("callvault.db").display()
+            ),
+        }
+    }
+
+    /// The `storage.data_dir` the server under `dir` uses.
+    pub fn data_path(&self, dir: &Path) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| dir.join("data"))
     }
 
     pub fn sip_port(&self) -> u16 {
@@ -350,7 +396,7 @@ impl ServerConfig {
     /// The TOML text; storage paths under `dir`.
     pub fn to_toml(&self, dir: &Path) -> String {
         let sip = self.sip_port();
-        let data = dir.join("data");
+        let data = self.data_path(dir);
         let mut t = String::new();
         writeln!(t, "[sip]").unwrap();
         writeln!(
@@ -371,12 +417,7 @@ impl ServerConfig {
         writeln!(t, "\n[http]\nlisten = \"127.0.0.1:{}\"", self.http_port()).unwrap();
         writeln!(t, "\n[storage]").unwrap();
         writeln!(t, "data_dir = {:?}", data.display().to_string()).unwrap();
-        writeln!(
-            t,
-            "metadata = {:?}",
-            format!("sqlite://{}", data.join("callvault.db").display())
-        )
-        .unwrap();
+        writeln!(t, "metadata = {:?}", self.metadata_url(dir)).unwrap();
         if self.trust_loopback {
             writeln!(t, "\n[[trusted_peer]]\ncidr = \"127.0.0.0/8\"").unwrap();
         }
@@ -507,6 +548,11 @@ impl Server {
         self.child = Some(child);
     }
 
+    /// The server's `storage.metadata` URL (SQLite file or PostgreSQL database).
+    pub fn metadata_url(&self) -> String {
+        self.config.metadata_url(self.dir.path())
+    }
+
     pub fn sip_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.config.sip_port()))
     }
@@ -602,8 +648,8 @@ impl Server {
     /// The offer token of `cid` from the server's own share secret in its database (what
     /// the share-offer MESSAGE would carry).
     pub fn offer_token(&self, cid: &str) -> String {
-        let data = self.dir.path().join("data");
-        let url = format!("sqlite://{}", data.join("callvault.db").display());
+        let data = self.config.data_path(self.dir.path());
+        let url = self.metadata_url();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -50,7 +50,7 @@ use crate::metrics::{AuthProto, CallOutcome, METRICS};
 use crate::sip::auth::{Algorithm, Credentials, Verdict, Verifier};
 use crate::sip::dialog::route_request;
 use crate::sip::message::{HeaderAccess, Method, Request, Response, SipMessage};
-use crate::sip::registrar::{Binding, Registrar, Source};
+use crate::sip::registrar::{Binding, BindingRecord, Registrar, Source};
 use crate::sip::transaction::{
     ClientInput, ClientTxId, Peer, ServerInput, ServerTxId, TimerConfig, TransactionLayer,
     Transmit, TxEvent,
@@ -283,12 +283,25 @@ pub enum EngineEvent {
         content_type: Option<String>,
         body: Bytes,
     },
+    /// Cluster (PROTOCOL.md 6), only with [`Engine::share_registrations`]: a REGISTER changed
+    /// `aor`'s bindings on this node. The edge writes them to the shared table, in order.
+    BindingsChanged {
+        aor: String,
+        /// Bindings this REGISTER created or refreshed.
+        changed: Vec<BindingRecord>,
+        /// Contact URIs it removed (`expires=0`).
+        removed: Vec<String>,
+        /// `Contact: *`: every binding of the AOR, on every node.
+        all_removed: bool,
+    },
 }
 
 pub struct Engine<M: MediaBackend> {
     cfg: EngineConfig,
     tx: TransactionLayer,
     registrar: Registrar,
+    /// Report registrar changes as [`EngineEvent::BindingsChanged`] (cluster mode).
+    share_registrations: bool,
     verifier: Verifier,
     /// Digest failures per user and per source; lockouts (issue 10, finding 4).
     auth_guard: AuthGuard,
@@ -345,6 +358,7 @@ impl<M: MediaBackend> Engine<M> {
             guard: guard::Guard::new(cfg.guard),
             cfg,
             registrar,
+            share_registrations: false,
             verifier,
             auth_guard: AuthGuard::new(AuthProto::Sip, GuardPolicy::default()),
             accounts: HashMap::new(),
@@ -366,6 +380,42 @@ impl<M: MediaBackend> Engine<M> {
             ood_info_logged: false,
             size_switched: Default::default(),
         }
+    }
+
+    /// Cluster mode (PROTOCOL.md 6): registrations live in a shared table. The engine stays
+    /// sans-IO: it reports what a REGISTER changed ([`EngineEvent::BindingsChanged`]) and
+    /// takes other nodes' bindings from the edge ([`Engine::set_remote_bindings`]), which reads
+    /// them before handing over a request that looks an AOR up.
+    pub fn share_registrations(&mut self, on: bool) {
+        self.share_registrations = on;
+    }
+
+    /// Replaces what the engine knows of other nodes' bindings of `aor` (`user@domain`) with
+    /// `records` (read from the shared table at `now`). Records that do not parse are skipped.
+    pub fn set_remote_bindings(&mut self, aor: &str, records: &[BindingRecord], now: Instant) {
+        let bindings = records
+            .iter()
+            .filter_map(|r| Binding::from_record(r, now))
+            .collect();
+        self.registrar.set_remote(aor, bindings);
+    }
+
+    /// The AOR (`user@domain`) an out-of-dialog request would look up or register, for the
+    /// edge to load other nodes' bindings first: the To user of a REGISTER, the Request-URI
+    /// user of a new INVITE or MESSAGE. None for anything else.
+    pub fn lookup_aor(&self, req: &Request) -> Option<String> {
+        if req
+            .to_hdr()
+            .is_some_and(|t| t.param("tag").flatten().is_some())
+        {
+            return None;
+        }
+        let user = match req.method {
+            Method::Register => req.to_hdr()?.uri.user_unescaped()?,
+            Method::Invite | Method::Message => req.parsed_uri().ok()?.user_unescaped()?,
+            _ => return None,
+        };
+        Some(format!("{user}@{}", self.cfg.domain))
     }
 
     // ---------------------------------------------------------------------------------------
@@ -759,6 +809,20 @@ impl<M: MediaBackend> Engine<M> {
         };
         match self.registrar.register(&aor, &req, source, now) {
             Ok(outcome) => {
+                if self.share_registrations {
+                    let changed = self
+                        .registrar
+                        .changed_at(&aor, now)
+                        .into_iter()
+                        .map(|b| b.record(now))
+                        .collect();
+                    self.events.push_back(EngineEvent::BindingsChanged {
+                        aor: aor.clone(),
+                        changed,
+                        removed: outcome.removed_uris.clone(),
+                        all_removed: outcome.all_removed,
+                    });
+                }
                 let mut resp = req.response(200, None);
                 resp.ensure_to_tag(&self.token(10));
                 for c in outcome.contacts() {

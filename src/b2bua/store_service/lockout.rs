@@ -1,6 +1,7 @@
 //! PIN lockout (PROTOCOL.md §5): failures 1–5 within a 10-minute window are `bad-pin`; from
 //! then on every attempt for the next 10 minutes is `locked-out`, right PIN or not. A right PIN
-//! before lockout resets the count. Sans-IO: time comes in. Kept in memory: a restart forgets
+//! before lockout resets the count. Sans-IO: time comes in. Kept in memory (one node on SQLite;
+//! a cluster on PostgreSQL uses the shared table, `storage::pin_lockouts`): a restart forgets
 //! failures (documented in docs/ARCHITECTURE.md).
 
 use std::collections::HashMap;

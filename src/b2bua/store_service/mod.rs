@@ -277,7 +277,8 @@ impl StoreService {
             // Share events belong to the share service.
             EngineEvent::CallAnswered(_)
             | EngineEvent::ShareRequest { .. }
-            | EngineEvent::ShareRelayAnswered { .. } => {}
+            | EngineEvent::ShareRelayAnswered { .. }
+            | EngineEvent::BindingsChanged { .. } => {}
         }
     }
 
@@ -364,6 +365,18 @@ impl StoreService {
                     }));
                 });
             }
+        }
+    }
+
+    /// The user a command notifies out of dialog (to its registered contacts), if any: on a
+    /// cluster the core reads that user's bindings on other nodes first.
+    pub(crate) fn notified_user(cmd: &Command) -> Option<&str> {
+        match cmd {
+            Command::Notify(Notification {
+                target: Target::User(user),
+                ..
+            }) => Some(user),
+            _ => None,
         }
     }
 

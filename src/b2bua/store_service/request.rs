@@ -11,6 +11,7 @@ use crate::config::PromptFormat;
 use crate::error_code::{ErrorCode, Refusal};
 use crate::sip::transaction::ServerTxId;
 use crate::sip::uri::Uri;
+use crate::storage::pin_lockouts::PinLockouts;
 use crate::storage::stores::{party_uri, rfc3339, NewStore, StoreKind};
 use crate::storage::threshold::Threshold;
 
@@ -127,7 +128,22 @@ async fn validate(
                 format!("{} is not a subscriber", job.receiver),
             )
         })?;
-    if ctx.lockout().is_locked(&user, Instant::now()) {
+    // On a shared database the lockout is shared too (PROTOCOL 6): a guesser spreading tries
+    // over nodes meets one count. A single node keeps it in memory.
+    let shared = ctx
+        .stores
+        .db()
+        .backend()
+        .is_shared()
+        .then(|| PinLockouts::new(ctx.stores.db().clone()));
+    let locked = match &shared {
+        Some(l) => l
+            .is_locked(&user, SystemTime::now())
+            .await
+            .map_err(Refusal::internal)?,
+        None => ctx.lockout().is_locked(&user, Instant::now()),
+    };
+    if locked {
         return Err(Refusal::bare(ErrorCode::LockedOut));
     }
     let ok = ctx
@@ -136,10 +152,19 @@ async fn validate(
         .await
         .map_err(Refusal::internal)?;
     if !ok {
-        ctx.lockout().failure(&user, Instant::now());
+        match &shared {
+            Some(l) => l
+                .failure(&user, SystemTime::now())
+                .await
+                .map_err(Refusal::internal)?,
+            None => ctx.lockout().failure(&user, Instant::now()),
+        }
         return Err(Refusal::bare(ErrorCode::BadPin));
     }
-    ctx.lockout().success(&user);
+    match &shared {
+        Some(l) => l.success(&user).await.map_err(Refusal::internal)?,
+        None => ctx.lockout().success(&user),
+    }
     if account.free_bytes() == 0 {
         return Err(Refusal::bare(ErrorCode::QuotaExhausted));
     }
