@@ -5,6 +5,7 @@ pub mod capability;
 pub mod db;
 pub mod live;
 pub mod log_thread;
+pub mod objects;
 pub mod segments;
 pub mod session;
 pub mod stores;

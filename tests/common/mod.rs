@@ -20,6 +20,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod http;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -376,6 +377,10 @@ impl ServerConfig {
             format!("sqlite://{}", data.join("callvault.db").display())
         )
         .unwrap();
+        // The test matrix (scripts/test): store media and share pieces on s3s-fs.
+        if let Some(objects) = s3::matrix_toml() {
+            t.push_str(&objects);
+        }
         if self.trust_loopback {
             writeln!(t, "\n[[trusted_peer]]\ncidr = \"127.0.0.0/8\"").unwrap();
         }
