@@ -250,6 +250,15 @@ impl Default for LimitsConfig {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub metadata: String,
+    /// Where store media and share pieces live: `file` (data_dir on the local disk) or
+    /// `s3://bucket` (PROTOCOL.md 6; `storage::objects`).
+    pub objects: String,
+    /// S3 endpoint URL; empty = AWS. Set = path-style requests to it.
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    /// Empty = `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` from the environment.
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
 }
 
 impl Default for StorageConfig {
@@ -257,6 +266,11 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("./data"),
             metadata: "sqlite://./data/callvault.db".into(),
+            objects: "file".into(),
+            s3_endpoint: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
         }
     }
 }
@@ -513,6 +527,9 @@ impl Config {
             c.http.admin_token = "***".into();
         }
         c.storage.metadata = mask_url_password(&c.storage.metadata);
+        if !c.storage.s3_secret_access_key.is_empty() {
+            c.storage.s3_secret_access_key = "***".into();
+        }
         toml::to_string(&c).map_err(|e| e.to_string())
     }
 
@@ -676,6 +693,9 @@ impl Config {
         }
         if self.storage.metadata.is_empty() {
             return Err(invalid("storage.metadata", "a database URL is needed"));
+        }
+        if let Err(message) = crate::storage::objects::ObjectsConfig::parse(&self.storage) {
+            return Err(invalid("storage.objects", message));
         }
         if self.store.threshold_percent > 100 {
             return Err(invalid("store.threshold_percent", "must be within 0..=100"));

@@ -53,6 +53,8 @@ pub enum ServerError {
     Dht(#[from] crate::share::dht::DhtError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("object store: {0}")]
+    Objects(#[from] crate::storage::objects::ObjectError),
     #[error("cannot start {what}: {source}")]
     Thread {
         what: &'static str,
@@ -113,6 +115,29 @@ pub(crate) fn connection_fd_budget(nofile: u64, rtp_ports: usize, reserve: usize
     after_reserve - rtp_ports.min(after_reserve / 2)
 }
 
+/// With a remote object store: the recovered stores whose log is on this disk get the rest
+/// of their log uploaded and their end object, so every node reads them whole.
+async fn upload_recovered(
+    objects: &dyn crate::storage::objects::ObjectBackend,
+    data_dir: &std::path::Path,
+    recovered: &[crate::storage::stores::RecoveredStore],
+) {
+    for r in recovered {
+        let Ok(rec) = &r.outcome else { continue };
+        if rec.segments == 0 {
+            continue; // not written here
+        }
+        let Ok(dir) = crate::storage::stores::store_dir(data_dir, &r.id) else {
+            continue;
+        };
+        let done =
+            crate::storage::objects::chunks::upload_rest(objects, &r.id, &dir, rec.bytes).await;
+        if let Err(e) = done {
+            tracing::warn!(store = %r.id, error = %e, "recovered store not uploaded");
+        }
+    }
+}
+
 pub async fn run(config: Config) -> Result<(), ServerError> {
     run_from(config, None).await
 }
@@ -154,6 +179,9 @@ pub async fn run_from(
     } else {
         NonceKey::random()
     };
+    // Store media and share pieces: the local disk, or a bucket (created if missing).
+    let objects = crate::storage::objects::open(&config.storage).await?;
+    tracing::info!(objects = %objects.describe(), "object store");
     // Stores interrupted by a crash or restart: cut to their last good record, `truncated`.
     match stores
         .recover_on_startup(&config.storage.data_dir, SystemTime::now())
@@ -162,6 +190,9 @@ pub async fn run_from(
         Ok(recovered) => {
             for r in &recovered {
                 tracing::info!(store = ?r, "recovered interrupted store as truncated");
+            }
+            if !objects.is_local() {
+                upload_recovered(&*objects, &config.storage.data_dir, &recovered).await;
             }
         }
         Err(e) => return Err(ServerError::Db(e.to_string())),
@@ -305,7 +336,7 @@ pub async fn run_from(
         METRICS.cluster_nodes_alive.set(1);
         None
     };
-    let live = Arc::new(LiveStores::new());
+    let live = Arc::new(LiveStores::with_objects(Arc::clone(&objects)));
     let (service, commands) = StoreService::new(
         ServiceConfig {
             public_ip: config.sip.public_address,
@@ -362,6 +393,7 @@ pub async fn run_from(
             stores.clone(),
             accounts.clone(),
             config.storage.data_dir.clone(),
+            live.objects().cloned(),
             config.store.retention_days,
         ));
     }
@@ -856,7 +888,13 @@ async fn expire_pending_stores(stores: Stores) {
 
 /// `store.retention_days`: once an hour (and at start), deletes finished stores older than
 /// that, like `DELETE /v1/stores/{id}` does.
-async fn retention(stores: Stores, accounts: Accounts, data_dir: std::path::PathBuf, days: u32) {
+async fn retention(
+    stores: Stores,
+    accounts: Accounts,
+    data_dir: std::path::PathBuf,
+    objects: Option<crate::storage::objects::Objects>,
+    days: u32,
+) {
     let keep = Duration::from_secs(u64::from(days) * 86_400);
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
@@ -872,7 +910,7 @@ async fn retention(stores: Stores, accounts: Accounts, data_dir: std::path::Path
             }
         };
         for id in ids {
-            match remove_store(&stores, &accounts, &data_dir, &id).await {
+            match remove_store(&stores, &accounts, &data_dir, objects.as_ref(), &id).await {
                 Ok(_) => tracing::info!(store = %id, days, "store deleted by retention"),
                 Err(e) => tracing::warn!(store = %id, error = %e, "retention: delete failed"),
             }

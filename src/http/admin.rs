@@ -484,7 +484,16 @@ pub(crate) async fn delete_store(
     if store.state == StoreState::Receiving {
         end_receiving(&state, &id).await?;
     }
-    if !remove_store(&state.stores, &state.accounts, &state.data_dir, &id).await? {
+    let objects = state.live.objects();
+    if !remove_store(
+        &state.stores,
+        &state.accounts,
+        &state.data_dir,
+        objects,
+        &id,
+    )
+    .await?
+    {
         return Err(not_found());
     }
     tracing::info!(store = %id, "store deleted");
@@ -497,6 +506,7 @@ pub(crate) async fn remove_store(
     stores: &Stores,
     accounts: &Accounts,
     data_dir: &FsPath,
+    objects: Option<&crate::storage::objects::Objects>,
     id: &str,
 ) -> Result<bool, StoreError> {
     let dir = store_dir(data_dir, id)?;
@@ -512,6 +522,11 @@ pub(crate) async fn remove_store(
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(store = %id, error = %e, "media of a deleted store not removed"),
+    }
+    if let Some(o) = objects {
+        if let Err(e) = crate::storage::objects::chunks::delete_store(&**o, id).await {
+            tracing::warn!(store = %id, error = %e, "chunks of a deleted store not removed");
+        }
     }
     Ok(true)
 }

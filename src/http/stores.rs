@@ -17,7 +17,7 @@
 use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::io;
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ use super::auth::{aor_of, authenticate, is_party, unauthorized, Caller};
 use super::errors::ApiError;
 use super::media::{self, MediaFormat};
 use super::{upload_token, HttpState};
+use crate::storage::live::finished_probe;
 use crate::storage::segments::{RecordHeader, SegmentError, SegmentReader, TailState};
 use crate::storage::stores::{store_dir, ListFilter, Party, Store, StoreState, StoreView};
 
@@ -309,7 +310,7 @@ pub(crate) async fn get_media(
                 None
             } else {
                 Some(
-                    scan_payload_len(&dir, pt_filter)
+                    scan_payload_len(state.live.reader(&dir, &id, false, None).0, pt_filter)
                         .await
                         .map_err(storage_error)?,
                 )
@@ -325,11 +326,22 @@ pub(crate) async fn get_media(
         _ => None,
     };
 
-    let live = tail.is_some();
+    // Not written on this node and media in an object store: its chunks, followed while
+    // the store receives (another node's live tail).
+    let (reader, live) = match (tail, state.live.objects()) {
+        (None, Some(_)) => {
+            let probe = finished_probe(&state.stores, &id);
+            state.live.reader(&dir, &id, receiving, Some(probe))
+        }
+        (tail, _) => {
+            let live = tail.is_some();
+            (SegmentReader::open(&dir, 0, tail), live)
+        }
+    };
     let follow = Follow {
         state: Arc::clone(&state),
         id: id.clone(),
-        reader: SegmentReader::open(&dir, 0, tail),
+        reader,
         dir,
         live,
         draining: !receiving,
@@ -347,8 +359,7 @@ pub(super) fn storage_error(e: SegmentError) -> ApiError {
 }
 
 /// Payload bytes of a finished store (the WAV header's sizes), counting only `pt` if given.
-async fn scan_payload_len(dir: &FsPath, pt: Option<u8>) -> Result<u64, SegmentError> {
-    let mut r = SegmentReader::open(dir, 0, None);
+async fn scan_payload_len(mut r: SegmentReader, pt: Option<u8>) -> Result<u64, SegmentError> {
     let mut n = 0u64;
     while let Some(rec) = r.next().await? {
         if pt.is_none_or(|p| rec.header.payload_type == p) {

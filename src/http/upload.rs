@@ -38,6 +38,7 @@ use super::stores::{path_id, require_caller, upload_token_matches, PathArg};
 use super::{HttpEvent, HttpState};
 use crate::error_code::{ErrorCode, Refusal};
 use crate::metrics::{GaugeGuard, METRICS};
+use crate::storage::objects::chunks::spawn_uploader;
 use crate::storage::segments::{
     RecordHeader, SegmentError, SegmentOptions, SegmentWriter, TailState, MAX_PAYLOAD,
 };
@@ -436,6 +437,20 @@ async fn run_upload(
     let _live = writer
         .as_ref()
         .map(|w| state.live.register(&id, w.subscribe()));
+    // With a remote object store the log is the write-ahead; chunks go up beside it.
+    let uploader = match (
+        writer.as_ref(),
+        state.live.objects(),
+        store_dir(&state.data_dir, &id),
+    ) {
+        (Some(w), Some(o), Ok(dir)) => Some(spawn_uploader(
+            Arc::clone(o),
+            id.clone(),
+            dir,
+            w.subscribe(),
+        )),
+        _ => None,
+    };
     let mut up = Upload {
         state: Arc::clone(&state),
         payload_type: store.payload_type.unwrap_or(UPLOAD_PAYLOAD_TYPE),
@@ -451,6 +466,13 @@ async fn run_upload(
     };
     let end = read_body(&mut up, body, len).await;
     up.commit(true).await;
+    // Finished in the database only once the media is all in the object store.
+    drop(up.writer.take());
+    if let Some(u) = uploader {
+        if let Err(e) = u.finish().await {
+            tracing::error!(store = %id, error = %e, "store media not uploaded");
+        }
+    }
     let how = match &end {
         _ if up.storage_failed => IngestEnd::StorageFailed,
         BodyEnd::Complete => IngestEnd::Done,

@@ -127,12 +127,12 @@ impl<'a> Request<'a> {
 /// too). rustls 0.23.48 deprecates it for lacking post-quantum key exchange; the choice of
 /// provider is the project's, made once, so the warning is silenced here only.
 #[allow(deprecated)]
-fn ring_provider() -> rustls::crypto::CryptoProvider {
+pub(crate) fn ring_provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
 /// The system's roots, read once per process.
-fn native_roots() -> Arc<rustls::RootCertStore> {
+pub(crate) fn native_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {

@@ -7,6 +7,7 @@ pub mod lease;
 pub mod live;
 pub mod log_thread;
 pub mod nodes;
+pub mod objects;
 pub mod pin_lockouts;
 pub mod registrations;
 pub mod segments;

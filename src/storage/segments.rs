@@ -43,13 +43,15 @@
 //! good record.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crc::{Crc, Table, CRC_32_ISCSI};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
+
+use crate::storage::objects::chunks::ChunkSource;
 
 /// Header bytes before each payload.
 pub const HEADER_LEN: usize = 28;
@@ -84,6 +86,8 @@ pub enum SegmentError {
     Failed,
     #[error("storage task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Object(#[from] crate::storage::objects::ObjectError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SegmentError + 'a {
@@ -255,6 +259,48 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SegmentError> {
     }
     out.sort_unstable_by_key(|(b, _)| *b);
     Ok(out)
+}
+
+/// Bytes `from..to` of the committed log in `dir` (blocking): what the object uploader puts
+/// as a chunk. `from` and `to` are commit boundaries the writer published.
+pub(crate) fn read_log_range(dir: &Path, from: u64, to: u64) -> Result<Vec<u8>, SegmentError> {
+    let segments = list_segments(dir)?;
+    let cap = usize::try_from(to.saturating_sub(from)).unwrap_or(0);
+    let mut out = Vec::with_capacity(cap);
+    let mut at = from;
+    while at < to {
+        let Some((base, path)) = segments.iter().rev().find(|(b, _)| *b <= at) else {
+            return Err(SegmentError::MissingSegment(at));
+        };
+        let mut f = File::open(path).map_err(io_err("open", path))?;
+        f.seek(io::SeekFrom::Start(at - base))
+            .map_err(io_err("seek", path))?;
+        let before = out.len();
+        f.take(to - at)
+            .read_to_end(&mut out)
+            .map_err(io_err("read", path))?;
+        let n = (out.len() - before) as u64;
+        if n == 0 {
+            return Err(SegmentError::MissingSegment(at));
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
+/// The length of the longest run of whole records at the start of `log` that is at most
+/// `max` bytes (at least one record, even a larger one; all of `log` when shorter). `log`
+/// starts on a record.
+pub(crate) fn record_cut(log: &[u8], max: usize) -> usize {
+    let mut at = 0usize;
+    while at + HEADER_LEN <= log.len() {
+        let len = HEADER_LEN + le_u32(log, at) as usize;
+        if at > 0 && at + len > max {
+            break;
+        }
+        at += len;
+    }
+    at.min(log.len())
 }
 
 /// Makes created/renamed directory entries durable.
@@ -607,6 +653,8 @@ impl SegmentWriter {
 #[derive(Debug)]
 pub struct SegmentReader {
     dir: PathBuf,
+    /// Chunk objects instead of the segment files in `dir` (`objects = "s3://..."`).
+    chunks: Option<Box<ChunkSource>>,
     tail: Option<watch::Receiver<TailState>>,
     /// Logical offset of `buf[start]`.
     pos: u64,
@@ -626,7 +674,23 @@ impl SegmentReader {
     ) -> SegmentReader {
         SegmentReader {
             dir: dir.to_path_buf(),
+            chunks: None,
             tail,
+            pos: offset,
+            file: None,
+            buf: vec![0; 2 * MAX_RECORD],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// A reader of the store's chunk objects from `offset` (a record boundary), following
+    /// the store while `source` does (see [`ChunkSource`]).
+    pub fn from_objects(source: ChunkSource, offset: u64) -> SegmentReader {
+        SegmentReader {
+            dir: PathBuf::new(),
+            chunks: Some(Box::new(source)),
+            tail: None,
             pos: offset,
             file: None,
             buf: vec![0; 2 * MAX_RECORD],
@@ -713,6 +777,13 @@ impl SegmentReader {
         }
         let room = self.buf.len() - self.end;
         let want = limit.map_or(room, |l| room.min(usize::try_from(l).unwrap_or(usize::MAX)));
+        if let Some(chunks) = self.chunks.as_mut() {
+            let n = chunks
+                .read_at(at, &mut self.buf[self.end..self.end + want])
+                .await?;
+            self.end += n;
+            return Ok(n);
+        }
         // Out of data on disk: an error when the watch says there is more.
         let none_left = |at| match limit {
             None => Ok(0),

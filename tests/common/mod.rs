@@ -22,6 +22,7 @@
 pub mod http;
 pub mod kamailio;
 pub mod pg;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -418,6 +419,10 @@ impl ServerConfig {
         writeln!(t, "\n[storage]").unwrap();
         writeln!(t, "data_dir = {:?}", data.display().to_string()).unwrap();
         writeln!(t, "metadata = {:?}", self.metadata_url(dir)).unwrap();
+        // The test matrix (scripts/test): store media and share pieces on s3s-fs.
+        if let Some(objects) = s3::matrix_toml() {
+            t.push_str(&objects);
+        }
         if self.trust_loopback {
             writeln!(t, "\n[[trusted_peer]]\ncidr = \"127.0.0.0/8\"").unwrap();
         }

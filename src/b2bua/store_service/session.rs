@@ -23,6 +23,7 @@
 //! and may be dropped.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
@@ -41,6 +42,8 @@ use crate::media::srtp::{MasterKey, SrtpContext};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::sdp::{is_savp, Codec, CryptoLine, Direction, SessionDescription};
 use crate::sip::message::{HeaderAccess, Request};
+use crate::storage::live::finished_probe;
+use crate::storage::objects::chunks::{spawn_uploader, Uploader};
 use crate::storage::segments::{
     pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter,
 };
@@ -350,7 +353,14 @@ async fn start_recorder(
     acc: &Accepted,
     sip: SipEnds,
     call_id: Option<&str>,
-) -> Result<(RecorderHandle, mpsc::Receiver<RecorderEvent>), Refusal> {
+) -> Result<
+    (
+        RecorderHandle,
+        mpsc::Receiver<RecorderEvent>,
+        Option<Uploader>,
+    ),
+    Refusal,
+> {
     let cfg = &ctx.cfg;
     let id = acc.store.id.as_str();
     let reject = |r: Refusal| async move {
@@ -366,14 +376,22 @@ async fn start_recorder(
             return Err(reject(refuse(ErrorCode::Overloaded, e.to_string()).retry_after(5)).await)
         }
     };
-    let writer = match store_dir(&cfg.data_dir, id)
+    let (writer, dir) = match store_dir(&cfg.data_dir, id)
         .map_err(internal)
-        .and_then(|dir| SegmentWriter::create(&dir, SegmentOptions::default()).map_err(internal))
-    {
+        .and_then(|dir| {
+            SegmentWriter::create(&dir, SegmentOptions::default())
+                .map(|w| (w, dir))
+                .map_err(internal)
+        }) {
         Ok(w) => w,
         Err(r) => return Err(reject(r).await),
     };
     let (ingest, writer) = pipeline(writer, PipelineOptions::default());
+    // With a remote object store the log is the write-ahead; chunks go up off the RTP path.
+    let uploader = ctx
+        .live
+        .objects()
+        .map(|o| spawn_uploader(Arc::clone(o), id.to_string(), dir, writer.subscribe()));
     let o = &acc.offer;
     let format = o.codec.format_name();
     let tracker = ThresholdTracker::new(acc.cfg.resolved, playout_rate_for(&format));
@@ -423,7 +441,7 @@ async fn start_recorder(
                 session: key,
                 sdp: answer.to_string(),
             });
-            Ok((recorder, events))
+            Ok((recorder, events, uploader))
         }
         Err(e) => {
             recorder.finish().await;
@@ -444,7 +462,8 @@ async fn store(
     let acc = accept_store(ctx, id, identity, invite).await?;
     // From here the store is `receiving`: every exit finishes it.
     let _active = GaugeGuard::new(&METRICS.store_sessions_active);
-    let (recorder, events) = start_recorder(ctx, key, &acc, sip, invite.call_id()).await?;
+    let (recorder, events, uploader) =
+        start_recorder(ctx, key, &acc, sip, invite.call_id()).await?;
     tracing::info!(format = %acc.offer.codec.format_name(), declared = ?acc.offer.declared,
         "store session started");
     let session = StoreSession::start(acc.cfg.clone(), Instant::now());
@@ -456,7 +475,7 @@ async fn store(
         first_packet_seen: false,
         how: IngestEnd::Done,
     };
-    drive.run(recorder, events, signals).await;
+    drive.run(recorder, events, signals, uploader).await;
     Ok(())
 }
 
@@ -478,6 +497,7 @@ impl RtpDrive<'_> {
         recorder: RecorderHandle,
         mut events: mpsc::Receiver<RecorderEvent>,
         mut signals: mpsc::UnboundedReceiver<Signal>,
+        uploader: Option<Uploader>,
     ) {
         let id = self.store.id.clone();
         let mut tail = recorder.tail();
@@ -516,6 +536,13 @@ impl RtpDrive<'_> {
         }
         let last = tail.borrow().payload_bytes;
         self.committed(last).await;
+        // The store is finished in the database only once its media is all in the object
+        // store: a reader of a finished store reads it there alone.
+        if let Some(u) = uploader {
+            if let Err(e) = u.finish().await {
+                tracing::error!(store = %id, error = %e, "store media not uploaded");
+            }
+        }
         self.feed(Input::IngestEnded {
             how: self.how,
             stored: totals.received_bytes,
@@ -675,7 +702,9 @@ async fn play(
         Some(Signal::Ended | Signal::Shutdown) | None => return Ok(()),
     }
     let dir = store_dir(&ctx.cfg.data_dir, id).map_err(internal)?;
-    let reader = SegmentReader::open(&dir, 0, ctx.live.get(id));
+    let probe = finished_probe(&ctx.stores, id);
+    let receiving = store.state == StoreState::Receiving;
+    let (reader, _) = ctx.live.reader(&dir, id, receiving, Some(probe));
     let mut pc = PlayerConfig::new(
         store.payload_type.unwrap_or(codec.pt),
         clock_rate(&format).unwrap_or(8000),
