@@ -78,15 +78,16 @@ const MIGRATIONS: &[MigrationFile] = &[
         None,
     ),
     (
+        8,
+        "store sip and direction",
+        include_str!("../../migrations/0008_store_sip_direction.sql"),
+        None,
+    ),
+    (
         9,
         "cluster",
         include_str!("../../migrations/0009_cluster.sql"),
         None,
-    ),
-    (
-        8,
-        "store sip and direction",
-        include_str!("../../migrations/0008_store_sip_direction.sql"),
     ),
 ];
 

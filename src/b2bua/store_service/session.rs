@@ -44,9 +44,7 @@ use crate::sdp::{is_savp, Codec, CryptoLine, Direction, SessionDescription};
 use crate::sip::message::{HeaderAccess, Request};
 use crate::storage::live::finished_probe;
 use crate::storage::objects::chunks::{spawn_uploader, Uploader};
-use crate::storage::segments::{
-    pipeline, PipelineOptions, SegmentOptions, SegmentReader, SegmentWriter,
-};
+use crate::storage::segments::{pipeline, PipelineOptions, SegmentOptions, SegmentWriter};
 use crate::storage::session::effects::{self, observe_first_packet, Note};
 use crate::storage::session::{
     self, IngestEnd, Input, Phase, SessionConfig, Snapshot, StoreSession,
