@@ -328,6 +328,9 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Keeps the throwaway PostgreSQL of `metadata` running as long as the config lives.
     pub pg: Option<pg::PgDb>,
+    /// More `[storage]` lines (e.g. a cluster test's bucket, [`s3::S3sFs::storage_toml`]);
+    /// when set, the test matrix's objects are not used.
+    pub storage_extra: String,
 }
 
 impl Default for ServerConfig {
@@ -348,6 +351,7 @@ impl ServerConfig {
             metadata: None,
             data_dir: None,
             pg: None,
+            storage_extra: String::new(),
         }
         .with_matrix_metadata()
     }
@@ -419,8 +423,10 @@ impl ServerConfig {
         writeln!(t, "\n[storage]").unwrap();
         writeln!(t, "data_dir = {:?}", data.display().to_string()).unwrap();
         writeln!(t, "metadata = {:?}", self.metadata_url(dir)).unwrap();
-        // The test matrix (scripts/test): store media and share pieces on s3s-fs.
-        if let Some(objects) = s3::matrix_toml() {
+        if !self.storage_extra.is_empty() {
+            t.push_str(&self.storage_extra);
+        } else if let Some(objects) = s3::matrix_toml() {
+            // The test matrix (scripts/test): store media and share pieces on s3s-fs.
             t.push_str(&objects);
         }
         if self.trust_loopback {
