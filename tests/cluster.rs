@@ -467,3 +467,191 @@ fn kill_9_of_the_receiving_node_leaves_a_truncated_prefix_and_a_settled_quota() 
     assert_eq!(acc["used_bytes"].as_u64(), Some(kept), "{acc}");
     assert!(!c.s3.keys(BUCKET, "").is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (bench/run `cluster`, docs/BENCHMARKS.md): `cargo test --release --test cluster
+// bench_ -- --ignored --nocapture` prints `BENCH` lines.
+
+/// CPU seconds (user + system) the process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One node on `backend` ("sqlite+file" or "postgres+s3"): store set-ups per second and
+/// CPU per stored packet.
+fn bench_one_node(backend: &str, pg: Option<&PgDb>, s3: Option<&S3sFs>) {
+    let mut cfg = ServerConfig::new();
+    if let (Some(pg), Some(s3)) = (pg, s3) {
+        cfg = cfg.on_postgres(pg);
+        cfg.storage_extra = s3.storage_toml(BUCKET);
+        cfg.extra = "[cluster]\nnode_id = \"bench\"\nlease_secs = 10\n".into();
+    }
+    let mut node = Server::prepare(cfg);
+    node.account_add("1001", "secret", PIN, "10GiB");
+    node.account_add("1002", "secret", PIN, "10GiB");
+    node.set_env("CALLVAULT_MEDIA_RTP_TIMEOUT_SECS", "60");
+    node.start();
+    let mut b = Ua::new("1002", "example.com", node.sip_addr());
+    b.register();
+    let (mut a, _ad, mut bd) = {
+        let mut a = Ua::new("1001", "example.com", node.sip_addr());
+        let (am, bm) = (Rtp::bind(), Rtp::bind());
+        let inv = a.invite_request("sip:1002@example.com", &[], &sdp(am.port, PCMU, "sendrecv"));
+        a.send(&inv);
+        let binv = b.expect_request(Method::Invite, None, T);
+        let bd = b.accept_invite(&binv, &sdp(bm.port, PCMU, "sendrecv"));
+        let (resp, ad) = a.finish_invite(&inv);
+        assert_eq!(resp.status, 200);
+        b.expect_request(Method::Ack, None, T);
+        (a, ad.unwrap(), bd)
+    };
+    let ready_of = |b: &mut Ua| {
+        let r = b.expect_request(Method::Message, Some(READY), T);
+        b.respond(&r, 200, &[], b"");
+    };
+
+    // Set-ups: request, prompt, store session INVITE/200/ACK, one packet, BYE, ready note.
+    let n = 40;
+    let rtp = Rtp::bind();
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let p = ask(&mut a, &mut b, &mut bd, 160);
+        let (mut d, to) =
+            store_session(&mut a, p["store_uri"].as_str().unwrap(), 160, &rtp).unwrap();
+        rtp.send(to, 0, true, 1, 160, 5, &payload(1));
+        ready_of(&mut b);
+        assert_eq!(a.bye(&mut d).status, 200);
+    }
+    let setups = n as f64 / t0.elapsed().as_secs_f64();
+    println!("BENCH cluster {backend} store set-ups: {setups:.1}/s (n={n}, one after another)");
+
+    // Ingest: 8 concurrent stores of 1,500 packets each at 500 packets/s.
+    let (stores, packets) = (8usize, 1500u32);
+    let sessions: Vec<_> = (0..stores)
+        .map(|_| {
+            let p = ask(&mut a, &mut b, &mut bd, 160);
+            let r = Rtp::bind();
+            let size = u64::from(packets) * 160;
+            let (d, to) = store_session(&mut a, p["store_uri"].as_str().unwrap(), size, &r).unwrap();
+            (d, to, r)
+        })
+        .collect();
+    let pid = node.pid().unwrap();
+    let cpu0 = cpu_secs(pid);
+    let senders: Vec<_> = sessions
+        .iter()
+        .map(|(_, to, r)| {
+            let (to, sock) = (*to, r.sock.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let r = Rtp { port: 0, sock };
+                for i in 0..packets {
+                    r.send(to, 0, i == 0, i as u16, 160 * i, 6, &payload(i));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    for _ in 0..stores {
+        ready_of(&mut b);
+    }
+    for (mut d, _, _) in sessions {
+        assert_eq!(a.bye(&mut d).status, 200);
+    }
+    std::thread::sleep(Duration::from_secs(1)); // the last commits and uploads
+    let cpu = cpu_secs(pid) - cpu0;
+    let total = stores as f64 * f64::from(packets);
+    println!(
+        "BENCH cluster {backend} stored packets per CPU-second: {:.0} ({total} packets, {cpu:.2} CPU-s)",
+        total / cpu
+    );
+}
+
+#[test]
+#[ignore = "benchmark: bench/run cluster"]
+fn bench_cluster_backends_tail_lag_and_takeover() {
+    let Some(pg) = PgDb::fresh() else { return };
+    let Some(s3) = S3sFs::start() else { return };
+    bench_one_node("sqlite+file", None, None);
+    bench_one_node("postgres+s3", Some(&pg), Some(&s3));
+    drop((pg, s3));
+
+    // Cross-node live tail: a store received on node 1, played from node 2 from its start;
+    // lag = arrival at the player - the moment the packet was sent to node 1.
+    let lease = 3;
+    let Some(mut c) = Cluster::start(lease, None) else {
+        return;
+    };
+    let mut b = register_on(&c, 1, "1002");
+    let (mut a, _ad, mut bd) = call_on(&c, 0, &mut b);
+    let p = ask(&mut a, &mut b, &mut bd, 160);
+    let a_rtp = Rtp::bind();
+    let n = 250u32;
+    let (_sd, to) =
+        store_session(&mut a, p["store_uri"].as_str().unwrap(), u64::from(n) * 160 * 2, &a_rtp)
+            .unwrap();
+    let t0 = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut sent = Vec::new();
+        for i in 0..n {
+            sent.push(t0.elapsed().as_secs_f64());
+            a_rtp.send(to, 0, i == 0, i as u16, 160 * i, 7, &payload(i));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (sent, a_rtp)
+    });
+    let ready = b.expect_request(Method::Message, Some(READY), T);
+    b.respond(&ready, 200, &[], b"");
+    let ready = json(&ready.body);
+    let b_rtp = Rtp::bind();
+    let inv = b.invite_request(
+        &on_node(&c, ready["play_uri"].as_str().unwrap(), 1),
+        &[],
+        &sdp(b_rtp.port, PCMU, "recvonly"),
+    );
+    let (resp, _pd) = b.invite(&inv);
+    assert_eq!(resp.status, 200);
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let pkt = b_rtp.recv(Duration::from_secs(5)).expect("played packet");
+        got.push(pkt.at.duration_since(t0).as_secs_f64());
+    }
+    let (sent, a_rtp) = sender.join().unwrap();
+    let mut lag: Vec<f64> = got.iter().zip(&sent).map(|(g, s)| (g - s) * 1000.0).collect();
+    let (p50, p99) = (percentile(&mut lag, 0.5), percentile(&mut lag, 0.99));
+    println!("BENCH cluster live-tail lag node 1 -> node 2: p50={p50:.0}ms p99={p99:.0}ms (n={n})");
+
+    // Takeover: node 1 killed mid-store; node 2 finishes the store.
+    let p = ask(&mut a, &mut b, &mut bd, 160);
+    let (_sd, to) =
+        store_session(&mut a, p["store_uri"].as_str().unwrap(), 1_000_000, &a_rtp).unwrap();
+    for i in 0..50u32 {
+        a_rtp.send(to, 0, i == 0, i as u16, 160 * i, 8, &payload(i));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = b.expect_request(Method::Message, Some(READY), T);
+    b.respond(&r, 200, &[], b"");
+    let id = json(&r.body)["store_id"].as_str().unwrap().to_string();
+    let killed = Instant::now();
+    c.nodes[0].kill_hard();
+    while store_json(&c, 1, &id)["state"] != "truncated" {
+        assert!(killed.elapsed() < Duration::from_secs(30), "no takeover");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "BENCH cluster takeover of a dead node's store: {:.2}s after kill -9 (lease_secs = {lease})",
+        killed.elapsed().as_secs_f64()
+    );
+}
