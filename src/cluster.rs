@@ -8,7 +8,8 @@
 //!   ([`Nodes::claim`]); the one node that wins finishes each of the dead node's `receiving`
 //!   stores `truncated` with the media that reached shared storage
 //!   ([`Stores::take_over`] → `storage::stores::committed_len`), settling its quota in the same
-//!   transaction, and drops the registrations only the dead node could reach.
+//!   transaction, releases its share uploads in flight, and drops the registrations only the
+//!   dead node could reach.
 //! - **Registrations.** The engine reports what REGISTERs change
 //!   ([`EngineEvent::BindingsChanged`](crate::b2bua::engine::EngineEvent)); one writer task
 //!   applies them to the shared table in order. Before the core hands the engine a request that
@@ -255,6 +256,12 @@ async fn take_over(nodes: &Nodes, stores: &Stores, data_dir: &std::path::Path, d
             Err(e) => tracing::warn!(store = %id, node = %dead, error = %e,
                 "cluster: dead node's store not taken over"),
         }
+    }
+    match nodes.release_share_uploads(dead).await {
+        Ok(n) if n > 0 => tracing::info!(node = %dead, uploads = n,
+            "cluster: dead node's share uploads released"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(node = %dead, error = %e, "cluster: share uploads not released"),
     }
     match nodes.drop_unreachable_registrations(dead).await {
         Ok(n) => tracing::info!(node = %dead, removed = n,

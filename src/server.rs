@@ -369,6 +369,7 @@ pub async fn run_from(
     share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
     // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
     share_settings.index_base = config.index.base().map(str::to_string);
+    share_settings.node = Some(node_id.clone());
     // `[share] index = "terminals"`: serve runs the DHT node the agents bootstrap from
     // (claim 8); it lives as long as `run`.
     let _dht_node = if config.share.index == crate::config::IndexPlacement::Terminals {

@@ -138,6 +138,27 @@ fn nodes_alive(s: &Server) -> f64 {
 }
 
 #[test]
+fn nodes_starting_together_on_an_empty_database_both_come_up() {
+    let Some(db) = PgDb::fresh() else { return };
+    let mut n1 = node(&db, None, 10);
+    let mut n2 = node(&db, None, 10);
+    // Both migrate the empty database at the same moment; the advisory lock serialises them.
+    std::thread::scope(|s| {
+        s.spawn(|| n1.start());
+        s.spawn(|| n2.start());
+    });
+    let out = db.server.psql(
+        db.url.rsplit('/').next().unwrap(),
+        "SELECT COUNT(*) FROM _sqlx_migrations",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 9"), "each migration once: {text}");
+    wait_until("both leases", Duration::from_secs(5), || {
+        (nodes_alive(&n1) == 2.0 && nodes_alive(&n2) == 2.0).then_some(())
+    });
+}
+
+#[test]
 fn second_node_shares_accounts_stores_and_store_ids() {
     let Some(db) = PgDb::fresh() else { return };
     let mut n1 = node(&db, None, 10);
