@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
+use crate::b2bua::engine::RegistrationSnapshot;
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::sip::registrar::BindingRecord;
@@ -171,6 +172,32 @@ impl Cluster {
                     q: r.q,
                     call_id: r.call_id,
                     cseq: r.cseq,
+                    user_agent: r.user_agent,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Cluster {
+    /// Every live binding other nodes hold, for the admin listing (cluster-wide).
+    pub(crate) async fn other_nodes_registrations(&self) -> Vec<RegistrationSnapshot> {
+        let rows = match self.registrations.list(SystemTime::now()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: registrations not listed");
+                return Vec::new();
+            }
+        };
+        rows.into_iter()
+            .filter(|r| r.node != self.node.node_id)
+            .filter_map(|r| {
+                Some(RegistrationSnapshot {
+                    source: r.source.parse().ok()?,
+                    transport: r.transport.parse().ok()?,
+                    aor: r.aor,
+                    contact: r.contact,
+                    expires_at: r.expires_at,
                     user_agent: r.user_agent,
                 })
             })

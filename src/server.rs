@@ -752,7 +752,21 @@ impl Core {
                 let _ = tx.send(self.engine.end_call_by_operator(id, now));
             }
             AdminCommand::Registrations(tx) => {
-                let _ = tx.send(self.engine.registrations_snapshot(now));
+                let mut list = self.engine.registrations_snapshot(now);
+                match &self.cluster {
+                    // Cluster-wide (PROTOCOL 6): other nodes' rows come from the table.
+                    Some(c) => {
+                        let c = c.clone();
+                        tokio::spawn(async move {
+                            list.extend(c.other_nodes_registrations().await);
+                            list.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.contact.cmp(&b.contact)));
+                            let _ = tx.send(list);
+                        });
+                    }
+                    None => {
+                        let _ = tx.send(list);
+                    }
+                }
             }
             AdminCommand::EndStore(id, tx) => {
                 let _ = tx.send(self.engine.end_store_sessions(&id, now));

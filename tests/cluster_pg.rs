@@ -271,6 +271,15 @@ fn registration_on_node_1_reaches_the_phone_from_node_2_via_its_path() {
         sender.join().unwrap()
     });
     assert_eq!(status, 200);
+    // The registration listing is cluster-wide: node 2 lists the binding node 1 took.
+    let (st, list) = get_json(n2.http_addr(), "/v1/registrations", "1002", "secret");
+    assert_eq!(st, 200, "{list}");
+    let list = list.as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0]["contact"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&phone.addr.port().to_string()));
 }
 
 #[test]
