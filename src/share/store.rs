@@ -661,9 +661,15 @@ impl Shares {
             if !local.contains(&id) {
                 continue;
             }
-            // Another live node's upload (nodes sharing one data_dir): not ours to release.
+            // On a shared database, another live node's upload (nodes sharing one data_dir)
+            // is not ours to release. A single node releases every row (its id may change
+            // with its host name or port).
             let node: Option<String> = row.try_get("node")?;
-            if let (Some(theirs), Some(me)) = (&node, &self.inner.settings.node) {
+            if let (Some(theirs), Some(me), true) = (
+                &node,
+                &self.inner.settings.node,
+                self.inner.db.backend().is_shared(),
+            ) {
                 if theirs != me {
                     local.remove(&id);
                     continue;
