@@ -8,7 +8,8 @@
 //!   ([`Nodes::claim`]); the one node that wins finishes each of the dead node's `receiving`
 //!   stores `truncated` with the media that reached shared storage
 //!   ([`Stores::take_over`] → `storage::stores::committed_len`), settling its quota in the same
-//!   transaction, and drops the registrations only the dead node could reach.
+//!   transaction, releases its share uploads in flight, and drops the registrations only the
+//!   dead node could reach.
 //! - **Registrations.** The engine reports what REGISTERs change
 //!   ([`EngineEvent::BindingsChanged`](crate::b2bua::engine::EngineEvent)); one writer task
 //!   applies them to the shared table in order. Before the core hands the engine a request that
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
+use crate::b2bua::engine::RegistrationSnapshot;
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::sip::registrar::BindingRecord;
@@ -177,6 +179,32 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Every live binding other nodes hold, for the admin listing (cluster-wide).
+    pub(crate) async fn other_nodes_registrations(&self) -> Vec<RegistrationSnapshot> {
+        let rows = match self.registrations.list(SystemTime::now()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: registrations not listed");
+                return Vec::new();
+            }
+        };
+        rows.into_iter()
+            .filter(|r| r.node != self.node.node_id)
+            .filter_map(|r| {
+                Some(RegistrationSnapshot {
+                    source: r.source.parse().ok()?,
+                    transport: r.transport.parse().ok()?,
+                    aor: r.aor,
+                    contact: r.contact,
+                    expires_at: r.expires_at,
+                    user_agent: r.user_agent,
+                })
+            })
+            .collect()
+    }
+}
+
 async fn write_bindings(regs: Registrations, mut rx: mpsc::UnboundedReceiver<BindingsWrite>) {
     while let Some(w) = rx.recv().await {
         let done = async {
@@ -255,6 +283,12 @@ async fn take_over(nodes: &Nodes, stores: &Stores, data_dir: &std::path::Path, d
             Err(e) => tracing::warn!(store = %id, node = %dead, error = %e,
                 "cluster: dead node's store not taken over"),
         }
+    }
+    match nodes.release_share_uploads(dead).await {
+        Ok(n) if n > 0 => tracing::info!(node = %dead, uploads = n,
+            "cluster: dead node's share uploads released"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(node = %dead, error = %e, "cluster: share uploads not released"),
     }
     match nodes.drop_unreachable_registrations(dead).await {
         Ok(n) => tracing::info!(node = %dead, removed = n,

@@ -401,6 +401,7 @@ pub async fn run_from(
     share_settings.server_address = Some(config.server_http_address(http_addr).to_string());
     // `index.url` set: offers name the `callvault index` role and our /v1/index redirects there.
     share_settings.index_base = config.index.base().map(str::to_string);
+    share_settings.node = Some(node_id.clone());
     // `[share] index = "terminals"`: serve runs the DHT node the agents bootstrap from
     // (claim 8); it lives as long as `run`.
     let _dht_node = if config.share.index == crate::config::IndexPlacement::Terminals {
@@ -783,7 +784,21 @@ impl Core {
                 let _ = tx.send(self.engine.end_call_by_operator(id, now));
             }
             AdminCommand::Registrations(tx) => {
-                let _ = tx.send(self.engine.registrations_snapshot(now));
+                let mut list = self.engine.registrations_snapshot(now);
+                match &self.cluster {
+                    // Cluster-wide (PROTOCOL 6): other nodes' rows come from the table.
+                    Some(c) => {
+                        let c = c.clone();
+                        tokio::spawn(async move {
+                            list.extend(c.other_nodes_registrations().await);
+                            list.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.contact.cmp(&b.contact)));
+                            let _ = tx.send(list);
+                        });
+                    }
+                    None => {
+                        let _ = tx.send(list);
+                    }
+                }
             }
             AdminCommand::EndStore(id, tx) => {
                 let _ = tx.send(self.engine.end_store_sessions(&id, now));

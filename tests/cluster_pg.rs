@@ -138,6 +138,27 @@ fn nodes_alive(s: &Server) -> f64 {
 }
 
 #[test]
+fn nodes_starting_together_on_an_empty_database_both_come_up() {
+    let Some(db) = PgDb::fresh() else { return };
+    let mut n1 = node(&db, None, 10);
+    let mut n2 = node(&db, None, 10);
+    // Both migrate the empty database at the same moment; the advisory lock serialises them.
+    std::thread::scope(|s| {
+        s.spawn(|| n1.start());
+        s.spawn(|| n2.start());
+    });
+    let out = db.server.psql(
+        db.url.rsplit('/').next().unwrap(),
+        "SELECT COUNT(*) FROM _sqlx_migrations",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 9"), "each migration once: {text}");
+    wait_until("both leases", Duration::from_secs(5), || {
+        (nodes_alive(&n1) == 2.0 && nodes_alive(&n2) == 2.0).then_some(())
+    });
+}
+
+#[test]
 fn second_node_shares_accounts_stores_and_store_ids() {
     let Some(db) = PgDb::fresh() else { return };
     let mut n1 = node(&db, None, 10);
@@ -250,6 +271,15 @@ fn registration_on_node_1_reaches_the_phone_from_node_2_via_its_path() {
         sender.join().unwrap()
     });
     assert_eq!(status, 200);
+    // The registration listing is cluster-wide: node 2 lists the binding node 1 took.
+    let (st, list) = get_json(n2.http_addr(), "/v1/registrations", "1002", "secret");
+    assert_eq!(st, 200, "{list}");
+    let list = list.as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0]["contact"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&phone.addr.port().to_string()));
 }
 
 #[test]

@@ -1215,6 +1215,80 @@ fn register_then_call_reaches_the_registration_source() {
     );
 }
 
+#[test]
+fn cluster_mode_reports_bindings_and_reaches_other_nodes_phones_through_their_path() {
+    use crate::sip::registrar::BindingRecord;
+    let mut cfg = config();
+    cfg.trusted = vec!["127.0.0.1/32".parse().unwrap()];
+    let mut net = Net::with(cfg, FakeMedia::new(4));
+    add_account(&mut net, "1002", "bob-pw");
+    // Off (the single node): nothing to persist.
+    register(&mut net, 1, 3600);
+    assert!(!net
+        .events()
+        .iter()
+        .any(|e| matches!(e, EngineEvent::BindingsChanged { .. })));
+    net.eng.share_registrations(true);
+    register(&mut net, 3, 3600);
+    let changed: Vec<_> = net
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            EngineEvent::BindingsChanged {
+                aor,
+                changed,
+                removed,
+                all_removed,
+            } => Some((aor, changed, removed, all_removed)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changed.len(), 1);
+    let (aor, recs, removed, all) = &changed[0];
+    assert_eq!(aor, "1002@example.com");
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].contact_uri, PHONE_CONTACT);
+    assert_eq!(recs[0].source, PHONE_SRC.parse().unwrap());
+    assert!(removed.is_empty() && !all);
+    register(&mut net, 5, 0);
+    let gone = net.events().into_iter().find_map(|e| match e {
+        EngineEvent::BindingsChanged { removed, .. } => Some(removed),
+        _ => None,
+    });
+    assert_eq!(gone, Some(vec![PHONE_CONTACT.to_string()]));
+
+    // A phone that registered on another node through a proxy: the edge hands its record
+    // over; a new INVITE is sent to the Path's first hop with the Path as Route.
+    let rec = BindingRecord {
+        contact: "<sip:1002@10.9.9.9:5060>".into(),
+        contact_uri: "sip:1002@10.9.9.9:5060".into(),
+        path: vec!["<sip:127.0.0.3:5060;lr>".into()],
+        transport: Transport::Udp,
+        source: "127.0.0.3:5060".parse().unwrap(),
+        q: 1000,
+        call_id: "elsewhere".into(),
+        cseq: 1,
+        user_agent: None,
+        expires_in: Duration::from_secs(600),
+    };
+    let inv = a_invite("call-remote@a", "1002", None);
+    assert_eq!(
+        net.eng.lookup_aor(&inv).as_deref(),
+        Some("1002@example.com")
+    );
+    let now = net.now;
+    net.eng.set_remote_bindings("1002@example.com", &[rec], now);
+    assert_eq!(net.eng.registrations(), 0, "not this node's registrations");
+    let proxy = peer("127.0.0.3:5060");
+    let out = net.req(a(), &inv);
+    let sent = out.request(proxy, Method::Invite);
+    assert_eq!(sent.uri, "sip:1002@10.9.9.9:5060");
+    assert!(sent
+        .headers
+        .get("Route")
+        .is_some_and(|r| r.contains("127.0.0.3:5060")));
+}
+
 // ------------------------------------------------------------------------------------------
 // Timers, media timeout, shutdown
 

@@ -77,6 +77,9 @@ pub struct ShareSettings {
     /// Set when the index lives on the terminals (claim 8): the DHT nodes offers name for
     /// the agents to bootstrap from (serve's own node). Serve's `/v1/index` then answers 503.
     pub terminal_index: Option<Vec<String>>,
+    /// This node's `[cluster] node_id`, written with each upload in flight so recovery and
+    /// takeover release only the right node's (None: the column stays NULL).
+    pub node: Option<String>,
 }
 
 impl Default for ShareSettings {
@@ -95,6 +98,7 @@ impl ShareSettings {
             server_address: None,
             index_base: None,
             terminal_index: None,
+            node: None,
         }
     }
 }
@@ -603,12 +607,14 @@ impl Shares {
             });
         }
         sqlx::query(
-            "INSERT INTO share_uploads (id, owner, reserved, started_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO share_uploads (id, owner, reserved, started_at, node) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(owner)
         .bind(bytes)
         .bind(to_ms(SystemTime::now()))
+        .bind(self.inner.settings.node.clone())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -657,7 +663,7 @@ impl Shares {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        let rows = sqlx::query("SELECT id, owner, reserved FROM share_uploads")
+        let rows = sqlx::query("SELECT id, owner, reserved, node FROM share_uploads")
             .fetch_all(self.inner.db.pool())
             .await?;
         let mut out = Vec::new();
@@ -665,6 +671,20 @@ impl Shares {
             let id: String = row.try_get("id")?;
             if !local.contains(&id) {
                 continue;
+            }
+            // On a shared database, another live node's upload (nodes sharing one data_dir)
+            // is not ours to release. A single node releases every row (its id may change
+            // with its host name or port).
+            let node: Option<String> = row.try_get("node")?;
+            if let (Some(theirs), Some(me), true) = (
+                &node,
+                &self.inner.settings.node,
+                self.inner.db.backend().is_shared(),
+            ) {
+                if theirs != me {
+                    local.remove(&id);
+                    continue;
+                }
             }
             let owner: String = row.try_get("owner")?;
             let reserved: i64 = row.try_get("reserved")?;

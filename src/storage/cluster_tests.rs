@@ -69,7 +69,7 @@ async fn migrations_run_once_under_concurrent_starts() {
         let versions: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>("version")).collect();
         assert_eq!(
             versions,
-            [1, 2, 3, 4, 5, 6, 7, 9],
+            [1, 2, 3, 4, 5, 6, 7, 9, 10],
             "round {round}: each once"
         );
         // The schema is there and usable from the other pool.
@@ -233,6 +233,18 @@ async fn one_survivor_claims_a_dead_node_and_settles_its_stores() {
     assert_eq!(usage(&accounts, "1002").await, (4000, 0), "quota settled");
     // Only once: a second taker finds it finished and changes nothing.
     assert!(s2.take_over(data.path(), &s.id, t(22)).await.is_err());
+    assert_eq!(usage(&accounts, "1002").await, (4000, 0));
+    // A share upload n1 had in flight: its reservation comes back, once.
+    assert!(accounts.reserve("1002", 500).await.unwrap());
+    sqlx::query(
+        "INSERT INTO share_uploads (id, owner, reserved, started_at, node) \
+         VALUES ('u1', '1002', 500, 0, 'n1')",
+    )
+    .execute(db1.pool())
+    .await
+    .unwrap();
+    assert_eq!(n2.release_share_uploads("n1").await.unwrap(), 1);
+    assert_eq!(n3.release_share_uploads("n1").await.unwrap(), 0);
     assert_eq!(usage(&accounts, "1002").await, (4000, 0));
     assert_eq!(n2.drop_unreachable_registrations("n1").await.unwrap(), 1);
     let left = Registrations::new(db3.clone())

@@ -89,6 +89,12 @@ const MIGRATIONS: &[MigrationFile] = &[
         include_str!("../../migrations/0009_cluster.sql"),
         None,
     ),
+    (
+        10,
+        "share upload node",
+        include_str!("../../migrations/0010_share_upload_node.sql"),
+        None,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

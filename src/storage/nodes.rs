@@ -123,6 +123,42 @@ impl Nodes {
     }
 }
 
+impl Nodes {
+    /// Ends the dead `node`'s share uploads in flight: each journal row goes and its
+    /// reservation comes back, in one transaction per upload (a row already gone is skipped,
+    /// so nothing is released twice). Returns how many.
+    pub async fn release_share_uploads(&self, node: &str) -> Result<u64, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, owner, reserved FROM share_uploads WHERE node = $1")
+            .bind(node)
+            .fetch_all(self.db.pool())
+            .await?;
+        let mut n = 0;
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let owner: String = row.try_get("owner")?;
+            let reserved: i64 = row.try_get("reserved")?;
+            let mut tx = self.db.pool().begin().await?;
+            let gone = sqlx::query("DELETE FROM share_uploads WHERE id = $1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            if gone.rows_affected() == 1 {
+                sqlx::query(
+                    "UPDATE accounts SET reserved_bytes = CASE WHEN reserved_bytes >= $2 \
+                     THEN reserved_bytes - $2 ELSE 0 END WHERE username = $1",
+                )
+                .bind(&owner)
+                .bind(reserved)
+                .execute(&mut *tx)
+                .await?;
+                n += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(n)
+    }
+}
+
 /// The 32-byte secret `name` every node shares, created by whichever node asks first (a
 /// concurrent first use keeps one: `ON CONFLICT DO NOTHING`, then read back).
 pub async fn shared_secret(db: &Db, name: &str) -> Result<[u8; 32], sqlx::Error> {
