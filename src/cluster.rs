@@ -11,8 +11,10 @@
 //!   transaction, releases its share uploads in flight, and drops the registrations only the
 //!   dead node could reach.
 //! - **Registrations.** The engine reports what REGISTERs change
-//!   ([`EngineEvent::BindingsChanged`](crate::b2bua::engine::EngineEvent)); one writer task
-//!   applies them to the shared table in order. Before the core hands the engine a request that
+//!   ([`EngineEvent::BindingsChanged`](crate::b2bua::engine::EngineEvent)); the core writes
+//!   them to the shared table before the REGISTER's 200 leaves (RFC 3261 10.3 step 8: the
+//!   registrar answers once the bindings are updated), so a request that reaches another node
+//!   right after the 200 finds them. Before the core hands the engine a request that
 //!   looks an AOR up (new INVITE, MESSAGE, REGISTER), it reads that AOR's bindings of other
 //!   nodes ([`Cluster::remote_bindings`]) and gives them to the engine, which keeps them as a
 //!   cache beside its own (`sip::registrar`). One indexed SELECT per such request; a phone
@@ -22,8 +24,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-use tokio::sync::mpsc;
 
 use crate::b2bua::engine::RegistrationSnapshot;
 use crate::config::Config;
@@ -69,26 +69,16 @@ pub(crate) fn http_advertise(config: &Config, http_base: &str) -> String {
     }
 }
 
-/// One registrar change for the writer task.
-#[derive(Debug)]
-struct BindingsWrite {
-    aor: String,
-    changed: Vec<RegistrationRow>,
-    removed: Vec<String>,
-    all_removed: bool,
-}
-
 /// This node's part in the cluster; cheap to share.
 #[derive(Debug)]
 pub(crate) struct Cluster {
     node: NodeInfo,
     registrations: Registrations,
-    writes: mpsc::UnboundedSender<BindingsWrite>,
 }
 
 impl Cluster {
     /// Writes the first lease (so other nodes see this one from its start), then spawns the
-    /// lease/takeover task and the registration writer.
+    /// lease/takeover task.
     pub(crate) async fn start(
         db: Db,
         stores: Stores,
@@ -100,18 +90,16 @@ impl Cluster {
         tracing::info!(node = %node.node_id, http = %node.http_advertise,
             lease_secs = node.lease.as_secs(), "cluster: lease taken");
         let registrations = Registrations::new(db);
-        let (writes, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_bindings(registrations.clone(), rx));
         tokio::spawn(lease_task(nodes, stores, data_dir, node.clone()));
         Ok(Arc::new(Cluster {
             node,
             registrations,
-            writes,
         }))
     }
 
-    /// Queues what a REGISTER changed for the shared table (written in order).
-    pub(crate) fn bindings_changed(
+    /// Writes what a REGISTER changed to the shared table. A database error is logged: the
+    /// binding then lives on this node only (the phone's next refresh writes it again).
+    pub(crate) async fn bindings_changed(
         &self,
         aor: &str,
         changed: &[BindingRecord],
@@ -119,7 +107,7 @@ impl Cluster {
         all_removed: bool,
     ) {
         let now = SystemTime::now();
-        let changed = changed
+        let changed: Vec<RegistrationRow> = changed
             .iter()
             .map(|b| RegistrationRow {
                 aor: aor.to_string(),
@@ -136,13 +124,18 @@ impl Cluster {
                 expires_at: now + b.expires_in,
             })
             .collect();
-        // The writer lives as long as the process; a closed channel only means shutdown.
-        let _ = self.writes.send(BindingsWrite {
-            aor: aor.to_string(),
-            changed,
-            removed: removed.to_vec(),
-            all_removed,
-        });
+        let regs = &self.registrations;
+        let done = async {
+            if all_removed {
+                regs.remove_aor(aor).await?;
+            }
+            regs.remove(aor, removed).await?;
+            regs.upsert(&changed, SystemTime::now()).await
+        }
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(aor = %aor, error = %e, "cluster: registration not written");
+        }
     }
 
     /// Other nodes' live bindings of `aor`, as records for the engine. A database error
@@ -202,22 +195,6 @@ impl Cluster {
                 })
             })
             .collect()
-    }
-}
-
-async fn write_bindings(regs: Registrations, mut rx: mpsc::UnboundedReceiver<BindingsWrite>) {
-    while let Some(w) = rx.recv().await {
-        let done = async {
-            if w.all_removed {
-                regs.remove_aor(&w.aor).await?;
-            }
-            regs.remove(&w.aor, &w.removed).await?;
-            regs.upsert(&w.changed, SystemTime::now()).await
-        }
-        .await;
-        if let Err(e) = done {
-            tracing::warn!(aor = %w.aor, error = %e, "cluster: registration not written");
-        }
     }
 }
 

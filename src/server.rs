@@ -476,6 +476,7 @@ pub async fn run_from(
         tracer: crate::logging::SipTracer::new(&config.log),
         config_path,
         cluster,
+        held_events: std::collections::VecDeque::new(),
     };
     let result = core
         .run(Inbox {
@@ -535,6 +536,8 @@ struct Core {
     config_path: Option<std::path::PathBuf>,
     /// Shared PostgreSQL: leases, takeover, registrations in the table (PROTOCOL 6).
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Engine events taken early by [`Core::persist_bindings`], handled by the next flush.
+    held_events: std::collections::VecDeque<EngineEvent>,
 }
 
 impl Core {
@@ -670,6 +673,8 @@ impl Core {
                 let span = tracing::info_span!("sip", call_a = a.as_deref(), call_b = b.as_deref());
                 let _in = span.enter();
                 self.engine.handle_message(msg, peer, Instant::now());
+                drop(_in);
+                self.persist_bindings().await;
             }
             TransportEvent::Unreachable(peer) => {
                 self.engine.handle_unreachable(peer, Instant::now());
@@ -732,25 +737,38 @@ impl Core {
         self.transports.send(t);
     }
 
+    /// Cluster: a REGISTER's bindings reach the shared table before its 200 leaves
+    /// ([`crate::cluster`]); the events taken here wait in `held_events` for [`Self::flush`].
+    async fn persist_bindings(&mut self) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        while let Some(ev) = self.engine.poll_event() {
+            if let EngineEvent::BindingsChanged {
+                aor,
+                changed,
+                removed,
+                all_removed,
+            } = &ev
+            {
+                c.bindings_changed(aor, changed, removed, *all_removed)
+                    .await;
+            }
+            self.held_events.push_back(ev);
+        }
+    }
+
     fn flush(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
             self.send(t);
         }
-        while let Some(ev) = self.engine.poll_event() {
+        while let Some(ev) = self
+            .held_events
+            .pop_front()
+            .or_else(|| self.engine.poll_event())
+        {
             if let Some(r) = self.recorder.as_mut() {
                 r.on_event(&self.engine, &ev);
-            }
-            if let (
-                Some(c),
-                EngineEvent::BindingsChanged {
-                    aor,
-                    changed,
-                    removed,
-                    all_removed,
-                },
-            ) = (&self.cluster, &ev)
-            {
-                c.bindings_changed(aor, changed, removed, *all_removed);
             }
             self.service.on_event(&self.engine, &ev);
             self.share_service

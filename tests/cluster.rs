@@ -120,7 +120,6 @@ impl Cluster {
 fn register_on(c: &Cluster, i: usize, user: &str) -> Ua {
     let mut ua = Ua::new(user, "example.com", c.front.addr);
     ua.register_to(&format!("sip:{}", c.nodes[i].sip_addr()), &[]);
-    std::thread::sleep(Duration::from_millis(500)); // DIAGNOSTIC: binding write race
     ua
 }
 
@@ -542,7 +541,8 @@ fn bench_one_node(backend: &str, pg: Option<&PgDb>, s3: Option<&S3sFs>) {
             let p = ask(&mut a, &mut b, &mut bd, 160);
             let r = Rtp::bind();
             let size = u64::from(packets) * 160;
-            let (d, to) = store_session(&mut a, p["store_uri"].as_str().unwrap(), size, &r).unwrap();
+            let (d, to) =
+                store_session(&mut a, p["store_uri"].as_str().unwrap(), size, &r).unwrap();
             (d, to, r)
         })
         .collect();
@@ -599,9 +599,13 @@ fn bench_cluster_backends_tail_lag_and_takeover() {
     let p = ask(&mut a, &mut b, &mut bd, 160);
     let a_rtp = Rtp::bind();
     let n = 250u32;
-    let (_sd, to) =
-        store_session(&mut a, p["store_uri"].as_str().unwrap(), u64::from(n) * 160 * 2, &a_rtp)
-            .unwrap();
+    let (_sd, to) = store_session(
+        &mut a,
+        p["store_uri"].as_str().unwrap(),
+        u64::from(n) * 160 * 2,
+        &a_rtp,
+    )
+    .unwrap();
     let t0 = Instant::now();
     let sender = std::thread::spawn(move || {
         let mut sent = Vec::new();
@@ -629,7 +633,11 @@ fn bench_cluster_backends_tail_lag_and_takeover() {
         got.push(pkt.at.duration_since(t0).as_secs_f64());
     }
     let (sent, a_rtp) = sender.join().unwrap();
-    let mut lag: Vec<f64> = got.iter().zip(&sent).map(|(g, s)| (g - s) * 1000.0).collect();
+    let mut lag: Vec<f64> = got
+        .iter()
+        .zip(&sent)
+        .map(|(g, s)| (g - s) * 1000.0)
+        .collect();
     let (p50, p99) = (percentile(&mut lag, 0.5), percentile(&mut lag, 0.99));
     println!("BENCH cluster live-tail lag node 1 -> node 2: p50={p50:.0}ms p99={p99:.0}ms (n={n})");
 
