@@ -579,6 +579,14 @@ impl Server {
             }
         }
         self.child = Some(child);
+        // A kernel-path run must really be one (the fallback test wraps the server to fail it).
+        if self.config.kernel_forwarding && self.wrapper.is_empty() {
+            let log = self.log();
+            assert!(
+                log.contains("media=kernel"),
+                "kernel path not attached:\n{log}"
+            );
+        }
     }
 
     pub fn sip_addr(&self) -> SocketAddr {
