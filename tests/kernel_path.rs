@@ -262,3 +262,107 @@ fn reinvite_to_a_new_port_is_followed_within_one_packet() {
         k2 - k
     );
 }
+
+/// How many TCX programs are attached to the ingress of this namespace's `lo` (ifindex 1):
+/// `BPF_PROG_QUERY` by hand (bpftool 7.1 predates TCX).
+fn on_lo() -> u32 {
+    #[repr(C)]
+    struct Query {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    let mut q = Query {
+        target_ifindex: 1,
+        attach_type: BPF_TCX_INGRESS,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: 0,
+        prog_cnt: 0,
+        pad: 0,
+        prog_attach_flags: 0,
+        link_ids: 0,
+        link_attach_flags: 0,
+        revision: 0,
+    };
+    // SAFETY: `q` is a BPF_PROG_QUERY attr with no id arrays: the kernel writes only counts.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut q as *mut Query,
+            std::mem::size_of::<Query>(),
+        )
+    };
+    assert_eq!(r, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+    q.prog_cnt
+}
+
+/// The program is attached while callvault runs and gone after it, whether it stops cleanly
+/// (detached on the way out) or is killed with SIGKILL (the unpinned links go with it).
+#[test]
+fn the_program_goes_with_the_process_on_stop_and_on_kill_9() {
+    let Some(mut s) = kernel_server(20, &[]) else {
+        return;
+    };
+    assert_eq!(on_lo(), 1);
+    s.stop();
+    assert!(s.log().contains("kernel fast path detached"), "{}", s.log());
+    assert_eq!(on_lo(), 0);
+    s.start();
+    assert_eq!(on_lo(), 1);
+    s.kill_hard();
+    // The links close with the process's descriptors, which the kernel releases at exit.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while on_lo() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(on_lo(), 0);
+    // And the next start finds a clean interface and attaches once.
+    s.start();
+    assert_eq!(on_lo(), 1);
+}
+
+/// A recorded call needs every packet in user space (until the ring-buffer path exists): the
+/// kernel path stays out of it. (tests/recording.rs checks the recordings themselves with the
+/// kernel path on: scripts/test runs it with `CALLVAULT_TEST_KERNEL_FORWARDING=1`.)
+#[test]
+fn recorded_calls_stay_in_user_space() {
+    if !private_netns() {
+        return;
+    }
+    let mut cfg = ServerConfig::new();
+    cfg.kernel_forwarding = true;
+    let mut s = Server::prepare(cfg);
+    s.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    s.account_add("1001", "secret", "4321", "50MiB");
+    s.account_add("1002", "secret", "4321", "50MiB");
+    s.start();
+    let mut c = Call::establish(s.sip_addr(), "1001", "1002");
+    // The recording starts shortly after the answer (its stores are made first).
+    std::thread::sleep(Duration::from_millis(500));
+    talk(&c, 0..30);
+    // The relay publishes its counts at a packet 100 ms after its last publication; then any
+    // SIP event has the core publish the totals.
+    std::thread::sleep(Duration::from_millis(700));
+    talk(&c, 30..31);
+    c.b.register();
+    let text = s.metrics();
+    assert_eq!(
+        metric_value(&text, "callvault_rtp_packets_kernel_total", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    let relayed = metric_value(&text, "callvault_rtp_packets_relayed_total", &[]).unwrap_or(0.0);
+    assert!(relayed >= 60.0, "relayed {relayed} of 60");
+}
