@@ -202,3 +202,46 @@ fn telephone_events_go_to_the_feature_code_gate() {
         assert_eq!(c.kernel_rtp_packets.load(Ordering::Relaxed), 9);
     });
 }
+
+/// The physical limit beside the benchmark (docs/BENCHMARKS.md): datagrams per second the
+/// fast path turns around on loopback, one blocking sender thread and one receiver, 2 s.
+/// `cargo test --release --lib kernel_turnaround -- --ignored --nocapture` (root).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn kernel_turnaround_rate() {
+    in_netns(async {
+        let r = rig(true, "").await;
+        exchange(&r, 2, 1).await;
+        let ra = r.ra;
+        let pa = r.pa.into_std().unwrap();
+        pa.set_nonblocking(false).unwrap();
+        let pb = r.pb.into_std().unwrap();
+        pb.set_nonblocking(false).unwrap();
+        pb.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let secs = 2.0;
+        let recv = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut n = 0u64;
+            while pb.recv_from(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        });
+        let pkt = rtp(0, 1, &[0; 160]);
+        let start = std::time::Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed().as_secs_f64() < secs {
+            if pa.send_to(&pkt, ra).is_ok() {
+                sent += 1;
+            }
+        }
+        let got = recv.join().unwrap();
+        let wall = start.elapsed().as_secs_f64() - 0.2;
+        println!(
+            "BENCH kernel turnaround: sent {:.0}/s, received {:.0}/s (160-byte RTP, one sender)",
+            sent as f64 / secs,
+            got as f64 / wall
+        );
+    });
+}
