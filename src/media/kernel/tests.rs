@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::maps::Mode;
 use super::{testns, KernelPath};
 use crate::media::ports::PortAllocator;
-use crate::media::relay::{Relay, RelayConfig, RelayCounters, RelayHandle, Side};
+use crate::media::relay::{Relay, RelayConfig, RelayCounters, RelayEvent, RelayHandle, Side};
 
 const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -42,9 +42,22 @@ struct Rig {
     ra: SocketAddr,
     rb: SocketAddr,
     _ports: PortAllocator,
+    /// Keeps the event channel open when the test does not read it.
+    _events: Option<mpsc::Receiver<RelayEvent>>,
 }
 
 async fn rig(kernel: bool, feature_code: &str) -> Rig {
+    let (mut r, events) = rig_with(kernel, feature_code, RelayConfig::default().rtp_timeout).await;
+    r._events = Some(events);
+    r
+}
+
+/// [`rig`] with an RTP timeout, and the relay's event receiver.
+async fn rig_with(
+    kernel: bool,
+    feature_code: &str,
+    rtp_timeout: Duration,
+) -> (Rig, mpsc::Receiver<RelayEvent>) {
     let path = KernelPath::start(LO).unwrap();
     assert_eq!(path.interfaces(), ["lo"]);
     let ports = PortAllocator::new(30000, 30011).unwrap();
@@ -56,11 +69,10 @@ async fn rig(kernel: bool, feature_code: &str) -> Rig {
     );
     let counters = Arc::new(RelayCounters::default());
     let (tx, rx) = mpsc::channel(8);
-    // The events are not looked at; the receiver lives as long as the relay.
-    std::mem::forget(rx);
     let config = RelayConfig {
         kernel: kernel.then(|| path.clone()),
         feature_code: feature_code.into(),
+        rtp_timeout,
         ..RelayConfig::default()
     };
     let relay = Relay::start(a, b, config, counters.clone(), tx);
@@ -68,7 +80,7 @@ async fn rig(kernel: bool, feature_code: &str) -> Rig {
     let pb = UdpSocket::bind((LO, 0)).await.unwrap();
     relay.set_remote(Side::A, Some(pa.local_addr().unwrap()));
     relay.set_remote(Side::B, Some(pb.local_addr().unwrap()));
-    Rig {
+    let rig = Rig {
         path,
         relay,
         counters,
@@ -77,7 +89,9 @@ async fn rig(kernel: bool, feature_code: &str) -> Rig {
         ra,
         rb,
         _ports: ports,
-    }
+        _events: None,
+    };
+    (rig, rx)
 }
 
 /// `n` packets each way, one at a time: each arrives whole, from the relay's port.
@@ -243,5 +257,28 @@ fn kernel_turnaround_rate() {
             sent as f64 / secs,
             got as f64 / wall
         );
+    });
+}
+
+/// Packets the kernel forwards are activity for the RTP timeout (read from its counters):
+/// a call talking only through the kernel outlives the timeout, and times out once silent.
+#[test]
+fn kernel_counters_keep_the_rtp_timeout_away_until_silence() {
+    in_netns(async {
+        let (r, mut events) = rig_with(true, "", Duration::from_secs(1)).await;
+        exchange(&r, 2, 1).await;
+        // 2.5 s of A->B only, all through the kernel.
+        for i in 0..50u16 {
+            r.pa.send_to(&rtp(0, 10 + i, &[3; 160]), r.ra)
+                .await
+                .unwrap();
+            assert!(recv(&r.pb, Duration::from_secs(1)).await.is_some());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(events.try_recv().is_err(), "timed out while talking");
+        assert!(!r.relay.is_finished());
+        let ev = tokio::time::timeout(Duration::from_secs(3), events.recv()).await;
+        assert!(matches!(ev, Ok(Some(RelayEvent::Timeout { .. }))), "{ev:?}");
+        assert!(r.counters.kernel_rtp_packets.load(Ordering::Relaxed) >= 50);
     });
 }
