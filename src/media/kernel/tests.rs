@@ -47,7 +47,8 @@ struct Rig {
 }
 
 async fn rig(kernel: bool, feature_code: &str) -> Rig {
-    let (mut r, events) = rig_with(kernel, feature_code, RelayConfig::default().rtp_timeout).await;
+    let (mut r, events) =
+        rig_on(LO, kernel, feature_code, RelayConfig::default().rtp_timeout).await;
     r._events = Some(events);
     r
 }
@@ -58,14 +59,24 @@ async fn rig_with(
     feature_code: &str,
     rtp_timeout: Duration,
 ) -> (Rig, mpsc::Receiver<RelayEvent>) {
-    let path = KernelPath::start(LO).unwrap();
+    rig_on(LO, kernel, feature_code, rtp_timeout).await
+}
+
+/// [`rig_with`] with everything (relay and parties) on `ip`.
+async fn rig_on(
+    ip: IpAddr,
+    kernel: bool,
+    feature_code: &str,
+    rtp_timeout: Duration,
+) -> (Rig, mpsc::Receiver<RelayEvent>) {
+    let path = KernelPath::start(ip).unwrap();
     assert_eq!(path.interfaces(), ["lo"]);
     let ports = PortAllocator::new(30000, 30011).unwrap();
-    let a = ports.allocate(LO).unwrap();
-    let b = ports.allocate(LO).unwrap();
+    let a = ports.allocate(ip).unwrap();
+    let b = ports.allocate(ip).unwrap();
     let (ra, rb) = (
-        SocketAddr::new(LO, a.rtp_port),
-        SocketAddr::new(LO, b.rtp_port),
+        SocketAddr::new(ip, a.rtp_port),
+        SocketAddr::new(ip, b.rtp_port),
     );
     let counters = Arc::new(RelayCounters::default());
     let (tx, rx) = mpsc::channel(8);
@@ -76,8 +87,8 @@ async fn rig_with(
         ..RelayConfig::default()
     };
     let relay = Relay::start(a, b, config, counters.clone(), tx);
-    let pa = UdpSocket::bind((LO, 0)).await.unwrap();
-    let pb = UdpSocket::bind((LO, 0)).await.unwrap();
+    let pa = UdpSocket::bind((ip, 0)).await.unwrap();
+    let pb = UdpSocket::bind((ip, 0)).await.unwrap();
     relay.set_remote(Side::A, Some(pa.local_addr().unwrap()));
     relay.set_remote(Side::B, Some(pb.local_addr().unwrap()));
     let rig = Rig {
@@ -280,5 +291,24 @@ fn kernel_counters_keep_the_rtp_timeout_away_until_silence() {
         let ev = tokio::time::timeout(Duration::from_secs(3), events.recv()).await;
         assert!(matches!(ev, Ok(Some(RelayEvent::Timeout { .. }))), "{ev:?}");
         assert!(r.counters.kernel_rtp_packets.load(Ordering::Relaxed) >= 50);
+    });
+}
+
+/// IPv6: the same forwarding on `::1` (addresses, ports and the UDP checksum, which IPv6
+/// makes mandatory, rewritten; payload untouched).
+#[test]
+fn ipv6_legs_go_through_the_kernel_too() {
+    in_netns(async {
+        let (r, _events) = rig_on(
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            true,
+            "",
+            Duration::from_secs(10),
+        )
+        .await;
+        exchange(&r, 30, 1).await;
+        r.relay.stop().await;
+        assert_eq!(r.counters.rtp_packets_total(), 60);
+        assert_eq!(r.counters.kernel_rtp_packets.load(Ordering::Relaxed), 58);
     });
 }
