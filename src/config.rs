@@ -143,6 +143,10 @@ pub struct MediaConfig {
     pub thread_nice: i32,
     /// SRTP handling (PROTOCOL.md section 7): terminated per leg, or relayed untouched.
     pub srtp: SrtpMode,
+    /// Forward latched RTP in the kernel (tc eBPF, `media::kernel`) when the call needs no
+    /// per-packet work in user space. Needs CAP_BPF + CAP_NET_ADMIN; without them, or when
+    /// the program does not load, the user-space relay runs (the `ready` line says which).
+    pub kernel_forwarding: bool,
 }
 
 impl Default for MediaConfig {
@@ -154,6 +158,7 @@ impl Default for MediaConfig {
             threads: 0,
             thread_nice: 0,
             srtp: SrtpMode::Terminate,
+            kernel_forwarding: false,
         }
     }
 }

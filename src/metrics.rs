@@ -232,6 +232,10 @@ pub struct Metrics {
     pub rtp_bytes_relayed_total: Counter,
     pub rtp_packets_stored_total: Counter,
     pub rtp_bytes_stored_total: Counter,
+    /// Of `rtp_packets_relayed_total`, those forwarded in the kernel (`media::kernel`).
+    pub rtp_packets_kernel_total: Counter,
+    /// 1 when the kernel fast path is attached (`callvault_media_path{path="kernel"}`).
+    pub media_path_kernel: Gauge,
     /// Relayed RTP packets a lagging recording writer had no room for (relayed, not recorded).
     pub recording_packets_refused_total: Counter,
     /// Set by the core after each batch of events (the registrar owns the number).
@@ -281,6 +285,8 @@ pub static METRICS: Metrics = Metrics {
     rtp_bytes_relayed_total: Counter::new(),
     rtp_packets_stored_total: Counter::new(),
     rtp_bytes_stored_total: Counter::new(),
+    rtp_packets_kernel_total: Counter::new(),
+    media_path_kernel: Gauge::new(),
     recording_packets_refused_total: Counter::new(),
     registrations_active: Gauge::new(),
     cluster_nodes_alive: Gauge::new(),
@@ -410,6 +416,12 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         m.rtp_bytes_relayed_total.get().to_string(),
     );
     one(
+        "callvault_rtp_packets_kernel_total",
+        "counter",
+        "RTP packets of callvault_rtp_packets_relayed_total forwarded by the kernel fast path.",
+        m.rtp_packets_kernel_total.get().to_string(),
+    );
+    one(
         "callvault_rtp_packets_stored_total",
         "counter",
         "RTP packets appended to stores.",
@@ -459,6 +471,17 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         &mut out,
         "callvault_prompt_to_first_packet_seconds",
         "Time from the prompt (store created) to the first RTP packet of its store session stored.",
+    );
+    let kernel = u64::from(m.media_path_kernel.get() > 0);
+    labelled(
+        &mut out,
+        (
+            "callvault_media_path",
+            "gauge",
+            "The media path in use: kernel (tc eBPF fast path) or user (user-space relay).",
+        ),
+        "path",
+        [("kernel", kernel), ("user", 1 - kernel)],
     );
     if let Some(counts) = stores {
         let by_state = StoreState::ALL.map(|st| {

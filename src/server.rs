@@ -138,6 +138,35 @@ async fn upload_recovered(
     }
 }
 
+/// `[media] kernel_forwarding`: the attached kernel fast path, or None (off, or it could not
+/// be attached: logged, and the user-space relay carries everything).
+fn start_kernel_path(config: &Config) -> Option<Arc<crate::media::kernel::KernelPath>> {
+    if !config.media.kernel_forwarding {
+        return None;
+    }
+    match crate::media::kernel::KernelPath::start(config.sip.public_address) {
+        Ok(k) => {
+            tracing::info!(interfaces = ?k.interfaces(), "kernel fast path attached");
+            Some(k)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel fast path unavailable, relaying in user space");
+            None
+        }
+    }
+}
+
+/// Detaches the kernel fast path when dropped.
+struct KernelGuard(Option<Arc<crate::media::kernel::KernelPath>>);
+
+impl Drop for KernelGuard {
+    fn drop(&mut self) {
+        if let Some(k) = &self.0 {
+            k.shutdown();
+        }
+    }
+}
+
 pub async fn run(config: Config) -> Result<(), ServerError> {
     run_from(config, None).await
 }
@@ -243,6 +272,10 @@ pub async fn run_from(
 
     let ports = PortAllocator::new(lo, hi).map_err(|e| ServerError::Ports(e.to_string()))?;
     let counters = Arc::new(RelayCounters::default());
+    let kernel = start_kernel_path(&config);
+    // Detaches the program on every way out of this function (the links would also go with
+    // the process: they are never pinned).
+    let _kernel_guard = KernelGuard(kernel.clone());
     let (media, relay_rx) = RelayMedia::new(
         config.sip.public_address,
         ports.clone(),
@@ -254,7 +287,9 @@ pub async fn run_from(
             what: "the media threads",
             source,
         })?;
-    let media = media.with_threads(Arc::new(media_threads));
+    let media = media
+        .with_threads(Arc::new(media_threads))
+        .with_kernel(kernel.clone());
 
     let routes = resolve_routes(&config, sip_tls.as_deref())?;
     set_warn_agent(&config.sip.public_address.to_string());
@@ -297,7 +332,12 @@ pub async fn run_from(
         .iter()
         .map(|(t, a)| format!("{t}:{a}"))
         .collect();
-    tracing::info!("ready sip={} http={}", listen.join(","), http_addr);
+    let media_path = if kernel.is_some() { "kernel" } else { "user" };
+    tracing::info!(
+        "ready sip={} http={} media={media_path}",
+        listen.join(","),
+        http_addr
+    );
 
     let sip_port = transports
         .local_addr(Transport::Udp)
@@ -788,6 +828,11 @@ impl Core {
         METRICS
             .rtp_packets_relayed_total
             .set(self.counters.rtp_packets_total());
+        METRICS.rtp_packets_kernel_total.set(
+            self.counters
+                .kernel_rtp_packets
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
     }
 
     /// Answers the admin API from the engine (the oneshot's receiver may have gone: a client

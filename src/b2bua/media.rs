@@ -151,6 +151,15 @@ impl RelayMedia {
         )
     }
 
+    /// Hands latched legs to the kernel fast path (None: user space only).
+    pub(crate) fn with_kernel(
+        mut self,
+        kernel: Option<Arc<crate::media::kernel::KernelPath>>,
+    ) -> RelayMedia {
+        self.config.kernel = kernel;
+        self
+    }
+
     /// Runs the relays on `threads` instead of the current runtime.
     pub(crate) fn with_threads(mut self, threads: Arc<MediaThreads>) -> RelayMedia {
         self.threads = Some(threads);

@@ -202,7 +202,7 @@ impl Latch {
         self.latched.or(self.expect.addr)
     }
 
-    #[cfg(test)]
+    /// The source taken since latching (None: latching open).
     pub(crate) fn latched(&self) -> Option<SocketAddr> {
         self.latched
     }

@@ -4,6 +4,8 @@
 pub mod dtmf;
 /// The `*7 PIN #` feature-code detector (sans-IO), shared by INFO digits and RFC 4733 events.
 pub mod feature_code;
+/// The tc eBPF fast path: forwards latched RTP in the kernel (the relay's second gear).
+pub mod kernel;
 /// Strict-source RTP latching policy (RTP-bleed defence) shared by relay, recorder, player.
 pub mod latch;
 /// Paced playback of a store to its receiver, following the live tail (step 333).

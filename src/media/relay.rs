@@ -21,6 +21,13 @@
 //! fail authentication or replay checks are dropped and counted
 //! (`callvault_srtp_auth_failures_total`). A call without SRTP pays one branch per packet.
 //!
+//! Kernel fast path (the second gear, [`super::kernel`]): with a [`KernelPath`] in the config,
+//! a direction whose sender is latched, whose receiver has a target, and which needs no
+//! per-packet work here (no recording of it, no SRTP context, no inspector) is handed to the
+//! kernel: its packets no longer reach this task. The entries follow every change of latch,
+//! target, SRTP, recording and DTMF types; the kernel's counters are read every
+//! [`KERNEL_POLL`] (and at the RTP-timeout check and at stop) into the same counters.
+//!
 //! Packet path: one buffer per socket allocated at start, `try_send_to` (a full socket buffer
 //! drops the packet rather than stalling both directions), counters kept locally and flushed to
 //! the shared atomics every [`FLUSH_PACKETS`] packets or [`FLUSH_INTERVAL`], no locks, no logs.
@@ -40,6 +47,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::dtmf::DtmfGate;
+use super::kernel::{KernelLegs, KernelPath, Want};
 use super::latch::{Decision, Expect, Latch, PtSet, RefusedCounts};
 use super::ports::PortPair;
 use super::rtp::RtpPacket;
@@ -54,6 +62,8 @@ const BUF_LEN: usize = 2048;
 pub(crate) const FLUSH_PACKETS: u32 = 64;
 /// ...or this long after the previous flush, whichever comes first.
 pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a relay with kernel entries reads the kernel's counters of its legs.
+pub(crate) const KERNEL_POLL: Duration = Duration::from_millis(500);
 
 /// One party of the call: leg A (the caller's side) or leg B.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,6 +114,8 @@ pub(crate) struct RelayConfig {
     pub feature_code: String,
     /// Held feature-code digits with no further telephone-event for this long are released.
     pub dtmf_hold_timeout: Duration,
+    /// The kernel fast path, when attached (module doc).
+    pub kernel: Option<Arc<KernelPath>>,
 }
 
 impl RelayConfig {
@@ -122,6 +134,7 @@ impl Default for RelayConfig {
             timeout_armed_at_start: true,
             feature_code: String::new(),
             dtmf_hold_timeout: HOLD_TIMEOUT,
+            kernel: None,
         }
     }
 }
@@ -144,6 +157,8 @@ pub(crate) struct RelayCounters {
     /// Packets not forwarded: unknown target, foreign source, inspector drop, send failure,
     /// feature-code packets swallowed.
     pub dropped: AtomicU64,
+    /// Of the RTP packets above (both directions), those the kernel forwarded.
+    pub kernel_rtp_packets: AtomicU64,
     /// Counters that get the same additions (a relay's own counters feed the server-wide
     /// ones, so one relay's packets can be listed without a second pass on the packet path).
     pub parent: Option<Arc<RelayCounters>>,
@@ -515,6 +530,7 @@ struct LocalCounts {
     rtp_bytes: [u64; 2],
     rtcp_packets: [u64; 2],
     rtcp_bytes: [u64; 2],
+    kernel_packets: u64,
     dropped: u64,
     refused: RefusedCounts,
     pending: u32,
@@ -555,6 +571,8 @@ impl LocalCounts {
                 .fetch_add(self.rtcp_bytes[i], Ordering::Relaxed);
         }
         c.dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        c.kernel_rtp_packets
+            .fetch_add(self.kernel_packets, Ordering::Relaxed);
     }
 }
 
@@ -567,6 +585,8 @@ struct State {
     recording: Option<Box<Recording>>,
     /// SRTP of either leg; None (plain calls) costs the packet path one branch.
     srtp: Option<Box<LegsSrtp>>,
+    /// This relay's entries in the kernel fast path; None when it is off.
+    kernel: Option<Box<KernelLegs>>,
     /// Feature-code gate of the packets coming from each side; created when a
     /// telephone-event type becomes known (calls without one never allocate it).
     gates: [Option<Box<DtmfGate>>; 2],
@@ -591,8 +611,11 @@ impl State {
     fn on_rtp(&mut self, from: Side, pkt: &[u8], src: SocketAddr, out: &UdpSocket, now: Instant) {
         self.last_activity = now;
         let decision = self.peers[from.idx()].accept_rtp(src, pkt);
-        if let Decision::Refuse(r) = decision {
-            self.counts.refused.count(r);
+        match decision {
+            Decision::Refuse(r) => self.counts.refused.count(r),
+            // A new latch may let the kernel take this direction over.
+            Decision::Latch if self.kernel.is_some() => self.sync_kernel(),
+            _ => {}
         }
         let ok = decision.is_ok()
             && match self.inspector.as_mut() {
@@ -808,6 +831,68 @@ impl State {
         }
     }
 
+    /// Brings the kernel entries in line with the latches, targets and per-packet work of
+    /// both directions (module doc). Not on the packet path: called on latching and controls.
+    #[cold]
+    fn sync_kernel(&mut self) {
+        let Some(k) = self.kernel.as_deref_mut() else {
+            return;
+        };
+        let srtp_free = self
+            .srtp
+            .as_deref()
+            .is_none_or(|s| s.from.iter().chain(s.to.iter()).all(Option::is_none));
+        let plain = srtp_free && self.inspector.is_none();
+        for from in [Side::A, Side::B] {
+            let (i, o) = (from.idx(), from.other().idx());
+            let recorded = self
+                .recording
+                .as_deref()
+                .is_some_and(|r| r.sinks[i].is_some());
+            let want = if plain && !recorded {
+                let gate = self.gates[i].is_some();
+                match (self.peers[i].latch.latched(), self.peers[o].rtp_target()) {
+                    (Some(peer), Some(dst)) => Some(Want {
+                        peer,
+                        dst,
+                        // Telephone-events of either side's type go through the gate here.
+                        punt_pt: if gate {
+                            [self.dtmf_pts[i], self.dtmf_pts[o]]
+                        } else {
+                            [None, None]
+                        },
+                    }),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            k.set(i, want);
+        }
+    }
+
+    /// Adds what the kernel forwarded since the last read to this relay's counts; growth is
+    /// activity for the RTP timeout.
+    fn poll_kernel(&mut self, now: Instant) {
+        let Some(k) = self.kernel.as_deref_mut() else {
+            return;
+        };
+        let delta = k.poll();
+        for (i, d) in delta.iter().enumerate() {
+            if d.packets > 0 {
+                self.counts.rtp_packets[i] += d.packets;
+                self.counts.rtp_bytes[i] += d.bytes;
+                self.counts.kernel_packets += d.packets;
+                self.counts.pending += 1;
+                self.last_activity = now;
+            }
+        }
+    }
+
+    fn kernel_active(&self) -> bool {
+        self.kernel.as_deref().is_some_and(KernelLegs::active)
+    }
+
     fn set_srtp(&mut self, side: Side, dir: SrtpDir, ctx: Option<Box<SrtpContext>>) {
         let s = self.srtp.get_or_insert_with(|| {
             Box::new(LegsSrtp {
@@ -873,6 +958,7 @@ impl State {
             }
             Control::Stop => {}
         }
+        self.sync_kernel();
     }
 }
 
@@ -962,8 +1048,14 @@ async fn run(
         .flat_map(|l| [l.rtp.local_addr(), l.rtcp.local_addr()])
         .filter_map(Result::ok)
         .collect();
+    let kernel = config.kernel.clone().and_then(|path| {
+        let a = legs[0].rtp.local_addr().ok()?;
+        let b = legs[1].rtp.local_addr().ok()?;
+        Some(Box::new(KernelLegs::new(path, [a, b])))
+    });
     let mut st = State {
         id,
+        kernel,
         peers: [Peer::new(), Peer::new()],
         local_addrs,
         inspector: None,
@@ -999,6 +1091,10 @@ async fn run(
     let hold = tokio::time::sleep_until(now);
     tokio::pin!(hold);
     let mut hold_armed = false;
+    // Kernel counter reads, armed only while this relay has kernel entries.
+    let kpoll = tokio::time::sleep_until(now);
+    tokio::pin!(kpoll);
+    let mut kpoll_armed = false;
 
     // One wake-up handles whatever is ready on the four sockets, then the control channel and
     // the timers; sockets are read at most once per round so a flood on one cannot starve the
@@ -1051,6 +1147,8 @@ async fn run(
                     Poll::Pending => {}
                 }
                 if sleep.as_mut().poll(cx).is_ready() {
+                    // Packets the kernel forwarded are activity too.
+                    st.poll_kernel(now);
                     // Re-armed once per timeout period, not per packet.
                     let idle_until = st.last_activity + config.rtp_timeout;
                     // Also publishes what piled up since traffic stopped, so a reader of the
@@ -1068,6 +1166,18 @@ async fn run(
                 }
                 if hold_armed && hold.as_mut().poll(cx).is_ready() {
                     st.on_hold_timer(now, [&a.rtp, &b.rtp]);
+                    fired = true;
+                }
+                if !st.kernel_active() {
+                    kpoll_armed = false;
+                } else if !kpoll_armed || kpoll.as_mut().poll(cx).is_ready() {
+                    if kpoll_armed {
+                        st.poll_kernel(now);
+                        st.flush(now);
+                    }
+                    kpoll.as_mut().reset(now + KERNEL_POLL);
+                    kpoll_armed = true;
+                    // The next full round polls (registers) the re-armed timer.
                     fired = true;
                 }
             }
@@ -1104,6 +1214,11 @@ async fn run(
         // The receiver may be gone (call already torn down); nothing to do then.
         let _ = events.send(RelayEvent::Timeout { relay: id }).await;
     }
+    // Entries out before the sockets close, then their last counts.
+    if let Some(k) = st.kernel.as_deref_mut() {
+        k.clear();
+    }
+    st.poll_kernel(Instant::now());
     st.flush(Instant::now());
     // Sockets close and ports return to the allocator before the recording is wrapped up.
     drop(legs);

@@ -309,6 +309,56 @@ impl Transport {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The kernel fast path
+
+thread_local! {
+    static IN_PRIVATE_NETNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Moves the calling test thread — and every process and thread it starts from now on
+/// (callvault, SIPp, tcpdump) — into a fresh network namespace with `lo` up, once per thread,
+/// so a tc program attached there can never touch the machine's own loopback. The namespace
+/// goes away with the last process in it. False, after a SKIPPED line, when not root (a
+/// failure with `CALLVAULT_REQUIRE_TOOLS=1`: CI runs as root).
+pub fn private_netns() -> bool {
+    if IN_PRIVATE_NETNS.with(|c| c.get()) {
+        return true;
+    }
+    // SAFETY: plain syscalls on the calling thread.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CALLVAULT_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "kernel path tests need root (CALLVAULT_REQUIRE_TOOLS=1)"
+        );
+        eprintln!("SKIPPED: kernel path tests need root");
+        return false;
+    }
+    // SAFETY: affects only the calling thread's namespaces.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(st.success(), "ip link set lo up: {st}");
+    IN_PRIVATE_NETNS.with(|c| c.set(true));
+    true
+}
+
+/// `CALLVAULT_TEST_KERNEL_FORWARDING=1`: every test server forwards in the kernel, from a
+/// private network namespace (scripts/test runs the relay tests a second time so).
+fn kernel_forwarding_from_env() -> bool {
+    if std::env::var("CALLVAULT_TEST_KERNEL_FORWARDING").as_deref() != Ok("1") {
+        return false;
+    }
+    assert!(
+        private_netns(),
+        "CALLVAULT_TEST_KERNEL_FORWARDING=1 needs root"
+    );
+    true
+}
+
 /// What goes into the test config. `ServerConfig::new()` gives fresh ports, loopback trusted
 /// and no route; set `route_to` to send calls to a UAS.
 pub struct ServerConfig {
@@ -331,6 +381,10 @@ pub struct ServerConfig {
     /// More `[storage]` lines (e.g. a cluster test's bucket, [`s3::S3sFs::storage_toml`]);
     /// when set, the test matrix's objects are not used.
     pub storage_extra: String,
+    /// `[media] kernel_forwarding`. Only inside a private network namespace
+    /// ([`private_netns`]); `CALLVAULT_TEST_KERNEL_FORWARDING=1` turns it on for every server
+    /// (and moves the test there).
+    pub kernel_forwarding: bool,
 }
 
 impl Default for ServerConfig {
@@ -352,6 +406,7 @@ impl ServerConfig {
             data_dir: None,
             pg: None,
             storage_extra: String::new(),
+            kernel_forwarding: kernel_forwarding_from_env(),
         }
         .with_matrix_metadata()
     }
@@ -419,6 +474,9 @@ impl ServerConfig {
             self.rtp.base + self.rtp.count - 1
         )
         .unwrap();
+        if self.kernel_forwarding {
+            writeln!(t, "kernel_forwarding = true").unwrap();
+        }
         writeln!(t, "\n[http]\nlisten = \"127.0.0.1:{}\"", self.http_port()).unwrap();
         writeln!(t, "\n[storage]").unwrap();
         writeln!(t, "data_dir = {:?}", data.display().to_string()).unwrap();
@@ -456,6 +514,8 @@ pub struct Server {
     log: Arc<Mutex<String>>,
     /// Extra environment for the server process (e.g. `CALLVAULT_MEDIA_RTP_TIMEOUT_SECS`).
     env: Vec<(String, String)>,
+    /// A command the server runs under (e.g. `setpriv ... --`); empty: none.
+    wrapper: Vec<String>,
 }
 
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -478,6 +538,7 @@ impl Server {
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -485,6 +546,12 @@ impl Server {
     /// server, so parallel tests do not see each other's overrides.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.into(), value.into()));
+    }
+
+    /// Runs the server under `wrapper` (program and arguments, before callvault's own), e.g.
+    /// `setpriv` dropping capabilities.
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
     }
 
     /// `prepare` + `start`.
@@ -498,7 +565,15 @@ impl Server {
     /// `ready` on stderr or stdout. Panics with the captured log when it exits or times out.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "server already started");
-        let mut child = Command::new(callvault_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(callvault_bin());
+                c
+            }
+            None => Command::new(callvault_bin()),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&self.config_path)
@@ -557,6 +632,14 @@ impl Server {
             }
         }
         self.child = Some(child);
+        // A kernel-path run must really be one (the fallback test wraps the server to fail it).
+        if self.config.kernel_forwarding && self.wrapper.is_empty() {
+            let log = self.log();
+            assert!(
+                log.contains("media=kernel"),
+                "kernel path not attached:\n{log}"
+            );
+        }
     }
 
     /// The server's `storage.metadata` URL (SQLite file or PostgreSQL database).
