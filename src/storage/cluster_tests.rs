@@ -69,7 +69,7 @@ async fn migrations_run_once_under_concurrent_starts() {
         let versions: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>("version")).collect();
         assert_eq!(
             versions,
-            [1, 2, 3, 4, 5, 6, 7, 9, 10],
+            (1..=10).collect::<Vec<i64>>(),
             "round {round}: each once"
         );
         // The schema is there and usable from the other pool.
