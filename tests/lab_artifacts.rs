@@ -169,3 +169,82 @@ fn every_metric_the_dashboard_queries_is_exposed() {
         "the dashboard queries metrics callvault does not expose: {missing:?}"
     );
 }
+
+/// The compose cluster profile (issue 11 item 5): each node's environment is a config callvault
+/// accepts (`config check` with exactly those variables over the image's default file), the
+/// nodes are the addresses the front's dispatcher list names, and Kamailio accepts the front's
+/// config with that list.
+#[test]
+fn compose_cluster_profile_nodes_and_front_fit_together() {
+    let compose = yaml("docker-compose.yml");
+    let services = &compose["services"];
+    let mut node_sip = BTreeSet::new();
+    for name in ["callvault-node1", "callvault-node2"] {
+        let s = &services[name];
+        assert_eq!(s["profiles"][0].as_str(), Some("cluster"), "{name}");
+        let env = s["environment"].as_mapping().expect("environment");
+        let mut cmd = std::process::Command::new(common::callvault_bin());
+        cmd.args(["config", "check", "--config"])
+            .arg(repo("config/examples/docker.toml"))
+            .env_remove("CALLVAULT_CONFIG");
+        for (k, v) in env {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+            };
+            cmd.env(k.as_str().unwrap(), v);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {out:?}");
+        let node_id = name.trim_start_matches("callvault-");
+        assert!(text.contains(&format!("node_id = \"{node_id}\"")), "{text}");
+        assert!(text.contains("objects = \"s3://callvault\""), "{text}");
+        assert!(
+            !text.contains("callvault:callvault@"),
+            "password printed: {text}"
+        );
+        let ip = s["networks"]["lab"]["ipv4_address"].as_str().unwrap();
+        node_sip.insert(format!("sip:{ip}:5060"));
+    }
+    let list = std::fs::read_to_string(repo("config/kamailio/dispatcher-docker.list")).unwrap();
+    let listed: BTreeSet<String> = list
+        .lines()
+        .filter(|l| l.starts_with("1 "))
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(
+        listed, node_sip,
+        "dispatcher-docker.list vs the compose nodes"
+    );
+    let front = &services["kamailio"];
+    let mounts: Vec<&str> = front["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for m in &mounts {
+        let local = m.split(':').next().unwrap().trim_start_matches("./");
+        assert!(repo(local).exists(), "{m}: missing {local}");
+    }
+    if !common::tool_available("kamailio") {
+        return;
+    }
+    let out = std::process::Command::new("kamailio")
+        .arg("-c")
+        .arg("-f")
+        .arg(repo("config/kamailio/kamailio.cfg"))
+        .args(["-A", "LISTEN=udp:127.0.0.1:5060", "-A"])
+        .arg(format!(
+            "DISPATCHER_LIST=\"{}\"",
+            repo("config/kamailio/dispatcher-docker.list").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kamailio -c: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
