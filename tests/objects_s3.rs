@@ -1,7 +1,7 @@
 //! Store media on S3 (PROTOCOL.md 6, issue 11): a `callvault serve` process with
 //! `objects = "s3://..."` against a real `s3s-fs` process (tests/common/s3.rs). While a store
-//! receives, its chunks reach the bucket at least once a second; once finished it is read
-//! from the bucket alone (the node's local log deleted), byte for byte.
+//! receives (a SIPp store session), its chunks reach the bucket at least once a second; once
+//! finished it is read from the bucket alone (the node's local log deleted), byte for byte.
 
 mod common;
 #[path = "common/ua.rs"]
@@ -14,7 +14,7 @@ use callvault::storage::stores::Store;
 use common::s3::S3sFs;
 use common::{Server, ServerConfig};
 use serde_json::Value;
-use ua::{payload, sdp, sdp_audio, Call, Rtp, PCMU, T};
+use ua::{Call, T};
 
 const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
 const PROMPT: &str = "application/vnd.callvault.prompt+json";
@@ -76,31 +76,21 @@ fn store_media_reaches_s3_every_second_and_is_read_from_it_alone() {
     let prompt: Value = serde_json::from_slice(&p.body).unwrap();
     let id = prompt["store_id"].as_str().unwrap().to_string();
 
-    const N: u32 = 150; // 3 s of PCMU at 20 ms
-    let rtp = Rtp::bind();
-    let size = (u64::from(N) * 160).to_string();
-    let inv = c.a.invite_request(
-        prompt["store_uri"].as_str().unwrap(),
-        &[("Callvault-Data-Size", size.as_str())],
-        &sdp(rtp.port, PCMU, "sendonly"),
-    );
-    let (r, d) = c.a.invite(&inv);
-    assert_eq!(r.status, 200);
-    let mut d = d.unwrap();
-    let (to, _) = sdp_audio(&r.body);
-
-    // Watch the bucket's folder of the store while A streams from another thread.
+    // The store session is SIPp's (storage_store_uac: 10 s of PCMU from a pcap, as 1001).
+    let ports = common::PortBlock::reserve(4);
+    let store = common::Sipp::uac("storage_store", server.sip_addr())
+        .port(ports.port(0))
+        .media_port(ports.port(2))
+        .service(&id)
+        .timeout(Duration::from_secs(30))
+        .spawn();
+    let sipp = std::thread::spawn(move || store.wait());
+    // Watch the bucket's folder of the store while it receives.
     let chunk_dir = format!("stores/{id}");
-    let sender = std::thread::spawn(move || {
-        for i in 0..N {
-            rtp.send(to, 0, i == 0, i as u16, 160 * i, 21, &payload(i));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
     let started = Instant::now();
     let mut seen = 0usize;
     let mut appeared = Vec::new();
-    while !sender.is_finished() {
+    while !sipp.is_finished() {
         let n = s3
             .keys(BUCKET, &chunk_dir)
             .iter()
@@ -112,21 +102,18 @@ fn store_media_reaches_s3_every_second_and_is_read_from_it_alone() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    sender.join().unwrap();
-    let sending = started.elapsed();
-    c.a.bye(&mut d);
+    sipp.join().unwrap().assert_successful(1);
 
-    // Chunks while receiving: the first within a second, then never a second apart.
-    assert!(!appeared.is_empty(), "no chunk while receiving");
-    let mut gaps = vec![appeared[0]];
-    gaps.extend(appeared.windows(2).map(|w| w[1] - w[0]));
-    gaps.push(sending - appeared[appeared.len() - 1]);
+    // 10 s of media: chunks all along, never a second apart.
+    assert!(appeared.len() >= 10, "chunks seen at {appeared:?}");
+    let gaps: Vec<Duration> = appeared.windows(2).map(|w| w[1] - w[0]).collect();
     let max_gap = gaps.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "{} chunks in {sending:?} of sending; max gap {max_gap:?}",
+        "{} chunks while receiving; max gap {max_gap:?}",
         appeared.len()
     );
     assert!(max_gap <= Duration::from_millis(1000), "gaps {gaps:?}");
+    drop(c);
 
     // Finished: the end object is there, and with the node's local log gone the download
     // is the bucket's, byte for byte.
@@ -139,7 +126,7 @@ fn store_media_reaches_s3_every_second_and_is_read_from_it_alone() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(st.state.as_str(), "complete", "{st:?}");
-    assert_eq!(st.received_bytes, u64::from(N) * 160);
+    assert_eq!(st.received_bytes, 80_000);
     assert!(s3
         .keys(BUCKET, &chunk_dir)
         .contains(&format!("{chunk_dir}/end")));
@@ -150,7 +137,13 @@ fn store_media_reaches_s3_every_second_and_is_read_from_it_alone() {
     )
     .unwrap();
     assert_eq!(status, 200);
-    let sent: Vec<u8> = (0..N).flat_map(payload).collect();
+    let pcap = std::fs::read(common::scenarios_dir().join("audio/pcmu-10s.pcap")).unwrap();
+    let sent: Vec<u8> = common::udp_datagrams(&pcap)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, d)| d.len() > 12 && d[0] >> 6 == 2 && d[1] & 0x7f == 0)
+        .flat_map(|(_, d)| d[12 + 4 * (d[0] & 0x0f) as usize..].to_vec())
+        .collect();
     assert_eq!(body.len(), sent.len());
     assert!(
         body == sent,
