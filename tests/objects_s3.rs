@@ -216,7 +216,10 @@ fn a_killed_node_loses_at_most_two_seconds_of_the_bucket_copy() {
     let in_bucket = bucket_len(&s3, &id);
     let sent_bytes = u64::from(sent) * 188;
     eprintln!("killed after {sent} packets: {in_bucket} of {sent_bytes} log bytes in the bucket");
-    assert!(in_bucket > 0 && in_bucket.is_multiple_of(188), "{in_bucket}");
+    assert!(
+        in_bucket > 0 && in_bucket.is_multiple_of(188),
+        "{in_bucket}"
+    );
     assert!(
         in_bucket + 100 * 188 >= sent_bytes,
         "{in_bucket} of {sent_bytes}"
