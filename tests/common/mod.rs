@@ -378,7 +378,7 @@ impl ServerConfig {
         )
         .unwrap();
         // The test matrix (scripts/test): store media and share pieces on s3s-fs.
-        if let Some(objects) = s3::matrix_toml() {
+        if let Some(objects) = s3::matrix_toml(dir) {
             t.push_str(&objects);
         }
         if self.trust_loopback {
