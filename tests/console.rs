@@ -3,6 +3,8 @@
 //! with a live SIPp call and a store receiving a slow upload, the page shows the call with its
 //! packet counters, the store's bar moves, the player's clock and decoded bytes advance while
 //! the store is still receiving, and the end-call button ends the call (both SIPps see BYE).
+//! Shares: with a published share and a peer that announced some of its pieces, the page
+//! shows each holder (the server, the peer) with its piece map, the right pieces set.
 
 mod common;
 
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use callvault::storage::stores::{NewStore, StoreKind, Stores};
 use callvault::storage::threshold::Threshold;
 use callvault::storage::Db;
-use common::http::get;
+use common::http::{get, request};
 use common::{tool_available, PortBlock, Server, ServerConfig, Sipp};
 use serde_json::{json, Value};
 
@@ -182,6 +184,8 @@ async fn console_shows_live_call_moving_store_bar_player_and_ends_the_call() {
     let mut cfg = ServerConfig::new();
     cfg.rtp = PortBlock::reserve(20);
     cfg.route_to = Some((ports.port(0), common::Transport::Udp));
+    // Small pieces: a 9500-byte share has 10.
+    cfg.extra = "[share]\npiece_size = 1000".into();
     let mut server = Server::prepare(cfg);
     let toml = std::fs::read_to_string(&server.config_path).unwrap();
     let toml = toml.replacen(
@@ -207,6 +211,35 @@ async fn console_shows_live_call_moving_store_bar_player_and_ends_the_call() {
         !String::from_utf8_lossy(&js.body).contains("http://"),
         "nothing from another host"
     );
+
+    // A share of 10 pieces, and a peer that announced pieces 0, 3 and 9 of it.
+    let file = server.dir.path().join("shared.bin");
+    std::fs::write(&file, common::pseudo_random(9500, 7)).unwrap();
+    let cid = server.publish_named("1002", &file, "manual.pdf", "public");
+    let mut have = callvault::share::index::Bitfield::empty(10);
+    for i in [0, 3, 9] {
+        have.set(i, true);
+    }
+    let announce =
+        json!({"peer_id": "peer-7", "address": "127.0.0.1:9107", "have": have.to_base64()});
+    let bearer = format!("Bearer {ADMIN}");
+    let r = request(
+        a,
+        "POST",
+        &format!("/v1/index/{cid}/announce"),
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        announce.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The operator's share list the console reads.
+    let r = get(a, "/v1/shares", &[("Authorization", &bearer)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()[0]["content_id"], cid.as_str());
+    assert_eq!(get(a, "/v1/shares", &[]).await.status, 401);
 
     // A live call: neither SIPp hangs up.
     let uas = Sipp::uas("basic")
@@ -267,6 +300,24 @@ async fn console_shows_live_call_moving_store_bar_player_and_ends_the_call() {
     let id = s.id.clone();
     let checks = tokio::task::spawn_blocking(move || {
         let mut b = Browser::launch(&url);
+        // The share with a piece map per holder: the server has every piece, the peer the
+        // three it announced, drawn as filled cells.
+        let holder = |peer: &str| {
+            format!(
+                "(() => {{ const r = document.querySelector('[data-share=\"{cid}\"] \
+                 [data-holder=\"{peer}\"]'); if (!r) return null; \
+                 return [r.dataset.have, [...r.querySelectorAll('.piece')].map((e, i) => \
+                 e.classList.contains('have') ? i : -1).filter(i => i >= 0).join(','), \
+                 r.querySelectorAll('.piece').length]; }})()"
+            )
+        };
+        let peer = b.wait_for("the peer's piece map", &holder("peer-7"));
+        assert_eq!(peer, json!(["0,3,9", "0,3,9", 10]), "peer-7's pieces");
+        let all = b.wait_for("the server's piece map", &holder("server"));
+        assert_eq!(
+            all,
+            json!(["0,1,2,3,4,5,6,7,8,9", "0,1,2,3,4,5,6,7,8,9", 10])
+        );
         // The live call with both legs' counters moving.
         b.wait_for(
             "a live call with packets",
@@ -292,7 +343,7 @@ async fn console_shows_live_call_moving_store_bar_player_and_ends_the_call() {
             b.call(
                 Some(&session),
                 "Emulation.setDeviceMetricsOverride",
-                json!({ "width": 1280, "height": 720, "deviceScaleFactor": 1, "mobile": false }),
+                json!({ "width": 1280, "height": 640, "deviceScaleFactor": 1, "mobile": false }),
             );
             let shot = b.call(
                 Some(&session),

@@ -1185,13 +1185,20 @@ fn sipp_full_flow_bytes_equal() {
         assert_eq!(got.len(), sent.len(), "packets played to B");
         assert!(got == sent, "played payloads differ from the pcap's");
     }
-    assert_store_pcap_on_real_addresses(&server, &st, ports.port(12));
+    assert_store_pcap_on_real_addresses(&server, &st, ports.port(12), ports.port(2));
     server.stop();
 }
 
 /// The store's `format=pcap` download carries its SIP INVITE/200 and its RTP on the addresses
-/// really used: from the sender's media port to callvault's RTP port (PROTOCOL 2.5, issue 13).
-fn assert_store_pcap_on_real_addresses(server: &Server, st: &Store, sender_port: u16) {
+/// really used: from the sender's media port to callvault's RTP port, the SIP between the
+/// sender's SIP port and callvault's listener (not 5060), with the session's Call-ID
+/// (PROTOCOL 2.5, issue 13).
+fn assert_store_pcap_on_real_addresses(
+    server: &Server,
+    st: &Store,
+    sender_port: u16,
+    sender_sip_port: u16,
+) {
     let local = st.rtp_local.expect("callvault's RTP address recorded");
     let source = st.rtp_source.expect("the sender's RTP source recorded");
     assert_eq!(source.port(), sender_port, "{st:?}");
@@ -1234,14 +1241,32 @@ fn assert_store_pcap_on_real_addresses(server: &Server, st: &Store, sender_port:
     let lines: Vec<&str> = rtp.lines().collect();
     assert_eq!(lines.len(), 500, "every stored packet reads as RTP");
     assert!(lines.iter().all(|l| *l == want), "{want} vs {:?}", lines[0]);
-    let sip = tshark("sip", &["sip.Method", "sip.Status-Code", "sdp.media.port"]);
+    let sip = tshark(
+        "sip",
+        &[
+            "udp.srcport",
+            "udp.dstport",
+            "sip.Method",
+            "sip.Status-Code",
+            "sdp.media.port",
+        ],
+    );
+    let cv = server.sip_addr().port();
+    assert_ne!(cv, 5060, "the test server listens elsewhere");
     assert_eq!(
         sip.lines().collect::<Vec<_>>(),
         [
-            format!("INVITE\t\t{sender_port}"),
-            format!("\t200\t{}", local.port())
+            format!("{sender_sip_port}\t{cv}\tINVITE\t\t{sender_port}"),
+            format!("{cv}\t{sender_sip_port}\t\t200\t{}", local.port())
         ],
         "{sip}"
+    );
+    let call_ids = tshark("sip", &["sip.Call-ID"]);
+    assert!(
+        call_ids
+            .lines()
+            .all(|c| !c.is_empty() && !c.ends_with("@callvault")),
+        "the session's own Call-ID: {call_ids}"
     );
 }
 

@@ -19,15 +19,13 @@ mod common;
 #[path = "common/ua.rs"]
 mod ua;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use callvault::sip::dialog::Dialog;
 use callvault::sip::message::{HeaderAccess, Method, Request, Response};
-use common::{PortBlock, Server, ServerConfig};
+use common::kamailio::Kamailio;
+use common::{Server, ServerConfig};
 use serde_json::Value;
 use ua::{payload, sdp, sdp_audio, Call, Rtp, Ua, PCMU, T};
 
@@ -39,18 +37,10 @@ const TEST_CT: &str = "application/x-interop-test";
 // ---------------------------------------------------------------------------------------------
 // Kamailio
 
-/// A Kamailio record-routing proxy in front of callvault, stopped (SIGTERM, then SIGKILL) on
-/// drop. Initial requests from the phones go to callvault (REGISTER gets `Path`, INVITE is
-/// record-routed); requests with Route headers are loose-routed; a request from callvault
-/// without a Route header is refused, so callvault must use the Path or the route set.
-struct Kamailio {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
-    _port: PortBlock,
-}
-
+/// The proxy in front of callvault (tests/common/kamailio.rs) runs this config: initial
+/// requests from the phones go to callvault (REGISTER gets `Path`, INVITE is record-routed);
+/// requests with Route headers are loose-routed; a request from callvault without a Route
+/// header is refused, so callvault must use the Path or the route set.
 fn kamailio_config(port: u16, callvault: SocketAddr) -> String {
     let cv_port = callvault.port();
     format!(
@@ -105,96 +95,14 @@ request_route {{
     )
 }
 
-impl Kamailio {
-    /// `None` (after a SKIPPED line) when kamailio is not installed and tools are optional.
-    fn start(callvault: SocketAddr) -> Option<Kamailio> {
-        if !common::tool_available("kamailio") {
-            return None;
-        }
-        let port = common::free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("kamailio.cfg");
-        std::fs::write(&cfg, kamailio_config(port.port(0), callvault)).unwrap();
-        let mut child = Command::new("kamailio")
-            .arg("-f")
-            .arg(&cfg)
-            .args(["-DD", "-E", "-m", "32", "-M", "8"])
-            .arg("-P")
-            .arg(dir.path().join("kamailio.pid"))
-            .arg("-Y")
-            .arg(dir.path())
-            .arg("-w")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kamailio");
-        let log = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        let k = Kamailio {
-            addr: SocketAddr::from(([127, 0, 0, 1], port.port(0))),
-            child,
-            log,
-            _dir: dir,
-            _port: port,
-        };
-        // Up when its UDP port is taken; a config error makes it exit at once.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut k = k;
-        while !common::wait_bound(
-            k.addr.port(),
-            common::Transport::Udp,
-            Duration::from_millis(100),
-        ) {
-            let exited = k.child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                panic!("kamailio not listening ({exited:?}):\n{}", k.log());
-            }
-        }
-        Some(k)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// True when `req` reached us from Kamailio (its Via is on top).
-    fn forwarded(&self, req: &Request) -> bool {
-        req.top_via().is_some_and(|v| {
-            v.host == self.addr.ip().to_string() && v.port == Some(self.addr.port())
-        })
-    }
+fn start_kamailio(callvault: SocketAddr) -> Option<Kamailio> {
+    Kamailio::start(|port| kamailio_config(port, callvault))
 }
 
-impl Drop for Kamailio {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kamailio log:\n{}", self.log());
-        }
-        common::send_signal(&self.child, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// True when `req` reached us from Kamailio (its Via is on top).
+fn forwarded(k: &Kamailio, req: &Request) -> bool {
+    req.top_via()
+        .is_some_and(|v| v.host == k.addr.ip().to_string() && v.port == Some(k.addr.port()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,7 +221,7 @@ fn relayed(
     from.send_in_dialog(fd, &req);
     let got = to.expect_request(method.clone(), Some(TEST_CT), T);
     assert!(
-        k.forwarded(&got),
+        forwarded(k, &got),
         "{method} reached the far end around Kamailio"
     );
     assert_eq!(&got.body[..], body);
@@ -373,7 +281,7 @@ fn session(
 #[test]
 fn kamailio_in_front_every_phone_request_passes_the_proxy() {
     let server = server_with("");
-    let Some(k) = Kamailio::start(server.sip_addr()) else {
+    let Some(k) = start_kamailio(server.sip_addr()) else {
         return;
     };
     let mut trace = Trace::default();
@@ -433,7 +341,7 @@ fn kamailio_in_front_every_phone_request_passes_the_proxy() {
     // In-call storage: B asks, A is prompted in its dialog through the proxy.
     ask_to_store(&mut trace, &mut c.b, &mut c.bd);
     let p = c.a.expect_request(Method::Message, Some(PROMPT), T);
-    assert!(k.forwarded(&p), "prompt around Kamailio");
+    assert!(forwarded(&k, &p), "prompt around Kamailio");
     assert_eq!(p.call_id(), Some(c.ad.id.call_id.as_str()));
     c.a.respond(&p, 200, &[], b"");
     let prompt = json(&p.body);
@@ -448,7 +356,7 @@ fn kamailio_in_front_every_phone_request_passes_the_proxy() {
     );
     send_stream(&a_rtp, store_to, 7, 0..10);
     let r = c.b.expect_request(Method::Message, Some(READY), T);
-    assert!(k.forwarded(&r), "ready note around Kamailio");
+    assert!(forwarded(&k, &r), "ready note around Kamailio");
     assert_eq!(r.call_id(), Some(c.bd.id.call_id.as_str()), "in dialog");
     c.b.respond(&r, 200, &[], b"");
     let ready = json(&r.body);
@@ -474,7 +382,7 @@ fn kamailio_in_front_every_phone_request_passes_the_proxy() {
     }
     let bye = c.b.expect_request(Method::Bye, None, T);
     assert_eq!(bye.call_id(), Some(pd.id.call_id.as_str()));
-    assert!(k.forwarded(&bye), "play session BYE around Kamailio");
+    assert!(forwarded(&k, &bye), "play session BYE around Kamailio");
     c.b.respond(&bye, 200, &[], b"");
 
     // A second store; B hangs up the call first, so the ready note goes out of dialog to
@@ -493,14 +401,14 @@ fn kamailio_in_front_every_phone_request_passes_the_proxy() {
     let resp = trace.in_dialog(&mut c.b, &mut c.bd, Method::Bye, &[], b"");
     assert_eq!(resp.status, 200);
     let bye = c.a.expect_request(Method::Bye, None, T);
-    assert!(k.forwarded(&bye), "BYE to A around Kamailio");
+    assert!(forwarded(&k, &bye), "BYE to A around Kamailio");
     assert_eq!(bye.call_id(), Some(c.ad.id.call_id.as_str()));
     c.a.respond(&bye, 200, &[], b"");
     send_stream(&a_rtp, store_to, 8, 0..3);
     let r = c.b.expect_request(Method::Message, Some(READY), T);
     assert!(r.to_tag().is_none(), "out of dialog");
     assert!(
-        k.forwarded(&r),
+        forwarded(&k, &r),
         "out-of-dialog ready note not sent by the Path: {r:?}"
     );
     assert!(!r.headers.has("Route"), "Kamailio consumed its Route");
@@ -519,7 +427,7 @@ fn kamailio_in_front_every_phone_request_passes_the_proxy() {
     let resp = trace.in_dialog(&mut c.a, &mut c.ad, Method::Bye, &[], b"");
     assert_eq!(resp.status, 200);
     let bye = c.b.expect_request(Method::Bye, None, T);
-    assert!(k.forwarded(&bye), "BYE to B around Kamailio");
+    assert!(forwarded(&k, &bye), "BYE to B around Kamailio");
     c.b.respond(&bye, 200, &[], b"");
 
     trace.assert_all_through(&k);

@@ -8,6 +8,11 @@
 //! the core, which hands the ingest ends to the call's relay ([`RelayMedia::record`]). The
 //! relay pushes every relayed RTP packet into its direction's log and closes the logs when it
 //! stops; each store's writer task then finishes the store `complete` with its payload bytes.
+//!
+//! Each store is marked with its direction (`a`: leg A's audio towards B, `b`: back) and the
+//! ends of the leg the audio came in on (that leg's SIP addresses and Call-ID, its RTP source
+//! and callvault's relay port), so downloads can rebuild the call's SIP and put the two
+//! directions together (`http::whole_call`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::engine::{Engine, EngineEvent};
+use super::engine::{Engine, EngineEvent, LegEnds};
 use super::media::{CallKey, MediaBackend, RelayMedia};
 use crate::media::relay::{RecordCounters, RecordSinks};
 use crate::storage::accounts::Accounts;
@@ -30,7 +35,8 @@ use crate::storage::segments::{
 use crate::storage::session::effects;
 use crate::storage::session::{self, IngestEnd, Input, SessionConfig, Snapshot, StoreSession};
 use crate::storage::stores::{
-    store_dir, NewStore, StartSession, StoreError, StoreKind, StoreState, Stores,
+    store_dir, Direction, NewStore, SessionEnds, StartSession, StoreError, StoreKind, StoreState,
+    Stores,
 };
 use crate::storage::threshold::{Resolved, Threshold};
 
@@ -134,6 +140,7 @@ impl RecordingService {
             callee,
             call_id,
             format: format.flatten(),
+            legs: engine.call_leg_ends(*call),
         };
         let ctx = self.ctx.clone();
         tokio::spawn(async move { start(ctx, job).await });
@@ -162,6 +169,19 @@ struct Job {
     callee: String,
     call_id: Option<String>,
     format: Option<(String, u8)>,
+    /// Leg A's and leg B's ends (None: the call was gone).
+    legs: Option<[LegEnds; 2]>,
+}
+
+/// What a direction's store records of the leg its audio came in on.
+fn session_ends(leg: &LegEnds) -> SessionEnds {
+    SessionEnds {
+        rtp_source: leg.rtp_remote,
+        rtp_local: leg.rtp_local,
+        sip_remote: Some(leg.sip_remote),
+        sip_local: Some(leg.sip_local),
+        sip_call_id: Some(leg.call_id.clone()),
+    }
 }
 
 async fn start(ctx: Ctx, job: Job) {
@@ -175,11 +195,16 @@ async fn start(ctx: Ctx, job: Job) {
         }
     };
     let mut sinks = RecordSinks::default();
-    for (sender, receiver, slot) in [
-        (&job.caller, &job.callee, &mut sinks.from_a),
-        (&job.callee, &job.caller, &mut sinks.from_b),
+    for (direction, sender, receiver, slot) in [
+        (Direction::AToB, &job.caller, &job.callee, &mut sinks.from_a),
+        (Direction::BToA, &job.callee, &job.caller, &mut sinks.from_b),
     ] {
-        match open_direction(&ctx, &job, sender, receiver, owner.clone()).await {
+        let dir = Dir {
+            direction,
+            sender,
+            receiver,
+        };
+        match open_direction(&ctx, &job, dir, owner.clone()).await {
             Ok(ingest) => *slot = Some(ingest),
             Err(e) => tracing::warn!(call = job.call, error = %e, "call recording not started"),
         }
@@ -192,15 +217,27 @@ async fn start(ctx: Ctx, job: Job) {
     }
 }
 
+/// One direction of a call: which, and who speaks to whom.
+#[derive(Clone, Copy)]
+struct Dir<'a> {
+    direction: Direction,
+    sender: &'a str,
+    receiver: &'a str,
+}
+
 /// Creates and starts one direction's store and opens its log; the writer task finishing the
 /// store is running when this returns.
 async fn open_direction(
     ctx: &Ctx,
     job: &Job,
-    sender: &str,
-    receiver: &str,
+    dir: Dir<'_>,
     owner: Option<String>,
 ) -> Result<Ingest, RecordingError> {
+    let Dir {
+        direction,
+        sender,
+        receiver,
+    } = dir;
     let now = SystemTime::now();
     let store = ctx
         .stores
@@ -236,6 +273,23 @@ async fn open_direction(
             now,
         )
         .await?;
+    // Marks for the downloads; a failure costs them the direction, not the recording.
+    let leg = job.legs.as_ref().map(|l| match direction {
+        Direction::AToB => &l[0],
+        Direction::BToA => &l[1],
+    });
+    if let Err(e) = ctx.stores.set_direction(&store.id, direction).await {
+        tracing::warn!(store = %store.id, error = %e, "recording direction not noted");
+    }
+    if let Some(leg) = leg {
+        if let Err(e) = ctx
+            .stores
+            .set_session_ends(&store.id, &session_ends(leg))
+            .await
+        {
+            tracing::warn!(store = %store.id, error = %e, "recording addresses not noted");
+        }
+    }
     let (log_options, pipeline_options) = record_log_options();
     let opened = store_dir(&ctx.data_dir, &store.id)
         .map_err(RecordingError::from)

@@ -15,12 +15,20 @@
 //! `192.0.2.1:5004` to `192.0.2.2:5004`) carrying an RTP header rebuilt from the record
 //! (version 2, marker, payload type, sequence number, timestamp, SSRC) and the payload,
 //! timestamped with the record's arrival time. The UDP checksum is 0 (allowed on IPv4); the
-//! IP header checksum is set.
+//! IP header checksum is set. The capture opens with the session's SIP INVITE and 200 OK
+//! ([`PcapSession`]) on the SIP addresses and ports the session really used, with its Call-ID
+//! (port 5060 and a made-up Call-ID only for rows recorded before those were kept).
+//!
+//! Whole calls (a recorded call's two directions, `?call=both`): the pcap carries both legs'
+//! INVITE/200 and both directions' packets merged by arrival time; the stereo WAV
+//! ([`stereo_wav_header`], [`Lane`], [`put_frames`]) is 16-bit PCM, 8000 Hz, leg A's audio
+//! left and leg B's right, G.711 decoded ([`g711_decode`]) and placed by arrival time.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 use crate::storage::segments::RecordHeader;
+use crate::storage::stores::{Direction, Store};
 
 /// `?format=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,17 +230,81 @@ pub(crate) fn unix_us(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// SIP signalling port of the capture's two parties.
+/// SIP port assumed for a session recorded before its SIP addresses were kept.
 const SIP_PORT: u16 = 5060;
 
-/// The global header plus a SIP INVITE (from the sender, `ends.src`) and its 200 OK (from the
-/// receiver, `ends.dst`), each with SDP naming the RTP address and port the capture's packets
-/// use, timestamped just before the media at `start_us`. Wireshark and tshark set up the
-/// RTP conversation from that SDP, so the capture reads as RTP without "Decode As".
-/// `format` is the store's `ENCODING/RATE` (e.g. `PCMU/8000`), `pt` its payload type.
+/// One side of a rebuilt SIP session: its SIP and RTP addresses (IPv4, port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PcapParty {
+    pub(crate) sip: ([u8; 4], u16),
+    pub(crate) rtp: ([u8; 4], u16),
+}
+
+/// The INVITE/200 exchange a capture opens with: who invited whom, on which addresses, and
+/// the session's Call-ID. Wireshark and tshark set up the RTP conversation from its SDP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PcapSession {
+    pub(crate) call_id: String,
+    /// The user of the Request-URI (the store id).
+    pub(crate) user: String,
+    pub(crate) inviter: PcapParty,
+    pub(crate) invitee: PcapParty,
+}
+
+fn v4(a: Option<SocketAddr>) -> Option<([u8; 4], u16)> {
+    match a {
+        Some(SocketAddr::V4(a)) => Some((a.ip().octets(), a.port())),
+        _ => None,
+    }
+}
+
+/// A store's capture: its RTP ends and its SIP session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoreCapture {
+    pub(crate) ends: PcapEnds,
+    pub(crate) session: PcapSession,
+}
+
+impl StoreCapture {
+    /// The sender invited callvault (an in-call store, a recording's A-to-B direction); for
+    /// a recording's B-to-A direction callvault invited the callee (leg B), whose audio it is.
+    pub(crate) fn of(store: &Store) -> StoreCapture {
+        let ends = PcapEnds::new(store.rtp_source, store.rtp_local);
+        let sender = PcapParty {
+            sip: v4(store.sip_remote).unwrap_or((ends.src.0, SIP_PORT)),
+            rtp: ends.src,
+        };
+        let callvault = PcapParty {
+            sip: v4(store.sip_local).unwrap_or((ends.dst.0, SIP_PORT)),
+            rtp: ends.dst,
+        };
+        let (inviter, invitee) = match store.direction {
+            Some(Direction::BToA) => (callvault, sender),
+            _ => (sender, callvault),
+        };
+        let call_id = store
+            .sip_call_id
+            .clone()
+            .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or_else(|| format!("{}@callvault", store.id));
+        StoreCapture {
+            ends,
+            session: PcapSession {
+                call_id,
+                user: store.id.clone(),
+                inviter,
+                invitee,
+            },
+        }
+    }
+}
+
+/// The global header plus, for each session, a SIP INVITE (from the inviter) and its 200 OK
+/// (from the invitee), each with SDP naming that party's RTP address and port, timestamped
+/// just before the media at `start_us`. `format` is the store's `ENCODING/RATE` (e.g.
+/// `PCMU/8000`), `pt` its payload type.
 pub(crate) fn pcap_preamble(
-    ends: PcapEnds,
-    store_id: &str,
+    sessions: &[PcapSession],
     format: Option<&str>,
     pt: Option<u8>,
     start_us: u64,
@@ -250,45 +322,193 @@ pub(crate) fn pcap_preamble(
              m=audio {port} RTP/AVP {pt}\r\n{rtpmap}"
         )
     };
-    let (src, dst) = (Ipv4Addr::from(ends.src.0), Ipv4Addr::from(ends.dst.0));
-    let dialog = |to_tag: &str| {
-        format!(
-            "Via: SIP/2.0/UDP {src}:{SIP_PORT};branch=z9hG4bK-{store_id}\r\n\
-             From: <sip:sender@{src}>;tag=s\r\nTo: <sip:{store_id}@{dst}>{to_tag}\r\n\
-             Call-ID: {store_id}@callvault\r\nCSeq: 1 INVITE\r\n"
-        )
-    };
-    let offer = sdp(ends.src);
-    let invite = format!(
-        "INVITE sip:{store_id}@{dst} SIP/2.0\r\n{}Contact: <sip:sender@{src}>\r\n\
-         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
-        dialog(""),
-        offer.len()
-    );
-    let answer = sdp(ends.dst);
-    let ok = format!(
-        "SIP/2.0 200 OK\r\n{}Contact: <sip:{store_id}@{dst}>\r\n\
-         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}",
-        dialog(";tag=r"),
-        answer.len()
-    );
-    let t = start_us.saturating_sub(2000);
-    let sip = [
-        (ends.src.0, ends.dst.0, invite),
-        (ends.dst.0, ends.src.0, ok),
-    ];
-    for (i, (from, to, msg)) in sip.iter().enumerate() {
-        let at = t + 1000 * i as u64;
-        udp_packet(
-            &mut out,
-            at,
-            (*from, SIP_PORT),
-            (*to, SIP_PORT),
-            &[msg.as_bytes()],
-            i as u16,
+    let base = start_us.saturating_sub(1000 * (2 * sessions.len() as u64 + 1));
+    let mut n: u16 = 0;
+    for (i, s) in sessions.iter().enumerate() {
+        let (from, to) = (s.inviter.sip, s.invitee.sip);
+        let (src, dst) = (Ipv4Addr::from(from.0), Ipv4Addr::from(to.0));
+        let (sp, dp) = (from.1, to.1);
+        let (user, call_id) = (&s.user, &s.call_id);
+        let dialog = |to_tag: &str| {
+            format!(
+                "Via: SIP/2.0/UDP {src}:{sp};branch=z9hG4bK-cv{i}\r\n\
+                 From: <sip:caller@{src}:{sp}>;tag=s{i}\r\nTo: <sip:{user}@{dst}:{dp}>{to_tag}\r\n\
+                 Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+            )
+        };
+        let offer = sdp(s.inviter.rtp);
+        let invite = format!(
+            "INVITE sip:{user}@{dst}:{dp} SIP/2.0\r\n{}Contact: <sip:caller@{src}:{sp}>\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+            dialog(""),
+            offer.len()
         );
+        let answer = sdp(s.invitee.rtp);
+        let ok = format!(
+            "SIP/2.0 200 OK\r\n{}Contact: <sip:{user}@{dst}:{dp}>\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}",
+            dialog(";tag=r"),
+            answer.len()
+        );
+        for (a, b, msg) in [(from, to, invite), (to, from, ok)] {
+            udp_packet(
+                &mut out,
+                base + 1000 * u64::from(n),
+                a,
+                b,
+                &[msg.as_bytes()],
+                n,
+            );
+            n = n.wrapping_add(1);
+        }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// G.711 to 16-bit PCM and the stereo WAV of a whole call
+
+/// Which G.711 law a WAV format tag names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Law {
+    Mu,
+    A,
+}
+
+impl Law {
+    pub(crate) fn of_tag(tag: u16) -> Option<Law> {
+        match tag {
+            WAVE_FORMAT_MULAW => Some(Law::Mu),
+            WAVE_FORMAT_ALAW => Some(Law::A),
+            _ => None,
+        }
+    }
+}
+
+/// One G.711 byte as a 16-bit linear sample (ITU-T G.711 expansion, the tables sox and
+/// Wireshark use; the console's player decodes the same way).
+pub(crate) fn g711_decode(law: Law, b: u8) -> i16 {
+    let v: i32 = match law {
+        Law::Mu => {
+            let u = !b;
+            let t = ((i32::from(u & 0x0f) << 3) + 0x84) << ((u & 0x70) >> 4);
+            if u & 0x80 != 0 {
+                0x84 - t
+            } else {
+                t - 0x84
+            }
+        }
+        Law::A => {
+            let a = b ^ 0x55;
+            let mut t = i32::from(a & 0x0f) << 4;
+            match (a & 0x70) >> 4 {
+                0 => t += 8,
+                1 => t += 0x108,
+                seg => t = (t + 0x108) << (seg - 1),
+            }
+            if a & 0x80 != 0 {
+                t
+            } else {
+                -t
+            }
+        }
+    };
+    // Both expansions stay within ±32 256.
+    v as i16
+}
+
+pub(crate) const STEREO_HEADER_LEN: usize = 44;
+/// Bytes of one stereo frame: two 16-bit samples.
+pub(crate) const STEREO_FRAME: usize = 4;
+
+/// The 44-byte header of a PCM WAV, 2 channels, 8000 Hz, 16 bits, holding `frames` frames
+/// (sizes saturate at the format's 4 GiB limit).
+pub(crate) fn stereo_wav_header(frames: u64) -> [u8; STEREO_HEADER_LEN] {
+    let data = frames
+        .saturating_mul(STEREO_FRAME as u64)
+        .min(u64::from(u32::MAX) - 36) as u32;
+    let mut h = [0u8; STEREO_HEADER_LEN];
+    let mut w = Writer(&mut h, 0);
+    w.bytes(b"RIFF");
+    w.u32(data + 36);
+    w.bytes(b"WAVE");
+    w.bytes(b"fmt ");
+    w.u32(16);
+    w.u16(1); // PCM
+    w.u16(2); // channels: leg A left, leg B right
+    w.u32(8000);
+    w.u32(8000 * STEREO_FRAME as u32); // byte rate
+    w.u16(STEREO_FRAME as u16); // block align
+    w.u16(16);
+    w.bytes(b"data");
+    w.u32(data);
+    h
+}
+
+/// A gap in a direction's arrivals longer than this (in samples, 60 ms) is kept as silence;
+/// shorter ones are network jitter and the audio stays contiguous.
+pub(crate) const LANE_SLACK: u64 = 480;
+
+/// Places one direction's packets on the call's timeline (8000 samples a second from the
+/// call's first packet in either direction): each packet goes right after the previous one,
+/// unless it arrived more than [`LANE_SLACK`] later than that, then at its arrival time with
+/// silence before it. Audio is never overlapped or reordered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Lane {
+    /// The sample after the last one placed.
+    pub(crate) cursor: u64,
+}
+
+impl Lane {
+    /// The first sample of a packet of `len` samples that arrived at `arrival_us`; `t0_us`
+    /// is the call's first arrival.
+    pub(crate) fn place(&mut self, t0_us: u64, arrival_us: u64, len: u64) -> u64 {
+        let at = arrival_us.saturating_sub(t0_us).saturating_mul(8) / 1000;
+        let start = if at > self.cursor + LANE_SLACK {
+            at
+        } else {
+            self.cursor
+        };
+        self.cursor = start + len;
+        start
+    }
+}
+
+/// One packet's decoded samples at their place on the timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Placed {
+    pub(crate) start: u64,
+    pub(crate) samples: Vec<i16>,
+}
+
+impl Placed {
+    pub(crate) fn end(&self) -> u64 {
+        self.start + self.samples.len() as u64
+    }
+
+    fn at(&self, pos: u64) -> i16 {
+        pos.checked_sub(self.start)
+            .and_then(|i| self.samples.get(usize::try_from(i).ok()?))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Appends the stereo frames `from..to` (16-bit little endian, left then right): a lane's
+/// sample where its current packet covers the position, silence elsewhere.
+pub(crate) fn put_frames(
+    out: &mut Vec<u8>,
+    from: u64,
+    to: u64,
+    left: Option<&Placed>,
+    right: Option<&Placed>,
+) {
+    for pos in from..to {
+        let l = left.map_or(0, |p| p.at(pos));
+        let r = right.map_or(0, |p| p.at(pos));
+        out.extend_from_slice(&l.to_le_bytes());
+        out.extend_from_slice(&r.to_le_bytes());
+    }
 }
 
 /// Appends one pcap record of an IPv4/UDP datagram carrying `parts` one after the other.
@@ -430,5 +650,148 @@ mod tests {
             Some("127.0.0.1:20002".parse().unwrap()),
         );
         assert_eq!(v6, doc, "IPv6 does not fit LINKTYPE_RAW's IPv4 packets");
+    }
+
+    fn store_with(direction: Option<Direction>) -> Store {
+        let now = std::time::SystemTime::now();
+        Store {
+            id: "st_test".into(),
+            token: "t".into(),
+            kind: crate::storage::stores::StoreKind::CallRecording,
+            sender: "1001@example.com".into(),
+            receiver: "1002@example.com".into(),
+            owner: None,
+            call_id: Some("leg-a@host".into()),
+            threshold: crate::storage::threshold::Threshold::Bytes(0),
+            format: Some("PCMU/8000".into()),
+            payload_type: Some(0),
+            declared_bytes: None,
+            received_bytes: 0,
+            reserved_bytes: 0,
+            threshold_bytes: None,
+            state: crate::storage::stores::StoreState::Complete,
+            created_at: now,
+            expires_at: now,
+            started_at: None,
+            threshold_at: None,
+            finished_at: None,
+            rtp_source: Some("127.0.0.1:40000".parse().unwrap()),
+            rtp_local: Some("127.0.0.1:20002".parse().unwrap()),
+            direction,
+            sip_remote: Some("127.0.0.1:15061".parse().unwrap()),
+            sip_local: Some("127.0.0.1:15060".parse().unwrap()),
+            sip_call_id: Some("leg-b@callvault".into()),
+        }
+    }
+
+    /// (source port, destination port, payload) of every UDP packet of a capture.
+    fn udp_of(pcap: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 24;
+        while at + 16 <= pcap.len() {
+            let len = le32(pcap, at + 8) as usize;
+            let ip = &pcap[at + 16..at + 16 + len];
+            let port = |i: usize| u16::from_be_bytes([ip[i], ip[i + 1]]);
+            out.push((port(20), port(22), ip[28..].to_vec()));
+            at += 16 + len;
+        }
+        out
+    }
+
+    #[test]
+    fn preamble_uses_the_sessions_real_sip_ports_and_call_id() {
+        let a = StoreCapture::of(&store_with(Some(Direction::AToB)));
+        let pcap = pcap_preamble(
+            std::slice::from_ref(&a.session),
+            Some("PCMU/8000"),
+            Some(0),
+            5_000_000,
+        );
+        let pk = udp_of(&pcap);
+        assert_eq!(pk.len(), 2);
+        assert_eq!((pk[0].0, pk[0].1), (15061, 15060), "INVITE from the sender");
+        assert_eq!((pk[1].0, pk[1].1), (15060, 15061), "200 from callvault");
+        let invite = String::from_utf8_lossy(&pk[0].2);
+        assert!(invite.starts_with("INVITE sip:st_test@127.0.0.1:15060 SIP/2.0\r\n"));
+        assert!(invite.contains("Call-ID: leg-b@callvault\r\n"), "{invite}");
+        assert!(invite.contains("m=audio 40000 RTP/AVP 0"), "{invite}");
+        let ok = String::from_utf8_lossy(&pk[1].2);
+        assert!(ok.contains("m=audio 20002 RTP/AVP 0"), "{ok}");
+
+        // Leg B: callvault invited the callee, whose audio the store holds.
+        let b = StoreCapture::of(&store_with(Some(Direction::BToA)));
+        let pk = udp_of(&pcap_preamble(
+            &[a.session, b.session],
+            None,
+            Some(0),
+            5_000_000,
+        ));
+        assert_eq!(pk.len(), 4);
+        assert_eq!((pk[2].0, pk[2].1), (15060, 15061), "INVITE from callvault");
+        assert!(String::from_utf8_lossy(&pk[2].2).contains("m=audio 20002 "));
+        assert!(String::from_utf8_lossy(&pk[3].2).contains("m=audio 40000 "));
+
+        // Rows from before the SIP ends were kept: port 5060 on the RTP hosts.
+        let mut old = store_with(None);
+        (old.sip_remote, old.sip_local, old.sip_call_id) = (None, None, None);
+        let c = StoreCapture::of(&old);
+        assert_eq!(c.session.inviter.sip, ([127, 0, 0, 1], 5060));
+        assert_eq!(c.session.call_id, "st_test@callvault");
+    }
+
+    #[test]
+    fn g711_expands_like_the_itu_tables() {
+        assert_eq!(g711_decode(Law::Mu, 0xff), 0);
+        assert_eq!(g711_decode(Law::Mu, 0x7f), 0);
+        assert_eq!(g711_decode(Law::Mu, 0x00), -32124);
+        assert_eq!(g711_decode(Law::Mu, 0x80), 32124);
+        assert_eq!(g711_decode(Law::A, 0xd5), 8);
+        assert_eq!(g711_decode(Law::A, 0x55), -8);
+        assert_eq!(g711_decode(Law::A, 0xaa), 32256);
+        assert_eq!(g711_decode(Law::A, 0x2a), -32256);
+        assert_eq!(Law::of_tag(WAVE_FORMAT_ALAW), Some(Law::A));
+    }
+
+    #[test]
+    fn stereo_header_and_frames() {
+        let h = stereo_wav_header(8000);
+        assert_eq!(&h[0..4], b"RIFF");
+        assert_eq!(le32(&h, 4) as usize, STEREO_HEADER_LEN + 32_000 - 8);
+        assert_eq!(u16::from_le_bytes([h[20], h[21]]), 1, "PCM");
+        assert_eq!(u16::from_le_bytes([h[22], h[23]]), 2, "channels");
+        assert_eq!(le32(&h, 24), 8000);
+        assert_eq!(le32(&h, 28), 32_000);
+        assert_eq!(u16::from_le_bytes([h[32], h[33]]), 4);
+        assert_eq!(u16::from_le_bytes([h[34], h[35]]), 16);
+        assert_eq!(le32(&h, 40), 32_000);
+
+        let left = Placed {
+            start: 1,
+            samples: vec![5, 6],
+        };
+        let right = Placed {
+            start: 2,
+            samples: vec![-1],
+        };
+        let mut out = Vec::new();
+        put_frames(&mut out, 0, 4, Some(&left), Some(&right));
+        let got: Vec<i16> = out
+            .chunks(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        assert_eq!(got, [0, 0, 5, 0, 6, -1, 0, 0]);
+    }
+
+    #[test]
+    fn lanes_keep_audio_contiguous_and_keep_real_gaps() {
+        let mut lane = Lane::default();
+        // Starts 100 ms after the call's first packet: 800 samples of silence first.
+        assert_eq!(lane.place(1_000_000, 1_100_000, 160), 800);
+        // Jitter: early or a little late, right after the previous packet.
+        assert_eq!(lane.place(1_000_000, 1_115_000, 160), 960);
+        assert_eq!(lane.place(1_000_000, 1_170_000, 160), 1120);
+        // A pause of a second: placed at its arrival.
+        assert_eq!(lane.place(1_000_000, 2_300_000, 160), 10_400);
+        assert_eq!(lane.cursor, 10_560);
     }
 }

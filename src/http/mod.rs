@@ -35,6 +35,7 @@ pub(crate) mod serve;
 pub mod shares;
 pub mod stores;
 pub mod upload;
+pub(crate) mod whole_call;
 
 use crate::error_code::ErrorCode;
 use std::path::PathBuf;
@@ -217,6 +218,7 @@ pub fn api_router(state: HttpState) -> Router {
         )
         .route("/v1/stores/{id}/media", get(stores::get_media))
         .route("/v1/stores/{id}/data", put(upload::put_data))
+        .route("/v1/shares", get(shares::list_all_shares))
         .route("/v1/shares/{user}", get(shares::list_shares))
         .route(
             "/v1/shares/{user}/{name}",

@@ -317,6 +317,36 @@ pub(crate) async fn get_share_or_manifest(
     Ok(Json(share.view()).into_response())
 }
 
+/// Most shares `GET /v1/shares` lists.
+const LIST_ALL_MAX: u32 = 1000;
+
+/// `GET /v1/shares[?limit=N]` (admin): every share, newest first (the console's share list;
+/// each share's holders and their pieces are its index, `GET /v1/index/{content_id}`).
+pub(crate) async fn list_all_shares(
+    State(state): State<Arc<HttpState>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ShareView>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    match authenticate(&state, &method, &uri, &headers).await? {
+        Some(Caller::Admin) => {}
+        Some(_) => return Err(ApiError::forbidden("listing every share is for the admin")),
+        None => return Err(unauthorized(&state, "the admin token is needed")),
+    }
+    let limit = match query.get("limit") {
+        None => LIST_ALL_MAX,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=LIST_ALL_MAX).contains(n))
+            .ok_or_else(|| ApiError::bad_request(format!("bad limit {l:?} (1..=1000)")))?,
+    };
+    let list = shares(&state)?.list_all(limit).await?;
+    Ok(Json(list.iter().map(Share::view).collect()))
+}
+
 /// `GET /v1/shares/{user}`: what the caller may fetch of `user`'s shares, by name.
 pub(crate) async fn list_shares(
     State(state): State<Arc<HttpState>>,

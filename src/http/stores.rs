@@ -85,12 +85,12 @@ pub(super) fn upload_token_matches(store: &Store, presented: &str) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Need {
+pub(super) enum Need {
     Metadata,
     Media,
 }
 
-fn check_access(
+pub(super) fn check_access(
     state: &HttpState,
     caller: &Caller,
     store: &Store,
@@ -245,7 +245,26 @@ fn readiness(state: &HttpState, store: &Store, format: MediaFormat) -> Result<Re
     Ok((receiving, wav_tag, tail))
 }
 
-/// `GET /v1/stores/{id}/media?format=raw|wav|pcap`.
+/// The download response: `format`'s content type, no caching, saved as `NAME.EXT`.
+pub(super) fn media_response(body: Body, format: MediaFormat, name: &str) -> Response {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{name}.{}\"",
+        format.extension()
+    )) {
+        h.insert(CONTENT_DISPOSITION, v);
+    }
+    resp
+}
+
+/// `GET /v1/stores/{id}/media?format=raw|wav|pcap[&call=both]` (`call=both`: the whole
+/// recorded call, [`super::whole_call`]).
 pub(crate) async fn get_media(
     State(state): State<Arc<HttpState>>,
     path: PathArg,
@@ -262,14 +281,27 @@ pub(crate) async fn get_media(
             .parse()
             .map_err(|()| ApiError::bad_request("format must be raw, wav or pcap"))?,
     };
+    let whole_call = match q.get("call").map(String::as_str) {
+        None | Some("") => false,
+        Some("both") => true,
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "call={c:?}: the only value is \"both\""
+            )))
+        }
+    };
     let caller = require_caller(&state, &method, &uri, &headers).await?;
     let store = load(&state, &id).await?;
     check_access(&state, &caller, &store, Need::Media)?;
+    if whole_call {
+        return super::whole_call::download(state, &caller, store, format).await;
+    }
 
     let (receiving, wav_tag, tail) = readiness(&state, &store, format)?;
     let dir = store_dir(&state.data_dir, &store.id)?;
 
-    let ends = media::PcapEnds::new(store.rtp_source, store.rtp_local);
+    let capture = media::StoreCapture::of(&store);
+    let ends = capture.ends;
     // Only the store's own codec goes into a WAV (a telephone-event would be noise).
     let pt_filter = wav_tag.and(store.payload_type);
     let header = match (format, wav_tag) {
@@ -286,8 +318,7 @@ pub(crate) async fn get_media(
             Some(Bytes::copy_from_slice(&media::wav_header(tag, len)))
         }
         (MediaFormat::Pcap, _) => Some(Bytes::from(media::pcap_preamble(
-            ends,
-            &store.id,
+            &[capture.session],
             store.format.as_deref(),
             store.payload_type,
             store.started_at.map_or(0, media::unix_us),
@@ -319,24 +350,10 @@ pub(crate) async fn get_media(
     let (tx, rx) = mpsc::channel(32);
     tokio::spawn(produce(follow, format, ends, pt_filter, header, tx));
 
-    let mut resp = Response::new(body_from(rx));
-    let h = resp.headers_mut();
-    h.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "attachment; filename=\"{}.{}\"",
-        store.id,
-        format.extension()
-    )) {
-        h.insert(CONTENT_DISPOSITION, v);
-    }
-    Ok(resp)
+    Ok(media_response(body_from(rx), format, &store.id))
 }
 
-fn storage_error(e: SegmentError) -> ApiError {
+pub(super) fn storage_error(e: SegmentError) -> ApiError {
     tracing::error!(error = %e, "store data unreadable");
     ApiError::new(ErrorCode::StorageError, "store data unreadable")
 }
@@ -469,7 +486,7 @@ struct BodyState {
 
 /// A chunked body from the producer: whatever is queued goes out together (up to
 /// [`MAX_CHUNK`]), so a finished store is not sent one tiny chunk per record.
-fn body_from(rx: mpsc::Receiver<Result<Bytes, io::Error>>) -> Body {
+pub(super) fn body_from(rx: mpsc::Receiver<Result<Bytes, io::Error>>) -> Body {
     let st = BodyState { rx, err: None };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if let Some(e) = st.err.take() {

@@ -577,6 +577,17 @@ impl Shares {
         rows.iter().map(Self::from_row).collect()
     }
 
+    /// Every share, newest first, at most `limit` (the operator's listing, PROTOCOL 8).
+    pub async fn list_all(&self, limit: u32) -> Result<Vec<Share>, ShareError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM shares ORDER BY created_at DESC, owner, name LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(self.inner.db.pool())
+        .await?;
+        rows.iter().map(Self::from_row).collect()
+    }
+
     /// `owner`'s shares that `requester` may fetch (the `{"list":true}` answer), by name.
     pub async fn list_visible(
         &self,

@@ -49,6 +49,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "store rtp endpoints",
         include_str!("../../migrations/0007_store_rtp_endpoints.sql"),
     ),
+    (
+        8,
+        "store sip and direction",
+        include_str!("../../migrations/0008_store_sip_direction.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -87,6 +87,60 @@ impl FromStr for StoreKind {
     }
 }
 
+/// Which way a `call-recording` store's audio flowed (PROTOCOL.md §5 "Recorded calls").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Direction {
+    /// From leg A (the caller) towards leg B: `"a"`.
+    #[serde(rename = "a")]
+    AToB,
+    /// From leg B (the callee) back to leg A: `"b"`.
+    #[serde(rename = "b")]
+    BToA,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::AToB => "a",
+            Direction::BToA => "b",
+        }
+    }
+
+    /// The other direction of the same call.
+    pub fn other(self) -> Direction {
+        match self {
+            Direction::AToB => Direction::BToA,
+            Direction::BToA => Direction::AToB,
+        }
+    }
+}
+
+impl FromStr for Direction {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "a" => Ok(Direction::AToB),
+            "b" => Ok(Direction::BToA),
+            _ => Err(()),
+        }
+    }
+}
+
+/// The network ends of the session a store's media came over, recorded when it starts (for
+/// the pcap download): RTP as in [`Store::rtp_source`]/[`Store::rtp_local`], and the SIP
+/// addresses and Call-ID of that session (an in-call store's session INVITE, or a recorded
+/// call's leg).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionEnds {
+    pub rtp_source: Option<SocketAddr>,
+    pub rtp_local: Option<SocketAddr>,
+    /// The far end's SIP address (the sender of an in-call store; leg A's or leg B's party).
+    pub sip_remote: Option<SocketAddr>,
+    /// callvault's own SIP address on that session.
+    pub sip_local: Option<SocketAddr>,
+    pub sip_call_id: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StoreState {
@@ -188,6 +242,12 @@ pub struct Store {
     pub rtp_source: Option<SocketAddr>,
     /// callvault's RTP address and port that received the session (None: as `rtp_source`).
     pub rtp_local: Option<SocketAddr>,
+    /// A call recording's direction (None: an in-call store, or recorded before migration 8).
+    pub direction: Option<Direction>,
+    /// The SIP session's far end and callvault's end, and its Call-ID (None: not recorded).
+    pub sip_remote: Option<SocketAddr>,
+    pub sip_local: Option<SocketAddr>,
+    pub sip_call_id: Option<String>,
 }
 
 // Hand-written so the token never ends up in logs.
@@ -230,6 +290,9 @@ pub struct StoreView {
     pub sender: String,
     pub receiver: String,
     pub call_id: Option<String>,
+    /// A call recording's direction: `"a"` (A to B) or `"b"` (B to A); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
     pub format: Option<String>,
     pub declared_bytes: Option<u64>,
     pub received_bytes: u64,
@@ -250,6 +313,7 @@ impl Store {
             sender: party_uri(&self.sender),
             receiver: party_uri(&self.receiver),
             call_id: self.call_id.clone(),
+            direction: self.direction,
             format: self.format.clone(),
             declared_bytes: self.declared_bytes,
             received_bytes: self.received_bytes,
@@ -409,7 +473,8 @@ fn bytes_i64(n: u64) -> Result<i64, StoreError> {
 
 const COLUMNS: &str = "id, token, kind, sender, receiver, owner, call_id, threshold, format, \
     payload_type, declared_bytes, received_bytes, reserved_bytes, threshold_bytes, state, \
-    created_at, expires_at, started_at, threshold_at, finished_at, rtp_source, rtp_local";
+    created_at, expires_at, started_at, threshold_at, finished_at, rtp_source, rtp_local, \
+    direction, sip_remote, sip_local, sip_call_id";
 
 fn from_row(row: &AnyRow) -> Result<Store, StoreError> {
     let id: String = row.try_get("id")?;
@@ -462,6 +527,13 @@ fn from_row(row: &AnyRow) -> Result<Store, StoreError> {
         finished_at: time("finished_at")?,
         rtp_source: addr("rtp_source")?,
         rtp_local: addr("rtp_local")?,
+        direction: row
+            .try_get::<Option<String>, _>("direction")?
+            .map(|d| d.parse().map_err(|()| corrupt("direction")))
+            .transpose()?,
+        sip_remote: addr("sip_remote")?,
+        sip_local: addr("sip_local")?,
+        sip_call_id: row.try_get("sip_call_id")?,
         id,
     })
 }
@@ -506,6 +578,10 @@ impl Stores {
             finished_at: None,
             rtp_source: None,
             rtp_local: None,
+            direction: None,
+            sip_remote: None,
+            sip_local: None,
+            sip_call_id: None,
         };
         sqlx::query(
             "INSERT INTO stores (id, token, kind, sender, receiver, owner, call_id, threshold, \
@@ -745,21 +821,65 @@ impl Stores {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records the RTP addresses a store session uses (the sender's source and callvault's
-    /// receiving socket), for the pcap download.
-    pub async fn set_rtp_endpoints(
-        &self,
-        id: &str,
-        source: Option<SocketAddr>,
-        local: SocketAddr,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE stores SET rtp_source = $2, rtp_local = $3 WHERE id = $1")
+    /// Records the addresses a store session uses (the sender's RTP source and callvault's
+    /// receiving socket, both SIP ends and the Call-ID), for the pcap download.
+    pub async fn set_session_ends(&self, id: &str, ends: &SessionEnds) -> Result<(), StoreError> {
+        let text = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+        sqlx::query(
+            "UPDATE stores SET rtp_source = $2, rtp_local = $3, sip_remote = $4, \
+             sip_local = $5, sip_call_id = $6 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(text(ends.rtp_source))
+        .bind(text(ends.rtp_local))
+        .bind(text(ends.sip_remote))
+        .bind(text(ends.sip_local))
+        .bind(ends.sip_call_id.clone())
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a call recording's direction.
+    pub async fn set_direction(&self, id: &str, direction: Direction) -> Result<(), StoreError> {
+        sqlx::query("UPDATE stores SET direction = $2 WHERE id = $1")
             .bind(id)
-            .bind(source.map(|a| a.to_string()))
-            .bind(local.to_string())
+            .bind(direction.as_str())
             .execute(self.db.pool())
             .await?;
         Ok(())
+    }
+
+    /// The other direction's store of the call `store` recorded: same Call-ID, the other
+    /// direction, the one created closest in time (a Call-ID may come back in a later call).
+    /// None for stores that are not directed call recordings.
+    pub async fn recording_sibling(&self, store: &Store) -> Result<Option<Store>, StoreError> {
+        let (Some(call_id), Some(direction)) = (&store.call_id, store.direction) else {
+            return Ok(None);
+        };
+        if store.kind != StoreKind::CallRecording {
+            return Ok(None);
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM stores WHERE call_id = $1 AND kind = $2 AND direction = $3 \
+             AND id <> $4"
+        ))
+        .bind(call_id)
+        .bind(StoreKind::CallRecording.as_str())
+        .bind(direction.other().as_str())
+        .bind(&store.id)
+        .fetch_all(self.db.pool())
+        .await?;
+        let at = to_ms(store.created_at);
+        let mut best: Option<Store> = None;
+        for row in &rows {
+            let s = from_row(row)?;
+            let gap = |x: &Store| (to_ms(x.created_at) - at).unsigned_abs();
+            if best.as_ref().is_none_or(|b| gap(&s) < gap(b)) {
+                best = Some(s);
+            }
+        }
+        Ok(best)
     }
 
     /// Ends a `receiving` store in `state` with `received` bytes stored, settling the quota in
@@ -951,6 +1071,65 @@ mod tests {
             threshold: Threshold::Percent(30),
             ttl: Duration::from_secs(300),
         }
+    }
+
+    #[tokio::test]
+    async fn recording_directions_pair_up_and_keep_their_session_ends() {
+        let (_dir, stores, _) = setup().await;
+        let rec = |call_id: &str| NewStore {
+            kind: StoreKind::CallRecording,
+            sender: "1001@example.com".into(),
+            receiver: "1002@example.com".into(),
+            owner: None,
+            call_id: Some(call_id.into()),
+            threshold: Threshold::Bytes(0),
+            ttl: Duration::from_secs(60),
+        };
+        let a = stores.create(rec("c1@h"), t(0)).await.unwrap();
+        let b = stores.create(rec("c1@h"), t(0)).await.unwrap();
+        // The same Call-ID again, an hour later (another call).
+        let later = stores.create(rec("c1@h"), t(3600)).await.unwrap();
+        let other = stores.create(new_in_call("1002"), t(0)).await.unwrap();
+        stores.set_direction(&a.id, Direction::AToB).await.unwrap();
+        stores.set_direction(&b.id, Direction::BToA).await.unwrap();
+        stores
+            .set_direction(&later.id, Direction::BToA)
+            .await
+            .unwrap();
+        let ends = SessionEnds {
+            rtp_source: Some("127.0.0.1:40000".parse().unwrap()),
+            rtp_local: Some("127.0.0.1:20000".parse().unwrap()),
+            sip_remote: Some("127.0.0.1:15061".parse().unwrap()),
+            sip_local: Some("127.0.0.1:15060".parse().unwrap()),
+            sip_call_id: Some("c1@h".into()),
+        };
+        stores.set_session_ends(&a.id, &ends).await.unwrap();
+
+        let a = stores.get(&a.id).await.unwrap().unwrap();
+        assert_eq!(a.direction, Some(Direction::AToB));
+        assert_eq!(a.view().direction, Some(Direction::AToB));
+        assert_eq!(
+            (a.rtp_source, a.rtp_local, a.sip_remote, a.sip_local),
+            (
+                ends.rtp_source,
+                ends.rtp_local,
+                ends.sip_remote,
+                ends.sip_local
+            )
+        );
+        assert_eq!(a.sip_call_id.as_deref(), Some("c1@h"));
+        let sib = stores.recording_sibling(&a).await.unwrap().unwrap();
+        assert_eq!(
+            sib.id, b.id,
+            "the other direction of the same call, not the later one"
+        );
+        let back = stores.recording_sibling(&sib).await.unwrap().unwrap();
+        assert_eq!(back.id, a.id);
+        assert!(stores.recording_sibling(&other).await.unwrap().is_none());
+        let json = serde_json::to_value(a.view()).unwrap();
+        assert_eq!(json["direction"], "a");
+        let json = serde_json::to_value(other.view()).unwrap();
+        assert!(json.get("direction").is_none(), "in-call stores have none");
     }
 
     fn start(declared: u64) -> StartSession<'static> {

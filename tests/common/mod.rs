@@ -20,6 +20,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod http;
+pub mod kamailio;
 pub mod s3;
 
 use std::collections::BTreeMap;

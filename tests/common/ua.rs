@@ -326,8 +326,14 @@ impl Ua {
 
     /// REGISTER with `extra` headers; the 200 (panics on anything else).
     pub fn register_with(&mut self, extra: &[(&str, &str)]) -> Response {
+        let ruri = format!("sip:{}", self.domain);
+        self.register_to(&ruri, extra)
+    }
+
+    /// REGISTER with Request-URI `ruri` (e.g. naming one node of a cluster behind a proxy).
+    pub fn register_to(&mut self, ruri: &str, extra: &[(&str, &str)]) -> Response {
         let aor = self.aor();
-        let mut req = Request::new(Method::Register, format!("sip:{}", self.domain));
+        let mut req = Request::new(Method::Register, ruri.to_string());
         let via = self.new_via();
         let tag = self.token();
         let cid = self.token();

@@ -69,7 +69,43 @@ pub struct RegistrationSnapshot {
     pub user_agent: Option<String>,
 }
 
+/// The network ends of one leg of a call, kept with the recording of the audio that came in
+/// on it: the pcap of a recorded call rebuilds each leg's INVITE/200 and RTP on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LegEnds {
+    pub(crate) call_id: String,
+    /// The leg's party: where its requests go.
+    pub(crate) sip_remote: SocketAddr,
+    /// callvault's own address on the leg's transport.
+    pub(crate) sip_local: SocketAddr,
+    /// The RTP address the leg's SDP announced (None: latched, or no media yet).
+    pub(crate) rtp_remote: Option<SocketAddr>,
+    /// callvault's relay port that leg sends to.
+    pub(crate) rtp_local: Option<SocketAddr>,
+}
+
 impl<M: MediaBackend> Engine<M> {
+    /// Leg A's and leg B's [`LegEnds`] (the first media section's relay).
+    pub(crate) fn call_leg_ends(&self, call: CallKey) -> Option<[LegEnds; 2]> {
+        let c = self.calls.get(&call)?;
+        let stats = self.media.stream_stats(call, 0);
+        let leg = |side: Side| {
+            let l = c.leg(side);
+            let i = usize::from(side == Side::B);
+            LegEnds {
+                call_id: l.call_id.clone(),
+                sip_remote: l.peer.addr,
+                sip_local: SocketAddr::new(self.cfg.public_ip, self.local_port(l.peer.transport)),
+                rtp_remote: stats.and_then(|s| s.remote[i]),
+                rtp_local: c
+                    .streams
+                    .first()
+                    .map(|p| SocketAddr::new(self.cfg.public_ip, p.facing(side))),
+            }
+        };
+        Some([leg(Side::A), leg(Side::B)])
+    }
+
     /// Wall-clock time of a monotonic instant (the epoch ties the two clocks together).
     fn wall(&self, t: Instant) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.epoch.1) + t.saturating_duration_since(self.epoch.0)

@@ -38,7 +38,7 @@ mod sessions;
 mod share;
 mod srtp;
 
-pub(crate) use admin::{CallSnapshot, LegSnapshot, RegistrationSnapshot};
+pub(crate) use admin::{CallSnapshot, LegEnds, LegSnapshot, RegistrationSnapshot};
 pub(crate) use sessions::{is_local_session_user, SessionKey};
 
 use super::errors::with_error_body;
@@ -237,6 +237,8 @@ pub enum EngineEvent {
         identity: String,
         request: Request,
         source: SocketAddr,
+        /// callvault's own SIP address on the session's transport.
+        local: SocketAddr,
     },
     /// The ACK for a session's 2xx arrived.
     SessionAcked(SessionKey),

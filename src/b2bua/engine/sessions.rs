@@ -62,11 +62,13 @@ impl<M: MediaBackend> Engine<M> {
             },
         );
         self.session_invites.insert(tx, key);
+        let local = std::net::SocketAddr::new(self.cfg.public_ip, self.local_port(peer.transport));
         self.events.push_back(EngineEvent::SessionOffer {
             session: key,
             identity: format!("{identity}@{}", self.cfg.domain),
             request: req,
             source: peer.addr,
+            local,
         });
     }
 

@@ -245,9 +245,15 @@ impl StoreService {
                 session,
                 identity,
                 request,
-                ..
+                source,
+                local,
             } => {
-                let rt = session::offer(&self.ctx, *session, identity.clone(), request.clone());
+                let sip = session::SipEnds {
+                    remote: *source,
+                    local: *local,
+                };
+                let rt =
+                    session::offer(&self.ctx, *session, identity.clone(), request.clone(), sip);
                 self.sessions.insert(*session, rt);
             }
             EngineEvent::SessionAcked(s) => {

@@ -41,7 +41,7 @@ use crate::media::recorder::{
 use crate::media::srtp::{MasterKey, SrtpContext};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::sdp::{is_savp, Codec, CryptoLine, Direction, SessionDescription};
-use crate::sip::message::Request;
+use crate::sip::message::{HeaderAccess, Request};
 use crate::storage::live::finished_probe;
 use crate::storage::objects::chunks::{spawn_uploader, Uploader};
 use crate::storage::segments::{pipeline, PipelineOptions, SegmentOptions, SegmentWriter};
@@ -49,7 +49,7 @@ use crate::storage::session::effects::{self, observe_first_packet, Note};
 use crate::storage::session::{
     self, IngestEnd, Input, Phase, SessionConfig, Snapshot, StoreSession,
 };
-use crate::storage::stores::{store_dir, StartSession, Store, StoreError, StoreState};
+use crate::storage::stores::{store_dir, SessionEnds, StartSession, Store, StoreError, StoreState};
 use crate::storage::threshold::{clock_rate, playout_rate_for, ThresholdTracker};
 use crate::storage::Account;
 
@@ -79,8 +79,21 @@ impl Runtime {
     }
 }
 
+/// The SIP addresses of an offered session: the INVITE's source and callvault's own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SipEnds {
+    pub(crate) remote: SocketAddr,
+    pub(crate) local: SocketAddr,
+}
+
 /// Starts the task for an offered local session.
-pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Request) -> Runtime {
+pub(crate) fn offer(
+    ctx: &Ctx,
+    key: SessionKey,
+    identity: String,
+    invite: Request,
+    sip: SipEnds,
+) -> Runtime {
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = ctx.clone();
     let user = invite
@@ -115,7 +128,7 @@ pub(crate) fn offer(ctx: &Ctx, key: SessionKey, identity: String, invite: Reques
             let outcome = if is_play {
                 play(&ctx, key, &id, &identity, &invite, rx).await
             } else {
-                store(&ctx, key, &id, &identity, &invite, rx).await
+                store(&ctx, key, &id, &identity, &invite, sip, rx).await
             };
             if let Err(refusal) = outcome {
                 tracing::info!(code = %refusal.code, "session refused");
@@ -336,6 +349,8 @@ async fn start_recorder(
     ctx: &Ctx,
     key: SessionKey,
     acc: &Accepted,
+    sip: SipEnds,
+    call_id: Option<&str>,
 ) -> Result<
     (
         RecorderHandle,
@@ -410,9 +425,14 @@ async fn start_recorder(
         Ok(answer) => {
             // Where the media really flows, for the pcap download; a failure costs the pcap
             // its real addresses, not the session.
-            let local = SocketAddr::new(cfg.public_ip, recorder.local_rtp_port());
-            let source = o.sdp.connection_for(o.audio);
-            if let Err(e) = ctx.stores.set_rtp_endpoints(id, source, local).await {
+            let ends = SessionEnds {
+                rtp_source: o.sdp.connection_for(o.audio),
+                rtp_local: Some(SocketAddr::new(cfg.public_ip, recorder.local_rtp_port())),
+                sip_remote: Some(sip.remote),
+                sip_local: Some(sip.local),
+                sip_call_id: call_id.map(str::to_string),
+            };
+            if let Err(e) = ctx.stores.set_session_ends(id, &ends).await {
                 tracing::warn!(error = %e, "store RTP addresses not recorded");
             }
             ctx.send(Command::AcceptSession {
@@ -434,12 +454,14 @@ async fn store(
     id: &str,
     identity: &str,
     invite: &Request,
+    sip: SipEnds,
     signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<(), Refusal> {
     let acc = accept_store(ctx, id, identity, invite).await?;
     // From here the store is `receiving`: every exit finishes it.
     let _active = GaugeGuard::new(&METRICS.store_sessions_active);
-    let (recorder, events, uploader) = start_recorder(ctx, key, &acc).await?;
+    let (recorder, events, uploader) =
+        start_recorder(ctx, key, &acc, sip, invite.call_id()).await?;
     tracing::info!(format = %acc.offer.codec.format_name(), declared = ?acc.offer.declared,
         "store session started");
     let session = StoreSession::start(acc.cfg.clone(), Instant::now());

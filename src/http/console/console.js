@@ -10,6 +10,10 @@
 // store while it is still receiving (the raw download follows the live tail), needs no
 // token in a URL (an <audio src> could not send the admin header) and no server-side
 // transcoding.
+//
+// Shares: the share list (GET /v1/shares) and each share's index (GET /v1/index/{id}, the
+// server and every announced peer with the bitfield of pieces it holds) are polled every
+// 2 s (shares raise no events); each holder gets a row with its piece map.
 "use strict";
 
 const state = { calls: new Map(), registrations: new Map(), stores: new Map() };
@@ -86,6 +90,59 @@ function renderStores() {
       el("td", {}, s.sender, " → ", s.receiver), el("td", {}, bar),
       el("td", { class: "bytes" }, `${s.received_bytes} / ${s.threshold_bytes ?? "–"} / ${s.declared_bytes ?? "–"}`),
       el("td", {}, playButton)));
+  }
+}
+
+// Piece i of a bitfield (base64, most significant bit first, PROTOCOL 5).
+function bits(b64, n) {
+  const raw = atob(b64 || "");
+  const out = new Array(n);
+  for (let i = 0; i < n; i++) out[i] = ((raw.charCodeAt(i >> 3) >> (7 - (i & 7))) & 1) === 1;
+  return out;
+}
+
+// Most pieces drawn per holder; a bigger share shows its first ones and the count.
+const MAX_CELLS = 4096;
+
+function holderRow(h, pieces) {
+  const have = bits(h.have, pieces);
+  const held = [];
+  have.forEach((x, i) => { if (x) held.push(i); });
+  const map = el("div", { class: "pieces" });
+  for (let i = 0; i < Math.min(pieces, MAX_CELLS); i++) {
+    map.append(el("span", { class: have[i] ? "piece have" : "piece", title: "piece " + i }));
+  }
+  return el("tr", { "data-holder": h.peer_id, "data-have": held.join(",") },
+    el("td", {}, el("code", {}, h.peer_id)), el("td", {}, h.class), el("td", {}, h.address),
+    el("td", { class: "count" }, `${held.length} / ${pieces}`), el("td", {}, map));
+}
+
+function renderShares(list) {
+  const box = document.getElementById("shares");
+  box.replaceChildren();
+  if (list.length === 0) box.append(el("p", { class: "muted" }, "no shares"));
+  for (const { share, index, error } of list) {
+    const head = el("h3", {}, `${share.owner} / ${share.name} `,
+      el("span", { class: "muted" }, `${share.size} bytes, ${share.pieces} pieces of ${share.piece_size}`));
+    const body = index
+      ? el("table", { class: "holders" }, ...index.holders.map((h) => holderRow(h, index.pieces)))
+      : el("p", { class: "muted" }, "index: " + error);
+    box.append(el("div", { class: "share", "data-share": share.content_id }, head, body));
+  }
+}
+
+async function pollShares() {
+  for (;;) {
+    try {
+      const shares = await api("GET", "/v1/shares?limit=20");
+      renderShares(await Promise.all(shares.map(async (share) => {
+        try { return { share, index: await api("GET", "/v1/index/" + encodeURIComponent(share.content_id)) }; }
+        catch (e) { return { share, error: e.message }; }
+      })));
+    } catch (e) {
+      document.getElementById("shares").textContent = "Shares: " + e.message;
+    }
+    await new Promise((res) => setTimeout(res, 2000));
   }
 }
 
@@ -212,6 +269,7 @@ async function start() {
     setStatus(String(e));
     return;
   }
+  pollShares();
   stream();
 }
 

@@ -36,6 +36,10 @@ fn store(state: StoreState) -> Store {
         finished_at: None,
         rtp_source: None,
         rtp_local: None,
+        direction: None,
+        sip_remote: None,
+        sip_local: None,
+        sip_call_id: None,
     }
 }
 
