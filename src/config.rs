@@ -1788,3 +1788,39 @@ transport = "tcp"
         assert_eq!(c.server_http_address(any6).to_string(), "192.0.2.10:8080");
     }
 }
+
+#[cfg(test)]
+mod objects_tests {
+    use super::*;
+
+    fn storage(toml_text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(toml_text).map_err(|e| ConfigError::Invalid {
+            key: "toml".into(),
+            message: e.to_string(),
+        })?;
+        c.validate().map(|()| c)
+    }
+
+    #[test]
+    fn objects_keys_are_checked_and_the_secret_masked() {
+        let c = storage("").unwrap();
+        assert_eq!(c.storage.objects, "file");
+        let c = storage(
+            "[storage]\nobjects = \"s3://cv-bucket\"\ns3_endpoint = \"http://127.0.0.1:9000\"\n\
+             s3_access_key_id = \"AK\"\ns3_secret_access_key = \"very-secret\"\n",
+        )
+        .unwrap();
+        let shown = c.masked_toml().unwrap();
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("s3_secret_access_key = \"***\""), "{shown}");
+        for bad in ["ftp://x", "s3://A_b", "s3://ab"] {
+            let text = format!(
+                "[storage]\nobjects = \"{bad}\"\ns3_access_key_id = \"a\"\ns3_secret_access_key = \"b\"\n"
+            );
+            assert!(
+                matches!(storage(&text), Err(ConfigError::Invalid { ref key, .. }) if key == "storage.objects"),
+                "{bad}"
+            );
+        }
+    }
+}

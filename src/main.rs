@@ -362,13 +362,15 @@ async fn share(config: &Config, cmd: ShareCmd) -> anyhow::Result<()> {
     let size = file.metadata().await?.len();
     let db = Db::open(&config.storage.metadata).await?;
     let result = async {
-        let shares = callvault::share::Shares::open(
+        let mut shares = callvault::share::Shares::open(
             db.clone(),
             config.storage.data_dir.clone(),
             config.sip.domain.clone(),
             callvault::share::ShareSettings::from_config(&config.share),
         )
         .await?;
+        // The content goes where the server reads it: the local disk or the bucket.
+        shares.set_objects(callvault::storage::objects::open(&config.storage).await?);
         let share = shares
             .publish_stream(&user, &name, policy, size, file_chunks(file))
             .await?;

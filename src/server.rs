@@ -456,7 +456,7 @@ pub async fn run_from(
     } else {
         None
     };
-    let shares = crate::share::Shares::open(
+    let mut shares = crate::share::Shares::open(
         db.clone(),
         config.storage.data_dir.clone(),
         config.sip.domain.clone(),
@@ -464,6 +464,7 @@ pub async fn run_from(
     )
     .await
     .map_err(|e| ServerError::Db(e.to_string()))?;
+    shares.set_objects(Arc::clone(&objects));
     // Share uploads a crash interrupted: reservations back, staging folders gone.
     shares
         .recover_uploads()

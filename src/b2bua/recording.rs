@@ -27,6 +27,7 @@ use crate::media::relay::{RecordCounters, RecordSinks};
 use crate::storage::accounts::Accounts;
 use crate::storage::live::LiveStores;
 use crate::storage::log_thread::LogThread;
+use crate::storage::objects::chunks::{spawn_uploader, Uploader};
 use crate::storage::segments::{
     pipeline, Durability, Ingest, PipelineOptions, SegmentError, SegmentOptions, SegmentWriter,
     TailState,
@@ -311,6 +312,16 @@ async fn open_direction(
         tracing::debug!(error = %e, "recording threshold not noted");
     }
     let tail = task.subscribe();
+    // With a remote object store the log is the write-ahead; chunks go up off the relay.
+    let uploader = match (ctx.live.objects(), store_dir(&ctx.data_dir, &store.id)) {
+        (Some(o), Ok(dir)) => Some(spawn_uploader(
+            Arc::clone(o),
+            store.id.clone(),
+            dir,
+            task.subscribe(),
+        )),
+        _ => None,
+    };
     let end = ctx
         .logs
         .adopt(task)
@@ -333,7 +344,14 @@ async fn open_direction(
         silence_timeout: None,
     };
     let machine = StoreSession::start(cfg, std::time::Instant::now());
-    tokio::spawn(finish_when_done(ctx.clone(), store.id, machine, tail, end));
+    tokio::spawn(finish_when_done(
+        ctx.clone(),
+        store.id,
+        machine,
+        tail,
+        end,
+        uploader,
+    ));
     Ok(ingest)
 }
 
@@ -346,6 +364,7 @@ async fn finish_when_done(
     mut machine: StoreSession,
     mut tail: watch::Receiver<TailState>,
     mut end: oneshot::Receiver<Result<TailState, SegmentError>>,
+    uploader: Option<Uploader>,
 ) {
     let mut stop = ctx.stop.subscribe();
     let mut stopping = false;
@@ -379,6 +398,12 @@ async fn finish_when_done(
         // A recording sends no ready note and cannot stop its relay (the call's end does).
         let _ = effects::run(&mut machine, &ctx.stores, &id).await;
     };
+    // Settled in the database only once the media is all in the object store.
+    if let Some(u) = uploader {
+        if let Err(e) = u.finish().await {
+            tracing::error!(store = %id, error = %e, "recording media not uploaded");
+        }
+    }
     machine.handle(
         Input::IngestEnded { how, stored },
         std::time::Instant::now(),

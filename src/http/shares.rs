@@ -46,8 +46,6 @@
 
 use crate::error_code::ErrorCode;
 use std::collections::HashMap;
-use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -62,7 +60,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::auth::{authenticate, unauthorized, Caller};
 use super::errors::ApiError;
@@ -75,9 +72,6 @@ use crate::share::select::SourceClass;
 use crate::share::{Policy, Requester, Share, ShareError, ShareView, Shares, TokenGrant};
 use crate::storage::stores::rfc3339;
 use sha2::{Digest as _, Sha256};
-
-/// Largest read from the content file at once.
-const READ_CHUNK: usize = 64 * 1024;
 
 type QueryArg = Result<Query<HashMap<String, String>>, QueryRejection>;
 
@@ -396,73 +390,6 @@ pub(crate) async fn delete_share(
     }
 }
 
-/// Reads `len` bytes of `path` from `offset`, in slices, as a body stream.
-fn file_range(
-    path: PathBuf,
-    offset: u64,
-    len: u64,
-) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + Unpin + 'static {
-    struct St {
-        path: PathBuf,
-        file: Option<tokio::fs::File>,
-        offset: u64,
-        left: u64,
-    }
-    let st = St {
-        path,
-        file: None,
-        offset,
-        left: len,
-    };
-    Box::pin(futures_util::stream::unfold(st, |mut st| async move {
-        if st.left == 0 {
-            return None;
-        }
-        if st.file.is_none() {
-            let opened = async {
-                let mut f = tokio::fs::File::open(&st.path).await?;
-                f.seek(io::SeekFrom::Start(st.offset)).await?;
-                Ok::<_, io::Error>(f)
-            }
-            .await;
-            match opened {
-                Ok(f) => st.file = Some(f),
-                Err(e) => {
-                    st.left = 0;
-                    return Some((Err(e), st));
-                }
-            }
-        }
-        let want = usize::try_from(st.left)
-            .unwrap_or(usize::MAX)
-            .min(READ_CHUNK);
-        let mut buf = vec![0u8; want];
-        let f = st.file.as_mut()?;
-        match f.read(&mut buf).await {
-            Ok(0) => {
-                st.left = 0;
-                // The file is shorter than its manifest says: break the body, do not pad it.
-                Some((
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "content file shorter than its manifest",
-                    )),
-                    st,
-                ))
-            }
-            Ok(n) => {
-                buf.truncate(n);
-                st.left -= n as u64;
-                Some((Ok(Bytes::from(buf)), st))
-            }
-            Err(e) => {
-                st.left = 0;
-                Some((Err(e), st))
-            }
-        }
-    }))
-}
-
 /// `len` bytes of the content file from `offset`, through the egress limiter, as an
 /// `application/octet-stream` response with its `Content-Length`.
 fn octet_response(
@@ -473,7 +400,7 @@ fn octet_response(
 ) -> Result<Response, ApiError> {
     let sh = shares(state)?;
     let body = Body::from_stream(throttle(
-        file_range(sh.content_path(content_id)?, offset, len),
+        sh.content_range(content_id, offset, len)?,
         sh.limiter().clone(),
         ShareSource::Server,
     ));

@@ -916,3 +916,67 @@ async fn live_upload_is_downloadable_while_it_arrives() {
     want.extend_from_slice(&[2u8; 2400]);
     assert_eq!(r.body, want);
 }
+
+/// A store receiving on another node (its log in another data_dir, not in this node's
+/// `LiveStores`), media in S3 (s3s-fs): the download follows its chunks from the start while
+/// it arrives and ends at the end object, byte for byte.
+#[tokio::test]
+async fn another_nodes_receiving_store_is_followed_through_its_chunks() {
+    use crate::storage::live::LiveStores;
+    use crate::storage::objects::chunks;
+    use crate::storage::objects::tests::{s3_objects, start_s3s_fs};
+    let Some(server) = start_s3s_fs() else { return };
+    let objects = s3_objects(&server, "cv-http").await;
+    let o = Arc::clone(&objects);
+    let h = harness_with(move |st| st.live = Arc::new(LiveStores::with_objects(o))).await;
+    let (s, _unused) = receiving_store(&h, "1002", "PCMU/8000", 0, Some(0)).await;
+    // "Node X": its own folder and uploader.
+    let other = tempfile::tempdir().unwrap();
+    let log = other.path().join(&s.id);
+    let mut w = SegmentWriter::create(&log, SegmentOptions::default()).unwrap();
+    let up = chunks::spawn_uploader(Arc::clone(&objects), s.id.clone(), log, w.subscribe());
+    let recs: Vec<_> = (0..40).map(|i| rec(i, 0, 160)).collect();
+    for (hd, p) in &recs[..10] {
+        w.append(hd, p).unwrap();
+    }
+    w.commit().unwrap();
+
+    let addr = h.addr;
+    let url = format!("/v1/stores/{}/media?token={}", s.id, s.token);
+    let reader = tokio::spawn(async move { get(addr, &url, &[]).await });
+    for (hd, p) in &recs[10..] {
+        w.append(hd, p).unwrap();
+        w.commit().unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!reader.is_finished(), "the download follows the chunks");
+    let st = w.finish().unwrap();
+    assert_eq!(up.finish().await.unwrap(), st.bytes);
+    h.state
+        .stores
+        .finish(&s.id, StoreState::Complete, st.payload_bytes, t0())
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let want: Vec<u8> = recs.iter().flat_map(|(_, p)| p.clone()).collect();
+    assert_eq!(r.body, want);
+    // Finished: read from the bucket alone (nothing of it on this node's disk).
+    drop(other);
+    let r = get(
+        h.addr,
+        &format!("/v1/stores/{}/media?format=wav&token={}", s.id, s.token),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        le32(&r.body, 54),
+        want.len() as u32,
+        "finished WAV: real size"
+    );
+    assert_eq!(&r.body[58..], &want[..]);
+}

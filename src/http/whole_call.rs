@@ -32,6 +32,8 @@ use super::stores::{body_from, check_access, media_response, storage_error, Need
 use super::HttpState;
 use crate::error_code::ErrorCode;
 use crate::http::auth::Caller;
+use crate::storage::objects::chunks::ChunkSource;
+use crate::storage::objects::Objects;
 use crate::storage::segments::{RecordHeader, SegmentError, SegmentReader};
 use crate::storage::stores::{store_dir, Direction, Store, StoreKind, StoreState};
 
@@ -104,9 +106,10 @@ pub(super) async fn download(
         ));
     }
     let pair = both_directions(&state, caller, store).await?;
+    let objects = state.live.objects();
     let dirs = [
-        store_dir(&state.data_dir, &pair[0].id)?,
-        store_dir(&state.data_dir, &pair[1].id)?,
+        LogAt::new(&state.data_dir, objects, &pair[0].id)?,
+        LogAt::new(&state.data_dir, objects, &pair[1].id)?,
     ];
     let (tx, rx) = mpsc::channel(8);
     let name = format!("{}-call", pair[0].id);
@@ -184,16 +187,13 @@ async fn next_owned(
 
 /// Both legs' SIP, then both directions' packets merged by arrival time.
 async fn pcap(
-    dirs: [PathBuf; 2],
+    dirs: [LogAt; 2],
     caps: [StoreCapture; 2],
     format: Option<&str>,
     pt: Option<u8>,
     tx: &Tx,
 ) -> Result<(), SegmentError> {
-    let mut readers = [
-        SegmentReader::open(&dirs[0], 0, None),
-        SegmentReader::open(&dirs[1], 0, None),
-    ];
+    let mut readers = [dirs[0].reader(), dirs[1].reader()];
     let mut next = [
         next_owned(&mut readers[0]).await?,
         next_owned(&mut readers[1]).await?,
@@ -222,9 +222,44 @@ async fn pcap(
     Ok(())
 }
 
+/// Where one direction's log is read: this node's disk, or (media in a remote object store)
+/// the store's chunks.
+#[derive(Clone)]
+struct LogAt {
+    dir: PathBuf,
+    chunks: Option<(Objects, String)>,
+}
+
+impl LogAt {
+    fn new(
+        data_dir: &std::path::Path,
+        objects: Option<&Objects>,
+        id: &str,
+    ) -> Result<LogAt, ApiError> {
+        Ok(LogAt {
+            dir: store_dir(data_dir, id)?,
+            chunks: objects.map(|o| (Arc::clone(o), id.to_string())),
+        })
+    }
+
+    #[cfg(test)]
+    fn local(dir: PathBuf) -> LogAt {
+        LogAt { dir, chunks: None }
+    }
+
+    fn reader(&self) -> SegmentReader {
+        match &self.chunks {
+            Some((o, id)) => {
+                SegmentReader::from_objects(ChunkSource::new(Arc::clone(o), id, false, None), 0)
+            }
+            None => SegmentReader::open(&self.dir, 0, None),
+        }
+    }
+}
+
 /// One direction of the stereo WAV: its log, the payload type that is audio, its law.
 struct LaneSpec {
-    dir: PathBuf,
+    dir: LogAt,
     pt: Option<u8>,
     law: Law,
 }
@@ -243,7 +278,7 @@ struct LaneReader {
 impl LaneReader {
     fn open(spec: &LaneSpec) -> LaneReader {
         LaneReader {
-            reader: SegmentReader::open(&spec.dir, 0, None),
+            reader: spec.dir.reader(),
             lane: Lane::default(),
             pt: spec.pt,
             law: spec.law,
@@ -389,12 +424,12 @@ mod tests {
         );
         let specs = [
             LaneSpec {
-                dir: a,
+                dir: LogAt::local(a),
                 pt: Some(0),
                 law: Law::Mu,
             },
             LaneSpec {
-                dir: b,
+                dir: LogAt::local(b),
                 pt: Some(0),
                 law: Law::Mu,
             },

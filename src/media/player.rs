@@ -710,6 +710,67 @@ mod tests {
         player.stop().await;
     }
 
+    /// SIP play on a node that is not receiving the store (PROTOCOL.md 6): the player reads
+    /// the chunks another node's uploader puts on s3s-fs, from the start while they arrive,
+    /// and is done once the store's end object is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plays_another_nodes_live_store_from_its_chunks() {
+        use crate::storage::objects::chunks::{spawn_uploader, ChunkSource};
+        use crate::storage::objects::tests::{s3_objects, start_s3s_fs};
+        let Some(server) = start_s3s_fs() else { return };
+        let objects = s3_objects(&server, "cv-play").await;
+        let ports = allocator(43300, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::create(dir.path(), SegmentOptions::default()).unwrap();
+        let up = spawn_uploader(
+            std::sync::Arc::clone(&objects),
+            "st_play".into(),
+            dir.path().to_path_buf(),
+            w.subscribe(),
+        );
+        write(&mut w, 0..10, u32::MAX);
+        w.commit().unwrap();
+        let rx_sock = UdpSocket::bind((LO, 0)).await.unwrap();
+        let pair = ports.allocate(LO).unwrap();
+        let reader = SegmentReader::from_objects(
+            ChunkSource::new(std::sync::Arc::clone(&objects), "st_play", true, None),
+            0,
+        );
+        let (tx, mut events) = mpsc::channel(8);
+        let player = Player::start(
+            pair,
+            reader,
+            rx_sock.local_addr().unwrap(),
+            PlayerConfig::new(0, 8000),
+            tx,
+        );
+        let writer = tokio::task::spawn_blocking(move || {
+            for k in 10..40 {
+                write(&mut w, k..k + 1, u32::MAX);
+                w.commit().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            w
+        });
+        let got = recv_n(&rx_sock, 40).await;
+        check_stream(&got, 0);
+        let mut w = writer.await.unwrap();
+        assert!(matches!(
+            event(&mut events).await,
+            PlayerEventKind::Started { .. }
+        ));
+        w.finish().unwrap();
+        up.finish().await.unwrap();
+        assert_eq!(
+            event(&mut events).await,
+            PlayerEventKind::Done {
+                packets: 40,
+                bytes: 40 * 160
+            }
+        );
+        assert_eq!(player.stop().await.packets, 40);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn follows_the_live_tail_and_is_done_only_after_finish() {
         let ports = allocator(43200, 1);

@@ -29,12 +29,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use rand::RngCore;
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::index::{MemoryIndex, PieceIndex};
 use super::manifest::{content_id_of, is_sha256_hex, piece_count, validate_name, PieceHasher};
@@ -43,6 +45,7 @@ use super::rate::RateLimiter;
 use super::ShareError;
 use crate::config::ShareConfig;
 use crate::sip::auth::hmac_sha256;
+use crate::storage::objects::{ObjectBackend, ObjectError, Objects};
 use crate::storage::stores::rfc3339;
 use crate::storage::{Accounts, Db};
 
@@ -184,6 +187,9 @@ struct Inner {
     limiter: RateLimiter,
     /// Serializes moving content into place with deleting unreferenced content.
     finalize: tokio::sync::Mutex<()>,
+    /// A remote object store holding the contents (`objects = "s3://..."`); None: the
+    /// content folders under `data_dir/shares` are the contents.
+    objects: Option<Objects>,
 }
 
 impl fmt::Debug for Shares {
@@ -262,8 +268,75 @@ impl Shares {
                 index,
                 limiter,
                 finalize: tokio::sync::Mutex::new(()),
+                objects: None,
             }),
         })
+    }
+
+    /// Keeps contents in `objects` when it is a remote store (call right after opening;
+    /// false if this handle was cloned already).
+    pub fn set_objects(&mut self, objects: Objects) -> bool {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.objects = (!objects.is_local()).then_some(objects);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The remote object store holding the contents, if any.
+    pub fn objects(&self) -> Option<&Objects> {
+        self.inner.objects.as_ref()
+    }
+
+    /// Bytes `offset..offset+len` of a content: from its part objects when contents live in
+    /// an object store, else from the content file.
+    pub fn content_range(
+        &self,
+        content_id: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<BoxStream<'static, io::Result<Bytes>>, ShareError> {
+        let dir = self.content_dir(content_id)?;
+        match &self.inner.objects {
+            Some(o) => Ok(object_range(
+                Arc::clone(o),
+                content_id.to_string(),
+                offset,
+                len,
+            )),
+            None => Ok(file_range(dir.join("content"), offset, len)),
+        }
+    }
+
+    /// Puts a content folder's file as [`PART_BYTES`] part objects and its manifest, the
+    /// manifest last (its presence says the content is whole).
+    async fn upload_content(&self, o: &Objects, content_id: &str) -> Result<(), ShareError> {
+        let path = self.content_path(content_id)?;
+        let mut file = tokio::fs::File::open(&path).await?;
+        let mut part = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(PART_BYTES);
+            let n = (&mut file)
+                .take(PART_BYTES as u64)
+                .read_to_end(&mut buf)
+                .await?;
+            if n == 0 {
+                break;
+            }
+            o.put(&part_key(content_id, part), Bytes::from(buf))
+                .await
+                .map_err(object_err)?;
+            part += 1;
+        }
+        let manifest = tokio::fs::read(self.content_dir(content_id)?.join("manifest.json")).await?;
+        o.put(
+            &format!("shares/{content_id}/manifest.json"),
+            Bytes::from(manifest),
+        )
+        .await
+        .map_err(object_err)
     }
 
     pub fn settings(&self) -> &ShareSettings {
@@ -303,7 +376,15 @@ impl Shares {
     /// The manifest bytes exactly as published (checked against the id).
     pub async fn manifest_bytes(&self, content_id: &str) -> Result<Vec<u8>, ShareError> {
         let path = self.content_dir(content_id)?.join("manifest.json");
-        let bytes = match tokio::fs::read(&path).await {
+        let read = match &self.inner.objects {
+            Some(o) => match o.get(&format!("shares/{content_id}/manifest.json")).await {
+                Ok(b) => Ok(b.to_vec()),
+                Err(ObjectError::NotFound(_)) => Err(io::Error::from(io::ErrorKind::NotFound)),
+                Err(e) => return Err(object_err(e)),
+            },
+            None => tokio::fs::read(&path).await,
+        };
+        let bytes = match read {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ShareError::UnknownContent(content_id.to_string()))
@@ -789,6 +870,13 @@ impl Shares {
             policy,
             created_at: now,
         };
+        // With an object store the content must be there before the row names it.
+        if let Some(o) = &self.inner.objects {
+            if let Err(e) = self.upload_content(o, &content_id).await {
+                self.collect(&content_id).await;
+                return Err(e);
+            }
+        }
         let replaced = match self.record(&share, declared_i, upload_id, now).await {
             Ok(r) => r,
             Err(e) => {
@@ -798,6 +886,10 @@ impl Shares {
         };
         if let Some(old) = replaced.filter(|old| *old != content_id) {
             self.collect(&old).await;
+        }
+        if self.inner.objects.is_some() {
+            // The objects are the content now; the local folder was only its staging.
+            let _ = tokio::fs::remove_dir_all(self.content_dir(&content_id)?).await;
         }
         tracing::info!(owner, name, content_id = %content_id, bytes = declared, pieces, "share published");
         Ok(share)
@@ -903,11 +995,100 @@ impl Shares {
                         }
                     }
                 }
+                if let Some(o) = &self.inner.objects {
+                    if let Err(e) = delete_objects(&**o, content_id).await {
+                        tracing::warn!(content_id, error = %e, "unshared content objects not deleted");
+                    }
+                }
                 self.inner.index.forget_content(content_id);
             }
             Err(e) => tracing::warn!(content_id, error = %e, "content reference check failed"),
         }
     }
+}
+
+/// Size of the part objects a content is kept in on an object store (any piece size reads
+/// from at most two parts; ranged reads serve a piece without fetching more).
+pub const PART_BYTES: usize = 4 * 1024 * 1024;
+
+fn part_key(content_id: &str, part: u64) -> String {
+    format!("shares/{content_id}/{part:010}.part")
+}
+
+fn object_err(e: ObjectError) -> ShareError {
+    ShareError::Io(io::Error::other(e))
+}
+
+async fn delete_objects(o: &dyn ObjectBackend, content_id: &str) -> Result<(), ObjectError> {
+    for e in o.list(&format!("shares/{content_id}")).await? {
+        o.delete(&e.key).await?;
+    }
+    Ok(())
+}
+
+/// Bytes `offset..offset+len` of a content's part objects, one ranged get per part.
+fn object_range(
+    o: Objects,
+    content_id: String,
+    offset: u64,
+    len: u64,
+) -> BoxStream<'static, io::Result<Bytes>> {
+    let end = offset.saturating_add(len);
+    let part = PART_BYTES as u64;
+    let parts = (offset / part)..end.div_ceil(part);
+    futures_util::stream::iter(parts)
+        .then(move |p| {
+            let o = Arc::clone(&o);
+            let key = part_key(&content_id, p);
+            async move {
+                let from = offset.max(p * part) - p * part;
+                let to = end.min((p + 1) * part) - p * part;
+                o.get_range(&key, from..to).await.map_err(io::Error::other)
+            }
+        })
+        .boxed()
+}
+
+/// Bytes `offset..offset+len` of a content file, read in pieces of at most 64 KiB. A file
+/// shorter than its manifest says breaks the body rather than padding it.
+fn file_range(path: PathBuf, offset: u64, len: u64) -> BoxStream<'static, io::Result<Bytes>> {
+    const READ_CHUNK: usize = 64 * 1024;
+    let st = (path, None::<tokio::fs::File>, offset, len);
+    futures_util::stream::unfold(st, |(path, mut file, offset, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        if file.is_none() {
+            let opened = async {
+                let mut f = tokio::fs::File::open(&path).await?;
+                f.seek(io::SeekFrom::Start(offset)).await?;
+                Ok::<_, io::Error>(f)
+            }
+            .await;
+            match opened {
+                Ok(f) => file = Some(f),
+                Err(e) => return Some((Err(e), (path, None, offset, 0))),
+            }
+        }
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(READ_CHUNK);
+        let mut buf = vec![0u8; want];
+        let f = file.as_mut()?;
+        match f.read(&mut buf).await {
+            Ok(0) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "content file shorter than its manifest",
+                )),
+                (path, None, offset, 0),
+            )),
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), (path, file, offset, left - n as u64)))
+            }
+            Err(e) => Some((Err(e), (path, None, offset, 0))),
+        }
+    })
+    .boxed()
 }
 
 /// Deletes `owner`'s share row `name` in `tx`; returns its content id and size, if it existed.
@@ -1041,6 +1222,65 @@ mod tests {
                 .publish_stream(owner, name, policy, declared, chunks(body, chunk))
                 .await
         }
+    }
+
+    /// Contents on a real S3-protocol server (s3s-fs): published into the bucket (parts and
+    /// manifest), the local folder gone, read back whole and by ranges across parts, deleted
+    /// with the last share.
+    #[tokio::test]
+    async fn contents_live_in_the_object_store() {
+        use crate::storage::objects::tests::{s3_objects, start_s3s_fs};
+        let Some(server) = start_s3s_fs() else { return };
+        let mut t = setup(1000).await;
+        let objects = s3_objects(&server, "cv-shares").await;
+        assert!(t.shares.set_objects(Arc::clone(&objects)));
+        let body = data(PART_BYTES + 5000, 3);
+        t.accounts
+            .set_quota("1001", 2 * body.len() as u64)
+            .await
+            .unwrap();
+        let s = t
+            .publish(
+                "1001",
+                "big.bin",
+                Policy::Public,
+                body.len() as u64,
+                &body,
+                65536,
+            )
+            .await
+            .unwrap();
+        let cid = s.content_id.clone();
+        assert!(
+            !t.data.join("shares").join(&cid).exists(),
+            "local copy left"
+        );
+        let keys: Vec<String> = objects
+            .list(&format!("shares/{cid}"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        assert_eq!(keys.len(), 3, "{keys:?}"); // two parts + manifest
+        let m = t.shares.manifest_bytes(&cid).await.unwrap();
+        assert_eq!(content_id_of(&m), cid);
+        let read = |off: u64, len: u64| {
+            let st = t.shares.content_range(&cid, off, len).unwrap();
+            async move {
+                let parts: Vec<Bytes> = st.map(|b| b.unwrap()).collect().await;
+                parts.concat()
+            }
+        };
+        assert_eq!(read(0, body.len() as u64).await, body);
+        let off = PART_BYTES as u64 - 10;
+        assert_eq!(read(off, 30).await, &body[off as usize..off as usize + 30]);
+        assert!(t.shares.remove("1001", "big.bin").await.unwrap());
+        assert!(objects
+            .list(&format!("shares/{cid}"))
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     fn chunks(data: &[u8], n: usize) -> impl Stream<Item = Result<Bytes, io::Error>> + Unpin {

@@ -483,7 +483,7 @@ impl ServerConfig {
         writeln!(t, "metadata = {:?}", self.metadata_url(dir)).unwrap();
         if !self.storage_extra.is_empty() {
             t.push_str(&self.storage_extra);
-        } else if let Some(objects) = s3::matrix_toml() {
+        } else if let Some(objects) = s3::matrix_toml(dir) {
             // The test matrix (scripts/test): store media and share pieces on s3s-fs.
             t.push_str(&objects);
         }

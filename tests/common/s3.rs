@@ -50,17 +50,24 @@ impl S3sFs {
     /// Starts s3s-fs; None (after `SKIPPED`) when it is not installed, a panic when
     /// `CALLVAULT_REQUIRE_TOOLS=1`.
     pub fn start() -> Option<S3sFs> {
-        Self::start_with(false)
+        Self::start_with(None)
     }
 
-    /// `with_thread`: the server also dies when the calling thread ends (`PR_SET_PDEATHSIG`),
-    /// for servers nobody holds (the test matrix).
-    fn start_with(with_thread: bool) -> Option<S3sFs> {
+    /// `in_dir`: serve that folder (created) and die when the calling thread ends
+    /// (`PR_SET_PDEATHSIG`), for servers nobody holds (the test matrix); else a temporary folder.
+    fn start_with(in_dir: Option<&std::path::Path>) -> Option<S3sFs> {
         let Some(bin) = binary() else {
             super::tool_available("s3s-fs");
             return None;
         };
-        let dir = tempfile::tempdir().unwrap();
+        let with_thread = in_dir.is_some();
+        let dir = match in_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).unwrap();
+                tempfile::TempDir::new_in(d).unwrap()
+            }
+            None => tempfile::tempdir().unwrap(),
+        };
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -130,16 +137,17 @@ impl S3sFs {
 }
 
 /// The test matrix: with `CALLVAULT_TEST_OBJECTS=s3` the `[storage]` lines of a server
-/// config whose objects live on a fresh s3s-fs (killed when the test thread ends); None on
-/// the embedded default.
-pub fn matrix_toml() -> Option<String> {
+/// config whose objects live on a fresh s3s-fs serving a folder in `dir` (the server's test
+/// folder, removed with it; the process is killed when the test thread ends); None on the
+/// embedded default.
+pub fn matrix_toml(dir: &std::path::Path) -> Option<String> {
     if std::env::var("CALLVAULT_TEST_OBJECTS").as_deref() != Ok("s3") {
         return None;
     }
-    let server = S3sFs::start_with(true)?;
+    let server = S3sFs::start_with(Some(&dir.join("s3")))?;
     let toml = server.storage_toml("callvault");
-    // Nobody holds it: it lives until the test's thread ends (PDEATHSIG) and its folder
-    // is left in the system temp dir for that long.
+    // Nobody holds it: it lives until the test's thread ends (PDEATHSIG); its folder goes
+    // with the server's.
     std::mem::forget(server);
     Some(toml)
 }

@@ -148,33 +148,32 @@ pub async fn delete_store(objects: &dyn ObjectBackend, id: &str) -> Result<(), O
     Ok(())
 }
 
-/// Puts log bytes `from..to` of the segment log in `dir` as chunks of at most [`MAX_CHUNK`],
-/// cut at record boundaries (a partly uploaded range still ends on a record). Returns the
-/// new uploaded length.
+/// Puts log bytes `*done..to` of the segment log in `dir` as chunks of at most
+/// [`MAX_CHUNK`], cut at record boundaries, advancing `*done` past each chunk put (so a
+/// failure part-way leaves `*done` on a record and no chunk is ever put twice).
 async fn upload_range(
     objects: &dyn ObjectBackend,
     id: &str,
     dir: &std::path::Path,
-    from: u64,
+    done: &mut u64,
     to: u64,
-) -> Result<u64, ObjectError> {
-    let d = dir.to_path_buf();
+) -> Result<(), ObjectError> {
+    let (d, from) = (dir.to_path_buf(), *done);
     let bytes = tokio::task::spawn_blocking(move || segments::read_log_range(&d, from, to))
         .await
         .map_err(|e| ObjectError::Task(e.to_string()))?
         .map_err(|e| ObjectError::Task(e.to_string()))?;
     let bytes = Bytes::from(bytes);
     let mut at = 0usize;
-    let mut done = from;
     while at < bytes.len() {
         let cut = segments::record_cut(&bytes[at..], MAX_CHUNK);
         objects
-            .put(&chunk_key(id, done), bytes.slice(at..at + cut))
+            .put(&chunk_key(id, *done), bytes.slice(at..at + cut))
             .await?;
         at += cut;
-        done += cut as u64;
+        *done += cut as u64;
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Uploads a finished log that no uploader followed (a store recovered at start-up) from
@@ -185,11 +184,11 @@ pub async fn upload_rest(
     dir: &std::path::Path,
     len: u64,
 ) -> Result<(), ObjectError> {
-    let have = committed_len(objects, id).await?;
+    let mut have = committed_len(objects, id).await?;
     if have < len {
-        upload_range(objects, id, dir, have, len).await?;
+        upload_range(objects, id, dir, &mut have, len).await?;
     }
-    mark_finished(objects, id, len.max(have)).await
+    mark_finished(objects, id, have).await
 }
 
 /// The task putting a receiving store's committed bytes as chunks ([`spawn_uploader`]).
@@ -253,12 +252,10 @@ async fn run_uploader(
             let st = *tail.borrow_and_update();
             let done = st.finished || writer_gone;
             last_put = Some(Instant::now());
-            match upload_range(&*objects, &id, &dir, uploaded, st.bytes).await {
-                Ok(n) => {
-                    uploaded = n;
-                    failures = 0;
-                    tx.send_replace(uploaded);
-                }
+            let result = upload_range(&*objects, &id, &dir, &mut uploaded, st.bytes).await;
+            tx.send_replace(uploaded);
+            match result {
+                Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(store = %id, error = %e, failures, "chunk upload failed");

@@ -174,4 +174,4 @@ pub(crate) fn check_key(key: &str) -> Result<(), ObjectError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -269,3 +269,19 @@ fn chunks_carry_a_live_store_to_another_node() {
     );
     assert!(p99 <= Duration::from_secs(1), "p99 lag {p99:?}");
 }
+
+/// Chunks are cut at record boundaries, at most `max` bytes unless one record is larger.
+#[test]
+fn chunks_are_cut_at_records() {
+    use crate::storage::segments::{encode_record, record_cut, HEADER_LEN};
+    let mut log = Vec::new();
+    for (i, len) in [100usize, 200, 50, 400].into_iter().enumerate() {
+        encode_record(&mut log, &header(i as u32), &vec![1u8; len]).unwrap();
+    }
+    let r = |n: usize| HEADER_LEN + n;
+    assert_eq!(record_cut(&log, usize::MAX), log.len());
+    assert_eq!(record_cut(&log, r(100) + r(200)), r(100) + r(200));
+    assert_eq!(record_cut(&log, r(100) + r(200) - 1), r(100));
+    assert_eq!(record_cut(&log, 10), r(100), "one record even when larger");
+    assert_eq!(record_cut(&log[r(100) + r(200) + r(50)..], 10), r(400));
+}
