@@ -32,8 +32,9 @@ use crate::sip::registrar::BindingRecord;
 use crate::sip::transport::Transport;
 use crate::storage::lease::LeaseWatch;
 use crate::storage::nodes::{NodeInfo, Nodes};
+use crate::storage::objects::{chunks, Objects};
 use crate::storage::registrations::{RegistrationRow, Registrations};
-use crate::storage::stores::Stores;
+use crate::storage::stores::{Store, StoreState, Stores};
 use crate::storage::Db;
 
 /// How often every node's lease row is read: bounds the takeover delay at about
@@ -82,7 +83,7 @@ impl Cluster {
     pub(crate) async fn start(
         db: Db,
         stores: Stores,
-        data_dir: PathBuf,
+        media: SharedMedia,
         node: NodeInfo,
     ) -> Result<Arc<Cluster>, sqlx::Error> {
         let nodes = Nodes::new(db.clone());
@@ -90,7 +91,7 @@ impl Cluster {
         tracing::info!(node = %node.node_id, http = %node.http_advertise,
             lease_secs = node.lease.as_secs(), "cluster: lease taken");
         let registrations = Registrations::new(db);
-        tokio::spawn(lease_task(nodes, stores, data_dir, node.clone()));
+        tokio::spawn(lease_task(nodes, stores, media, node.clone()));
         Ok(Arc::new(Cluster {
             node,
             registrations,
@@ -199,7 +200,7 @@ impl Cluster {
 }
 
 /// Renews this node's lease and takes dead nodes over, until the process ends.
-async fn lease_task(nodes: Nodes, stores: Stores, data_dir: PathBuf, me: NodeInfo) {
+async fn lease_task(nodes: Nodes, stores: Stores, media: SharedMedia, me: NodeInfo) {
     let renew_every = (me.lease / 3).max(Duration::from_millis(500));
     let mut watch = LeaseWatch::new(me.node_id.clone());
     let mut last_renewal = Instant::now();
@@ -227,7 +228,7 @@ async fn lease_task(nodes: Nodes, stores: Stores, data_dir: PathBuf, me: NodeInf
             .set(i64::try_from(verdict.alive).unwrap_or(i64::MAX));
         for dead in verdict.dead {
             match nodes.claim(&dead, &me.node_id, SystemTime::now()).await {
-                Ok(true) => take_over(&nodes, &stores, &data_dir, &dead.node_id).await,
+                Ok(true) => take_over(&nodes, &stores, &media, &dead.node_id).await,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(node = %dead.node_id, error = %e,
                     "cluster: takeover claim failed"),
@@ -243,8 +244,47 @@ async fn lease_task(nodes: Nodes, stores: Stores, data_dir: PathBuf, me: NodeInf
     }
 }
 
+/// Where a survivor reads what a dead node's receiving store kept.
+#[derive(Debug, Clone)]
+pub(crate) enum SharedMedia {
+    /// `objects = "file"`: the nodes' `data_dir` is one shared disk.
+    Disk(PathBuf),
+    /// The bucket: the store's chunk objects (the dead node's disk is out of reach).
+    Bucket(Objects),
+}
+
+/// One dead node's `receiving` store finished `truncated` with what reached shared storage,
+/// its quota settled ([`Stores::finish`]); with a bucket its end object then tells live
+/// readers on other nodes to stop.
+async fn finish_dead_store(
+    stores: &Stores,
+    media: &SharedMedia,
+    id: &str,
+) -> Result<Store, String> {
+    let now = SystemTime::now();
+    match media {
+        SharedMedia::Disk(dir) => stores
+            .take_over(dir, id, now)
+            .await
+            .map_err(|e| e.to_string()),
+        SharedMedia::Bucket(objects) => {
+            let kept = chunks::committed_payload(&**objects, id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let st = stores
+                .finish(id, StoreState::Truncated, kept.payload_bytes, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            chunks::mark_finished(&**objects, id, kept.log_bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(st)
+        }
+    }
+}
+
 /// Finishes the dead node's receiving stores and drops the registrations only it reached.
-async fn take_over(nodes: &Nodes, stores: &Stores, data_dir: &std::path::Path, dead: &str) {
+async fn take_over(nodes: &Nodes, stores: &Stores, media: &SharedMedia, dead: &str) {
     tracing::warn!(node = %dead, "cluster: node's lease expired; taking over its stores");
     let ids = match stores.receiving_on(dead).await {
         Ok(ids) => ids,
@@ -254,7 +294,7 @@ async fn take_over(nodes: &Nodes, stores: &Stores, data_dir: &std::path::Path, d
         }
     };
     for id in ids {
-        match stores.take_over(data_dir, &id, SystemTime::now()).await {
+        match finish_dead_store(stores, media, &id).await {
             Ok(st) => tracing::info!(store = %id, node = %dead, bytes = st.received_bytes,
                 "cluster: dead node's store finished truncated, quota settled"),
             Err(e) => tracing::warn!(store = %id, node = %dead, error = %e,

@@ -365,7 +365,11 @@ pub async fn run_from(
         let c = crate::cluster::Cluster::start(
             db.clone(),
             stores.clone(),
-            config.storage.data_dir.clone(),
+            if objects.is_local() {
+                crate::cluster::SharedMedia::Disk(config.storage.data_dir.clone())
+            } else {
+                crate::cluster::SharedMedia::Bucket(Arc::clone(&objects))
+            },
             node,
         )
         .await

@@ -178,6 +178,22 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
+/// The whole records at the start of `buf`, good CRCs only: (their length in bytes, their
+/// payload bytes). For counting what a store's chunk objects hold.
+pub fn record_extent(buf: &[u8]) -> (usize, u64) {
+    let (mut pos, mut payload) = (0usize, 0u64);
+    while pos < buf.len() {
+        match decode(&buf[pos..]) {
+            Decoded::Record(_, len) => {
+                payload += (len - HEADER_LEN) as u64;
+                pos += len;
+            }
+            _ => break,
+        }
+    }
+    (pos, payload)
+}
+
 fn decode(buf: &[u8]) -> Decoded {
     if buf.len() < HEADER_LEN {
         return Decoded::Incomplete;

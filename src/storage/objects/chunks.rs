@@ -129,6 +129,35 @@ pub async fn committed_len(objects: &dyn ObjectBackend, id: &str) -> Result<u64,
     Ok(list(objects, id).await?.contiguous_len())
 }
 
+/// What reached the object store of store `id`: the log length contiguous from 0 and the
+/// payload bytes of its records. A node taking over a dead node's store finishes it with
+/// these (PROTOCOL.md 6 "Node failure"). Chunks are cut at record boundaries and put whole,
+/// so each holds whole records; a header that does not fit its chunk ends the count there
+/// (nothing after it is contiguous).
+pub async fn committed_payload(objects: &dyn ObjectBackend, id: &str) -> Result<Kept, ObjectError> {
+    let listing = list(objects, id).await?;
+    let mut kept = Kept::default();
+    for c in &listing.chunks {
+        let data = objects.get(&chunk_key(id, c.base)).await?;
+        let (log, payload) = segments::record_extent(&data);
+        kept.log_bytes += log as u64;
+        kept.payload_bytes += payload;
+        if log < data.len() {
+            break;
+        }
+    }
+    Ok(kept)
+}
+
+/// [`committed_payload`]'s answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Bytes of the store's log (headers and payloads) readable from offset 0.
+    pub log_bytes: u64,
+    /// Payload bytes in those records: the store's `received_bytes`.
+    pub payload_bytes: u64,
+}
+
 /// Writes store `id`'s end object: readers following it stop at `len`.
 pub async fn mark_finished(
     objects: &dyn ObjectBackend,
