@@ -527,15 +527,13 @@ fn whole_call_pcap_and_stereo_wav_of_a_recorded_call() {
 
 /// A store's download token, read from the server's database.
 fn store_token(server: &Server, id: &str) -> String {
-    let db = server.dir.path().join("data").join("callvault.db");
+    let url = server.metadata_url();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let db = callvault::storage::Db::open(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
+        let db = callvault::storage::Db::open(&url).await.unwrap();
         let st = callvault::storage::stores::Stores::new(db.clone())
             .get(id)
             .await
