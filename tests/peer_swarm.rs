@@ -545,9 +545,11 @@ fn terminal_index_a_late_agent_finds_holders() {
     let r = late.report(Instant::now() + Duration::from_secs(30));
     println!("{}", summary(&late, &r));
     assert_eq!(sha256_file(&late.out), want);
-    // The server sends 1 MiB/s: at most a few pieces can have come from it.
+    // Found through the DHT alone (serve's index answers 503): pieces came from the early
+    // agents. How many depends on how long the first lookup took while the server sent at
+    // 1 MiB/s (a loaded machine saw 1 of 4 MiB from peers), so only "some" is asserted.
     assert!(
-        num(&r, "from_peers") >= 3 * MIB as u64,
+        num(&r, "from_peers") > 0,
         "the late agent found no holders: {r}"
     );
     let by_source = r["by_source"].as_object().unwrap();
