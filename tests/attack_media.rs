@@ -196,9 +196,6 @@ fn eavesdropper_gets_nothing_and_the_caller_still_hears_the_callee() {
 // ---------------------------------------------------------------------------------------------
 // Finding 2: store injection
 
-const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
-const PROMPT: &str = "application/vnd.callvault.prompt+json";
-
 /// Every (seq, payload) of a store's segment log.
 fn stored_records(server: &Server, id: &str) -> Vec<(u16, Vec<u8>)> {
     let dir = server.dir.path().join("data").join("stores").join(id);
@@ -225,16 +222,7 @@ fn injected_packets_are_not_stored_and_the_senders_are() {
     let mut c = Call::establish(s.sip_addr(), "1001", "1002");
     c.keep_alive();
     // B asks for storage; A is prompted and opens the store session.
-    let resp = c.b.in_dialog(
-        &mut c.bd,
-        Method::Message,
-        &[("Content-Type", STORE_REQUEST)],
-        br#"{"pin":"4321"}"#,
-    );
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let p = c.a.expect_request(Method::Message, Some(PROMPT), T);
-    c.a.respond(&p, 200, &[], b"");
-    let prompt: Value = serde_json::from_slice(&p.body).unwrap();
+    let prompt = c.ask_for_storage(r#"{"pin":"4321"}"#);
     let id = prompt["store_id"].as_str().unwrap().to_string();
     let sender = Rtp::bind();
     let inv = c.a.invite_request(

@@ -39,8 +39,6 @@ use common::{metric_sum, tool_available, Server, ServerConfig, Sipp};
 use serde_json::Value;
 use ua::{payload, sdp, sdp_audio, Rtp, Ua, PCMU, T};
 
-const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
-const PROMPT: &str = "application/vnd.callvault.prompt+json";
 const READY: &str = "application/vnd.callvault.ready+json";
 const BUCKET: &str = "callvault";
 const PIN: &str = "4321";
@@ -144,19 +142,10 @@ fn json(body: &[u8]) -> Value {
     })
 }
 
-/// B asks for storage in its call; A answers the prompt. Returns the prompt's JSON.
+/// B asks for storage in its call (threshold `threshold_bytes`); A answers the prompt.
 fn ask(a: &mut Ua, b: &mut Ua, bd: &mut Dialog, threshold_bytes: u32) -> Value {
     let body = format!(r#"{{"pin":"{PIN}","threshold":{{"bytes":{threshold_bytes}}}}}"#);
-    let r = b.in_dialog(
-        bd,
-        Method::Message,
-        &[("Content-Type", STORE_REQUEST)],
-        body.as_bytes(),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let p = a.expect_request(Method::Message, Some(PROMPT), T);
-    a.respond(&p, 200, &[], b"");
-    json(&p.body)
+    ua::ask_for_storage(a, b, bd, &body)
 }
 
 /// The store session INVITE (A, sendonly, declared `size`) to `uri`; the 200's dialog and

@@ -23,10 +23,7 @@ use callvault::storage::Accounts;
 use common::pg::PgDb;
 use common::{fetch_metrics, metric_value, Server, ServerConfig};
 use serde_json::Value;
-use ua::{payload, sdp, sdp_audio, Call, Rtp, Ua, PCMU, T};
-
-const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
-const PROMPT: &str = "application/vnd.callvault.prompt+json";
+use ua::{payload, sdp, sdp_audio, Call, Rtp, Ua, PCMU};
 
 /// A node on `db`, objects in `data` (None: its own temp dir), lease `lease` seconds.
 fn node(db: &PgDb, data: Option<&Path>, lease: u64) -> Server {
@@ -87,16 +84,7 @@ fn get_json(addr: SocketAddr, path: &str, user: &str, pw: &str) -> (u16, Value) 
 
 /// B's store request in the call, accepted; the prompt A got.
 fn prompt(c: &mut Call) -> Value {
-    let resp = c.b.in_dialog(
-        &mut c.bd,
-        Method::Message,
-        &[("Content-Type", STORE_REQUEST)],
-        br#"{"pin":"4321"}"#,
-    );
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let p = c.a.expect_request(Method::Message, Some(PROMPT), T);
-    c.a.respond(&p, 200, &[], b"");
-    serde_json::from_slice(&p.body).unwrap()
+    c.ask_for_storage(r#"{"pin":"4321"}"#)
 }
 
 /// A's store session INVITE to `uri` at `at` (any node), declaring `size`; where RTP goes.

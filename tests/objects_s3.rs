@@ -9,15 +9,11 @@ mod ua;
 
 use std::time::{Duration, Instant};
 
-use callvault::sip::message::Method;
 use callvault::storage::stores::Store;
 use common::s3::S3sFs;
 use common::{Server, ServerConfig};
-use serde_json::Value;
-use ua::{payload, sdp, sdp_audio, Call, Rtp, PCMU, T};
+use ua::{payload, sdp, sdp_audio, Call, Rtp, PCMU};
 
-const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
-const PROMPT: &str = "application/vnd.callvault.prompt+json";
 const BUCKET: &str = "cv-media";
 
 fn server_on(s3: &S3sFs) -> Server {
@@ -64,16 +60,7 @@ fn store_media_reaches_s3_every_second_and_is_read_from_it_alone() {
         server.log()
     );
     let mut c = Call::establish(server.sip_addr(), "1001", "1002");
-    let resp = c.b.in_dialog(
-        &mut c.bd,
-        Method::Message,
-        &[("Content-Type", STORE_REQUEST)],
-        br#"{"pin":"4321"}"#,
-    );
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let p = c.a.expect_request(Method::Message, Some(PROMPT), T);
-    c.a.respond(&p, 200, &[], b"");
-    let prompt: Value = serde_json::from_slice(&p.body).unwrap();
+    let prompt = c.ask_for_storage(r#"{"pin":"4321"}"#);
     let id = prompt["store_id"].as_str().unwrap().to_string();
 
     // The store session is SIPp's (storage_store_uac: 10 s of PCMU from a pcap, as 1001).
@@ -184,16 +171,7 @@ fn a_killed_node_loses_at_most_two_seconds_of_the_bucket_copy() {
     let Some(s3) = S3sFs::start() else { return };
     let mut server = server_on(&s3);
     let mut c = Call::establish(server.sip_addr(), "1001", "1002");
-    let resp = c.b.in_dialog(
-        &mut c.bd,
-        Method::Message,
-        &[("Content-Type", STORE_REQUEST)],
-        br#"{"pin":"4321"}"#,
-    );
-    assert_eq!(resp.status, 200);
-    let p = c.a.expect_request(Method::Message, Some(PROMPT), T);
-    c.a.respond(&p, 200, &[], b"");
-    let prompt: Value = serde_json::from_slice(&p.body).unwrap();
+    let prompt = c.ask_for_storage(r#"{"pin":"4321"}"#);
     let id = prompt["store_id"].as_str().unwrap().to_string();
     let rtp = Rtp::bind();
     let inv = c.a.invite_request(

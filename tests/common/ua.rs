@@ -696,6 +696,32 @@ pub fn payload(i: u32) -> Vec<u8> {
 
 pub const PCMU: &[(u8, &str)] = &[(0, "PCMU/8000")];
 
+/// The store request's and the prompt's content types (PROTOCOL.md 2.1, 2.3).
+pub const STORE_REQUEST: &str = "application/vnd.callvault.store-request+json";
+pub const PROMPT: &str = "application/vnd.callvault.prompt+json";
+
+/// Step 11 to 12: the receiver (`b`, in its call dialog `bd`) asks for storage with the JSON
+/// `request`; the request must be accepted (200) and the sender `a` prompted, which answers
+/// 200. The prompt's JSON.
+pub fn ask_for_storage(
+    a: &mut Ua,
+    b: &mut Ua,
+    bd: &mut Dialog,
+    request: &str,
+) -> serde_json::Value {
+    let r = b.in_dialog(
+        bd,
+        Method::Message,
+        &[("Content-Type", STORE_REQUEST)],
+        request.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let p = a.expect_request(Method::Message, Some(PROMPT), T);
+    a.respond(&p, 200, &[], b"");
+    serde_json::from_slice(&p.body)
+        .unwrap_or_else(|e| panic!("prompt JSON: {e}: {}", String::from_utf8_lossy(&p.body)))
+}
+
 /// An established call A -> B through the server (PCMU, sendrecv); B is registered from its
 /// UA socket. Dropping it stops [`Call::keep_alive`].
 pub struct Call {
@@ -758,6 +784,11 @@ impl Call {
             b_media,
             keepalive_stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// [`ask_for_storage`] in this call: B asks, A is prompted. The prompt's JSON.
+    pub fn ask_for_storage(&mut self, request: &str) -> serde_json::Value {
+        ask_for_storage(&mut self.a, &mut self.b, &mut self.bd, request)
     }
 
     /// One packet from A on the call's own media every 300 ms, so the call outlives long runs
