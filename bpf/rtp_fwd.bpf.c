@@ -14,6 +14,13 @@
 //
 // Telephone-event packets of the payload types in `punt_pt` are not forwarded here: they reach
 // the relay's socket so the DTMF feature-code gate sees them (user space holds back `*7 PIN #`).
+//
+// Recorded directions (`rec_id` != 0) are forwarded the same way, and each forwarded datagram's
+// RTP bytes (header + payload, as sent) are also copied with the arrival time and `rec_id` into
+// the `rec_ring` ring buffer, which callvault's log writer thread drains in batches into the
+// direction's store log (src/storage/log_thread.rs): no syscall and no wake-up per packet
+// (BPF_RB_NO_WAKEUP; the thread drains on its own tick). A copy that finds the ring full, or a
+// datagram too big to copy, is still forwarded and counted in `counters[slot].rec_drops`.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -32,6 +39,12 @@
 #define MODE_NEIGH 3          // bpf_redirect_neigh to `ifindex` (L2 from the neighbour table)
 
 #define COUNTER_SLOTS 65536
+// Bytes of ring for recorded datagrams: ~80k records of G.711 (172 RTP bytes + 24), 400 ms of
+// 2,000 recorded calls, while the writer thread drains every 20 ms. Must equal RING_BYTES in
+// src/media/kernel/mod.rs (documentation only: user space maps what the kernel made).
+#define REC_RING_BYTES (16 << 20)
+// Largest RTP datagram recorded (a whole Ethernet MTU's UDP payload).
+#define REC_MAX 1472
 
 struct fwd_key {
 	__u8 addr[16]; // IPv4: the first 4 bytes, the rest zero
@@ -52,12 +65,28 @@ struct fwd_val {
 	__u8 punt_pt[2]; // telephone-event payload types for user space (0xff: none)
 	__u8 pad[2];
 	__u32 ifindex;
-	__u32 slot; // index into `counters` (the relay's local port)
+	__u32 slot;   // index into `counters` (the relay's local port)
+	__u32 rec_id; // the direction's store log at the writer thread; 0: not recorded
 };
 
 struct counter {
 	__u64 packets;
-	__u64 bytes; // UDP payload bytes (what the user-space relay counts)
+	__u64 bytes;     // UDP payload bytes (what the user-space relay counts)
+	__u64 rec_drops; // forwarded but not recorded: ring full, or bigger than REC_MAX
+};
+
+// One record of `rec_ring` (must equal src/media/kernel/ring.rs `RecHeader`), followed by
+// `len` bytes of RTP.
+struct rec_hdr {
+	__u64 arrival_ns; // bpf_ktime_get_ns(): CLOCK_MONOTONIC
+	__u32 rec_id;
+	__u16 len;
+	__u16 pad;
+};
+
+struct rec_buf {
+	struct rec_hdr h;
+	__u8 data[REC_MAX];
 };
 
 struct {
@@ -73,6 +102,20 @@ struct {
 	__type(key, __u32);
 	__type(value, struct counter);
 } counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, REC_RING_BYTES);
+} rec_ring SEC(".maps");
+
+// Where a record is put together before it goes into the ring in one copy (the ring's
+// reservations are of constant size; `bpf_ringbuf_output` takes a variable one).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rec_buf);
+} rec_scratch SEC(".maps");
 
 #define ETH_LEN 14
 #define IP4_CSUM_OFF (ETH_LEN + offsetof(struct iphdr, check))
@@ -102,6 +145,28 @@ static __always_inline void count(const struct fwd_val *v, __u16 udp_len)
 		__sync_fetch_and_add(&c->packets, 1);
 		__sync_fetch_and_add(&c->bytes, (__u64)(udp_len - sizeof(struct udphdr)));
 	}
+}
+
+// Copies the datagram's RTP bytes (at `rtp_off`, `rtp_len` long) into the ring for the
+// direction's log; a copy that cannot be made is counted, never silent.
+static __always_inline void record(struct __sk_buff *skb, const struct fwd_val *v,
+				   __u32 rtp_off, __u32 rtp_len)
+{
+	__u32 zero = 0;
+	struct rec_buf *b = bpf_map_lookup_elem(&rec_scratch, &zero);
+	if (b && rtp_len >= 12 && rtp_len <= REC_MAX) {
+		b->h.arrival_ns = bpf_ktime_get_ns();
+		b->h.rec_id = v->rec_id;
+		b->h.len = rtp_len;
+		b->h.pad = 0;
+		if (bpf_skb_load_bytes(skb, rtp_off, b->data, rtp_len) == 0 &&
+		    bpf_ringbuf_output(&rec_ring, b, sizeof(b->h) + rtp_len, BPF_RB_NO_WAKEUP) == 0)
+			return;
+	}
+	__u32 slot = v->slot;
+	struct counter *c = bpf_map_lookup_elem(&counters, &slot);
+	if (c)
+		__sync_fetch_and_add(&c->rec_drops, 1);
 }
 
 static __always_inline int forward(const struct fwd_val *v)
@@ -181,6 +246,8 @@ static __always_inline int on_ipv4(struct __sk_buff *skb, void *data, void *data
 	if (rewrite_ports(skb, UDP4_OFF, &old_udp, v))
 		return TC_ACT_SHOT;
 	count(v, udp_len);
+	if (v->rec_id)
+		record(skb, v, UDP4_OFF + sizeof(struct udphdr), udp_len - sizeof(struct udphdr));
 	return forward(v);
 }
 
@@ -228,6 +295,8 @@ static __always_inline int on_ipv6(struct __sk_buff *skb, void *data, void *data
 	if (rewrite_ports(skb, UDP6_OFF, &old_udp, v))
 		return TC_ACT_SHOT;
 	count(v, udp_len);
+	if (v->rec_id)
+		record(skb, v, UDP6_OFF + sizeof(struct udphdr), udp_len - sizeof(struct udphdr));
 	return forward(v);
 }
 

@@ -236,7 +236,11 @@ pub struct Metrics {
     pub rtp_packets_kernel_total: Counter,
     /// 1 when the kernel fast path is attached (`callvault_media_path{path="kernel"}`).
     pub media_path_kernel: Gauge,
-    /// Relayed RTP packets a lagging recording writer had no room for (relayed, not recorded).
+    /// Of `rtp_packets_stored_total`, those the kernel fast path copied into its recording
+    /// ring (`media::kernel::ring`).
+    pub rtp_packets_stored_kernel_total: Counter,
+    /// Relayed RTP packets left out of a recording: a lagging writer had no room, or the
+    /// kernel's recording ring was full (relayed, not recorded).
     pub recording_packets_refused_total: Counter,
     /// Set by the core after each batch of events (the registrar owns the number).
     pub registrations_active: Gauge,
@@ -287,6 +291,7 @@ pub static METRICS: Metrics = Metrics {
     rtp_bytes_stored_total: Counter::new(),
     rtp_packets_kernel_total: Counter::new(),
     media_path_kernel: Gauge::new(),
+    rtp_packets_stored_kernel_total: Counter::new(),
     recording_packets_refused_total: Counter::new(),
     registrations_active: Gauge::new(),
     cluster_nodes_alive: Gauge::new(),
@@ -428,6 +433,12 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
         m.rtp_packets_stored_total.get().to_string(),
     );
     one(
+        "callvault_rtp_packets_stored_kernel_total",
+        "counter",
+        "RTP packets of callvault_rtp_packets_stored_total recorded through the kernel fast path's ring.",
+        m.rtp_packets_stored_kernel_total.get().to_string(),
+    );
+    one(
         "callvault_rtp_bytes_stored_total",
         "counter",
         "RTP payload bytes appended to stores.",
@@ -436,7 +447,7 @@ pub fn render_with(stores: Option<&[(StoreState, u64)]>) -> String {
     one(
         "callvault_recording_packets_refused_total",
         "counter",
-        "Relayed RTP packets left out of a call recording because its writer was behind.",
+        "Relayed RTP packets left out of a call recording: its writer was behind, or the kernel fast path's recording ring was full.",
         m.recording_packets_refused_total.get().to_string(),
     );
     one(

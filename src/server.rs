@@ -404,6 +404,7 @@ pub async fn run_from(
             accounts.clone(),
             stores.clone(),
             live.clone(),
+            kernel.as_deref(),
         )
         .map_err(|source| ServerError::Thread {
             what: "the recording writer thread",

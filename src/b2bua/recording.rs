@@ -26,7 +26,7 @@ use super::media::{CallKey, MediaBackend, RelayMedia};
 use crate::media::relay::{RecordCounters, RecordSinks};
 use crate::storage::accounts::Accounts;
 use crate::storage::live::LiveStores;
-use crate::storage::log_thread::LogThread;
+use crate::storage::log_thread::{LogThread, RecordSource};
 use crate::storage::objects::chunks::{spawn_uploader, Uploader};
 use crate::storage::segments::{
     pipeline, Durability, Ingest, PipelineOptions, SegmentError, SegmentOptions, SegmentWriter,
@@ -110,7 +110,13 @@ impl RecordingService {
         accounts: Accounts,
         stores: Stores,
         live: Arc<LiveStores>,
+        kernel: Option<&crate::media::kernel::KernelPath>,
     ) -> std::io::Result<(RecordingService, mpsc::UnboundedReceiver<Command>)> {
+        // With the kernel fast path, the writer thread also drains its recording ring, and
+        // recorded directions can be forwarded and recorded in the kernel.
+        let ring = kernel
+            .and_then(|k| k.take_ring())
+            .map(|r| Box::new(r) as Box<dyn RecordSource>);
         let (tx, rx) = mpsc::unbounded_channel();
         let ctx = Ctx {
             data_dir,
@@ -119,7 +125,7 @@ impl RecordingService {
             live,
             commands: tx,
             counters: Arc::new(RecordCounters::default()),
-            logs: LogThread::start("cv-record-logs", LOG_TICK)?,
+            logs: LogThread::start("cv-record-logs", LOG_TICK, ring)?,
             stop: Arc::new(watch::channel(false).0),
         };
         Ok((RecordingService { ctx }, rx))
@@ -195,6 +201,7 @@ async fn start(ctx: Ctx, job: Job) {
         }
     };
     let mut sinks = RecordSinks::default();
+    let mut kernel_ids = [0u32; 2];
     for (direction, sender, receiver, slot) in [
         (Direction::AToB, &job.caller, &job.callee, &mut sinks.from_a),
         (Direction::BToA, &job.callee, &job.caller, &mut sinks.from_b),
@@ -205,10 +212,17 @@ async fn start(ctx: Ctx, job: Job) {
             receiver,
         };
         match open_direction(&ctx, &job, dir, owner.clone()).await {
-            Ok(ingest) => *slot = Some(ingest),
+            Ok((ingest, kernel_id)) => {
+                *slot = Some(ingest);
+                kernel_ids[match direction {
+                    Direction::AToB => 0,
+                    Direction::BToA => 1,
+                }] = kernel_id.unwrap_or(0);
+            }
             Err(e) => tracing::warn!(call = job.call, error = %e, "call recording not started"),
         }
     }
+    sinks.kernel_ids = kernel_ids;
     if sinks.from_a.is_some() || sinks.from_b.is_some() {
         let _ = ctx.commands.send(Command::Attach {
             call: job.call,
@@ -232,7 +246,7 @@ async fn open_direction(
     job: &Job,
     dir: Dir<'_>,
     owner: Option<String>,
-) -> Result<Ingest, RecordingError> {
+) -> Result<(Ingest, Option<u32>), RecordingError> {
     let Dir {
         direction,
         sender,
@@ -322,7 +336,7 @@ async fn open_direction(
         )),
         _ => None,
     };
-    let end = ctx
+    let adopted = ctx
         .logs
         .adopt(task)
         .map_err(|e| RecordingError::Log(e.to_string()))?;
@@ -349,10 +363,10 @@ async fn open_direction(
         store.id,
         machine,
         tail,
-        end,
+        adopted.end,
         uploader,
     ));
-    Ok(ingest)
+    Ok((ingest, adopted.kernel_id))
 }
 
 /// The recording's ingest adapter of [`StoreSession`]: feeds it the log's commits, a

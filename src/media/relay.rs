@@ -220,6 +220,9 @@ pub(crate) enum RelayEvent {
 pub(crate) struct RecordSinks {
     pub from_a: Option<Ingest>,
     pub from_b: Option<Ingest>,
+    /// The logs' ids at the writer thread that drains the kernel's recording ring (A, B;
+    /// 0: none): with one, a recorded direction may be forwarded and recorded in the kernel.
+    pub kernel_ids: [u32; 2],
 }
 
 /// What the relay did with the recording of one direction, read after it stopped.
@@ -232,6 +235,8 @@ pub(crate) struct RecordCounters {
 /// The recording state of a running relay, indexed by the side packets come from.
 struct Recording {
     sinks: [Option<Ingest>; 2],
+    /// [`RecordSinks::kernel_ids`].
+    kernel_ids: [u32; 2],
     /// Backpressure refusals since the last flush.
     dropped: u64,
     /// Packets and payload bytes handed to the logs since the last flush (metrics).
@@ -587,6 +592,9 @@ struct State {
     srtp: Option<Box<LegsSrtp>>,
     /// This relay's entries in the kernel fast path; None when it is off.
     kernel: Option<Box<KernelLegs>>,
+    /// The kernel just took a recorded direction over: hand the recording's batch to the
+    /// writer once the sockets are drained, ahead of the kernel's records (`log_thread`).
+    recording_flush_due: bool,
     /// Feature-code gate of the packets coming from each side; created when a
     /// telephone-event type becomes known (calls without one never allocate it).
     gates: [Option<Box<DtmfGate>>; 2],
@@ -845,11 +853,12 @@ impl State {
         let plain = srtp_free && self.inspector.is_none();
         for from in [Side::A, Side::B] {
             let (i, o) = (from.idx(), from.other().idx());
-            let recorded = self
-                .recording
-                .as_deref()
-                .is_some_and(|r| r.sinks[i].is_some());
-            let want = if plain && !recorded {
+            // A recorded direction goes to the kernel only when the kernel can record it.
+            let rec_id = match self.recording.as_deref() {
+                Some(r) if r.sinks[i].is_some() => Some(r.kernel_ids[i]),
+                _ => None,
+            };
+            let want = if plain && rec_id != Some(0) {
                 let gate = self.gates[i].is_some();
                 match (self.peers[i].latch.latched(), self.peers[o].rtp_target()) {
                     (Some(peer), Some(dst)) => Some(Want {
@@ -861,13 +870,17 @@ impl State {
                         } else {
                             [None, None]
                         },
+                        rec_id: rec_id.unwrap_or(0),
                     }),
                     _ => None,
                 }
             } else {
                 None
             };
+            let before = k.recording_into(i);
             k.set(i, want);
+            let now = k.recording_into(i);
+            self.recording_flush_due |= now != 0 && now != before;
         }
     }
 
@@ -878,6 +891,13 @@ impl State {
             return;
         };
         let delta = k.poll();
+        let not_recorded: u64 = delta.iter().map(|d| d.rec_drops).sum();
+        if not_recorded > 0 {
+            match self.recording.as_deref_mut() {
+                Some(rec) => rec.dropped += not_recorded,
+                None => METRICS.recording_packets_refused_total.add(not_recorded),
+            }
+        }
         for (i, d) in delta.iter().enumerate() {
             if d.packets > 0 {
                 self.counts.rtp_packets[i] += d.packets;
@@ -943,9 +963,14 @@ impl State {
             Control::SetSrtp(side, dir, ctx) => self.set_srtp(side, dir, ctx),
             Control::SetInspector(i) => self.inspector = i,
             Control::Record(sinks, counters) => {
-                let RecordSinks { from_a, from_b } = *sinks;
+                let RecordSinks {
+                    from_a,
+                    from_b,
+                    kernel_ids,
+                } = *sinks;
                 let old = self.recording.replace(Box::new(Recording {
                     sinks: [from_a, from_b],
+                    kernel_ids,
                     dropped: 0,
                     stored_packets: 0,
                     stored_bytes: 0,
@@ -1056,6 +1081,7 @@ async fn run(
     let mut st = State {
         id,
         kernel,
+        recording_flush_due: false,
         peers: [Peer::new(), Peer::new()],
         local_addrs,
         inspector: None,
@@ -1196,6 +1222,12 @@ async fn run(
             }
             progress |= fired;
             if !progress {
+                if st.recording_flush_due {
+                    st.recording_flush_due = false;
+                    if let Some(rec) = st.recording.as_deref_mut() {
+                        rec.flush();
+                    }
+                }
                 return Poll::Pending;
             }
             rounds += 1;
@@ -1885,6 +1917,7 @@ mod tests {
             RecordSinks {
                 from_a: Some(from_a),
                 from_b: Some(from_b),
+                kernel_ids: [0, 0],
             },
             counters.clone(),
         );
@@ -1950,6 +1983,7 @@ mod tests {
             RecordSinks {
                 from_a: Some(ingest),
                 from_b: None,
+                kernel_ids: [0, 0],
             },
             counters.clone(),
         );

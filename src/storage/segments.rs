@@ -935,6 +935,9 @@ pub struct WriterTask {
     writer: SegmentWriter,
     rx: mpsc::Receiver<Vec<u8>>,
     pool: mpsc::Sender<Vec<u8>>,
+    /// The first failure of [`take_queued`](Self::take_queued) or
+    /// [`append_record`](Self::append_record), reported by the next [`pump`](Self::pump).
+    failed: Option<SegmentError>,
 }
 
 /// Connects an [`Ingest`] to a [`WriterTask`] for `writer`.
@@ -954,6 +957,7 @@ pub fn pipeline(writer: SegmentWriter, opts: PipelineOptions) -> (Ingest, Writer
         writer,
         rx,
         pool: pool_tx,
+        failed: None,
     };
     (ingest, task)
 }
@@ -1037,6 +1041,7 @@ impl WriterTask {
             mut writer,
             mut rx,
             pool,
+            failed: _,
         } = self;
         while let Some(batch) = rx.recv().await {
             let mut res = writer.append_encoded(&batch);
@@ -1060,6 +1065,10 @@ impl WriterTask {
     /// logs by polling them ([`super::log_thread`]), where a wake-up per batch would cost more
     /// than the write. Blocks on disk I/O, so never call it on an async worker.
     pub fn pump(&mut self) -> Pumped {
+        if let Some(e) = self.failed.take() {
+            self.writer.close_tail();
+            return Pumped::Finished(Err(e));
+        }
         let (res, closed) = append_queued(&mut self.writer, &mut self.rx, &self.pool);
         match res.and_then(|()| self.writer.commit()) {
             Err(e) => {
@@ -1068,6 +1077,29 @@ impl WriterTask {
             }
             Ok(_) if closed => Pumped::Finished(self.writer.finish()),
             Ok(_) => Pumped::Open,
+        }
+    }
+}
+
+impl WriterTask {
+    /// Appends the batches queued now, without committing: the log thread calls it before it
+    /// appends records that arrived another way ([`append_record`](Self::append_record)), so
+    /// the log keeps the order in which the two were handed over.
+    pub(crate) fn take_queued(&mut self) {
+        if self.failed.is_none() {
+            if let (Err(e), _) = append_queued(&mut self.writer, &mut self.rx, &self.pool) {
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    /// Appends one record that did not come through the [`Ingest`] (the kernel fast path's
+    /// recording ring), committed by the next [`pump`](Self::pump).
+    pub(crate) fn append_record(&mut self, h: &RecordHeader, payload: &[u8]) {
+        if self.failed.is_none() {
+            if let Err(e) = self.writer.append(h, payload) {
+                self.failed = Some(e);
+            }
         }
     }
 }

@@ -53,6 +53,8 @@ pub(crate) struct FwdVal {
     pad: [u8; 2],
     ifindex: u32,
     slot: u32,
+    /// The direction's log at the writer thread ([`super::ring`]); 0: not recorded.
+    rec_id: u32,
 }
 
 /// `struct counter`, one per slot (the relay's local port facing the sender).
@@ -62,11 +64,13 @@ pub(crate) struct Counter {
     pub packets: u64,
     /// UDP payload bytes, as the user-space relay counts them.
     pub bytes: u64,
+    /// Forwarded but not recorded (ring full, or a datagram too big to copy).
+    pub rec_drops: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<FwdKey>() == 20);
-const _: () = assert!(std::mem::size_of::<FwdVal>() == 68);
-const _: () = assert!(std::mem::size_of::<Counter>() == 16);
+const _: () = assert!(std::mem::size_of::<FwdVal>() == 72);
+const _: () = assert!(std::mem::size_of::<Counter>() == 24);
 
 fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
     let mut b = [0u8; 16];
@@ -104,9 +108,15 @@ pub(crate) struct Route {
     pub ifindex: u32,
     pub slot: u16,
     pub punt_pt: [Option<u8>; 2],
+    /// Also copy each forwarded datagram into the ring for this log (0: not recorded).
+    pub rec_id: u32,
 }
 
 impl FwdVal {
+    pub(crate) fn rec_id(&self) -> u32 {
+        self.rec_id
+    }
+
     /// None when the addresses mix families (the program rewrites in place, never translates).
     pub(crate) fn new(r: &Route) -> Option<FwdVal> {
         let (peer, f1) = addr_bytes(r.peer.ip());
@@ -128,6 +138,7 @@ impl FwdVal {
             pad: [0; 2],
             ifindex: r.ifindex,
             slot: u32::from(r.slot),
+            rec_id: r.rec_id,
         })
     }
 }

@@ -37,13 +37,14 @@
 
 mod ifaces;
 mod maps;
+pub(crate) mod ring;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, RingBuf};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
@@ -53,6 +54,7 @@ use crate::metrics::METRICS;
 use ifaces::IfAddr;
 pub(crate) use maps::Counter;
 use maps::{FwdKey, FwdVal, Mode, Route};
+use ring::KernelRing;
 
 /// The program's name in the object (and in `tc filter show`, `bpftool prog`).
 const PROG: &str = "cv_rtp_fwd";
@@ -86,6 +88,8 @@ struct Attached {
 pub(crate) struct KernelPath {
     fwd: MapData,
     counters: MapData,
+    /// The recording ring, until the log writer thread takes it ([`KernelPath::take_ring`]).
+    ring: Mutex<Option<KernelRing>>,
     addrs: Vec<IfAddr>,
     lo_index: u32,
     /// Interfaces attached to, for the log.
@@ -135,6 +139,10 @@ impl KernelPath {
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| load(&e))?;
         let fwd = take_map(&mut ebpf, "fwd")?;
         let counters = take_map(&mut ebpf, "counters")?;
+        let ring = match ebpf.take_map("rec_ring") {
+            Some(m @ Map::RingBuf(_)) => RingBuf::try_from(m).map_err(|e| load(&e))?,
+            _ => return Err(KernelError::MissingMap("rec_ring")),
+        };
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG)
             .ok_or_else(|| KernelError::Load(format!("no program {PROG} in the object")))?
@@ -164,6 +172,7 @@ impl KernelPath {
         Ok(Arc::new(KernelPath {
             fwd,
             counters,
+            ring: Mutex::new(Some(KernelRing::new(ring))),
             addrs,
             lo_index,
             interfaces,
@@ -171,6 +180,15 @@ impl KernelPath {
             #[cfg(test)]
             local_mode: Mutex::new(Mode::Redirect),
         }))
+    }
+
+    /// The recording ring, to its one consumer (the recordings' log writer thread); None
+    /// once taken.
+    pub(crate) fn take_ring(&self) -> Option<KernelRing> {
+        self.ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// The interfaces the program is attached to.
@@ -255,6 +273,8 @@ pub(crate) struct Want {
     pub dst: SocketAddr,
     /// Telephone-event types left to the feature-code gate.
     pub punt_pt: [Option<u8>; 2],
+    /// The direction's log at the writer thread when it is recorded ([`ring`]); 0: not.
+    pub rec_id: u32,
 }
 
 impl KernelLegs {
@@ -281,6 +301,11 @@ impl KernelLegs {
         self.installed.iter().any(Option::is_some)
     }
 
+    /// The log id the kernel records packets from side `from` into (0: none).
+    pub(crate) fn recording_into(&self, from: usize) -> u32 {
+        self.installed[from].map_or(0, |v| v.rec_id())
+    }
+
     /// Brings the entry of packets from side `from` (0 = A) to `want`: installed, replaced
     /// in one update, or removed. A refused update leaves the direction in user space.
     pub(crate) fn set(&mut self, from: usize, want: Option<Want>) {
@@ -295,6 +320,7 @@ impl KernelLegs {
                 ifindex,
                 slot: self.local[from].port(),
                 punt_pt: w.punt_pt,
+                rec_id: w.rec_id,
             })
         });
         if val == self.installed[from] {
@@ -325,6 +351,7 @@ impl KernelLegs {
             if let Ok(now) = self.read(i) {
                 d.packets = now.packets.wrapping_sub(self.seen[i].packets);
                 d.bytes = now.bytes.wrapping_sub(self.seen[i].bytes);
+                d.rec_drops = now.rec_drops.wrapping_sub(self.seen[i].rec_drops);
                 self.seen[i] = now;
             }
         }

@@ -312,3 +312,85 @@ fn ipv6_legs_go_through_the_kernel_too() {
         assert_eq!(r.counters.kernel_rtp_packets.load(Ordering::Relaxed), 58);
     });
 }
+
+/// Recorded directions through the kernel: the program forwards them and copies each into the
+/// ring, the log writer thread drains the ring into the same store log the relay's own batches
+/// go to. Every packet of the call is in its direction's log once, in order, byte for byte —
+/// the latching packet from user space, the rest from the ring — and the kernel carried all
+/// but the latching packets.
+#[test]
+fn recorded_directions_are_recorded_through_the_ring() {
+    use crate::media::relay::{RecordCounters, RecordSinks};
+    use crate::storage::log_thread::{LogThread, RecordSource};
+    use crate::storage::segments::{pipeline, SegmentOptions, SegmentReader, SegmentWriter};
+    in_netns(async {
+        let r = rig(true, "").await;
+        let ring = r.path.take_ring().expect("the ring, once");
+        assert!(r.path.take_ring().is_none());
+        let logs = LogThread::start(
+            "test-kernel-logs",
+            Duration::from_millis(50),
+            Some(Box::new(ring) as Box<dyn RecordSource>),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ingests = Vec::new();
+        let mut ends = Vec::new();
+        let mut ids = [0u32; 2];
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            let w =
+                SegmentWriter::create(&dir.path().join(name), SegmentOptions::default()).unwrap();
+            let (ingest, task) = pipeline(w, Default::default());
+            let adopted = logs.adopt(task).unwrap();
+            ids[i] = adopted.kernel_id.expect("a kernel id with a ring");
+            ends.push(adopted.end);
+            ingests.push(ingest);
+        }
+        let (from_b, from_a) = (ingests.pop().unwrap(), ingests.pop().unwrap());
+        let stored_before = crate::metrics::METRICS
+            .rtp_packets_stored_kernel_total
+            .get();
+        let record_counters = Arc::new(RecordCounters::default());
+        r.relay.record(
+            RecordSinks {
+                from_a: Some(from_a),
+                from_b: Some(from_b),
+                kernel_ids: ids,
+            },
+            record_counters.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        exchange(&r, 100, 1).await;
+        r.relay.stop().await;
+        assert_eq!(r.counters.kernel_rtp_packets.load(Ordering::Relaxed), 198);
+        for (i, end) in ends.into_iter().enumerate() {
+            let tail = tokio::time::timeout(Duration::from_secs(5), end)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(tail.finished);
+            assert_eq!(tail.records, 100, "direction {i}");
+            let mut reader = SegmentReader::open(&dir.path().join(["a", "b"][i]), 0, None);
+            let mut seq = 1u16;
+            while let Some(rec) = reader.next().await.unwrap() {
+                assert_eq!(rec.header.seq, seq, "direction {i} in order");
+                let k = (seq - 1) as u8;
+                let want = if i == 0 { vec![k; 160] } else { vec![!k; 172] };
+                assert_eq!(rec.payload, want, "direction {i} packet {seq}");
+                assert_eq!(rec.header.ssrc, 0x1234);
+                seq += 1;
+            }
+            assert_eq!(seq, 101);
+        }
+        let via_ring = crate::metrics::METRICS
+            .rtp_packets_stored_kernel_total
+            .get()
+            - stored_before;
+        assert!(via_ring >= 198, "{via_ring} records came through the ring");
+        assert_eq!(
+            record_counters.backpressure_drops.load(Ordering::Relaxed),
+            0
+        );
+    });
+}
