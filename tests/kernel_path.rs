@@ -333,11 +333,32 @@ fn the_program_goes_with_the_process_on_stop_and_on_kill_9() {
     assert_eq!(on_lo(), 1);
 }
 
-/// A recorded call needs every packet in user space (until the ring-buffer path exists): the
-/// kernel path stays out of it. (tests/recording.rs checks the recordings themselves with the
-/// kernel path on: scripts/test runs it with `CALLVAULT_TEST_KERNEL_FORWARDING=1`.)
+const ADMIN: &str = "kernel-admin-token";
+
+/// The raw recording of each direction, by sender (A's audio first), once both are complete.
+fn recordings_by_sender(server: &Server, calls: usize) -> Vec<(String, Vec<u8>)> {
+    let recs = complete_recordings(server, ADMIN, 2 * calls);
+    let mut out: Vec<(String, Vec<u8>)> = recs
+        .iter()
+        .map(|s| {
+            let id = s["store_id"].as_str().unwrap();
+            let path = format!("/v1/stores/{id}/media?format=raw");
+            let (status, media) = admin_get(server.http_addr(), ADMIN, &path);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&media));
+            assert_eq!(media.len() as u64, s["received_bytes"].as_u64().unwrap());
+            (s["sender"].as_str().unwrap().to_string(), media)
+        })
+        .collect();
+    out.sort_by(|x, y| x.0.cmp(&y.0));
+    out
+}
+
+/// A recorded call is forwarded *and* recorded by the kernel: the program copies every
+/// forwarded datagram into its ring, the log writer thread drains it into the store logs.
+/// Each direction's recording is byte for byte what was relayed, and the counters say that
+/// all but the latching packet of each direction came through the kernel and its ring.
 #[test]
-fn recorded_calls_stay_in_user_space() {
+fn a_recorded_call_is_forwarded_and_recorded_by_the_kernel() {
     if !private_netns() {
         return;
     }
@@ -345,24 +366,196 @@ fn recorded_calls_stay_in_user_space() {
     cfg.kernel_forwarding = true;
     let mut s = Server::prepare(cfg);
     s.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    s.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
     s.account_add("1001", "secret", "4321", "50MiB");
     s.account_add("1002", "secret", "4321", "50MiB");
     s.start();
     let mut c = Call::establish(s.sip_addr(), "1001", "1002");
     // The recording starts shortly after the answer (its stores are made first).
     std::thread::sleep(Duration::from_millis(500));
-    talk(&c, 0..30);
-    // The relay publishes its counts at a packet 100 ms after its last publication; then any
-    // SIP event has the core publish the totals.
-    std::thread::sleep(Duration::from_millis(700));
-    talk(&c, 30..31);
-    c.b.register();
+    talk(&c, 0..50);
+    let k = wait_kernel(&s, 98.0);
+    assert!(k >= 98.0, "kernel carried {k} of 100");
+    let bye = c.a.bye(&mut c.ad);
+    assert_eq!(bye.status, 200);
+    let audio: Vec<u8> = (0..50).flat_map(payload).collect();
+    for (sender, media) in recordings_by_sender(&s, 1) {
+        assert!(
+            media == audio,
+            "{sender}'s recording differs from what was relayed"
+        );
+    }
     let text = s.metrics();
-    assert_eq!(
-        metric_value(&text, "callvault_rtp_packets_kernel_total", &[]),
-        Some(0.0),
-        "{text}"
+    let via_ring = metric_value(&text, "callvault_rtp_packets_stored_kernel_total", &[]);
+    assert!(
+        via_ring >= Some(98.0),
+        "recorded through the ring: {via_ring:?}"
     );
-    let relayed = metric_value(&text, "callvault_rtp_packets_relayed_total", &[]).unwrap_or(0.0);
-    assert!(relayed >= 60.0, "relayed {relayed} of 60");
+    assert_eq!(
+        metric_value(&text, "callvault_recording_packets_refused_total", &[]),
+        Some(0.0)
+    );
+}
+
+/// 200 SIPp calls, recorded, with 5 s of RTP each way through the kernel path: every call
+/// answered, each end gets what the other sent (within 1%), the kernel forwarded and recorded
+/// all but the latching packets, and a sample of the recordings is byte for byte the audio
+/// SIPp played from the moment the recording started (sip-scenarios/audio/speech-5s.ul is
+/// pcmu-5s.pcap's payload).
+#[test]
+fn sipp_recorded_calls_go_through_the_kernel_and_its_ring() {
+    if !tool_available("sipp") {
+        return;
+    }
+    let calls: u32 = 200;
+    let ports = PortBlock::reserve(10);
+    if !private_netns() {
+        return;
+    }
+    let mut cfg = ServerConfig::new();
+    cfg.rtp = PortBlock::reserve(900);
+    cfg.kernel_forwarding = true;
+    cfg.route_to = Some((ports.port(0), Transport::Udp));
+    let mut server = Server::prepare(cfg);
+    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
+    server.start();
+    let (uas_media, uac_media) = (ports.port(2), ports.port(6));
+    let capture = RtpCapture::start(&[uac_media, uas_media]);
+    let uas = Sipp::uas("basic")
+        .port(ports.port(0))
+        .media_port(uas_media)
+        .calls(calls)
+        .timeout(Duration::from_secs(90))
+        .spawn();
+    let uac = Sipp::uac("basic", server.sip_addr())
+        .port(ports.port(1))
+        .media_port(uac_media)
+        .calls(calls)
+        .rate(20.0)
+        .timeout(Duration::from_secs(90))
+        .run();
+    let uas = uas.wait();
+    uac.assert_successful(u64::from(calls));
+    uas.assert_successful(u64::from(calls));
+
+    let sent = u64::from(calls) * PACKETS_5S;
+    let recs = complete_recordings(&server, ADMIN, 2 * calls as usize);
+    let text = server.metrics();
+    let get = |name: &str| metric_value(&text, name, &[]).unwrap_or(0.0) as u64;
+    let (relayed, kernel) = (
+        get("callvault_rtp_packets_relayed_total"),
+        get("callvault_rtp_packets_kernel_total"),
+    );
+    let (stored, via_ring) = (
+        get("callvault_rtp_packets_stored_total"),
+        get("callvault_rtp_packets_stored_kernel_total"),
+    );
+    assert!(
+        relayed * 100 >= 2 * sent * 99,
+        "relayed {relayed} of {}",
+        2 * sent
+    );
+    assert!(
+        kernel * 100 >= relayed * 99,
+        "kernel carried {kernel} of {relayed}"
+    );
+    // The recording starts a moment after the answer: a call's first packets may be relayed
+    // before it; what is recorded came through the ring but for the latching packets.
+    assert!(
+        stored * 100 >= relayed * 95,
+        "stored {stored} of {relayed} relayed"
+    );
+    assert!(
+        via_ring * 100 >= stored * 99,
+        "ring carried {via_ring} of {stored}"
+    );
+    assert_eq!(get("callvault_recording_packets_refused_total"), 0);
+    if let Some(capture) = capture {
+        let counts = capture.stop();
+        for port in [uas_media, uac_media] {
+            let got = counts.to_port(port);
+            assert!(
+                got * 100 >= sent * 99 && got <= sent,
+                "RTP to port {port}: got {got}, sent {sent} ({counts:?})"
+            );
+        }
+    }
+    // A sample: each recording is the audio SIPp played from the moment the recording
+    // started (it starts a few packets after the answer), to the end, byte for byte.
+    let audio = std::fs::read(scenarios_dir().join("audio/speech-5s.ul")).unwrap();
+    for s in recs.iter().step_by(recs.len() / 10) {
+        let id = s["store_id"].as_str().unwrap();
+        let path = format!("/v1/stores/{id}/media?format=raw");
+        let (status, media) = admin_get(server.http_addr(), ADMIN, &path);
+        assert_eq!(status, 200);
+        assert!(
+            media.len() % 160 == 0 && media.len() * 10 >= audio.len() * 9,
+            "recording {id}: {} of {} bytes",
+            media.len(),
+            audio.len()
+        );
+        assert!(
+            media[..] == audio[audio.len() - media.len()..],
+            "recording {id} differs from the audio played"
+        );
+    }
+}
+
+/// Kill -9 mid-call with the kernel forwarding and recording: every record the writer
+/// thread committed before the kill is there after the restart (stores `truncated`, read to
+/// the last record), and the restarted server attaches the program again.
+#[test]
+fn a_kill_mid_recorded_call_keeps_every_committed_record() {
+    if !private_netns() {
+        return;
+    }
+    let mut cfg = ServerConfig::new();
+    cfg.kernel_forwarding = true;
+    let mut s = Server::prepare(cfg);
+    s.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    s.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
+    s.account_add("1001", "secret", "4321", "50MiB");
+    s.account_add("1002", "secret", "4321", "50MiB");
+    s.start();
+    let c = Call::establish(s.sip_addr(), "1001", "1002");
+    std::thread::sleep(Duration::from_millis(500));
+    // 2 s of audio at 20 ms, then time for the writer thread to commit it (1 s batches of the
+    // relay's own packets, ring drained every 20 ms, logs committed every 250 ms).
+    for i in 0..100u32 {
+        c.a_media
+            .send(c.a_media_to, 0, false, i as u16, i * 160, 0xa, &payload(i));
+        c.b_media
+            .send(c.b_media_to, 0, false, i as u16, i * 160, 0xb, &payload(i));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let via_ring = metric(&s, "callvault_rtp_packets_stored_kernel_total", &[]);
+    assert!(via_ring >= 190.0, "recorded through the ring: {via_ring}");
+    s.kill_hard();
+    s.start();
+    assert!(s.log().contains("media=kernel"), "{}", s.log());
+    let (status, body) = admin_get(s.http_addr(), ADMIN, "/v1/stores");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    let recs: Vec<&serde_json::Value> = list
+        .iter()
+        .filter(|s| s["kind"] == "call-recording")
+        .collect();
+    assert_eq!(recs.len(), 2, "{list:#?}");
+    let audio: Vec<u8> = (0..100).flat_map(payload).collect();
+    for r in recs {
+        assert_eq!(r["state"], "truncated", "{r:#}");
+        let id = r["store_id"].as_str().unwrap();
+        let path = format!("/v1/stores/{id}/media?format=raw");
+        let (status, media) = admin_get(s.http_addr(), ADMIN, &path);
+        assert_eq!(status, 200);
+        // Everything was committed 1.5 s before the kill: the whole 2 s, in order.
+        assert!(
+            media == audio,
+            "{} of {} bytes after recovery",
+            media.len(),
+            audio.len()
+        );
+    }
 }

@@ -18,14 +18,12 @@ const ADMIN: &str = "recording-admin-token";
 /// 250 packets of 160 PCMU bytes: sip-scenarios/audio/pcmu-5s.pcap.
 const BYTES_5S: u64 = 250 * 160;
 
-/// GET with the admin bearer: (status, body).
 fn admin_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let raw = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\n\
-         Connection: close\r\n\r\n"
-    );
-    let r = http::send_raw_blocking(addr, raw.as_bytes());
-    (r.status, r.body)
+    common::admin_get(addr, ADMIN, path)
+}
+
+fn complete_recordings(server: &Server, n: usize) -> Vec<serde_json::Value> {
+    common::complete_recordings(server, ADMIN, n)
 }
 
 /// A server that records calls and routes to a SIPp UAS, with that UAS and the UAC of one
@@ -258,29 +256,6 @@ fn square_wave_pcap(path: &Path, packets: u16) {
         out.extend_from_slice(&frame);
     }
     std::fs::write(path, out).unwrap();
-}
-
-/// The `call-recording` stores once `n` of them are complete.
-fn complete_recordings(server: &Server, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, body) = admin_get(server.http_addr(), "/v1/stores");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-        let recs: Vec<serde_json::Value> = list
-            .into_iter()
-            .filter(|s| s["kind"] == "call-recording")
-            .collect();
-        if recs.len() == n && recs.iter().all(|s| s["state"] == "complete") {
-            return recs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "recordings not complete: {recs:#?}\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `tshark -r FILE -Y FILTER -T fields -e ..` (no decode-as), one line per packet.

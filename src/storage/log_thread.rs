@@ -141,6 +141,11 @@ fn run(
         let pass = now >= next_pass;
         // Before a pass too, so a log that closed is finished with its last kernel records.
         if let Some(r) = ring.as_deref_mut().filter(|_| pass || now >= next_drain) {
+            // Logs adopted since the last look first: the relay may already have put a new
+            // log's id into the kernel's map, and its records must not find it missing.
+            while let Ok((id, a)) = rx.try_recv() {
+                logs.insert(id, a);
+            }
             drains += 1;
             drain_ring(r, &mut logs, drains);
             next_drain = now + RING_TICK;

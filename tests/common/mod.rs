@@ -1667,3 +1667,37 @@ fn rtp_in_frame(frame: &[u8], l2_len: usize) -> Option<(u16, u8)> {
     }
     Some((dport, pt))
 }
+
+/// GET `path` with the admin bearer `token`: (status, body).
+pub fn admin_get(addr: SocketAddr, token: &str, path: &str) -> (u16, Vec<u8>) {
+    let raw = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let r = http::send_raw_blocking(addr, raw.as_bytes());
+    (r.status, r.body)
+}
+
+/// The `call-recording` stores once `n` of them are `complete` (admin bearer `token`).
+pub fn complete_recordings(server: &Server, token: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = admin_get(server.http_addr(), token, "/v1/stores");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let recs: Vec<serde_json::Value> = list
+            .into_iter()
+            .filter(|s| s["kind"] == "call-recording")
+            .collect();
+        if recs.len() == n && recs.iter().all(|s| s["state"] == "complete") {
+            return recs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recordings not complete: {} of {n}\n{}",
+            recs.iter().filter(|s| s["state"] == "complete").count(),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
