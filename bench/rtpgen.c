@@ -31,7 +31,7 @@
  *
  * Build: cc -O2 -o rtpgen bench/rtpgen.c      Linux only.
  * Usage: rtpgen -p 20001:400 -p 25001:400 -f uac.log -f uas.log -d 120 -n 800 [-o report.json]
- *               [-s streams.txt] [-r 100] [-u]
+ *               [-s streams.txt] [-r 100] [-t 2] [-u]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -54,8 +54,7 @@
 #define MAX_RANGES 8
 #define MAX_FILES 8
 #define PERIOD_NS 20000000LL /* 20 ms per packet */
-#define TICK_NS 2000000LL    /* pacing granularity: each wake-up costs ~3 us on the bench VM */
-#define SLOTS 10             /* PERIOD / TICK: one wheel slot per tick of the period */
+#define MAX_SLOTS 20         /* PERIOD / TICK: one wheel slot per tick of the period */
 #define RTP_LEN 172          /* 12-byte header + 160 bytes of G.711 */
 #define PKT_LEN (20 + 8 + RTP_LEN)
 #define BATCH 1024           /* sendmmsg's vlen limit (UIO_MAXIOV) */
@@ -92,7 +91,11 @@ struct ctlfile {
 
 static struct stream *streams;
 static int nstreams;
-static int slot_head[SLOTS];
+/* Pacing granularity (-t, default 2 ms; a divisor of 20 ms): each wake-up costs a few us on the
+ * bench VM, and a bigger tick sends bigger bursts. */
+static long long TICK_NS = 2000000LL;
+static int SLOTS = 10;
+static int slot_head[MAX_SLOTS];
 static struct ctlfile files[MAX_FILES];
 static int nfiles;
 static volatile sig_atomic_t stop_flag;
@@ -404,7 +407,7 @@ static void drain(int idx) {
     }
 }
 
-/* Drain the sockets of streams live in the last 2 s; every sockets once a second and at the end
+/* Drain the sockets of streams live in the last 2 s; every socket once a second and at the end
  * (late packets, or a relay sending before the stream's start line). */
 static void drain_all(long long now, int full) {
     for (int i = 0; i < nstreams; i++)
@@ -443,7 +446,7 @@ static void report(FILE *out, const char *streams_path, double secs) {
 static void usage(void) {
     fprintf(stderr,
             "usage: rtpgen -p LO:COUNT [-p ...] -f CONTROL_FILE [-f ...] -d MAX_SECS -n MAX_PORTS\n"
-            "              [-o REPORT_JSON] [-s STREAMS_FILE] [-r RECV_SWEEP_MS] [-u]\n");
+            "              [-o REPORT_JSON] [-s STREAMS_FILE] [-r RECV_SWEEP_MS] [-t TICK_MS] [-u]\n");
     exit(2);
 }
 
@@ -454,7 +457,8 @@ int main(int argc, char **argv) {
     long sweep_ms = 100;
     const char *report_path = NULL, *streams_path = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "p:f:d:n:o:s:r:u")) != -1) {
+    long tick_ms = 2;
+    while ((opt = getopt(argc, argv, "p:f:d:n:o:s:r:t:u")) != -1) {
         switch (opt) {
         case 'p':
             if (nranges == MAX_RANGES || sscanf(optarg, "%u:%u", &lo[nranges], &cnt[nranges]) != 2 ||
@@ -473,14 +477,18 @@ int main(int argc, char **argv) {
         case 'o': report_path = optarg; break;
         case 's': streams_path = optarg; break;
         case 'r': sweep_ms = atol(optarg); break;
+        case 't': tick_ms = atol(optarg); break;
         case 'u': force_udp = 1; break;
         default: usage();
         }
     }
     /* Everything bounded: a duration and a port count are required. */
     if (!nranges || !nfiles || max_secs <= 0 || max_secs > 7200 || max_ports <= 0 ||
-        max_ports > MAX_PORTS || sweep_ms < 1 || sweep_ms > 1000)
+        max_ports > MAX_PORTS || sweep_ms < 1 || sweep_ms > 1000 || tick_ms < 1 || tick_ms > 20 ||
+        20 % tick_ms)
         usage();
+    TICK_NS = tick_ms * 1000000LL;
+    SLOTS = (int)(PERIOD_NS / TICK_NS);
     for (int i = 0; i < nranges; i++) nstreams += (int)cnt[i];
     if (nstreams > max_ports) {
         fprintf(stderr, "rtpgen: %d ports asked, -n allows %d\n", nstreams, max_ports);
