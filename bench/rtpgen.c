@@ -2,11 +2,17 @@
  * rtpgen - a cheap G.711 RTP load generator for bench/run (BENCH_RTPGEN=1).
  *
  * Why: SIPp's rtp_stream costs one sendto (and a thread's wake-up) per packet, about a third of
- * a core per 400 calls on the 2-core bench host, so at 1,600-2,000 calls SIPp alone would need
- * more than the machine. rtpgen sends the RTP of every call from one thread: all the packets due
- * in a 2 ms tick go out in one sendmmsg() on a raw socket (the UDP source port is written in the
- * header, so one socket serves every call), and the packets the relay sends back are drained
- * with recvmmsg() from each call's socket every -r ms (several packets per system call).
+ * a core per 400 calls on the 2-core bench host. rtpgen sends the RTP of every call from one
+ * thread: all the packets due in a 2 ms tick go out in one sendmmsg() on a raw socket (the UDP
+ * source port is written in the header, so one socket serves every call), and the packets the
+ * relay sends back are drained with recvmmsg() from each call's socket every -r ms (several
+ * packets per system call).
+ *
+ * What it cannot save: on loopback the sender's system call also runs the kernel's delivery of
+ * the packet into the receiver's socket (and the receiver's wake-up). On the bench VM (retpolines
+ * and SRSO "safe RET" make the network stack's calls dear) that is ~5-7 us per packet, whoever
+ * sends; rtpgen removes SIPp's user-space share only (measured: ~28% of a core per 400 calls
+ * against SIPp's ~35%).
  *
  * Contract:
  *   - It binds UDP sockets on 127.0.0.1 for the port ranges given with -p LO:COUNT (at most -n
