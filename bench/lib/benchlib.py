@@ -9,8 +9,9 @@ Subcommands (each prints one line of JSON or text on stdout):
   metric URL NAME                    value of a Prometheus sample without labels (0 if absent)
   rtpengine-totals TEXT_FILE         relayed packets from `rtpengine-ctl list totals` output
   sipp CSV...                        cumulative counters summed over SIPp -trace_stat CSVs (JSON)
-  rtp PCAP IN_PORT OUT_PORT          loss and added delay of RTP relayed between two SIPp media
-                                     ports, matched by (direction, SSRC, sequence) (JSON)
+  rtp PCAP A_PORTS B_PORTS           loss and added delay of RTP relayed between two parties'
+                                     media ports (a port or LO-HI: SIPp's media port, rtpgen's
+                                     per-call ranges), matched by (direction, SSRC, sequence) (JSON)
   pcap-packets PCAP...               packets in pcap files (recordings)
   record FILE SECTION METRIC SYSTEM VALUE UNIT BETTER [NOTE]
                                      append one measurement (VALUE numeric or text) to FILE
@@ -221,12 +222,19 @@ def pct(sorted_vals, p):
     return sorted_vals[i]
 
 
-def rtp_analyze(path, a_port, b_port):
-    """SIPp A sends from/receives on a_port, SIPp B on b_port; the system under test sits in
-    between. A packet leaving A (src a_port) must come out towards B (dst b_port) with the same
-    SSRC and sequence number, and vice versa. Added delay = transit - the stream's minimum
-    transit: the jitter the relay adds, independent of the senders' own timing."""
-    a_port, b_port = int(a_port), int(b_port)
+def port_range(spec):
+    """"40100" or "20001-20400" -> (lo, hi), inclusive."""
+    lo, _, hi = str(spec).partition("-")
+    return int(lo), int(hi or lo)
+
+
+def rtp_analyze(path, a_ports, b_ports):
+    """Party A sends from/receives on a_ports, party B on b_ports (one SIPp media port each, or
+    rtpgen's per-call port ranges); the system under test sits in between. A packet leaving A
+    (src in A) must come out towards B (dst in B) with the same SSRC and sequence number, and
+    vice versa. Added delay = transit - the stream's minimum transit: the jitter the relay adds,
+    independent of the senders' own timing."""
+    (alo, ahi), (blo, bhi) = port_range(a_ports), port_range(b_ports)
     ins, outs = {}, {}
     first = last = None
     for t, sp, dp, pl in read_pcap(path):
@@ -236,13 +244,15 @@ def rtp_analyze(path, a_port, b_port):
         ssrc = struct.unpack_from(">I", pl, 8)[0]
         first = t if first is None else first
         last = t
-        if sp == a_port and dp != b_port:
+        sa, sb = alo <= sp <= ahi, blo <= sp <= bhi
+        da, db = alo <= dp <= ahi, blo <= dp <= bhi
+        if sa and not db:
             ins[("ab", ssrc, seq)] = t
-        elif sp == b_port and dp != a_port:
+        elif sb and not da:
             ins[("ba", ssrc, seq)] = t
-        elif dp == b_port and sp != a_port:
+        elif db and not sa:
             outs.setdefault(("ab", ssrc, seq), t)
-        elif dp == a_port and sp != b_port:
+        elif da and not sb:
             outs.setdefault(("ba", ssrc, seq), t)
     res = {"packets_in": len(ins), "packets_out": len(outs)}
     if first is None:
