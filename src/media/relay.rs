@@ -23,10 +23,14 @@
 //!
 //! Kernel fast path (the second gear, [`super::kernel`]): with a [`KernelPath`] in the config,
 //! a direction whose sender is latched, whose receiver has a target, and which needs no
-//! per-packet work here (no recording of it, no SRTP context, no inspector) is handed to the
-//! kernel: its packets no longer reach this task. The entries follow every change of latch,
-//! target, SRTP, recording and DTMF types; the kernel's counters are read every
-//! [`KERNEL_POLL`] (and at the RTP-timeout check and at stop) into the same counters.
+//! per-packet work here (no SRTP context, no inspector) is handed to the kernel: its packets
+//! no longer reach this task. A recorded direction is handed over only when its log has an id
+//! at the writer thread that drains the kernel's recording ring ([`RecordSinks::kernel_ids`]);
+//! the kernel then records it, and this task hands its own batch to the writer as soon as the
+//! sockets are drained, so the packets it recorded stay ahead of the kernel's in the log. The
+//! entries follow every change of latch, target, SRTP, recording and DTMF types; the kernel's
+//! counters (with the copies its ring had no room for) are read every [`KERNEL_POLL`] (and at
+//! the RTP-timeout check and at stop) into the same counters.
 //!
 //! Packet path: one buffer per socket allocated at start, `try_send_to` (a full socket buffer
 //! drops the packet rather than stalling both directions), counters kept locally and flushed to
@@ -47,7 +51,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::dtmf::DtmfGate;
-use super::kernel::{KernelLegs, KernelPath, Want};
+use super::kernel::{ring, KernelLegs, KernelPath, Want};
 use super::latch::{Decision, Expect, Latch, PtSet, RefusedCounts};
 use super::ports::PortPair;
 use super::rtp::RtpPacket;
@@ -237,6 +241,8 @@ struct Recording {
     sinks: [Option<Ingest>; 2],
     /// [`RecordSinks::kernel_ids`].
     kernel_ids: [u32; 2],
+    /// The gear epoch of each direction's last kernel entry (`media::kernel::ring`).
+    epochs: [u8; 2],
     /// Backpressure refusals since the last flush.
     dropped: u64,
     /// Packets and payload bytes handed to the logs since the last flush (metrics).
@@ -853,9 +859,19 @@ impl State {
         let plain = srtp_free && self.inspector.is_none();
         for from in [Side::A, Side::B] {
             let (i, o) = (from.idx(), from.other().idx());
-            // A recorded direction goes to the kernel only when the kernel can record it.
-            let rec_id = match self.recording.as_deref() {
-                Some(r) if r.sinks[i].is_some() => Some(r.kernel_ids[i]),
+            // A recorded direction goes to the kernel only when the kernel can record it; an
+            // entry that keeps recording the same log keeps its id, a new one starts an epoch.
+            let before = k.recording_into(i);
+            let rec_id = match self.recording.as_deref_mut() {
+                Some(r) if r.sinks[i].is_some() && r.kernel_ids[i] == 0 => Some(0),
+                Some(r) if r.sinks[i].is_some() => {
+                    Some(if ring::log_of(before) == r.kernel_ids[i] {
+                        before
+                    } else {
+                        r.epochs[i] = r.epochs[i].wrapping_add(1);
+                        ring::with_epoch(r.kernel_ids[i], r.epochs[i])
+                    })
+                }
                 _ => None,
             };
             let want = if plain && rec_id != Some(0) {
@@ -877,7 +893,6 @@ impl State {
             } else {
                 None
             };
-            let before = k.recording_into(i);
             k.set(i, want);
             let now = k.recording_into(i);
             self.recording_flush_due |= now != 0 && now != before;
@@ -971,6 +986,7 @@ impl State {
                 let old = self.recording.replace(Box::new(Recording {
                     sinks: [from_a, from_b],
                     kernel_ids,
+                    epochs: [0; 2],
                     dropped: 0,
                     stored_packets: 0,
                     stored_bytes: 0,

@@ -19,9 +19,11 @@
 //! live tail are those of the user-space gear.
 //!
 //! Order within a log: a direction moves between the gears (latching, re-INVITE), and both
-//! feed one log. Before the first ring record of a log in a drain, the log's queued batches are
-//! appended, so a batch the relay handed over before the kernel took the direction (it flushes
-//! at once then) stays before the kernel's records; the relay's next batch after the kernel
+//! feed one log. Each time the kernel takes a direction over, the relay gives the entry a new
+//! gear epoch (`media::kernel::ring`); at the first ring record of a new epoch the log's queued
+//! batches are appended first, so a batch the relay handed over before the kernel took the
+//! direction (it flushes at once then) stays before the kernel's records, and in steady state
+//! no log's queue is looked at between passes; the relay's next batch after the kernel
 //! gave a direction back comes at its next flush (100 ms), after the ring's last records were
 //! drained (every 20 ms). Records of a log that already ended, and records that do not parse,
 //! are counted in `callvault_recording_packets_refused_total`.
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::segments::{Pumped, RecordHeader, SegmentError, TailState, WriterTask};
-use crate::media::kernel::ring::{Drained, KernelRing, RecIds, RingRecord};
+use crate::media::kernel::ring::{log_of, Drained, KernelRing, RecIds, RingRecord};
 use crate::media::rtp::RtpPacket;
 use crate::metrics::METRICS;
 
@@ -65,16 +67,19 @@ pub(crate) struct LogThreadGone;
 struct Adopted {
     task: WriterTask,
     /// Taken when the log finishes.
-    done: Option<oneshot::Sender<Result<TailState, SegmentError>>>,
-    /// The last ring drain that appended the queued batches (see the module doc).
-    drained_in: u64,
+    done: Option<oneshot::Sender<LogEnd>>,
+    /// The record id (log and gear epoch) of the last ring record (see the module doc).
+    last_rec_id: u32,
 }
+
+/// How a log ended: what [`WriterTask::run`] would have returned.
+pub(crate) type LogEnd = Result<TailState, SegmentError>;
 
 /// What [`LogThread::adopt`] hands back.
 #[derive(Debug)]
 pub(crate) struct AdoptedLog {
-    /// The log's end (what [`WriterTask::run`] would have returned).
-    pub end: oneshot::Receiver<Result<TailState, SegmentError>>,
+    /// The log's end.
+    pub end: oneshot::Receiver<LogEnd>,
     /// The id the kernel's map entry names this log by, when the thread drains a ring.
     pub kernel_id: Option<u32>,
 }
@@ -115,7 +120,7 @@ impl LogThread {
         let a = Adopted {
             task,
             done: Some(done),
-            drained_in: 0,
+            last_rec_id: 0,
         };
         self.tx.send((id, a)).map_err(|_| LogThreadGone)?;
         Ok(AdoptedLog {
@@ -132,7 +137,6 @@ fn run(
 ) {
     let mut logs: HashMap<u32, Adopted> = HashMap::new();
     let mut handles_alive = true;
-    let mut drains = 0u64;
     let start = Instant::now();
     let mut next_pass = start + tick;
     let mut next_drain = start + RING_TICK;
@@ -146,8 +150,7 @@ fn run(
             while let Ok((id, a)) = rx.try_recv() {
                 logs.insert(id, a);
             }
-            drains += 1;
-            drain_ring(r, &mut logs, drains);
+            drain_ring(r, &mut logs);
             next_drain = now + RING_TICK;
         }
         if pass {
@@ -180,15 +183,16 @@ fn run(
 }
 
 /// Appends the ring's records to their logs (module doc: the log's queued batches first).
-fn drain_ring(ring: &mut dyn RecordSource, logs: &mut HashMap<u32, Adopted>, drain: u64) {
+fn drain_ring(ring: &mut dyn RecordSource, logs: &mut HashMap<u32, Adopted>) {
     let (mut stored, mut bytes, mut lost) = (0u64, 0u64, 0u64);
     let d = ring.drain(RING_BATCH, &mut |r: RingRecord<'_>| {
-        let (Some(log), Ok(rtp)) = (logs.get_mut(&r.rec_id), RtpPacket::parse(r.rtp)) else {
+        let (Some(log), Ok(rtp)) = (logs.get_mut(&log_of(r.rec_id)), RtpPacket::parse(r.rtp))
+        else {
             lost += 1;
             return;
         };
-        if log.drained_in != drain {
-            log.drained_in = drain;
+        if log.last_rec_id != r.rec_id {
+            log.last_rec_id = r.rec_id;
             log.task.take_queued();
         }
         let h = RecordHeader {
@@ -379,15 +383,26 @@ mod tests {
         // The ring is drained every 20 ms, the log committed every 200 ms.
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(list.lock().unwrap().is_empty());
+        // A re-INVITE: user space relays 7..=8, then the kernel takes the direction again in
+        // a new gear epoch; the relay's batch was handed over first.
+        for seq in 7..=8 {
+            ingest.push(&header(seq), &[seq as u8; 160]).unwrap();
+        }
+        ingest.flush().unwrap();
+        let again = crate::media::kernel::ring::with_epoch(id, 1);
+        list.lock()
+            .unwrap()
+            .extend((9..=10).map(|seq| ring_record(again, seq)));
+        tokio::time::sleep(Duration::from_millis(60)).await;
         // The relay stops: the kernel's last records are still in the ring when it closes.
-        list.lock().unwrap().push(ring_record(id, 7));
+        list.lock().unwrap().push(ring_record(again, 11));
         ingest.close().await.unwrap();
         let tail = tokio::time::timeout(Duration::from_secs(5), adopted.end)
             .await
             .unwrap()
             .unwrap()
             .unwrap();
-        assert_eq!(tail.records, 7);
+        assert_eq!(tail.records, 11);
         assert!(METRICS.recording_packets_refused_total.get() >= refused + 2);
         let mut r = SegmentReader::open(&dir.path().join("s"), 0, None);
         let mut seqs = Vec::new();
@@ -395,6 +410,6 @@ mod tests {
             assert_eq!(rec.payload, vec![rec.header.seq as u8; 160]);
             seqs.push(rec.header.seq);
         }
-        assert_eq!(seqs, (1..=7).collect::<Vec<u16>>());
+        assert_eq!(seqs, (1..=11).collect::<Vec<u16>>());
     }
 }

@@ -18,11 +18,16 @@
 //!   party), the new source (the relay's port facing the other party) and destination (the
 //!   other party), and how it leaves. The relay installs it once the sending side is latched,
 //!   the other side's target is known, and the direction needs no per-packet work in user
-//!   space (no recording, no SRTP context, no inspector); it replaces it atomically when the
+//!   space (no SRTP context, no inspector; a recorded direction only when its log has a ring
+//!   id, see below); it replaces it atomically when the
 //!   signalling changes a target (re-INVITE), and removes it when latching re-opens or the
 //!   relay stops. Everything the program does not forward — first packets (latching), other
 //!   sources, RTCP, telephone-events of the leg's DTMF types (the feature-code gate), IPv6 with
 //!   extension headers, fragments — reaches the relay's socket as before.
+//! - **Recording** ([`ring`]): an entry with a `rec_id` also has each forwarded datagram's RTP
+//!   bytes, arrival time and id copied into the `rec_ring` ring buffer; the recordings' log
+//!   writer thread, the ring's one consumer ([`KernelPath::take_ring`]), appends them to the
+//!   log of that id. A copy the ring has no room for is counted per leg (`rec_drops`).
 //! - **Counters**: packets and UDP payload bytes per leg in the `counters` array, slot = the
 //!   relay's local port facing the sender. The relay reads them in batches (its poll timer,
 //!   the RTP-timeout check, and at stop), adds the deltas to its own counters (so

@@ -13,9 +13,14 @@
 //!   the wall clock is taken once per drain) and the RTP bytes.
 //! - A drain takes at most `max` records, so one pass of the writer thread stays bounded even
 //!   when the ring is full; what is left is taken by the next pass.
-//! - Ids are allocated by the writer thread's handle ([`RecIds`]), never 0 (0 in a map entry
-//!   means "not recorded"), and wrap after 2^32 - 1 logs; a record whose id has no open log
-//!   (the log ended while its last records were in flight) is the caller's to count.
+//! - A record's id is a log id (low [`LOG_ID_BITS`] bits) and a *gear epoch* (high 8 bits).
+//!   Log ids are allocated by the writer thread's handle ([`RecIds`]), never 0 (0 in a map
+//!   entry means "not recorded"), and wrap after 2^24 - 1 logs. The relay starts a new epoch
+//!   each time the kernel takes a recorded direction over ([`with_epoch`]), so the writer
+//!   thread sees a gear change as a new id and appends the relay's own batches before the
+//!   kernel's records, without looking at every log's queue on every drain. A record whose
+//!   log is not open (the log ended while its last records were in flight) is the caller's to
+//!   count.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -33,6 +38,20 @@ impl std::fmt::Debug for KernelRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("KernelRing")
     }
+}
+
+/// Bits of a record id that name the log; the 8 above them are the gear epoch.
+pub(crate) const LOG_ID_BITS: u32 = 24;
+const LOG_ID_MASK: u32 = (1 << LOG_ID_BITS) - 1;
+
+/// The log a record id names.
+pub(crate) fn log_of(rec_id: u32) -> u32 {
+    rec_id & LOG_ID_MASK
+}
+
+/// The record id of `log` in gear epoch `epoch`.
+pub(crate) fn with_epoch(log: u32, epoch: u8) -> u32 {
+    (log & LOG_ID_MASK) | (u32::from(epoch) << LOG_ID_BITS)
 }
 
 /// One record of the ring.
@@ -115,10 +134,10 @@ pub(crate) struct RecIds {
 }
 
 impl RecIds {
-    /// A fresh id, never 0.
+    /// A fresh log id: 1 ..= 2^24 - 1, then again from 1.
     pub(crate) fn next(&self) -> u32 {
         loop {
-            let id = self.next.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let id = log_of(self.next.fetch_add(1, Ordering::Relaxed).wrapping_add(1));
             if id != 0 {
                 return id;
             }
@@ -168,11 +187,22 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_never_zero_even_when_they_wrap() {
+    fn log_ids_are_never_zero_even_when_they_wrap() {
         let ids = RecIds {
-            next: AtomicU32::new(u32::MAX - 1),
+            next: AtomicU32::new(LOG_ID_MASK - 1),
         };
-        assert_eq!(ids.next(), u32::MAX);
+        assert_eq!(ids.next(), LOG_ID_MASK);
         assert_eq!(ids.next(), 1);
+        assert_eq!(ids.next(), 2);
+    }
+
+    #[test]
+    fn an_epoch_changes_the_id_not_the_log() {
+        let id = with_epoch(77, 3);
+        assert_ne!(id, with_epoch(77, 4));
+        assert_eq!(log_of(id), 77);
+        assert_eq!(log_of(with_epoch(77, 255)), 77);
+        // Epoch 0 of a log is the log id itself: never 0.
+        assert_eq!(with_epoch(77, 0), 77);
     }
 }
