@@ -50,6 +50,9 @@ const STORE_TTL: Duration = Duration::from_secs(60);
 /// recording's threshold, and thousands of recorded directions share one writer thread.
 pub(crate) const RECORD_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) const LOG_TICK: Duration = Duration::from_millis(250);
+/// A recording's batch is handed off at this size at the latest (a second of G.711 is 9.5 KiB
+/// of records).
+const RECORD_BATCH_BYTES: usize = 16 * 1024;
 
 /// Log settings of a recording: synced at segment ends and at the end of the call, not at
 /// every commit (see [`Durability::AtSegmentEnd`]).
@@ -61,6 +64,10 @@ fn record_log_options() -> (SegmentOptions, PipelineOptions) {
         },
         PipelineOptions {
             commit_interval: RECORD_COMMIT_INTERVAL,
+            // The relay hands its batch over every 100 ms (about 1 KiB of G.711), and with the
+            // kernel path it records only a direction's first packets: small buffers, of which
+            // each recorded call keeps several for its whole length (docs/BENCHMARKS.md).
+            batch_bytes: RECORD_BATCH_BYTES,
             ..PipelineOptions::default()
         },
     )
@@ -410,11 +417,13 @@ async fn finish_when_done(
         };
         machine.handle(input, std::time::Instant::now());
         // A recording sends no ready note and cannot stop its relay (the call's end does).
-        let _ = effects::run(&mut machine, &ctx.stores, &id).await;
+        // Boxed: the database calls' state would otherwise be part of this task for the
+        // whole call (two per recorded call, thousands at a time).
+        let _ = Box::pin(effects::run(&mut machine, &ctx.stores, &id)).await;
     };
     // Settled in the database only once the media is all in the object store.
     if let Some(u) = uploader {
-        if let Err(e) = u.finish().await {
+        if let Err(e) = Box::pin(u.finish()).await {
             tracing::error!(store = %id, error = %e, "recording media not uploaded");
         }
     }
@@ -422,7 +431,7 @@ async fn finish_when_done(
         Input::IngestEnded { how, stored },
         std::time::Instant::now(),
     );
-    let _ = effects::run(&mut machine, &ctx.stores, &id).await;
+    let _ = Box::pin(effects::run(&mut machine, &ctx.stores, &id)).await;
     ctx.live.remove(&id);
     tracing::info!(store = %id, bytes = stored, phase = ?machine.phase(), "call recording ended");
 }

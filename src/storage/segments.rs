@@ -435,6 +435,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, SegmentError> {
     Ok(r)
 }
 
+/// Initial room for the records between two commits.
+const WRITER_BUF: usize = 16 * 1024;
+
 /// Appends records to a store's segments; see the module docs. Blocking I/O in `commit`.
 #[derive(Debug)]
 pub struct SegmentWriter {
@@ -510,7 +513,9 @@ impl SegmentWriter {
             file,
             seg_base,
             seg_len,
-            buf: Vec::with_capacity(64 * 1024),
+            // Grows when a commit holds more; a recording's 250 ms of G.711 is 2.4 KiB, and a
+            // log lives as long as its call.
+            buf: Vec::with_capacity(WRITER_BUF),
             buf_records: 0,
             buf_payload: 0,
             committed,
