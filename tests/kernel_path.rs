@@ -18,6 +18,8 @@ use callvault::sip::message::Method;
 use common::*;
 use ua::{payload, sdp, sdp_audio, Call, Rtp, PCMU, T};
 
+const ADMIN: &str = "kernel-admin-token";
+
 /// 4.98 s of PCMU in 20 ms packets: sip-scenarios/audio/pcmu-5s.pcap.
 const PACKETS_5S: u64 = 250;
 
@@ -45,40 +47,55 @@ fn start(cfg: ServerConfig, accounts: &[&str]) -> Server {
     s
 }
 
-/// `calls` SIPp calls with 5 s of RTP each way: all answered, each end gets what the other
-/// sent (within 1%), and the kernel carried all but the latching packets.
-#[test]
-fn sipp_calls_are_relayed_by_the_kernel_within_one_percent() {
-    if !tool_available("sipp") {
-        return;
-    }
+/// 200 SIPp calls with 5 s of RTP each way, run through a server with the kernel path on in
+/// this thread's private namespace (`record`: with whole-call recording): every call answered.
+struct SippCalls {
+    server: Server,
+    /// The capture of both SIPp media ports, when this user may capture.
+    capture: Option<RtpCapture>,
+    /// The UAS's and the UAC's media ports.
+    media: [u16; 2],
+    /// Packets each SIPp sent.
+    sent: u64,
+    _ports: PortBlock,
+}
+
+fn sipp_calls_through_the_kernel(record: bool) -> Option<SippCalls> {
     let calls: u32 = 200;
+    if !tool_available("sipp") {
+        return None;
+    }
     let ports = PortBlock::reserve(10);
     if !private_netns() {
-        return;
+        return None;
     }
     let mut cfg = ServerConfig::new();
     cfg.rtp = PortBlock::reserve(900);
     cfg.kernel_forwarding = true;
     cfg.route_to = Some((ports.port(0), Transport::Udp));
-    let server = start(cfg, &[]);
+    let mut server = Server::prepare(cfg);
+    if record {
+        server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
+    }
+    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
+    server.start();
     let log = server.log();
     assert!(log.contains("media=kernel"), "{log}");
     assert_eq!(
         metric(&server, "callvault_media_path", &[("path", "kernel")]),
         1.0
     );
-    let (uas_media, uac_media) = (ports.port(2), ports.port(6));
-    let capture = RtpCapture::start(&[uac_media, uas_media]);
+    let media = [ports.port(2), ports.port(6)];
+    let capture = RtpCapture::start(&media);
     let uas = Sipp::uas("basic")
         .port(ports.port(0))
-        .media_port(uas_media)
+        .media_port(media[0])
         .calls(calls)
         .timeout(Duration::from_secs(90))
         .spawn();
     let uac = Sipp::uac("basic", server.sip_addr())
         .port(ports.port(1))
-        .media_port(uac_media)
+        .media_port(media[1])
         .calls(calls)
         .rate(20.0)
         .timeout(Duration::from_secs(90))
@@ -86,41 +103,63 @@ fn sipp_calls_are_relayed_by_the_kernel_within_one_percent() {
     let uas = uas.wait();
     uac.assert_successful(u64::from(calls));
     uas.assert_successful(u64::from(calls));
+    Some(SippCalls {
+        server,
+        capture,
+        media,
+        sent: u64::from(calls) * PACKETS_5S,
+        _ports: ports,
+    })
+}
 
-    // The relays publish their last kernel counts as they stop, right after the BYEs.
-    let sent = u64::from(calls) * PACKETS_5S;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut relayed, mut kernel);
-    loop {
-        let text = server.metrics();
-        relayed = metric_value(&text, "callvault_rtp_packets_relayed_total", &[]).unwrap_or(0.0);
-        kernel = metric_value(&text, "callvault_rtp_packets_kernel_total", &[]).unwrap_or(0.0);
-        let idle = metric_value(&text, "callvault_rtp_ports_in_use", &[]) == Some(0.0);
-        if idle || Instant::now() > deadline {
-            break;
+impl SippCalls {
+    /// Once the relays have stopped (they publish their last kernel counts then): everything
+    /// was relayed (within 1%), all but the latching packets by the kernel, and each SIPp got
+    /// what the other sent (within 1%). The server's metrics text then.
+    fn assert_relayed_by_the_kernel(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = self.server.metrics();
+            let idle = metric_value(&text, "callvault_rtp_ports_in_use", &[]) == Some(0.0);
+            if idle || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let get = |name: &str| metric_value(&text, name, &[]).unwrap_or(0.0) as u64;
+        let relayed = get("callvault_rtp_packets_relayed_total");
+        let kernel = get("callvault_rtp_packets_kernel_total");
+        let sent = self.sent;
+        assert!(
+            relayed * 100 >= 2 * sent * 99,
+            "relayed {relayed} of {}",
+            2 * sent
+        );
+        // User space saw only each leg's latching packet(s).
+        assert!(
+            kernel * 100 >= relayed * 99,
+            "kernel carried {kernel} of {relayed}"
+        );
+        if let Some(capture) = self.capture.take() {
+            let counts = capture.stop();
+            for port in self.media {
+                let got = counts.to_port(port);
+                assert!(
+                    got * 100 >= sent * 99 && got <= sent,
+                    "RTP to port {port}: got {got}, sent {sent} ({counts:?})"
+                );
+            }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        text
     }
-    let (relayed, kernel) = (relayed as u64, kernel as u64);
-    assert!(
-        relayed * 100 >= 2 * sent * 99,
-        "relayed {relayed} of {}",
-        2 * sent
-    );
-    // User space saw only each leg's latching packet(s).
-    assert!(
-        kernel * 100 >= relayed * 99,
-        "kernel carried {kernel} of {relayed}"
-    );
-    if let Some(capture) = capture {
-        let counts = capture.stop();
-        for port in [uas_media, uac_media] {
-            let got = counts.to_port(port);
-            assert!(
-                got * 100 >= sent * 99 && got <= sent,
-                "RTP to port {port}: got {got}, sent {sent} ({counts:?})"
-            );
-        }
+}
+
+/// 200 SIPp calls with 5 s of RTP each way: all answered, each end gets what the other sent
+/// (within 1%), and the kernel carried all but the latching packets.
+#[test]
+fn sipp_calls_are_relayed_by_the_kernel_within_one_percent() {
+    if let Some(mut run) = sipp_calls_through_the_kernel(false) {
+        run.assert_relayed_by_the_kernel();
     }
 }
 
@@ -333,8 +372,6 @@ fn the_program_goes_with_the_process_on_stop_and_on_kill_9() {
     assert_eq!(on_lo(), 1);
 }
 
-const ADMIN: &str = "kernel-admin-token";
-
 /// The raw recording of each direction, by sender (A's audio first), once both are complete.
 fn recordings_by_sender(server: &Server, calls: usize) -> Vec<(String, Vec<u8>)> {
     let recs = complete_recordings(server, ADMIN, 2 * calls);
@@ -404,61 +441,16 @@ fn a_recorded_call_is_forwarded_and_recorded_by_the_kernel() {
 /// pcmu-5s.pcap's payload).
 #[test]
 fn sipp_recorded_calls_go_through_the_kernel_and_its_ring() {
-    if !tool_available("sipp") {
+    let Some(mut run) = sipp_calls_through_the_kernel(true) else {
         return;
-    }
-    let calls: u32 = 200;
-    let ports = PortBlock::reserve(10);
-    if !private_netns() {
-        return;
-    }
-    let mut cfg = ServerConfig::new();
-    cfg.rtp = PortBlock::reserve(900);
-    cfg.kernel_forwarding = true;
-    cfg.route_to = Some((ports.port(0), Transport::Udp));
-    let mut server = Server::prepare(cfg);
-    server.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
-    server.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
-    server.start();
-    let (uas_media, uac_media) = (ports.port(2), ports.port(6));
-    let capture = RtpCapture::start(&[uac_media, uas_media]);
-    let uas = Sipp::uas("basic")
-        .port(ports.port(0))
-        .media_port(uas_media)
-        .calls(calls)
-        .timeout(Duration::from_secs(90))
-        .spawn();
-    let uac = Sipp::uac("basic", server.sip_addr())
-        .port(ports.port(1))
-        .media_port(uac_media)
-        .calls(calls)
-        .rate(20.0)
-        .timeout(Duration::from_secs(90))
-        .run();
-    let uas = uas.wait();
-    uac.assert_successful(u64::from(calls));
-    uas.assert_successful(u64::from(calls));
-
-    let sent = u64::from(calls) * PACKETS_5S;
-    let recs = complete_recordings(&server, ADMIN, 2 * calls as usize);
-    let text = server.metrics();
+    };
+    let recs = complete_recordings(&run.server, ADMIN, 2 * 200);
+    let text = run.assert_relayed_by_the_kernel();
     let get = |name: &str| metric_value(&text, name, &[]).unwrap_or(0.0) as u64;
-    let (relayed, kernel) = (
-        get("callvault_rtp_packets_relayed_total"),
-        get("callvault_rtp_packets_kernel_total"),
-    );
+    let relayed = get("callvault_rtp_packets_relayed_total");
     let (stored, via_ring) = (
         get("callvault_rtp_packets_stored_total"),
         get("callvault_rtp_packets_stored_kernel_total"),
-    );
-    assert!(
-        relayed * 100 >= 2 * sent * 99,
-        "relayed {relayed} of {}",
-        2 * sent
-    );
-    assert!(
-        kernel * 100 >= relayed * 99,
-        "kernel carried {kernel} of {relayed}"
     );
     // The recording starts a moment after the answer: a call's first packets may be relayed
     // before it; what is recorded came through the ring but for the latching packets.
@@ -471,16 +463,7 @@ fn sipp_recorded_calls_go_through_the_kernel_and_its_ring() {
         "ring carried {via_ring} of {stored}"
     );
     assert_eq!(get("callvault_recording_packets_refused_total"), 0);
-    if let Some(capture) = capture {
-        let counts = capture.stop();
-        for port in [uas_media, uac_media] {
-            let got = counts.to_port(port);
-            assert!(
-                got * 100 >= sent * 99 && got <= sent,
-                "RTP to port {port}: got {got}, sent {sent} ({counts:?})"
-            );
-        }
-    }
+    let server = &run.server;
     // A sample: each recording is the audio SIPp played from the moment the recording
     // started (it starts a few packets after the answer), to the end, byte for byte.
     let audio = std::fs::read(scenarios_dir().join("audio/speech-5s.ul")).unwrap();
