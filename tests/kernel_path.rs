@@ -390,23 +390,33 @@ fn recordings_by_sender(server: &Server, calls: usize) -> Vec<(String, Vec<u8>)>
     out
 }
 
-/// A recorded call is forwarded *and* recorded by the kernel: the program copies every
-/// forwarded datagram into its ring, the log writer thread drains it into the store logs.
-/// Each direction's recording is byte for byte what was relayed, and the counters say that
-/// all but the latching packet of each direction came through the kernel and its ring.
-#[test]
-fn a_recorded_call_is_forwarded_and_recorded_by_the_kernel() {
+/// A server recording every call, the kernel path on, accounts 1001 and 1002, in this thread's
+/// private namespace; None when not root.
+fn recording_kernel_server() -> Option<Server> {
     if !private_netns() {
-        return;
+        return None;
     }
     let mut cfg = ServerConfig::new();
     cfg.kernel_forwarding = true;
     let mut s = Server::prepare(cfg);
     s.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
     s.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
-    s.account_add("1001", "secret", "4321", "50MiB");
-    s.account_add("1002", "secret", "4321", "50MiB");
+    for a in ["1001", "1002"] {
+        s.account_add(a, "secret", "4321", "50MiB");
+    }
     s.start();
+    Some(s)
+}
+
+/// A recorded call is forwarded *and* recorded by the kernel: the program copies every
+/// forwarded datagram into its ring, the log writer thread drains it into the store logs.
+/// Each direction's recording is byte for byte what was relayed, and the counters say that
+/// all but the latching packet of each direction came through the kernel and its ring.
+#[test]
+fn a_recorded_call_is_forwarded_and_recorded_by_the_kernel() {
+    let Some(s) = recording_kernel_server() else {
+        return;
+    };
     let mut c = Call::establish(s.sip_addr(), "1001", "1002");
     // The recording starts shortly after the answer (its stores are made first).
     std::thread::sleep(Duration::from_millis(500));
@@ -490,17 +500,9 @@ fn sipp_recorded_calls_go_through_the_kernel_and_its_ring() {
 /// the last record), and the restarted server attaches the program again.
 #[test]
 fn a_kill_mid_recorded_call_keeps_every_committed_record() {
-    if !private_netns() {
+    let Some(mut s) = recording_kernel_server() else {
         return;
-    }
-    let mut cfg = ServerConfig::new();
-    cfg.kernel_forwarding = true;
-    let mut s = Server::prepare(cfg);
-    s.set_env("CALLVAULT_MEDIA_RECORD_CALLS", "true");
-    s.set_env("CALLVAULT_HTTP_ADMIN_TOKEN", ADMIN);
-    s.account_add("1001", "secret", "4321", "50MiB");
-    s.account_add("1002", "secret", "4321", "50MiB");
-    s.start();
+    };
     let c = Call::establish(s.sip_addr(), "1001", "1002");
     std::thread::sleep(Duration::from_millis(500));
     // 2 s of audio at 20 ms, then time for the writer thread to commit it (1 s batches of the
@@ -518,16 +520,10 @@ fn a_kill_mid_recorded_call_keeps_every_committed_record() {
     s.kill_hard();
     s.start();
     assert!(s.log().contains("media=kernel"), "{}", s.log());
-    let (status, body) = admin_get(s.http_addr(), ADMIN, "/v1/stores");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-    let recs: Vec<&serde_json::Value> = list
-        .iter()
-        .filter(|s| s["kind"] == "call-recording")
-        .collect();
-    assert_eq!(recs.len(), 2, "{list:#?}");
+    let recs = recordings(&s, ADMIN);
+    assert_eq!(recs.len(), 2, "{recs:#?}");
     let audio: Vec<u8> = (0..100).flat_map(payload).collect();
-    for r in recs {
+    for r in &recs {
         assert_eq!(r["state"], "truncated", "{r:#}");
         let id = r["store_id"].as_str().unwrap();
         let path = format!("/v1/stores/{id}/media?format=raw");

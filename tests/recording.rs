@@ -111,25 +111,7 @@ fn recorded_call_lists_two_complete_stores_with_the_audio() {
 
     // The stores finish once the relay has stopped and the logs are committed.
     let http = server.http_addr();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let stores = loop {
-        let (status, body) = admin_get(http, "/v1/stores");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-        let recs: Vec<serde_json::Value> = list
-            .into_iter()
-            .filter(|s| s["kind"] == "call-recording")
-            .collect();
-        if recs.len() == 2 && recs.iter().all(|s| s["state"] == "complete") {
-            break recs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "recordings not complete: {recs:#?}\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let stores = complete_recordings(&server, 2);
 
     let mut senders = Vec::new();
     for s in &stores {
@@ -181,15 +163,9 @@ fn recordings_survive_a_kill_mid_call_with_every_committed_byte() {
     server.kill_hard();
     server.start();
 
-    let (status, body) = admin_get(server.http_addr(), "/v1/stores");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-    let recs: Vec<&serde_json::Value> = list
-        .iter()
-        .filter(|s| s["kind"] == "call-recording")
-        .collect();
-    assert_eq!(recs.len(), 2, "{list:#?}");
-    for s in recs {
+    let recs = common::recordings(&server, ADMIN);
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    for s in &recs {
         assert_eq!(s["state"], "truncated", "{s:#}");
         let got = s["received_bytes"].as_u64().unwrap();
         // At least half a second of 160-byte packets was written before the kill, and never

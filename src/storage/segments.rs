@@ -1608,4 +1608,30 @@ mod tests {
         assert_eq!(r, Recovered::default());
         assert!(list_segments(dir.path()).unwrap().is_empty());
     }
+
+    /// The log thread's two ways in: a record appended directly lands after the batches taken
+    /// before it, and a bad batch found by `take_queued` ends the log at the next pump with the
+    /// error (what was committed before stays; nothing after it is appended).
+    #[test]
+    fn direct_records_follow_taken_batches_and_a_bad_batch_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = SegmentWriter::create(dir.path(), SegmentOptions::default()).unwrap();
+        let (mut ingest, mut task) = pipeline(w, PipelineOptions::default());
+        ingest.push(&hdr(1), &[1; 160]).unwrap();
+        ingest.flush().unwrap();
+        task.take_queued();
+        task.append_record(&hdr(2), &[2; 160]);
+        assert!(matches!(task.pump(), Pumped::Open));
+        assert_eq!(task.subscribe().borrow().records, 2);
+        // A batch that does not frame (as no Ingest makes one), then one more direct record.
+        ingest.tx.try_send(vec![0xff; 7]).unwrap();
+        task.take_queued();
+        task.append_record(&hdr(3), &[3; 160]);
+        match task.pump() {
+            Pumped::Finished(Err(SegmentError::BadBatch)) => {}
+            other => panic!("{other:?}"),
+        }
+        let tail = *task.subscribe().borrow();
+        assert_eq!((tail.records, tail.payload_bytes), (2, 320));
+    }
 }

@@ -1678,17 +1678,21 @@ pub fn admin_get(addr: SocketAddr, token: &str, path: &str) -> (u16, Vec<u8>) {
     (r.status, r.body)
 }
 
+/// The `call-recording` stores the admin API lists now (admin bearer `token`).
+pub fn recordings(server: &Server, token: &str) -> Vec<serde_json::Value> {
+    let (status, body) = admin_get(server.http_addr(), token, "/v1/stores");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    list.into_iter()
+        .filter(|s| s["kind"] == "call-recording")
+        .collect()
+}
+
 /// The `call-recording` stores once `n` of them are `complete` (admin bearer `token`).
 pub fn complete_recordings(server: &Server, token: &str, n: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, body) = admin_get(server.http_addr(), token, "/v1/stores");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-        let recs: Vec<serde_json::Value> = list
-            .into_iter()
-            .filter(|s| s["kind"] == "call-recording")
-            .collect();
+        let recs = recordings(server, token);
         if recs.len() == n && recs.iter().all(|s| s["state"] == "complete") {
             return recs;
         }
